@@ -1,0 +1,57 @@
+//! The engine's one error type. Every variant names the file (or source) and the field
+//! that was wrong, so a user can act on the message without reading code.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file exists but its bytes are not what the format says (truncated, corrupt).
+    #[error("{path}: malformed {format} file: {detail}")]
+    Malformed {
+        path: PathBuf,
+        format: &'static str,
+        detail: String,
+    },
+
+    /// A field the engine needs is absent.
+    #[error("{path}: missing `{field}`")]
+    Missing { path: PathBuf, field: String },
+
+    /// A field is present but holds something the engine cannot use.
+    #[error("{path}: unsupported `{field}`: {detail}")]
+    Unsupported {
+        path: PathBuf,
+        field: String,
+        detail: String,
+    },
+
+    #[error("tokenizer ({source_name}): {detail}")]
+    Tokenizer { source_name: String, detail: String },
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("generation: {0}")]
+    Generation(String),
+
+    #[error("device `{0}`: {1}")]
+    Device(String, String),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Writing models: Hugging Face folders (config.json, model.safetensors, tokenizer files)
+//! and GGUF files that llama.cpp loads (llama.cpp names, interleaved q/k rows).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::error::{EngineError, Result};
+use crate::gguf::{GgmlType, GgufWriter, Value};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{HostTensor, WeightSource, gguf_name, permute_qk_rows};
+
+/// Weights held in memory, by Hugging Face name.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryWeights {
+    pub tensors: BTreeMap<String, HostTensor>,
+    pub origin: std::path::PathBuf,
+}
+
+impl WeightSource for MemoryWeights {
+    fn get(&self, name: &str) -> Result<Option<HostTensor>> {
+        Ok(self.tensors.get(name).cloned())
+    }
+
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+}
+
+/// Writes `config.json`, `model.safetensors` (f32) and the tokenizer files into `dir`.
+pub fn write_hf_folder(dir: &Path, config: &ModelConfig, weights: &MemoryWeights, tokenizer: &Tokenizer) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("JSON value serializes");
+    crate::fsutil::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
+    let bytes: BTreeMap<&str, (Vec<usize>, Vec<u8>)> = weights
+        .tensors
+        .iter()
+        .map(|(k, (shape, data))| {
+            (k.as_str(), (shape.clone(), data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, (shape, data))| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .expect("shape matches data");
+            (*k, view)
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let st = safetensors::serialize(views, Some(meta)).map_err(|e| EngineError::Malformed {
+        path: dir.join("model.safetensors"),
+        format: "safetensors",
+        detail: e.to_string(),
+    })?;
+    crate::fsutil::write_atomic(&dir.join("model.safetensors"), &st)?;
+    tokenizer.write_hf_files(dir)
+}
+
+/// Writes a GGUF file: architecture metadata, `tokenizer_meta` (the `tokenizer.*` keys),
+/// and the weights, 2-D projections as `matrix_type`, norms as F32.
+pub fn write_gguf(
+    path: &Path,
+    config: &ModelConfig,
+    weights: &MemoryWeights,
+    tokenizer_meta: &[(String, Value)],
+    matrix_type: GgmlType,
+) -> Result<()> {
+    let arch = match config.architecture {
+        Architecture::Llama => "llama",
+        Architecture::Mistral => "mistral",
+    };
+    let mut w = GgufWriter::new();
+    let u = |v: usize| Value::U32(v as u32);
+    w.meta("general.architecture", Value::String(arch.into()))
+        .meta("general.alignment", Value::U32(32))
+        .meta(format!("{arch}.block_count"), u(config.num_layers))
+        .meta(format!("{arch}.context_length"), u(config.max_position_embeddings))
+        .meta(format!("{arch}.embedding_length"), u(config.hidden_size))
+        .meta(format!("{arch}.feed_forward_length"), u(config.intermediate_size))
+        .meta(format!("{arch}.attention.head_count"), u(config.num_heads))
+        .meta(format!("{arch}.attention.head_count_kv"), u(config.num_kv_heads))
+        .meta(format!("{arch}.attention.key_length"), u(config.head_dim))
+        .meta(format!("{arch}.attention.value_length"), u(config.head_dim))
+        .meta(format!("{arch}.rope.dimension_count"), u(config.head_dim))
+        .meta(format!("{arch}.rope.freq_base"), Value::F32(config.rope_theta as f32))
+        .meta(
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        )
+        .meta(format!("{arch}.vocab_size"), u(config.vocab_size));
+    if let Some(win) = config.sliding_window {
+        w.meta(format!("{arch}.attention.sliding_window"), u(win));
+    }
+    if let RopeScaling::Linear { factor } = config.rope_scaling {
+        w.meta(format!("{arch}.rope.scaling.type"), Value::String("linear".into()))
+            .meta(format!("{arch}.rope.scaling.factor"), Value::F32(factor as f32));
+    }
+    for (k, v) in tokenizer_meta {
+        w.meta(k.clone(), v.clone());
+    }
+    if !matches!(config.rope_scaling, RopeScaling::None | RopeScaling::Linear { .. }) {
+        // llama.cpp takes per-frequency divisors as a tensor.
+        let base = ModelConfig {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        }
+        .rope_inv_freq();
+        let divisors: Vec<f32> = base
+            .iter()
+            .zip(config.rope_inv_freq())
+            .map(|(b, s)| (b / s) as f32)
+            .collect();
+        w.tensor("rope_freqs.weight", &[divisors.len()], GgmlType::F32, &divisors);
+    }
+    for (name, _) in config.tensor_shapes() {
+        let (shape, data) = weights.require(&name)?;
+        let gname = gguf_name(&name).expect("every model tensor has a llama.cpp name");
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(config.num_heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        let data = match heads {
+            Some(h) => permute_qk_rows(&data, shape[0], shape[1], h, false),
+            None => data,
+        };
+        let ty = if shape.len() == 2 { matrix_type } else { GgmlType::F32 };
+        w.tensor(gname, &shape, ty, &data);
+    }
+    w.write(path)
+}

@@ -1,0 +1,75 @@
+//! Lathe's model engine: Llama and Mistral decoders in burn, weights from GGUF files or
+//! Hugging Face folders, tokenizers and chat templates, and batched generation.
+//!
+//! It knows nothing of HTTP, SQL or WebAssembly: the CLI, the jobs and the server use it
+//! as a plain library.
+
+pub mod config;
+pub mod device;
+pub mod export;
+pub mod error;
+pub mod fsutil;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use burn::tensor::Device;
+pub use config::{Architecture, ModelConfig};
+pub use error::{EngineError, Result};
+pub use generate::{FinishReason, Generation, SamplingParams, generate};
+pub use model::{CausalLm, KvCache, Logits, Step};
+pub use tokenizer::{Message, Tokenizer};
+
+/// The format a model was loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Gguf,
+    HuggingFace,
+}
+
+/// A model ready to run: weights on a device, tokenizer and chat template.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    pub source: PathBuf,
+    pub format: Format,
+}
+
+/// Loads a `.gguf` file or a Hugging Face folder (`config.json`, `*.safetensors`,
+/// `tokenizer.json`).
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?;
+    if meta.is_dir() {
+        let config = ModelConfig::from_hf_file(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_hf_folder(path)?;
+        let weights = weights::SafetensorsWeights::open(path)?;
+        let model = CausalLm::load(config, &weights, device)?;
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            source: path.into(),
+            format: Format::HuggingFace,
+        })
+    } else {
+        let file = gguf::GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let weights = weights::GgufWeights {
+            file: &file,
+            config: &config,
+        };
+        let model = CausalLm::load(config.clone(), &weights, device)?;
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            source: path.into(),
+            format: Format::Gguf,
+        })
+    }
+}

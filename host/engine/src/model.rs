@@ -1,0 +1,341 @@
+//! The Llama / Mistral decoder in burn: grouped-query attention, rotary embeddings
+//! (rotate-half, as Hugging Face), RMSNorm, SwiGLU, tied or untied output head, and
+//! Mistral's sliding window. Backend-agnostic: every tensor lives on the `Device` the
+//! model was loaded onto.
+//!
+//! `forward` takes the KV cache explicitly. Each row of a batch carries its own rotary
+//! positions and a validity flag per token, so prompts of different lengths can share a
+//! batch (left-padded) and give the same logits as they would alone.
+
+use burn::tensor::activation::silu;
+use burn::tensor::module::{attention, embedding};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::weights::{HostTensor, WeightSource};
+
+/// A frozen linear projection, `y = x · W` with `W` logically `[in, out]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor<2>,
+}
+
+impl Linear {
+    /// From a Hugging Face `[out, in]` weight; the transpose is a strided view.
+    fn from_hf(t: Tensor<2>) -> Self {
+        Self { weight: t.transpose() }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        let out = self.weight.dims()[1];
+        x.reshape([b * s, d]).matmul(self.weight.clone()).reshape([b, s, out])
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor<1>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let var = x.clone().powi_scalar(2).mean_dim(2);
+        let x = x * var.add_scalar(self.eps).sqrt().recip();
+        x * self.weight.clone().unsqueeze::<3>()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// The per-layer key/value cache and, for every cached position of every row, its
+/// rotary position and whether it is a real token (false for padding).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    positions: Vec<Vec<i64>>,
+    valid: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            positions: Vec::new(),
+            valid: Vec::new(),
+        }
+    }
+
+    /// Cached positions per row (the same for every row: padding included).
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One forward step's input: `batch × seq` tokens, row-major.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub batch: usize,
+    pub seq: usize,
+    pub tokens: Vec<u32>,
+    /// Rotary position of each token.
+    pub positions: Vec<i64>,
+    /// False where the token is padding.
+    pub valid: Vec<bool>,
+}
+
+impl Step {
+    /// A single unpadded sequence continuing after `start` cached tokens.
+    pub fn single(tokens: &[u32], start: usize) -> Self {
+        Self {
+            batch: 1,
+            seq: tokens.len(),
+            tokens: tokens.to_vec(),
+            positions: (start as i64..(start + tokens.len()) as i64).collect(),
+            valid: vec![true; tokens.len()],
+        }
+    }
+}
+
+/// Which positions the output head is applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position of each row (generation).
+    Last,
+    /// Every position (scoring, training).
+    All,
+}
+
+#[derive(Clone, Debug)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    device: Device,
+    inv_freq: Vec<f64>,
+    pub embed_tokens: Tensor<2>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `[hidden, vocab]`; the transposed embedding when the head is tied.
+    lm_head: Tensor<2>,
+}
+
+impl CausalLm {
+    /// Builds the model from any weight source, checking every tensor's shape.
+    pub fn load(config: ModelConfig, src: &dyn WeightSource, device: &Device) -> Result<Self> {
+        let c = &config;
+        let tensor = |name: &str, expect: &[usize]| -> Result<HostTensor> {
+            let (shape, data) = src.require(name)?;
+            if shape != expect {
+                return Err(EngineError::Unsupported {
+                    path: src.origin().into(),
+                    field: format!("tensor `{name}` shape"),
+                    detail: format!("{shape:?}, but the config implies {expect:?}"),
+                });
+            }
+            Ok((shape, data))
+        };
+        let t2 = |name: &str, rows: usize, cols: usize| -> Result<Tensor<2>> {
+            let (_, data) = tensor(name, &[rows, cols])?;
+            Ok(Tensor::from_data(TensorData::new(data, [rows, cols]), device))
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            let (_, data) = tensor(name, &[c.hidden_size])?;
+            Ok(RmsNorm {
+                weight: Tensor::from_data(TensorData::new(data, [c.hidden_size]), device),
+                eps: c.rms_norm_eps,
+            })
+        };
+        let lin = |name: &str, out: usize, inp: usize| Ok(Linear::from_hf(t2(name, out, inp)?));
+        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: lin(&format!("{p}.self_attn.q_proj.weight"), q_dim, h)?,
+                    k_proj: lin(&format!("{p}.self_attn.k_proj.weight"), kv_dim, h)?,
+                    v_proj: lin(&format!("{p}.self_attn.v_proj.weight"), kv_dim, h)?,
+                    o_proj: lin(&format!("{p}.self_attn.o_proj.weight"), h, q_dim)?,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: lin(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h)?,
+                    up_proj: lin(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h)?,
+                    down_proj: lin(&format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size)?,
+                },
+            });
+        }
+        let embed_tokens = t2("model.embed_tokens.weight", c.vocab_size, h)?;
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone().transpose()
+        } else {
+            t2("lm_head.weight", c.vocab_size, h)?.transpose()
+        };
+        Ok(Self {
+            inv_freq: config.rope_inv_freq(),
+            norm: norm("model.norm.weight")?,
+            config,
+            device: device.clone(),
+            embed_tokens,
+            layers,
+            lm_head,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step, appending its keys and values to `cache`, and returns logits
+    /// `[batch, seq or 1, vocab]`.
+    pub fn forward(&self, step: &Step, cache: &mut KvCache, which: Logits) -> Tensor<3> {
+        let (b, s) = (step.batch, step.seq);
+        assert_eq!(step.tokens.len(), b * s, "step tokens must be batch × seq");
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        if cache.valid.is_empty() {
+            cache.positions = vec![Vec::new(); b];
+            cache.valid = vec![Vec::new(); b];
+        }
+        assert_eq!(cache.valid.len(), b, "cache batch size differs from the step's");
+        let past = cache.len();
+        for r in 0..b {
+            cache.positions[r].extend_from_slice(&step.positions[r * s..(r + 1) * s]);
+            cache.valid[r].extend_from_slice(&step.valid[r * s..(r + 1) * s]);
+        }
+        let mask = self.attention_mask(cache, past, s);
+        let (cos, sin) = self.rope_tables(&step.positions, b, s);
+
+        let ids: Vec<i64> = step.tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &self.device);
+        let mut x = embedding(self.embed_tokens.clone(), ids);
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.input_layernorm.forward(x.clone());
+            let h = self.attention(&layer.self_attn, h, &cos, &sin, &mask, kv);
+            x = x + h;
+            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, s - 1, 1),
+        };
+        let x = self.norm.forward(x);
+        let [b, s, d] = x.dims();
+        x.reshape([b * s, d])
+            .matmul(self.lm_head.clone())
+            .reshape([b, s, self.config.vocab_size])
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4, Bool>,
+        kv: &mut Option<(Tensor<4>, Tensor<4>)>,
+    ) -> Tensor<3> {
+        let c = &self.config;
+        let [b, s, _] = x.dims();
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, c.head_dim]).swap_dims(1, 2);
+        let q = heads(attn.q_proj.forward(x.clone()), c.num_heads);
+        let k = heads(attn.k_proj.forward(x.clone()), c.num_kv_heads);
+        let v = heads(attn.v_proj.forward(x), c.num_kv_heads);
+        let q = apply_rope(q, cos, sin);
+        let k = apply_rope(k, cos, sin);
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let out = attention(q, k, v, Some(mask.clone()), None, AttentionModuleOptions::default());
+        attn.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, c.num_heads * c.head_dim]))
+    }
+
+    /// `[batch, 1, seq, past + seq]`, true where a query must not see a key: a later
+    /// position, padding (except the query itself, so no row is fully masked), or a key
+    /// outside Mistral's sliding window.
+    fn attention_mask(&self, cache: &KvCache, past: usize, s: usize) -> Tensor<4, Bool> {
+        let b = cache.valid.len();
+        let total = past + s;
+        let window = self.config.sliding_window.map(|w| w as i64);
+        let mut m = Vec::with_capacity(b * s * total);
+        for r in 0..b {
+            let (pos, valid) = (&cache.positions[r], &cache.valid[r]);
+            for i in 0..s {
+                let qi = past + i;
+                for j in 0..total {
+                    let outside = window.is_some_and(|w| pos[qi] - pos[j] >= w);
+                    m.push(j > qi || (j != qi && (!valid[j] || outside)));
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(m, [b, 1, s, total]), &self.device)
+    }
+
+    /// Rotary cos/sin for each token, `[batch, 1, seq, head_dim]` (halves repeated, as
+    /// Hugging Face lays them out).
+    fn rope_tables(&self, positions: &[i64], b: usize, s: usize) -> (Tensor<4>, Tensor<4>) {
+        let hd = self.config.head_dim;
+        let mut cos = Vec::with_capacity(b * s * hd);
+        let mut sin = Vec::with_capacity(b * s * hd);
+        for &p in positions {
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    // f32 angle as Hugging Face computes it, then cos/sin.
+                    let angle = (p as f32) * (f as f32);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [b, 1, s, hd]), &self.device);
+        (t(cos), t(sin))
+    }
+}
+
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}

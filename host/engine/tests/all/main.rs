@@ -1,0 +1,6 @@
+//! The engine's integration tests, one binary (see STYLE.md: one link instead of many).
+
+mod common;
+mod errors;
+mod smollm2;
+mod tiny;

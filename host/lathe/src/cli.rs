@@ -1,0 +1,189 @@
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use lathe_engine::device::parse_device;
+use lathe_engine::{LoadedModel, Message, SamplingParams};
+
+/// The model `lathe demo` and the benchmarks use when no `--model` is given; the setup
+/// script fetches it.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(name = "lathe", version, about = "Fine-tune open-weight LLMs for domain tasks, and prove they beat the prompted base model")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the workflow end to end on SmolLM2.
+    Demo(DemoArgs),
+    /// Generate text from a model, streaming tokens to the terminal.
+    Generate(GenerateArgs),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Where and how to compute.
+#[derive(Args, Clone)]
+pub struct Compute {
+    /// cpu (default), cuda[:N] (needs the `cuda` build) or wgpu (needs the `wgpu` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl Compute {
+    pub fn setup(&self) -> Result<lathe_engine::Device> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("setting the thread count")?;
+        }
+        Ok(parse_device(&self.device)?)
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// A GGUF file or Hugging Face folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    #[command(flatten)]
+    compute: Compute,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "chat"]))]
+struct GenerateArgs {
+    /// A GGUF file or Hugging Face folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Raw text to continue.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// A system message for --chat (default: the template's own).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[command(flatten)]
+    compute: Compute,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(a) => demo(a),
+        Command::Generate(a) => generate(a),
+        Command::Bench(b) => bench::run(b),
+    }
+}
+
+pub fn load(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
+    if !path.exists() && path == Path::new(DEFAULT_MODEL) {
+        anyhow::bail!("{} is missing: run scripts/setup.sh (it fetches the model)", path.display());
+    }
+    let start = Instant::now();
+    let m = lathe_engine::load(path, device)?;
+    let c = &m.model.config;
+    eprintln!(
+        "loaded {} ({:?}, {} layers, hidden {}, vocab {}) in {:.1} s",
+        path.display(),
+        c.architecture,
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let device = a.compute.setup()?;
+    let m = load(&a.model, &device)?;
+    let ids = match (&a.prompt, &a.chat) {
+        (Some(p), _) => m.tokenizer.encode(p, true)?,
+        (None, Some(c)) => {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", c));
+            m.tokenizer.encode_chat(&msgs, true)?
+        }
+        (None, None) => unreachable!("clap requires --prompt or --chat"),
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        ignore_eos: false,
+    };
+    stream(&m, &ids, &params)?;
+    Ok(())
+}
+
+/// Generates for one prompt, printing text as it comes, and reports speed on stderr.
+fn stream(m: &LoadedModel, ids: &[u32], params: &SamplingParams) -> Result<lathe_engine::Generation> {
+    let start = Instant::now();
+    let mut out = std::io::stdout();
+    let mut on_text = |_row: usize, text: &str| {
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    };
+    let g = lathe_engine::generate(&m.model, &m.tokenizer, &[ids.to_vec()], params, &mut on_text)?
+        .pop()
+        .expect("one prompt gives one generation");
+    println!();
+    eprintln!(
+        "[{} prompt tokens, {} generated, {:?}, {:.1} s]",
+        g.prompt_tokens,
+        g.token_ids.len(),
+        g.finish_reason,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(g)
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let device = a.compute.setup()?;
+    let m = load(&a.model, &device)?;
+    let messages = [Message::new("user", "What is the capital of France? Answer in one sentence.")];
+    let ids = m.tokenizer.encode_chat(&messages, true)?;
+    eprintln!("user: {}", messages[0].content);
+    eprint!("assistant: ");
+    stream(&m, &ids, &SamplingParams {
+        max_tokens: 64,
+        ..Default::default()
+    })?;
+    Ok(())
+}

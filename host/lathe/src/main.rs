@@ -1,0 +1,15 @@
+//! `lathe`: the command line. Thin: parse arguments, set up threads and the device, call
+//! the libraries.
+
+mod bench;
+mod cli;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    if let Err(e) = cli::run(args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
