@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+
+use crate::bench;
 use lathe_engine::device::parse_device;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
 

@@ -16,11 +16,12 @@ fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-/// Logits are compared within 2e-3 absolute (their scale is ~10-30). Both sides compute in
+/// Logits are compared within 5e-4 absolute (their scale is ~10-30). Both sides compute in
 /// f32 from the same dequantized weights; what differs is summation order (burn's gemm vs
-/// PyTorch's kernels) accumulated over 30 layers, which measured at ~2e-4 here. A wrong
-/// rotary layout, norm or mask moves logits by whole units.
-const LOGIT_TOLERANCE: f32 = 2e-3;
+/// PyTorch's kernels) accumulated over 30 layers, measured at 3e-5..7e-5 here, so the
+/// bound leaves ~7x headroom for other CPUs' kernels. A wrong rotary layout, norm, mask or
+/// dequantization moves logits by whole units.
+const LOGIT_TOLERANCE: f32 = 5e-4;
 
 #[test]
 fn tokenizer_and_template_match_transformers() {

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's first command: set up, build, and run `lathe demo` on SmolLM2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo run --release -p lathe -- demo "$@"

@@ -1,0 +1,33 @@
+//! End-to-end tests: run the real `lathe` binary and check what a user sees.
+
+mod generate;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn smollm2() -> PathBuf {
+    let p = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh first", p.display());
+    p
+}
+
+/// Runs `lathe ARGS` from the repository root.
+pub fn lathe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("lathe runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
