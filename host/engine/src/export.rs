@@ -8,7 +8,7 @@ use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgmlType, GgufWriter, Value};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{HostTensor, WeightSource, gguf_name, permute_qk_rows};
+use crate::weights::{HostTensor, WeightSource, gguf_name, permute_qk_rows, qk_heads};
 
 /// Weights held in memory, by Hugging Face name.
 #[derive(Debug, Clone, Default)]
@@ -116,15 +116,8 @@ pub fn write_gguf(
     for (name, _) in config.tensor_shapes() {
         let (shape, data) = weights.require(&name)?;
         let gname = gguf_name(&name).expect("every model tensor has a llama.cpp name");
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(config.num_heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(config.num_kv_heads)
-        } else {
-            None
-        };
-        let data = match heads {
-            Some(h) => permute_qk_rows(&data, shape[0], shape[1], h, false),
+        let data = match qk_heads(&name, config) {
+            Some(h) => permute_qk_rows(&data, shape[0], h, false),
             None => data,
         };
         let ty = if shape.len() == 2 { matrix_type } else { GgmlType::F32 };

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod quant;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

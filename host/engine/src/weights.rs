@@ -11,6 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::quant::QMatrix;
 
 /// A tensor as f32 values with its shape (outermost first).
 pub type HostTensor = (Vec<usize>, Vec<f32>);
@@ -20,6 +21,12 @@ pub trait WeightSource {
     fn get(&self, name: &str) -> Result<Option<HostTensor>>;
     /// Where the weights live, for error messages.
     fn origin(&self) -> &Path;
+
+    /// The tensor in its quantized blocks, when the source stores it in a format the
+    /// quantized CPU kernel reads (see [`QMatrix`]).
+    fn packed(&self, _name: &str) -> Result<Option<QMatrix>> {
+        Ok(None)
+    }
 
     fn require(&self, name: &str) -> Result<HostTensor> {
         self.get(name)?.ok_or_else(|| EngineError::Missing {
@@ -60,10 +67,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// llama.cpp stores the query and key projections with each head's rows interleaved
 /// (pairs `(i, i + d/2)` adjacent) for its rotary kernel. `to_hf = true` undoes that, so
 /// the model can use Hugging Face's rotate-half rotary embedding; `false` applies it.
-pub fn permute_qk_rows(data: &[f32], rows: usize, cols: usize, heads: usize, to_hf: bool) -> Vec<f32> {
+/// Rows are `data.len() / rows` elements long (values, or bytes of quantized blocks).
+pub fn permute_qk_rows<T: Copy + Default>(data: &[T], rows: usize, heads: usize, to_hf: bool) -> Vec<T> {
+    let cols = data.len() / rows;
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for part in 0..2 {
@@ -83,6 +92,17 @@ pub struct GgufWeights<'a> {
     pub config: &'a ModelConfig,
 }
 
+/// How many heads a tensor's rows are interleaved over in llama.cpp's layout, if any.
+pub fn qk_heads(name: &str, config: &ModelConfig) -> Option<usize> {
+    if name.ends_with("q_proj.weight") {
+        Some(config.num_heads)
+    } else if name.ends_with("k_proj.weight") {
+        Some(config.num_kv_heads)
+    } else {
+        None
+    }
+}
+
 impl WeightSource for GgufWeights<'_> {
     fn get(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(gname) = gguf_name(name) else {
@@ -92,15 +112,9 @@ impl WeightSource for GgufWeights<'_> {
             return Ok(None);
         }
         let (shape, data) = self.file.tensor_f32(&gname)?;
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(self.config.num_heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(self.config.num_kv_heads)
-        } else {
-            None
-        };
+        let heads = qk_heads(name, self.config);
         let data = match (heads, shape.as_slice()) {
-            (Some(h), &[rows, cols]) => permute_qk_rows(&data, rows, cols, h, true),
+            (Some(h), &[rows, _]) => permute_qk_rows(&data, rows, h, true),
             _ => data,
         };
         Ok(Some((shape, data)))
@@ -108,6 +122,21 @@ impl WeightSource for GgufWeights<'_> {
 
     fn origin(&self) -> &Path {
         self.file.path()
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<QMatrix>> {
+        let Some(info) = gguf_name(name).and_then(|g| self.file.tensor_info(&g)) else {
+            return Ok(None);
+        };
+        let &[rows, cols] = info.shape.as_slice() else {
+            return Ok(None);
+        };
+        let bytes = self.file.tensor_bytes(info);
+        let bytes = match qk_heads(name, self.config) {
+            Some(h) => std::borrow::Cow::Owned(permute_qk_rows(bytes, rows, h, true)),
+            None => std::borrow::Cow::Borrowed(bytes),
+        };
+        Ok(QMatrix::from_ggml(info.dtype, &bytes, rows, cols))
     }
 }
 
@@ -218,11 +247,11 @@ mod tests {
     fn qk_permutation_round_trips() {
         let (rows, cols, heads) = (8, 3, 2);
         let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        let gguf = permute_qk_rows(&data, rows, cols, heads, false);
+        let gguf = permute_qk_rows(&data, rows, heads, false);
         assert_ne!(gguf, data);
         // Head 0, head_dim 4: HF rows [0,1 | 2,3] become GGUF rows [0,2,1,3].
         assert_eq!(&gguf[cols..2 * cols], &data[2 * cols..3 * cols]);
-        assert_eq!(permute_qk_rows(&gguf, rows, cols, heads, true), data);
+        assert_eq!(permute_qk_rows(&gguf, rows, heads, true), data);
     }
 
     #[test]

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""The llama.cpp anchor for `lathe bench generate`, on the same GGUF and machine.
+
+Needs `pip install llama-cpp-python` (it compiles llama.cpp from source; see BENCHMARKS.md
+for the flags used). Checks llama.cpp's last-position logits against the transformers
+fixture first, so a miscompiled kernel cannot pass for a fast one, then measures
+prompt processing (pp) and decode (tg) at batch 1, best of --repeat runs, and prints one
+JSON line per measurement like `lathe bench generate --json`.
+"""
+import argparse, json, os, sys, time
+
+import numpy as np
+from llama_cpp import Llama
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--prompt-tokens", type=int, default=128)
+ap.add_argument("--decode-tokens", type=int, default=64)
+ap.add_argument("--repeat", type=int, default=3)
+ap.add_argument("--fixture", default="tests/fixtures/smollm2")
+a = ap.parse_args()
+
+llm = Llama(model_path=a.model, n_ctx=512, n_batch=512, n_threads=a.threads,
+            n_threads_batch=a.threads, logits_all=True, verbose=False)
+ref = json.load(open(os.path.join(a.fixture, "reference.json")))
+ids = ref["cases"]["plain"]["input_ids"]
+llm.reset()
+llm.eval(ids)
+ours = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
+theirs = np.load(os.path.join(a.fixture, "plain_last_logits.npy"))
+diff = float(np.abs(ours - theirs).max())
+top_ok = int(ours.argmax()) == int(theirs.argmax())
+print(json.dumps({"engine": "llama.cpp", "check": "plain logits vs transformers",
+                  "max_abs_diff": diff, "argmax_equal": top_ok}))
+if not top_ok:
+    sys.exit("llama.cpp disagrees with transformers on the argmax: not a valid anchor")
+
+text = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills. "
+prompt = []
+while len(prompt) < a.prompt_tokens:
+    prompt += llm.tokenize(text.encode(), add_bos=False)
+prompt = prompt[:a.prompt_tokens]
+best_pp = best_tg = 0.0
+for _ in range(a.repeat):
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    best_pp = max(best_pp, len(prompt) / (time.perf_counter() - t))
+    tok = int(np.argmax(llm.scores[len(prompt) - 1]))
+    t = time.perf_counter()
+    for i in range(a.decode_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[len(prompt) + i]))
+    best_tg = max(best_tg, a.decode_tokens / (time.perf_counter() - t))
+print(json.dumps({"engine": "llama.cpp", "batch": 1, "threads": a.threads,
+                  "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
+                  "pp_tokens_per_s": best_pp, "tg_tokens_per_s": best_tg}))
