@@ -26,6 +26,10 @@ pub enum GgmlType {
     Q4_1,
     Q8_0,
     BF16,
+    /// K-quants: super-blocks of 256 values with 6-bit sub-block scales.
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl GgmlType {
@@ -36,6 +40,9 @@ impl GgmlType {
             2 => Self::Q4_0,
             3 => Self::Q4_1,
             8 => Self::Q8_0,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
             30 => Self::BF16,
             other => {
                 let name = match other {
@@ -44,14 +51,11 @@ impl GgmlType {
                     9 => "Q8_1",
                     10 => "Q2_K",
                     11 => "Q3_K",
-                    12 => "Q4_K",
-                    13 => "Q5_K",
-                    14 => "Q6_K",
                     15 => "Q8_K",
                     _ => "an unknown type",
                 };
                 return Err(format!(
-                    "ggml type {other} ({name}); Lathe reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1"
+                    "ggml type {other} ({name}); Lathe reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K"
                 ));
             }
         })
@@ -64,6 +68,9 @@ impl GgmlType {
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
             Self::Q8_0 => 8,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
             Self::BF16 => 30,
         }
     }
@@ -76,6 +83,9 @@ impl GgmlType {
             Self::Q4_0 => (32, 18),
             Self::Q4_1 => (32, 20),
             Self::Q8_0 => (32, 34),
+            Self::Q4_K => (256, 144),
+            Self::Q5_K => (256, 176),
+            Self::Q6_K => (256, 210),
         }
     }
 
@@ -87,6 +97,9 @@ impl GgmlType {
             Self::Q4_1 => "Q4_1",
             Self::Q8_0 => "Q8_0",
             Self::BF16 => "BF16",
+            Self::Q4_K => "Q4_K",
+            Self::Q5_K => "Q5_K",
+            Self::Q6_K => "Q6_K",
         }
     }
 
@@ -479,12 +492,67 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
             }
         }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            // d, dmin, 12 bytes of packed 6-bit (scale, min) pairs for 8 sub-blocks of 32,
+            // [Q5_K: 32 bytes of fifth bits], 128 bytes of nibbles (two sub-blocks share
+            // 32 bytes: low nibbles first).
+            let five = ty == GgmlType::Q5_K;
+            for b in bytes.chunks_exact(if five { 176 } else { 144 }) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                for pair in 0..4 {
+                    let q = &qs[32 * pair..32 * pair + 32];
+                    for half in 0..2 {
+                        let (sc, m) = k_scale_min(2 * pair + half, scales);
+                        let (scale, min) = (d * f32::from(sc), dmin * f32::from(m));
+                        let bit = 1u8 << (2 * pair + half);
+                        out.extend(q.iter().enumerate().map(|(l, &byte)| {
+                            let mut v = if half == 0 { byte & 0x0f } else { byte >> 4 };
+                            if five && qh[l] & bit != 0 {
+                                v += 16;
+                            }
+                            scale * f32::from(v) - min
+                        }));
+                    }
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            // 128 bytes low 4 bits, 64 bytes high 2 bits, 16 signed 8-bit scales (one per
+            // 16 values), then d.
+            for b in bytes.chunks_exact(210) {
+                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
+                for half in 0..2 {
+                    let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
+                    let mut y = [0f32; 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q = |low: u8, shift: u32| f32::from((low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32);
+                        y[l] = d * f32::from(sc[is] as i8) * q(ql[l] & 0x0f, 0);
+                        y[l + 32] = d * f32::from(sc[is + 2] as i8) * q(ql[l + 32] & 0x0f, 2);
+                        y[l + 64] = d * f32::from(sc[is + 4] as i8) * q(ql[l] >> 4, 4);
+                        y[l + 96] = d * f32::from(sc[is + 6] as i8) * q(ql[l + 32] >> 4, 6);
+                    }
+                    out.extend_from_slice(&y);
+                }
+            }
+        }
     }
     out
 }
 
+/// The 6-bit scale and min of sub-block `j` (0..8) from a K-quant's 12 packed bytes.
+fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
 /// Quantizes f32 values (a whole number of blocks) to `ty`, as llama.cpp's reference
-/// quantizers do.
+/// quantizers do. Lathe writes F32, F16, BF16, Q8_0, Q4_0 and Q4_1; K-quants are read only.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ty.byte_len(values.len()).unwrap_or(0));
     match ty {
@@ -531,6 +599,9 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
                 out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
             }
         }
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            panic!("Lathe does not write {} tensors", ty.name())
+        }
     }
     out
 }
@@ -557,6 +628,10 @@ impl GgufWriter {
     pub fn tensor(&mut self, name: impl Into<String>, shape: &[usize], ty: GgmlType, values: &[f32]) {
         let name = name.into();
         let inner = shape.last().copied().unwrap_or(1);
+        assert!(
+            !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K),
+            "Lathe writes F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors"
+        );
         let ty = if ty.byte_len(inner).is_some() { ty } else { GgmlType::F32 };
         assert_eq!(shape.iter().product::<usize>(), values.len(), "tensor `{name}`");
         self.tensors
@@ -648,6 +723,23 @@ mod tests {
             let back = dequantize(ty, &quantize(ty, &v), v.len());
             let err = v.iter().zip(&back).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
             assert!(err <= tol, "{ty:?}: max error {err} > {tol}");
+        }
+    }
+
+    #[test]
+    fn k_quants_match_gguf_py() {
+        // Blocks and gguf-py's dequantization of them: scripts/make_kquant_fixture.py.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kquants");
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let blocks = std::fs::read(dir.join(format!("{}.bin", ty.name()))).unwrap();
+            let want: Vec<f32> = std::fs::read(dir.join(format!("{}.f32", ty.name())))
+                .unwrap()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let got = dequantize(ty, &blocks, want.len());
+            let worst = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs() / (1.0 + w.abs())));
+            assert!(worst < 1e-6, "{ty:?}: relative error {worst}");
         }
     }
 

@@ -39,7 +39,7 @@ fn unsupported_architecture_and_tensor_type_are_named() {
     let e = load_err(&p);
     assert!(e.contains("general.architecture") && e.contains("`gpt2`"), "{e}");
 
-    // A tensor of type Q4_K (ggml 12), which Lathe does not read: patch the type id of a
+    // A tensor of type Q5_0 (ggml 6), which Lathe does not read: patch the type id of a
     // Q8_0 tensor in the directory.
     let mut w = GgufWriter::new();
     w.meta("general.architecture", Value::String("llama".into()));
@@ -48,11 +48,11 @@ fn unsupported_architecture_and_tensor_type_are_named() {
     let name_end = bytes.windows(19).position(|s| s == b"blk.0.attn_q.weight").unwrap() + 19;
     let ty_at = name_end + 4 + 2 * 8;
     assert_eq!(bytes[ty_at..ty_at + 4], 8u32.to_le_bytes());
-    bytes[ty_at..ty_at + 4].copy_from_slice(&12u32.to_le_bytes());
-    let p = dir.path().join("q4k.gguf");
+    bytes[ty_at..ty_at + 4].copy_from_slice(&6u32.to_le_bytes());
+    let p = dir.path().join("q5_0.gguf");
     std::fs::write(&p, bytes).unwrap();
     let e = load_err(&p);
-    assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q4_K"), "{e}");
+    assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q5_0"), "{e}");
 }
 
 #[test]
