@@ -19,8 +19,15 @@ pub fn smollm2_path() -> PathBuf {
     p
 }
 
+/// The device the tests run on: `LATHE_TEST_DEVICE` (`cpu` by default, `wgpu` in the GPU
+/// pass of `scripts/test.sh`).
+pub fn device() -> Device {
+    let name = std::env::var("LATHE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    lathe_engine::device::parse_device(&name).unwrap_or_else(|e| panic!("LATHE_TEST_DEVICE: {e}"))
+}
+
 pub fn load_smollm2() -> LoadedModel {
-    lathe_engine::load(&smollm2_path(), &Device::flex()).expect("SmolLM2 loads")
+    lathe_engine::load(&smollm2_path(), &device()).expect("SmolLM2 loads")
 }
 
 /// Reads a little-endian float32 `.npy` vector.

@@ -3,10 +3,12 @@
 use lathe_engine::config::Architecture;
 use lathe_engine::gguf::{GgmlType, GgufWriter, Value};
 use lathe_engine::tiny::write_tiny;
-use lathe_engine::{Device, EngineError};
+use lathe_engine::EngineError;
+
+use crate::common::device;
 
 fn load_err(path: &std::path::Path) -> String {
-    match lathe_engine::load(path, &Device::flex()) {
+    match lathe_engine::load(path, &device()) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e.to_string(),
     }
@@ -83,7 +85,7 @@ fn hugging_face_folder_problems_are_named() {
 
 #[test]
 fn a_missing_file_is_an_io_error_with_its_path() {
-    let e = lathe_engine::load(std::path::Path::new("/nonexistent/model.gguf"), &Device::flex()).unwrap_err();
+    let e = lathe_engine::load(std::path::Path::new("/nonexistent/model.gguf"), &device()).unwrap_err();
     assert!(matches!(e, EngineError::Io { .. }));
     assert!(e.to_string().contains("/nonexistent/model.gguf"));
 }

@@ -4,9 +4,9 @@
 use lathe_engine::config::Architecture;
 use lathe_engine::generate::logits_to_host;
 use lathe_engine::tiny::write_tiny;
-use lathe_engine::{CausalLm, Device, KvCache, Logits, SamplingParams, Step};
+use lathe_engine::{CausalLm, KvCache, Logits, SamplingParams, Step};
 
-use crate::common::max_abs_diff;
+use crate::common::{device, max_abs_diff};
 
 fn logits(model: &CausalLm, tokens: &[u32]) -> Vec<f32> {
     let mut cache = KvCache::new(model.config.num_layers);
@@ -20,7 +20,7 @@ fn written_models_load_back_with_the_same_logits() {
     for arch in [Architecture::Llama, Architecture::Mistral] {
         let dir = tempfile::tempdir().unwrap();
         let tiny = write_tiny(dir.path(), arch, 42).unwrap();
-        let device = Device::flex();
+        let device = device();
         let original = CausalLm::load(tiny.config.clone(), &tiny.weights, &device).unwrap();
         let want = logits(&original, &TOKENS);
         for path in [&tiny.hf_folder, &tiny.gguf] {
@@ -38,7 +38,7 @@ fn kv_cache_steps_match_a_full_forward() {
     for arch in [Architecture::Llama, Architecture::Mistral] {
         let dir = tempfile::tempdir().unwrap();
         let tiny = write_tiny(dir.path(), arch, 7).unwrap();
-        let m = CausalLm::load(tiny.config.clone(), &tiny.weights, &Device::flex()).unwrap();
+        let m = CausalLm::load(tiny.config.clone(), &tiny.weights, &device()).unwrap();
         let full = logits(&m, &TOKENS);
         let vocab = m.config.vocab_size;
         let mut cache = KvCache::new(m.config.num_layers);
@@ -62,7 +62,7 @@ fn mistral_sliding_window_limits_what_a_token_sees() {
     let mut other = TOKENS;
     other[0] = 250;
     let last = |cfg: lathe_engine::ModelConfig, tokens: &[u32]| {
-        let m = CausalLm::load(cfg, &tiny.weights, &Device::flex()).unwrap();
+        let m = CausalLm::load(cfg, &tiny.weights, &device()).unwrap();
         let mut cache = KvCache::new(m.config.num_layers);
         logits_to_host(m.forward(&Step::single(tokens, 0), &mut cache, Logits::Last)).unwrap()
     };
@@ -76,7 +76,7 @@ fn mistral_sliding_window_limits_what_a_token_sees() {
 fn sampling_is_reproducible_and_stops_on_strings() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = write_tiny(dir.path(), Architecture::Llama, 5).unwrap();
-    let m = lathe_engine::load(&tiny.gguf, &Device::flex()).unwrap();
+    let m = lathe_engine::load(&tiny.gguf, &device()).unwrap();
     let prompt = m.tokenizer.encode("the thin tin", false).unwrap();
     let params = SamplingParams { temperature: 0.9, top_p: Some(0.95), top_k: Some(50), seed: 9, max_tokens: 24, ignore_eos: true, ..Default::default() };
     let run = |p: &SamplingParams| lathe_engine::generate(&m.model, &m.tokenizer, &[prompt.clone()], p, &mut |_, _| {}).unwrap().remove(0);
@@ -114,7 +114,7 @@ fn sharded_safetensors_load_through_the_index() {
     std::fs::remove_file(hf.join("model.safetensors")).unwrap();
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     std::fs::write(hf.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    let device = Device::flex();
+    let device = device();
     let original = CausalLm::load(tiny.config.clone(), &tiny.weights, &device).unwrap();
     let loaded = lathe_engine::load(hf, &device).unwrap();
     assert!(max_abs_diff(&logits(&original, &TOKENS), &logits(&loaded.model, &TOKENS)) < 1e-5);
@@ -126,7 +126,7 @@ fn quantized_gguf_weights_stay_close_on_both_paths() {
     use lathe_engine::gguf::GgmlType;
     let dir = tempfile::tempdir().unwrap();
     let tiny = write_tiny(dir.path(), Architecture::Llama, 13).unwrap();
-    let device = Device::flex();
+    let device = device();
     let want = logits(&CausalLm::load(tiny.config.clone(), &tiny.weights, &device).unwrap(), &TOKENS);
     let vocab = tiny.config.vocab_size;
     // Bounds at ~2x what each format measured here with these uniform random weights
