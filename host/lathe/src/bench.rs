@@ -14,6 +14,8 @@ use crate::cli::{Compute, DEFAULT_MODEL, load};
 pub enum BenchCommand {
     /// Prompt-processing and decode tokens/s at several batch sizes.
     Generate(GenerateBench),
+    /// Scorer throughput (native, wasm single and batched, Python), instantiation, loading.
+    Plugins(PluginBench),
 }
 
 #[derive(Args)]
@@ -42,6 +44,7 @@ pub struct GenerateBench {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => generate(a),
+        BenchCommand::Plugins(a) => plugins(a),
     }
 }
 
@@ -99,6 +102,132 @@ fn generate(a: GenerateBench) -> Result<()> {
         } else {
             println!("{b:>5} {best_pp:>14.1} {best_tg:>14.1}");
         }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PluginBench {
+    /// Pairs per metric.
+    #[arg(long, default_value_t = 200_000)]
+    pairs: usize,
+    /// Also time the plain-Python versions (scripts/bench_metrics.py) in the same run.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    python: bool,
+}
+
+/// Deterministic pairs for each metric, half of them matching.
+fn plugin_pairs(n: usize) -> Vec<(&'static str, Vec<(String, String)>)> {
+    let words = ["invoice", "total", "paid", "the", "vendor", "Paris", "delivery", "a", "late", "net", "tax", "due"];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut em = Vec::with_capacity(n);
+    let mut f1 = Vec::with_capacity(n);
+    let mut jf = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = next();
+        let answer = format!("answer {}", a % 1000);
+        em.push((if i % 2 == 0 { answer.clone() } else { format!("answer {}", a % 997) }, answer));
+        let sentence = |k: u64| (0..12).map(|j| words[((k >> (j * 4)) % words.len() as u64) as usize]).collect::<Vec<_>>().join(" ");
+        f1.push((sentence(a), sentence(if i % 2 == 0 { a } else { next() })));
+        let obj = |k: u64| {
+            format!(
+                r#"{{"vendor": "ACME {}", "total": {}.{:02}, "currency": "EUR", "date": "2024-03-{:02}", "address": {{"city": "Köln", "zip": "{}"}}}}"#,
+                k % 50, k % 1000, k % 100, k % 28 + 1, 50000 + k % 999
+            )
+        };
+        jf.push((obj(if i % 2 == 0 { a } else { next() }), obj(a)));
+    }
+    vec![("exact-match", em), ("token-f1", f1), ("json-field-match", jf)]
+}
+
+fn plugins(a: PluginBench) -> Result<()> {
+    use lathe_metrics::text::{Normalize, exact_match, token_f1};
+    use lathe_sandbox::{Runtime, RuntimeConfig};
+    let data = plugin_pairs(a.pairs);
+    let rt = Runtime::new(RuntimeConfig::default())?;
+    let best_of = |f: &mut dyn FnMut() -> f64| (0..3).map(|_| f()).fold(0f64, f64::max);
+    let rate = |n: usize, t: Instant| n as f64 / t.elapsed().as_secs_f64();
+    let python: serde_json::Value = if a.python {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("pairs.json");
+        let map: serde_json::Map<String, serde_json::Value> =
+            data.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+        std::fs::write(&path, serde_json::Value::Object(map).to_string())?;
+        let out = std::process::Command::new("python3").arg("scripts/bench_metrics.py").arg(&path).output()?;
+        anyhow::ensure!(out.status.success(), "bench_metrics.py: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout)?
+    } else {
+        serde_json::Value::Null
+    };
+    println!("scorer throughput, pairs/s on one core ({} pairs, best of 3)", a.pairs);
+    println!("{:<18} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}", "metric", "native", "wasm single", "wasm batch", "python", "batch/py", "batch/nat");
+    let norm = Normalize { trim: true, ..Default::default() };
+    for (name, pairs) in &data {
+        let native: &dyn Fn(&str, &str) -> f64 = match *name {
+            "exact-match" => &|p, r| exact_match(p, r, &norm),
+            "token-f1" => &|p, r| token_f1(p, r),
+            _ => &|p, r| lathe_metrics::json_fields::field_match(p, r, None, false).map(|s| s.value).unwrap_or(0.0),
+        };
+        let nat = best_of(&mut || {
+            let t = Instant::now();
+            let s: f64 = pairs.iter().map(|(p, r)| native(p, r)).sum();
+            std::hint::black_box(s);
+            rate(pairs.len(), t)
+        });
+        let plugin = rt.load(lathe_sandbox::builtin(name).expect("built-in"))?;
+        let mut inst = plugin.instance("{}")?;
+        let single_n = pairs.len().min(50_000);
+        let single = best_of(&mut || {
+            let t = Instant::now();
+            for (p, r) in &pairs[..single_n] {
+                std::hint::black_box(inst.score(p, r).expect("score"));
+            }
+            rate(single_n, t)
+        });
+        let preds: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+        let refs: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
+        let batch = best_of(&mut || {
+            let t = Instant::now();
+            for (p, r) in preds.chunks(10_000).zip(refs.chunks(10_000)) {
+                std::hint::black_box(inst.score_batch(p, r).expect("batch"));
+            }
+            rate(pairs.len(), t)
+        });
+        let py = python[name].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<18} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>10.2} {:>10.2}",
+            name, nat, single, batch, py, batch / py, batch / nat
+        );
+    }
+    // Instantiation and loading.
+    let plugin = rt.load(lathe_sandbox::builtin("exact-match").expect("built-in"))?;
+    let n = 2000;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(plugin.instance("{}")?);
+    }
+    println!("instance + configure (exact-match): {:.1} µs", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+    for name in ["exact-match", "json-schema"] {
+        let bytes = lathe_sandbox::builtin(name).expect("built-in");
+        let dir = tempfile::tempdir()?;
+        let cfg = || RuntimeConfig { cache_dir: Some(dir.path().into()), ..Default::default() };
+        let t = Instant::now();
+        Runtime::new(cfg())?.load(bytes)?;
+        let cold = t.elapsed().as_secs_f64() * 1e3;
+        let warm_rt = Runtime::new(cfg())?;
+        let t = Instant::now();
+        let p = warm_rt.load(bytes)?;
+        let cached = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let _ready = p.instance("{}");
+        let first = t.elapsed().as_secs_f64() * 1e3;
+        println!("{name}: cold compile + load {cold:.1} ms, cached load {cached:.2} ms, then first instance {first:.3} ms");
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench;
+use crate::{bench, plugin};
 use lathe_engine::device::parse_device;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
 
@@ -29,6 +29,9 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Write, build, inspect and try plugins.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
 }
 
 /// Where and how to compute.
@@ -103,6 +106,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Generate(a) => generate(a),
         Command::Bench(b) => bench::run(b),
+        Command::Plugin(p) => plugin::run(p),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod plugin;
 
 use clap::Parser;
 

@@ -1,0 +1,336 @@
+//! `lathe plugin new | build | inspect | test | list`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use lathe_sandbox::{Info, Kind, Plugin, Runtime, RuntimeConfig};
+use serde_json::{Value, json};
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Make a ready-to-build plugin crate.
+    New(NewArgs),
+    /// Build a plugin crate into a component and check it loads.
+    Build {
+        /// The plugin crate's folder.
+        path: PathBuf,
+    },
+    /// Show a plugin's world, version, configuration schema and size.
+    Inspect {
+        /// A .wasm component, or `builtin:NAME`.
+        plugin: String,
+    },
+    /// Run a plugin on sample input and print what it returns (JSON).
+    Test(TestArgs),
+    /// List the built-in plugins.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    Scorer,
+    Validator,
+    Formatter,
+    Judge,
+}
+
+#[derive(Args)]
+pub struct NewArgs {
+    #[arg(long, value_enum)]
+    kind: KindArg,
+    /// The crate's name (and folder).
+    name: String,
+    /// Where the SDK lives (default: this checkout's plugin-sdk/).
+    #[arg(long)]
+    sdk: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// A .wasm component, or `builtin:NAME`.
+    plugin: String,
+    /// JSON input. Scorer: {"prediction", "reference"} (or a list of them); validator: the
+    /// output as a JSON string or {"output"}; formatter: the raw record; judge:
+    /// {"input", "output", "reference"?} for the prompt or {"answer"} for the verdict.
+    #[arg(long)]
+    input: String,
+    /// The plugin's configuration (JSON).
+    #[arg(long, default_value = "{}")]
+    config: String,
+}
+
+pub fn run(cmd: PluginCommand) -> Result<()> {
+    match cmd {
+        PluginCommand::New(a) => new(a),
+        PluginCommand::Build { path } => build(&path),
+        PluginCommand::Inspect { plugin } => {
+            let p = load(&plugin)?;
+            println!("{}", serde_json::to_string_pretty(&describe(p.info()))?);
+            Ok(())
+        }
+        PluginCommand::Test(a) => test(a),
+        PluginCommand::List => {
+            let rt = Runtime::new(RuntimeConfig::default())?;
+            for (name, bytes) in lathe_sandbox::BUILTIN_PLUGINS {
+                let p = rt.load(bytes).with_context(|| format!("built-in {name}"))?;
+                println!("{:<18} {:<10} {}", name, p.kind(), p.info().description);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn load(spec: &str) -> Result<Plugin> {
+    let rt = Runtime::new(RuntimeConfig::default())?;
+    let bytes = match spec.strip_prefix("builtin:") {
+        Some(name) => lathe_sandbox::builtin(name)
+            .with_context(|| format!("no built-in plugin `{name}` (see `lathe plugin list`)"))?
+            .to_vec(),
+        None => std::fs::read(spec).with_context(|| format!("reading {spec}"))?,
+    };
+    rt.load(&bytes).with_context(|| format!("{spec} is not a usable plugin"))
+}
+
+fn describe(info: &Info) -> Value {
+    json!({
+        "name": info.name,
+        "version": info.version,
+        "world": format!("lathe:plugin/{}@{}", info.kind, info.wit_version),
+        "description": info.description,
+        "config_schema": info.config_schema,
+        "size_bytes": info.size_bytes,
+        "sha256": info.sha256,
+    })
+}
+
+fn test(a: TestArgs) -> Result<()> {
+    let plugin = load(&a.plugin)?;
+    let input: Value = serde_json::from_str(&a.input).context("--input is not valid JSON")?;
+    let mut inst = plugin.instance(&a.config)?;
+    let str_field = |v: &Value, k: &str| -> Result<String> {
+        v.get(k).and_then(Value::as_str).map(String::from).with_context(|| format!("--input needs a string `{k}`"))
+    };
+    let out = match plugin.kind() {
+        Kind::Scorer => {
+            let pairs: Vec<&Value> = match &input {
+                Value::Array(items) => items.iter().collect(),
+                one => vec![one],
+            };
+            let mut scores = Vec::new();
+            let (mut preds, mut refs) = (Vec::new(), Vec::new());
+            for p in pairs {
+                let (pred, reference) = (str_field(p, "prediction")?, str_field(p, "reference")?);
+                let s = inst.score(&pred, &reference)?;
+                let details: serde_json::Map<String, Value> = s.details.into_iter().map(|(k, v)| (k, v.into())).collect();
+                scores.push(json!({"score": s.value, "details": details}));
+                preds.push(pred);
+                refs.push(reference);
+            }
+            let aggregate: serde_json::Map<String, Value> =
+                inst.aggregate(&preds, &refs)?.into_iter().map(|(k, v)| (k, v.into())).collect();
+            json!({"scores": scores, "aggregate": aggregate})
+        }
+        Kind::Validator => {
+            let output = match &input {
+                Value::String(s) => s.clone(),
+                other => str_field(other, "output")?,
+            };
+            match inst.validate(&output)? {
+                Ok(()) => json!({"valid": true}),
+                Err(vs) => json!({"valid": false, "violations": vs.iter()
+                    .map(|v| json!({"path": v.path, "message": v.message})).collect::<Vec<_>>()}),
+            }
+        }
+        Kind::Formatter => match inst.format(&input.to_string())? {
+            Ok(lathe_sandbox::Example::Chat(msgs)) => json!({"messages": msgs.iter()
+                .map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()}),
+            Ok(lathe_sandbox::Example::Completion { prompt, completion }) => json!({"prompt": prompt, "completion": completion}),
+            Err(e) => json!({"error": {"field": e.field, "message": e.message}}),
+        },
+        Kind::Judge => {
+            if let Some(answer) = input.get("answer").and_then(Value::as_str) {
+                match inst.parse_verdict(answer)? {
+                    Ok(j) => json!({"score": j.score, "reason": j.reason}),
+                    Err(e) => json!({"error": e}),
+                }
+            } else {
+                let reference = input.get("reference").and_then(Value::as_str);
+                let msgs = inst.build_prompt(&str_field(&input, "input")?, &str_field(&input, "output")?, reference)?;
+                json!({"messages": msgs.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()})
+            }
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn build(path: &Path) -> Result<()> {
+    let manifest = path.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let name = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')))
+        .with_context(|| format!("{} has no package name", manifest.display()))?;
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(&manifest)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo build failed for {}", path.display());
+    }
+    let wasm = path.join("target/wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
+    let p = load(wasm.to_str().context("non-UTF-8 path")?)?;
+    println!("{}", wasm.display());
+    println!("{}", serde_json::to_string_pretty(&describe(p.info()))?);
+    Ok(())
+}
+
+fn new(a: NewArgs) -> Result<()> {
+    let dir = PathBuf::from(&a.name);
+    if dir.exists() {
+        bail!("{} already exists", dir.display());
+    }
+    let sdk = match a.sdk {
+        Some(p) => p,
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../plugin-sdk"),
+    };
+    let sdk = sdk.canonicalize().with_context(|| format!("the SDK is not at {} (pass --sdk)", sdk.display()))?;
+    let ident: String = a
+        .name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| w[..1].to_uppercase() + &w[1..])
+        .collect();
+    let ident = if ident.is_empty() || ident.starts_with(|c: char| c.is_ascii_digit()) { format!("P{ident}") } else { ident };
+    let body = match a.kind {
+        KindArg::Scorer => format!(
+            r#"use lathe_plugin_sdk::{{PluginInfo, Score, Scorer, Value}};
+
+struct {ident};
+
+impl Scorer for {ident} {{
+    fn info() -> PluginInfo {{
+        PluginInfo::new("{name}", env!("CARGO_PKG_VERSION"), "1 when the prediction contains the reference")
+    }}
+
+    fn new(_config: &Value) -> Result<Self, String> {{
+        Ok({ident})
+    }}
+
+    fn score(&self, prediction: &str, reference: &str) -> Score {{
+        Score::of(if prediction.contains(reference.trim()) {{ 1.0 }} else {{ 0.0 }})
+    }}
+}}
+
+lathe_plugin_sdk::export_scorer!({ident});
+"#,
+            name = a.name
+        ),
+        KindArg::Validator => format!(
+            r#"use lathe_plugin_sdk::{{PluginInfo, Validator, Value, Violation}};
+
+struct {ident};
+
+impl Validator for {ident} {{
+    fn info() -> PluginInfo {{
+        PluginInfo::new("{name}", env!("CARGO_PKG_VERSION"), "The output must not be empty")
+    }}
+
+    fn new(_config: &Value) -> Result<Self, String> {{
+        Ok({ident})
+    }}
+
+    fn validate(&self, output: &str) -> Result<(), Vec<Violation>> {{
+        if output.trim().is_empty() {{
+            return Err(vec![Violation {{ path: String::new(), message: "empty output".into() }}]);
+        }}
+        Ok(())
+    }}
+}}
+
+lathe_plugin_sdk::export_validator!({ident});
+"#,
+            name = a.name
+        ),
+        KindArg::Formatter => format!(
+            r#"use lathe_plugin_sdk::{{Example, FieldError, Formatter, Message, PluginInfo, Value}};
+
+struct {ident};
+
+impl Formatter for {ident} {{
+    fn info() -> PluginInfo {{
+        PluginInfo::new("{name}", env!("CARGO_PKG_VERSION"), "question/answer records to chats")
+    }}
+
+    fn new(_config: &Value) -> Result<Self, String> {{
+        Ok({ident})
+    }}
+
+    fn format(&self, record: &Value) -> Result<Example, FieldError> {{
+        let field = |k: &str| record.get(k).and_then(Value::as_str).ok_or_else(|| FieldError::new(k, "missing or not a string"));
+        Ok(Example::Chat(vec![Message::new("user", field("question")?), Message::new("assistant", field("answer")?)]))
+    }}
+}}
+
+lathe_plugin_sdk::export_formatter!({ident});
+"#,
+            name = a.name
+        ),
+        KindArg::Judge => format!(
+            r#"use lathe_plugin_sdk::{{Judge, Judgment, Message, PluginInfo, Value}};
+
+struct {ident};
+
+impl Judge for {ident} {{
+    fn info() -> PluginInfo {{
+        PluginInfo::new("{name}", env!("CARGO_PKG_VERSION"), "Asks the judge for a yes/no verdict")
+    }}
+
+    fn new(_config: &Value) -> Result<Self, String> {{
+        Ok({ident})
+    }}
+
+    fn build_prompt(&self, input: &str, output: &str, _reference: Option<&str>) -> Vec<Message> {{
+        vec![Message::new("user", format!("Task: {{input}}\nAnswer: {{output}}\nIs the answer correct? Reply yes or no."))]
+    }}
+
+    fn parse_verdict(&self, answer: &str) -> Result<Judgment, String> {{
+        let a = answer.trim().to_lowercase();
+        if a.starts_with("yes") {{
+            Ok(Judgment {{ score: 1.0, reason: answer.into() }})
+        }} else if a.starts_with("no") {{
+            Ok(Judgment {{ score: 0.0, reason: answer.into() }})
+        }} else {{
+            Err(format!("expected yes or no, got {{answer:?}}"))
+        }}
+    }}
+}}
+
+lathe_plugin_sdk::export_judge!({ident});
+"#,
+            name = a.name
+        ),
+    };
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\nlathe-plugin-sdk = {{ path = {:?} }}\n\n[profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n\
+             # A workspace of its own: it builds for wasm32-wasip2 wherever it lives.\n[workspace]\n",
+            a.name,
+            sdk.display().to_string()
+        ),
+    )?;
+    std::fs::write(dir.join("src/lib.rs"), body)?;
+    println!("created {} ({} plugin); build it with `lathe plugin build {}`", dir.display(), match a.kind {
+        KindArg::Scorer => "scorer",
+        KindArg::Validator => "validator",
+        KindArg::Formatter => "formatter",
+        KindArg::Judge => "judge",
+    }, dir.display());
+    Ok(())
+}

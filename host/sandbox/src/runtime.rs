@@ -1,0 +1,602 @@
+//! The engine, the upload checks, the compile cache, and calls under limits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{CodeBuilder, CodeHint, Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::types::*;
+use crate::v0_1::{self, World, WorldPre};
+
+/// Per-call and per-upload limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// CPU deadline of one call (epoch interruption; it can slip by a tick or two when the
+    /// machine is loaded).
+    pub timeout: Duration,
+    /// The cap on a plugin instance's linear memory.
+    pub memory_bytes: usize,
+    /// Deterministic metering: the fuel one call may burn (needs `RuntimeConfig::fuel`).
+    pub fuel: Option<u64>,
+    /// The cap on the size of what one call returns.
+    pub max_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            memory_bytes: 64 << 20,
+            fuel: None,
+            max_output_bytes: 4 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled plugins are cached (by sha256 of the upload and the engine's
+    /// compatibility hash); None compiles every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Uploads larger than this are refused before parsing.
+    pub max_upload_bytes: usize,
+    /// The wasm stack of a call.
+    pub max_stack_bytes: usize,
+    /// Compile with fuel metering (costs some speed; enables `Limits::fuel`).
+    pub fuel: bool,
+    pub limits: Limits,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            max_upload_bytes: 32 << 20,
+            max_stack_bytes: 512 << 10,
+            fuel: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the upload is {bytes} bytes, over the {limit}-byte cap for plugins")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("the upload is not WebAssembly (no `\\0asm` header)")]
+    NotWasm,
+    #[error(
+        "the upload is a core WebAssembly module, not a component: build it with \
+         `cargo build --target wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
+    )]
+    NotAComponent,
+    #[error("the component does not validate: {0}")]
+    Invalid(String),
+    #[error("the component imports something the sandbox does not provide: {0}")]
+    Imports(String),
+    #[error(
+        "the component implements no lathe:plugin world this host accepts (versions {accepted}); \
+         it exports: {exports}"
+    )]
+    UnknownWorld { accepted: String, exports: String },
+    #[error("the plugin's `info` failed: {0}")]
+    Info(CallError),
+    #[error("the plugin exports the {world} world but its info says it is a {declared}")]
+    KindMismatch { world: Kind, declared: Kind },
+    #[error("the plugin's config schema is not JSON: {0}")]
+    BadSchema(String),
+    #[error("compile cache {path}: {error}")]
+    Cache { path: PathBuf, error: String },
+}
+
+/// The WIT package versions this host accepts.
+pub const ACCEPTED_WIT_VERSIONS: &[&str] = &[v0_1::VERSION];
+
+pub(crate) struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    stderr: MemoryOutputPipe,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The memory cap, with an error of its own so a call that hits it says so.
+struct Limiter {
+    memory_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("memory cap of {0} bytes reached")]
+struct MemoryCapReached(usize);
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            return Err(MemoryCapReached(self.memory_bytes).into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<State>,
+    config: RuntimeConfig,
+    tick: Duration,
+}
+
+/// Owns the wasmtime engine (shared by every plugin) and its epoch ticker.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> wasmtime::Result<Self> {
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true)
+            .consume_fuel(config.fuel)
+            .max_wasm_stack(config.max_stack_bytes)
+            .parallel_compilation(true);
+        let engine = Engine::new(&cfg)?;
+        let mut linker = Linker::new(&engine);
+        v0_1::add_to_linker(&mut linker)?;
+        let tick = Duration::from_millis(10);
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("lathe-plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(tick);
+                }
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                config,
+                tick,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Checks an upload and readies it for calls: size, a component, compiled (or loaded
+    /// from the cache), imports only WASI, exports a known world whose `info` agrees.
+    pub fn load(&self, bytes: &[u8]) -> Result<Plugin, LoadError> {
+        let inner = &self.inner;
+        let limit = inner.config.max_upload_bytes;
+        if bytes.len() > limit {
+            return Err(LoadError::TooLarge { bytes: bytes.len(), limit });
+        }
+        let mut builder = CodeBuilder::new(&inner.engine);
+        let hint = builder.wasm_binary(bytes, None).ok().and_then(|b| b.hint());
+        match hint {
+            Some(CodeHint::Component) => {}
+            Some(CodeHint::Module) => return Err(LoadError::NotAComponent),
+            None => return Err(LoadError::NotWasm),
+        }
+        let sha256 = hex(&Sha256::digest(bytes));
+        let component = self.compile_cached(bytes, &sha256)?;
+        let pre = inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Imports(format!("{:#}", e)))?;
+        let world = WorldPre::detect(&pre).ok_or_else(|| LoadError::UnknownWorld {
+            accepted: ACCEPTED_WIT_VERSIONS.join(", "),
+            exports: component
+                .component_type()
+                .exports(&inner.engine)
+                .map(|(name, _)| name.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        let mut plugin = Plugin {
+            inner: Arc::new(PluginInner {
+                runtime: inner.clone(),
+                info: Info {
+                    name: "(uploaded plugin)".into(),
+                    version: String::new(),
+                    kind: world.kind(),
+                    description: String::new(),
+                    config_schema: serde_json::Value::Null,
+                    wit_version: v0_1::VERSION,
+                    sha256,
+                    size_bytes: bytes.len(),
+                },
+                pre: world,
+            }),
+        };
+        let raw = {
+            let mut inst = Instance {
+                plugin: plugin.clone(),
+                config: None,
+                live: None,
+            };
+            inst.call(|w, s| w.call_info(s), |_| 0).map_err(LoadError::Info)?
+        };
+        let declared: Kind = raw.kind.into();
+        if declared != plugin.inner.pre.kind() {
+            return Err(LoadError::KindMismatch {
+                world: plugin.inner.pre.kind(),
+                declared,
+            });
+        }
+        let schema = serde_json::from_str(&raw.config_schema).map_err(|e| LoadError::BadSchema(e.to_string()))?;
+        let inner_plugin = Arc::get_mut(&mut plugin.inner).expect("no other handle yet");
+        inner_plugin.info.name = raw.name;
+        inner_plugin.info.version = raw.version;
+        inner_plugin.info.description = raw.description;
+        inner_plugin.info.config_schema = schema;
+        Ok(plugin)
+    }
+
+    fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Component, LoadError> {
+        let engine = &self.inner.engine;
+        let Some(dir) = &self.inner.config.cache_dir else {
+            return Component::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")));
+        };
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        let path = dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()));
+        let cache_err = |error: String| LoadError::Cache { path: path.clone(), error };
+        // Read into memory rather than mapping the file: a cache entry replaced or damaged
+        // while in use must not take the process down.
+        if let Ok(art) = std::fs::read(&path) {
+            // SAFETY: the file is Lathe's own cache: it was written below by `serialize`
+            // for exactly these bytes (its name is their sha256) by an engine with the same
+            // compatibility hash, and nothing else writes to the cache folder. wasmtime
+            // still checks the artifact's header and engine settings.
+            #[allow(unsafe_code)]
+            let loaded = unsafe { Component::deserialize(engine, &art) };
+            match loaded {
+                Ok(c) => return Ok(c),
+                // A damaged cache entry is recompiled, not trusted.
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let component = Component::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let art = component.serialize().map_err(|e| cache_err(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|e| cache_err(e.to_string()))?;
+        let tmp = dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, &art)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| cache_err(e.to_string()))?;
+        Ok(component)
+    }
+
+    fn new_store(&self) -> Store<State> {
+        let inner = &self.inner;
+        let stderr = MemoryOutputPipe::new(64 << 10);
+        // Nothing granted: no preopened folders, no sockets, no environment, no arguments.
+        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let mut store = Store::new(
+            &inner.engine,
+            State {
+                wasi,
+                table: ResourceTable::new(),
+                limiter: Limiter {
+                    memory_bytes: inner.config.limits.memory_bytes,
+                },
+                stderr,
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        store
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct PluginInner {
+    runtime: Arc<Inner>,
+    info: Info,
+    pre: WorldPre<State>,
+}
+
+/// A validated, compiled plugin: cheap to clone, `Send + Sync`, makes [`Instance`]s.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("info", &self.inner.info).finish()
+    }
+}
+
+impl Plugin {
+    pub fn info(&self) -> &Info {
+        &self.inner.info
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.inner.info.kind
+    }
+
+    /// A configured instance (`config` is JSON; empty means `{}`).
+    pub fn instance(&self, config: &str) -> Result<Instance, CallError> {
+        let mut inst = Instance {
+            plugin: self.clone(),
+            config: Some(config.to_string()),
+            live: None,
+        };
+        inst.ensure_live()?;
+        Ok(inst)
+    }
+
+    /// Scores many pairs on `threads` instances in parallel, in order.
+    pub fn score_batch_parallel<S: AsRef<str> + Sync>(
+        &self,
+        config: &str,
+        predictions: &[S],
+        references: &[S],
+        threads: usize,
+    ) -> Result<Vec<f64>, CallError> {
+        let threads = threads.max(1).min(predictions.len().max(1));
+        let chunk = predictions.len().div_ceil(threads).max(1);
+        let parts: Vec<Result<Vec<f64>, CallError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = predictions
+                .chunks(chunk)
+                .zip(references.chunks(chunk))
+                .map(|(p, r)| s.spawn(move || self.instance(config)?.score_batch(p, r)))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("scoring thread")).collect()
+        });
+        let mut out = Vec::with_capacity(predictions.len());
+        for p in parts {
+            out.extend(p?);
+        }
+        Ok(out)
+    }
+}
+
+/// One configured instance of a plugin. Calls are sequential (`&mut self`); make one
+/// instance per thread for parallelism. After a trap the next call starts from a fresh
+/// instance (configured again), since a trapped instance may be in any state.
+pub struct Instance {
+    plugin: Plugin,
+    /// None only while `Runtime::load` asks for `info` before anything is configured.
+    config: Option<String>,
+    live: Option<(Store<State>, World)>,
+}
+
+impl Instance {
+    fn name(&self) -> String {
+        self.plugin.inner.info.name.clone()
+    }
+
+    fn ensure_live(&mut self) -> Result<(), CallError> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let runtime = Runtime {
+            inner: self.plugin.inner.runtime.clone(),
+        };
+        let mut store = runtime.new_store();
+        self.arm(&mut store);
+        let world = match self.plugin.inner.pre.instantiate(&mut store) {
+            Ok(w) => w,
+            Err(e) => return Err(self.classify(e, &store)),
+        };
+        self.live = Some((store, world));
+        if let Some(config) = &self.config {
+            let config = if config.trim().is_empty() { "{}".to_string() } else { config.clone() };
+            let res = self.call(|w, s| w.call_configure(s, &config), |_| 0)?;
+            if let Err(message) = res {
+                self.live = None;
+                return Err(CallError::Config { plugin: self.name(), message });
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-arms the per-call limits: the deadline and the fuel.
+    fn arm(&self, store: &mut Store<State>) {
+        let rt = &self.plugin.inner.runtime;
+        let limits = &rt.config.limits;
+        let ticks = (limits.timeout.as_millis() / rt.tick.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        if rt.config.fuel {
+            let _ = store.set_fuel(limits.fuel.unwrap_or(u64::MAX));
+        }
+    }
+
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&World, &mut Store<State>) -> wasmtime::Result<R>,
+        size: impl FnOnce(&R) -> usize,
+    ) -> Result<R, CallError> {
+        self.ensure_live()?;
+        let (mut store, world) = self.live.take().expect("ensure_live made it");
+        self.arm(&mut store);
+        match f(&world, &mut store) {
+            Ok(r) => {
+                self.live = Some((store, world));
+                let bytes = size(&r);
+                let limit_bytes = self.plugin.inner.runtime.config.limits.max_output_bytes;
+                if bytes > limit_bytes {
+                    return Err(CallError::OutputTooLarge { plugin: self.name(), bytes, limit_bytes });
+                }
+                Ok(r)
+            }
+            // The instance is dropped: the next call instantiates afresh.
+            Err(e) => Err(self.classify(e, &store)),
+        }
+    }
+
+    fn classify(&self, e: wasmtime::Error, store: &Store<State>) -> CallError {
+        let plugin = self.name();
+        let rt = &self.plugin.inner.runtime;
+        if let Some(cap) = e.downcast_ref::<MemoryCapReached>() {
+            return CallError::MemoryExhausted { plugin, limit_bytes: cap.0 };
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Timeout { plugin, limit: rt.config.limits.timeout },
+            Some(Trap::OutOfFuel) => CallError::OutOfFuel { plugin, fuel: rt.config.limits.fuel.unwrap_or(u64::MAX) },
+            Some(Trap::StackOverflow) => CallError::StackOverflow { plugin },
+            Some(Trap::UnreachableCodeReached) => {
+                let stderr = String::from_utf8_lossy(&store.data().stderr.contents()).into_owned();
+                match stderr.find("panicked at") {
+                    Some(i) => CallError::Panic { plugin, message: stderr[i..].trim().to_string() },
+                    None => CallError::Trap { plugin, message: "reached `unreachable` (an abort)".into() },
+                }
+            }
+            Some(t) => CallError::Trap { plugin, message: t.to_string() },
+            None => CallError::Trap { plugin, message: format!("{}", e.root_cause()) },
+        }
+    }
+
+    fn wrong_kind(&self, expected: Kind) -> CallError {
+        CallError::WrongKind { plugin: self.name(), expected, actual: self.plugin.kind() }
+    }
+
+    pub fn score(&mut self, prediction: &str, reference: &str) -> Result<Score, CallError> {
+        if self.plugin.kind() != Kind::Scorer {
+            return Err(self.wrong_kind(Kind::Scorer));
+        }
+        self.call(
+            |w, s| match w {
+                World::Scorer(w) => w.call_score(s, prediction, reference),
+                _ => unreachable!("kind checked"),
+            },
+            |r| r.details.iter().map(|d| d.field.len() + 8).sum::<usize>() + 8,
+        )
+        .map(Into::into)
+    }
+
+    /// Score values of many pairs in one call (the strings travel in one packed buffer).
+    pub fn score_batch<S: AsRef<str>>(&mut self, predictions: &[S], references: &[S]) -> Result<Vec<f64>, CallError> {
+        if self.plugin.kind() != Kind::Scorer {
+            return Err(self.wrong_kind(Kind::Scorer));
+        }
+        assert_eq!(predictions.len(), references.len(), "one reference per prediction");
+        let (p, r) = (v0_1::text_batch(predictions), v0_1::text_batch(references));
+        let n = predictions.len();
+        let out = self.call(
+            |w, s| match w {
+                World::Scorer(w) => w.call_score_batch(s, &p, &r),
+                _ => unreachable!("kind checked"),
+            },
+            |v| 8 * v.len(),
+        )?;
+        if out.len() != n {
+            return Err(CallError::Trap {
+                plugin: self.name(),
+                message: format!("score-batch returned {} scores for {n} pairs", out.len()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Corpus-level metrics over a set, by name.
+    pub fn aggregate<S: AsRef<str>>(&mut self, predictions: &[S], references: &[S]) -> Result<Vec<(String, f64)>, CallError> {
+        if self.plugin.kind() != Kind::Scorer {
+            return Err(self.wrong_kind(Kind::Scorer));
+        }
+        let (p, r) = (v0_1::text_batch(predictions), v0_1::text_batch(references));
+        let out = self.call(
+            |w, s| match w {
+                World::Scorer(w) => w.call_aggregate(s, &p, &r),
+                _ => unreachable!("kind checked"),
+            },
+            |v| v.iter().map(|d| d.field.len() + 8).sum(),
+        )?;
+        Ok(out.into_iter().map(|d| (d.field, d.score)).collect())
+    }
+
+    pub fn validate(&mut self, output: &str) -> Result<Result<(), Vec<Violation>>, CallError> {
+        if self.plugin.kind() != Kind::Validator {
+            return Err(self.wrong_kind(Kind::Validator));
+        }
+        let r = self.call(
+            |w, s| match w {
+                World::Validator(w) => w.call_validate(s, output),
+                _ => unreachable!("kind checked"),
+            },
+            |r| match r {
+                Ok(()) => 0,
+                Err(vs) => vs.iter().map(|v| v.path.len() + v.message.len()).sum(),
+            },
+        )?;
+        Ok(r.map_err(|vs| vs.into_iter().map(Into::into).collect()))
+    }
+
+    pub fn format(&mut self, record: &str) -> Result<Result<Example, FieldError>, CallError> {
+        if self.plugin.kind() != Kind::Formatter {
+            return Err(self.wrong_kind(Kind::Formatter));
+        }
+        let r = self.call(
+            |w, s| match w {
+                World::Formatter(w) => w.call_format(s, record),
+                _ => unreachable!("kind checked"),
+            },
+            |r| match r {
+                Ok(v0_1::wit::Example::Chat(m)) => m.iter().map(|m| m.role.len() + m.content.len()).sum(),
+                Ok(v0_1::wit::Example::Completion(pc)) => pc.prompt.len() + pc.completion.len(),
+                Err(e) => e.field.len() + e.message.len(),
+            },
+        )?;
+        Ok(r.map(Into::into).map_err(Into::into))
+    }
+
+    pub fn build_prompt(&mut self, input: &str, output: &str, reference: Option<&str>) -> Result<Vec<Message>, CallError> {
+        if self.plugin.kind() != Kind::Judge {
+            return Err(self.wrong_kind(Kind::Judge));
+        }
+        let r = self.call(
+            |w, s| match w {
+                World::Judge(w) => w.call_build_prompt(s, input, output, reference),
+                _ => unreachable!("kind checked"),
+            },
+            |m| m.iter().map(|m| m.role.len() + m.content.len()).sum(),
+        )?;
+        Ok(r.into_iter().map(Into::into).collect())
+    }
+
+    pub fn parse_verdict(&mut self, answer: &str) -> Result<Result<Judgment, String>, CallError> {
+        if self.plugin.kind() != Kind::Judge {
+            return Err(self.wrong_kind(Kind::Judge));
+        }
+        let r = self.call(
+            |w, s| match w {
+                World::Judge(w) => w.call_parse_verdict(s, answer),
+                _ => unreachable!("kind checked"),
+            },
+            |r| match r {
+                Ok(j) => j.reason.len() + 8,
+                Err(e) => e.len(),
+            },
+        )?;
+        Ok(r.map(Into::into))
+    }
+}

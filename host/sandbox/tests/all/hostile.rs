@@ -1,0 +1,131 @@
+//! Plugins that misbehave on purpose: each gets its own error, the host keeps serving, and
+//! a good plugin still works after each.
+
+use std::time::Duration;
+
+use lathe_sandbox::{CallError, Limits, LoadError, Runtime, RuntimeConfig};
+
+use crate::*;
+
+fn strict_runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
+        limits: Limits {
+            timeout: Duration::from_millis(300),
+            memory_bytes: 32 << 20,
+            ..Limits::default()
+        },
+        ..RuntimeConfig::default()
+    })
+    .unwrap()
+}
+
+/// After any failure, a good plugin on the same runtime still scores.
+fn good_still_works(rt: &Runtime) {
+    let mut em = builtin(rt, "exact-match").instance("{}").unwrap();
+    assert_eq!(em.score("Paris", "Paris").unwrap().value, 1.0);
+}
+
+fn fails_with(name: &str, check: impl Fn(&CallError) -> bool) -> CallError {
+    let rt = strict_runtime();
+    let plugin = rt.load(&hostile_bytes(name)).unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    let mut inst = plugin.instance("{}").unwrap();
+    let err = inst.score("x", "y").expect_err(name);
+    assert!(check(&err), "{name}: unexpected error {err:?}");
+    // The same instance is usable again (re-instantiated), and fails the same way.
+    let again = inst.score("x", "y").expect_err(name);
+    assert!(check(&again), "{name} again: {again:?}");
+    good_still_works(&rt);
+    err
+}
+
+#[test]
+fn an_infinite_loop_times_out() {
+    let e = fails_with("infinite-loop", |e| matches!(e, CallError::Timeout { .. }));
+    assert!(e.to_string().contains("time limit"), "{e}");
+}
+
+#[test]
+fn a_memory_bomb_hits_the_cap() {
+    let e = fails_with("memory-bomb", |e| matches!(e, CallError::MemoryExhausted { limit_bytes, .. } if *limit_bytes == 32 << 20));
+    assert!(e.to_string().contains("memory"), "{e}");
+}
+
+#[test]
+fn unbounded_recursion_overflows_the_stack() {
+    fails_with("recursion", |e| matches!(e, CallError::StackOverflow { .. }));
+}
+
+#[test]
+fn a_huge_output_is_refused() {
+    fails_with("huge-output", |e| matches!(e, CallError::OutputTooLarge { bytes, .. } if *bytes > 16 << 20));
+}
+
+#[test]
+fn a_panic_fails_the_call_with_its_message() {
+    let e = fails_with("panic", |e| matches!(e, CallError::Panic { .. }));
+    assert!(e.to_string().contains("boom: prediction was \"x\""), "{e}");
+}
+
+#[test]
+fn a_trap_resets_the_instance_state() {
+    let rt = strict_runtime();
+    let mut inst = rt.load(&hostile_bytes("flaky")).unwrap().instance("{}").unwrap();
+    assert_eq!(inst.score("a", "b").unwrap().value, 0.0);
+    assert_eq!(inst.score("a", "b").unwrap().value, 1.0);
+    assert!(matches!(inst.score("trap", "b"), Err(CallError::Trap { .. })));
+    assert_eq!(inst.score("a", "b").unwrap().value, 0.0, "a fresh instance after the trap");
+}
+
+#[test]
+fn files_and_environment_are_out_of_reach() {
+    let rt = strict_runtime();
+    let mut inst = rt.load(&hostile_bytes("fs-open")).unwrap().instance("{}").unwrap();
+    let s = inst.score("x", "/etc/passwd").unwrap();
+    let details: Vec<&str> = s.details.iter().map(|d| d.0.as_str()).collect();
+    assert!(details[0].starts_with("denied"), "{details:?}");
+    assert!(details[1].starts_with("denied"), "{details:?}");
+    assert_eq!(details[2], "env: 0");
+    good_still_works(&rt);
+}
+
+#[test]
+fn sockets_are_denied() {
+    let rt = strict_runtime();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut inst = rt.load(&hostile_bytes("socket")).unwrap().instance("{}").unwrap();
+    let s = inst.score("x", &addr).unwrap();
+    assert!(s.details[0].0.starts_with("denied"), "{:?}", s.details);
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "nothing connected");
+    good_still_works(&rt);
+}
+
+#[test]
+fn bad_uploads_are_refused_with_the_reason() {
+    let rt = runtime();
+    let e = rt.load(&hostile_bytes("wrong-world")).unwrap_err();
+    assert!(matches!(e, LoadError::UnknownWorld { .. }), "{e:?}");
+    assert!(e.to_string().contains("add") && e.to_string().contains("0.1.0"), "{e}");
+
+    let core_module = b"\0asm\x01\0\0\0";
+    assert!(matches!(rt.load(core_module), Err(LoadError::NotAComponent)));
+
+    let mut noise = vec![0u8; 4096];
+    let mut x: u32 = 12345;
+    for b in noise.iter_mut() {
+        x = x.wrapping_mul(1103515245).wrapping_add(12345);
+        *b = (x >> 16) as u8;
+    }
+    assert!(matches!(rt.load(&noise), Err(LoadError::NotWasm)));
+
+    // A component header over garbage: recognised as a component, refused as invalid.
+    let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
+    broken.extend_from_slice(&noise[..64]);
+    assert!(matches!(rt.load(&broken), Err(LoadError::Invalid(_))), "{:?}", rt.load(&broken).err());
+
+    let small = Runtime::new(RuntimeConfig { max_upload_bytes: 1000, ..RuntimeConfig::default() }).unwrap();
+    let e = small.load(lathe_sandbox::builtin("exact-match").unwrap()).unwrap_err();
+    assert!(matches!(e, LoadError::TooLarge { limit: 1000, .. }), "{e:?}");
+    good_still_works(&rt);
+}

@@ -1,0 +1,25 @@
+//! rouge-l: ROUGE-L F-measure over lowercased whitespace tokens.
+
+use lathe_metrics::text::rouge_l;
+use lathe_plugin_sdk::{PluginInfo, Score, Scorer, Value};
+
+struct RougeL;
+
+impl Scorer for RougeL {
+    fn info() -> PluginInfo {
+        PluginInfo::new("rouge-l", env!("CARGO_PKG_VERSION"), "ROUGE-L F-measure (longest common subsequence of tokens)")
+    }
+
+    fn new(config: &Value) -> Result<Self, String> {
+        match config.as_object() {
+            Some(o) if !o.is_empty() => Err(format!("rouge-l takes no options, got `{}`", o.keys().next().unwrap())),
+            _ => Ok(RougeL),
+        }
+    }
+
+    fn score(&self, prediction: &str, reference: &str) -> Score {
+        Score::of(rouge_l(prediction, reference))
+    }
+}
+
+lathe_plugin_sdk::export_scorer!(RougeL);
