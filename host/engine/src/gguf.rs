@@ -19,6 +19,7 @@ const FORMAT: &str = "GGUF";
 
 /// The tensor element types Lathe reads and writes (ggml's numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)] // ggml's own names
 pub enum GgmlType {
     F32,
     F16,

@@ -308,7 +308,16 @@ impl CausalLm {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let out = attention(q, k, v, Some(mask.clone()), None, AttentionModuleOptions::default());
+        // burn's CPU attention groups query heads over key/value heads itself; the GPU
+        // kernels want one key/value head per query head.
+        let (k, v, mask) = if self.device == Device::flex() {
+            (k, v, mask.clone())
+        } else {
+            let rep = c.num_heads / c.num_kv_heads;
+            let [_, _, s_q, total] = mask.dims();
+            (repeat_kv(k, rep), repeat_kv(v, rep), mask.clone().expand([b, c.num_heads, s_q, total]))
+        };
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         attn.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, c.num_heads * c.head_dim]))
     }
@@ -353,6 +362,16 @@ impl CausalLm {
         let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [b, 1, s, hd]), &self.device);
         (t(cos), t(sin))
     }
+}
+
+/// `[b, kv_heads, t, d]` → `[b, kv_heads · rep, t, d]`, each key/value head repeated for
+/// the `rep` query heads that share it.
+fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, kvh, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, d]).reshape([b, kvh * rep, t, d])
 }
 
 fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
