@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Lathe needs on a fresh Debian machine with Rust (rustup) and Python:
-# the wasm32-wasip2 target for plugins, and the SmolLM2 model fixture. Idempotent.
+# the wasm32-wasip2 target for plugins, cargo-nextest, Mesa's CPU Vulkan driver (the GPU
+# code path's tests run on it), and the SmolLM2 model fixture. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,5 +10,15 @@ if command -v rustup >/dev/null; then
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
+fi
+packages=(mesa-vulkan-drivers libvulkan1)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 scripts/fetch-model.sh

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The README's second command: set up and run the whole test suite (release profile, the
-# same build the demo uses, so one compile serves both). The host's build script also
+# same build the demo uses, so one compile serves both). The sandbox's build script also
 # builds every plugin in plugins/ and host/sandbox/tests/hostile/ for wasm32-wasip2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # The plugins' shared logic is plain Rust with unit tests of its own.
 cargo test --release --manifest-path plugins/Cargo.toml -p lathe-metrics
+# The GPU code path (burn's wgpu kernels): the engine's tiny-model tests on Mesa's CPU
+# Vulkan driver, lavapipe. Needs its own build of the engine with the `wgpu` feature.
+XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}" LATHE_TEST_DEVICE=vulkan \
+    cargo nextest run --release -p lathe-engine --features wgpu --no-fail-fast -E 'test(/^tiny::/)'
+# Everything, on the CPU.
 cargo nextest run --release --workspace --no-fail-fast "$@"

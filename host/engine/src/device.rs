@@ -6,7 +6,8 @@ use burn::tensor::Device;
 use crate::error::{EngineError, Result};
 
 /// Parses a `--device` value: `cpu` (burn's pure-Rust `flex` backend, the default),
-/// `cuda[:N]` (builds with the `cuda` feature) or `wgpu` (builds with the `wgpu` feature).
+/// `cuda[:N]` (builds with the `cuda` feature), or `wgpu` / `vulkan` (builds with the `wgpu`
+/// feature; `vulkan` pins that API, `wgpu` lets wgpu pick Vulkan, Metal, DX12 or GL).
 pub fn parse_device(name: &str) -> Result<Device> {
     let unavailable = |feature: &str| {
         EngineError::Device(
@@ -36,21 +37,36 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 Err(unavailable("cuda"))
             }
         }
-        "wgpu" => {
+        "wgpu" | "vulkan" => {
             #[cfg(feature = "wgpu")]
             {
-                Device::wgpu_options()
-                    .init()
+                use burn::tensor::wgpu::WgpuBackend;
+                // burn's wgpu runtime initializes once per process; later calls reuse it.
+                static WGPU: std::sync::OnceLock<(String, Result<Device, String>)> = std::sync::OnceLock::new();
+                let (first, device) = WGPU.get_or_init(|| {
+                    let options = Device::wgpu_options();
+                    let options = if kind == "vulkan" { options.graphics_api(WgpuBackend::Vulkan) } else { options };
+                    (kind.to_string(), options.init().map_err(|e| e.to_string()))
+                });
+                if first != kind {
+                    return Err(EngineError::Device(
+                        name.into(),
+                        format!("this process already runs on `{first}`; one GPU API per process"),
+                    ));
+                }
+                device
+                    .clone()
                     .map_err(|e| EngineError::Device(name.into(), format!("no usable GPU adapter: {e}")))
             }
             #[cfg(not(feature = "wgpu"))]
             {
+                let _ = kind;
                 Err(unavailable("wgpu"))
             }
         }
         other => Err(EngineError::Device(
             name.into(),
-            format!("unknown device kind `{other}`; use cpu, cuda[:N] or wgpu"),
+            format!("unknown device kind `{other}`; use cpu, cuda[:N], wgpu or vulkan"),
         )),
     }
 }
