@@ -1,6 +1,7 @@
 //! End-to-end tests: run the real `lathe` binary and check what a user sees.
 
 mod generate;
+mod plugin;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

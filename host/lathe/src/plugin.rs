@@ -72,7 +72,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
         }
         PluginCommand::Test(a) => test(a),
         PluginCommand::List => {
-            let rt = Runtime::new(RuntimeConfig::default())?;
+            let rt = runtime()?;
             for (name, bytes) in lathe_sandbox::BUILTIN_PLUGINS {
                 let p = rt.load(bytes).with_context(|| format!("built-in {name}"))?;
                 println!("{:<18} {:<10} {}", name, p.kind(), p.info().description);
@@ -82,8 +82,18 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
     }
 }
 
+/// The CLI's runtime: compiled plugins are cached under `$XDG_CACHE_HOME/lathe/plugins`
+/// (or `~/.cache/lathe/plugins`), so only the first run of a plugin compiles it.
+fn runtime() -> Result<Runtime> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("lathe/plugins"));
+    Ok(Runtime::new(RuntimeConfig { cache_dir: cache, ..RuntimeConfig::default() })?)
+}
+
 fn load(spec: &str) -> Result<Plugin> {
-    let rt = Runtime::new(RuntimeConfig::default())?;
+    let rt = runtime()?;
     let bytes = match spec.strip_prefix("builtin:") {
         Some(name) => lathe_sandbox::builtin(name)
             .with_context(|| format!("no built-in plugin `{name}` (see `lathe plugin list`)"))?
