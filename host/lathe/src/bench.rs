@@ -172,7 +172,7 @@ fn plugins(a: PluginBench) -> Result<()> {
         let native: &dyn Fn(&str, &str) -> f64 = match *name {
             "exact-match" => &|p, r| exact_match(p, r, &norm),
             "token-f1" => &|p, r| token_f1(p, r),
-            _ => &|p, r| lathe_metrics::json_fields::field_match(p, r, None, false).map(|s| s.value).unwrap_or(0.0),
+            _ => &|p, r| lathe_metrics::json_fields::field_match_value(p, r, false).unwrap_or(0.0),
         };
         let nat = best_of(&mut || {
             let t = Instant::now();

@@ -2,7 +2,7 @@
 //! the prediction has an equal value at the same path; the score is their mean, with one
 //! detail per field.
 
-use lathe_metrics::json_fields::field_match;
+use lathe_metrics::json_fields::{field_match, field_match_value};
 use lathe_plugin_sdk::{PluginInfo, Score, Scorer, Value, json};
 
 struct JsonFieldMatch {
@@ -51,6 +51,13 @@ impl Scorer for JsonFieldMatch {
             Ok(s) => Score { value: s.value, details: s.details },
             // A reference that is not JSON is a dataset error: it scores 0 and says why.
             Err(e) => Score { value: 0.0, details: vec![(format!("error: {e}"), 0.0)] },
+        }
+    }
+
+    fn score_value(&self, prediction: &str, reference: &str) -> f64 {
+        match &self.fields {
+            Some(_) => self.score(prediction, reference).value,
+            None => field_match_value(prediction, reference, self.ignore_case).unwrap_or(0.0),
         }
     }
 }

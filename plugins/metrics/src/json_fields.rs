@@ -61,6 +61,32 @@ pub fn field_match(prediction: &str, reference: &str, fields: Option<&[String]>,
     Ok(Score { value, details })
 }
 
+/// The value of [`field_match`] without its details: walks both objects together instead
+/// of building a JSON pointer per field (the batch path).
+pub fn field_match_value(prediction: &str, reference: &str, ignore_case: bool) -> Result<f64, String> {
+    fn walk(r: &Value, p: Option<&Value>, ignore_case: bool, hits: &mut usize, total: &mut usize) {
+        match r {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, child) in map {
+                    walk(child, p.and_then(|p| p.get(k)), ignore_case, hits, total);
+                }
+            }
+            _ => {
+                *total += 1;
+                if p.is_some_and(|p| same(p, r, ignore_case)) {
+                    *hits += 1;
+                }
+            }
+        }
+    }
+    let reference: Value =
+        serde_json::from_str(reference).map_err(|e| format!("the reference is not valid JSON: {e}"))?;
+    let prediction: Option<Value> = serde_json::from_str(prediction).ok();
+    let (mut hits, mut total) = (0, 0);
+    walk(&reference, prediction.as_ref(), ignore_case, &mut hits, &mut total);
+    Ok(if total == 0 { f64::from(u8::from(prediction.is_some())) } else { hits as f64 / total as f64 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +101,17 @@ mod tests {
         assert_eq!(city.1, 0.0);
         let only = vec!["total".to_string(), "/vendor".to_string()];
         assert_eq!(field_match(p, r, Some(&only), false).unwrap().value, 1.0);
+    }
+
+    #[test]
+    fn the_value_path_agrees_with_the_detailed_one() {
+        let r = r#"{"vendor": "ACME", "total": 12.5, "address": {"city": "Köln", "zip": "50667"}, "tags": [1]}"#;
+        for p in [r, r#"{"vendor": "acme", "total": 12.50, "address": {"city": "Köln"}}"#, "nope", "{}", "[]"] {
+            for ic in [false, true] {
+                assert_eq!(field_match_value(p, r, ic).unwrap(), field_match(p, r, None, ic).unwrap().value, "{p}");
+            }
+        }
+        assert!(field_match_value("{}", "x", false).is_err());
     }
 
     #[test]

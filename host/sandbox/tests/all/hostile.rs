@@ -129,3 +129,21 @@ fn bad_uploads_are_refused_with_the_reason() {
     assert!(matches!(e, LoadError::TooLarge { limit: 1000, .. }), "{e:?}");
     good_still_works(&rt);
 }
+
+#[test]
+fn fuel_meters_deterministically() {
+    let rt = Runtime::new(RuntimeConfig {
+        fuel: true,
+        limits: Limits { fuel: Some(5_000_000), timeout: Duration::from_secs(30), ..Limits::default() },
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let mut inst = rt.load(&hostile_bytes("infinite-loop")).unwrap().instance("{}").unwrap();
+    let e = inst.score("x", "y").unwrap_err();
+    assert!(matches!(e, CallError::OutOfFuel { fuel: 5_000_000, .. }), "{e:?}");
+    // Fuel is re-armed per call: ordinary work still fits.
+    let mut em = rt.load(lathe_sandbox::builtin("exact-match").unwrap()).unwrap().instance("{}").unwrap();
+    for _ in 0..100 {
+        assert_eq!(em.score("a", "a").unwrap().value, 1.0);
+    }
+}
