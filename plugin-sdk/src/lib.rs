@@ -87,6 +87,18 @@ impl PluginInfo {
     }
 }
 
+/// For plugins without options: accepts `{}` (or nothing), names the first unexpected key.
+pub fn no_options(config: &Value) -> Result<(), String> {
+    match config.as_object() {
+        Some(o) => match o.keys().next() {
+            Some(k) => Err(format!("this plugin takes no options, got `{k}`")),
+            None => Ok(()),
+        },
+        None if config.is_null() => Ok(()),
+        None => Err("configuration must be an object".into()),
+    }
+}
+
 /// A score in [0, 1] with optional per-field detail.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Score {

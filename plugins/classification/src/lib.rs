@@ -12,10 +12,8 @@ impl Scorer for Classification {
     }
 
     fn new(config: &Value) -> Result<Self, String> {
-        match config.as_object() {
-            Some(o) if !o.is_empty() => Err(format!("classification takes no options, got `{}`", o.keys().next().unwrap())),
-            _ => Ok(Classification),
-        }
+        lathe_plugin_sdk::no_options(config)?;
+        Ok(Classification)
     }
 
     fn score(&self, prediction: &str, reference: &str) -> Score {

@@ -11,10 +11,8 @@ impl Scorer for RougeL {
     }
 
     fn new(config: &Value) -> Result<Self, String> {
-        match config.as_object() {
-            Some(o) if !o.is_empty() => Err(format!("rouge-l takes no options, got `{}`", o.keys().next().unwrap())),
-            _ => Ok(RougeL),
-        }
+        lathe_plugin_sdk::no_options(config)?;
+        Ok(RougeL)
     }
 
     fn score(&self, prediction: &str, reference: &str) -> Score {

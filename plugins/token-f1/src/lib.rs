@@ -11,10 +11,8 @@ impl Scorer for TokenF1 {
     }
 
     fn new(config: &Value) -> Result<Self, String> {
-        match config.as_object() {
-            Some(o) if !o.is_empty() => Err(format!("token-f1 takes no options, got `{}`", o.keys().next().unwrap())),
-            _ => Ok(TokenF1),
-        }
+        lathe_plugin_sdk::no_options(config)?;
+        Ok(TokenF1)
     }
 
     fn score(&self, prediction: &str, reference: &str) -> Score {
