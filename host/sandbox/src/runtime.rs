@@ -354,6 +354,23 @@ impl Plugin {
         Ok(inst)
     }
 
+    /// Runs `f` on a fresh configured instance on tokio's blocking thread pool, so an async
+    /// caller (the server, the job runner) awaits the result without ever blocking its
+    /// executor, even while a plugin runs to its deadline. Must be called inside a tokio
+    /// runtime.
+    pub async fn call_blocking<R, F>(&self, config: &str, f: F) -> Result<R, CallError>
+    where
+        F: FnOnce(&mut Instance) -> Result<R, CallError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let plugin = self.clone();
+        let config = config.to_string();
+        let name = self.inner.info.name.clone();
+        tokio::task::spawn_blocking(move || f(&mut plugin.instance(&config)?))
+            .await
+            .unwrap_or_else(|e| Err(CallError::Trap { plugin: name, message: format!("the plugin's thread failed: {e}") }))
+    }
+
     /// Scores many pairs on `threads` instances in parallel, in order.
     pub fn score_batch_parallel<S: AsRef<str> + Sync>(
         &self,

@@ -152,3 +152,27 @@ fn fuel_meters_deterministically() {
         assert_eq!(em.score("a", "a").unwrap().value, 1.0);
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_running_plugin_never_blocks_the_async_executor() {
+    // One executor thread: if the plugin ran on it, the ticker could not tick until the
+    // plugin's 1 s deadline. Through the blocking pool the ticker finishes first.
+    let rt = strict_runtime(Duration::from_secs(1));
+    let plugin = rt.load(&hostile_bytes("infinite-loop")).unwrap();
+    let call = async {
+        let r = plugin.call_blocking("{}", |inst| inst.score("x", "y")).await;
+        (r, std::time::Instant::now())
+    };
+    let ticker = async {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::time::Instant::now()
+    };
+    let ((result, plugin_done), ticker_done) = tokio::join!(call, ticker);
+    assert!(matches!(result, Err(CallError::Timeout { .. })), "{result:?}");
+    assert!(ticker_done < plugin_done, "the executor was blocked while the plugin ran");
+    let good = builtin(&rt, "exact-match");
+    let s = good.call_blocking("{}", |inst| inst.score("a", "a")).await.unwrap();
+    assert_eq!(s.value, 1.0);
+}
