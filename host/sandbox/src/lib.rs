@@ -10,6 +10,9 @@
 //!   and a cap on what it may return; a trap fails that call with a [`CallError`] that
 //!   says which limit or fault, and the next call gets a fresh instance.
 //! - Plugins get no filesystem, network, environment or sockets: WASI with nothing granted.
+//! - Calls are synchronous and CPU-bound. Async code calls through
+//!   [`Plugin::call_blocking`] (tokio's blocking pool), so a plugin running to its deadline
+//!   never stalls an executor; [`Plugin::score_batch_parallel`] spreads a batch over cores.
 //!
 //! The rest of Lathe sees plain Rust types ([`Score`], [`Violation`], ...), never wasmtime's.
 
