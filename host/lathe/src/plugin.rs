@@ -178,20 +178,27 @@ fn test(a: TestArgs) -> Result<()> {
 
 fn build(path: &Path) -> Result<()> {
     let manifest = path.join("Cargo.toml");
-    let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
-    let name = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')))
-        .with_context(|| format!("{} has no package name", manifest.display()))?;
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+    if !manifest.exists() {
+        bail!("{} is not a crate (no Cargo.toml)", path.display());
+    }
+    // Ask cargo where the component lands (CARGO_TARGET_DIR or a workspace may move it).
+    let out = Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format", "json-render-diagnostics", "--manifest-path"])
         .arg(&manifest)
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .context("running cargo")?;
-    if !status.success() {
+    if !out.status.success() {
         bail!("cargo build failed for {}", path.display());
     }
-    let wasm = path.join("target/wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
+    let wasm = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .rfind(|f| f.extension().is_some_and(|e| e == "wasm"))
+        .with_context(|| format!("cargo built no .wasm for {} (is it a cdylib?)", path.display()))?;
     let p = load(wasm.to_str().context("non-UTF-8 path")?)?;
     println!("{}", wasm.display());
     println!("{}", serde_json::to_string_pretty(&describe(p.info()))?);
