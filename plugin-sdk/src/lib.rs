@@ -210,17 +210,18 @@ pub mod __private {
         serde_json::from_str(config).map_err(|e| format!("configuration is not valid JSON: {e}"))
     }
 
-    /// The strings of a text batch (`offsets` has one more entry than strings). Invalid
-    /// UTF-8 or offsets read as empty strings rather than trapping.
-    pub fn batch_strs<'a>(data: &'a [u8], offsets: &[u32]) -> Vec<&'a str> {
-        offsets
-            .windows(2)
-            .map(|w| {
-                data.get(w[0] as usize..w[1] as usize)
-                    .and_then(|b| std::str::from_utf8(b).ok())
-                    .unwrap_or("")
-            })
-            .collect()
+    /// The strings of a text batch (`offsets` has one more entry than strings), lazily.
+    /// Invalid UTF-8 or offsets read as empty strings rather than trapping.
+    pub fn batch_iter<'a>(data: &'a [u8], offsets: &'a [u32]) -> impl Iterator<Item = &'a str> + 'a {
+        offsets.windows(2).map(move |w| {
+            data.get(w[0] as usize..w[1] as usize)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or("")
+        })
+    }
+
+    pub fn batch_strs<'a>(data: &'a [u8], offsets: &'a [u32]) -> Vec<&'a str> {
+        batch_iter(data, offsets).collect()
     }
 }
 
@@ -272,9 +273,9 @@ macro_rules! export_scorer {
                         .map(|(field, score)| w::FieldScore { field, score }).collect() }
                 }
                 fn score_batch(predictions: w::TextBatch, references: w::TextBatch) -> Vec<f64> {
-                    let p = $crate::__private::batch_strs(&predictions.data, &predictions.offsets);
-                    let r = $crate::__private::batch_strs(&references.data, &references.offsets);
-                    __lathe_with(|s| p.iter().zip(&r).map(|(p, r)| $crate::Scorer::score_value(s, p, r)).collect())
+                    let p = $crate::__private::batch_iter(&predictions.data, &predictions.offsets);
+                    let r = $crate::__private::batch_iter(&references.data, &references.offsets);
+                    __lathe_with(|s| p.zip(r).map(|(p, r)| $crate::Scorer::score_value(s, p, r)).collect())
                 }
                 fn aggregate(predictions: w::TextBatch, references: w::TextBatch) -> Vec<w::FieldScore> {
                     let p = $crate::__private::batch_strs(&predictions.data, &predictions.offsets);
