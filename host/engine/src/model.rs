@@ -167,6 +167,9 @@ pub enum Logits {
 pub struct CausalLm {
     pub config: ModelConfig,
     device: Device,
+    /// Whether the device's attention groups query heads over key/value heads itself
+    /// (burn's CPU backend does; the GPU kernels want one key/value head per query head).
+    native_gqa: bool,
     inv_freq: Vec<f64>,
     pub embed_tokens: Tensor<2>,
     pub layers: Vec<DecoderLayer>,
@@ -238,6 +241,7 @@ impl CausalLm {
             norm: norm("model.norm.weight")?,
             config,
             device: device.clone(),
+            native_gqa: on_cpu,
             embed_tokens,
             layers,
             lm_head,
@@ -308,9 +312,7 @@ impl CausalLm {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        // burn's CPU attention groups query heads over key/value heads itself; the GPU
-        // kernels want one key/value head per query head.
-        let (k, v, mask) = if self.device == Device::flex() {
+        let (k, v, mask) = if self.native_gqa {
             (k, v, mask.clone())
         } else {
             let rep = c.num_heads / c.num_kv_heads;

@@ -290,9 +290,11 @@ impl Runtime {
             .map_err(|e| cache_err(e.to_string()))?;
         Ok(component)
     }
+}
 
+impl Inner {
     fn new_store(&self) -> Store<State> {
-        let inner = &self.inner;
+        let inner = self;
         let stderr = MemoryOutputPipe::new(64 << 10);
         // Nothing granted: no preopened folders, no sockets, no environment, no arguments.
         let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
@@ -416,10 +418,7 @@ impl Instance {
         if self.live.is_some() {
             return Ok(());
         }
-        let runtime = Runtime {
-            inner: self.plugin.inner.runtime.clone(),
-        };
-        let mut store = runtime.new_store();
+        let mut store = self.plugin.inner.runtime.new_store();
         self.arm(&mut store);
         let world = match self.plugin.inner.pre.instantiate(&mut store) {
             Ok(w) => w,
