@@ -32,29 +32,36 @@ pub fn write_hf_folder(dir: &Path, config: &ModelConfig, weights: &MemoryWeights
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("JSON value serializes");
     crate::fsutil::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
-    let bytes: BTreeMap<&str, (Vec<usize>, Vec<u8>)> = weights
-        .tensors
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let st = safetensors_f32(&weights.tensors, Some(meta)).map_err(|detail| EngineError::Malformed {
+        path: dir.join("model.safetensors"),
+        format: "safetensors",
+        detail,
+    })?;
+    crate::fsutil::write_atomic(&dir.join("model.safetensors"), &st)?;
+    tokenizer.write_hf_files(dir)
+}
+
+/// Serializes f32 tensors as a safetensors file.
+pub fn safetensors_f32(
+    tensors: &BTreeMap<String, HostTensor>,
+    meta: Option<std::collections::HashMap<String, String>>,
+) -> std::result::Result<Vec<u8>, String> {
+    let bytes: BTreeMap<&str, (Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(k, (shape, data))| {
             (k.as_str(), (shape.clone(), data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         })
         .collect();
-    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = bytes
+    let views = bytes
         .iter()
         .map(|(k, (shape, data))| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .expect("shape matches data");
-            (*k, view)
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (*k, v))
+                .map_err(|e| e.to_string())
         })
-        .collect();
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let st = safetensors::serialize(views, Some(meta)).map_err(|e| EngineError::Malformed {
-        path: dir.join("model.safetensors"),
-        format: "safetensors",
-        detail: e.to_string(),
-    })?;
-    crate::fsutil::write_atomic(&dir.join("model.safetensors"), &st)?;
-    tokenizer.write_hf_files(dir)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, meta).map_err(|e| e.to_string())
 }
 
 /// Writes a GGUF file: architecture metadata, `tokenizer_meta` (the `tokenizer.*` keys),

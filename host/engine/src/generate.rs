@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
+use crate::lora::Adapter;
 use crate::model::{CausalLm, KvCache, Logits, Step};
 use crate::tokenizer::Tokenizer;
 
@@ -199,6 +200,18 @@ pub fn generate(
     params: &SamplingParams,
     on_text: OnText<'_>,
 ) -> Result<Vec<Generation>> {
+    generate_with(model, None, tokenizer, prompts, params, on_text)
+}
+
+/// [`generate`] through a LoRA adapter.
+pub fn generate_with(
+    model: &CausalLm,
+    adapter: Option<&Adapter>,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    on_text: OnText<'_>,
+) -> Result<Vec<Generation>> {
     params.validate()?;
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -246,7 +259,7 @@ pub fn generate(
             .extend(std::iter::repeat_n(false, padding).chain(std::iter::repeat_n(true, p.len())));
     }
     let mut cache = KvCache::new(model.config.num_layers);
-    let mut logits = model.forward(&step, &mut cache, Logits::Last);
+    let mut logits = model.forward_with(&step, &mut cache, Logits::Last, adapter);
 
     for _ in 0..params.max_tokens {
         let host = logits_to_host(logits)?;
@@ -299,7 +312,7 @@ pub fn generate(
             valid: rows.iter().map(|r| r.finish.is_none()).collect(),
             tokens: next,
         };
-        logits = model.forward(&step, &mut cache, Logits::Last);
+        logits = model.forward_with(&step, &mut cache, Logits::Last, adapter);
     }
     Ok(rows
         .into_iter()

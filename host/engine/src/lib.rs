@@ -11,10 +11,12 @@ pub mod error;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -23,8 +25,10 @@ pub use burn::tensor::Device;
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, SamplingParams, generate};
+pub use lora::{Adapter, LoraConfig, Target};
 pub use model::{CausalLm, KvCache, Logits, Step};
 pub use tokenizer::{Message, Tokenizer};
+pub use train::{TrainConfig, Trainer};
 
 /// The format a model was loaded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,6 +15,8 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
+use crate::export::MemoryWeights;
+use crate::lora::{Adapter, LayerAdapter, Target};
 use crate::quant::{self, QMatrix};
 use crate::error::{EngineError, Result};
 use crate::weights::{HostTensor, WeightSource};
@@ -39,11 +41,29 @@ impl Linear {
         }
     }
 
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    /// The weight as Hugging Face stores it, `[out, in]`, row-major on the host.
+    pub fn to_hf_host(&self) -> Vec<f32> {
+        self.weight
+            .clone()
+            .transpose()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 weights")
+    }
+
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let out = self.weight.dims()[1];
+        // The packed kernel runs on the host, outside any autodiff graph.
         if let Some(q) = &self.packed
             && b * s <= quant::MAX_ROWS
+            && !x.is_autodiff()
         {
             let device = x.device();
             let host = x
@@ -87,9 +107,58 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<3>, lora: &Lora<'_>) -> Tensor<3> {
+        let xd = lora.input(&x);
+        let gate = silu(lora.apply(&self.gate_proj, Target::Gate, x.clone(), &xd));
+        let h = gate * lora.apply(&self.up_proj, Target::Up, x, &xd);
+        let hd = lora.input(&h);
+        lora.apply(&self.down_proj, Target::Down, h, &hd)
+    }
+}
+
+/// One layer's adapter as the forward pass sees it: `y = x·W + s·dropout(x)·A·B` for each
+/// adapted projection, `x·W` for the others.
+struct Lora<'a> {
+    layer: Option<&'a LayerAdapter>,
+    scale: f64,
+    /// Dropout probability; zero outside training.
+    dropout: f64,
+}
+
+impl Lora<'_> {
+    const NONE: Lora<'static> = Lora {
+        layer: None,
+        scale: 0.0,
+        dropout: 0.0,
+    };
+
+    /// The adapters' input: `x` with dropout applied, shared by every projection that
+    /// reads the same `x` (one mask per input rather than one per projection).
+    fn input(&self, x: &Tensor<3>) -> Option<Tensor<3>> {
+        self.layer?;
+        if self.dropout <= 0.0 {
+            return Some(x.clone());
+        }
+        let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
+        Some(x.clone() * keep.div_scalar(1.0 - self.dropout))
+    }
+
+    fn apply(&self, base: &Linear, target: Target, x: Tensor<3>, xd: &Option<Tensor<3>>) -> Tensor<3> {
+        let y = base.forward(x);
+        match (self.layer.and_then(|l| l.get(target)), xd) {
+            (Some(pair), Some(xd)) => {
+                let [b, s, d] = xd.dims();
+                let out = y.dims()[2];
+                let delta = xd
+                    .clone()
+                    .reshape([b * s, d])
+                    .matmul(pair.a.clone())
+                    .matmul(pair.b.clone())
+                    .mul_scalar(self.scale);
+                y + delta.reshape([b, s, out])
+            }
+            _ => y,
+        }
     }
 }
 
@@ -252,9 +321,76 @@ impl CausalLm {
         &self.device
     }
 
+    /// Every weight copied to the host under its Hugging Face name (`[out, in]`
+    /// projections), for export and merging.
+    pub fn to_memory_weights(&self) -> MemoryWeights {
+        let mut tensors = std::collections::BTreeMap::new();
+        let host = |t: &Tensor<1>| t.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 weights");
+        let mut put = |name: String, lin: &Linear| {
+            let [i, o] = lin.dims();
+            tensors.insert(name, (vec![o, i], lin.to_hf_host()));
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                put(format!("{p}.{name}.weight"), lin);
+            }
+        }
+        if !self.config.tie_word_embeddings {
+            put("lm_head.weight".into(), &self.lm_head);
+        }
+        let c = &self.config;
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, norm) in [("input_layernorm", &l.input_layernorm), ("post_attention_layernorm", &l.post_attention_layernorm)] {
+                tensors.insert(format!("model.layers.{i}.{name}.weight"), (vec![c.hidden_size], host(&norm.weight)));
+            }
+        }
+        tensors.insert("model.norm.weight".into(), (vec![c.hidden_size], host(&self.norm.weight)));
+        let embed = self.embed_tokens.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 weights");
+        tensors.insert("model.embed_tokens.weight".into(), (vec![c.vocab_size, c.hidden_size], embed));
+        MemoryWeights {
+            tensors,
+            origin: "model".into(),
+        }
+    }
+
     /// Runs one step, appending its keys and values to `cache`, and returns logits
     /// `[batch, seq or 1, vocab]`.
     pub fn forward(&self, step: &Step, cache: &mut KvCache, which: Logits) -> Tensor<3> {
+        self.forward_with(step, cache, which, None)
+    }
+
+    /// [`forward`](Self::forward) through a LoRA adapter (inference: no dropout).
+    pub fn forward_with(&self, step: &Step, cache: &mut KvCache, which: Logits, adapter: Option<&Adapter>) -> Tensor<3> {
+        let x = self.hidden(step, cache, adapter, false);
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => {
+                let s = x.dims()[1];
+                x.narrow(1, s - 1, 1)
+            }
+        };
+        self.head(x)
+    }
+
+    /// The output head: final norm, then the projection to the vocabulary.
+    pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.lm_head.forward(self.norm.forward(hidden))
+    }
+
+    /// Runs one step and returns the last layer's hidden states `[batch, seq, hidden]`
+    /// (before the final norm). With `train`, the adapter applies its dropout.
+    pub fn hidden(&self, step: &Step, cache: &mut KvCache, adapter: Option<&Adapter>, train: bool) -> Tensor<3> {
         let (b, s) = (step.batch, step.seq);
         assert_eq!(step.tokens.len(), b * s, "step tokens must be batch × seq");
         if cache.layers.len() != self.layers.len() {
@@ -276,18 +412,22 @@ impl CausalLm {
         let ids: Vec<i64> = step.tokens.iter().map(|&t| i64::from(t)).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &self.device);
         let mut x = embedding(self.embed_tokens.clone(), ids);
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let lora = match adapter {
+                Some(a) => Lora {
+                    layer: Some(&a.layers[i]),
+                    scale: a.config.scale(),
+                    dropout: if train { a.config.dropout } else { 0.0 },
+                },
+                None => Lora::NONE,
+            };
             let h = layer.input_layernorm.forward(x.clone());
-            let h = self.attention(&layer.self_attn, h, &cos, &sin, &mask, kv);
+            let h = self.attention(&layer.self_attn, h, &cos, &sin, &mask, kv, &lora);
             x = x + h;
-            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()), &lora);
             x = x + h;
         }
-        let x = match which {
-            Logits::All => x,
-            Logits::Last => x.narrow(1, s - 1, 1),
-        };
-        self.lm_head.forward(self.norm.forward(x))
+        x
     }
 
     fn attention(
@@ -298,13 +438,15 @@ impl CausalLm {
         sin: &Tensor<4>,
         mask: &Tensor<4, Bool>,
         kv: &mut Option<(Tensor<4>, Tensor<4>)>,
+        lora: &Lora<'_>,
     ) -> Tensor<3> {
         let c = &self.config;
         let [b, s, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, c.head_dim]).swap_dims(1, 2);
-        let q = heads(attn.q_proj.forward(x.clone()), c.num_heads);
-        let k = heads(attn.k_proj.forward(x.clone()), c.num_kv_heads);
-        let v = heads(attn.v_proj.forward(x), c.num_kv_heads);
+        let xd = lora.input(&x);
+        let q = heads(lora.apply(&attn.q_proj, Target::Q, x.clone(), &xd), c.num_heads);
+        let k = heads(lora.apply(&attn.k_proj, Target::K, x.clone(), &xd), c.num_kv_heads);
+        let v = heads(lora.apply(&attn.v_proj, Target::V, x, &xd), c.num_kv_heads);
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
         let (k, v) = match kv.take() {
@@ -312,7 +454,9 @@ impl CausalLm {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let (k, v, mask) = if self.native_gqa {
+        // The autodiff backend differentiates attention through plain matmuls, which do
+        // not group heads either.
+        let (k, v, mask) = if self.native_gqa && !q.is_autodiff() {
             (k, v, mask.clone())
         } else {
             let rep = c.num_heads / c.num_kv_heads;
@@ -320,8 +464,9 @@ impl CausalLm {
             (repeat_kv(k, rep), repeat_kv(v, rep), mask.clone().expand([b, c.num_heads, s_q, total]))
         };
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
-        attn.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, c.num_heads * c.head_dim]))
+        let out = out.swap_dims(1, 2).reshape([b, s, c.num_heads * c.head_dim]);
+        let od = lora.input(&out);
+        lora.apply(&attn.o_proj, Target::O, out, &od)
     }
 
     /// `[batch, 1, seq, past + seq]`, true where a query must not see a key: a later

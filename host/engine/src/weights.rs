@@ -209,34 +209,39 @@ impl WeightSource for SafetensorsWeights {
         };
         let st = SafeTensors::deserialize(map).map_err(|e| malformed(e.to_string()))?;
         let view = st.tensor(name).map_err(|e| malformed(e.to_string()))?;
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(EngineError::Unsupported {
-                    path: path.clone(),
-                    field: format!("tensor `{name}` dtype"),
-                    detail: format!("{other:?}; Lathe reads F32, F16 and BF16"),
-                });
-            }
-        };
+        let data = view_to_f32(&view, path, name)?;
         Ok(Some((view.shape().to_vec(), data)))
     }
 
     fn origin(&self) -> &Path {
         &self.folder
     }
+}
+
+/// A safetensors tensor's values as f32 (from F32, F16 or BF16).
+pub(crate) fn view_to_f32(view: &safetensors::tensor::TensorView<'_>, path: &Path, name: &str) -> Result<Vec<f32>> {
+    let bytes = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(EngineError::Unsupported {
+                path: path.into(),
+                field: format!("tensor `{name}` dtype"),
+                detail: format!("{other:?}; Lathe reads F32, F16 and BF16"),
+            });
+        }
+    })
 }
 
 #[cfg(test)]

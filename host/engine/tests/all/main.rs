@@ -4,3 +4,4 @@ mod common;
 mod errors;
 mod smollm2;
 mod tiny;
+mod train;

@@ -1,0 +1,721 @@
+//! LoRA fine-tuning: batches of chats → masked next-token loss → AdamW on the adapter only.
+//!
+//! - The loss covers the assistant's tokens only. Each example is tokenized the way
+//!   inference will see it: the prompt rendered by the model's chat template with the
+//!   generation prompt, then the assistant's text as the template continues it (its
+//!   end-of-turn token included, so the model learns to stop).
+//! - The base model stays outside the autodiff graph; only the adapter's `A` and `B`
+//!   require gradients, so frozen weights cannot change.
+//! - Batches are built by length bucketing: each epoch shuffles with the run's seed, sorts
+//!   windows of examples by length and cuts them into batches, so padding stays small.
+//! - AdamW (decoupled weight decay), linear warm-up then cosine or linear decay, global
+//!   gradient-norm clipping, gradient accumulation.
+//! - Checkpoints (adapter, optimizer moments, trainer state, the run description) are
+//!   written to a temporary folder and renamed into place; a run resumed from one follows
+//!   the same loss curve as one never stopped: the data order and dropout masks derive
+//!   from (seed, epoch, step), not from state that a crash loses.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::lora::{Adapter, HostParam, LoraConfig};
+use crate::model::{CausalLm, KvCache, Step};
+use crate::tokenizer::{Message, Tokenizer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Everything that decides what a run computes. Saved with every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub lora: LoraConfig,
+    pub learning_rate: f64,
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Longer examples are cut to this many tokens (the prompt kept whole where possible).
+    pub max_len: usize,
+    pub schedule: Schedule,
+    /// Fraction of the optimizer steps spent warming up linearly from zero.
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Held-out loss every this many optimizer steps (0: once per epoch).
+    pub eval_every: usize,
+    /// Checkpoint every this many optimizer steps (0: once per epoch).
+    pub save_every: usize,
+    /// Stop after this many evaluations without improving the watched metric (0: never).
+    pub patience: usize,
+    /// Checkpoints kept besides the best one.
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lora: LoraConfig::default(),
+            learning_rate: 1e-4,
+            epochs: 3,
+            batch_size: 4,
+            grad_accum: 1,
+            max_len: 512,
+            schedule: Schedule::Cosine,
+            warmup_ratio: 0.03,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+            patience: 0,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::Generation(format!("training config: {m}")));
+        if self.lora.rank == 0 {
+            return bad("lora.rank must be ≥ 1");
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return bad("lora.dropout must be in [0, 1)");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad("learning_rate must be > 0");
+        }
+        if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("epochs, batch_size and grad_accum must be ≥ 1");
+        }
+        if self.max_len < 2 {
+            return bad("max_len must be ≥ 2");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    /// The learning rate at optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = (self.warmup_ratio * total as f64).ceil() as usize;
+        if step < warmup {
+            return self.learning_rate * (step + 1) as f64 / warmup as f64;
+        }
+        let span = total.saturating_sub(warmup).max(1) as f64;
+        let progress = ((step - warmup) as f64 / span).min(1.0);
+        match self.schedule {
+            Schedule::Constant => self.learning_rate,
+            Schedule::Linear => self.learning_rate * (1.0 - progress),
+            Schedule::Cosine => self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}
+
+/// One tokenized training example: `target[i]` says whether token `i` is predicted by the
+/// loss (an assistant token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub tokens: Vec<u32>,
+    pub target: Vec<bool>,
+}
+
+impl Encoded {
+    pub fn num_targets(&self) -> usize {
+        self.target.iter().filter(|&&t| t).count()
+    }
+}
+
+/// Tokenizes a chat for training. Every assistant turn is a target; the text before it is
+/// the prompt exactly as the template renders it with the generation prompt, and the
+/// assistant's tokens are what the template writes after that prompt.
+pub fn encode_chat(tokenizer: &Tokenizer, messages: &[Message], max_len: usize) -> Result<Encoded> {
+    if !messages.iter().any(|m| m.role == "assistant") {
+        return Err(EngineError::Template("the example has no assistant message to learn".into()));
+    }
+    let mut tokens = Vec::new();
+    let mut target = Vec::new();
+    let mut rendered = String::new();
+    let mut push = |text: &str, is_target: bool, tokens: &mut Vec<u32>| -> Result<()> {
+        let ids = tokenizer.encode(text, false)?;
+        target.extend(std::iter::repeat_n(is_target, ids.len()));
+        tokens.extend(ids);
+        Ok(())
+    };
+    let prefix_err = |what: &str| {
+        EngineError::Template(format!(
+            "the chat template does not render {what} as a prefix of the full conversation, so the prompt cannot be masked"
+        ))
+    };
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let prompt = tokenizer.apply_chat_template(&messages[..i], true)?;
+        let full = tokenizer.apply_chat_template(&messages[..=i], false)?;
+        let new_prompt = prompt.strip_prefix(rendered.as_str()).ok_or_else(|| prefix_err("the earlier turns"))?;
+        let answer = full.strip_prefix(prompt.as_str()).ok_or_else(|| prefix_err("the prompt"))?;
+        push(new_prompt, false, &mut tokens)?;
+        push(answer, true, &mut tokens)?;
+        rendered = full;
+    }
+    tokens.truncate(max_len);
+    let mut target = target;
+    target.truncate(max_len);
+    Ok(Encoded { tokens, target })
+}
+
+/// The description of a run saved beside each checkpoint, so an adapter can always be
+/// traced to what made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub config: TrainConfig,
+    /// The dataset version trained on (content address), as the caller names it.
+    pub dataset: String,
+    pub base_model: String,
+    /// sha256 of the base model file(s).
+    pub base_model_sha256: String,
+    /// sha256 of the chat template text.
+    pub chat_template_sha256: String,
+    pub train_examples: usize,
+    pub heldout_examples: usize,
+}
+
+/// One point of the loss curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+}
+
+/// One evaluation during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: usize,
+    pub epoch: usize,
+    pub heldout_loss: Option<f64>,
+    /// The watched task metric (higher is better), when a metric callback was given.
+    pub metric: Option<f64>,
+}
+
+/// What the trainer reports after every optimizer step.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub record: StepRecord,
+    pub total_steps: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Trainer state that a checkpoint restores.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    /// Best watched value so far (held-out metric, else minus held-out loss).
+    best: Option<f64>,
+    best_step: Option<usize>,
+    bad_evals: usize,
+    history: Vec<StepRecord>,
+    evals: Vec<EvalRecord>,
+    stopped_early: bool,
+}
+
+/// The outcome of [`Trainer::run`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOutcome {
+    pub steps: usize,
+    pub history: Vec<StepRecord>,
+    pub evals: Vec<EvalRecord>,
+    pub best_step: Option<usize>,
+    pub best_value: Option<f64>,
+    pub stopped_early: bool,
+    /// Folder of the best adapter (PEFT layout), or of the last one without evaluations.
+    pub adapter_dir: PathBuf,
+}
+
+/// A task-metric evaluation: scores the adapter as it stands (higher is better).
+pub type MetricFn<'a> = dyn FnMut(&CausalLm, &Adapter) -> Result<f64> + 'a;
+
+pub struct Trainer<'a> {
+    pub model: &'a CausalLm,
+    pub tokenizer: &'a Tokenizer,
+    pub info: RunInfo,
+    pub train: Vec<Encoded>,
+    pub heldout: Vec<Encoded>,
+    /// Where checkpoints, `metrics.jsonl` and the final adapter go.
+    pub out_dir: PathBuf,
+}
+
+struct Optimizer {
+    m: Vec<Tensor<2>>,
+    v: Vec<Tensor<2>>,
+}
+
+impl<'a> Trainer<'a> {
+    /// Optimizer steps per epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        let c = &self.info.config;
+        self.train.len().div_ceil(c.batch_size).div_ceil(c.grad_accum).max(1)
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.info.config.epochs
+    }
+
+    /// Trains from scratch, or from the latest checkpoint in `out_dir` when `resume`.
+    pub fn run(
+        &self,
+        resume: bool,
+        mut metric: Option<&mut MetricFn<'_>>,
+        on_step: &mut dyn FnMut(&Progress),
+    ) -> Result<TrainOutcome> {
+        let c = &self.info.config;
+        c.validate()?;
+        if self.train.is_empty() {
+            return Err(EngineError::Generation("no training examples".into()));
+        }
+        let device = self.model.device().clone();
+        let ckpt_root = self.out_dir.join("checkpoints");
+        std::fs::create_dir_all(&ckpt_root).map_err(|e| EngineError::io(&ckpt_root, e))?;
+
+        let mut adapter = Adapter::init(c.lora.clone(), &self.model.config, c.seed, &device);
+        let mut opt = Optimizer {
+            m: adapter.params().iter().map(|(_, p)| p.zeros_like()).collect(),
+            v: adapter.params().iter().map(|(_, p)| p.zeros_like()).collect(),
+        };
+        let mut state = State::default();
+        if resume && let Some(dir) = latest_checkpoint(&ckpt_root)? {
+            state = self.load_checkpoint(&dir, &mut adapter, &mut opt)?;
+        }
+        for p in adapter.params_mut() {
+            *p = p.clone().autodiff().require_grad();
+        }
+        // The metrics log holds exactly the steps the state knows of.
+        self.rewrite_metrics(&state)?;
+
+        let per_epoch = self.steps_per_epoch();
+        let total = self.total_steps();
+        let started = Instant::now();
+        let mut tokens_seen = 0usize;
+        while state.step < total && !state.stopped_early {
+            let epoch = state.step / per_epoch;
+            let batches = self.epoch_batches(epoch);
+            let in_epoch = state.step % per_epoch;
+            let group = &batches[in_epoch * c.grad_accum..((in_epoch + 1) * c.grad_accum).min(batches.len())];
+            let targets: usize = group.iter().flatten().map(|&i| self.train[i].num_targets()).sum();
+            let mut grads: Vec<Option<Tensor<2>>> = vec![None; opt.m.len()];
+            let mut loss_sum = 0.0;
+            for (k, batch) in group.iter().enumerate() {
+                device.seed(mix(c.seed, (state.step * c.grad_accum + k) as u64));
+                let examples: Vec<&Encoded> = batch.iter().map(|&i| &self.train[i]).collect();
+                let Some((loss, n)) = self.loss(&examples, &adapter, true) else {
+                    continue;
+                };
+                tokens_seen += examples.iter().map(|e| e.tokens.len()).sum::<usize>();
+                let scaled = loss.clone().div_scalar(targets.max(1) as f64);
+                loss_sum += scalar(loss);
+                let _ = n;
+                let mut g = scaled.backward();
+                for (slot, (_, p)) in grads.iter_mut().zip(adapter.params()) {
+                    if let Some(d) = p.grad_remove(&mut g) {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => acc + d,
+                            None => d,
+                        });
+                    }
+                }
+            }
+            let grads: Vec<Tensor<2>> = grads
+                .into_iter()
+                .zip(&opt.m)
+                .map(|(g, m)| g.unwrap_or_else(|| m.zeros_like()))
+                .collect();
+            let lr = c.lr_at(state.step, total);
+            let grad_norm = self.apply_adamw(&mut adapter, &mut opt, grads, lr, state.step + 1);
+            let record = StepRecord {
+                step: state.step + 1,
+                epoch,
+                loss: loss_sum / targets.max(1) as f64,
+                lr,
+                grad_norm,
+                tokens: targets,
+            };
+            state.step += 1;
+            self.append_metrics(&serde_json::json!({"train": &record}))?;
+            state.history.push(record.clone());
+            let elapsed = started.elapsed().as_secs_f64();
+            on_step(&Progress {
+                record,
+                total_steps: total,
+                tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
+                elapsed_s: elapsed,
+            });
+
+            let end_of_epoch = state.step % per_epoch == 0 || state.step == total;
+            let eval_now = if c.eval_every > 0 { state.step % c.eval_every == 0 || state.step == total } else { end_of_epoch };
+            if eval_now && (!self.heldout.is_empty() || metric.is_some()) {
+                self.evaluate(&adapter, &mut metric, &mut state)?;
+            }
+            let save_now = if c.save_every > 0 { state.step % c.save_every == 0 } else { end_of_epoch };
+            if save_now || state.step == total || state.stopped_early {
+                self.save_checkpoint(&ckpt_root, &adapter, &opt, &state)?;
+            }
+        }
+        self.finish(&ckpt_root, &adapter, &state)
+    }
+
+    /// The micro-batches of one epoch (indices into `train`), deterministic in (seed, epoch).
+    fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let c = &self.info.config;
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(c.seed, 1_000_003 + epoch as u64));
+        order.shuffle(&mut rng);
+        let window = c.batch_size * 16;
+        let mut batches = Vec::new();
+        for chunk in order.chunks(window) {
+            let mut chunk = chunk.to_vec();
+            chunk.sort_by_key(|&i| std::cmp::Reverse(self.train[i].tokens.len()));
+            batches.extend(chunk.chunks(c.batch_size).map(<[usize]>::to_vec));
+        }
+        batches.shuffle(&mut rng);
+        batches
+    }
+
+    fn loss(&self, examples: &[&Encoded], adapter: &Adapter, train: bool) -> Option<(Tensor<1>, usize)> {
+        batch_loss(self.model, examples, adapter, train)
+    }
+
+    /// Mean held-out loss per target token, without dropout or gradients.
+    pub fn heldout_loss(&self, adapter: &Adapter) -> Option<f64> {
+        let c = &self.info.config;
+        let adapter = adapter.detached();
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in self.heldout.chunks(c.batch_size) {
+            let examples: Vec<&Encoded> = chunk.iter().collect();
+            if let Some((loss, k)) = self.loss(&examples, &adapter, false) {
+                sum += scalar(loss);
+                n += k;
+            }
+        }
+        (n > 0).then(|| sum / n as f64)
+    }
+
+    /// Clips, then applies one AdamW update; returns the gradient norm before clipping.
+    fn apply_adamw(&self, adapter: &mut Adapter, opt: &mut Optimizer, grads: Vec<Tensor<2>>, lr: f64, t: usize) -> f64 {
+        let c = &self.info.config;
+        let norm = grads.iter().map(|g| scalar(g.clone().powi_scalar(2).sum())).sum::<f64>().sqrt();
+        let clip = if c.max_grad_norm > 0.0 && norm > c.max_grad_norm { c.max_grad_norm / (norm + 1e-6) } else { 1.0 };
+        let (b1, b2) = (c.beta1, c.beta2);
+        let bc1 = 1.0 - b1.powi(t as i32);
+        let bc2 = 1.0 - b2.powi(t as i32);
+        for (((p, g), m), v) in adapter.params_mut().into_iter().zip(grads).zip(&mut opt.m).zip(&mut opt.v) {
+            let g = g.mul_scalar(clip);
+            *m = m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+            *v = v.clone().mul_scalar(b2) + g.powi_scalar(2).mul_scalar(1.0 - b2);
+            let update = m.clone().div_scalar(bc1) / v.clone().div_scalar(bc2).sqrt().add_scalar(c.eps);
+            let w = p.clone().inner();
+            let w = w.clone().mul_scalar(1.0 - lr * c.weight_decay) - update.mul_scalar(lr);
+            *p = w.autodiff().require_grad();
+        }
+        norm
+    }
+
+    fn evaluate(&self, adapter: &Adapter, metric: &mut Option<&mut MetricFn<'_>>, state: &mut State) -> Result<()> {
+        let c = &self.info.config;
+        let per_epoch = self.steps_per_epoch();
+        let heldout_loss = self.heldout_loss(adapter);
+        let value = match metric {
+            Some(f) => Some(f(self.model, &adapter.detached())?),
+            None => None,
+        };
+        let record = EvalRecord {
+            step: state.step,
+            epoch: (state.step - 1) / per_epoch,
+            heldout_loss,
+            metric: value,
+        };
+        self.append_metrics(&serde_json::json!({"eval": &record}))?;
+        state.evals.push(record);
+        // Watch the task metric when there is one, else the held-out loss.
+        let Some(watched) = value.or(heldout_loss.map(|l| -l)) else {
+            return Ok(());
+        };
+        if state.best.is_none_or(|b| watched > b) {
+            state.best = Some(watched);
+            state.best_step = Some(state.step);
+            state.bad_evals = 0;
+            let best = self.out_dir.join("best");
+            write_dir_atomic(&best, |tmp| {
+                adapter.save_peft(tmp, &self.info.base_model)?;
+                self.write_run_info(tmp)
+            })?;
+        } else {
+            state.bad_evals += 1;
+            if c.patience > 0 && state.bad_evals >= c.patience {
+                state.stopped_early = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_run_info(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.info).expect("run info serializes");
+        crate::fsutil::write_atomic(&dir.join("run.json"), text.as_bytes())
+    }
+
+    fn save_checkpoint(&self, root: &Path, adapter: &Adapter, opt: &Optimizer, state: &State) -> Result<()> {
+        let dir = root.join(format!("step-{:08}", state.step));
+        write_dir_atomic(&dir, |tmp| {
+            adapter.save_peft(tmp, &self.info.base_model)?;
+            let mut moments = BTreeMap::new();
+            for (((name, _), m), v) in adapter.params().into_iter().zip(&opt.m).zip(&opt.v) {
+                moments.insert(format!("{name}.m"), host(m));
+                moments.insert(format!("{name}.v"), host(v));
+            }
+            let bytes = crate::export::safetensors_f32(&moments, None).map_err(|detail| EngineError::Malformed {
+                path: tmp.join("optimizer.safetensors"),
+                format: "safetensors",
+                detail,
+            })?;
+            crate::fsutil::write_atomic(&tmp.join("optimizer.safetensors"), &bytes)?;
+            let text = serde_json::to_string_pretty(state).expect("state serializes");
+            crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
+            self.write_run_info(tmp)
+        })?;
+        // Older checkpoints go once the new one is complete.
+        let mut all = list_checkpoints(root)?;
+        all.sort();
+        let keep = self.info.config.keep_checkpoints.max(1);
+        if all.len() > keep {
+            for old in &all[..all.len() - keep] {
+                let _ = std::fs::remove_dir_all(old);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_checkpoint(&self, dir: &Path, adapter: &mut Adapter, opt: &mut Optimizer) -> Result<State> {
+        let run_path = dir.join("run.json");
+        let text = std::fs::read_to_string(&run_path).map_err(|e| EngineError::io(&run_path, e))?;
+        let saved: RunInfo = serde_json::from_str(&text).map_err(|e| malformed(&run_path, e))?;
+        if saved != self.info {
+            return Err(EngineError::Unsupported {
+                path: run_path,
+                field: "run".into(),
+                detail: "the checkpoint was made with a different config, dataset or base model; start a new run or pass the same settings".into(),
+            });
+        }
+        let device = self.model.device();
+        let loaded = Adapter::load_peft(dir, &self.model.config, device)?;
+        *adapter = loaded;
+        let path = dir.join("optimizer.safetensors");
+        let bytes = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| malformed(&path, e))?;
+        let names: Vec<String> = adapter.params().into_iter().map(|(n, _)| n).collect();
+        for ((name, m), v) in names.iter().zip(&mut opt.m).zip(&mut opt.v) {
+            for (suffix, slot) in [("m", m), ("v", v)] {
+                let key = format!("{name}.{suffix}");
+                let view = st.tensor(&key).map_err(|_| EngineError::Missing {
+                    path: path.clone(),
+                    field: key.clone(),
+                })?;
+                let data = crate::weights::view_to_f32(&view, &path, &key)?;
+                let [r, c] = slot.dims();
+                *slot = Tensor::from_data(TensorData::new(data, [r, c]), device);
+            }
+        }
+        let sp = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| EngineError::io(&sp, e))?;
+        serde_json::from_str(&text).map_err(|e| malformed(&sp, e))
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.out_dir.join("metrics.jsonl")
+    }
+
+    fn append_metrics(&self, line: &serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        let path = self.metrics_path();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| EngineError::io(&path, e))?;
+        writeln!(f, "{line}").map_err(|e| EngineError::io(&path, e))
+    }
+
+    /// Rewrites `metrics.jsonl` from the state: a resumed run drops the lines its killed
+    /// predecessor wrote after the checkpoint.
+    fn rewrite_metrics(&self, state: &State) -> Result<()> {
+        let mut text = String::new();
+        let mut evals = state.evals.iter().peekable();
+        for r in &state.history {
+            text.push_str(&serde_json::json!({"train": r}).to_string());
+            text.push('\n');
+            while let Some(e) = evals.next_if(|e| e.step <= r.step) {
+                text.push_str(&serde_json::json!({"eval": e}).to_string());
+                text.push('\n');
+            }
+        }
+        crate::fsutil::write_atomic(&self.metrics_path(), text.as_bytes())
+    }
+
+    fn finish(&self, ckpt_root: &Path, adapter: &Adapter, state: &State) -> Result<TrainOutcome> {
+        let last = self.out_dir.join("last");
+        write_dir_atomic(&last, |tmp| {
+            adapter.save_peft(tmp, &self.info.base_model)?;
+            self.write_run_info(tmp)
+        })?;
+        let best = self.out_dir.join("best");
+        let adapter_dir = if state.best_step.is_some() && best.exists() { best } else { last };
+        let _ = ckpt_root;
+        Ok(TrainOutcome {
+            steps: state.step,
+            history: state.history.clone(),
+            evals: state.evals.clone(),
+            best_step: state.best_step,
+            best_value: state.best,
+            stopped_early: state.stopped_early,
+            adapter_dir,
+        })
+    }
+}
+
+/// Summed negative log-likelihood of the target tokens of `examples` and their count;
+/// `None` when none of them has a target left after truncation.
+pub fn batch_loss(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool) -> Option<(Tensor<1>, usize)> {
+    let device = model.device();
+    let b = examples.len();
+    let s = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+    let mut step = Step {
+        batch: b,
+        seq: s,
+        tokens: vec![0; b * s],
+        positions: (0..b).flat_map(|_| 0..s as i64).collect(),
+        valid: vec![false; b * s],
+    };
+    // Row t of the hidden states predicts token t + 1.
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for (r, e) in examples.iter().enumerate() {
+        for (t, &tok) in e.tokens.iter().enumerate() {
+            step.tokens[r * s + t] = tok;
+            step.valid[r * s + t] = true;
+            if t > 0 && e.target[t] {
+                rows.push((r * s + t - 1) as i64);
+                labels.push(i64::from(tok));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    let n = rows.len();
+    let hidden = model.hidden(&step, &mut KvCache::default(), Some(adapter), train);
+    let h = hidden.dims()[2];
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), device);
+    let picked = hidden.reshape([b * s, h]).select(0, rows).reshape([1, n, h]);
+    let logits = model.head(picked).reshape([n, model.config.vocab_size]);
+    let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [n, 1]), device);
+    let nll = log_softmax(logits, 1).gather(1, labels).sum().neg();
+    Some((nll, n))
+}
+
+/// The newest complete checkpoint under `root` (`step-N` folders; temporaries ignored).
+pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+    let mut all = list_checkpoints(root)?;
+    all.sort();
+    Ok(all.pop())
+}
+
+fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| EngineError::io(root, e))?;
+        let name = e.file_name();
+        if name.to_str().is_some_and(|n| n.starts_with("step-")) {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
+
+/// Fills a temporary folder beside `dir`, fsyncs it and renames it over `dir`, so `dir` is
+/// always either the old complete folder or the new complete one.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
+    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.{}.old", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| EngineError::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn malformed(path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Malformed {
+        path: path.into(),
+        format: "checkpoint",
+        detail: e.to_string(),
+    }
+}
+
+fn host(t: &Tensor<2>) -> HostParam {
+    (t.dims().to_vec(), crate::lora::host_vec(t.clone()))
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    f64::from(crate::lora::host_vec(t)[0])
+}
+
+/// SplitMix64 of `a` and `b`: independent seeds for each (run, step).
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,346 @@
+//! LoRA training on the tiny random models: gradients, convergence, frozen base,
+//! determinism, resume, PEFT round trip and merging.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use lathe_engine::config::Architecture;
+use lathe_engine::lora::{Adapter, LoraConfig, Target};
+use lathe_engine::train::{Encoded, RunInfo, TrainConfig, Trainer, batch_loss, encode_chat};
+use lathe_engine::{KvCache, LoadedModel, Logits, Message, Step};
+
+use crate::common::{device, max_abs_diff};
+
+fn tiny(dir: &Path) -> LoadedModel {
+    let t = lathe_engine::tiny::write_tiny(dir, Architecture::Llama, 7).unwrap();
+    lathe_engine::load(&t.gguf, &device()).unwrap()
+}
+
+fn chat(q: &str, a: &str) -> Vec<Message> {
+    vec![Message::new("user", q), Message::new("assistant", a)]
+}
+
+fn dataset(m: &LoadedModel) -> Vec<Encoded> {
+    [("hi", "hello there"), ("2+2", "4"), ("the cat", "sat in"), ("x", "the end")]
+        .iter()
+        .map(|(q, a)| encode_chat(&m.tokenizer, &chat(q, a), 64).unwrap())
+        .collect()
+}
+
+fn info(config: TrainConfig) -> RunInfo {
+    RunInfo {
+        config,
+        dataset: "test".into(),
+        base_model: "tiny".into(),
+        base_model_sha256: "0".into(),
+        chat_template_sha256: "0".into(),
+        train_examples: 4,
+        heldout_examples: 0,
+    }
+}
+
+fn host_loss(m: &LoadedModel, adapter: &Adapter, data: &[Encoded]) -> f64 {
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let (loss, _) = batch_loss(&m.model, &refs, adapter, false).unwrap();
+    f64::from(loss.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0])
+}
+
+#[test]
+fn assistant_tokens_are_the_only_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let e = encode_chat(&m.tokenizer, &chat("hi", "hello there"), 512).unwrap();
+    let targets: Vec<u32> = e.tokens.iter().zip(&e.target).filter(|(_, t)| **t).map(|(&id, _)| id).collect();
+    assert_eq!(m.tokenizer.decode(&targets, false).unwrap(), "hello there<|im_end|>\n");
+    // The masked prefix is exactly the prompt inference renders.
+    let prompt = m.tokenizer.encode_chat(&[Message::new("user", "hi")], true).unwrap();
+    assert_eq!(&e.tokens[..prompt.len()], prompt.as_slice());
+    assert!(e.target[..prompt.len()].iter().all(|t| !t));
+
+    // Two turns: both answers are targets, the second user turn is not.
+    let two = vec![
+        Message::new("user", "a"),
+        Message::new("assistant", "b"),
+        Message::new("user", "c"),
+        Message::new("assistant", "d"),
+    ];
+    let e = encode_chat(&m.tokenizer, &two, 512).unwrap();
+    let targets: Vec<u32> = e.tokens.iter().zip(&e.target).filter(|(_, t)| **t).map(|(&id, _)| id).collect();
+    assert_eq!(m.tokenizer.decode(&targets, false).unwrap(), "b<|im_end|>\nd<|im_end|>\n");
+    assert!(encode_chat(&m.tokenizer, &[Message::new("user", "no answer")], 512).is_err());
+}
+
+#[test]
+fn lora_gradient_matches_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let data = dataset(&m);
+    let config = LoraConfig {
+        rank: 4,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    let dev = m.model.device().clone();
+    let mut adapter = Adapter::init(config, &m.model.config, 3, &dev);
+    // B starts at zero, which would make every gradient of A zero: give it values.
+    let mut params = adapter.to_host();
+    let mut x = 0.37f32;
+    for (name, (_, values)) in params.iter_mut() {
+        if name.ends_with("lora_B") {
+            for v in values.iter_mut() {
+                x = (x * 997.0 + 0.13).fract();
+                *v = (x - 0.5) * 0.2;
+            }
+        }
+    }
+    adapter.load_host(&params, &dev).unwrap();
+
+    let mut tracked = adapter.clone();
+    for p in tracked.params_mut() {
+        *p = p.clone().autodiff().require_grad();
+    }
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let (loss, _) = batch_loss(&m.model, &refs, &tracked, false).unwrap();
+    let mut grads = loss.backward();
+    let analytic: BTreeMap<String, Vec<f32>> = tracked
+        .params()
+        .into_iter()
+        .map(|(n, p)| {
+            let g = p.grad_remove(&mut grads).expect("every adapter parameter gets a gradient");
+            (n, g.into_data().try_to_vec::<f32>().unwrap())
+        })
+        .collect();
+
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for name in [
+        "layers.0.self_attn.q_proj.lora_A",
+        "layers.1.self_attn.v_proj.lora_B",
+        "layers.0.mlp.down_proj.lora_A",
+        "layers.1.self_attn.o_proj.lora_B",
+        "layers.1.mlp.gate_proj.lora_B",
+    ] {
+        for idx in [0usize, 5, 17] {
+            let mut plus = params.clone();
+            plus.get_mut(name).unwrap().1[idx] += h;
+            let mut minus = params.clone();
+            minus.get_mut(name).unwrap().1[idx] -= h;
+            let mut a = adapter.clone();
+            a.load_host(&plus, &dev).unwrap();
+            let lp = host_loss(&m, &a, &data);
+            a.load_host(&minus, &dev).unwrap();
+            let lm = host_loss(&m, &a, &data);
+            let numeric = (lp - lm) / (2.0 * f64::from(h));
+            let g = f64::from(analytic[name][idx]);
+            let tol = 2e-2 * g.abs().max(numeric.abs()) + 2e-3;
+            assert!((g - numeric).abs() <= tol, "{name}[{idx}]: autodiff {g}, finite differences {numeric}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 15);
+}
+
+/// A tiny model whose final norm is scaled up: with random ±0.15 tied embeddings and a
+/// unit norm, no hidden state can push a token's probability much past one half, so
+/// "loss near zero" needs logits with more range.
+fn tiny_sharp(dir: &Path) -> LoadedModel {
+    let config = lathe_engine::tiny::tiny_config(Architecture::Llama);
+    let mut weights = lathe_engine::tiny::random_weights(&config, 7);
+    for w in &mut weights.tensors.get_mut("model.norm.weight").unwrap().1 {
+        *w *= 6.0;
+    }
+    let path = dir.join("sharp.gguf");
+    lathe_engine::export::write_gguf(
+        &path,
+        &config,
+        &weights,
+        &lathe_engine::tiny::tokenizer_meta(),
+        lathe_engine::gguf::GgmlType::F32,
+    )
+    .unwrap();
+    lathe_engine::load(&path, &device()).unwrap()
+}
+
+#[test]
+fn a_tiny_model_learns_a_tiny_dataset_and_the_base_stays_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_sharp(dir.path());
+    let before = m.model.to_memory_weights();
+    let data = dataset(&m);
+    let config = TrainConfig {
+        lora: LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
+        learning_rate: 1e-2,
+        epochs: 100,
+        batch_size: 4,
+        warmup_ratio: 0.0,
+        schedule: lathe_engine::train::Schedule::Constant,
+        ..TrainConfig::default()
+    };
+    let trainer = Trainer {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        info: info(config),
+        train: data.clone(),
+        heldout: Vec::new(),
+        out_dir: dir.path().join("run"),
+    };
+    let out = trainer.run(false, None, &mut |_| {}).unwrap();
+    let first = out.history.first().unwrap().loss;
+    let last = out.history.last().unwrap().loss;
+    assert!(first > 3.0, "a random model starts near ln(vocab): {first}");
+    assert!(last < 0.05, "loss {first} → {last} after {} steps", out.steps);
+    assert_eq!(out.steps, 100);
+
+    let after = m.model.to_memory_weights();
+    for (name, (_, w)) in &before.tensors {
+        assert!(after.tensors[name].1 == *w, "{name} changed during training");
+    }
+    // The saved adapter reproduces the low loss.
+    let adapter = Adapter::load_peft(&out.adapter_dir, &m.model.config, m.model.device()).unwrap();
+    let reloaded = host_loss(&m, &adapter, &data);
+    assert!(reloaded < 0.05, "{reloaded}");
+}
+
+fn short_run<'a>(m: &'a LoadedModel, out_dir: &Path, data: &[Encoded]) -> Trainer<'a> {
+    let config = TrainConfig {
+        lora: LoraConfig {
+            rank: 4,
+            ..LoraConfig::default()
+        },
+        learning_rate: 5e-3,
+        epochs: 6,
+        batch_size: 2,
+        save_every: 2,
+        keep_checkpoints: 10,
+        ..TrainConfig::default()
+    };
+    Trainer {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        info: info(config),
+        train: data.to_vec(),
+        heldout: data[..2].to_vec(),
+        out_dir: out_dir.into(),
+    }
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn same_seed_gives_the_same_bits_and_a_resumed_run_the_same_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let data = dataset(&m);
+    let a = short_run(&m, &dir.path().join("a"), &data).run(false, None, &mut |_| {}).unwrap();
+    let b = short_run(&m, &dir.path().join("b"), &data).run(false, None, &mut |_| {}).unwrap();
+    assert_eq!(a.history, b.history);
+    assert_eq!(adapter_bytes(&dir.path().join("a/last")), adapter_bytes(&dir.path().join("b/last")));
+    assert!(a.history.iter().any(|r| r.grad_norm > 0.0));
+
+    // Resume from the step-6 checkpoint of run a, as if it had been killed there.
+    let c = dir.path().join("c");
+    std::fs::create_dir_all(c.join("checkpoints")).unwrap();
+    let from = dir.path().join("a/checkpoints/step-00000006");
+    let to = c.join("checkpoints/step-00000006");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in std::fs::read_dir(&from).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+    }
+    std::fs::write(c.join("metrics.jsonl"), "lines a killed run wrote after its checkpoint\n").unwrap();
+    let resumed = short_run(&m, &c, &data).run(true, None, &mut |_| {}).unwrap();
+    assert_eq!(resumed.history, a.history);
+    assert_eq!(resumed.evals, a.evals);
+    assert_eq!(adapter_bytes(&c.join("last")), adapter_bytes(&dir.path().join("a/last")));
+    assert_eq!(
+        std::fs::read_to_string(c.join("metrics.jsonl")).unwrap(),
+        std::fs::read_to_string(dir.path().join("a/metrics.jsonl")).unwrap()
+    );
+
+    // A checkpoint from different settings is refused, not silently mixed in.
+    let mut other = short_run(&m, &c, &data);
+    other.info.config.learning_rate = 1e-3;
+    let err = other.run(true, None, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("different config"), "{err}");
+}
+
+#[test]
+fn peft_round_trip_and_merge_give_the_adapted_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let dev = m.model.device().clone();
+    let config = LoraConfig {
+        rank: 4,
+        targets: vec![Target::Q, Target::V, Target::Down],
+        rslora: true,
+        ..LoraConfig::default()
+    };
+    let mut adapter = Adapter::init(config, &m.model.config, 11, &dev);
+    let mut params = adapter.to_host();
+    for (name, (_, v)) in params.iter_mut() {
+        if name.ends_with("lora_B") {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = ((i % 7) as f32 - 3.0) * 0.05;
+            }
+        }
+    }
+    adapter.load_host(&params, &dev).unwrap();
+
+    let peft = dir.path().join("peft");
+    adapter.save_peft(&peft, "tiny").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj", "down_proj"]));
+    let bytes = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let a = st.tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight").unwrap();
+    assert_eq!(a.shape(), &[4, 64], "PEFT stores A as [rank, in]");
+    let b = st.tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").unwrap();
+    assert_eq!(b.shape(), &[64, 4], "PEFT stores B as [out, rank]");
+    assert_eq!(st.names().len(), 2 * 3 * 2);
+
+    let back = Adapter::load_peft(&peft, &m.model.config, &dev).unwrap();
+    assert_eq!(back.config, adapter.config);
+    assert_eq!(back.to_host(), adapter.to_host());
+
+    let tokens = m.tokenizer.encode("the cat sat in the hat", false).unwrap();
+    let logits = |model: &lathe_engine::CausalLm, a: Option<&Adapter>| {
+        let t = model.forward_with(&Step::single(&tokens, 0), &mut KvCache::default(), Logits::All, a);
+        t.into_data().try_to_vec::<f32>().unwrap()
+    };
+    let base = logits(&m.model, None);
+    let adapted = logits(&m.model, Some(&back));
+    assert!(max_abs_diff(&base, &adapted) > 1e-3, "the adapter changes the output");
+
+    let merged = back.merge(&m.model);
+    let merged_model = lathe_engine::CausalLm::load(m.model.config.clone(), &merged, &dev).unwrap();
+    let diff = max_abs_diff(&logits(&merged_model, None), &adapted);
+    assert!(diff < 1e-4, "merged model differs from base + adapter by {diff}");
+}
+
+#[test]
+fn learning_rate_schedules_warm_up_and_decay() {
+    let c = TrainConfig {
+        learning_rate: 1.0,
+        warmup_ratio: 0.1,
+        ..TrainConfig::default()
+    };
+    assert!((c.lr_at(0, 100) - 0.1).abs() < 1e-12);
+    assert!((c.lr_at(9, 100) - 1.0).abs() < 1e-12);
+    assert!((c.lr_at(10, 100) - 1.0).abs() < 1e-12);
+    assert!((c.lr_at(55, 100) - 0.5).abs() < 1e-12, "cosine is at half way through the decay");
+    assert!(c.lr_at(99, 100) < 0.01);
+    let lin = TrainConfig {
+        schedule: lathe_engine::train::Schedule::Linear,
+        ..c
+    };
+    assert!((lin.lr_at(55, 100) - 0.5).abs() < 1e-12);
+}
