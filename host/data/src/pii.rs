@@ -164,10 +164,10 @@ fn numeric_at(b: &[u8], i: usize) -> Option<(PiiKind, usize)> {
     if let Some(e) = ipv6_at(b, i) {
         return Some((PiiKind::Ip, e));
     }
-    if c.is_ascii_digit() || c == b'(' {
-        if let Some(e) = us_phone_at(b, i) {
-            return Some((PiiKind::Phone, e));
-        }
+    if (c.is_ascii_digit() || c == b'(')
+        && let Some(e) = us_phone_at(b, i)
+    {
+        return Some((PiiKind::Phone, e));
     }
     if c == b'+'
         && let Some(e) = intl_phone_at(b, i)

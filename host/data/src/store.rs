@@ -217,6 +217,28 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes temporary folders and files left by writers that died (a crash between
+    /// creating and renaming), if older than `older_than`; returns how many were removed.
+    /// Live writers' folders are younger than any sensible `older_than` (e.g. a day).
+    pub fn remove_stale_temporaries(&self, older_than: std::time::Duration) -> Result<usize> {
+        let mut removed = 0;
+        let rd = fs::read_dir(&self.datasets).map_err(|e| DataError::io(&self.datasets, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| DataError::io(&self.datasets, e))?;
+            if !entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                continue;
+            }
+            let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a >= older_than) {
+                let path = entry.path();
+                let r = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                r.map_err(|e| DataError::io(&path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn refs_path(&self) -> PathBuf {
         self.datasets.join("refs.json")
     }

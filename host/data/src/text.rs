@@ -125,7 +125,7 @@ impl NearDupParams {
             _ => {}
         }
         if let Some(b) = self.bands
-            && (b == 0 || self.num_perm % b != 0)
+            && (b == 0 || !self.num_perm.is_multiple_of(b))
         {
             return bad("bands", format!("{b} does not divide num_perm {}", self.num_perm));
         }
@@ -148,7 +148,7 @@ pub fn choose_bands(num_perm: usize, threshold: f64) -> (usize, usize) {
     let s = (threshold + 0.05).min(1.0);
     let mut best = (num_perm, 1);
     for rows in 1..=num_perm {
-        if num_perm % rows != 0 {
+        if !num_perm.is_multiple_of(rows) {
             continue;
         }
         let bands = num_perm / rows;
