@@ -2,6 +2,7 @@
 
 mod generate;
 mod plugin;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{bench, plugin};
+use crate::{bench, data, demo, eval, plugin, train};
 use lathe_engine::device::parse_device;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
 
@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the workflow end to end on SmolLM2.
-    Demo(DemoArgs),
+    Demo(demo::DemoArgs),
     /// Generate text from a model, streaming tokens to the terminal.
     Generate(GenerateArgs),
     /// Measure performance.
@@ -32,6 +32,33 @@ enum Command {
     /// Write, build, inspect and try plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Import, curate, split and inspect datasets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Evaluate models, find the prompted baseline, compare runs, write reports.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+    /// Fine-tune a LoRA adapter, watched by an eval suite.
+    Train(Box<train::TrainArgs>),
+    /// Write an adapter as PEFT, a merged Hugging Face folder, or a merged GGUF.
+    Export(train::ExportArgs),
+}
+
+/// Where Lathe keeps datasets, runs and reports.
+#[derive(Args, Clone)]
+pub struct DataDir {
+    /// Default: $LATHE_HOME, else ./.lathe
+    #[arg(long = "data-dir")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    pub fn path(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .or_else(|| std::env::var_os("LATHE_HOME").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(".lathe"))
+    }
 }
 
 /// Where and how to compute.
@@ -57,14 +84,6 @@ impl Compute {
     }
 }
 
-#[derive(Args)]
-struct DemoArgs {
-    /// A GGUF file or Hugging Face folder.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: PathBuf,
-    #[command(flatten)]
-    compute: Compute,
-}
 
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "chat"]))]
@@ -103,10 +122,14 @@ struct GenerateArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo(a) => demo(a),
+        Command::Demo(a) => demo::run(a),
         Command::Generate(a) => generate(a),
         Command::Bench(b) => bench::run(b),
         Command::Plugin(p) => plugin::run(p),
+        Command::Data(d) => data::run(d),
+        Command::Eval(e) => eval::run(e),
+        Command::Train(t) => train::train(*t),
+        Command::Export(e) => train::export(e),
     }
 }
 
@@ -127,6 +150,15 @@ pub fn load(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
         start.elapsed().as_secs_f64()
     );
     Ok(m)
+}
+
+/// The tokenizer of a GGUF file or Hugging Face folder, without loading weights.
+pub fn load_tokenizer(path: &Path) -> Result<lathe_engine::Tokenizer> {
+    Ok(if path.is_dir() {
+        lathe_engine::Tokenizer::from_hf_folder(path)?
+    } else {
+        lathe_engine::Tokenizer::from_gguf(&lathe_engine::gguf::GgufFile::open(path)?)?
+    })
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -178,18 +210,4 @@ fn stream(m: &LoadedModel, ids: &[u32], params: &SamplingParams) -> Result<lathe
         start.elapsed().as_secs_f64()
     );
     Ok(g)
-}
-
-fn demo(a: DemoArgs) -> Result<()> {
-    let device = a.compute.setup()?;
-    let m = load(&a.model, &device)?;
-    let messages = [Message::new("user", "What is the capital of France? Answer in one sentence.")];
-    let ids = m.tokenizer.encode_chat(&messages, true)?;
-    eprintln!("user: {}", messages[0].content);
-    eprint!("assistant: ");
-    stream(&m, &ids, &SamplingParams {
-        max_tokens: 64,
-        ..Default::default()
-    })?;
-    Ok(())
 }

@@ -3,7 +3,11 @@
 
 mod bench;
 mod cli;
+mod data;
+mod demo;
+mod eval;
 mod plugin;
+mod train;
 
 use clap::Parser;
 

@@ -84,7 +84,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 
 /// The CLI's runtime: compiled plugins are cached under `$XDG_CACHE_HOME/lathe/plugins`
 /// (or `~/.cache/lathe/plugins`), so only the first run of a plugin compiles it.
-fn runtime() -> Result<Runtime> {
+pub fn runtime() -> Result<Runtime> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -1,0 +1,341 @@
+//! Reports: one JSON document, and one self-contained HTML page (inline CSS and SVG
+//! charts, no scripts, nothing fetched) that a reviewer can open from disk or an email.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use lathe_engine::train::{EvalRecord, StepRecord};
+use serde::{Deserialize, Serialize};
+
+use super::stats::Estimate;
+use super::{BaselineTrial, EvalRun, RunComparison};
+
+/// A run as the report lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub label: String,
+    pub id: String,
+    pub model: String,
+    pub adapter: Option<String>,
+    pub template: String,
+    pub shots: usize,
+    pub metrics: std::collections::BTreeMap<String, Estimate>,
+    pub passed_gate: Option<bool>,
+    pub examples_per_s: f64,
+}
+
+impl RunSummary {
+    pub fn of(label: &str, run: &EvalRun) -> Self {
+        Self {
+            label: label.into(),
+            id: run.id.clone(),
+            model: run.model.clone(),
+            adapter: run.adapter.clone(),
+            template: run.template.clone(),
+            shots: run.shots,
+            metrics: run.metrics.clone(),
+            passed_gate: run.passed_gate,
+            examples_per_s: run.examples_per_s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub title: String,
+    pub suite: String,
+    pub primary_metric: String,
+    pub gate: Option<super::Gate>,
+    pub runs: Vec<RunSummary>,
+    pub baseline_trials: Vec<BaselineTrial>,
+    pub comparison: Option<RunComparison>,
+    pub training: Vec<StepRecord>,
+    pub training_evals: Vec<EvalRecord>,
+    /// Free-form lines (dataset versions, adapter location, the decision).
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn write(&self, json_path: &Path, html_path: &Path) -> Result<()> {
+        lathe_engine::fsutil::write_atomic(json_path, serde_json::to_string_pretty(self)?.as_bytes())?;
+        lathe_engine::fsutil::write_atomic(html_path, self.html().as_bytes())?;
+        Ok(())
+    }
+
+    pub fn html(&self) -> String {
+        let mut h = String::new();
+        let _ = write!(
+            h,
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{}</style></head><body>",
+            esc(&self.title),
+            CSS
+        );
+        let _ = write!(h, "<h1>{}</h1><p class=\"sub\">suite <b>{}</b> · metric <b>{}</b>", esc(&self.title), esc(&self.suite), esc(&self.primary_metric));
+        if let Some(g) = &self.gate {
+            let _ = write!(h, " · gate {} ≥ {}", esc(&g.metric), g.min);
+        }
+        h.push_str("</p>");
+        if let Some(c) = &self.comparison {
+            let v = c.comparison.verdict;
+            let d = &c.comparison.difference;
+            let _ = write!(
+                h,
+                "<div class=\"verdict {}\">Verdict: <b>{}</b> — {} changes by {:+.3} (95 % CI {:+.3} … {:+.3}, p = {:.4}, margin {}); {} items better, {} worse, {} tied.</div>",
+                match v {
+                    super::stats::Verdict::Better => "good",
+                    super::stats::Verdict::Worse => "bad",
+                    super::stats::Verdict::NoDifference => "flat",
+                },
+                v.as_str(),
+                esc(&c.metric),
+                d.mean,
+                d.ci_low,
+                d.ci_high,
+                c.comparison.p_value,
+                c.comparison.margin,
+                c.comparison.wins,
+                c.comparison.losses,
+                c.comparison.ties
+            );
+        }
+        for n in &self.notes {
+            let _ = write!(h, "<p class=\"note\">{}</p>", esc(n));
+        }
+
+        if !self.runs.is_empty() {
+            h.push_str("<h2>Runs</h2>");
+            let bars: Vec<(String, Estimate)> = self
+                .runs
+                .iter()
+                .filter_map(|r| r.metrics.get(&self.primary_metric).map(|e| (r.label.clone(), *e)))
+                .collect();
+            h.push_str(&bar_chart(&bars, self.gate.as_ref().map(|g| g.min)));
+            h.push_str("<table><tr><th>run</th><th>model</th><th>adapter</th><th>template</th><th>shots</th>");
+            let metric_names: Vec<&String> = self.runs[0].metrics.keys().collect();
+            for m in &metric_names {
+                let _ = write!(h, "<th>{}</th>", esc(m));
+            }
+            h.push_str("<th>gate</th><th>examples/s</th></tr>");
+            for r in &self.runs {
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+                    esc(&r.label),
+                    esc(&r.model),
+                    esc(r.adapter.as_deref().unwrap_or("—")),
+                    esc(&r.template),
+                    r.shots
+                );
+                for m in &metric_names {
+                    match r.metrics.get(*m) {
+                        Some(e) => {
+                            let _ = write!(h, "<td>{:.3} <span class=\"ci\">[{:.3}, {:.3}]</span></td>", e.mean, e.ci_low, e.ci_high);
+                        }
+                        None => h.push_str("<td>—</td>"),
+                    }
+                }
+                let gate = match r.passed_gate {
+                    Some(true) => "pass",
+                    Some(false) => "fail",
+                    None => "—",
+                };
+                let _ = write!(h, "<td>{gate}</td><td>{:.2}</td></tr>", r.examples_per_s);
+            }
+            h.push_str("</table>");
+        }
+
+        if !self.baseline_trials.is_empty() {
+            h.push_str("<h2>Prompt baseline</h2><p>Every template at every shot count on the base model; the best one is the baseline.</p>");
+            let bars: Vec<(String, Estimate)> = self
+                .baseline_trials
+                .iter()
+                .map(|t| (format!("{} · {}-shot", t.template, t.shots), t.metric))
+                .collect();
+            h.push_str(&bar_chart(&bars, self.gate.as_ref().map(|g| g.min)));
+        }
+
+        if !self.training.is_empty() {
+            h.push_str("<h2>Training</h2>");
+            let loss: Vec<(f64, f64)> = self.training.iter().map(|r| (r.step as f64, r.loss)).collect();
+            let held: Vec<(f64, f64)> = self
+                .training_evals
+                .iter()
+                .filter_map(|e| e.heldout_loss.map(|l| (e.step as f64, l)))
+                .collect();
+            h.push_str(&line_chart(&[("train loss", &loss, "#3867d6"), ("held-out loss", &held, "#eb3b5a")]));
+            let metric: Vec<(f64, f64)> = self.training_evals.iter().filter_map(|e| e.metric.map(|m| (e.step as f64, m))).collect();
+            if !metric.is_empty() {
+                h.push_str(&line_chart(&[(&format!("held-out {}", self.primary_metric), &metric, "#20bf6b")]));
+            }
+        }
+
+        if let Some(c) = &self.comparison {
+            let _ = write!(h, "<h2>Per-example changes ({} of {})</h2>", c.diffs.len(), c.comparison.difference.n);
+            h.push_str("<table class=\"diff\"><tr><th>#</th><th>input</th><th>reference</th><th>baseline</th><th>fine-tune</th></tr>");
+            for d in c.diffs.iter().take(200) {
+                let class = if d.candidate_score > d.baseline_score { "up" } else { "down" };
+                let _ = write!(
+                    h,
+                    "<tr class=\"{class}\"><td>{}</td><td><pre>{}</pre></td><td><pre>{}</pre></td><td><pre>{}</pre><span class=\"score\">{:.2}</span></td><td><pre>{}</pre><span class=\"score\">{:.2}</span></td></tr>",
+                    d.index,
+                    esc(&d.input),
+                    esc(&d.reference),
+                    esc(&d.baseline_output),
+                    d.baseline_score,
+                    esc(&d.candidate_output),
+                    d.candidate_score
+                );
+            }
+            h.push_str("</table>");
+        }
+        h.push_str("</body></html>\n");
+        h
+    }
+}
+
+const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222}\
+h1{margin-bottom:.2rem}.sub{color:#666;margin-top:0}table{border-collapse:collapse;width:100%;margin:1rem 0}\
+td,th{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}th{background:#f4f4f4}\
+.ci{color:#888;font-size:12px}.verdict{padding:.8rem 1rem;border-radius:6px;margin:1rem 0}\
+.good{background:#e3f6e8}.bad{background:#fbe4e4}.flat{background:#f1f1f1}.note{color:#444}\
+pre{white-space:pre-wrap;margin:0;font-size:12px;max-width:280px}tr.up td:last-child{background:#eef9f0}\
+tr.down td:last-child{background:#fdf0f0}.score{font-weight:bold;font-size:12px}svg{display:block;margin:.5rem 0}";
+
+/// Escapes text for HTML.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Horizontal bars on [0, 1] with 95 % interval whiskers and an optional gate line.
+fn bar_chart(bars: &[(String, Estimate)], gate: Option<f64>) -> String {
+    let (label_w, plot_w, row_h) = (260.0, 560.0, 26.0);
+    let height = row_h * bars.len() as f64 + 24.0;
+    let top = bars.iter().map(|(_, e)| e.ci_high.max(e.mean)).fold(1.0f64, f64::max);
+    let x = |v: f64| label_w + plot_w * (v / top).clamp(0.0, 1.0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" role=\"img\">", label_w + plot_w + 60.0);
+    for (i, (label, e)) in bars.iter().enumerate() {
+        let y = row_h * i as f64 + 4.0;
+        let _ = write!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"12\">{}</text><rect x=\"{label_w}\" y=\"{y}\" width=\"{}\" height=\"{}\" fill=\"#4b7bec\"/>\
+<line x1=\"{}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"#222\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{:.3}</text>",
+            label_w - 6.0,
+            y + 15.0,
+            esc(label),
+            x(e.mean) - label_w,
+            row_h - 8.0,
+            x(e.ci_low),
+            x(e.ci_high),
+            y + 9.0,
+            y + 9.0,
+            x(e.ci_high.max(e.mean)) + 4.0,
+            y + 15.0,
+            e.mean
+        );
+    }
+    if let Some(g) = gate {
+        let _ = write!(
+            s,
+            "<line x1=\"{0}\" x2=\"{0}\" y1=\"0\" y2=\"{1}\" stroke=\"#eb3b5a\" stroke-dasharray=\"4 3\"/><text x=\"{0}\" y=\"{2}\" font-size=\"11\" fill=\"#eb3b5a\">gate {3}</text>",
+            x(g),
+            height - 14.0,
+            height - 2.0,
+            g
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// Lines over steps, each series scaled to the shared y range.
+fn line_chart(series: &[(&str, &[(f64, f64)], &str)]) -> String {
+    let (w, h, pad) = (820.0, 220.0, 40.0);
+    let pts = series.iter().flat_map(|(_, p, _)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        return String::new();
+    }
+    if x1 - x0 < 1e-12 {
+        x1 = x0 + 1.0;
+    }
+    if y1 - y0 < 1e-12 {
+        y1 = y0 + 1.0;
+    }
+    let px = |x: f64| pad + (w - 2.0 * pad) * (x - x0) / (x1 - x0);
+    let py = |y: f64| h - pad + -(h - 2.0 * pad) * (y - y0) / (y1 - y0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=\"img\">");
+    let _ = write!(
+        s,
+        "<line x1=\"{pad}\" x2=\"{pad}\" y1=\"{pad}\" y2=\"{0}\" stroke=\"#999\"/><line x1=\"{pad}\" x2=\"{1}\" y1=\"{0}\" y2=\"{0}\" stroke=\"#999\"/>\
+<text x=\"4\" y=\"{pad}\" font-size=\"11\">{y1:.3}</text><text x=\"4\" y=\"{0}\" font-size=\"11\">{y0:.3}</text><text x=\"{1}\" y=\"{2}\" font-size=\"11\" text-anchor=\"end\">step {x1}</text>",
+        h - pad,
+        w - pad,
+        h - pad + 16.0
+    );
+    for (k, (name, points, color)) in series.iter().enumerate() {
+        if points.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let _ = write!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.6\" points=\"{}\"/><text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"{color}\">{}</text>",
+            path.join(" "),
+            pad + 10.0 + 160.0 * k as f64,
+            pad - 10.0,
+            esc(name)
+        );
+        if points.len() < 40 {
+            for &(x, y) in *points {
+                let _ = write!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{color}\"/>", px(x), py(y));
+            }
+        }
+    }
+    s.push_str("</svg>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_is_self_contained_and_escaped() {
+        let e = Estimate { mean: 0.5, ci_low: 0.4, ci_high: 0.6, n: 10 };
+        let r = Report {
+            title: "t <script>".into(),
+            suite: "s".into(),
+            primary_metric: "m".into(),
+            baseline_trials: vec![BaselineTrial { template: "a&b".into(), shots: 0, metric: e }],
+            training: vec![
+                StepRecord { step: 1, epoch: 0, loss: 2.0, lr: 1e-4, grad_norm: 1.0, tokens: 10 },
+                StepRecord { step: 2, epoch: 0, loss: 1.0, lr: 1e-4, grad_norm: 1.0, tokens: 10 },
+            ],
+            ..Report::default()
+        };
+        let html = r.html();
+        assert!(!html.contains("<script"), "user text is escaped and the page has no scripts");
+        assert!(html.contains("t &lt;script&gt;"));
+        assert!(html.contains("a&amp;b · 0-shot"));
+        assert!(html.contains("<polyline"));
+        assert!(!html.contains("http://") || html.matches("http://").count() == html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(), "nothing is fetched");
+    }
+}

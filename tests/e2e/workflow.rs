@@ -1,0 +1,208 @@
+//! The workflow commands end to end: `lathe data`, `lathe train` (killed and resumed),
+//! `lathe export`, `lathe eval`, and the demo on SmolLM2.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lathe_engine::config::Architecture;
+
+use crate::*;
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// A small chat dataset the tiny model can learn from: "say X" → "X".
+fn tiny_dataset(path: &Path, n: usize) {
+    let words = ["the", "thin", "cat", "sat", "in", "hat", "he", "ran", "tin", "then"];
+    let mut text = String::new();
+    for i in 0..n {
+        let w = format!("{} {}", words[i % words.len()], words[(i * 7 + 3) % words.len()]);
+        text.push_str(&serde_json::json!({"messages": [
+            {"role": "user", "content": format!("say {w} {i}")},
+            {"role": "assistant", "content": format!("{w} {i}")},
+        ]}).to_string());
+        text.push('\n');
+    }
+    write(path, &text);
+}
+
+#[test]
+fn data_import_names_the_format_and_a_bad_line_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let home_s = home.to_str().unwrap();
+    let good = dir.path().join("good.jsonl");
+    tiny_dataset(&good, 20);
+    let out = lathe(&["data", "import", good.to_str().unwrap(), "--name", "words", "--data-dir", home_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("detected openai_chat"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("20 rows"), "{}", stdout(&out));
+
+    let bad = dir.path().join("bad.jsonl");
+    write(
+        &bad,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"c\", \"completion\": \"d\"}\n{\"prompt\": \"e\", \"completion\": 7}\n",
+    );
+    let out = lathe(&["data", "import", bad.to_str().unwrap(), "--data-dir", home_s]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("line 3") && err.contains("completion"), "{err}");
+
+    // Only the good import is in the store.
+    let out = lathe(&["data", "show", "--data-dir", home_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+
+    let out = lathe(&["data", "split", "words", "--heldout", "0.2", "--name", "words", "--data-dir", home_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("leakage check: 0 exact, 0 near"), "{}", stdout(&out));
+    let out = lathe(&["data", "show", "words.heldout", "--data-dir", home_s]);
+    assert!(stdout(&out).contains("\"role\": \"heldout\""), "{}", stdout(&out));
+}
+
+struct TinyProject {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    model: String,
+    suite: String,
+    home: String,
+}
+
+fn tiny_project(n: usize) -> TinyProject {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let tiny = lathe_engine::tiny::write_tiny(&root.join("model"), Architecture::Llama, 3).unwrap();
+    let data = root.join("data.jsonl");
+    tiny_dataset(&data, n);
+    let home = root.join("home").to_str().unwrap().to_string();
+    let out = lathe(&["data", "import", data.to_str().unwrap(), "--name", "words", "--data-dir", &home]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = lathe(&["data", "split", "words", "--name", "words", "--data-dir", &home]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let suite = root.join("suite.json");
+    write(
+        &suite,
+        &serde_json::json!({
+            "name": "words",
+            "templates": [{"name": "plain", "user": "{{ input }}"}],
+            "scorers": [{"plugin": "exact-match"}],
+            "shots": [0],
+            "max_tokens": 8
+        })
+        .to_string(),
+    );
+    TinyProject {
+        _dir: dir,
+        model: tiny.gguf.to_str().unwrap().to_string(),
+        suite: suite.to_str().unwrap().to_string(),
+        home,
+        root,
+    }
+}
+
+fn train_args<'a>(p: &'a TinyProject, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train", "--model", &p.model, "--data", "words.train", "--suite", &p.suite, "--out", out, "--data-dir", &p.home,
+        "--epochs", "60", "--batch-size", "4", "--rank", "4", "--lr", "1e-3", "--save-every", "20", "--metric-items", "2",
+        "--eval-every", "20", "--patience", "0", "--threads", "1",
+    ]
+}
+
+#[test]
+fn a_training_run_killed_with_sigkill_resumes_onto_the_same_curve_and_bits() {
+    let p = tiny_project(40);
+    let a = p.root.join("a");
+    let a_s = a.to_str().unwrap();
+    let out = lathe(&train_args(&p, a_s));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("adapter:"), "{}", stdout(&out));
+    let history = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let steps = history.lines().filter(|l| l.starts_with("{\"train\"")).count();
+    assert!(steps > 100, "{steps} steps");
+
+    // Run b is killed once its first checkpoint exists (and before it is done).
+    let b = p.root.join("b");
+    let b_s = b.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(train_args(&p, b_s))
+        .current_dir(repo_root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = b.join("checkpoints/step-00000020");
+    let t = Instant::now();
+    while !first.exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run was killed before it finished");
+    assert!(!b.join("last").exists());
+
+    let mut args = train_args(&p, b_s);
+    args.push("--resume");
+    let out = lathe(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(b.join("metrics.jsonl")).unwrap(), history, "the resumed curve differs");
+    for f in ["last/adapter_model.safetensors", "best/adapter_model.safetensors"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f} differs");
+    }
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("last/run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["lora"]["rank"], 4);
+    assert_eq!(run["base_model_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(run["dataset"].as_str().unwrap().len(), 64);
+    assert_eq!(run["chat_template_sha256"].as_str().unwrap().len(), 64);
+
+    // Exports: a merged GGUF and a merged Hugging Face folder load and generate.
+    let gguf = p.root.join("merged.gguf");
+    let out = lathe(&["export", "--model", &p.model, "--adapter", &format!("{a_s}/last"), "--format", "gguf-q8_0", "--out", gguf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hf = p.root.join("merged-hf");
+    let out = lathe(&["export", "--model", &p.model, "--adapter", &format!("{a_s}/last"), "--format", "hf", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gen = |model: &str| {
+        let out = lathe(&["generate", "--model", model, "--chat", "say the cat 3", "--max-tokens", "6"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(gen(gguf.to_str().unwrap()), gen(hf.to_str().unwrap()), "the two merged exports disagree");
+}
+
+#[test]
+fn eval_runs_compare_and_report_on_the_same_items() {
+    let p = tiny_project(30);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval", "run", "--model", &p.model, "--suite", &p.suite, "--data", "words.heldout", "--data-dir", &p.home];
+        args.extend_from_slice(extra);
+        let out = lathe(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s = stdout(&out);
+        assert!(s.contains("exact-match:"), "{s}");
+        s.lines().find_map(|l| l.strip_prefix("run ")).unwrap().to_string()
+    };
+    let zero = run(&[]);
+    let one = run(&["--shots", "1", "--train", "words.train"]);
+    let out = lathe(&["eval", "compare", &zero, &one]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("exact-match: "), "{}", stdout(&out));
+    let report = p.root.join("report");
+    let out = lathe(&["eval", "report", "--baseline", &zero, "--candidate", &one, "--out", report.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let html = std::fs::read_to_string(report.with_extension("html")).unwrap();
+    assert!(html.contains("Verdict:") && html.contains("<svg"), "{html}");
+    assert!(!html.contains("<script"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(json["runs"].as_array().unwrap().len(), 2);
+
+    // Shots without a training version are refused: they may only come from the train part.
+    let out = lathe(&["eval", "run", "--model", &p.model, "--suite", &p.suite, "--data", "words.heldout", "--shots", "2", "--data-dir", &p.home]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("training part"), "{}", stderr(&out));
+    // A training version cannot be evaluated as held-out.
+    let out = lathe(&["eval", "run", "--model", &p.model, "--suite", &p.suite, "--data", "words.train", "--data-dir", &p.home]);
+    assert!(!out.status.success());
+}
