@@ -45,6 +45,9 @@ pub struct TrainConfig {
     pub lora: LoraConfig,
     pub learning_rate: f64,
     pub epochs: usize,
+    /// Stop after this many optimizer steps even if epochs remain (the schedule spans
+    /// them); 0 means no cap.
+    pub max_steps: usize,
     /// Examples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -77,6 +80,7 @@ impl Default for TrainConfig {
             lora: LoraConfig::default(),
             learning_rate: 1e-4,
             epochs: 3,
+            max_steps: 0,
             batch_size: 4,
             grad_accum: 1,
             max_len: 512,
@@ -287,7 +291,11 @@ impl<'a> Trainer<'a> {
     }
 
     pub fn total_steps(&self) -> usize {
-        self.steps_per_epoch() * self.info.config.epochs
+        let all = self.steps_per_epoch() * self.info.config.epochs;
+        match self.info.config.max_steps {
+            0 => all,
+            cap => all.min(cap),
+        }
     }
 
     /// Trains from scratch, or from the latest checkpoint in `out_dir` when `resume`.

@@ -25,14 +25,17 @@ pub struct DemoArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Invoices generated for the task.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 160)]
     examples: usize,
     /// Held-out items evaluated (the first N of the held-out part).
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 20)]
     eval_items: usize,
     /// Training epochs of the LoRA pilot.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
+    /// Optimizer steps of the pilot (0: the whole epochs).
+    #[arg(long, default_value_t = 16)]
+    max_steps: usize,
     /// Learning rate of the pilot (a short pilot wants more than the 1e-4 default).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
@@ -156,6 +159,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         },
         learning_rate: a.lr,
         epochs: a.epochs,
+        max_steps: a.max_steps,
         batch_size: 4,
         schedule: Schedule::Cosine,
         warmup_ratio: 0.1,
@@ -176,12 +180,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
         metric_items: 0,
     };
     println!(
-        "training {} examples with template `{}` (LoRA r{}, all linear layers, lr {:.0e}, {} epoch(s)); {} kept to watch the loss",
+        "training on {} examples with template `{}` (LoRA r{}, all linear layers, lr {:.0e}, {} epoch(s), at most {} steps of 4); {} kept to watch the loss",
         train_items.len(),
         template.name,
         a.rank,
         a.lr,
         a.epochs,
+        a.max_steps,
         validation.len()
     );
     let run_dir = root.join("runs").join(format!("pilot-{}", &split.train.id[..12]));

@@ -39,6 +39,9 @@ pub struct TrainArgs {
     lr: Vec<f64>,
     #[arg(long, default_value_t = 3)]
     epochs: usize,
+    /// Stop after this many optimizer steps (0: no cap); the schedule spans them.
+    #[arg(long, default_value_t = 0)]
+    max_steps: usize,
     #[arg(long, default_value_t = 16)]
     rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -110,6 +113,7 @@ impl TrainArgs {
             },
             learning_rate: self.lr[0],
             epochs: self.epochs,
+            max_steps: self.max_steps,
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
             max_len: self.max_len,
