@@ -73,7 +73,8 @@ struct TinyProject {
 fn tiny_project(n: usize) -> TinyProject {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let tiny = lathe_engine::tiny::write_tiny(&root.join("model"), Architecture::Llama, 3).unwrap();
+    // Mistral: its RoPE has no GGUF-only scaling, so merged exports can go to config.json.
+    let tiny = lathe_engine::tiny::write_tiny(&root.join("model"), Architecture::Mistral, 3).unwrap();
     let data = root.join("data.jsonl");
     tiny_dataset(&data, n);
     let home = root.join("home").to_str().unwrap().to_string();
@@ -157,19 +158,28 @@ fn a_training_run_killed_with_sigkill_resumes_onto_the_same_curve_and_bits() {
     assert_eq!(run["dataset"].as_str().unwrap().len(), 64);
     assert_eq!(run["chat_template_sha256"].as_str().unwrap().len(), 64);
 
-    // Exports: a merged GGUF and a merged Hugging Face folder load and generate.
-    let gguf = p.root.join("merged.gguf");
-    let out = lathe(&["export", "--model", &p.model, "--adapter", &format!("{a_s}/last"), "--format", "gguf-q8_0", "--out", gguf.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let hf = p.root.join("merged-hf");
-    let out = lathe(&["export", "--model", &p.model, "--adapter", &format!("{a_s}/last"), "--format", "hf", "--out", hf.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let gen = |model: &str| {
-        let out = lathe(&["generate", "--model", model, "--chat", "say the cat 3", "--max-tokens", "6"]);
+    // Exports: merged folders and GGUFs load and answer as the base + adapter does.
+    let adapter = format!("{a_s}/last");
+    let generate = |model: &str, adapter: Option<&str>| {
+        let mut args = vec!["generate", "--model", model, "--chat", "say the cat 3", "--max-tokens", "6"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        let out = lathe(&args);
         assert!(out.status.success(), "{}", stderr(&out));
         stdout(&out)
     };
-    assert_eq!(gen(gguf.to_str().unwrap()), gen(hf.to_str().unwrap()), "the two merged exports disagree");
+    let adapted = generate(&p.model, Some(&adapter));
+    assert_ne!(adapted, generate(&p.model, None), "the adapter changes the answer");
+    for (format, file) in [("hf", "merged-hf"), ("gguf-f16", "merged-f16.gguf"), ("gguf-q8_0", "merged-q8.gguf")] {
+        let path = p.root.join(file);
+        let out = lathe(&["export", "--model", &p.model, "--adapter", &adapter, "--format", format, "--out", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = generate(path.to_str().unwrap(), None);
+        if format != "gguf-q8_0" {
+            assert_eq!(text, adapted, "{format} export answers differently from base + adapter");
+        }
+    }
 }
 
 #[test]
@@ -205,4 +215,31 @@ fn eval_runs_compare_and_report_on_the_same_items() {
     // A training version cannot be evaluated as held-out.
     let out = lathe(&["eval", "run", "--model", &p.model, "--suite", &p.suite, "--data", "words.train", "--data-dir", &p.home]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
+    let model = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let out = lathe(&[
+        "demo", "--model", model.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap(), "--examples", "100",
+        "--eval-items", "12", "--zero-shot-only", "--max-steps", "10", "--threads", "2",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    for stage in ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"] {
+        assert!(text.contains(&format!("== {stage}")), "{text}");
+    }
+    assert!(text.contains("verdict: BETTER"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo/report.json")).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let metric = |i: usize| runs[i]["metrics"]["json-field-match"]["mean"].as_f64().unwrap();
+    assert!(metric(1) > metric(0), "fine-tune {} vs baseline {}", metric(1), metric(0));
+    assert_eq!(report["comparison"]["comparison"]["verdict"], "better");
+    assert!(!report["training"].as_array().unwrap().is_empty());
+    let html = std::fs::read_to_string(dir.path().join("demo/report.html")).unwrap();
+    assert!(html.contains("<svg") && !html.contains("<script"));
+    let best = dir.path().join("demo/runs");
+    assert!(std::fs::read_dir(&best).unwrap().next().is_some());
 }

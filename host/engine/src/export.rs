@@ -29,6 +29,14 @@ impl WeightSource for MemoryWeights {
 
 /// Writes `config.json`, `model.safetensors` (f32) and the tokenizer files into `dir`.
 pub fn write_hf_folder(dir: &Path, config: &ModelConfig, weights: &MemoryWeights, tokenizer: &Tokenizer) -> Result<()> {
+    if matches!(config.rope_scaling, RopeScaling::Factors(_)) {
+        // config.json has no way to say "these per-frequency divisors".
+        return Err(EngineError::Unsupported {
+            path: dir.into(),
+            field: "rope_scaling".into(),
+            detail: "the model's RoPE scaling came from a GGUF `rope_freqs` tensor, which config.json cannot express; export GGUF instead".into(),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("JSON value serializes");
     crate::fsutil::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;

@@ -91,6 +91,9 @@ struct GenerateArgs {
     /// A GGUF file or Hugging Face folder.
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter (PEFT folder) applied on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Raw text to continue.
     #[arg(long)]
     prompt: Option<String>,
@@ -164,6 +167,10 @@ pub fn load_tokenizer(path: &Path) -> Result<lathe_engine::Tokenizer> {
 fn generate(a: GenerateArgs) -> Result<()> {
     let device = a.compute.setup()?;
     let m = load(&a.model, &device)?;
+    let adapter = match &a.adapter {
+        Some(p) => Some(lathe_engine::Adapter::load_peft(p, &m.model.config, &device)?),
+        None => None,
+    };
     let ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => m.tokenizer.encode(p, true)?,
         (None, Some(c)) => {
@@ -186,19 +193,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         ignore_eos: false,
     };
-    stream(&m, &ids, &params)?;
+    stream(&m, adapter.as_ref(), &ids, &params)?;
     Ok(())
 }
 
 /// Generates for one prompt, printing text as it comes, and reports speed on stderr.
-fn stream(m: &LoadedModel, ids: &[u32], params: &SamplingParams) -> Result<lathe_engine::Generation> {
+fn stream(m: &LoadedModel, adapter: Option<&lathe_engine::Adapter>, ids: &[u32], params: &SamplingParams) -> Result<lathe_engine::Generation> {
     let start = Instant::now();
     let mut out = std::io::stdout();
     let mut on_text = |_row: usize, text: &str| {
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
     };
-    let g = lathe_engine::generate(&m.model, &m.tokenizer, &[ids.to_vec()], params, &mut on_text)?
+    let g = lathe_engine::generate::generate_with(&m.model, adapter, &m.tokenizer, &[ids.to_vec()], params, &mut on_text)?
         .pop()
         .expect("one prompt gives one generation");
     println!();

@@ -12,7 +12,11 @@ use lathe_engine::{KvCache, LoadedModel, Logits, Message, Step};
 use crate::common::{device, max_abs_diff};
 
 fn tiny(dir: &Path) -> LoadedModel {
-    let t = lathe_engine::tiny::write_tiny(dir, Architecture::Llama, 7).unwrap();
+    tiny_arch(dir, Architecture::Llama)
+}
+
+fn tiny_arch(dir: &Path, arch: Architecture) -> LoadedModel {
+    let t = lathe_engine::tiny::write_tiny(dir, arch, 7).unwrap();
     lathe_engine::load(&t.gguf, &device()).unwrap()
 }
 
@@ -274,7 +278,8 @@ fn same_seed_gives_the_same_bits_and_a_resumed_run_the_same_curve() {
 #[test]
 fn peft_round_trip_and_merge_give_the_adapted_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let m = tiny(dir.path());
+    // Mistral: untied head, no RoPE scaling (so the merge can go to config.json).
+    let m = tiny_arch(dir.path(), Architecture::Mistral);
     let dev = m.model.device().clone();
     let config = LoraConfig {
         rank: 4,
@@ -324,6 +329,20 @@ fn peft_round_trip_and_merge_give_the_adapted_logits() {
     let merged_model = lathe_engine::CausalLm::load(m.model.config.clone(), &merged, &dev).unwrap();
     let diff = max_abs_diff(&logits(&merged_model, None), &adapted);
     assert!(diff < 1e-4, "merged model differs from base + adapter by {diff}");
+
+    // Written as a Hugging Face folder and loaded back, it is still the adapted model.
+    let folder = dir.path().join("merged-hf");
+    lathe_engine::export::write_hf_folder(&folder, &m.model.config, &merged, &m.tokenizer).unwrap();
+    let reloaded = lathe_engine::load(&folder, &dev).unwrap();
+    let diff = max_abs_diff(&logits(&reloaded.model, None), &adapted);
+    assert!(diff < 1e-4, "merged folder differs from base + adapter by {diff}");
+
+    // A GGUF Llama whose RoPE scaling is a `rope_freqs` tensor cannot become config.json.
+    let llama = tiny(&dir.path().join("llama"));
+    let err = lathe_engine::export::write_hf_folder(&dir.path().join("x"), &llama.model.config, &llama.model.to_memory_weights(), &llama.tokenizer)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rope_freqs"), "{err}");
 }
 
 #[test]
