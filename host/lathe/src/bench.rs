@@ -18,6 +18,30 @@ pub enum BenchCommand {
     Plugins(PluginBench),
     /// LoRA training tokens/s and peak memory.
     Train(TrainBench),
+    /// Dataset import and curation rows/s on a generated file, against a Python anchor.
+    Data(DataBench),
+    /// Eval examples/s on the demo's invoice suite, batched against one at a time.
+    Eval(EvalBench),
+}
+
+#[derive(Args)]
+pub struct DataBench {
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+}
+
+#[derive(Args)]
+pub struct EvalBench {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Held-out items per measurement.
+    #[arg(long, default_value_t = 16)]
+    items: usize,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
+    batch: Vec<usize>,
+    #[command(flatten)]
+    compute: Compute,
 }
 
 #[derive(Args)]
@@ -71,7 +95,89 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Generate(a) => generate(a),
         BenchCommand::Plugins(a) => plugins(a),
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Data(a) => data(a),
+        BenchCommand::Eval(a) => eval(a),
     }
+}
+
+/// The Python anchor for `bench data`: parse every line, write it back in a canonical form
+/// (sorted keys, no spaces) and hash the result — the least an importer does.
+const PY_IMPORT: &str = r#"
+import hashlib, json, sys, time
+t = time.perf_counter()
+h = hashlib.sha256()
+rows = 0
+with open(sys.argv[1], encoding="utf-8") as f, open(sys.argv[2], "w", encoding="utf-8") as out:
+    for line in f:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if not isinstance(rec.get("messages"), list):
+            raise SystemExit("bad record")
+        s = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "
+"
+        out.write(s)
+        h.update(s.encode())
+        rows += 1
+print(rows / (time.perf_counter() - t))
+"#;
+
+fn data(a: DataBench) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("bench.jsonl");
+    lathe_data::bench::generate_jsonl(&source, a.rows, 1)?;
+    let r = lathe_data::bench::run(&dir.path().join("store"), &source, &lathe_data::ImportOptions::default())?;
+    let py = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(PY_IMPORT)
+        .arg(&source)
+        .arg(dir.path().join("py.jsonl"))
+        .output();
+    let py_rows_per_s: Option<f64> = py.ok().filter(|o| o.status.success()).and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok());
+    println!("{} rows, {:.1} MB", r.rows, r.source_bytes as f64 / 1e6);
+    println!(
+        "import      {:>7.2} s  {:>10.0} rows/s  {:.0} MB/s{}",
+        r.import_s,
+        r.import_rows_per_s,
+        r.import_mb_per_s,
+        py_rows_per_s.map_or(String::new(), |p| format!("   (Python json parse+dump+sha256: {p:.0} rows/s → {:.1}x)", r.import_rows_per_s / p))
+    );
+    let per = |s: f64| r.rows as f64 / s;
+    println!("statistics  {:>7.2} s  {:>10.0} rows/s", r.statistics_s, per(r.statistics_s));
+    println!("dedupe      {:>7.2} s  {:>10.0} rows/s  (exact + MinHash near, {} dropped)", r.dedupe_s, per(r.dedupe_s), r.dedupe_dropped);
+    println!("pii scan    {:>7.2} s  {:>10.0} rows/s  ({} rows with hits)", r.pii_s, per(r.pii_s), r.pii_rows);
+    println!("split       {:>7.2} s  {:>10.0} rows/s  ({} held out)", r.split_s, per(r.split_s), r.heldout_rows);
+    Ok(())
+}
+
+fn eval(a: EvalBench) -> Result<()> {
+    use lathe_jobs::eval::{self as ev, Item, Plugins, Subject};
+    let device = a.compute.setup()?;
+    let m = load(&a.model, &device)?;
+    let runtime = crate::plugin::runtime()?;
+    let mut suite = lathe_jobs::demo::invoice_suite();
+    let plugins = Plugins::load(&runtime, &suite)?;
+    let items: Vec<Item> = lathe_jobs::demo::invoice_examples(a.items, 99)
+        .iter()
+        .map(Item::from_example)
+        .collect::<Result<_>>()?;
+    let subject = Subject {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        adapter: None,
+        model_name: a.model.display().to_string(),
+        adapter_name: None,
+    };
+    let template = suite.templates[0].clone();
+    println!("{} invoice items, template `{}`, max {} new tokens, {} threads", a.items, template.name, suite.max_tokens, rayon::current_num_threads());
+    let mut first = None;
+    for &b in &a.batch {
+        suite.batch_size = b;
+        let run = ev::run(&subject, &suite, &plugins, &template, &[], &items, None, &mut |_, _| {})?;
+        let base = *first.get_or_insert(run.examples_per_s);
+        println!("batch {b:>3}: {:.2} examples/s ({:.1}x batch {})", run.examples_per_s, run.examples_per_s / base, a.batch[0]);
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
