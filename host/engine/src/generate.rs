@@ -394,3 +394,22 @@ mod tests {
         assert_eq!(held_back("answer", &stops), 0);
     }
 }
+
+/// The log-probability of `continuation` following `prompt` (summed over its tokens), for
+/// scoring choices by likelihood.
+pub fn continuation_logprob(model: &CausalLm, adapter: Option<&Adapter>, prompt: &[u32], continuation: &[u32]) -> f64 {
+    if prompt.is_empty() || continuation.is_empty() {
+        return 0.0;
+    }
+    let mut tokens = prompt.to_vec();
+    tokens.extend_from_slice(continuation);
+    let logits = model.forward_with(&Step::single(&tokens, 0), &mut KvCache::default(), Logits::All, adapter);
+    let v = model.config.vocab_size;
+    let lp = burn::tensor::activation::log_softmax(logits.reshape([tokens.len(), v]), 1);
+    let host = lp.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits");
+    continuation
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| f64::from(host[(prompt.len() + k - 1) * v + t as usize]))
+        .sum()
+}

@@ -197,9 +197,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     stage(5, "fine-tune vs baseline on the held-out items");
     let tuned_subject = Subject {
+        model: base_subject.model,
+        tokenizer: base_subject.tokenizer,
         adapter: Some(&adapter),
+        model_name: base_subject.model_name.clone(),
         adapter_name: Some(outcome.adapter_dir.display().to_string()),
-        ..base_subject
     };
     let tuned = eval::run(&tuned_subject, &suite, &plugins, template, &[], &items, Some(split.heldout.id.clone()), &mut |_, _| {})?;
     println!("fine-tune (0-shot, `{}`):", template.name);
@@ -217,6 +219,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         d.ci_high,
         comparison.comparison.p_value
     );
+
+    println!("regression pack (general ability), base vs fine-tune:");
+    let forgetting = crate::eval::forgetting_check(&base_subject, &adapter, &outcome.adapter_dir.display().to_string(), 10, 0.0)?;
 
     stage(6, "report and artifacts");
     let runs_dir = eval::runs_dir(&root);
@@ -236,6 +241,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         notes: vec![
             format!("train version {}, held-out version {}", split.train.id, split.heldout.id),
             format!("adapter (PEFT) in {}", outcome.adapter_dir.display()),
+            format!(
+                "regression pack: {}",
+                forgetting
+                    .tasks
+                    .iter()
+                    .map(|(t, c)| format!("{t} {:+.3} ({})", c.difference.mean, c.verdict.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         ],
     };
     let (json, html) = crate::eval::write_report(&report, &root.join("report"))?;

@@ -20,6 +20,25 @@ pub enum EvalCommand {
     Compare(CompareArgs),
     /// Write the JSON and HTML report of a baseline and a candidate run.
     Report(ReportArgs),
+    /// The regression pack (multiple choice by log-likelihood, arithmetic, instruction
+    /// following) on the base model and with an adapter: did the fine-tune forget?
+    Regression(RegressionArgs),
+}
+
+#[derive(Args)]
+pub struct RegressionArgs {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Generated arithmetic items.
+    #[arg(long, default_value_t = 20)]
+    arithmetic: usize,
+    /// A drop smaller than this is not called forgetting.
+    #[arg(long, default_value_t = 0.0)]
+    margin: f64,
+    #[command(flatten)]
+    compute: Compute,
 }
 
 #[derive(Args)]
@@ -102,6 +121,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Baseline(a) => baseline(a),
         EvalCommand::Compare(a) => compare(a),
         EvalCommand::Report(a) => report(a),
+        EvalCommand::Regression(a) => regression(a),
     }
 }
 
@@ -248,5 +268,44 @@ fn report(a: ReportArgs) -> Result<()> {
     };
     let (json, html) = write_report(&r, &a.out)?;
     println!("report {} and {}", json.display(), html.display());
+    Ok(())
+}
+
+/// Runs the regression pack on the base and the adapted model and prints the verdict.
+pub fn forgetting_check(subject: &Subject<'_>, adapter: &Adapter, adapter_name: &str, arithmetic: usize, margin: f64) -> Result<eval::regression::Forgetting> {
+    let base = eval::regression::run(subject, arithmetic, 3)?;
+    let tuned_subject = Subject {
+        adapter: Some(adapter),
+        adapter_name: Some(adapter_name.to_string()),
+        model: subject.model,
+        tokenizer: subject.tokenizer,
+        model_name: subject.model_name.clone(),
+    };
+    let tuned = eval::regression::run(&tuned_subject, arithmetic, 3)?;
+    let f = eval::regression::compare(&base, &tuned, margin);
+    for (task, c) in &f.tasks {
+        println!(
+            "  {task:<22} base {:.3} → fine-tune {:.3}  ({})",
+            base.tasks[task].mean,
+            tuned.tasks[task].mean,
+            c.verdict.as_str()
+        );
+    }
+    println!("{}", if f.forgot { "forgetting: the fine-tune is worse on general ability" } else { "forgetting: none detected" });
+    Ok(f)
+}
+
+fn regression(a: RegressionArgs) -> Result<()> {
+    let device = a.compute.setup()?;
+    let m = load(&a.model, &device)?;
+    let adapter = Adapter::load_peft(&a.adapter, &m.model.config, &device)?;
+    let subject = Subject {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        adapter: None,
+        model_name: a.model.display().to_string(),
+        adapter_name: None,
+    };
+    forgetting_check(&subject, &adapter, &a.adapter.display().to_string(), a.arithmetic, a.margin)?;
     Ok(())
 }

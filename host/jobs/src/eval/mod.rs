@@ -7,6 +7,7 @@
 //! prompted baseline tries every template at every shot count (shots drawn from the
 //! training part only) and keeps the best.
 
+pub mod regression;
 pub mod report;
 pub mod stats;
 
