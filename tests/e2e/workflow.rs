@@ -231,6 +231,7 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
         assert!(text.contains(&format!("== {stage}")), "{text}");
     }
     assert!(text.contains("verdict: BETTER"), "{text}");
+    assert!(text.contains("forgetting: "), "the regression pack ran: {text}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo/report.json")).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();

@@ -79,8 +79,15 @@ fn passes(check: Check, output: &str) -> bool {
     match check {
         Check::UpperCase => out.chars().any(char::is_alphabetic) && !out.chars().any(char::is_lowercase),
         Check::CommaItems(n) => {
-            let items: Vec<&str> = out.split(',').map(str::trim).collect();
-            items.len() == n && items.iter().all(|i| !i.is_empty() && i.split_whitespace().count() <= 3)
+            // "The three colors are: blue, green, and red." counts: the list after a colon,
+            // with a final "and".
+            let list = out.rsplit(':').next().unwrap_or(out);
+            let items: Vec<&str> = list
+                .split(',')
+                .map(|i| i.trim().trim_start_matches("and ").trim())
+                .filter(|i| !i.is_empty())
+                .collect();
+            items.len() == n && items.iter().all(|i| i.split_whitespace().count() <= 3)
         }
         Check::OneWord => out.split_whitespace().count() == 1,
         Check::EndsWith(s) => out.trim_end_matches(['!', '.']).ends_with(s),
@@ -145,7 +152,7 @@ pub fn run(subject: &Subject<'_>, arithmetic: usize, seed: u64) -> Result<PackRu
             _ => (format!("What is {a} times {b}?"), a * b),
         };
         let prompt = format!("{text} Answer with the number only.");
-        gen_items.push(("arithmetic".into(), prompt, Box::new(move |out: &str| first_number(out) == Some(value))));
+        gen_items.push(("arithmetic".into(), prompt, Box::new(move |out: &str| last_number(out) == Some(value))));
     }
     for (prompt, check) in INSTRUCTIONS {
         let check = *check;
@@ -185,12 +192,14 @@ pub fn run(subject: &Subject<'_>, arithmetic: usize, seed: u64) -> Result<PackRu
     Ok(run)
 }
 
-fn first_number(s: &str) -> Option<i64> {
+/// The last integer in the answer ("17 + 25 = 42" → 42), as lm-evaluation-harness's
+/// flexible extraction takes it.
+fn last_number(s: &str) -> Option<i64> {
     let bytes = s.as_bytes();
-    let start = bytes.iter().position(|b| b.is_ascii_digit())?;
-    let neg = start > 0 && bytes[start - 1] == b'-';
-    let end = bytes[start..].iter().position(|b| !b.is_ascii_digit()).map_or(bytes.len(), |e| start + e);
+    let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
+    let start = bytes[..end].iter().rposition(|b| !b.is_ascii_digit()).map_or(0, |p| p + 1);
     let v: i64 = s[start..end].parse().ok()?;
+    let neg = start > 0 && bytes[start - 1] == b'-' && (start < 2 || !bytes[start - 2].is_ascii_digit());
     Some(if neg { -v } else { v })
 }
 
@@ -222,14 +231,16 @@ mod tests {
         assert!(!passes(Check::UpperCase, "Yes"));
         assert!(passes(Check::CommaItems(3), "red, green, blue"));
         assert!(!passes(Check::CommaItems(3), "red, green"));
+        assert!(passes(Check::CommaItems(3), "The three colors are: blue, green, and red."));
         assert!(!passes(Check::CommaItems(3), "Sure! Here are three colors: red, green, blue and many more words here"));
         assert!(passes(Check::OneWord, "Green."));
         assert!(!passes(Check::OneWord, "It is green"));
         assert!(passes(Check::EndsWith("Goodbye"), "Hello there. Goodbye!"));
         assert!(passes(Check::StartsWith("Sure:"), "Sure: Japan"));
-        assert_eq!(first_number("The answer is -12."), Some(-12));
-        assert_eq!(first_number("42"), Some(42));
-        assert_eq!(first_number("none"), None);
+        assert_eq!(last_number("The answer is -12."), Some(-12));
+        assert_eq!(last_number("17 + 25 = 42"), Some(42));
+        assert_eq!(last_number("30-7"), Some(7));
+        assert_eq!(last_number("none"), None);
         for (_, choices, answer) in MULTIPLE_CHOICE {
             assert!(*answer < choices.len());
         }
