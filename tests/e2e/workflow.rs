@@ -55,6 +55,20 @@ fn data_import_names_the_format_and_a_bad_line_stores_nothing() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
 
+    // Any other shape goes through a formatter plugin, whose errors name the record.
+    let custom = dir.path().join("custom.jsonl");
+    write(&custom, "{\"q\": \"2+2\", \"a\": \"4\"}\n{\"q\": \"3+3\", \"a\": \"6\"}\n");
+    let config = r#"{"user": "q", "assistant": "a"}"#;
+    let out = lathe(&["data", "import", custom.to_str().unwrap(), "--formatter", "chat-formatter", "--formatter-config", config, "--data-dir", home_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("detected chat-formatter") && stdout(&out).contains("2 rows"), "{}", stdout(&out));
+    write(&custom, "{\"q\": \"2+2\", \"a\": \"4\"}\n{\"q\": \"3+3\"}\n");
+    let out = lathe(&["data", "import", custom.to_str().unwrap(), "--formatter", "chat-formatter", "--formatter-config", config, "--data-dir", home_s]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    let out = lathe(&["data", "show", "--data-dir", home_s]);
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+
     let out = lathe(&["data", "split", "words", "--heldout", "0.2", "--name", "words", "--data-dir", home_s]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("leakage check: 0 exact, 0 near"), "{}", stdout(&out));

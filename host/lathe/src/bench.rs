@@ -114,8 +114,7 @@ with open(sys.argv[1], encoding="utf-8") as f, open(sys.argv[2], "w", encoding="
         rec = json.loads(line)
         if not isinstance(rec.get("messages"), list):
             raise SystemExit("bad record")
-        s = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "
-"
+        s = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
         out.write(s)
         h.update(s.encode())
         rows += 1

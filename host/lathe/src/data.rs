@@ -41,8 +41,52 @@ pub struct ImportArgs {
     system_col: Option<String>,
     #[arg(long)]
     label_col: Option<String>,
+    /// Turn each raw record (a JSON line, or a CSV/Parquet row as {column: value}) into an
+    /// example with this formatter plugin (built-in name or .wasm), for any other format.
+    #[arg(long, conflicts_with = "prompt_col")]
+    formatter: Option<String>,
+    /// The formatter's JSON configuration (a file path or inline JSON).
+    #[arg(long, default_value = "{}", requires = "formatter")]
+    formatter_config: String,
     #[command(flatten)]
     dir: DataDir,
+}
+
+/// The import hook over a WebAssembly formatter plugin.
+struct PluginFormatter {
+    name: String,
+    instance: lathe_sandbox::Instance,
+}
+
+impl lathe_data::RecordFormatter for PluginFormatter {
+    fn format(&mut self, record: serde_json::Value) -> std::result::Result<lathe_data::Example, lathe_data::RecordError> {
+        use lathe_data::{Message, Problem, RecordError, Role};
+        let fail = |message: String| RecordError::whole(Problem::Formatter { message });
+        match self.instance.format(&record.to_string()) {
+            Err(e) => Err(fail(e.to_string())),
+            Ok(Err(field)) => Err(RecordError::new(field.field, Problem::Formatter { message: field.message })),
+            Ok(Ok(lathe_sandbox::Example::Completion { prompt, completion })) => {
+                Ok(lathe_data::Example::prompt_completion(None, &prompt, &completion))
+            }
+            Ok(Ok(lathe_sandbox::Example::Chat(messages))) => {
+                let messages = messages
+                    .into_iter()
+                    .map(|m| {
+                        Role::parse(&m.role)
+                            .map(|r| Message::new(r, m.content))
+                            .ok_or_else(|| fail(format!("the formatter returned the unknown role `{}`", m.role)))
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let example = lathe_data::Example::new(messages);
+                example.validate()?;
+                Ok(example)
+            }
+        }
+    }
+
+    fn format_name(&self) -> lathe_data::Format {
+        lathe_data::Format::Plugin(self.name.clone())
+    }
 }
 
 #[derive(Args)]
@@ -139,7 +183,19 @@ fn import(a: ImportArgs) -> Result<()> {
         }
         opts.mapping = Some(m);
     }
-    let imported = lathe_data::import_file(&store, &a.file, &opts)?;
+    let imported = match &a.formatter {
+        Some(name) => {
+            let runtime = crate::plugin::runtime()?;
+            let plugin = lathe_jobs::eval::load_plugin(&runtime, name, lathe_sandbox::Kind::Formatter)?;
+            let instance = plugin.instance(&json_arg(&a.formatter_config)?.to_string())?;
+            let mut f = PluginFormatter {
+                name: name.clone(),
+                instance,
+            };
+            lathe_data::import_with(&store, &a.file, &opts, &mut f)?
+        }
+        None => lathe_data::import_file(&store, &a.file, &opts)?,
+    };
     let r = &imported.report;
     println!(
         "{}: detected {} ({:?}), {} rows, {} blank lines skipped",
