@@ -430,6 +430,7 @@ impl CausalLm {
         x
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &Attention,

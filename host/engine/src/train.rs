@@ -188,7 +188,6 @@ pub fn encode_chat(tokenizer: &Tokenizer, messages: &[Message], max_len: usize) 
         rendered = full;
     }
     tokens.truncate(max_len);
-    let mut target = target;
     target.truncate(max_len);
     Ok(Encoded { tokens, target })
 }

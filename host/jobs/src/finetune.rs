@@ -153,6 +153,7 @@ pub struct SweepPoint {
 
 /// Trains once per learning rate into `out_dir/lr-<lr>` and returns every point with the
 /// index of the winner (best watched value).
+#[allow(clippy::too_many_arguments)]
 pub fn sweep(
     spec: &Spec<'_>,
     rates: &[f64],

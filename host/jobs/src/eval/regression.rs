@@ -119,6 +119,9 @@ impl PackRun {
     }
 }
 
+/// A generated item: task, prompt, and the check its answer must pass.
+type Generated = (String, String, Box<dyn Fn(&str) -> bool>);
+
 /// Runs the whole pack: multiple choice, `arithmetic` generated arithmetic items, and the
 /// instruction-following prompts.
 pub fn run(subject: &Subject<'_>, arithmetic: usize, seed: u64) -> Result<PackRun> {
@@ -143,7 +146,7 @@ pub fn run(subject: &Subject<'_>, arithmetic: usize, seed: u64) -> Result<PackRu
     }
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut gen_items: Vec<(String, String, Box<dyn Fn(&str) -> bool>)> = Vec::new();
+    let mut gen_items: Vec<Generated> = Vec::new();
     for _ in 0..arithmetic {
         let (a, b) = (rng.random_range(2..50i64), rng.random_range(2..50i64));
         let (text, value) = match rng.random_range(0..3) {

@@ -259,8 +259,11 @@ fn bar_chart(bars: &[(String, Estimate)], gate: Option<f64>) -> String {
     s
 }
 
+/// A named line: (name, points, color).
+type Series<'a> = (&'a str, &'a [(f64, f64)], &'a str);
+
 /// Lines over steps, each series scaled to the shared y range.
-fn line_chart(series: &[(&str, &[(f64, f64)], &str)]) -> String {
+fn line_chart(series: &[Series<'_>]) -> String {
     let (w, h, pad) = (820.0, 220.0, 40.0);
     let pts = series.iter().flat_map(|(_, p, _)| p.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
