@@ -160,13 +160,7 @@ fn eval(a: EvalBench) -> Result<()> {
         .iter()
         .map(Item::from_example)
         .collect::<Result<_>>()?;
-    let subject = Subject {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        adapter: None,
-        model_name: a.model.display().to_string(),
-        adapter_name: None,
-    };
+    let subject = Subject::base(&m, a.model.display().to_string());
     let template = suite.templates[0].clone();
     println!("{} invoice items, template `{}`, max {} new tokens, {} threads", a.items, template.name, suite.max_tokens, rayon::current_num_threads());
     let mut first = None;

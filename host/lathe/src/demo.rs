@@ -124,13 +124,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(3, "the prompted baseline: every template, zero- and few-shot");
     let runtime = crate::plugin::runtime()?;
     let plugins = Plugins::load(&runtime, &suite)?;
-    let base_subject = Subject {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        adapter: None,
-        model_name: a.model.display().to_string(),
-        adapter_name: None,
-    };
+    let base_subject = Subject::base(&m, a.model.display().to_string());
     let baseline = eval::baseline(&base_subject, &suite, &plugins, &pool, &items, Some(split.heldout.id.clone()), &mut |t| {
         println!(
             "  {:<8} {}-shot: {} {:.3} [{:.3}, {:.3}]",
@@ -196,13 +190,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let adapter = Adapter::load_peft(&outcome.adapter_dir, &m.model.config, &device)?;
 
     stage(5, "fine-tune vs baseline on the held-out items");
-    let tuned_subject = Subject {
-        model: base_subject.model,
-        tokenizer: base_subject.tokenizer,
-        adapter: Some(&adapter),
-        model_name: base_subject.model_name.clone(),
-        adapter_name: Some(outcome.adapter_dir.display().to_string()),
-    };
+    let tuned_subject = base_subject.with_adapter(&adapter, outcome.adapter_dir.display().to_string());
     let tuned = eval::run(&tuned_subject, &suite, &plugins, template, &[], &items, Some(split.heldout.id.clone()), &mut |_, _| {})?;
     println!("fine-tune (0-shot, `{}`):", template.name);
     crate::eval::print_run(&tuned);

@@ -200,13 +200,7 @@ fn baseline(a: BaselineArgs) -> Result<()> {
     let m = load(&a.model, &device)?;
     let runtime = crate::plugin::runtime()?;
     let plugins = Plugins::load(&runtime, &suite)?;
-    let subject = Subject {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        adapter: None,
-        model_name: a.model.display().to_string(),
-        adapter_name: None,
-    };
+    let subject = Subject::base(&m, a.model.display().to_string());
     let b = eval::baseline(&subject, &suite, &plugins, &pool, &items, Some(held_id), &mut |t| {
         println!("  {} · {}-shot: {:.3} [{:.3}, {:.3}]", t.template, t.shots, t.metric.mean, t.metric.ci_low, t.metric.ci_high)
     })?;
@@ -274,13 +268,7 @@ fn report(a: ReportArgs) -> Result<()> {
 /// Runs the regression pack on the base and the adapted model and prints the verdict.
 pub fn forgetting_check(subject: &Subject<'_>, adapter: &Adapter, adapter_name: &str, arithmetic: usize, margin: f64) -> Result<eval::regression::Forgetting> {
     let base = eval::regression::run(subject, arithmetic, 3)?;
-    let tuned_subject = Subject {
-        adapter: Some(adapter),
-        adapter_name: Some(adapter_name.to_string()),
-        model: subject.model,
-        tokenizer: subject.tokenizer,
-        model_name: subject.model_name.clone(),
-    };
+    let tuned_subject = subject.with_adapter(adapter, adapter_name);
     let tuned = eval::regression::run(&tuned_subject, arithmetic, 3)?;
     let f = eval::regression::compare(&base, &tuned, margin);
     for (task, c) in &f.tasks {
@@ -299,13 +287,7 @@ fn regression(a: RegressionArgs) -> Result<()> {
     let device = a.compute.setup()?;
     let m = load(&a.model, &device)?;
     let adapter = Adapter::load_peft(&a.adapter, &m.model.config, &device)?;
-    let subject = Subject {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        adapter: None,
-        model_name: a.model.display().to_string(),
-        adapter_name: None,
-    };
+    let subject = Subject::base(&m, a.model.display().to_string());
     forgetting_check(&subject, &adapter, &a.adapter.display().to_string(), a.arithmetic, a.margin)?;
     Ok(())
 }

@@ -274,6 +274,30 @@ pub struct Subject<'a> {
     pub adapter_name: Option<String>,
 }
 
+impl<'a> Subject<'a> {
+    /// A loaded model without an adapter.
+    pub fn base(m: &'a lathe_engine::LoadedModel, model_name: impl Into<String>) -> Self {
+        Self {
+            model: &m.model,
+            tokenizer: &m.tokenizer,
+            adapter: None,
+            model_name: model_name.into(),
+            adapter_name: None,
+        }
+    }
+
+    /// The same model through `adapter`.
+    pub fn with_adapter(&self, adapter: &'a Adapter, adapter_name: impl Into<String>) -> Self {
+        Self {
+            model: self.model,
+            tokenizer: self.tokenizer,
+            adapter: Some(adapter),
+            model_name: self.model_name.clone(),
+            adapter_name: Some(adapter_name.into()),
+        }
+    }
+}
+
 /// Renders the chat for `item`: the template's system message, `shots` solved examples
 /// as earlier turns, then the item.
 pub fn render_messages(template: &PromptTemplate, shots: &[Item], item: &Item) -> Result<Vec<Message>> {
