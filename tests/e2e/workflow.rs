@@ -258,3 +258,79 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
     let best = dir.path().join("demo/runs");
     assert!(std::fs::read_dir(&best).unwrap().next().is_some());
 }
+
+/// A minimal OpenAI-compatible `chat/completions` server on a local port: it answers every
+/// request with a fixed verdict and counts the requests it got.
+fn judge_server(verdict: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(request_line.starts_with("POST /v1/chat/completions"), "{request_line}");
+            assert_eq!(req["model"], "grader");
+            assert_eq!(req["temperature"], 0);
+            seen.fetch_add(1, Ordering::SeqCst);
+            let answer = serde_json::json!({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).to_string();
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}", answer.len());
+        }
+    });
+    (url, count)
+}
+
+#[test]
+fn an_llm_judge_on_an_openai_endpoint_scores_and_its_verdicts_replay_from_the_cache() {
+    let p = tiny_project(30);
+    let (url, requests) = judge_server(r#"{"score": 8, "reason": "mostly right"}"#);
+    let suite = p.root.join("judged.json");
+    write(
+        &suite,
+        &serde_json::json!({
+            "name": "words-judged",
+            "templates": [{"name": "plain", "user": "{{ input }}"}],
+            "scorers": [{"plugin": "exact-match"}],
+            "judge": {"plugin": "llm-judge", "config": {"min": 1, "max": 10},
+                      "model": {"kind": "openai", "base_url": url, "model": "grader"}},
+            "shots": [0],
+            "max_tokens": 8
+        })
+        .to_string(),
+    );
+    let run = || {
+        let out = lathe(&["eval", "run", "--model", &p.model, "--suite", suite.to_str().unwrap(), "--data", "words.heldout", "--data-dir", &p.home]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let first = run();
+    let asked = requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asked > 0, "{first}");
+    // (8 - 1) / (10 - 1) for every item.
+    assert!(first.contains("judge: 0.778"), "{first}");
+    assert!(first.contains(&format!("judge: {asked} verdicts asked, 0 replayed")), "{first}");
+
+    let second = run();
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), asked, "a re-score asks the judge nothing");
+    assert!(second.contains(&format!("judge: 0 verdicts asked, {asked} replayed")), "{second}");
+    assert!(second.contains("judge: 0.778"), "{second}");
+}

@@ -170,6 +170,7 @@ pub fn invoice_suite() -> Suite {
             plugin: "json-schema".into(),
             config: json!({ "schema": invoice_schema() }),
         }),
+        judge: None,
         gate: Some(Gate {
             metric: "json-field-match".into(),
             min: 0.8,

@@ -133,6 +133,18 @@ fn save_run(dir: &DataDir, run: &EvalRun) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Where judge verdicts are cached: one file per data folder, keyed by judge model,
+/// prompt, output and seed.
+fn judge_cache(dir: &DataDir) -> PathBuf {
+    dir.path().join("judge-cache.jsonl")
+}
+
+fn print_judge_cache(plugins: &Plugins) {
+    if let Some((hits, misses)) = plugins.judge_cache_stats() {
+        println!("  judge: {misses} verdicts asked, {hits} replayed from the cache");
+    }
+}
+
 pub fn print_run(run: &EvalRun) {
     for (name, e) in &run.metrics {
         println!("  {name}: {:.3} (95 % CI {:.3} … {:.3}, n = {})", e.mean, e.ci_low, e.ci_high, e.n);
@@ -173,7 +185,7 @@ fn run_one(a: RunArgs) -> Result<()> {
         None => None,
     };
     let runtime = crate::plugin::runtime()?;
-    let plugins = Plugins::load(&runtime, &suite)?;
+    let plugins = Plugins::load_with_judge(&runtime, &suite, &device, &judge_cache(&a.dir))?;
     let subject = Subject {
         model: &m.model,
         tokenizer: &m.tokenizer,
@@ -183,6 +195,7 @@ fn run_one(a: RunArgs) -> Result<()> {
     };
     let run = eval::run(&subject, &suite, &plugins, template, &shots, &items, Some(held_id), &mut progress)?;
     print_run(&run);
+    print_judge_cache(&plugins);
     println!("run {}", save_run(&a.dir, &run)?.display());
     Ok(())
 }
@@ -199,7 +212,7 @@ fn baseline(a: BaselineArgs) -> Result<()> {
     let device = a.compute.setup()?;
     let m = load(&a.model, &device)?;
     let runtime = crate::plugin::runtime()?;
-    let plugins = Plugins::load(&runtime, &suite)?;
+    let plugins = Plugins::load_with_judge(&runtime, &suite, &device, &judge_cache(&a.dir))?;
     let subject = Subject::base(&m, a.model.display().to_string());
     let b = eval::baseline(&subject, &suite, &plugins, &pool, &items, Some(held_id), &mut |t| {
         println!("  {} · {}-shot: {:.3} [{:.3}, {:.3}]", t.template, t.shots, t.metric.mean, t.metric.ci_low, t.metric.ci_high)

@@ -7,6 +7,7 @@
 //! prompted baseline tries every template at every shot count (shots drawn from the
 //! training part only) and keeps the best.
 
+pub mod judge;
 pub mod regression;
 pub mod report;
 pub mod stats;
@@ -47,7 +48,7 @@ pub struct PluginRef {
     pub config: serde_json::Value,
 }
 
-fn empty_object() -> serde_json::Value {
+pub(crate) fn empty_object() -> serde_json::Value {
     serde_json::json!({})
 }
 
@@ -67,6 +68,9 @@ pub struct Suite {
     pub scorers: Vec<PluginRef>,
     #[serde(default)]
     pub validator: Option<PluginRef>,
+    /// An LLM judge whose score (0..1) becomes the `judge` metric.
+    #[serde(default)]
+    pub judge: Option<judge::JudgeSpec>,
     #[serde(default)]
     pub gate: Option<Gate>,
     /// Shot counts the baseline tries.
@@ -162,6 +166,7 @@ impl Item {
 pub struct Plugins {
     scorers: Vec<(String, Plugin, String)>,
     validator: Option<(Plugin, String)>,
+    judge: Option<std::cell::RefCell<judge::Judge>>,
 }
 
 /// Loads a plugin by built-in name or from a `.wasm` path.
@@ -190,7 +195,33 @@ impl Plugins {
             Some(r) => Some((load_plugin(runtime, &r.plugin, Kind::Validator)?, r.config.to_string())),
             None => None,
         };
-        Ok(Self { scorers, validator })
+        Ok(Self { scorers, validator, judge: None })
+    }
+
+    /// Also loads the suite's judge, if it has one: its model on `device` (or its
+    /// endpoint), verdicts cached in `cache` (JSON lines).
+    pub fn load_with_judge(runtime: &Runtime, suite: &Suite, device: &lathe_engine::Device, cache: &Path) -> Result<Self> {
+        let mut plugins = Self::load(runtime, suite)?;
+        if let Some(spec) = &suite.judge {
+            let backend = judge::Judge::backend_for(spec, device)?;
+            let j = judge::Judge::new(runtime, spec.clone(), backend, judge::VerdictCache::open(cache)?)?;
+            plugins.judge = Some(std::cell::RefCell::new(j));
+        }
+        Ok(plugins)
+    }
+
+    /// Uses `judge` for the `judge` metric.
+    pub fn with_judge(mut self, judge: judge::Judge) -> Self {
+        self.judge = Some(std::cell::RefCell::new(judge));
+        self
+    }
+
+    /// (hits, misses) of the judge's verdict cache.
+    pub fn judge_cache_stats(&self) -> Option<(usize, usize)> {
+        self.judge.as_ref().map(|j| {
+            let j = j.borrow();
+            (j.cache.hits, j.cache.misses)
+        })
     }
 }
 
@@ -392,6 +423,14 @@ pub fn run(
             }
         }
     }
+    if let Some(judge) = &plugins.judge {
+        let mut judge = judge.borrow_mut();
+        for r in &mut results {
+            let v = judge.score(&r.input, &r.output, Some(&r.reference))?;
+            r.scores.insert("judge".into(), v.score);
+            r.details.insert("judge".into(), vec![(v.reason, v.score)]);
+        }
+    }
     let elapsed = started.elapsed().as_secs_f64();
 
     let mut run = EvalRun {
@@ -412,6 +451,9 @@ pub fn run(
     let mut names: Vec<String> = plugins.scorers.iter().map(|(n, _, _)| n.clone()).collect();
     if plugins.validator.is_some() {
         names.push("valid".into());
+    }
+    if plugins.judge.is_some() {
+        names.push("judge".into());
     }
     for (k, name) in names.iter().enumerate() {
         let est = stats::bootstrap_mean(&run.values(name), stats::DEFAULT_RESAMPLES, 17 + k as u64);

@@ -1,0 +1,288 @@
+//! LLM-as-judge: the suite's judge plugin renders the judge prompt and parses the verdict;
+//! the judge model is a local model (any GGUF or Hugging Face folder the engine loads) or
+//! any OpenAI-compatible `chat/completions` endpoint, configured per suite.
+//!
+//! Verdicts are cached by (judge model, prompt hash, output hash, seed) in an append-only
+//! JSON-lines file, so re-scoring a run replays them instead of asking again — the same
+//! numbers, no cost.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use lathe_engine::generate::generate_with;
+use lathe_engine::{LoadedModel, Message, SamplingParams};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Which model judges.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JudgeModel {
+    /// A model file or folder the engine loads.
+    Local { path: PathBuf },
+    /// An OpenAI-compatible server: `base_url` up to `/v1`, the model name, and the
+    /// environment variable holding the API key (none for local servers).
+    #[serde(rename = "openai")]
+    OpenAi {
+        base_url: String,
+        model: String,
+        #[serde(default)]
+        api_key_env: Option<String>,
+    },
+}
+
+impl JudgeModel {
+    /// The name verdicts are cached under.
+    pub fn cache_name(&self) -> String {
+        match self {
+            Self::Local { path } => format!("local:{}", path.display()),
+            Self::OpenAi { base_url, model, .. } => format!("openai:{base_url}#{model}"),
+        }
+    }
+}
+
+/// The suite's judge: plugin, its configuration, the model and the sampling seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeSpec {
+    pub plugin: String,
+    #[serde(default = "super::empty_object")]
+    pub config: serde_json::Value,
+    pub model: JudgeModel,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+}
+
+fn default_max_tokens() -> usize {
+    128
+}
+
+/// Something that answers a chat.
+pub trait JudgeBackend {
+    fn complete(&mut self, messages: &[Message], seed: u64, max_tokens: usize) -> Result<String>;
+}
+
+/// A local model through the engine (greedy decoding; the seed is recorded).
+pub struct LocalJudge {
+    pub model: LoadedModel,
+}
+
+impl JudgeBackend for LocalJudge {
+    fn complete(&mut self, messages: &[Message], seed: u64, max_tokens: usize) -> Result<String> {
+        let prompt = self.model.tokenizer.encode_chat(messages, true)?;
+        let params = SamplingParams {
+            max_tokens,
+            seed,
+            ..SamplingParams::default()
+        };
+        let mut g = generate_with(&self.model.model, None, &self.model.tokenizer, &[prompt], &params, &mut |_, _| {})?;
+        Ok(g.pop().map(|g| g.text).unwrap_or_default())
+    }
+}
+
+/// An OpenAI-compatible endpoint, called with temperature 0 and the seed.
+pub struct OpenAiJudge {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl OpenAiJudge {
+    pub fn new(base_url: &str, model: &str, api_key: Option<String>) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            model: model.to_string(),
+            api_key,
+            agent: ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(120)).build(),
+        }
+    }
+}
+
+impl JudgeBackend for OpenAiJudge {
+    fn complete(&mut self, messages: &[Message], seed: u64, max_tokens: usize) -> Result<String> {
+        let url = format!("{}/chat/completions", self.base_url);
+        let body = serde_json::json!({
+            "model": self.model,
+            "messages": messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+            "temperature": 0,
+            "seed": seed,
+            "max_tokens": max_tokens,
+        });
+        let mut req = self.agent.post(&url).set("content-type", "application/json");
+        if let Some(k) = &self.api_key {
+            req = req.set("authorization", &format!("Bearer {k}"));
+        }
+        let resp = match req.send_string(&body.to_string()) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                bail!("judge endpoint {url} answered {code}: {}", text.chars().take(300).collect::<String>())
+            }
+            Err(e) => bail!("judge endpoint {url}: {e}"),
+        };
+        let v: serde_json::Value = serde_json::from_str(&resp.into_string()?).with_context(|| format!("judge endpoint {url}: the answer is not JSON"))?;
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .map(String::from)
+            .with_context(|| format!("judge endpoint {url}: no choices[0].message.content in the answer"))
+    }
+}
+
+/// One cached verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub key: String,
+    pub score: f64,
+    pub reason: String,
+    /// The judge's raw answer.
+    pub answer: String,
+}
+
+/// Verdicts by key, persisted as JSON lines.
+pub struct VerdictCache {
+    path: Option<PathBuf>,
+    entries: HashMap<String, Verdict>,
+    pub hits: usize,
+    pub misses: usize,
+}
+
+impl VerdictCache {
+    /// In memory only.
+    pub fn memory() -> Self {
+        Self {
+            path: None,
+            entries: HashMap::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Opens (or starts) the cache file; unreadable lines are skipped, not fatal.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut entries = HashMap::new();
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for line in text.lines() {
+                if let Ok(v) = serde_json::from_str::<Verdict>(line) {
+                    entries.insert(v.key.clone(), v);
+                }
+            }
+        }
+        Ok(Self {
+            path: Some(path.into()),
+            entries,
+            hits: 0,
+            misses: 0,
+        })
+    }
+
+    /// sha256 over (judge model, prompt, output, seed).
+    pub fn key(judge_model: &str, prompt: &[Message], output: &str, seed: u64) -> String {
+        let hex = |b: &[u8]| -> String { Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect() };
+        let prompt_json: Vec<(&str, &str)> = prompt.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        let prompt_hash = hex(serde_json::to_string(&prompt_json).expect("strings serialize").as_bytes());
+        let output_hash = hex(output.as_bytes());
+        hex(format!("{judge_model}\n{prompt_hash}\n{output_hash}\n{seed}").as_bytes())
+    }
+
+    fn get(&mut self, key: &str) -> Option<Verdict> {
+        let v = self.entries.get(key).cloned();
+        if v.is_some() {
+            self.hits += 1;
+        } else {
+            self.misses += 1;
+        }
+        v
+    }
+
+    fn put(&mut self, v: Verdict) -> Result<()> {
+        if let Some(path) = &self.path {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            writeln!(f, "{}", serde_json::to_string(&v)?)?;
+        }
+        self.entries.insert(v.key.clone(), v);
+        Ok(())
+    }
+}
+
+/// A judge ready to score: plugin instance, backend, cache.
+pub struct Judge {
+    pub spec: JudgeSpec,
+    plugin: lathe_sandbox::Instance,
+    backend: Box<dyn JudgeBackend>,
+    pub cache: VerdictCache,
+}
+
+impl Judge {
+    pub fn new(runtime: &lathe_sandbox::Runtime, spec: JudgeSpec, backend: Box<dyn JudgeBackend>, cache: VerdictCache) -> Result<Self> {
+        let plugin = super::load_plugin(runtime, &spec.plugin, lathe_sandbox::Kind::Judge)?;
+        let instance = plugin.instance(&spec.config.to_string())?;
+        Ok(Self {
+            spec,
+            plugin: instance,
+            backend,
+            cache,
+        })
+    }
+
+    /// Builds the backend the spec names: loads a local model, or reads the API key.
+    pub fn backend_for(spec: &JudgeSpec, device: &lathe_engine::Device) -> Result<Box<dyn JudgeBackend>> {
+        Ok(match &spec.model {
+            JudgeModel::Local { path } => Box::new(LocalJudge {
+                model: lathe_engine::load(path, device).with_context(|| format!("loading the judge model {}", path.display()))?,
+            }),
+            JudgeModel::OpenAi {
+                base_url,
+                model,
+                api_key_env,
+            } => {
+                let key = match api_key_env {
+                    Some(var) => Some(std::env::var(var).with_context(|| format!("the judge's API key: ${var} is not set"))?),
+                    None => None,
+                };
+                Box::new(OpenAiJudge::new(base_url, model, key))
+            }
+        })
+    }
+
+    /// The judge's score in [0, 1] and reason for one output, from the cache when it
+    /// has been asked before.
+    pub fn score(&mut self, input: &str, output: &str, reference: Option<&str>) -> Result<Verdict> {
+        let prompt = self.plugin.build_prompt(input, output, reference)?;
+        let messages: Vec<Message> = prompt.into_iter().map(|m| Message::new(m.role, m.content)).collect();
+        let key = VerdictCache::key(&self.spec.model.cache_name(), &messages, output, self.spec.seed);
+        if let Some(v) = self.cache.get(&key) {
+            return Ok(v);
+        }
+        let answer = self.backend.complete(&messages, self.spec.seed, self.spec.max_tokens)?;
+        let verdict = match self.plugin.parse_verdict(&answer)? {
+            Ok(j) => Verdict {
+                key,
+                score: j.score,
+                reason: j.reason,
+                answer,
+            },
+            // An answer the plugin cannot read scores 0 and says why; it is cached too,
+            // so a re-score gives the same number.
+            Err(why) => Verdict {
+                key,
+                score: 0.0,
+                reason: format!("unreadable verdict: {why}"),
+                answer,
+            },
+        };
+        self.cache.put(verdict.clone())?;
+        Ok(verdict)
+    }
+}

@@ -1,0 +1,45 @@
+//! The judge with a local model: whatever the model answers is parsed by the plugin, and
+//! every verdict (readable or not) is cached under its key.
+
+use lathe_engine::config::Architecture;
+use lathe_jobs::eval::judge::{Judge, JudgeModel, JudgeSpec, LocalJudge, VerdictCache};
+
+#[test]
+fn a_local_judge_answers_and_the_cache_replays_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = lathe_engine::tiny::write_tiny(dir.path(), Architecture::Llama, 5).unwrap();
+    let model = lathe_engine::load(&tiny.gguf, &lathe_engine::Device::flex()).unwrap();
+    let runtime = lathe_sandbox::Runtime::new(lathe_sandbox::RuntimeConfig::default()).unwrap();
+    let spec = JudgeSpec {
+        plugin: "llm-judge".into(),
+        config: serde_json::json!({}),
+        model: JudgeModel::Local { path: tiny.gguf.clone() },
+        seed: 3,
+        max_tokens: 8,
+    };
+    let cache_path = dir.path().join("cache.jsonl");
+    let mut judge = Judge::new(&runtime, spec.clone(), Box::new(LocalJudge { model }), VerdictCache::open(&cache_path).unwrap()).unwrap();
+    // A random tiny model does not answer `{"score": n}`: the verdict scores 0 and says why.
+    let v = judge.score("say hi", "hi", Some("hi")).unwrap();
+    assert_eq!(v.score, 0.0);
+    assert!(v.reason.starts_with("unreadable verdict"), "{}", v.reason);
+    assert_eq!((judge.cache.hits, judge.cache.misses), (0, 1));
+    let again = judge.score("say hi", "hi", Some("hi")).unwrap();
+    assert_eq!(again, v);
+    assert_eq!((judge.cache.hits, judge.cache.misses), (1, 1));
+    // A different output is a different key.
+    judge.score("say hi", "hello", Some("hi")).unwrap();
+    assert_eq!(judge.cache.misses, 2);
+
+    // The cache file survives: a new judge replays both verdicts without its model.
+    struct Refuses;
+    impl lathe_jobs::eval::judge::JudgeBackend for Refuses {
+        fn complete(&mut self, _: &[lathe_engine::Message], _: u64, _: usize) -> anyhow::Result<String> {
+            anyhow::bail!("the cache should have answered")
+        }
+    }
+    let mut replay = Judge::new(&runtime, spec, Box::new(Refuses), VerdictCache::open(&cache_path).unwrap()).unwrap();
+    assert_eq!(replay.score("say hi", "hi", Some("hi")).unwrap(), v);
+    replay.score("say hi", "hello", Some("hi")).unwrap();
+    assert_eq!((replay.cache.hits, replay.cache.misses), (2, 0));
+}
