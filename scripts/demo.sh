@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo run --release -p lathe -- demo "$@"
+# shellcheck disable=SC2046 # the features are words on purpose
+cargo run --release -p lathe $(scripts/cpu-features.sh) -- demo "$@"

@@ -11,5 +11,6 @@ cargo test --release --manifest-path plugins/Cargo.toml -p lathe-metrics
 # Vulkan driver, lavapipe. Needs its own build of the engine with the `wgpu` feature.
 XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}" LATHE_TEST_DEVICE=vulkan \
     cargo nextest run --release -p lathe-engine --features wgpu --no-fail-fast -E 'test(/^tiny::/)'
-# Everything, on the CPU.
-cargo nextest run --release --workspace --no-fail-fast "$@"
+# Everything, on the CPU (with the AVX-512 kernels where the CPU has them, as the demo).
+# shellcheck disable=SC2046 # the features are words on purpose
+cargo nextest run --release --workspace $(scripts/cpu-features.sh) --no-fail-fast "$@"

@@ -125,7 +125,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let runtime = crate::plugin::runtime()?;
     let plugins = Plugins::load(&runtime, &suite)?;
     let base_subject = Subject::base(&m, a.model.display().to_string());
-    let baseline = eval::baseline(&base_subject, &suite, &plugins, &pool, &items, Some(split.heldout.id.clone()), &mut |t| {
+    let baseline = eval::baseline(&base_subject, &suite, &plugins, &pool, &items, Some(split.heldout.id.clone()), &mut crate::eval::trial_progress, &mut |t| {
         println!(
             "  {:<8} {}-shot: {} {:.3} [{:.3}, {:.3}]",
             t.template,
@@ -191,7 +191,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     stage(5, "fine-tune vs baseline on the held-out items");
     let tuned_subject = base_subject.with_adapter(&adapter, outcome.adapter_dir.display().to_string());
-    let tuned = eval::run(&tuned_subject, &suite, &plugins, template, &[], &items, Some(split.heldout.id.clone()), &mut |_, _| {})?;
+    let tuned = eval::run(&tuned_subject, &suite, &plugins, template, &[], &items, Some(split.heldout.id.clone()), &mut |done, total| {
+        crate::eval::trial_progress(&template.name, 0, done, total)
+    })?;
     println!("fine-tune (0-shot, `{}`):", template.name);
     crate::eval::print_run(&tuned);
     let comparison = eval::compare(best, &tuned, &suite.primary_metric(), suite.margin)?;

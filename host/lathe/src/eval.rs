@@ -154,6 +154,14 @@ pub fn print_run(run: &EvalRun) {
     }
 }
 
+/// A baseline trial's generation progress on stderr, erased when the trial's line prints.
+pub fn trial_progress(template: &str, shots: usize, done: usize, total: usize) {
+    eprint!("\r  {template} · {shots}-shot: generating {done}/{total}   ");
+    if done == total {
+        eprint!("\r{}\r", " ".repeat(60));
+    }
+}
+
 fn progress(done: usize, total: usize) {
     eprint!("\r  generating {done}/{total}   ");
     if done == total {
@@ -214,7 +222,7 @@ fn baseline(a: BaselineArgs) -> Result<()> {
     let runtime = crate::plugin::runtime()?;
     let plugins = Plugins::load_with_judge(&runtime, &suite, &device, &judge_cache(&a.dir))?;
     let subject = Subject::base(&m, a.model.display().to_string());
-    let b = eval::baseline(&subject, &suite, &plugins, &pool, &items, Some(held_id), &mut |t| {
+    let b = eval::baseline(&subject, &suite, &plugins, &pool, &items, Some(held_id), &mut trial_progress, &mut |t| {
         println!("  {} · {}-shot: {:.3} [{:.3}, {:.3}]", t.template, t.shots, t.metric.mean, t.metric.ci_low, t.metric.ci_high)
     })?;
     println!("baseline: template {} with {} shots", b.best.template, b.best.shots);

@@ -496,6 +496,7 @@ pub struct BaselineTrial {
 /// Evaluates the base model with every template at every shot count (shots are the first
 /// examples of `train_pool`, never held-out items) and keeps the best by the primary
 /// metric.
+#[allow(clippy::too_many_arguments)]
 pub fn baseline(
     subject: &Subject<'_>,
     suite: &Suite,
@@ -503,6 +504,7 @@ pub fn baseline(
     train_pool: &[Item],
     items: &[Item],
     dataset: Option<String>,
+    on_progress: &mut dyn FnMut(&str, usize, usize, usize),
     on_trial: &mut dyn FnMut(&BaselineTrial),
 ) -> Result<Baseline> {
     let mut tried = Vec::new();
@@ -512,7 +514,9 @@ pub fn baseline(
             if k > train_pool.len() {
                 bail!("{k}-shot prompts need {k} training examples; the training part has {}", train_pool.len());
             }
-            let run = run(subject, suite, plugins, template, &train_pool[..k], items, dataset.clone(), &mut |_, _| {})?;
+            let run = run(subject, suite, plugins, template, &train_pool[..k], items, dataset.clone(), &mut |done, total| {
+                on_progress(&template.name, k, done, total)
+            })?;
             let trial = BaselineTrial {
                 template: template.name.clone(),
                 shots: k,
