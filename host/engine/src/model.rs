@@ -28,7 +28,8 @@ use crate::weights::{HostTensor, WeightSource};
 /// bytes than the f32 copy; longer steps (prefill) use the dense gemm.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor<2>,
+    /// `[in, out]`; None when only the quantized blocks are kept (QLoRA's frozen base).
+    weight: Option<Tensor<2>>,
     packed: Option<Arc<QMatrix>>,
 }
 
@@ -36,30 +37,64 @@ impl Linear {
     /// From a Hugging Face `[out, in]` weight; the transpose is a strided view.
     fn from_hf(t: Tensor<2>, packed: Option<QMatrix>) -> Self {
         Self {
-            weight: t.transpose(),
+            weight: Some(t.transpose()),
             packed: packed.map(Arc::new),
         }
     }
 
     /// `[in, out]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.dims()
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => w.dims(),
+            (None, Some(q)) => [q.cols(), q.rows()],
+            (None, None) => unreachable!("a projection keeps a dense or a packed weight"),
+        }
     }
 
     /// The weight as Hugging Face stores it, `[out, in]`, row-major on the host.
     pub fn to_hf_host(&self) -> Vec<f32> {
-        self.weight
-            .clone()
-            .transpose()
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .expect("f32 weights")
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => w
+                .clone()
+                .transpose()
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32 weights"),
+            (None, Some(q)) => q.dequantize(),
+            (None, None) => unreachable!("a projection keeps a dense or a packed weight"),
+        }
+    }
+
+    /// Keeps only the quantized blocks (quantizing to `ty` first if the weight came
+    /// dense): the frozen base of QLoRA, expanded per use.
+    fn drop_dense(&mut self, ty: crate::gguf::GgmlType) -> Result<()> {
+        if self.packed.is_none() {
+            let [i, o] = self.dims();
+            let bytes = crate::gguf::quantize(ty, &self.to_hf_host());
+            let q = QMatrix::from_ggml(ty, &bytes, o, i).ok_or_else(|| EngineError::Unsupported {
+                path: "model".into(),
+                field: "QLoRA base".into(),
+                detail: format!("a [{o}, {i}] projection cannot be stored as {}: its width is not a multiple of 32", ty.name()),
+            })?;
+            self.packed = Some(Arc::new(q));
+        }
+        self.weight = None;
+        Ok(())
+    }
+
+    /// The dense `[in, out]` weight: the kept one, or the blocks expanded now.
+    fn dense(&self, device: &Device) -> Tensor<2> {
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => w.clone(),
+            (None, Some(q)) => Tensor::<2>::from_data(TensorData::new(q.dequantize(), [q.rows(), q.cols()]), device).transpose(),
+            (None, None) => unreachable!("a projection keeps a dense or a packed weight"),
+        }
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
-        let out = self.weight.dims()[1];
+        let out = self.dims()[1];
         // The packed kernel runs on the host, outside any autodiff graph.
         if let Some(q) = &self.packed
             && b * s <= quant::MAX_ROWS
@@ -73,7 +108,8 @@ impl Linear {
             let y = q.matmul(&host, b * s);
             return Tensor::from_data(TensorData::new(y, [b, s, out]), &device);
         }
-        x.reshape([b * s, d]).matmul(self.weight.clone()).reshape([b, s, out])
+        let w = self.dense(&x.device().inner());
+        x.reshape([b * s, d]).matmul(w).reshape([b, s, out])
     }
 }
 
@@ -196,6 +232,14 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// What every layer of one uncached step shares: the attention mask and rotary tables.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    mask: Tensor<4, Bool>,
+    cos: Tensor<4>,
+    sin: Tensor<4>,
 }
 
 /// One forward step's input: `batch × seq` tokens, row-major.
@@ -386,6 +430,64 @@ impl CausalLm {
     /// The output head: final norm, then the projection to the vocabulary.
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.lm_head.forward(self.norm.forward(hidden))
+    }
+
+    /// Keeps the seven projections of every layer as 4-bit blocks only (the GGUF's own
+    /// Q4/Q8 blocks, or `ty` for dense weights), expanded on each use: QLoRA's frozen
+    /// base. Returns the bytes the dense copies held.
+    pub fn quantize_base(&mut self, ty: crate::gguf::GgmlType) -> Result<usize> {
+        let mut freed = 0;
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                if lin.weight.is_some() {
+                    let [i, o] = lin.dims();
+                    freed += i * o * 4;
+                }
+                lin.drop_dense(ty)?;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// The masks and rotary tables of a fresh (uncached) step, for running layers one by
+    /// one ([`layer`](Self::layer)).
+    pub fn layer_context(&self, step: &Step) -> LayerContext {
+        let (b, s) = (step.batch, step.seq);
+        let cache = KvCache {
+            layers: Vec::new(),
+            positions: (0..b).map(|r| step.positions[r * s..(r + 1) * s].to_vec()).collect(),
+            valid: (0..b).map(|r| step.valid[r * s..(r + 1) * s].to_vec()).collect(),
+        };
+        let mask = self.attention_mask(&cache, 0, s);
+        let (cos, sin) = self.rope_tables(&step.positions, b, s);
+        LayerContext { mask, cos, sin }
+    }
+
+    /// The token embeddings of a step, `[batch, seq, hidden]`.
+    pub fn embed(&self, step: &Step) -> Tensor<3> {
+        let ids: Vec<i64> = step.tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [step.batch, step.seq]), &self.device);
+        embedding(self.embed_tokens.clone(), ids)
+    }
+
+    /// Decoder layer `i` on `x` without a KV cache (training, layer by layer).
+    pub fn layer(&self, i: usize, x: Tensor<3>, ctx: &LayerContext, adapter: Option<&Adapter>, train: bool) -> Tensor<3> {
+        let layer = &self.layers[i];
+        let lora = match adapter {
+            Some(a) => Lora {
+                layer: Some(&a.layers[i]),
+                scale: a.config.scale(),
+                dropout: if train { a.config.dropout } else { 0.0 },
+            },
+            None => Lora::NONE,
+        };
+        let h = layer.input_layernorm.forward(x.clone());
+        let h = self.attention(&layer.self_attn, h, &ctx.cos, &ctx.sin, &ctx.mask, &mut None, &lora);
+        let x = x + h;
+        let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()), &lora);
+        x + h
     }
 
     /// Runs one step and returns the last layer's hidden states `[batch, seq, hidden]`

@@ -72,6 +72,9 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Checkpoints kept besides the best one.
     pub keep_checkpoints: usize,
+    /// Back-propagate one decoder layer at a time (see [`layerwise_grads`]); with a
+    /// 4-bit base ([`CausalLm::quantize_base`]) this is QLoRA.
+    pub qlora: bool,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +99,7 @@ impl Default for TrainConfig {
             save_every: 0,
             patience: 0,
             keep_checkpoints: 2,
+            qlora: false,
         }
     }
 }
@@ -341,18 +345,28 @@ impl<'a> Trainer<'a> {
             let mut grads: Vec<Option<Tensor<2>>> = vec![None; opt.m.len()];
             let mut loss_sum = 0.0;
             for (k, batch) in group.iter().enumerate() {
-                device.seed(mix(c.seed, (state.step * c.grad_accum + k) as u64));
+                let micro_seed = mix(c.seed, (state.step * c.grad_accum + k) as u64);
                 let examples: Vec<&Encoded> = batch.iter().map(|&i| &self.train[i]).collect();
-                let Some((loss, n)) = self.loss(&examples, &adapter, true) else {
-                    continue;
+                let scale = 1.0 / targets.max(1) as f64;
+                let micro: Vec<Option<Tensor<2>>> = if c.qlora {
+                    let Some((loss, g)) = layerwise_grads(self.model, &examples, &adapter, true, micro_seed, scale) else {
+                        continue;
+                    };
+                    loss_sum += loss;
+                    g.into_iter().map(Some).collect()
+                } else {
+                    device.seed(micro_seed);
+                    let Some((loss, _)) = self.loss(&examples, &adapter, true) else {
+                        continue;
+                    };
+                    let scaled = loss.clone().mul_scalar(scale);
+                    loss_sum += scalar(loss);
+                    let mut g = scaled.backward();
+                    adapter.params().iter().map(|(_, p)| p.grad_remove(&mut g)).collect()
                 };
                 tokens_seen += examples.iter().map(|e| e.tokens.len()).sum::<usize>();
-                let scaled = loss.clone().div_scalar(targets.max(1) as f64);
-                loss_sum += scalar(loss);
-                let _ = n;
-                let mut g = scaled.backward();
-                for (slot, (_, p)) in grads.iter_mut().zip(adapter.params()) {
-                    if let Some(d) = p.grad_remove(&mut g) {
+                for (slot, d) in grads.iter_mut().zip(micro) {
+                    if let Some(d) = d {
                         *slot = Some(match slot.take() {
                             Some(acc) => acc + d,
                             None => d,
@@ -618,8 +632,14 @@ impl<'a> Trainer<'a> {
 
 /// Summed negative log-likelihood of the target tokens of `examples` and their count;
 /// `None` when none of them has a target left after truncation.
-pub fn batch_loss(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool) -> Option<(Tensor<1>, usize)> {
-    let device = model.device();
+/// A padded batch and, for each target token, the hidden-state row that predicts it.
+struct Batch {
+    step: Step,
+    rows: Vec<i64>,
+    labels: Vec<i64>,
+}
+
+fn make_batch(examples: &[&Encoded]) -> Option<Batch> {
     let b = examples.len();
     let s = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
     let mut step = Step {
@@ -642,18 +662,89 @@ pub fn batch_loss(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, tr
             }
         }
     }
-    if rows.is_empty() {
-        return None;
-    }
-    let n = rows.len();
-    let hidden = model.hidden(&step, &mut KvCache::default(), Some(adapter), train);
-    let h = hidden.dims()[2];
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), device);
+    (!rows.is_empty()).then_some(Batch { step, rows, labels })
+}
+
+/// The summed negative log-likelihood of the batch's targets given the last hidden states.
+fn head_nll(model: &CausalLm, batch: &Batch, hidden: Tensor<3>) -> Tensor<1> {
+    let device = model.device();
+    let [b, s, h] = hidden.dims();
+    let n = batch.rows.len();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(batch.rows.clone(), [n]), device);
     let picked = hidden.reshape([b * s, h]).select(0, rows).reshape([1, n, h]);
     let logits = model.head(picked).reshape([n, model.config.vocab_size]);
-    let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [n, 1]), device);
-    let nll = log_softmax(logits, 1).gather(1, labels).sum().neg();
-    Some((nll, n))
+    let labels = Tensor::<2, Int>::from_data(TensorData::new(batch.labels.clone(), [n, 1]), device);
+    log_softmax(logits, 1).gather(1, labels).sum().neg()
+}
+
+/// Summed negative log-likelihood of the target tokens of `examples` and their count;
+/// `None` when none of them has a target left after truncation.
+pub fn batch_loss(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool) -> Option<(Tensor<1>, usize)> {
+    let batch = make_batch(examples)?;
+    let hidden = model.hidden(&batch.step, &mut KvCache::default(), Some(adapter), train);
+    let n = batch.rows.len();
+    Some((head_nll(model, &batch, hidden), n))
+}
+
+/// The loss of `examples` and the gradient of `scale × loss` for every adapter parameter
+/// (in [`Adapter::params`] order), back-propagated one decoder layer at a time: a first
+/// pass keeps only each layer's input; the backward pass re-runs one layer with autodiff,
+/// pulls the gradient through it and frees it. Peak memory holds one layer's graph and
+/// one layer's expanded weights instead of all of them, which is what makes a 4-bit base
+/// (QLoRA) pay off. Dropout masks are reseeded per layer from `seed`, so both passes
+/// draw the same ones.
+pub fn layerwise_grads(
+    model: &CausalLm,
+    examples: &[&Encoded],
+    adapter: &Adapter,
+    train: bool,
+    seed: u64,
+    scale: f64,
+) -> Option<(f64, Vec<Tensor<2>>)> {
+    let batch = make_batch(examples)?;
+    let device = model.device();
+    let ctx = model.layer_context(&batch.step);
+    let frozen = adapter.detached();
+    let layers = model.layers.len();
+    let mut inputs = Vec::with_capacity(layers + 1);
+    let mut x = model.embed(&batch.step);
+    for l in 0..layers {
+        device.seed(mix(seed, l as u64));
+        inputs.push(x.clone());
+        x = model.layer(l, x, &ctx, Some(&frozen), train);
+    }
+    let top = x.autodiff().require_grad();
+    let nll = head_nll(model, &batch, top.clone());
+    let loss = scalar(nll.clone());
+    let mut g = nll.mul_scalar(scale).backward();
+    let mut upstream = top.grad(&g).expect("the last hidden state takes part in the loss");
+    drop(g);
+
+    let per_layer = adapter.layers.first().map_or(0, |l| l.pairs.len() * 2);
+    let mut grads: Vec<Tensor<2>> = frozen.params().iter().map(|(_, p)| p.zeros_like()).collect();
+    for l in (0..layers).rev() {
+        let mut tracked = frozen.clone();
+        for (_, pair) in &mut tracked.layers[l].pairs {
+            pair.a = pair.a.clone().autodiff().require_grad();
+            pair.b = pair.b.clone().autodiff().require_grad();
+        }
+        let xin = inputs.pop().expect("one input per layer").autodiff().require_grad();
+        device.seed(mix(seed, l as u64));
+        let out = model.layer(l, xin.clone(), &ctx, Some(&tracked), train);
+        g = (out * upstream.clone()).sum().backward();
+        for (k, (_, pair)) in tracked.layers[l].pairs.iter().enumerate() {
+            if let Some(d) = pair.a.grad(&g) {
+                grads[l * per_layer + 2 * k] = d;
+            }
+            if let Some(d) = pair.b.grad(&g) {
+                grads[l * per_layer + 2 * k + 1] = d;
+            }
+        }
+        if l > 0 {
+            upstream = xin.grad(&g).expect("the layer input takes part in its output");
+        }
+    }
+    Some((loss, grads))
 }
 
 /// The newest complete checkpoint under `root` (`step-N` folders; temporaries ignored).

@@ -61,6 +61,9 @@ pub struct TrainBench {
     /// Measured optimizer steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// QLoRA: 4-bit frozen projections, back-propagation one layer at a time.
+    #[arg(long)]
+    qlora: bool,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -173,6 +176,14 @@ fn eval(a: EvalBench) -> Result<()> {
     Ok(())
 }
 
+/// Resident memory of this process now (Linux `VmRSS`), in MiB.
+pub fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -184,8 +195,13 @@ pub fn peak_rss_mib() -> Option<f64> {
 fn train(a: TrainBench) -> Result<()> {
     use lathe_engine::train::{Encoded, RunInfo, TrainConfig, Trainer};
     let device = a.compute.setup()?;
-    let m = load(&a.model, &device)?;
-    let loaded_mib = peak_rss_mib();
+    let mut m = load(&a.model, &device)?;
+    if a.qlora {
+        m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0)?;
+    }
+    let loaded_mib = rss_mib();
+    // Measure the training's own peak, not the loading's (Linux: `5` resets VmHWM).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let text = "Invoice 2231 from Acme Tools GmbH, dated 2024-03-05, total 1,284.50 EUR, due in 30 days. ";
     let mut ids = Vec::new();
     while ids.len() < a.seq {
@@ -206,6 +222,7 @@ fn train(a: TrainBench) -> Result<()> {
         },
         epochs: 1,
         batch_size: a.batch,
+        qlora: a.qlora,
         ..TrainConfig::default()
     };
     let out = tempfile::tempdir()?;
@@ -240,15 +257,16 @@ fn train(a: TrainBench) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": a.model, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
+                "model": a.model, "qlora": a.qlora, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
                 "threads": threads, "step_s": mean, "tokens_per_s": tokens_per_s,
-                "peak_rss_mib": peak, "rss_after_load_mib": loaded_mib,
+                "peak_rss_training_mib": peak, "rss_before_training_mib": loaded_mib,
                 "trainable_params": lathe_engine::Adapter::init(trainer.info.config.lora.clone(), &m.model.config, 0, &device).num_params(),
             })
         );
     } else {
         println!(
-            "LoRA r{} ({}) | batch {} × {} | {} threads: {:.2} s/step, {:.1} training tokens/s, peak RSS {:.0} MiB (after load {:.0})",
+            "{} r{} ({}) | batch {} × {} | {} threads: {:.2} s/step, {:.1} training tokens/s, peak RSS while training {:.0} MiB (before training {:.0})",
+            if a.qlora { "QLoRA" } else { "LoRA" },
             a.rank,
             a.targets,
             a.batch,

@@ -363,3 +363,68 @@ fn learning_rate_schedules_warm_up_and_decay() {
     };
     assert!((lin.lr_at(55, 100) - 0.5).abs() < 1e-12);
 }
+
+#[test]
+fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_bit_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = tiny(dir.path());
+    let data = dataset(&m);
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let dev = m.model.device().clone();
+    let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, &dev);
+    let mut params = adapter.to_host();
+    for (name, (_, v)) in params.iter_mut() {
+        if name.ends_with("lora_B") {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = ((i % 5) as f32 - 2.0) * 0.03;
+            }
+        }
+    }
+    adapter.load_host(&params, &dev).unwrap();
+
+    // The whole graph at once...
+    let mut tracked = adapter.clone();
+    for p in tracked.params_mut() {
+        *p = p.clone().autodiff().require_grad();
+    }
+    let (loss, _) = batch_loss(&m.model, &refs, &tracked, false).unwrap();
+    let whole_loss = f64::from(loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0]);
+    let mut g = loss.mul_scalar(0.5).backward();
+    let whole: Vec<Vec<f32>> = tracked.params().iter().map(|(_, p)| p.grad_remove(&mut g).unwrap().into_data().try_to_vec::<f32>().unwrap()).collect();
+    // ...and one layer at a time.
+    let (layer_loss, layered) = lathe_engine::train::layerwise_grads(&m.model, &refs, &adapter, false, 1, 0.5).unwrap();
+    assert!((layer_loss - whole_loss).abs() < 1e-4 * whole_loss.abs(), "{layer_loss} vs {whole_loss}");
+    for ((name, _), (a, b)) in adapter.params().iter().zip(whole.iter().zip(&layered)) {
+        let b = b.clone().into_data().try_to_vec::<f32>().unwrap();
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        assert!(max_abs_diff(a, &b) <= 1e-4 * scale + 1e-7, "{name}: {} (scale {scale})", max_abs_diff(a, &b));
+    }
+
+    // QLoRA: the projections kept as Q4_0 blocks only, expanded per use, never changed.
+    let freed = m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0).unwrap();
+    assert_eq!(freed, 2 * 4 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3));
+    let before = m.model.to_memory_weights();
+    let config = TrainConfig {
+        lora: LoraConfig { rank: 8, dropout: 0.1, ..LoraConfig::default() },
+        learning_rate: 1e-2,
+        epochs: 30,
+        batch_size: 4,
+        qlora: true,
+        ..TrainConfig::default()
+    };
+    let trainer = Trainer {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        info: info(config),
+        train: data.clone(),
+        heldout: Vec::new(),
+        out_dir: dir.path().join("qlora"),
+    };
+    let out = trainer.run(false, None, &mut |_| {}).unwrap();
+    let (first, last) = (out.history[0].loss, out.history.last().unwrap().loss);
+    assert!(last < 0.7 * first, "QLoRA loss {first} → {last}");
+    let after = m.model.to_memory_weights();
+    for (name, (_, w)) in &before.tensors {
+        assert!(after.tensors[name].1 == *w, "{name} changed during QLoRA training");
+    }
+}
