@@ -410,7 +410,7 @@ impl<'a> Trainer<'a> {
                 self.save_checkpoint(&ckpt_root, &adapter, &opt, &state)?;
             }
         }
-        self.finish(&ckpt_root, &adapter, &state)
+        self.finish(&adapter, &state)
     }
 
     /// The micro-batches of one epoch (indices into `train`), deterministic in (seed, epoch).
@@ -609,7 +609,7 @@ impl<'a> Trainer<'a> {
         crate::fsutil::write_atomic(&self.metrics_path(), text.as_bytes())
     }
 
-    fn finish(&self, ckpt_root: &Path, adapter: &Adapter, state: &State) -> Result<TrainOutcome> {
+    fn finish(&self, adapter: &Adapter, state: &State) -> Result<TrainOutcome> {
         let last = self.out_dir.join("last");
         write_dir_atomic(&last, |tmp| {
             adapter.save_peft(tmp, &self.info.base_model)?;
@@ -617,7 +617,6 @@ impl<'a> Trainer<'a> {
         })?;
         let best = self.out_dir.join("best");
         let adapter_dir = if state.best_step.is_some() && best.exists() { best } else { last };
-        let _ = ckpt_root;
         Ok(TrainOutcome {
             steps: state.step,
             history: state.history.clone(),
