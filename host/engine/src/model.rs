@@ -474,6 +474,18 @@ impl CausalLm {
 
     /// Decoder layer `i` on `x` without a KV cache (training, layer by layer).
     pub fn layer(&self, i: usize, x: Tensor<3>, ctx: &LayerContext, adapter: Option<&Adapter>, train: bool) -> Tensor<3> {
+        self.decoder_layer(i, x, ctx, &mut None, adapter, train)
+    }
+
+    fn decoder_layer(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        ctx: &LayerContext,
+        kv: &mut Option<(Tensor<4>, Tensor<4>)>,
+        adapter: Option<&Adapter>,
+        train: bool,
+    ) -> Tensor<3> {
         let layer = &self.layers[i];
         let lora = match adapter {
             Some(a) => Lora {
@@ -484,7 +496,7 @@ impl CausalLm {
             None => Lora::NONE,
         };
         let h = layer.input_layernorm.forward(x.clone());
-        let h = self.attention(&layer.self_attn, h, &ctx.cos, &ctx.sin, &ctx.mask, &mut None, &lora);
+        let h = self.attention(&layer.self_attn, h, &ctx.cos, &ctx.sin, &ctx.mask, kv, &lora);
         let x = x + h;
         let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()), &lora);
         x + h
@@ -510,24 +522,10 @@ impl CausalLm {
         }
         let mask = self.attention_mask(cache, past, s);
         let (cos, sin) = self.rope_tables(&step.positions, b, s);
-
-        let ids: Vec<i64> = step.tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &self.device);
-        let mut x = embedding(self.embed_tokens.clone(), ids);
-        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let lora = match adapter {
-                Some(a) => Lora {
-                    layer: Some(&a.layers[i]),
-                    scale: a.config.scale(),
-                    dropout: if train { a.config.dropout } else { 0.0 },
-                },
-                None => Lora::NONE,
-            };
-            let h = layer.input_layernorm.forward(x.clone());
-            let h = self.attention(&layer.self_attn, h, &cos, &sin, &mask, kv, &lora);
-            x = x + h;
-            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()), &lora);
-            x = x + h;
+        let ctx = LayerContext { mask, cos, sin };
+        let mut x = self.embed(step);
+        for (i, kv) in cache.layers.iter_mut().enumerate() {
+            x = self.decoder_layer(i, x, &ctx, kv, adapter, train);
         }
         x
     }

@@ -43,6 +43,34 @@ fn info(config: TrainConfig) -> RunInfo {
     }
 }
 
+/// Sets every `lora_B` value to `f(index within its tensor)` (B starts at zero, which
+/// would make every gradient of A zero) and returns the adapter's host parameters.
+fn give_b_values(adapter: &mut Adapter, mut f: impl FnMut(usize) -> f32) -> BTreeMap<String, lathe_engine::lora::HostParam> {
+    let mut params = adapter.to_host();
+    for (name, (_, values)) in params.iter_mut() {
+        if name.ends_with("lora_B") {
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = f(i);
+            }
+        }
+    }
+    let dev = adapter.params()[0].1.device();
+    adapter.load_host(&params, &dev).unwrap();
+    params
+}
+
+/// A run over `train` into `out_dir`, without held-out examples.
+fn trainer<'a>(m: &'a LoadedModel, config: TrainConfig, train: &[Encoded], out_dir: &Path) -> Trainer<'a> {
+    Trainer {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        info: info(config),
+        train: train.to_vec(),
+        heldout: Vec::new(),
+        out_dir: out_dir.into(),
+    }
+}
+
 fn host_loss(m: &LoadedModel, adapter: &Adapter, data: &[Encoded]) -> f64 {
     let refs: Vec<&Encoded> = data.iter().collect();
     let (loss, _) = batch_loss(&m.model, &refs, adapter, false).unwrap();
@@ -86,18 +114,11 @@ fn lora_gradient_matches_finite_differences() {
     };
     let dev = m.model.device().clone();
     let mut adapter = Adapter::init(config, &m.model.config, 3, &dev);
-    // B starts at zero, which would make every gradient of A zero: give it values.
-    let mut params = adapter.to_host();
     let mut x = 0.37f32;
-    for (name, (_, values)) in params.iter_mut() {
-        if name.ends_with("lora_B") {
-            for v in values.iter_mut() {
-                x = (x * 997.0 + 0.13).fract();
-                *v = (x - 0.5) * 0.2;
-            }
-        }
-    }
-    adapter.load_host(&params, &dev).unwrap();
+    let params = give_b_values(&mut adapter, |_| {
+        x = (x * 997.0 + 0.13).fract();
+        (x - 0.5) * 0.2
+    });
 
     let mut tracked = adapter.clone();
     for p in tracked.params_mut() {
@@ -185,14 +206,7 @@ fn a_tiny_model_learns_a_tiny_dataset_and_the_base_stays_frozen() {
         schedule: lathe_engine::train::Schedule::Constant,
         ..TrainConfig::default()
     };
-    let trainer = Trainer {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        info: info(config),
-        train: data.clone(),
-        heldout: Vec::new(),
-        out_dir: dir.path().join("run"),
-    };
+    let trainer = trainer(&m, config, &data, &dir.path().join("run"));
     let out = trainer.run(false, None, &mut |_| {}).unwrap();
     let first = out.history.first().unwrap().loss;
     let last = out.history.last().unwrap().loss;
@@ -224,12 +238,8 @@ fn short_run<'a>(m: &'a LoadedModel, out_dir: &Path, data: &[Encoded]) -> Traine
         ..TrainConfig::default()
     };
     Trainer {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        info: info(config),
-        train: data.to_vec(),
         heldout: data[..2].to_vec(),
-        out_dir: out_dir.into(),
+        ..trainer(m, config, data, out_dir)
     }
 }
 
@@ -288,15 +298,7 @@ fn peft_round_trip_and_merge_give_the_adapted_logits() {
         ..LoraConfig::default()
     };
     let mut adapter = Adapter::init(config, &m.model.config, 11, &dev);
-    let mut params = adapter.to_host();
-    for (name, (_, v)) in params.iter_mut() {
-        if name.ends_with("lora_B") {
-            for (i, x) in v.iter_mut().enumerate() {
-                *x = ((i % 7) as f32 - 3.0) * 0.05;
-            }
-        }
-    }
-    adapter.load_host(&params, &dev).unwrap();
+    give_b_values(&mut adapter, |i| ((i % 7) as f32 - 3.0) * 0.05);
 
     let peft = dir.path().join("peft");
     adapter.save_peft(&peft, "tiny").unwrap();
@@ -372,15 +374,7 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
     let refs: Vec<&Encoded> = data.iter().collect();
     let dev = m.model.device().clone();
     let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, &dev);
-    let mut params = adapter.to_host();
-    for (name, (_, v)) in params.iter_mut() {
-        if name.ends_with("lora_B") {
-            for (i, x) in v.iter_mut().enumerate() {
-                *x = ((i % 5) as f32 - 2.0) * 0.03;
-            }
-        }
-    }
-    adapter.load_host(&params, &dev).unwrap();
+    give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
 
     // The whole graph at once...
     let mut tracked = adapter.clone();
@@ -412,14 +406,7 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
         qlora: true,
         ..TrainConfig::default()
     };
-    let trainer = Trainer {
-        model: &m.model,
-        tokenizer: &m.tokenizer,
-        info: info(config),
-        train: data.clone(),
-        heldout: Vec::new(),
-        out_dir: dir.path().join("qlora"),
-    };
+    let trainer = trainer(&m, config, &data, &dir.path().join("qlora"));
     let out = trainer.run(false, None, &mut |_| {}).unwrap();
     let (first, last) = (out.history[0].loss, out.history.last().unwrap().loss);
     assert!(last < 0.7 * first, "QLoRA loss {first} → {last}");
