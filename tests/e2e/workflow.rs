@@ -212,7 +212,7 @@ fn eval_runs_compare_and_report_on_the_same_items() {
     let one = run(&["--shots", "1", "--train", "words.train"]);
     let out = lathe(&["eval", "compare", &zero, &one]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).starts_with("exact-match: "), "{}", stdout(&out));
+    assert!(stdout(&out).contains("verdict: ") && stdout(&out).contains("— exact-match "), "{}", stdout(&out));
     let report = p.root.join("report");
     let out = lathe(&["eval", "report", "--baseline", &zero, "--candidate", &one, "--out", report.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));

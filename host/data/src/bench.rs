@@ -12,7 +12,7 @@ use crate::curate::{self, DedupeParams, PiiMode};
 use crate::error::{DataError, Result};
 use crate::import::{self, ImportOptions};
 use crate::split::{self, SplitParams};
-use crate::store::Store;
+use crate::store::Datasets;
 use crate::util::SplitMix64;
 
 const WORDS: &[&str] = &[
@@ -83,7 +83,7 @@ pub struct BenchReport {
 /// Imports `source` into a store under `store_root`, then times statistics, dedupe (exact and
 /// near, default parameters), a PII report and a split of the deduplicated version.
 pub fn run(store_root: &Path, source: &Path, opts: &ImportOptions) -> Result<BenchReport> {
-    let store = Store::open(store_root)?;
+    let store = Datasets::open(store_root)?;
     let t = Instant::now();
     let imported = import::import_file(&store, source, opts)?;
     let import_s = t.elapsed().as_secs_f64();

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::example::Example;
 use crate::pii::{self, PiiKind};
-use crate::store::{Manifest, Operation, Store, VersionWriter};
+use crate::store::{Manifest, Operation, Datasets, VersionWriter};
 use crate::text::{LshIndex, MinHasher, NearDupParams, estimate_jaccard, exact_key, messages_text};
 use crate::util::PremixedState;
 
@@ -32,7 +32,7 @@ pub struct Curated<R> {
 }
 
 fn finish<R: Serialize>(
-    store: &Store,
+    store: &Datasets,
     input: &Manifest,
     writer: VersionWriter,
     changed: bool,
@@ -171,7 +171,7 @@ impl NearDeduper {
 }
 
 /// Drops exact and (optionally) near duplicates, keeping each first occurrence.
-pub fn dedupe(store: &Store, input: &str, params: &DedupeParams) -> Result<Curated<DedupeReport>> {
+pub fn dedupe(store: &Datasets, input: &str, params: &DedupeParams) -> Result<Curated<DedupeReport>> {
     let m = store.manifest(input)?;
     let mut near = params.near.map(NearDeduper::new).transpose()?;
     let mut seen: HashMap<u128, usize, PremixedState> = HashMap::with_hasher(PremixedState);
@@ -262,7 +262,7 @@ impl PiiReport {
 }
 
 /// Scans every message of every example for PII; see [`PiiMode`].
-pub fn scan_pii(store: &Store, input: &str, mode: PiiMode) -> Result<Curated<PiiReport>> {
+pub fn scan_pii(store: &Datasets, input: &str, mode: PiiMode) -> Result<Curated<PiiReport>> {
     let m = store.manifest(input)?;
     let mut writer = store.writer()?;
     let mut report = PiiReport {
@@ -351,7 +351,7 @@ pub struct ValidationReport {
 
 /// Validates every example's target with `validator` (named `name` in the manifest).
 pub fn validate_outputs<V: OutputValidator + ?Sized>(
-    store: &Store,
+    store: &Datasets,
     input: &str,
     validator: &V,
     name: &str,
@@ -483,7 +483,7 @@ impl LengthCols {
 }
 
 /// Statistics of a version; `tokens` counts tokens of one text.
-pub fn statistics(store: &Store, input: &str, tokens: Option<&dyn TokenCounter>) -> Result<Statistics> {
+pub fn statistics(store: &Datasets, input: &str, tokens: Option<&dyn TokenCounter>) -> Result<Statistics> {
     let mut messages = Vec::new();
     let mut chars = LengthCols::default();
     let mut toks = LengthCols::default();

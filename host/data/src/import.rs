@@ -24,8 +24,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Location, Problem, RecordError, Result, Unit, json_type_name};
 use crate::example::{Example, Message, Role};
-use crate::store::{DatasetRole, Manifest, Operation, Store};
-use crate::util::hex;
+use crate::store::{DatasetRole, Manifest, Operation, Datasets};
+use lathe_util::hex;
 
 /// The default cap on one JSONL line (or one physical CSV line).
 pub const DEFAULT_MAX_LINE_BYTES: usize = 8 << 20;
@@ -198,7 +198,7 @@ pub trait RecordFormatter {
 
 /// Imports `path` into `store` with the built-in formatters: [`ColumnMapping`] when options
 /// carry a mapping (CSV/Parquet), else [`AutoDetect`].
-pub fn import_file(store: &Store, path: &Path, opts: &ImportOptions) -> Result<Imported> {
+pub fn import_file(store: &Datasets, path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let kind = opts.kind.unwrap_or_else(|| SourceKind::from_path(path));
     match (&opts.mapping, kind) {
         (Some(m), SourceKind::Csv | SourceKind::Parquet) => import_with(store, path, opts, &mut ColumnMapping::new(m.clone())),
@@ -208,7 +208,7 @@ pub fn import_file(store: &Store, path: &Path, opts: &ImportOptions) -> Result<I
 
 /// Imports `path` into `store`, each record through `formatter`.
 pub fn import_with<F: RecordFormatter + ?Sized>(
-    store: &Store,
+    store: &Datasets,
     path: &Path,
     opts: &ImportOptions,
     formatter: &mut F,

@@ -3,9 +3,9 @@
 //! formatter and validator plugins in through [`RecordFormatter`] and [`OutputValidator`].
 //!
 //! ```no_run
-//! use lathe_data::{Store, import_file, ImportOptions, curate, split};
+//! use lathe_data::{Datasets, import_file, ImportOptions, curate, split};
 //! # fn main() -> lathe_data::Result<()> {
-//! let store = Store::open("/var/lib/lathe")?;
+//! let store = Datasets::open("/var/lib/lathe")?;
 //! let v = import_file(&store, "tickets.jsonl".as_ref(), &ImportOptions::default())?;
 //! let d = curate::dedupe(&store, &v.manifest.id, &curate::DedupeParams::default())?;
 //! let s = split::split(&store, &d.manifest.id, &split::SplitParams::default())?;
@@ -28,5 +28,5 @@ pub use curate::{OutputValidator, TokenCounter};
 pub use error::{DataError, Location, Problem, RecordError, Result, Unit};
 pub use example::{Example, Message, Role};
 pub use import::{FieldMapping, Format, ImportOptions, RecordFormatter, SourceKind, import_file, import_with};
-pub use store::{DatasetRole, HeldOut, Manifest, Operation, Store, TrainingSet, Version};
+pub use store::{DatasetRole, HeldOut, Manifest, Operation, Datasets, TrainingSet, Version};
 pub use text::NearDupParams;

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::store::{DatasetRole, HeldOut, Manifest, Operation, Store, TrainingSet};
+use crate::store::{DatasetRole, HeldOut, Manifest, Operation, Datasets, TrainingSet};
 use crate::text::{LshIndex, MinHasher, NearDupParams, estimate_jaccard, exact_key, messages_text};
 use crate::util::{PremixedState, mix64};
 
@@ -97,7 +97,7 @@ impl UnionFind {
 }
 
 /// Splits version `input` (role full or train) into a training and a held-out version.
-pub fn split(store: &Store, input: &str, params: &SplitParams) -> Result<SplitOutcome> {
+pub fn split(store: &Datasets, input: &str, params: &SplitParams) -> Result<SplitOutcome> {
     let f = params.heldout_fraction;
     if !(f > 0.0 && f < 1.0) {
         return Err(DataError::InvalidParameter { name: "heldout_fraction", message: format!("{f} is not in (0, 1)") });
@@ -299,7 +299,7 @@ impl LeakageReport {
 
 /// Exact and near duplicates between a training set and a held-out set.
 pub fn check_leakage(
-    store: &Store,
+    store: &Datasets,
     train: &TrainingSet,
     heldout: &HeldOut,
     near: Option<&NearDupParams>,
@@ -309,7 +309,7 @@ pub fn check_leakage(
 
 /// Like [`check_leakage`] for any two versions, whatever their roles.
 pub fn check_leakage_between(
-    store: &Store,
+    store: &Datasets,
     train_id: &str,
     heldout_id: &str,
     near: Option<&NearDupParams>,

@@ -5,7 +5,7 @@
 //! beside the others (`.tmp-…`), its files fsynced, and the folder renamed into place, so a
 //! version is there completely or not at all; writing content that already exists returns
 //! the existing version untouched. Each manifest records its parent and the operation that
-//! made it, so [`Store::lineage`] walks back to the import. Names map to ids in `refs.json`.
+//! made it, so [`Datasets::lineage`] walks back to the import. Names map to ids in `refs.json`.
 //!
 //! Reading is lazy: [`Examples`] streams a version line by line. [`TrainingSet`] and
 //! [`HeldOut`] are handles that can only be opened on versions of that role, so training code
@@ -23,7 +23,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
 use crate::example::Example;
-use crate::util::{hex, now_rfc3339};
+use crate::util::now_rfc3339;
+use lathe_util::hex;
 
 /// What a version is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -89,7 +90,7 @@ pub struct Manifest {
 
 /// A folder of dataset versions.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct Datasets {
     datasets: PathBuf,
 }
 
@@ -100,12 +101,12 @@ pub fn is_version_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-impl Store {
+impl Datasets {
     /// Opens (creating if needed) the store under `root`.
-    pub fn open(root: impl AsRef<Path>) -> Result<Store> {
+    pub fn open(root: impl AsRef<Path>) -> Result<Datasets> {
         let datasets = root.as_ref().join("datasets");
         fs::create_dir_all(&datasets).map_err(|e| DataError::io(&datasets, e))?;
-        Ok(Store { datasets })
+        Ok(Datasets { datasets })
     }
 
     /// `<root>/datasets`.
@@ -285,30 +286,9 @@ impl Store {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+/// Writes `bytes` to `path` atomically ([`lathe_util::write_atomic`]).
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".tmp-{}-{n}-{}", std::process::id(), path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|e| DataError::io(path, e))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    // Directories can be opened and fsynced on Unix; elsewhere this is best effort.
-    match File::open(dir) {
-        Ok(f) => f.sync_all().or(Ok(())),
-        Err(_) => Ok(()),
-    }
+    lathe_util::write_atomic(path, bytes).map_err(|e| DataError::io(path, e))
 }
 
 /// Removes its folder when dropped, unless disarmed.
@@ -383,7 +363,7 @@ impl Sealed {
     /// exists already, it is returned as it is and this copy is discarded.
     pub fn commit(
         self,
-        store: &Store,
+        store: &Datasets,
         parent: Option<String>,
         operation: Operation,
         role: DatasetRole,
@@ -400,14 +380,14 @@ impl Sealed {
             let mut f = File::create(&mpath)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            sync_dir(&self.dir.0)
+            lathe_util::sync_dir(&self.dir.0)
         })()
         .map_err(|e| DataError::io(&mpath, e))?;
         let target = store.version_dir(&self.id);
         match fs::rename(&self.dir.0, &target) {
             Ok(()) => {
                 self.dir.disarm();
-                sync_dir(store.dir()).map_err(|e| DataError::io(store.dir(), e))?;
+                lathe_util::sync_dir(store.dir()).map_err(|e| DataError::io(store.dir(), e))?;
                 Ok(manifest)
             }
             // Someone else committed the same content meanwhile.
@@ -472,7 +452,7 @@ impl Version {
         Examples::open(&self.data)
     }
 
-    fn with_role(store: &Store, id: &str, role: DatasetRole) -> Result<Version> {
+    fn with_role(store: &Datasets, id: &str, role: DatasetRole) -> Result<Version> {
         let v = store.version(id)?;
         if v.manifest.role != role {
             return Err(DataError::WrongRole { id: id.to_string(), expected: role, found: v.manifest.role });
@@ -486,7 +466,7 @@ impl Version {
 pub struct TrainingSet(Version);
 
 impl TrainingSet {
-    pub fn open(store: &Store, id: &str) -> Result<TrainingSet> {
+    pub fn open(store: &Datasets, id: &str) -> Result<TrainingSet> {
         Version::with_role(store, id, DatasetRole::Train).map(TrainingSet)
     }
 
@@ -509,7 +489,7 @@ impl TrainingSet {
 pub struct HeldOut(Version);
 
 impl HeldOut {
-    pub fn open(store: &Store, id: &str) -> Result<HeldOut> {
+    pub fn open(store: &Datasets, id: &str) -> Result<HeldOut> {
         Version::with_role(store, id, DatasetRole::Heldout).map(HeldOut)
     }
 

@@ -1,17 +1,6 @@
-//! Small helpers: hex, seeded mixing, a fast hasher for pre-mixed keys, UTC timestamps.
+//! Small helpers: seeded mixing, a fast hasher for pre-mixed keys, UTC timestamps.
 
 use std::hash::{BuildHasher, Hasher};
-
-/// Lower-case hex of a byte slice.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
 
 /// splitmix64's finaliser: a bijective, well-mixing function of a 64-bit word.
 pub fn mix64(mut z: u64) -> u64 {
@@ -123,10 +112,5 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_735_689_599), "2024-12-31T23:59:59Z");
-    }
-
-    #[test]
-    fn hex_encodes() {
-        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
     }
 }

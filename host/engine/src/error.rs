@@ -43,9 +43,18 @@ pub enum EngineError {
 
     #[error("device `{0}`: {1}")]
     Device(String, String),
+
+    /// Training was asked to stop; the checkpoint of this step is on disk.
+    #[error("training stopped at step {step}; its checkpoint is kept")]
+    Interrupted { step: usize },
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// [`lathe_util::write_atomic`], its error naming the file.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    lathe_util::write_atomic(path, bytes).map_err(|e| EngineError::io(path, e))
+}
 
 impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -39,14 +39,14 @@ pub fn write_hf_folder(dir: &Path, config: &ModelConfig, weights: &MemoryWeights
     }
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("JSON value serializes");
-    crate::fsutil::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
+    crate::error::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let st = safetensors_f32(&weights.tensors, Some(meta)).map_err(|detail| EngineError::Malformed {
         path: dir.join("model.safetensors"),
         format: "safetensors",
         detail,
     })?;
-    crate::fsutil::write_atomic(&dir.join("model.safetensors"), &st)?;
+    crate::error::write_atomic(&dir.join("model.safetensors"), &st)?;
     tokenizer.write_hf_files(dir)
 }
 

@@ -697,7 +697,7 @@ impl GgufWriter {
 
     /// Writes the file atomically: a temporary name in the same folder, fsync, rename.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::fsutil::write_atomic(path.as_ref(), &self.to_bytes())
+        crate::error::write_atomic(path.as_ref(), &self.to_bytes())
     }
 }
 

@@ -8,7 +8,6 @@ pub mod config;
 pub mod device;
 pub mod export;
 pub mod error;
-pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod lora;

@@ -295,7 +295,7 @@ impl Adapter {
             "revision": null,
         });
         let text = serde_json::to_string_pretty(&cfg).expect("JSON serializes");
-        crate::fsutil::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+        crate::error::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
 
         let mut tensors = BTreeMap::new();
         for (name, (shape, data)) in self.to_host() {
@@ -308,7 +308,7 @@ impl Adapter {
             format: "safetensors",
             detail: e,
         })?;
-        crate::fsutil::write_atomic(&dir.join("adapter_model.safetensors"), &bytes)
+        crate::error::write_atomic(&dir.join("adapter_model.safetensors"), &bytes)
     }
 
     /// Reads an adapter written by [`save_peft`](Self::save_peft) or by Hugging Face peft.

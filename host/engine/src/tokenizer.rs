@@ -112,7 +112,7 @@ impl Tokenizer {
     /// into a Hugging Face folder.
     pub fn write_hf_files(&self, folder: &Path) -> Result<()> {
         let json = self.inner.to_string(false).map_err(|e| self.err(e))?;
-        crate::fsutil::write_atomic(&folder.join("tokenizer.json"), json.as_bytes())?;
+        crate::error::write_atomic(&folder.join("tokenizer.json"), json.as_bytes())?;
         let mut cfg = serde_json::json!({ "tokenizer_class": "PreTrainedTokenizerFast" });
         if let Some((t, _)) = &self.bos_token {
             cfg["bos_token"] = t.clone().into();
@@ -127,7 +127,7 @@ impl Tokenizer {
             cfg["chat_template"] = t.clone().into();
         }
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
-        crate::fsutil::write_atomic(&folder.join("tokenizer_config.json"), text.as_bytes())
+        crate::error::write_atomic(&folder.join("tokenizer_config.json"), text.as_bytes())
     }
 
     /// From a Hugging Face folder: `tokenizer.json`, plus `tokenizer_config.json` for the

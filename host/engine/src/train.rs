@@ -16,6 +16,7 @@
 //!   from (seed, epoch, step), not from state that a crash loses.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -302,11 +303,13 @@ impl<'a> Trainer<'a> {
     }
 
     /// Trains from scratch, or from the latest checkpoint in `out_dir` when `resume`.
+    /// `on_step` sees every optimizer step; when it breaks, the run checkpoints where it
+    /// stands and ends with [`EngineError::Interrupted`], so a later `resume` continues.
     pub fn run(
         &self,
         resume: bool,
         mut metric: Option<&mut MetricFn<'_>>,
-        on_step: &mut dyn FnMut(&Progress),
+        on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<TrainOutcome> {
         let c = &self.info.config;
         c.validate()?;
@@ -393,12 +396,16 @@ impl<'a> Trainer<'a> {
             self.append_metrics(&serde_json::json!({"train": &record}))?;
             state.history.push(record.clone());
             let elapsed = started.elapsed().as_secs_f64();
-            on_step(&Progress {
+            let flow = on_step(&Progress {
                 record,
                 total_steps: total,
                 tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
                 elapsed_s: elapsed,
             });
+            if flow.is_break() {
+                self.save_checkpoint(&ckpt_root, &adapter, &opt, &state)?;
+                return Err(EngineError::Interrupted { step: state.step });
+            }
 
             let end_of_epoch = state.step % per_epoch == 0 || state.step == total;
             let eval_now = if c.eval_every > 0 { state.step % c.eval_every == 0 || state.step == total } else { end_of_epoch };
@@ -509,7 +516,7 @@ impl<'a> Trainer<'a> {
 
     fn write_run_info(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.info).expect("run info serializes");
-        crate::fsutil::write_atomic(&dir.join("run.json"), text.as_bytes())
+        crate::error::write_atomic(&dir.join("run.json"), text.as_bytes())
     }
 
     fn save_checkpoint(&self, root: &Path, adapter: &Adapter, opt: &Optimizer, state: &State) -> Result<()> {
@@ -526,9 +533,9 @@ impl<'a> Trainer<'a> {
                 format: "safetensors",
                 detail,
             })?;
-            crate::fsutil::write_atomic(&tmp.join("optimizer.safetensors"), &bytes)?;
+            crate::error::write_atomic(&tmp.join("optimizer.safetensors"), &bytes)?;
             let text = serde_json::to_string_pretty(state).expect("state serializes");
-            crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
+            crate::error::write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
             self.write_run_info(tmp)
         })?;
         // Older checkpoints go once the new one is complete.
@@ -606,7 +613,7 @@ impl<'a> Trainer<'a> {
                 text.push('\n');
             }
         }
-        crate::fsutil::write_atomic(&self.metrics_path(), text.as_bytes())
+        crate::error::write_atomic(&self.metrics_path(), text.as_bytes())
     }
 
     fn finish(&self, adapter: &Adapter, state: &State) -> Result<TrainOutcome> {
@@ -768,29 +775,11 @@ fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Fills a temporary folder beside `dir`, fsyncs it and renames it over `dir`, so `dir` is
-/// always either the old complete folder or the new complete one.
+/// Writes a folder that appears whole or not at all ([`lathe_util::StagedDir`]).
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
-    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.{}.old", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| EngineError::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    let staged = lathe_util::StagedDir::new(dir).map_err(|e| EngineError::io(dir, e))?;
+    fill(staged.path())?;
+    staged.commit().map_err(|e| EngineError::io(dir, e))
 }
 
 fn malformed(path: &Path, e: impl std::fmt::Display) -> EngineError {

@@ -5,17 +5,18 @@
 //! early stopping on that metric, and an optional learning-rate sweep that keeps the
 //! winner.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use lathe_engine::train::{Encoded, Progress, RunInfo, TrainConfig, TrainOutcome, Trainer, encode_chat};
-use lathe_engine::{Adapter, CausalLm, Message, Tokenizer};
+use lathe_engine::train::{Encoded, RunInfo, TrainConfig, TrainOutcome, Trainer, encode_chat};
+use lathe_engine::{Adapter, CausalLm, EngineError, Message, Tokenizer};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::error::{JobError, Result};
 use crate::eval::{self, Item, Plugins, PromptTemplate, Subject, Suite};
+use crate::event::{NullSink, Sink};
 
-/// What to train and how to watch it.
+/// What to train and how to watch it (the parts a pipeline has loaded).
 pub struct Spec<'a> {
     pub model: &'a CausalLm,
     pub tokenizer: &'a Tokenizer,
@@ -37,27 +38,6 @@ pub fn training_messages(template: &PromptTemplate, item: &Item) -> Result<Vec<M
     let mut m = eval::render_messages(template, &[], item)?;
     m.push(Message::new("assistant", item.reference.clone()));
     Ok(m)
-}
-
-/// sha256 of a string, hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a file, streamed.
-pub fn file_sha256(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Splits off the validation slice: every `k`-th item of the training part, at least
@@ -82,23 +62,18 @@ fn encode_all(tokenizer: &Tokenizer, template: &PromptTemplate, items: &[Item], 
         .enumerate()
         .map(|(i, it)| {
             let messages = training_messages(template, it)?;
-            encode_chat(tokenizer, &messages, max_len).with_context(|| format!("training example {i}"))
+            encode_chat(tokenizer, &messages, max_len).map_err(|e| JobError::Invalid(format!("training example {i}: {e}")))
         })
         .collect()
 }
 
-/// Trains one adapter into `out_dir`.
-pub fn train(
-    spec: &Spec<'_>,
-    train_items: &[Item],
-    validation: &[Item],
-    out_dir: &Path,
-    resume: bool,
-    on_step: &mut dyn FnMut(&Progress),
-    on_eval: &mut dyn FnMut(usize, f64),
-) -> Result<TrainOutcome> {
+/// Trains one adapter into `out_dir`. Every optimizer step emits `train/loss`,
+/// `train/lr` and `train/tokens_per_s` points and progress under `step`; every evaluation
+/// a `validation/<metric>` point. A cancelled job checkpoints and ends with
+/// [`JobError::Cancelled`]; `resume` continues from the latest checkpoint.
+pub fn train(spec: &Spec<'_>, train_items: &[Item], validation: &[Item], out_dir: &Path, resume: bool, sink: &dyn Sink, step: &str) -> Result<TrainOutcome> {
     if train_items.is_empty() {
-        bail!("the training part is empty");
+        return Err(JobError::invalid("the training part is empty"));
     }
     let c = &spec.config;
     let train = encode_all(spec.tokenizer, spec.template, train_items, c.max_len)?;
@@ -109,7 +84,7 @@ pub fn train(
         dataset: spec.dataset.clone(),
         base_model: spec.model_name.clone(),
         base_model_sha256: spec.model_sha256.clone(),
-        chat_template_sha256: sha256_hex(format!("{template_text}\n--prompt--\n{:?}", spec.template).as_bytes()),
+        chat_template_sha256: lathe_util::sha256_hex(format!("{template_text}\n--prompt--\n{:?}", spec.template).as_bytes()),
         train_examples: train.len(),
         heldout_examples: heldout.len(),
     };
@@ -122,6 +97,9 @@ pub fn train(
         out_dir: out_dir.into(),
     };
     let metric_items: Vec<Item> = validation.iter().take(spec.metric_items).cloned().collect();
+    let watched = format!("validation/{}", spec.plugins.primary_metric());
+    // The step the trainer is at, for the metric points the evaluation callback emits.
+    let at_step = std::cell::Cell::new(0);
     let mut metric = |model: &CausalLm, adapter: &Adapter| -> lathe_engine::Result<f64> {
         let subject = Subject {
             model,
@@ -130,14 +108,31 @@ pub fn train(
             model_name: spec.model_name.clone(),
             adapter_name: Some("(training)".into()),
         };
-        let run = eval::run(&subject, spec.suite, spec.plugins, spec.template, &[], &metric_items, None, &mut |_, _| {})
-            .map_err(|e| lathe_engine::EngineError::Generation(format!("task metric: {e:#}")))?;
-        let v = run.primary();
-        on_eval(run.items.len(), v);
-        Ok(v)
+        let run = eval::run(&subject, spec.suite, spec.plugins, spec.template, &[], &metric_items, None, &NullSink, "")
+            .map_err(|e| EngineError::Generation(format!("task metric: {e}")))?;
+        sink.metric(&watched, at_step.get(), run.primary());
+        Ok(run.primary())
     };
     let metric: Option<&mut lathe_engine::train::MetricFn<'_>> = if metric_items.is_empty() { None } else { Some(&mut metric) };
-    Ok(trainer.run(resume, metric, on_step)?)
+    let outcome = trainer.run(resume, metric, &mut |p| {
+        let r = &p.record;
+        at_step.set(r.step);
+        sink.metric("train/loss", r.step, r.loss);
+        sink.metric("train/lr", r.step, r.lr);
+        sink.metric("train/tokens_per_s", r.step, p.tokens_per_s);
+        sink.progress(step, r.step, p.total_steps, "steps");
+        if sink.cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    });
+    let outcome = match outcome {
+        Err(EngineError::Interrupted { .. }) => return Err(JobError::Cancelled),
+        other => other?,
+    };
+    for e in &outcome.evals {
+        if let Some(l) = e.heldout_loss {
+            sink.metric("validation/loss", e.step, l);
+        }
+    }
+    Ok(outcome)
 }
 
 /// One learning rate of a sweep and how it did.
@@ -151,9 +146,8 @@ pub struct SweepPoint {
     pub final_loss: f64,
 }
 
-/// Trains once per learning rate into `out_dir/lr-<lr>` and returns every point with the
-/// index of the winner (best watched value).
-#[allow(clippy::too_many_arguments)]
+/// Trains once per learning rate into `out_dir/lr-<lr>` (or `out_dir` for one rate) and
+/// returns every point with the index of the winner (best watched value).
 pub fn sweep(
     spec: &Spec<'_>,
     rates: &[f64],
@@ -161,34 +155,47 @@ pub fn sweep(
     validation: &[Item],
     out_dir: &Path,
     resume: bool,
-    on_step: &mut dyn FnMut(f64, &Progress),
-    on_eval: &mut dyn FnMut(usize, f64),
+    sink: &dyn Sink,
 ) -> Result<(Vec<SweepPoint>, usize, Vec<TrainOutcome>)> {
     if rates.is_empty() {
-        bail!("no learning rates to sweep");
+        return Err(JobError::invalid("no learning rates to sweep"));
     }
     let mut points = Vec::new();
     let mut outcomes = Vec::new();
     for &lr in rates {
         let spec_lr = Spec {
-            config: TrainConfig {
-                learning_rate: lr,
-                ..spec.config.clone()
-            },
+            config: TrainConfig { learning_rate: lr, ..spec.config.clone() },
             model_name: spec.model_name.clone(),
             model_sha256: spec.model_sha256.clone(),
             dataset: spec.dataset.clone(),
             ..*spec
         };
-        let dir = if rates.len() == 1 { out_dir.to_path_buf() } else { out_dir.join(format!("lr-{lr:e}")) };
-        let out = train(&spec_lr, train_items, validation, &dir, resume, &mut |p| on_step(lr, p), on_eval)?;
-        points.push(SweepPoint {
+        let (dir, step) = if rates.len() == 1 {
+            (out_dir.to_path_buf(), "train".to_string())
+        } else {
+            (out_dir.join(format!("lr-{lr:e}")), format!("train.lr-{lr:e}"))
+        };
+        sink.started(&step, format!("LoRA r{} at lr {lr:.1e}", spec.config.lora.rank));
+        let out = train(&spec_lr, train_items, validation, &dir, resume, sink, &step)?;
+        let point = SweepPoint {
             learning_rate: lr,
             out_dir: dir,
             best_value: out.best_value,
             best_step: out.best_step,
             final_loss: out.history.last().map_or(f64::NAN, |r| r.loss),
-        });
+        };
+        sink.finished(
+            &step,
+            format!(
+                "{} steps, final loss {:.4}, best {} at step {}{}",
+                out.steps,
+                point.final_loss,
+                point.best_value.map_or("—".into(), |v| format!("{v:.4}")),
+                point.best_step.map_or("—".into(), |s| s.to_string()),
+                if out.stopped_early { " (stopped early)" } else { "" }
+            ),
+        );
+        points.push(point);
         outcomes.push(out);
     }
     let winner = points

@@ -9,7 +9,7 @@ fn a_local_judge_answers_and_the_cache_replays_it() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = lathe_engine::tiny::write_tiny(dir.path(), Architecture::Llama, 5).unwrap();
     let model = lathe_engine::load(&tiny.gguf, &lathe_engine::Device::flex()).unwrap();
-    let runtime = lathe_sandbox::Runtime::new(lathe_sandbox::RuntimeConfig::default()).unwrap();
+    let env = lathe_jobs::Env::new(dir.path(), lathe_engine::Device::flex());
     let spec = JudgeSpec {
         plugin: "llm-judge".into(),
         config: serde_json::json!({}),
@@ -18,7 +18,7 @@ fn a_local_judge_answers_and_the_cache_replays_it() {
         max_tokens: 8,
     };
     let cache_path = dir.path().join("cache.jsonl");
-    let mut judge = Judge::new(&runtime, spec.clone(), Box::new(LocalJudge { model }), VerdictCache::open(&cache_path).unwrap()).unwrap();
+    let mut judge = Judge::new(&env, spec.clone(), Box::new(LocalJudge { model }), VerdictCache::open(&cache_path).unwrap()).unwrap();
     // A random tiny model does not answer `{"score": n}`: the verdict scores 0 and says why.
     let v = judge.score("say hi", "hi", Some("hi")).unwrap();
     assert_eq!(v.score, 0.0);
@@ -34,11 +34,11 @@ fn a_local_judge_answers_and_the_cache_replays_it() {
     // The cache file survives: a new judge replays both verdicts without its model.
     struct Refuses;
     impl lathe_jobs::eval::judge::JudgeBackend for Refuses {
-        fn complete(&mut self, _: &[lathe_engine::Message], _: u64, _: usize) -> anyhow::Result<String> {
-            anyhow::bail!("the cache should have answered")
+        fn complete(&mut self, _: &[lathe_engine::Message], _: u64, _: usize) -> lathe_jobs::Result<String> {
+            Err(lathe_jobs::JobError::Judge("the cache should have answered".into()))
         }
     }
-    let mut replay = Judge::new(&runtime, spec, Box::new(Refuses), VerdictCache::open(&cache_path).unwrap()).unwrap();
+    let mut replay = Judge::new(&env, spec, Box::new(Refuses), VerdictCache::open(&cache_path).unwrap()).unwrap();
     assert_eq!(replay.score("say hi", "hi", Some("hi")).unwrap(), v);
     replay.score("say hi", "hello", Some("hi")).unwrap();
     assert_eq!((replay.cache.hits, replay.cache.misses), (2, 0));

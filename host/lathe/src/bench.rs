@@ -156,20 +156,20 @@ fn eval(a: EvalBench) -> Result<()> {
     use lathe_jobs::eval::{self as ev, Item, Plugins, Subject};
     let device = a.compute.setup()?;
     let m = load(&a.model, &device)?;
-    let runtime = crate::plugin::runtime()?;
-    let mut suite = lathe_jobs::demo::invoice_suite();
-    let plugins = Plugins::load(&runtime, &suite)?;
-    let items: Vec<Item> = lathe_jobs::demo::invoice_examples(a.items, 99)
+    let env = lathe_jobs::Env::new(std::env::temp_dir(), device);
+    let mut suite = lathe_jobs::invoices::invoice_suite();
+    let plugins = Plugins::load(&env, &suite)?;
+    let items: Vec<Item> = lathe_jobs::invoices::invoice_examples(a.items, 99)
         .iter()
         .map(Item::from_example)
-        .collect::<Result<_>>()?;
+        .collect::<lathe_jobs::Result<_>>()?;
     let subject = Subject::base(&m, a.model.display().to_string());
     let template = suite.templates[0].clone();
     println!("{} invoice items, template `{}`, max {} new tokens, {} threads", a.items, template.name, suite.max_tokens, rayon::current_num_threads());
     let mut first = None;
     for &b in &a.batch {
         suite.batch_size = b;
-        let run = ev::run(&subject, &suite, &plugins, &template, &[], &items, None, &mut |_, _| {})?;
+        let run = ev::run(&subject, &suite, &plugins, &template, &[], &items, None, &lathe_jobs::NullSink, "")?;
         let base = *first.get_or_insert(run.examples_per_s);
         println!("batch {b:>3}: {:.2} examples/s ({:.1}x batch {})", run.examples_per_s, run.examples_per_s / base, a.batch[0]);
     }
@@ -247,6 +247,7 @@ fn train(a: TrainBench) -> Result<()> {
     trainer.run(false, None, &mut |_| {
         times.push(last.elapsed().as_secs_f64());
         last = Instant::now();
+        std::ops::ControlFlow::Continue(())
     })?;
     let measured = &times[1..];
     let mean = measured.iter().sum::<f64>() / measured.len() as f64;

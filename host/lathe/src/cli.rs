@@ -5,13 +5,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::render::Terminal;
 use crate::{bench, data, demo, eval, plugin, train};
 use lathe_engine::device::parse_device;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
+use lathe_jobs::Env;
 
-/// The model `lathe demo` and the benchmarks use when no `--model` is given; the setup
-/// script fetches it.
-pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub use lathe_jobs::DEFAULT_MODEL;
 
 #[derive(Parser)]
 #[command(name = "lathe", version, about = "Fine-tune open-weight LLMs for domain tasks, and prove they beat the prompted base model")]
@@ -59,6 +59,16 @@ impl DataDir {
             .or_else(|| std::env::var_os("LATHE_HOME").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(".lathe"))
     }
+
+    /// The job environment over this folder, computing on the CPU (data commands).
+    pub fn env(&self) -> Env {
+        Env::new(self.path(), lathe_engine::Device::flex())
+    }
+}
+
+/// Runs a pipeline with its events rendered in the terminal.
+pub fn run_job<S, O>(env: &Env, spec: &S, pipeline: fn(&Env, &S, &dyn lathe_jobs::Sink) -> lathe_jobs::Result<O>) -> Result<O> {
+    Ok(pipeline(env, spec, &Terminal::new())?)
 }
 
 /// Where and how to compute.
@@ -73,6 +83,11 @@ pub struct Compute {
 }
 
 impl Compute {
+    /// The job environment over `dir` on this device.
+    pub fn env(&self, dir: &DataDir) -> Result<Env> {
+        Ok(Env::new(dir.path(), self.setup()?))
+    }
+
     pub fn setup(&self) -> Result<lathe_engine::Device> {
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new()
@@ -155,15 +170,6 @@ pub fn load(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
     Ok(m)
 }
 
-/// The tokenizer of a GGUF file or Hugging Face folder, without loading weights.
-pub fn load_tokenizer(path: &Path) -> Result<lathe_engine::Tokenizer> {
-    Ok(if path.is_dir() {
-        lathe_engine::Tokenizer::from_hf_folder(path)?
-    } else {
-        lathe_engine::Tokenizer::from_gguf(&lathe_engine::gguf::GgufFile::open(path)?)?
-    })
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     let device = a.compute.setup()?;
     let m = load(&a.model, &device)?;
@@ -217,4 +223,10 @@ fn stream(m: &LoadedModel, adapter: Option<&lathe_engine::Adapter>, ids: &[u32],
         start.elapsed().as_secs_f64()
     );
     Ok(g)
+}
+
+/// `4m05s`, `1h02m`.
+pub fn duration(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s / 60 % 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
 }

@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use lathe_data::curate::{DedupeParams, PiiMode, ValidateMode};
-use lathe_data::split::SplitParams;
-use lathe_data::{FieldMapping, ImportOptions, NearDupParams, Store};
+use lathe_data::FieldMapping;
+use lathe_data::curate::PiiMode;
+use lathe_jobs::eval::PluginRef;
+use lathe_jobs::pipeline::{self, data::{CurateSpec, ImportSpec, SplitSpec, StatsSpec}};
 
-use crate::cli::DataDir;
+use crate::cli::{DataDir, run_job};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -50,43 +51,6 @@ pub struct ImportArgs {
     formatter_config: String,
     #[command(flatten)]
     dir: DataDir,
-}
-
-/// The import hook over a WebAssembly formatter plugin.
-struct PluginFormatter {
-    name: String,
-    instance: lathe_sandbox::Instance,
-}
-
-impl lathe_data::RecordFormatter for PluginFormatter {
-    fn format(&mut self, record: serde_json::Value) -> std::result::Result<lathe_data::Example, lathe_data::RecordError> {
-        use lathe_data::{Message, Problem, RecordError, Role};
-        let fail = |message: String| RecordError::whole(Problem::Formatter { message });
-        match self.instance.format(&record.to_string()) {
-            Err(e) => Err(fail(e.to_string())),
-            Ok(Err(field)) => Err(RecordError::new(field.field, Problem::Formatter { message: field.message })),
-            Ok(Ok(lathe_sandbox::Example::Completion { prompt, completion })) => {
-                Ok(lathe_data::Example::prompt_completion(None, &prompt, &completion))
-            }
-            Ok(Ok(lathe_sandbox::Example::Chat(messages))) => {
-                let messages = messages
-                    .into_iter()
-                    .map(|m| {
-                        Role::parse(&m.role)
-                            .map(|r| Message::new(r, m.content))
-                            .ok_or_else(|| fail(format!("the formatter returned the unknown role `{}`", m.role)))
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let example = lathe_data::Example::new(messages);
-                example.validate()?;
-                Ok(example)
-            }
-        }
-    }
-
-    fn format_name(&self) -> lathe_data::Format {
-        lathe_data::Format::Plugin(self.name.clone())
-    }
 }
 
 #[derive(Args)]
@@ -166,50 +130,26 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     }
 }
 
-pub fn open_store(dir: &DataDir) -> Result<Store> {
-    Ok(Store::open(dir.path())?)
-}
-
 fn import(a: ImportArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
-    let mut opts = ImportOptions::default();
-    if let (Some(p), Some(c)) = (&a.prompt_col, &a.completion_col) {
-        let mut m = FieldMapping::new(p, c);
-        if let Some(s) = &a.system_col {
-            m = m.with_system(s);
+    let mapping = match (&a.prompt_col, &a.completion_col) {
+        (Some(p), Some(c)) => {
+            let mut m = FieldMapping::new(p, c);
+            if let Some(s) = &a.system_col {
+                m = m.with_system(s);
+            }
+            if let Some(l) = &a.label_col {
+                m = m.with_label(l);
+            }
+            Some(m)
         }
-        if let Some(l) = &a.label_col {
-            m = m.with_label(l);
-        }
-        opts.mapping = Some(m);
-    }
-    let imported = match &a.formatter {
-        Some(name) => {
-            let runtime = crate::plugin::runtime()?;
-            let plugin = lathe_jobs::eval::load_plugin(&runtime, name, lathe_sandbox::Kind::Formatter)?;
-            let instance = plugin.instance(&json_arg(&a.formatter_config)?.to_string())?;
-            let mut f = PluginFormatter {
-                name: name.clone(),
-                instance,
-            };
-            lathe_data::import_with(&store, &a.file, &opts, &mut f)?
-        }
-        None => lathe_data::import_file(&store, &a.file, &opts)?,
+        _ => None,
     };
-    let r = &imported.report;
-    println!(
-        "{}: detected {} ({:?}), {} rows, {} blank lines skipped",
-        r.source,
-        r.format.as_str(),
-        r.container,
-        r.rows,
-        r.blank_lines
-    );
-    println!("version {}", imported.manifest.id);
-    if let Some(name) = &a.name {
-        store.set_ref(name, &imported.manifest.id)?;
-        println!("named {name}");
-    }
+    let formatter = match &a.formatter {
+        Some(name) => Some(PluginRef { plugin: name.clone(), config: json_arg(&a.formatter_config)? }),
+        None => None,
+    };
+    let spec = ImportSpec { file: a.file, source_name: None, name: a.name, mapping, formatter };
+    run_job(&a.dir.env(), &spec, pipeline::data::import)?;
     Ok(())
 }
 
@@ -224,108 +164,38 @@ pub fn json_arg(s: &str) -> Result<serde_json::Value> {
 }
 
 fn curate(a: CurateArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
-    let mut current = store.resolve(&a.version)?;
-    if a.dedupe || a.near.is_some() {
-        let params = match a.near {
-            Some(t) => DedupeParams::near(t),
-            None => DedupeParams::exact_only(),
-        };
-        let out = lathe_data::curate::dedupe(&store, &current, &params)?;
-        println!("dedupe: {}", out.report.summary());
-        current = out.manifest.id.clone();
-    }
-    if let Some(mode) = &a.pii {
-        let mode = match mode.as_str() {
-            "report" => PiiMode::Report,
-            "redact" => PiiMode::Redact,
-            "drop" => PiiMode::Drop,
-            other => anyhow::bail!("--pii {other}: expected report, redact or drop"),
-        };
-        let out = lathe_data::curate::scan_pii(&store, &current, mode)?;
-        println!("pii: {}", out.report.summary());
-        for hit in out.report.hits.iter().take(10) {
-            println!("  example {} {}: {:?} at {}..{}", hit.example, hit.field, hit.kind, hit.start, hit.end);
-        }
-        current = out.manifest.id.clone();
-    }
-    if let Some(v) = &a.validator {
-        let runtime = crate::plugin::runtime()?;
-        let plugin = lathe_jobs::eval::load_plugin(&runtime, v, lathe_sandbox::Kind::Validator)?;
-        let config = json_arg(&a.validator_config)?.to_string();
-        let inst = std::cell::RefCell::new(plugin.instance(&config)?);
-        let validator = |output: &str| -> std::result::Result<(), Vec<String>> {
-            match inst.borrow_mut().validate(output) {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(v)) => Err(v.into_iter().map(|v| format!("{}: {}", v.path, v.message)).collect()),
-                Err(e) => Err(vec![format!("the validator failed: {e}")]),
-            }
-        };
-        let mode = if a.drop_invalid { ValidateMode::Drop } else { ValidateMode::Report };
-        let out = lathe_data::curate::validate_outputs(&store, &current, &validator, v, mode)?;
-        println!("validator {v}: {} of {} outputs fail", out.report.failures.len(), out.report.checked);
-        for f in out.report.failures.iter().take(10) {
-            println!("  example {}: {}", f.example, f.violations.join("; "));
-        }
-        current = out.manifest.id.clone();
-    }
-    println!("version {current}");
-    if let Some(name) = &a.name {
-        store.set_ref(name, &current)?;
-        println!("named {name}");
-    }
+    let pii = match a.pii.as_deref() {
+        None => None,
+        Some("report") => Some(PiiMode::Report),
+        Some("redact") => Some(PiiMode::Redact),
+        Some("drop") => Some(PiiMode::Drop),
+        Some(other) => anyhow::bail!("--pii {other}: expected report, redact or drop"),
+    };
+    let validator = match &a.validator {
+        Some(v) => Some(PluginRef { plugin: v.clone(), config: json_arg(&a.validator_config)? }),
+        None => None,
+    };
+    let spec = CurateSpec { version: a.version, dedupe: a.dedupe, near: a.near, pii, validator, drop_invalid: a.drop_invalid, name: a.name };
+    let out = run_job(&a.dir.env(), &spec, pipeline::data::curate)?;
+    println!("version {}", out.version);
     Ok(())
 }
 
 fn split(a: SplitArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
-    let id = store.resolve(&a.version)?;
-    let params = SplitParams {
-        heldout_fraction: a.heldout,
-        seed: a.seed,
-        stratify: !a.no_stratify,
-        near: Some(NearDupParams::default()),
-    };
-    let out = lathe_data::split::split(&store, &id, &params)?;
-    let r = &out.report;
-    println!(
-        "{} rows → train {} ({}), held out {} ({}); {} duplicate groups kept on one side",
-        r.input_rows, r.train_rows, out.train.id, r.heldout_rows, out.heldout.id, r.duplicate_groups
-    );
-    let train = lathe_data::TrainingSet::open(&store, &out.train.id)?;
-    let held = lathe_data::HeldOut::open(&store, &out.heldout.id)?;
-    let leak = lathe_data::split::check_leakage(&store, &train, &held, Some(&NearDupParams::default()))?;
-    println!("leakage check: {} exact, {} near duplicates across the split", leak.exact.len(), leak.near.len());
-    if let Some(name) = &a.name {
-        store.set_ref(&format!("{name}.train"), &out.train.id)?;
-        store.set_ref(&format!("{name}.heldout"), &out.heldout.id)?;
-        println!("named {name}.train and {name}.heldout");
-    }
+    let spec = SplitSpec { version: a.version, heldout: a.heldout, seed: a.seed, stratify: !a.no_stratify, name: a.name };
+    run_job(&a.dir.env(), &spec, pipeline::data::split)?;
     Ok(())
 }
 
-struct ModelTokens(lathe_engine::Tokenizer);
-
-impl lathe_data::TokenCounter for ModelTokens {
-    fn count(&self, text: &str) -> usize {
-        self.0.encode(text, false).map_or(0, |t| t.len())
-    }
-}
-
 fn stats(a: StatsArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
-    let id = store.resolve(&a.version)?;
-    let counter = match &a.model {
-        Some(m) => Some(ModelTokens(crate::cli::load_tokenizer(m)?)),
-        None => None,
-    };
-    let s = lathe_data::curate::statistics(&store, &id, counter.as_ref().map(|c| c as &dyn lathe_data::TokenCounter))?;
+    let spec = StatsSpec { version: a.version, model: a.model };
+    let s = run_job(&a.dir.env(), &spec, pipeline::data::stats)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
 }
 
 fn show(a: ShowArgs) -> Result<()> {
-    let store = open_store(&a.dir)?;
+    let store = a.dir.env().datasets()?;
     let Some(version) = &a.version else {
         let refs = store.refs()?;
         for m in store.versions()? {

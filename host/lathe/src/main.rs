@@ -7,6 +7,7 @@ mod data;
 mod demo;
 mod eval;
 mod plugin;
+mod render;
 mod train;
 
 use clap::Parser;

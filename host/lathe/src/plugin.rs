@@ -5,8 +5,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use lathe_sandbox::{Info, Kind, Plugin, Runtime, RuntimeConfig};
-use serde_json::{Value, json};
+use lathe_sandbox::{Plugin, Runtime, RuntimeConfig};
+use serde_json::Value;
 
 #[derive(Subcommand)]
 pub enum PluginCommand {
@@ -67,7 +67,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
         PluginCommand::Build { path } => build(&path),
         PluginCommand::Inspect { plugin } => {
             let p = load(&plugin)?;
-            println!("{}", serde_json::to_string_pretty(&describe(p.info()))?);
+            println!("{}", serde_json::to_string_pretty(&lathe_jobs::plugins::describe(p.info()))?);
             Ok(())
         }
         PluginCommand::Test(a) => test(a),
@@ -103,75 +103,10 @@ fn load(spec: &str) -> Result<Plugin> {
     rt.load(&bytes).with_context(|| format!("{spec} is not a usable plugin"))
 }
 
-fn describe(info: &Info) -> Value {
-    json!({
-        "name": info.name,
-        "version": info.version,
-        "world": format!("lathe:plugin/{}@{}", info.kind, info.wit_version),
-        "description": info.description,
-        "config_schema": info.config_schema,
-        "size_bytes": info.size_bytes,
-        "sha256": info.sha256,
-    })
-}
-
 fn test(a: TestArgs) -> Result<()> {
     let plugin = load(&a.plugin)?;
     let input: Value = serde_json::from_str(&a.input).context("--input is not valid JSON")?;
-    let mut inst = plugin.instance(&a.config)?;
-    let str_field = |v: &Value, k: &str| -> Result<String> {
-        v.get(k).and_then(Value::as_str).map(String::from).with_context(|| format!("--input needs a string `{k}`"))
-    };
-    let out = match plugin.kind() {
-        Kind::Scorer => {
-            let pairs: Vec<&Value> = match &input {
-                Value::Array(items) => items.iter().collect(),
-                one => vec![one],
-            };
-            let mut scores = Vec::new();
-            let (mut preds, mut refs) = (Vec::new(), Vec::new());
-            for p in pairs {
-                let (pred, reference) = (str_field(p, "prediction")?, str_field(p, "reference")?);
-                let s = inst.score(&pred, &reference)?;
-                let details: serde_json::Map<String, Value> = s.details.into_iter().map(|(k, v)| (k, v.into())).collect();
-                scores.push(json!({"score": s.value, "details": details}));
-                preds.push(pred);
-                refs.push(reference);
-            }
-            let aggregate: serde_json::Map<String, Value> =
-                inst.aggregate(&preds, &refs)?.into_iter().map(|(k, v)| (k, v.into())).collect();
-            json!({"scores": scores, "aggregate": aggregate})
-        }
-        Kind::Validator => {
-            let output = match &input {
-                Value::String(s) => s.clone(),
-                other => str_field(other, "output")?,
-            };
-            match inst.validate(&output)? {
-                Ok(()) => json!({"valid": true}),
-                Err(vs) => json!({"valid": false, "violations": vs.iter()
-                    .map(|v| json!({"path": v.path, "message": v.message})).collect::<Vec<_>>()}),
-            }
-        }
-        Kind::Formatter => match inst.format(&input.to_string())? {
-            Ok(lathe_sandbox::Example::Chat(msgs)) => json!({"messages": msgs.iter()
-                .map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()}),
-            Ok(lathe_sandbox::Example::Completion { prompt, completion }) => json!({"prompt": prompt, "completion": completion}),
-            Err(e) => json!({"error": {"field": e.field, "message": e.message}}),
-        },
-        Kind::Judge => {
-            if let Some(answer) = input.get("answer").and_then(Value::as_str) {
-                match inst.parse_verdict(answer)? {
-                    Ok(j) => json!({"score": j.score, "reason": j.reason}),
-                    Err(e) => json!({"error": e}),
-                }
-            } else {
-                let reference = input.get("reference").and_then(Value::as_str);
-                let msgs = inst.build_prompt(&str_field(&input, "input")?, &str_field(&input, "output")?, reference)?;
-                json!({"messages": msgs.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()})
-            }
-        }
-    };
+    let out = lathe_jobs::plugins::try_on(&plugin, &a.config, &input)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
@@ -201,7 +136,7 @@ fn build(path: &Path) -> Result<()> {
         .with_context(|| format!("cargo built no .wasm for {} (is it a cdylib?)", path.display()))?;
     let p = load(wasm.to_str().context("non-UTF-8 path")?)?;
     println!("{}", wasm.display());
-    println!("{}", serde_json::to_string_pretty(&describe(p.info()))?);
+    println!("{}", serde_json::to_string_pretty(&lathe_jobs::plugins::describe(p.info()))?);
     Ok(())
 }
 

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{CodeBuilder, CodeHint, Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -199,7 +198,7 @@ impl Runtime {
             Some(CodeHint::Module) => return Err(LoadError::NotAComponent),
             None => return Err(LoadError::NotWasm),
         }
-        let sha256 = hex(&Sha256::digest(bytes));
+        let sha256 = lathe_util::sha256_hex(bytes);
         let component = self.compile_cached(bytes, &sha256)?;
         let pre = inner
             .linker
@@ -284,10 +283,7 @@ impl Runtime {
         let component = Component::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
         let art = component.serialize().map_err(|e| cache_err(e.to_string()))?;
         std::fs::create_dir_all(dir).map_err(|e| cache_err(e.to_string()))?;
-        let tmp = dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, &art)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| cache_err(e.to_string()))?;
+        lathe_util::write_atomic(&path, &art).map_err(|e| cache_err(e.to_string()))?;
         Ok(component)
     }
 }
@@ -312,10 +308,6 @@ impl Inner {
         store.limiter(|s| &mut s.limiter);
         store
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct PluginInner {

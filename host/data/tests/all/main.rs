@@ -8,19 +8,19 @@ mod store;
 
 use std::path::{Path, PathBuf};
 
-use lathe_data::Store;
+use lathe_data::Datasets;
 
 /// A store in a fresh temporary folder, and that folder (for source files).
 pub struct Env {
     pub dir: tempfile::TempDir,
-    pub store: Store,
+    pub store: Datasets,
 }
 
 impl Env {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("store")).unwrap();
+        let store = Datasets::open(dir.path().join("store")).unwrap();
         Env { dir, store }
     }
 

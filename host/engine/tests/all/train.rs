@@ -2,6 +2,7 @@
 //! determinism, resume, PEFT round trip and merging.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use lathe_engine::config::Architecture;
@@ -207,7 +208,7 @@ fn a_tiny_model_learns_a_tiny_dataset_and_the_base_stays_frozen() {
         ..TrainConfig::default()
     };
     let trainer = trainer(&m, config, &data, &dir.path().join("run"));
-    let out = trainer.run(false, None, &mut |_| {}).unwrap();
+    let out = trainer.run(false, None, &mut |_| ControlFlow::Continue(())).unwrap();
     let first = out.history.first().unwrap().loss;
     let last = out.history.last().unwrap().loss;
     assert!(first > 3.0, "a random model starts near ln(vocab): {first}");
@@ -252,8 +253,8 @@ fn same_seed_gives_the_same_bits_and_a_resumed_run_the_same_curve() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());
     let data = dataset(&m);
-    let a = short_run(&m, &dir.path().join("a"), &data).run(false, None, &mut |_| {}).unwrap();
-    let b = short_run(&m, &dir.path().join("b"), &data).run(false, None, &mut |_| {}).unwrap();
+    let a = short_run(&m, &dir.path().join("a"), &data).run(false, None, &mut |_| ControlFlow::Continue(())).unwrap();
+    let b = short_run(&m, &dir.path().join("b"), &data).run(false, None, &mut |_| ControlFlow::Continue(())).unwrap();
     assert_eq!(a.history, b.history);
     assert_eq!(adapter_bytes(&dir.path().join("a/last")), adapter_bytes(&dir.path().join("b/last")));
     assert!(a.history.iter().any(|r| r.grad_norm > 0.0));
@@ -269,7 +270,7 @@ fn same_seed_gives_the_same_bits_and_a_resumed_run_the_same_curve() {
         std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
     }
     std::fs::write(c.join("metrics.jsonl"), "lines a killed run wrote after its checkpoint\n").unwrap();
-    let resumed = short_run(&m, &c, &data).run(true, None, &mut |_| {}).unwrap();
+    let resumed = short_run(&m, &c, &data).run(true, None, &mut |_| ControlFlow::Continue(())).unwrap();
     assert_eq!(resumed.history, a.history);
     assert_eq!(resumed.evals, a.evals);
     assert_eq!(adapter_bytes(&c.join("last")), adapter_bytes(&dir.path().join("a/last")));
@@ -278,10 +279,22 @@ fn same_seed_gives_the_same_bits_and_a_resumed_run_the_same_curve() {
         std::fs::read_to_string(dir.path().join("a/metrics.jsonl")).unwrap()
     );
 
+    // Interrupted after step 3 (a cancelled job): it checkpoints there and a resume
+    // continues to the same curve and bits.
+    let d = dir.path().join("d");
+    let err = short_run(&m, &d, &data)
+        .run(false, None, &mut |p| if p.record.step == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+        .unwrap_err();
+    assert!(matches!(err, lathe_engine::EngineError::Interrupted { step: 3 }), "{err}");
+    assert!(d.join("checkpoints/step-00000003").is_dir());
+    let resumed = short_run(&m, &d, &data).run(true, None, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(resumed.history, a.history);
+    assert_eq!(adapter_bytes(&d.join("last")), adapter_bytes(&dir.path().join("a/last")));
+
     // A checkpoint from different settings is refused, not silently mixed in.
     let mut other = short_run(&m, &c, &data);
     other.info.config.learning_rate = 1e-3;
-    let err = other.run(true, None, &mut |_| {}).unwrap_err().to_string();
+    let err = other.run(true, None, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
     assert!(err.contains("different config"), "{err}");
 }
 
@@ -407,7 +420,7 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
         ..TrainConfig::default()
     };
     let trainer = trainer(&m, config, &data, &dir.path().join("qlora"));
-    let out = trainer.run(false, None, &mut |_| {}).unwrap();
+    let out = trainer.run(false, None, &mut |_| ControlFlow::Continue(())).unwrap();
     let (first, last) = (out.history[0].loss, out.history.last().unwrap().loss);
     assert!(last < 0.7 * first, "QLoRA loss {first} → {last}");
     let after = m.model.to_memory_weights();

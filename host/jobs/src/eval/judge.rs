@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use lathe_engine::generate::generate_with;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use crate::env::Env;
+use crate::error::{JobError, Result};
 
 /// Which model judges.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +63,7 @@ fn default_max_tokens() -> usize {
 }
 
 /// Something that answers a chat.
-pub trait JudgeBackend {
+pub trait JudgeBackend: Send {
     fn complete(&mut self, messages: &[Message], seed: u64, max_tokens: usize) -> Result<String>;
 }
 
@@ -117,19 +118,21 @@ impl JudgeBackend for OpenAiJudge {
         if let Some(k) = &self.api_key {
             req = req.set("authorization", &format!("Bearer {k}"));
         }
+        let fail = |m: String| JobError::Judge(format!("endpoint {url}: {m}"));
         let resp = match req.send_string(&body.to_string()) {
             Ok(r) => r,
             Err(ureq::Error::Status(code, r)) => {
                 let text = r.into_string().unwrap_or_default();
-                bail!("judge endpoint {url} answered {code}: {}", text.chars().take(300).collect::<String>())
+                return Err(fail(format!("answered {code}: {}", text.chars().take(300).collect::<String>())));
             }
-            Err(e) => bail!("judge endpoint {url}: {e}"),
+            Err(e) => return Err(fail(e.to_string())),
         };
-        let v: serde_json::Value = serde_json::from_str(&resp.into_string()?).with_context(|| format!("judge endpoint {url}: the answer is not JSON"))?;
+        let text = resp.into_string().map_err(|e| fail(e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| fail("the answer is not JSON".into()))?;
         v["choices"][0]["message"]["content"]
             .as_str()
             .map(String::from)
-            .with_context(|| format!("judge endpoint {url}: no choices[0].message.content in the answer"))
+            .ok_or_else(|| fail("no choices[0].message.content in the answer".into()))
     }
 }
 
@@ -182,7 +185,7 @@ impl VerdictCache {
 
     /// sha256 over (judge model, prompt, output, seed).
     pub fn key(judge_model: &str, prompt: &[Message], output: &str, seed: u64) -> String {
-        let hex = |b: &[u8]| -> String { Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect() };
+        let hex = lathe_util::sha256_hex;
         let prompt_json: Vec<(&str, &str)> = prompt.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
         let prompt_hash = hex(serde_json::to_string(&prompt_json).expect("strings serialize").as_bytes());
         let output_hash = hex(output.as_bytes());
@@ -204,12 +207,13 @@ impl VerdictCache {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).ok();
             }
-            let mut f = std::fs::OpenOptions::new()
+            let line = serde_json::to_string(&v).expect("verdicts serialise");
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            writeln!(f, "{}", serde_json::to_string(&v)?)?;
+                .and_then(|mut f| writeln!(f, "{line}"))
+                .map_err(|e| JobError::io(path, e))?;
         }
         self.entries.insert(v.key.clone(), v);
         Ok(())
@@ -225,9 +229,9 @@ pub struct Judge {
 }
 
 impl Judge {
-    pub fn new(runtime: &lathe_sandbox::Runtime, spec: JudgeSpec, backend: Box<dyn JudgeBackend>, cache: VerdictCache) -> Result<Self> {
-        let plugin = super::load_plugin(runtime, &spec.plugin, lathe_sandbox::Kind::Judge)?;
-        let instance = plugin.instance(&spec.config.to_string())?;
+    pub fn new(env: &Env, spec: JudgeSpec, backend: Box<dyn JudgeBackend>, cache: VerdictCache) -> Result<Self> {
+        let plugin = env.plugin(&spec.plugin, lathe_sandbox::Kind::Judge)?;
+        let instance = plugin.instance(&spec.config.to_string()).map_err(|e| call_err(&spec.plugin, e))?;
         Ok(Self {
             spec,
             plugin: instance,
@@ -240,7 +244,7 @@ impl Judge {
     pub fn backend_for(spec: &JudgeSpec, device: &lathe_engine::Device) -> Result<Box<dyn JudgeBackend>> {
         Ok(match &spec.model {
             JudgeModel::Local { path } => Box::new(LocalJudge {
-                model: lathe_engine::load(path, device).with_context(|| format!("loading the judge model {}", path.display()))?,
+                model: lathe_engine::load(path, device).map_err(|e| JobError::Judge(format!("loading the judge model: {e}")))?,
             }),
             JudgeModel::OpenAi {
                 base_url,
@@ -248,7 +252,7 @@ impl Judge {
                 api_key_env,
             } => {
                 let key = match api_key_env {
-                    Some(var) => Some(std::env::var(var).with_context(|| format!("the judge's API key: ${var} is not set"))?),
+                    Some(var) => Some(std::env::var(var).map_err(|_| JobError::Invalid(format!("the judge's API key: ${var} is not set")))?),
                     None => None,
                 };
                 Box::new(OpenAiJudge::new(base_url, model, key))
@@ -259,14 +263,14 @@ impl Judge {
     /// The judge's score in [0, 1] and reason for one output, from the cache when it
     /// has been asked before.
     pub fn score(&mut self, input: &str, output: &str, reference: Option<&str>) -> Result<Verdict> {
-        let prompt = self.plugin.build_prompt(input, output, reference)?;
+        let prompt = self.plugin.build_prompt(input, output, reference).map_err(|e| call_err(&self.spec.plugin, e))?;
         let messages: Vec<Message> = prompt.into_iter().map(|m| Message::new(m.role, m.content)).collect();
         let key = VerdictCache::key(&self.spec.model.cache_name(), &messages, output, self.spec.seed);
         if let Some(v) = self.cache.get(&key) {
             return Ok(v);
         }
         let answer = self.backend.complete(&messages, self.spec.seed, self.spec.max_tokens)?;
-        let verdict = match self.plugin.parse_verdict(&answer)? {
+        let verdict = match self.plugin.parse_verdict(&answer).map_err(|e| call_err(&self.spec.plugin, e))? {
             Ok(j) => Verdict {
                 key,
                 score: j.score,
@@ -285,4 +289,8 @@ impl Judge {
         self.cache.put(verdict.clone())?;
         Ok(verdict)
     }
+}
+
+fn call_err(plugin: &str, e: lathe_sandbox::CallError) -> JobError {
+    JobError::Judge(format!("plugin `{plugin}`: {e}"))
 }

@@ -13,16 +13,20 @@ pub mod report;
 pub mod stats;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use std::sync::Mutex;
+
 use lathe_engine::generate::generate_with;
 use lathe_engine::{Adapter, CausalLm, Message, SamplingParams, Tokenizer};
-use lathe_sandbox::{Kind, Plugin, Runtime};
+use lathe_sandbox::{Kind, Plugin};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::env::Env;
+use crate::error::{JobError, Result};
+use crate::event::Sink;
 use stats::{Comparison, Estimate};
 
 /// How a prompt is built from an item's input.
@@ -52,7 +56,8 @@ pub(crate) fn empty_object() -> serde_json::Value {
     serde_json::json!({})
 }
 
-/// The bar a model must clear: `metric` (a scorer's name or `valid`) at least `min`.
+/// The bar a model must clear: `metric` (a scorer's declared name, `valid` or `judge`) at
+/// least `min`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gate {
@@ -96,43 +101,63 @@ fn default_batch() -> usize {
 }
 
 impl Suite {
+    /// Reads and checks a suite file (JSON).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let suite: Suite = serde_json::from_str(&text).with_context(|| format!("{}: not a valid eval suite", path.display()))?;
-        suite.check().with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| JobError::io(path, e))?;
+        Self::from_json(&text).map_err(|e| JobError::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and checks a suite.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let suite: Suite = serde_json::from_str(text).map_err(|e| JobError::Invalid(format!("not a valid eval suite: {e}")))?;
+        suite.check()?;
         Ok(suite)
     }
 
+    /// What can be checked without loading plugins; [`Plugins::load`] checks the rest (the
+    /// plugins' kinds, and that the gate names a metric they produce).
     pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(JobError::Invalid(format!("suite `{}`: {m}", self.name)));
         if self.templates.is_empty() {
-            bail!("the suite `{}` has no prompt templates", self.name);
+            return bad("no prompt templates".into());
         }
         if self.scorers.is_empty() {
-            bail!("the suite `{}` has no scorers", self.name);
+            return bad("no scorers".into());
         }
+        let mut names = std::collections::BTreeSet::new();
         for t in &self.templates {
+            if !names.insert(&t.name) {
+                return bad(format!("two templates are named `{}`", t.name));
+            }
             let env = minijinja::Environment::new();
-            env.template_from_str(&t.user)
-                .with_context(|| format!("template `{}`: the user message does not parse", t.name))?;
+            if let Err(e) = env.template_from_str(&t.user) {
+                return bad(format!("template `{}`: the user message does not parse: {e}", t.name));
+            }
+        }
+        if self.batch_size == 0 || self.max_tokens == 0 {
+            return bad("batch_size and max_tokens must be ≥ 1".into());
+        }
+        if let Some(g) = &self.gate
+            && !(0.0..=1.0).contains(&g.min)
+        {
+            return bad(format!("gate.min is {}; metrics are in [0, 1]", g.min));
         }
         Ok(())
     }
 
-    /// The metric that decides: the gate's, else the first scorer's.
-    pub fn primary_metric(&self) -> String {
-        match &self.gate {
-            Some(g) => g.metric.clone(),
-            None => scorer_name(&self.scorers[0]),
+    /// The template named `name`, or the first without a name.
+    pub fn template(&self, name: Option<&str>) -> Result<&PromptTemplate> {
+        match name {
+            None => Ok(&self.templates[0]),
+            Some(n) => self.templates.iter().find(|t| t.name == n).ok_or_else(|| {
+                JobError::Invalid(format!(
+                    "the suite `{}` has no template `{n}`; it has {}",
+                    self.name,
+                    self.templates.iter().map(|t| format!("`{}`", t.name)).collect::<Vec<_>>().join(", ")
+                ))
+            }),
         }
     }
-}
-
-fn scorer_name(r: &PluginRef) -> String {
-    Path::new(&r.plugin)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(&r.plugin)
-        .to_string()
 }
 
 /// One held-out item: the conversation before the answer, and the reference answer.
@@ -153,7 +178,7 @@ impl Item {
             .rev()
             .find(|m| m.role == lathe_data::Role::User)
             .map(|m| m.content.clone())
-            .context("an eval item needs a user message before the answer")?;
+            .ok_or_else(|| JobError::invalid("an eval item needs a user message before the answer"))?;
         Ok(Self {
             input,
             reference: e.target().to_string(),
@@ -162,64 +187,88 @@ impl Item {
     }
 }
 
-/// Plugins loaded once for a suite.
+/// Plugins loaded once for a suite, each metric under the name its plugin declares.
 pub struct Plugins {
     scorers: Vec<(String, Plugin, String)>,
-    validator: Option<(Plugin, String)>,
-    judge: Option<std::cell::RefCell<judge::Judge>>,
-}
-
-/// Loads a plugin by built-in name or from a `.wasm` path.
-pub fn load_plugin(runtime: &Runtime, name: &str, expected: Kind) -> Result<Plugin> {
-    let bytes: std::borrow::Cow<'static, [u8]> = match lathe_sandbox::builtin(name) {
-        Some(b) => b.into(),
-        None => std::fs::read(name)
-            .with_context(|| format!("`{name}` is neither a built-in plugin nor a readable .wasm file"))?
-            .into(),
-    };
-    let plugin = runtime.load(&bytes).with_context(|| format!("loading plugin `{name}`"))?;
-    if plugin.kind() != expected {
-        bail!("plugin `{name}` is a {}, but a {} is needed here", plugin.kind().name(), expected.name());
-    }
-    Ok(plugin)
+    validator: Option<(String, Plugin, String)>,
+    judge: Option<Mutex<judge::Judge>>,
+    primary: String,
 }
 
 impl Plugins {
-    pub fn load(runtime: &Runtime, suite: &Suite) -> Result<Self> {
+    /// Loads the suite's scorers and validator and checks the suite against them: the
+    /// gate must name a metric they produce.
+    pub fn load(env: &Env, suite: &Suite) -> Result<Self> {
         let scorers = suite
             .scorers
             .iter()
-            .map(|r| Ok((scorer_name(r), load_plugin(runtime, &r.plugin, Kind::Scorer)?, r.config.to_string())))
+            .map(|r| {
+                let p = env.plugin(&r.plugin, Kind::Scorer)?;
+                Ok((p.info().name.clone(), p, r.config.to_string()))
+            })
             .collect::<Result<Vec<_>>>()?;
         let validator = match &suite.validator {
-            Some(r) => Some((load_plugin(runtime, &r.plugin, Kind::Validator)?, r.config.to_string())),
+            Some(r) => {
+                let p = env.plugin(&r.plugin, Kind::Validator)?;
+                Some((p.info().name.clone(), p, r.config.to_string()))
+            }
             None => None,
         };
-        Ok(Self { scorers, validator, judge: None })
+        let mut plugins = Self { primary: scorers[0].0.clone(), scorers, validator, judge: None };
+        let produced = plugins.metric_names(suite.judge.is_some());
+        if let Some(g) = &suite.gate {
+            if !produced.contains(&g.metric) {
+                return Err(JobError::Invalid(format!(
+                    "suite `{}`: the gate names the metric `{}`, which no scorer produces; its metrics are {}",
+                    suite.name,
+                    g.metric,
+                    produced.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            plugins.primary = g.metric.clone();
+        }
+        Ok(plugins)
     }
 
-    /// Also loads the suite's judge, if it has one: its model on `device` (or its
-    /// endpoint), verdicts cached in `cache` (JSON lines).
-    pub fn load_with_judge(runtime: &Runtime, suite: &Suite, device: &lathe_engine::Device, cache: &Path) -> Result<Self> {
-        let mut plugins = Self::load(runtime, suite)?;
+    /// Also loads the suite's judge, if it has one: its model on the environment's device
+    /// (or its endpoint), verdicts cached in the environment's judge cache.
+    pub fn load_with_judge(env: &Env, suite: &Suite) -> Result<Self> {
+        let mut plugins = Self::load(env, suite)?;
         if let Some(spec) = &suite.judge {
-            let backend = judge::Judge::backend_for(spec, device)?;
-            let j = judge::Judge::new(runtime, spec.clone(), backend, judge::VerdictCache::open(cache)?)?;
-            plugins.judge = Some(std::cell::RefCell::new(j));
+            let backend = judge::Judge::backend_for(spec, env.device())?;
+            let j = judge::Judge::new(env, spec.clone(), backend, judge::VerdictCache::open(&env.judge_cache())?)?;
+            plugins.judge = Some(Mutex::new(j));
         }
         Ok(plugins)
     }
 
     /// Uses `judge` for the `judge` metric.
     pub fn with_judge(mut self, judge: judge::Judge) -> Self {
-        self.judge = Some(std::cell::RefCell::new(judge));
+        self.judge = Some(Mutex::new(judge));
         self
+    }
+
+    /// The metric that decides: the gate's, else the first scorer's.
+    pub fn primary_metric(&self) -> &str {
+        &self.primary
+    }
+
+    /// Every metric a run with these plugins reports.
+    pub fn metric_names(&self, with_judge: bool) -> Vec<String> {
+        let mut names: Vec<String> = self.scorers.iter().map(|(n, _, _)| n.clone()).collect();
+        if self.validator.is_some() {
+            names.push("valid".into());
+        }
+        if with_judge {
+            names.push("judge".into());
+        }
+        names
     }
 
     /// (hits, misses) of the judge's verdict cache.
     pub fn judge_cache_stats(&self) -> Option<(usize, usize)> {
         self.judge.as_ref().map(|j| {
-            let j = j.borrow();
+            let j = j.lock().expect("judge lock");
             (j.cache.hits, j.cache.misses)
         })
     }
@@ -284,14 +333,13 @@ impl EvalRun {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        lathe_engine::fsutil::write_atomic(path, text.as_bytes())?;
-        Ok(())
+        let text = serde_json::to_string_pretty(self).expect("runs serialise");
+        lathe_util::write_atomic(path, text.as_bytes()).map_err(|e| JobError::io(path, e))
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not an eval run", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|e| JobError::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| JobError::Invalid(format!("{}: not an eval run: {e}", path.display())))
     }
 }
 
@@ -349,7 +397,8 @@ pub fn render_messages(template: &PromptTemplate, shots: &[Item], item: &Item) -
     Ok(messages)
 }
 
-/// Runs `suite` with one template and shot set over `items`.
+/// Runs `suite` with one template and shot set over `items`, reporting generation progress
+/// under `step` and stopping between batches when the job is cancelled.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     subject: &Subject<'_>,
@@ -359,7 +408,8 @@ pub fn run(
     shots: &[Item],
     items: &[Item],
     dataset: Option<String>,
-    on_progress: &mut dyn FnMut(usize, usize),
+    sink: &dyn Sink,
+    step: &str,
 ) -> Result<EvalRun> {
     let started = Instant::now();
     let params = SamplingParams {
@@ -379,13 +429,14 @@ pub fn run(
     let mut outputs = vec![String::new(); items.len()];
     let mut done = 0;
     for chunk in order.chunks(suite.batch_size.max(1)) {
+        sink.check_cancelled()?;
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
         let gens = generate_with(subject.model, subject.adapter, subject.tokenizer, &batch, &params, &mut |_, _| {})?;
         for (&i, g) in chunk.iter().zip(gens) {
             outputs[i] = g.text.trim().to_string();
         }
         done += chunk.len();
-        on_progress(done, items.len());
+        sink.progress(step, done, items.len(), "items");
     }
 
     let mut results: Vec<ItemResult> = items
@@ -403,18 +454,25 @@ pub fn run(
             violations: Vec::new(),
         })
         .collect();
+    let call_err = |plugin: &str, item: usize| {
+        let plugin = plugin.to_string();
+        move |source| JobError::PluginCall { plugin, item, source }
+    };
     for (name, plugin, config) in &plugins.scorers {
-        let mut inst = plugin.instance(config)?;
+        let mut inst = plugin.instance(config).map_err(call_err(name, 0))?;
         for r in &mut results {
-            let s = inst.score(&r.output, &r.reference)?;
+            let s = inst.score(&r.output, &r.reference).map_err(call_err(name, r.index))?;
+            if !(s.value.is_finite() && (0.0..=1.0).contains(&s.value)) {
+                return Err(JobError::BadScore { plugin: name.clone(), item: r.index, value: s.value });
+            }
             r.scores.insert(name.clone(), s.value);
             r.details.insert(name.clone(), s.details);
         }
     }
-    if let Some((plugin, config)) = &plugins.validator {
-        let mut inst = plugin.instance(config)?;
+    if let Some((name, plugin, config)) = &plugins.validator {
+        let mut inst = plugin.instance(config).map_err(call_err(name, 0))?;
         for r in &mut results {
-            match inst.validate(&r.output)? {
+            match inst.validate(&r.output).map_err(call_err(name, r.index))? {
                 Ok(()) => r.valid = Some(true),
                 Err(v) => {
                     r.valid = Some(false);
@@ -424,7 +482,7 @@ pub fn run(
         }
     }
     if let Some(judge) = &plugins.judge {
-        let mut judge = judge.borrow_mut();
+        let mut judge = judge.lock().expect("judge lock");
         for r in &mut results {
             let v = judge.score(&r.input, &r.output, Some(&r.reference))?;
             r.scores.insert("judge".into(), v.score);
@@ -443,18 +501,12 @@ pub fn run(
         dataset,
         items: results,
         metrics: BTreeMap::new(),
-        primary_metric: suite.primary_metric(),
+        primary_metric: plugins.primary_metric().to_string(),
         gate: suite.gate.clone(),
         passed_gate: None,
         examples_per_s: items.len() as f64 / elapsed.max(1e-9),
     };
-    let mut names: Vec<String> = plugins.scorers.iter().map(|(n, _, _)| n.clone()).collect();
-    if plugins.validator.is_some() {
-        names.push("valid".into());
-    }
-    if plugins.judge.is_some() {
-        names.push("judge".into());
-    }
+    let names = plugins.metric_names(plugins.judge.is_some());
     for (k, name) in names.iter().enumerate() {
         let est = stats::bootstrap_mean(&run.values(name), stats::DEFAULT_RESAMPLES, 17 + k as u64);
         run.metrics.insert(name.clone(), est);
@@ -475,8 +527,7 @@ fn run_id(run: &EvalRun) -> String {
         h.update(i.prompt.as_bytes());
         h.update(i.output.as_bytes());
     }
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    hex[..16].to_string()
+    lathe_util::hex(&h.finalize()[..8])
 }
 
 /// Every (template, shots) the baseline tried, and the one it keeps.
@@ -495,8 +546,8 @@ pub struct BaselineTrial {
 
 /// Evaluates the base model with every template at every shot count (shots are the first
 /// examples of `train_pool`, never held-out items) and keeps the best by the primary
-/// metric.
-#[allow(clippy::too_many_arguments)]
+/// metric. Each trial's generation reports progress under `baseline.<template>.<k>shot`
+/// and its result as a log line.
 pub fn baseline(
     subject: &Subject<'_>,
     suite: &Suite,
@@ -504,25 +555,29 @@ pub fn baseline(
     train_pool: &[Item],
     items: &[Item],
     dataset: Option<String>,
-    on_progress: &mut dyn FnMut(&str, usize, usize, usize),
-    on_trial: &mut dyn FnMut(&BaselineTrial),
+    sink: &dyn Sink,
 ) -> Result<Baseline> {
     let mut tried = Vec::new();
     let mut best: Option<EvalRun> = None;
     for template in &suite.templates {
         for &k in &suite.shots {
             if k > train_pool.len() {
-                bail!("{k}-shot prompts need {k} training examples; the training part has {}", train_pool.len());
+                return Err(JobError::Invalid(format!(
+                    "{k}-shot prompts need {k} training examples; the training part has {}",
+                    train_pool.len()
+                )));
             }
-            let run = run(subject, suite, plugins, template, &train_pool[..k], items, dataset.clone(), &mut |done, total| {
-                on_progress(&template.name, k, done, total)
-            })?;
+            let step = format!("baseline.{}.{k}shot", template.name);
+            let run = run(subject, suite, plugins, template, &train_pool[..k], items, dataset.clone(), sink, &step)?;
             let trial = BaselineTrial {
                 template: template.name.clone(),
                 shots: k,
                 metric: run.metrics[&run.primary_metric],
             };
-            on_trial(&trial);
+            sink.info(format!(
+                "{} · {k}-shot: {} {:.3} [{:.3}, {:.3}]",
+                trial.template, run.primary_metric, trial.metric.mean, trial.metric.ci_low, trial.metric.ci_high
+            ));
             tried.push(trial);
             if best.as_ref().is_none_or(|b| run.primary() > b.primary()) {
                 best = Some(run);
@@ -531,7 +586,7 @@ pub fn baseline(
     }
     Ok(Baseline {
         tried,
-        best: best.context("the suite has no templates or shot counts")?,
+        best: best.ok_or_else(|| JobError::invalid("the suite has no templates or shot counts"))?,
     })
 }
 
@@ -562,14 +617,16 @@ pub fn compare(baseline: &EvalRun, candidate: &EvalRun, metric: &str, margin: f6
     if baseline.items.len() != candidate.items.len()
         || baseline.items.iter().zip(&candidate.items).any(|(a, b)| a.reference != b.reference || a.input != b.input)
     {
-        bail!(
+        return Err(JobError::Invalid(format!(
             "runs {} and {} were not made on the same items; compare runs of one held-out set",
-            baseline.id,
-            candidate.id
-        );
+            baseline.id, candidate.id
+        )));
     }
     if !baseline.metrics.contains_key(metric) || !candidate.metrics.contains_key(metric) {
-        bail!("metric `{metric}` is not in both runs (they have: {:?})", baseline.metrics.keys().collect::<Vec<_>>());
+        return Err(JobError::Invalid(format!(
+            "metric `{metric}` is not in both runs (they have: {})",
+            baseline.metrics.keys().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+        )));
     }
     let a = baseline.values(metric);
     let b = candidate.values(metric);
@@ -600,19 +657,14 @@ pub fn compare(baseline: &EvalRun, candidate: &EvalRun, metric: &str, margin: f6
     })
 }
 
-/// Where runs and reports go under a data folder.
-pub fn runs_dir(data_root: &Path) -> PathBuf {
-    data_root.join("evals")
-}
-
 /// The items of a training version (for shots and fine-tuning).
-pub fn train_items(store: &lathe_data::Store, id: &str) -> Result<Vec<Item>> {
+pub fn train_items(store: &lathe_data::Datasets, id: &str) -> Result<Vec<Item>> {
     let set = lathe_data::TrainingSet::open(store, id)?;
     set.examples()?.map(|e| Item::from_example(&e?)).collect()
 }
 
 /// The items of a held-out version: only the eval harness reads these.
-pub fn heldout_items(store: &lathe_data::Store, id: &str) -> Result<Vec<Item>> {
+pub fn heldout_items(store: &lathe_data::Datasets, id: &str) -> Result<Vec<Item>> {
     let set = lathe_data::HeldOut::open(store, id)?;
     set.examples()?.map(|e| Item::from_example(&e?)).collect()
 }

@@ -8,7 +8,7 @@
 //! - instruction following, each prompt with a check a program can make (upper case,
 //!   a number of items, one word, a given ending).
 
-use anyhow::Result;
+use crate::error::Result;
 use lathe_engine::generate::{continuation_logprob, generate_with};
 use lathe_engine::{Message, SamplingParams};
 use rand::rngs::StdRng;

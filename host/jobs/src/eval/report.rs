@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::{JobError, Result};
 use lathe_engine::train::{EvalRecord, StepRecord};
 use serde::{Deserialize, Serialize};
 
@@ -58,9 +58,9 @@ pub struct Report {
 
 impl Report {
     pub fn write(&self, json_path: &Path, html_path: &Path) -> Result<()> {
-        lathe_engine::fsutil::write_atomic(json_path, serde_json::to_string_pretty(self)?.as_bytes())?;
-        lathe_engine::fsutil::write_atomic(html_path, self.html().as_bytes())?;
-        Ok(())
+        let json = serde_json::to_string_pretty(self).expect("reports serialise");
+        lathe_util::write_atomic(json_path, json.as_bytes()).map_err(|e| JobError::io(json_path, e))?;
+        lathe_util::write_atomic(html_path, self.html().as_bytes()).map_err(|e| JobError::io(html_path, e))
     }
 
     pub fn html(&self) -> String {

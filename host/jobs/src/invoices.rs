@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{JobError, Result};
 use lathe_data::{Example, Message, Role};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -116,17 +116,19 @@ pub fn invoice_examples(n: usize, seed: u64) -> Vec<Example> {
 
 /// Writes examples as OpenAI-style chat JSONL (the format `lathe data import` reads).
 pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    for e in examples {
-        let messages: Vec<serde_json::Value> = e
-            .messages
-            .iter()
-            .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-            .collect();
-        writeln!(f, "{}", json!({ "messages": messages }))?;
-    }
-    f.flush()?;
-    Ok(())
+    lathe_util::write_atomic_with(path, |f| {
+        let mut f = std::io::BufWriter::new(f);
+        for e in examples {
+            let messages: Vec<serde_json::Value> = e
+                .messages
+                .iter()
+                .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+                .collect();
+            writeln!(f, "{}", json!({ "messages": messages }))?;
+        }
+        f.flush()
+    })
+    .map_err(|e| JobError::io(path, e))
 }
 
 /// The JSON Schema every answer must satisfy.

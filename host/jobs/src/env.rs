@@ -1,0 +1,172 @@
+//! What every pipeline runs in: a data folder (datasets, eval runs, reports, the judge's
+//! verdict cache), a compute device, the plugin runtime, and loaded models shared between
+//! the steps of one job. The CLI makes one per command over `--data-dir`; the server makes
+//! one per project folder.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use lathe_engine::{Device, LoadedModel};
+use lathe_sandbox::{Kind, Plugin, Runtime, RuntimeConfig};
+
+use crate::error::{JobError, Result};
+
+pub struct Env {
+    root: PathBuf,
+    device: Device,
+    plugin_cache: Option<PathBuf>,
+    /// A project's own plugins by declared name, looked up before the built-ins.
+    project_plugins: HashMap<String, PathBuf>,
+    /// Whether a plugin name may be a `.wasm` path (the CLI: yes; the server, whose
+    /// names come from users: never).
+    plugin_paths: bool,
+    runtime: OnceLock<Runtime>,
+    models: Mutex<HashMap<PathBuf, Arc<LoadedModel>>>,
+}
+
+impl Env {
+    /// An environment over the data folder `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>, device: Device) -> Self {
+        Self {
+            root: root.into(),
+            device,
+            plugin_cache: default_plugin_cache(),
+            project_plugins: HashMap::new(),
+            plugin_paths: true,
+            runtime: OnceLock::new(),
+            models: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Compiled plugins are cached in `dir` (default: `$XDG_CACHE_HOME/lathe/plugins`).
+    pub fn with_plugin_cache(mut self, dir: Option<PathBuf>) -> Self {
+        self.plugin_cache = dir;
+        self
+    }
+
+    /// A project's uploaded plugins (name → `.wasm` file), which suites and specs name
+    /// like built-ins; a project's plugin shadows a built-in of the same name.
+    /// Plugins are only the project's and the built-ins: names never reach the filesystem.
+    pub fn with_project_plugins(mut self, plugins: HashMap<String, PathBuf>) -> Self {
+        self.project_plugins = plugins;
+        self.plugin_paths = false;
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dataset versions under the data folder.
+    pub fn datasets(&self) -> Result<lathe_data::Datasets> {
+        Ok(lathe_data::Datasets::open(&self.root)?)
+    }
+
+    /// Where eval runs are kept, one JSON file per run id.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("evals")
+    }
+
+    /// Where training runs write their checkpoints and adapters.
+    pub fn train_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// The judge's verdict cache (JSON lines), shared by every run in this folder.
+    pub fn judge_cache(&self) -> PathBuf {
+        self.root.join("judge-cache.jsonl")
+    }
+
+    /// The plugin runtime, started on first use.
+    pub fn runtime(&self) -> Result<&Runtime> {
+        if let Some(r) = self.runtime.get() {
+            return Ok(r);
+        }
+        let r = Runtime::new(RuntimeConfig { cache_dir: self.plugin_cache.clone(), ..RuntimeConfig::default() })
+            .map_err(|e| JobError::PluginLoad { plugin: "(runtime)".into(), message: e.to_string() })?;
+        Ok(self.runtime.get_or_init(|| r))
+    }
+
+    /// Loads a plugin by name (the project's, else a built-in such as `json-field-match`)
+    /// or `.wasm` path, and checks that it is the kind the caller needs.
+    pub fn plugin(&self, name: &str, expected: Kind) -> Result<Plugin> {
+        let plugin = self.load_plugin(name)?;
+        if plugin.kind() != expected {
+            return Err(JobError::PluginLoad {
+                plugin: name.to_string(),
+                message: format!("it is a {}, but a {} is needed here", plugin.kind().name(), expected.name()),
+            });
+        }
+        Ok(plugin)
+    }
+
+    /// Loads a plugin of any kind, found as [`Env::plugin`] finds it.
+    pub fn load_plugin(&self, name: &str) -> Result<Plugin> {
+        let bytes: std::borrow::Cow<'static, [u8]> = match (self.project_plugins.get(name), lathe_sandbox::builtin(name)) {
+            (Some(path), _) => std::fs::read(path).map_err(|e| JobError::io(path, e))?.into(),
+            (None, Some(b)) => b.into(),
+            (None, None) if !self.plugin_paths => {
+                return Err(JobError::Invalid(format!("`{name}` is neither a plugin of this project nor a built-in")));
+            }
+            (None, None) => std::fs::read(name)
+                .map_err(|_| JobError::Invalid(format!("`{name}` is neither a plugin of this project, a built-in (see `lathe plugin list`), nor a readable .wasm file")))?
+                .into(),
+        };
+        self.runtime()?.load(&bytes).map_err(|e| JobError::plugin_load(name, e))
+    }
+
+    /// The model at `path` (GGUF file or Hugging Face folder), loaded once per
+    /// environment and shared.
+    pub fn model(&self, path: &Path) -> Result<Arc<LoadedModel>> {
+        let mut models = self.models.lock().expect("model cache lock");
+        if let Some(m) = models.get(path) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(self.load_model(path)?);
+        models.insert(path.to_path_buf(), m.clone());
+        Ok(m)
+    }
+
+    /// A model of this job's own, not shared (QLoRA quantizes its copy in place).
+    pub fn load_model(&self, path: &Path) -> Result<LoadedModel> {
+        if !path.exists() {
+            return Err(JobError::NotFound {
+                what: "model",
+                id: path.display().to_string(),
+                hint: " (scripts/setup.sh fetches the SmolLM2 fixture into models/)".into(),
+            });
+        }
+        Ok(lathe_engine::load(path, &self.device)?)
+    }
+}
+
+fn default_plugin_cache() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("lathe/plugins"))
+}
+
+/// sha256 of a GGUF file, or of a folder's safetensors and config.json: what a run
+/// records as the base model's identity.
+pub fn model_sha256(path: &Path) -> Result<String> {
+    if path.is_file() {
+        return lathe_util::sha256_file(path).map_err(|e| JobError::io(path, e));
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| JobError::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || p.file_name().is_some_and(|n| n == "config.json"))
+        .collect();
+    entries.sort();
+    let parts = entries
+        .iter()
+        .map(|p| lathe_util::sha256_file(p).map_err(|e| JobError::io(p, e)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(lathe_util::sha256_hex(parts.join("\n").as_bytes()))
+}
