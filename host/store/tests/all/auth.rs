@@ -1,0 +1,164 @@
+use lathe_store::{Db, StoreError};
+use sha2::{Digest, Sha256};
+
+use crate::harness::TestDb;
+
+on_both_backends!(
+    tokens_are_stored_hashed_and_revocable,
+    first_start_creates_one_admin,
+    team_names_are_unique
+);
+
+fn split_token(token: &str) -> (&str, &str) {
+    let rest = token
+        .strip_prefix("lathe_")
+        .expect("token starts with lathe_");
+    rest.split_once('_').expect("token is lathe_<id>_<secret>")
+}
+
+async fn tokens_are_stored_hashed_and_revocable(t: &TestDb) {
+    let team = t.create_team("research").await.unwrap();
+    let (info, token) = t.create_token(&team.id, "ci", false).await.unwrap();
+    let token_str = token.expose().to_owned();
+    let (id, secret) = split_token(&token_str);
+    assert_eq!(id, info.id);
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{id}"
+    );
+    assert!(
+        secret.len() >= 32 && secret.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{secret}"
+    );
+    assert!(
+        !format!("{token:?}").contains(secret),
+        "Debug of a Secret shows it: {token:?}"
+    );
+    assert_eq!(
+        (info.admin, info.last_used_at, info.revoked_at),
+        (false, None, None)
+    );
+
+    // Only the hash is in the table, nowhere the secret.
+    let rows: Vec<(String, String, String, String)> = t
+        .raw("SELECT id, team_id, name, secret_sha256 FROM api_tokens")
+        .await;
+    assert_eq!(rows.len(), 1);
+    let (_, _, _, stored_hash) = &rows[0];
+    let expected: String = Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(stored_hash, &expected);
+    for (a, b, c, d) in &rows {
+        for column in [a, b, c, d] {
+            assert!(
+                !column.contains(secret),
+                "secret stored in api_tokens: {column}"
+            );
+        }
+    }
+    if let Some(dir) = &t.dir {
+        // Not in any byte of the SQLite files either (database, WAL).
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "secret in a database file"
+            );
+        }
+    }
+
+    // Authenticating records the use.
+    let before = t.tokens(&team.id).await.unwrap();
+    assert_eq!(before[0].last_used_at, None);
+    let who = t
+        .authenticate(&token_str)
+        .await
+        .unwrap()
+        .expect("valid token accepted");
+    assert_eq!(
+        (who.id.as_str(), who.team_id.as_str(), who.admin),
+        (info.id.as_str(), team.id.as_str(), false)
+    );
+    let used_at = who.last_used_at.expect("last_used_at set");
+    let listed = t.tokens(&team.id).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_used_at, Some(used_at));
+
+    // Anything else is refused without an error.
+    let wrong_secret = format!("lathe_{id}_{}", "x".repeat(secret.len()));
+    let unknown_id = format!("lathe_zzzzzzzzzzzz_{secret}");
+    for bad in [
+        wrong_secret.as_str(),
+        unknown_id.as_str(),
+        "",
+        "lathe_",
+        "bearer",
+        &token_str[..token_str.len() - 1],
+    ] {
+        assert_eq!(t.authenticate(bad).await.unwrap(), None, "accepted {bad:?}");
+    }
+
+    // Another team cannot revoke it; its own team can, for good.
+    let other = t.create_team("other").await.unwrap();
+    assert!(matches!(
+        t.revoke_token(&other.id, &info.id).await,
+        Err(StoreError::NotFound { what: "token", .. })
+    ));
+    assert!(t.authenticate(&token_str).await.unwrap().is_some());
+    let revoked = t.revoke_token(&team.id, &info.id).await.unwrap();
+    let revoked_at = revoked.revoked_at.expect("revoked_at set");
+    assert_eq!(t.authenticate(&token_str).await.unwrap(), None);
+    assert_eq!(
+        t.revoke_token(&team.id, &info.id).await.unwrap().revoked_at,
+        Some(revoked_at)
+    );
+    assert_eq!(
+        t.tokens(&team.id).await.unwrap()[0].revoked_at,
+        Some(revoked_at)
+    );
+    assert!(t.tokens(&other.id).await.unwrap().is_empty());
+
+    // A token for a team that does not exist.
+    assert!(matches!(
+        t.create_token("team_nope", "x", false).await,
+        Err(StoreError::NotFound { what: "team", .. })
+    ));
+}
+
+async fn first_start_creates_one_admin(db: &Db) {
+    let token = db
+        .ensure_admin()
+        .await
+        .unwrap()
+        .expect("fresh database gets an admin token");
+    let who = db
+        .authenticate(token.expose())
+        .await
+        .unwrap()
+        .expect("admin token works");
+    assert!(who.admin);
+    let teams = db.teams().await.unwrap();
+    assert_eq!(teams.len(), 1);
+    assert_eq!(
+        (teams[0].name.as_str(), teams[0].id.as_str()),
+        ("admin", who.team_id.as_str())
+    );
+    assert!(
+        db.ensure_admin().await.unwrap().is_none(),
+        "second start prints no token"
+    );
+    assert_eq!(db.tokens(&who.team_id).await.unwrap().len(), 1);
+}
+
+async fn team_names_are_unique(db: &Db) {
+    db.create_team("ml").await.unwrap();
+    match db.create_team("ml").await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("`ml`"), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // A database with a team is not fresh.
+    assert!(db.ensure_admin().await.unwrap().is_none());
+}

@@ -1,0 +1,465 @@
+use std::time::{Duration, Instant};
+
+use lathe_store::{Backend, Db, JobState, NewJob, StoreError};
+use serde_json::json;
+
+use crate::harness::TestDb;
+use crate::team_and_project;
+
+on_both_backends!(
+    job_lifecycle,
+    priority_then_fifo_and_kinds,
+    cancel_queued_and_running,
+    expired_lease_is_reaped_and_fenced,
+    retries_stop_at_max_attempts,
+    jobs_listing_pages,
+    wait_for_work_wakes_on_enqueue,
+);
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn job(project_id: &str, kind: &str, priority: i32, max_attempts: i32) -> NewJob {
+    NewJob {
+        id: None,
+        project_id: project_id.into(),
+        kind: kind.into(),
+        spec: json!({"epochs": 3}),
+        priority,
+        max_attempts,
+    }
+}
+
+fn is_lease_lost<T: std::fmt::Debug>(r: Result<T, StoreError>, job: &str, token: i64) -> bool {
+    matches!(&r, Err(StoreError::LeaseLost { job: j, token: t }) if j == job && *t == token)
+}
+
+async fn job_lifecycle(db: &Db) {
+    let (_, project) = team_and_project(db, "lifecycle").await;
+    let (_, other) = team_and_project(db, "lifecycle-other").await;
+    let queued = db.enqueue(job(&project.id, "train", 0, 3)).await.unwrap();
+    assert!(queued.id.starts_with("job_"));
+    assert_eq!(
+        (queued.state, queued.attempts, queued.lease_token),
+        (JobState::Queued, 0, 0)
+    );
+    assert_eq!(queued.spec, json!({"epochs": 3}));
+    assert!(matches!(
+        db.enqueue(job("proj_missing", "train", 0, 1)).await,
+        Err(StoreError::NotFound {
+            what: "project",
+            ..
+        })
+    ));
+    assert!(matches!(
+        db.enqueue(job(&project.id, "train", 0, 0)).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    let lease = db
+        .claim("worker-1", &[], LEASE)
+        .await
+        .unwrap()
+        .expect("a queued job");
+    assert_eq!(lease.job.id, queued.id);
+    assert_eq!((lease.token, lease.worker.as_str()), (1, "worker-1"));
+    assert_eq!(
+        (lease.job.state, lease.job.attempts),
+        (JobState::Running, 1)
+    );
+    assert_eq!(lease.job.worker.as_deref(), Some("worker-1"));
+    assert!(lease.job.lease_expires_at.unwrap() >= lease.job.started_at.unwrap() + 29_000);
+    assert!(
+        db.claim("worker-2", &[], LEASE).await.unwrap().is_none(),
+        "one job, one claim"
+    );
+
+    assert!(!db.heartbeat(&lease, LEASE).await.unwrap());
+    assert_eq!(
+        db.append_event(&lease, "progress", json!({"step": 1, "loss": 2.5}))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        db.append_event(&lease, "progress", json!({"step": 2, "loss": 2.1}))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        db.append_event_unleased(&queued.id, "note", json!("from the server"))
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(matches!(
+        db.append_event_unleased("job_missing", "x", json!(null))
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    let events = db.events(&queued.id, 0, 100).await.unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(
+        (events[1].kind.as_str(), &events[1].data),
+        ("progress", &json!({"step": 2, "loss": 2.1}))
+    );
+    let page = db.events(&queued.id, 1, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].seq, 2);
+
+    db.complete(&lease, json!({"adapter": "sha"}))
+        .await
+        .unwrap();
+    let done = db.job(&project.id, &queued.id).await.unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+    assert_eq!(done.outcome, Some(json!({"adapter": "sha"})));
+    assert!(done.finished_at.is_some() && done.lease_expires_at.is_none() && done.error.is_none());
+    assert_eq!(db.job_any(&queued.id).await.unwrap(), done);
+    assert!(matches!(
+        db.job(&other.id, &queued.id).await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
+
+    // A finished job's lease is gone.
+    assert!(is_lease_lost(
+        db.heartbeat(&lease, LEASE).await,
+        &queued.id,
+        1
+    ));
+    assert!(is_lease_lost(
+        db.complete(&lease, json!(null)).await,
+        &queued.id,
+        1
+    ));
+    assert!(is_lease_lost(
+        db.append_event(&lease, "late", json!(null)).await,
+        &queued.id,
+        1
+    ));
+    assert!(db.claim("worker-1", &[], LEASE).await.unwrap().is_none());
+
+    let counts = db.job_counts().await.unwrap();
+    assert_eq!(
+        counts,
+        [
+            ("queued", 0),
+            ("running", 0),
+            ("succeeded", 1),
+            ("failed", 0),
+            ("cancelled", 0)
+        ]
+        .map(|(s, n)| (s.to_owned(), n))
+    );
+}
+
+async fn priority_then_fifo_and_kinds(db: &Db) {
+    let (_, project) = team_and_project(db, "priorities").await;
+    let mut ids = Vec::new();
+    for (name, priority) in [
+        ("low-1", 0),
+        ("high-1", 10),
+        ("low-2", 0),
+        ("high-2", 10),
+        ("mid", 5),
+    ] {
+        let row = db
+            .enqueue(NewJob {
+                spec: json!({"name": name}),
+                ..job(&project.id, "eval", priority, 1)
+            })
+            .await
+            .unwrap();
+        ids.push((name, row.id));
+    }
+    let train = db.enqueue(job(&project.id, "train", 100, 1)).await.unwrap();
+
+    let mut order = Vec::new();
+    while let Some(lease) = db.claim("w", &["eval", "quantize"], LEASE).await.unwrap() {
+        order.push(lease.job.spec["name"].as_str().unwrap().to_owned());
+        db.complete(&lease, json!(null)).await.unwrap();
+    }
+    assert_eq!(order, ["high-1", "high-2", "mid", "low-1", "low-2"]);
+
+    // The train job waited for a worker that runs trains, despite its priority.
+    assert_eq!(db.job_any(&train.id).await.unwrap().state, JobState::Queued);
+    let lease = db.claim("w", &["train"], LEASE).await.unwrap().unwrap();
+    assert_eq!(lease.job.id, train.id);
+}
+
+async fn cancel_queued_and_running(db: &Db) {
+    let (_, project) = team_and_project(db, "cancel").await;
+    let (_, other) = team_and_project(db, "cancel-other").await;
+
+    let queued = db.enqueue(job(&project.id, "train", 0, 1)).await.unwrap();
+    assert!(matches!(
+        db.cancel(&other.id, &queued.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let cancelled = db.cancel(&project.id, &queued.id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(cancelled.finished_at.is_some());
+    assert!(
+        db.claim("w", &[], LEASE).await.unwrap().is_none(),
+        "a cancelled job is never claimed"
+    );
+
+    let running = db.enqueue(job(&project.id, "train", 0, 3)).await.unwrap();
+    let lease = db.claim("w", &[], LEASE).await.unwrap().unwrap();
+    assert!(!db.heartbeat(&lease, LEASE).await.unwrap());
+    let requested = db.cancel(&project.id, &running.id).await.unwrap();
+    assert_eq!(
+        (requested.state, requested.cancel_requested),
+        (JobState::Running, true)
+    );
+    db.append_event_unleased(&running.id, "cancel requested", json!({"by": "api"}))
+        .await
+        .unwrap();
+    assert!(
+        db.heartbeat(&lease, LEASE).await.unwrap(),
+        "the heartbeat reports the cancel"
+    );
+    db.mark_cancelled(&lease).await.unwrap();
+    let row = db.job(&project.id, &running.id).await.unwrap();
+    assert_eq!(row.state, JobState::Cancelled);
+    assert!(row.finished_at.is_some());
+
+    // A cancel-requested job that fails retryably is not retried.
+    let third = db.enqueue(job(&project.id, "train", 0, 3)).await.unwrap();
+    let lease = db.claim("w", &[], LEASE).await.unwrap().unwrap();
+    db.cancel(&project.id, &third.id).await.unwrap();
+    db.fail(&lease, "interrupted", true).await.unwrap();
+    assert_eq!(db.job_any(&third.id).await.unwrap().state, JobState::Failed);
+
+    // Finished jobs stay as they are.
+    let again = db.cancel(&project.id, &running.id).await.unwrap();
+    assert_eq!(again, row);
+    assert!(matches!(
+        db.cancel(&project.id, "job_missing").await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
+}
+
+async fn expired_lease_is_reaped_and_fenced(db: &Db) {
+    let (_, project) = team_and_project(db, "reaper").await;
+    let queued = db.enqueue(job(&project.id, "train", 0, 3)).await.unwrap();
+    assert_eq!(db.reap_expired().await.unwrap(), 0);
+
+    let old = db
+        .claim("dying-worker", &[], Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap();
+    db.append_event(&old, "progress", json!({"step": 1}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(db.reap_expired().await.unwrap(), 1);
+    let requeued = db.job_any(&queued.id).await.unwrap();
+    assert_eq!((requeued.state, requeued.attempts), (JobState::Queued, 1));
+    let error = requeued.error.unwrap();
+    assert!(
+        error.contains("dying-worker") && error.contains("stopped heartbeating"),
+        "{error}"
+    );
+
+    // Between the reap and the next claim the old lease is already dead.
+    assert!(is_lease_lost(
+        db.heartbeat(&old, LEASE).await,
+        &queued.id,
+        old.token
+    ));
+
+    let new = db
+        .claim("healthy-worker", &[], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.job.id, queued.id);
+    assert!(
+        new.token > old.token,
+        "fencing token {} not above {}",
+        new.token,
+        old.token
+    );
+    assert_eq!(new.job.attempts, 2);
+
+    // The old worker wakes up: every write through its lease is refused.
+    assert!(is_lease_lost(
+        db.heartbeat(&old, LEASE).await,
+        &queued.id,
+        old.token
+    ));
+    assert!(is_lease_lost(
+        db.append_event(&old, "progress", json!({"step": 2})).await,
+        &queued.id,
+        old.token
+    ));
+    assert!(is_lease_lost(
+        db.complete(&old, json!("stale")).await,
+        &queued.id,
+        old.token
+    ));
+    assert!(is_lease_lost(
+        db.fail(&old, "stale", false).await,
+        &queued.id,
+        old.token
+    ));
+    assert!(is_lease_lost(
+        db.mark_cancelled(&old).await,
+        &queued.id,
+        old.token
+    ));
+    let message = db.heartbeat(&old, LEASE).await.unwrap_err().to_string();
+    assert!(
+        message.contains(&queued.id) && message.contains(&old.token.to_string()),
+        "{message}"
+    );
+
+    // The new holder is unaffected; the live lease is not reaped.
+    assert!(!db.heartbeat(&new, LEASE).await.unwrap());
+    assert_eq!(db.reap_expired().await.unwrap(), 0);
+    assert_eq!(
+        db.append_event(&new, "progress", json!({"step": 1}))
+            .await
+            .unwrap(),
+        2
+    );
+    db.complete(&new, json!({"ok": true})).await.unwrap();
+    let done = db.job_any(&queued.id).await.unwrap();
+    assert_eq!(
+        (done.state, done.outcome),
+        (JobState::Succeeded, Some(json!({"ok": true})))
+    );
+
+    // A dead worker on the last attempt fails the job, saying why.
+    let last = db.enqueue(job(&project.id, "train", 0, 1)).await.unwrap();
+    db.claim("dying-worker", &[], Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(db.reap_expired().await.unwrap(), 1);
+    let failed = db.job_any(&last.id).await.unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.finished_at.is_some());
+    assert!(failed.error.unwrap().contains("stopped heartbeating"));
+}
+
+async fn retries_stop_at_max_attempts(db: &Db) {
+    let (_, project) = team_and_project(db, "retries").await;
+    let queued = db.enqueue(job(&project.id, "eval", 0, 2)).await.unwrap();
+
+    let first = db.claim("w", &[], LEASE).await.unwrap().unwrap();
+    db.fail(&first, "CUDA out of memory", true).await.unwrap();
+    let row = db.job_any(&queued.id).await.unwrap();
+    assert_eq!(
+        (row.state, row.attempts, row.error.as_deref()),
+        (JobState::Queued, 1, Some("CUDA out of memory"))
+    );
+    assert!(row.finished_at.is_none());
+
+    let second = db.claim("w", &[], LEASE).await.unwrap().unwrap();
+    assert_eq!((second.job.attempts, second.token), (2, 2));
+    db.fail(&second, "CUDA out of memory again", true)
+        .await
+        .unwrap();
+    let row = db.job_any(&queued.id).await.unwrap();
+    assert_eq!((row.state, row.attempts), (JobState::Failed, 2));
+    assert_eq!(row.error.as_deref(), Some("CUDA out of memory again"));
+    assert!(row.finished_at.is_some());
+    assert!(db.claim("w", &[], LEASE).await.unwrap().is_none());
+
+    // A failure that is not retryable ends the job at the first attempt.
+    let fatal = db.enqueue(job(&project.id, "eval", 0, 5)).await.unwrap();
+    let lease = db.claim("w", &[], LEASE).await.unwrap().unwrap();
+    db.fail(&lease, "the suite has no scorer", false)
+        .await
+        .unwrap();
+    let row = db.job_any(&fatal.id).await.unwrap();
+    assert_eq!((row.state, row.attempts), (JobState::Failed, 1));
+}
+
+async fn jobs_listing_pages(db: &Db) {
+    let (_, project) = team_and_project(db, "listing").await;
+    let (_, other) = team_and_project(db, "listing-other").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            db.enqueue(job(&project.id, "eval", i % 2, 1))
+                .await
+                .unwrap()
+                .id,
+        );
+        db.enqueue(job(&other.id, "eval", 0, 1)).await.unwrap();
+    }
+    let project_id = project.id.as_str();
+    let page = |after: Option<String>, limit| async move {
+        db.jobs(project_id, after.as_deref(), limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(None, 2).await, [ids[4].clone(), ids[3].clone()]);
+    assert_eq!(
+        page(Some(ids[3].clone()), 2).await,
+        [ids[2].clone(), ids[1].clone()]
+    );
+    assert_eq!(page(Some(ids[1].clone()), 2).await, [ids[0].clone()]);
+    assert!(page(Some(ids[0].clone()), 2).await.is_empty());
+    assert_eq!(page(None, 100).await.len(), 5);
+    assert!(page(None, 0).await.is_empty());
+    assert!(matches!(
+        db.jobs(&project.id, Some("job_missing"), 2).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // Another project's job is no cursor here.
+    let theirs = db.jobs(&other.id, None, 1).await.unwrap().remove(0).id;
+    assert!(matches!(
+        db.jobs(&project.id, Some(&theirs), 2).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+async fn wait_for_work_wakes_on_enqueue(t: &TestDb) {
+    let (_, project) = team_and_project(t, "waiting").await;
+    // The first wait starts the PostgreSQL listener and ends once it listens, so that only a
+    // notification can end the next wait early.
+    let waiter = t.connect_again().await;
+    waiter.wait_for_work(Duration::from_secs(5)).await.unwrap();
+    let wait = tokio::spawn(async move {
+        let started = Instant::now();
+        waiter.wait_for_work(Duration::from_secs(20)).await.unwrap();
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let enqueued = Instant::now();
+    t.enqueue(job(&project.id, "eval", 0, 1)).await.unwrap();
+    let waited = wait.await.unwrap();
+    match t.backend() {
+        // Woken by the notification, not by the timeout.
+        Backend::Postgres => {
+            assert!(
+                waited >= Duration::from_millis(300),
+                "woke before the enqueue: {waited:?}"
+            );
+            assert!(
+                enqueued.elapsed() < Duration::from_secs(5),
+                "not woken by NOTIFY: {waited:?}"
+            );
+        }
+        // SQLite polls: a wait is a short sleep whatever the timeout.
+        Backend::Sqlite => assert!(waited < Duration::from_secs(2), "{waited:?}"),
+    }
+    let started = Instant::now();
+    t.wait_for_work(Duration::from_millis(50)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Closing stops the listener, which holds a connection of the pool for good.
+    tokio::time::timeout(Duration::from_secs(10), t.close())
+        .await
+        .expect("close() returns");
+}
