@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::render::Terminal;
-use crate::{bench, data, demo, eval, plugin, train};
+use crate::{bench, data, demo, eval, plugin, serve, train};
 use lathe_engine::device::parse_device;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
 use lathe_jobs::Env;
@@ -42,6 +42,10 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Write an adapter as PEFT, a merged Hugging Face folder, or a merged GGUF.
     Export(train::ExportArgs),
+    /// Run the service: the REST and OpenAI-compatible APIs with an in-process worker.
+    Serve(serve::ServeArgs),
+    /// Run workers that take jobs from a shared database.
+    Worker(serve::WorkerArgs),
 }
 
 /// Where Lathe keeps datasets, runs and reports.
@@ -148,6 +152,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(e) => eval::run(e),
         Command::Train(t) => train::train(*t),
         Command::Export(e) => train::export(e),
+        Command::Serve(a) => serve::serve(a),
+        Command::Worker(a) => serve::worker(a),
     }
 }
 

@@ -8,6 +8,7 @@ mod demo;
 mod eval;
 mod plugin;
 mod render;
+mod serve;
 mod train;
 
 use clap::Parser;

@@ -477,7 +477,7 @@ impl Db {
     pub async fn job_timing(&self) -> Result<JobTiming> {
         let sql = "SELECT \
                  COUNT(started_at), CAST(COALESCE(SUM(started_at - created_at), 0) AS BIGINT), \
-                 COUNT(finished_at), CAST(COALESCE(SUM(finished_at - started_at), 0) AS BIGINT) \
+                 COUNT(finished_at - started_at), CAST(COALESCE(SUM(finished_at - started_at), 0) AS BIGINT) \
              FROM jobs";
         let (started, wait, finished, run): (i64, i64, i64, i64) = on_pool!(self, p => sqlx::query_as(sql).fetch_one(p).await)?;
         Ok(JobTiming { started, wait_ms_sum: wait, finished, run_ms_sum: run })

@@ -158,6 +158,9 @@ pub fn export(env: &Env, spec: &ExportSpec, sink: &dyn Sink) -> Result<PathBuf> 
     let m = env.model(&spec.model)?;
     let adapter = Adapter::load_peft(&spec.adapter, &m.model.config, env.device())?;
     sink.started("export", format!("export {:?}", spec.format));
+    if let Some(parent) = spec.out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| JobError::io(parent, e))?;
+    }
     let gguf_type = match spec.format {
         ExportFormat::Peft => {
             adapter.save_peft(&spec.out, &spec.model.display().to_string())?;
@@ -201,6 +204,9 @@ pub struct FineTuneSpec {
     /// The file's name as the user knows it.
     #[serde(default)]
     pub source_name: Option<String>,
+    /// The uploaded file's id, for callers that name files by id (the OpenAI API).
+    #[serde(default)]
+    pub training_file: Option<String>,
     pub model: PathBuf,
     pub suite: Suite,
     #[serde(default)]

@@ -1,0 +1,116 @@
+//! `lathe serve` (the API and an in-process worker) and `lathe worker` (workers only,
+//! against a shared database): parse flags, open the store, hand over to `lathe_server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use lathe_server::{AppState, ServerConfig};
+
+use crate::cli::DataDir;
+
+#[derive(Args)]
+pub struct ServiceArgs {
+    /// PostgreSQL (`postgres://…`) or SQLite (`sqlite:///path/lathe.db`); default: SQLite
+    /// in the data folder.
+    #[arg(long, env = "LATHE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// A base model jobs may name, `NAME=PATH` (repeatable); default:
+    /// `smollm2-135m-instruct=models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// cpu (default), cuda[:N] or wgpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Largest upload, in MiB.
+    #[arg(long, default_value_t = 512)]
+    max_upload_mib: usize,
+    #[command(flatten)]
+    dir: DataDir,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// In-process workers (0: only separate `lathe worker` processes run jobs).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Jobs run at once by this process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+impl ServiceArgs {
+    fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
+        }
+        Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    }
+
+    async fn state(&self) -> Result<Arc<AppState>> {
+        let mut config = ServerConfig::new(self.dir.path());
+        config.device = self.device.clone();
+        config.max_upload_bytes = self.max_upload_mib << 20;
+        if !self.models.is_empty() {
+            config.models.clear();
+            for m in &self.models {
+                let Some((name, path)) = m.split_once('=') else { bail!("--model {m}: expected NAME=PATH") };
+                config.models.insert(name.to_string(), PathBuf::from(path));
+            }
+        }
+        // Fail now, not in the first job, when the device cannot be used.
+        lathe_engine::device::parse_device(&config.device)?;
+        Ok(AppState::open(config, self.database_url.as_deref()).await?)
+    }
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    a.service.runtime()?.block_on(async {
+        let state = a.service.state().await?;
+        if let Some(token) = state.db.ensure_admin().await? {
+            println!("first start: an admin token for the team `admin` (shown once, keep it):\n\n    {}\n", token.expose());
+        }
+        lathe_server::serve(state, a.addr, a.workers).await?;
+        Ok(())
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    a.service.runtime()?.block_on(async {
+        let state = a.service.state().await?;
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::new();
+        for i in 0..a.workers.max(1) {
+            let (s, stop) = (state.clone(), stop.clone());
+            let id = format!("worker-{}-{}-{i}", hostname(), std::process::id());
+            println!("lathe worker: {id} waiting for jobs");
+            handles.push(tokio::spawn(async move { lathe_server::worker::run(s, id, stop).await }));
+        }
+        tokio::signal::ctrl_c().await?;
+        let _ = stop_tx.send(true);
+        for h in handles {
+            let _ = h.await;
+        }
+        Ok(())
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+}

@@ -1,0 +1,100 @@
+//! One HTTP error type. Every failure becomes a status and a JSON body that says what was
+//! wrong; internal failures are logged and answered with a generic message, never with
+//! the details of the machine. The body has the OpenAI shape (`{"error": {"message",
+//! "type", "param", "code"}}`), which both APIs use so that one client handles both.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use lathe_jobs::{ErrorKind, JobError};
+use lathe_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid API token: send `Authorization: Bearer lathe_…`")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::BadRequest(message.into())
+    }
+
+    pub fn not_found(what: &str, id: &str) -> Self {
+        Self::NotFound(format!("no {what} `{id}`"))
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "invalid_request_error",
+            Self::Unauthorized => "authentication_error",
+            Self::NotFound(_) => "not_found_error",
+            Self::Conflict(_) => "conflict_error",
+            Self::TooLarge(_) => "invalid_request_error",
+            Self::Internal(_) => "server_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!("internal error: {detail}");
+            eprintln!("lathe serve: internal error: {detail}");
+        }
+        let body = serde_json::json!({
+            "error": {"message": self.to_string(), "type": self.kind(), "param": null, "code": null}
+        });
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => Self::NotFound(e.to_string()),
+            StoreError::Conflict(m) => Self::Conflict(m),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e.kind() {
+            ErrorKind::Invalid => Self::BadRequest(e.to_string()),
+            ErrorKind::NotFound => Self::NotFound(e.to_string()),
+            ErrorKind::Cancelled => Self::Conflict(e.to_string()),
+            ErrorKind::Internal => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Internal(e.to_string())
+    }
+}

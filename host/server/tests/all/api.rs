@@ -1,0 +1,172 @@
+//! The REST API end to end: a team uploads data and a plugin, defines a suite (checked),
+//! runs the workflow's jobs through a worker, follows events, cancels, downloads.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::json;
+
+use crate::{Server, team_with_project, words_jsonl, words_suite};
+
+crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced);
+
+async fn the_workflow_runs_through_the_api(mut s: Server) {
+    let (token, project) = team_with_project(&s, "acme").await;
+    let t = Some(token.as_str());
+    let base = format!("/api/v1/projects/{project}");
+
+    // A job queued before any worker runs is cancelled at once.
+    let (status, queued) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(json!({"kind": "data_split", "version": "nothing"}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let (status, cancelled) = s.call(Method::POST, &format!("{base}/jobs/{}/cancel", queued["id"].as_str().unwrap()), t, None).await;
+    assert_eq!((status, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    s.start_worker();
+
+    // Data: upload, import (format detected), split.
+    let (status, file) = s.upload(&format!("{base}/files"), &token, None, "../../etc/words.jsonl", &words_jsonl(40)).await;
+    assert_eq!(status, StatusCode::CREATED, "{file}");
+    assert_eq!(file["bytes"], words_jsonl(40).len());
+    let imported = s.run_job(&project, &token, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
+    assert_eq!(imported["outcome"]["report"]["rows"], 40, "{imported}");
+    assert_eq!(imported["outcome"]["report"]["source"], "../../etc/words.jsonl", "the user's name is metadata only");
+    s.run_job(&project, &token, json!({"kind": "data_split", "version": "words", "heldout": 0.2, "name": "words"})).await;
+    let (status, versions) = s.call(Method::GET, &format!("{base}/datasets"), t, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(versions["data"].as_array().unwrap().len(), 3, "{versions}");
+    let (_, held) = s.call(Method::GET, &format!("{base}/datasets/words.heldout"), t, None).await;
+    assert_eq!(held["manifest"]["role"], "heldout");
+    assert_eq!(held["lineage"].as_array().unwrap().len(), 2, "{held}");
+    let (_, examples) = s.call(Method::GET, &format!("{base}/datasets/words.train/examples?limit=3"), t, None).await;
+    assert_eq!(examples["data"].as_array().unwrap().len(), 3, "{examples}");
+
+    // Plugins: an upload goes through the sandbox's checks; a bad one gets its reason.
+    let (status, refused) = s.send(raw_post(&format!("{base}/plugins"), &token, b"not wasm at all".to_vec())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("plugin refused"), "{refused}");
+    let scorer = lathe_sandbox::builtin("token-f1").unwrap().to_vec();
+    let (status, plugin) = s.send(raw_post(&format!("{base}/plugins"), &token, scorer.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{plugin}");
+    assert_eq!(plugin["plugin"]["sha256"], lathe_util::sha256_hex(&scorer));
+    assert_eq!(plugin["info"]["world"], "lathe:plugin/scorer@0.1.0");
+    let (status, tried) = s
+        .call(Method::POST, &format!("{base}/plugins/token-f1/try"), t, Some(json!({"input": {"prediction": "the cat", "reference": "the cat"}})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{tried}");
+    assert_eq!(tried["scores"][0]["score"], 1.0);
+
+    // Suites are checked against the project's plugins when saved.
+    let (status, bad) = s.call(Method::PUT, &format!("{base}/suites/words"), t, Some(words_suite("accuracy"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad["error"]["message"].as_str().unwrap().contains("`exact-match`"), "{bad}");
+    let (status, saved) = s.call(Method::PUT, &format!("{base}/suites/words"), t, Some(words_suite("exact-match"))).await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+
+    // Baseline, training, evaluation of the adapter.
+    let baseline = s.run_job(&project, &token, json!({"kind": "eval_baseline", "model": "tiny", "suite": "words", "data": "words.heldout", "train": "words.train", "limit": 4})).await;
+    let baseline_run = baseline["outcome"]["baseline"]["best"]["id"].as_str().unwrap().to_string();
+    let (status, unknown_model) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(json!({"kind": "train", "model": "gpt-9", "suite": "words", "data": "words.train"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(unknown_model["error"]["message"].as_str().unwrap().contains("`tiny`"), "{unknown_model}");
+    let trained = s
+        .run_job(&project, &token, json!({"kind": "train", "model": "tiny", "suite": "words", "data": "words.train", "settings": {"rank": 4, "max_steps": 3, "learning_rate": 1e-3, "metric_items": 0}}))
+        .await;
+    let train_id = trained["id"].as_str().unwrap().to_string();
+    let (_, events) = s.call(Method::GET, &format!("{base}/jobs/{train_id}/events"), t, None).await;
+    let events = events["data"].as_array().unwrap().clone();
+    let losses = events.iter().filter(|e| e["kind"] == "metric" && e["data"]["series"] == "train/loss").count();
+    assert_eq!(losses, 3, "{events:?}");
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+
+    // The event stream resumes after Last-Event-ID and ends with the job.
+    let last = *seqs.last().unwrap();
+    let req = Request::builder()
+        .uri(format!("{base}/jobs/{train_id}/events/stream"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("last-event-id", (last - 2).to_string())
+        .body(Body::empty())
+        .unwrap();
+    let (status, stream) = s.send(req).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = stream.as_str().unwrap();
+    let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids, vec![(last - 1).to_string(), last.to_string()], "{text}");
+    assert!(text.contains("event: end"), "{text}");
+
+    let evaluated = s
+        .run_job(&project, &token, json!({"kind": "eval_run", "model": "tiny", "adapter_job": train_id, "suite": "words", "data": "words.heldout", "limit": 4}))
+        .await;
+    let run_id = evaluated["outcome"]["run"]["id"].as_str().unwrap();
+    let (status, run) = s.call(Method::GET, &format!("{base}/runs/{run_id}"), t, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(run["items"].as_array().unwrap().len(), 4);
+    let report = s.run_job(&project, &token, json!({"kind": "eval_report", "baseline": baseline_run, "candidate": run_id})).await;
+    let (status, html) = s.call(Method::GET, &format!("{base}/jobs/{}/artifacts/report.html", report["id"].as_str().unwrap()), t, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.as_str().unwrap().contains("<svg"));
+    let (status, _) = s.call(Method::GET, &format!("{base}/runs/..%2F..%2Fetc"), t, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "run ids are never paths");
+
+    // The adapter downloads; an export job writes a merged GGUF.
+    let (status, adapter) = s.send(get(&format!("{base}/jobs/{train_id}/artifacts/adapter_config.json"), &token)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(adapter["r"], 4, "{adapter}");
+    s.run_job(&project, &token, json!({"kind": "export", "train_job": train_id, "format": "gguf-f16"})).await;
+
+    // Metrics count what happened.
+    let (_, metrics) = s.call(Method::GET, "/metrics", None, None).await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 7"), "{metrics}");
+    assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 1"), "{metrics}");
+    assert!(metrics.contains("lathe_job_duration_seconds_count 7"), "{metrics}");
+}
+
+async fn tokens_and_limits_are_enforced(s: Server) {
+    let (token, project) = team_with_project(&s, "acme").await;
+    assert_eq!(s.call(Method::GET, "/api/v1/projects", None, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.call(Method::GET, "/api/v1/projects", Some("lathe_nope_nope"), None).await.0, StatusCode::UNAUTHORIZED);
+
+    // A second token, listed by id without its secret, revoked.
+    let (status, made) = s.call(Method::POST, "/api/v1/tokens", Some(&token), Some(json!({"name": "ci"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let ci = made["token"].as_str().unwrap().to_string();
+    assert!(ci.starts_with("lathe_"));
+    assert_eq!(s.call(Method::GET, "/api/v1/projects", Some(&ci), None).await.0, StatusCode::OK);
+    let (_, list) = s.call(Method::GET, "/api/v1/tokens", Some(&token), None).await;
+    assert!(!list.to_string().contains(&ci[ci.rfind('_').unwrap() + 1..]), "secrets are never listed");
+    let used = list["data"].as_array().unwrap().iter().find(|t| t["name"] == "ci").unwrap().clone();
+    assert!(used["last_used_at"].is_i64(), "{used}");
+    let (status, _) = s.call(Method::DELETE, &format!("/api/v1/tokens/{}", used["id"].as_str().unwrap()), Some(&token), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(s.call(Method::GET, "/api/v1/projects", Some(&ci), None).await.0, StatusCode::UNAUTHORIZED);
+
+    // Only an admin token makes teams.
+    let (status, _) = s.call(Method::POST, "/api/v1/teams", Some(&token), Some(json!({"name": "evil"}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Uploads over the limit are refused with the limit, and nothing is listed.
+    let (status, big) = s.upload(&format!("/api/v1/projects/{project}/files"), &token, None, "big.jsonl", &vec![b'x'; 2 << 20]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{big}");
+    let (_, files) = s.call(Method::GET, &format!("/api/v1/projects/{project}/files"), Some(&token), None).await;
+    assert_eq!(files["data"].as_array().unwrap().len(), 0);
+    // A duplicate project name is a conflict.
+    let (status, _) = s.call(Method::POST, "/api/v1/projects", Some(&token), Some(json!({"name": "invoices"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // A malformed job request says what is wrong.
+    let (status, bad) = s.call(Method::POST, &format!("/api/v1/projects/{project}/jobs"), Some(&token), Some(json!({"kind": "train", "modle": "tiny"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad["error"]["message"].as_str().unwrap().contains("modle"), "{bad}");
+}
+
+fn raw_post(uri: &str, token: &str, body: Vec<u8>) -> Request<Body> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/wasm")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn get(uri: &str, token: &str) -> Request<Body> {
+    Request::builder().uri(uri).header("authorization", format!("Bearer {token}")).body(Body::empty()).unwrap()
+}

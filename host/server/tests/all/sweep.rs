@@ -1,0 +1,90 @@
+//! Every route the OpenAPI document lists, called with another team's token on the first
+//! team's ids: each answers 404 (or, for the team's own lists, without the other team's
+//! data). Every route also refuses a request without a token. The routes come from the
+//! document, which is generated from the router, so a new route cannot skip the check.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{Server, team_with_project, words_jsonl, words_suite};
+
+crate::on_both_backends!(another_teams_token_finds_nothing_on_any_route);
+
+async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
+    s.start_worker();
+    let (a, project) = team_with_project(&s, "alpha").await;
+    let (b, b_project) = team_with_project(&s, "beta").await;
+    let (_, file) = s.upload(&format!("/api/v1/projects/{project}/files"), &a, None, "w.jsonl", &words_jsonl(20)).await;
+    let job = s.run_job(&project, &a, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
+    s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words"), Some(&a), Some(words_suite("exact-match"))).await;
+    let (_, tokens) = s.call(Method::GET, "/api/v1/tokens", Some(&a), None).await;
+    let a_token_id = tokens["data"][0]["id"].as_str().unwrap().to_string();
+
+    let (status, doc) = s.call(Method::GET, "/api/v1/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 30, "{} paths", paths.len());
+    let mut checked = 0;
+    for (template, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            // No token: refused before anything is read.
+            let uri = fill(template, &project, &job, &file, &a_token_id);
+            let (status, body) = s.send(request(&method, &uri, None, None)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} without a token: {body}");
+
+            // Another team's token on the first team's ids.
+            let (status, body) = s.send(request(&method, &uri, Some(&b), Some(&b_project))).await;
+            let has_id = template.contains('{');
+            if has_id {
+                assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri} with another team's token: {body}");
+            } else {
+                // The caller's own lists: nothing of the first team in them.
+                let text = body.to_string();
+                for id in [&project, job["id"].as_str().unwrap(), file["id"].as_str().unwrap()] {
+                    assert!(!text.contains(id), "{method} {uri} shows another team's {id}: {text}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 35, "{checked} routes checked");
+}
+
+/// The template with the first team's ids in its placeholders.
+fn fill(template: &str, project: &str, job: &Value, file: &Value, token_id: &str) -> String {
+    template
+        .replace("{project}", project)
+        .replace("{job}", job["id"].as_str().unwrap())
+        .replace("{job_id}", job["id"].as_str().unwrap())
+        .replace("{file}", file["id"].as_str().unwrap())
+        .replace("{file_id}", file["id"].as_str().unwrap())
+        .replace("{plugin}", "exact-match")
+        .replace("{suite}", "words")
+        .replace("{version}", "words")
+        .replace("{run}", "0123abcd")
+        .replace("{token}", token_id)
+        .replace("{name}", "report.html")
+}
+
+/// A request whose body passes each route's extractor, so the answer is the route's own.
+fn request(method: &Method, uri: &str, token: Option<&str>, project: Option<&str>) -> Request<Body> {
+    let mut r = Request::builder().method(method.clone()).uri(uri);
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(p) = project {
+        r = r.header("openai-project", p);
+    }
+    if uri.ends_with("/files") && method == Method::POST {
+        let boundary = "b";
+        let body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n{{}}\r\n--{boundary}--\r\n");
+        return r.header("content-type", format!("multipart/form-data; boundary={boundary}")).body(Body::from(body)).unwrap();
+    }
+    if method == Method::GET || method == Method::DELETE {
+        return r.body(Body::empty()).unwrap();
+    }
+    let body = if uri.ends_with("/try") { json!({"input": {}}) } else { json!({"name": "x"}) };
+    r.header("content-type", "application/json").body(Body::from(body.to_string())).unwrap()
+}
