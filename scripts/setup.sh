@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything Lathe needs on a fresh Debian machine with Rust (rustup) and Python:
 # the wasm32-wasip2 target for plugins, cargo-nextest, Mesa's CPU Vulkan driver (the GPU
-# code path's tests run on it), and the SmolLM2 model fixture. Idempotent.
+# code path's tests run on it), PostgreSQL (the store's tests start a throwaway cluster), the
+# SmolLM2 model fixture, and a venv with the `openai` package. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 scripts/fetch-model.sh
+# The official `openai` Python package, for the test that drives the fine-tuning API with it.
+if ! .venv/bin/python -c "import openai" >/dev/null 2>&1; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q "openai>=1.50,<3"
+fi

@@ -2,6 +2,7 @@
 
 mod generate;
 mod plugin;
+mod service;
 mod workflow;
 
 use std::path::PathBuf;

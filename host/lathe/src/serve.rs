@@ -30,6 +30,10 @@ pub struct ServiceArgs {
     /// Largest upload, in MiB.
     #[arg(long, default_value_t = 512)]
     max_upload_mib: usize,
+    /// Seconds a worker's claim on a job lasts without a heartbeat; a job whose worker
+    /// died is given to another worker after this.
+    #[arg(long, default_value_t = 30)]
+    lease_secs: u64,
     #[command(flatten)]
     dir: DataDir,
 }
@@ -67,6 +71,7 @@ impl ServiceArgs {
         let mut config = ServerConfig::new(self.dir.path());
         config.device = self.device.clone();
         config.max_upload_bytes = self.max_upload_mib << 20;
+        config.lease = std::time::Duration::from_secs(self.lease_secs.max(1));
         if !self.models.is_empty() {
             config.models.clear();
             for m in &self.models {

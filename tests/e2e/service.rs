@@ -1,0 +1,201 @@
+//! `lathe serve` and `lathe worker` as processes: the official `openai` package fine-tunes
+//! SmolLM2 through the server, and a worker killed with SIGKILL mid-training is replaced by
+//! another that resumes from the checkpoint to the same adapter as an uninterrupted run.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::{repo_root, smollm2};
+
+/// A running `lathe serve`, killed on drop.
+struct Service {
+    child: Child,
+    url: String,
+    admin: String,
+}
+
+impl Service {
+    fn start(data_dir: &Path, args: &[&str]) -> Service {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
+            .args(args)
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut url, mut admin) = (None, None);
+        while url.is_none() {
+            let line = rx.recv_timeout(Duration::from_secs(60)).expect("lathe serve prints its address");
+            if let Some(u) = line.strip_prefix("lathe serve: listening on ") {
+                url = Some(u.to_string());
+            } else if line.trim_start().starts_with("lathe_") {
+                admin = Some(line.trim().to_string());
+            }
+        }
+        Service { child, url: url.unwrap(), admin: admin.expect("the first start prints an admin token") }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let req = ureq::request(method, &format!("{}{path}", self.url)).set("authorization", &format!("Bearer {}", self.admin));
+        let resp = match body {
+            Some(b) => req.set("content-type", "application/json").send_string(&b.to_string()),
+            None => req.call(),
+        };
+        let resp = match resp {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        (status, serde_json::from_str(&resp.into_string().unwrap()).unwrap_or(Value::Null))
+    }
+
+    fn upload(&self, project: &str, name: &str, bytes: &[u8]) -> String {
+        let mut body = format!("--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\r\n").into_bytes();
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n--b--\r\n");
+        let resp = ureq::post(&format!("{}/api/v1/projects/{project}/files", self.url))
+            .set("authorization", &format!("Bearer {}", self.admin))
+            .set("content-type", "multipart/form-data; boundary=b")
+            .send_bytes(&body)
+            .unwrap();
+        serde_json::from_str::<Value>(&resp.into_string().unwrap()).unwrap()["id"].as_str().unwrap().to_string()
+    }
+
+    fn submit(&self, project: &str, request: Value) -> String {
+        let (status, row) = self.call("POST", &format!("/api/v1/projects/{project}/jobs"), Some(request));
+        assert_eq!(status, 202, "{row}");
+        row["id"].as_str().unwrap().to_string()
+    }
+
+    fn wait(&self, project: &str, job: &str, within: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, row) = self.call("GET", &format!("/api/v1/projects/{project}/jobs/{job}"), None);
+            if ["succeeded", "failed", "cancelled"].contains(&row["state"].as_str().unwrap_or("")) {
+                return row;
+            }
+            assert!(start.elapsed() < within, "job {job} did not finish: {row}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn project(&self) -> String {
+        let (status, p) = self.call("POST", "/api/v1/projects", Some(json!({"name": "invoices"})));
+        assert_eq!(status, 201, "{p}");
+        p["id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn worker(data_dir: &Path, lease_secs: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(["worker", "--data-dir", data_dir.to_str().unwrap(), "--lease-secs", lease_secs, "--threads", "1"])
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn venv_python() -> PathBuf {
+    let p = repo_root().join(".venv/bin/python");
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh (it makes the venv with the openai package)", p.display());
+    p
+}
+
+#[test]
+fn the_openai_package_fine_tunes_smollm2_through_lathe_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("smollm2={}", smollm2().display());
+    let s = Service::start(&dir.path().join("data"), &["--model", &model, "--lease-secs", "60"]);
+    let project = s.project();
+    let train = dir.path().join("train.jsonl");
+    lathe_jobs::invoices::write_jsonl(&train, &lathe_jobs::invoices::invoice_examples(60, 3)).unwrap();
+    let suite = dir.path().join("suite.json");
+    std::fs::write(&suite, serde_json::to_string(&lathe_jobs::invoices::invoice_suite()).unwrap()).unwrap();
+
+    let script = repo_root().join("tests/e2e/openai_finetune.py");
+    let out = Command::new(venv_python())
+        .args([script.to_str().unwrap(), &s.url, &s.admin, &project, train.to_str().unwrap(), suite.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let losses: Vec<f64> = summary["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{summary}");
+}
+
+#[test]
+fn a_worker_killed_mid_training_is_replaced_and_the_adapter_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let tiny = lathe_engine::tiny::write_tiny(&dir.path().join("model"), lathe_engine::config::Architecture::Llama, 3).unwrap();
+    let model = format!("tiny={}", tiny.gguf.display());
+    let s = Service::start(&data, &["--model", &model, "--workers", "0"]);
+    let project = s.project();
+    let mut first = worker(&data, "2");
+
+    let mut text = String::new();
+    for i in 0..40 {
+        let line = json!({"messages": [{"role": "user", "content": format!("say the cat {i}")}, {"role": "assistant", "content": format!("the cat {i}")}]});
+        text.push_str(&format!("{line}\n"));
+    }
+    let file = s.upload(&project, "words.jsonl", text.as_bytes());
+    let import = s.submit(&project, json!({"kind": "data_import", "file_id": file, "name": "words"}));
+    assert_eq!(s.wait(&project, &import, Duration::from_secs(60))["state"], "succeeded");
+    let split = s.submit(&project, json!({"kind": "data_split", "version": "words", "heldout": 0.2, "name": "words"}));
+    assert_eq!(s.wait(&project, &split, Duration::from_secs(60))["state"], "succeeded");
+    let suite = json!({"name": "words", "templates": [{"name": "plain", "user": "{{ input }}"}], "scorers": [{"plugin": "exact-match"}], "shots": [0], "max_tokens": 4});
+    assert_eq!(s.call("PUT", &format!("/api/v1/projects/{project}/suites/words"), Some(suite)).0, 200);
+
+    let train = json!({"kind": "train", "model": "tiny", "suite": "words", "data": "words.train",
+                       "settings": {"rank": 4, "epochs": 1000, "max_steps": 1500, "batch_size": 2, "save_every": 25,
+                                    "learning_rate": 1e-3, "metric_items": 0, "patience": 0, "eval_every": 500}});
+    let killed = s.submit(&project, train.clone());
+    let run_dir = data.join("projects").join(&project).join("runs").join(&killed);
+    let start = Instant::now();
+    while !run_dir.join("checkpoints/step-00000050").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step 50");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    assert!(!run_dir.join("last").exists(), "the run finished before the worker was killed; make it longer");
+    let (_, row) = s.call("GET", &format!("/api/v1/projects/{project}/jobs/{killed}"), None);
+    assert_eq!(row["state"], "running", "{row}");
+
+    // Another worker claims the job once its lease has expired and resumes it.
+    let mut second = worker(&data, "2");
+    let done = s.wait(&project, &killed, Duration::from_secs(300));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+
+    let clean = s.submit(&project, train);
+    assert_eq!(s.wait(&project, &clean, Duration::from_secs(300))["state"], "succeeded");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let clean_dir = data.join("projects").join(&project).join("runs").join(&clean);
+    for f in ["last/adapter_model.safetensors", "metrics.jsonl"] {
+        assert_eq!(std::fs::read(run_dir.join(f)).unwrap(), std::fs::read(clean_dir.join(f)).unwrap(), "{f} differs from the uninterrupted run's");
+    }
+}
