@@ -145,7 +145,9 @@ impl Env {
     }
 }
 
-fn default_plugin_cache() -> Option<PathBuf> {
+/// Where compiled plugins are cached by default: `$XDG_CACHE_HOME/lathe/plugins`, else
+/// `~/.cache/lathe/plugins`.
+pub fn default_plugin_cache() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -85,11 +85,8 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 /// The CLI's runtime: compiled plugins are cached under `$XDG_CACHE_HOME/lathe/plugins`
 /// (or `~/.cache/lathe/plugins`), so only the first run of a plugin compiles it.
 pub fn runtime() -> Result<Runtime> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|c| c.join("lathe/plugins"));
-    Ok(Runtime::new(RuntimeConfig { cache_dir: cache, ..RuntimeConfig::default() })?)
+    let cache_dir = lathe_jobs::env::default_plugin_cache();
+    Ok(Runtime::new(RuntimeConfig { cache_dir, ..RuntimeConfig::default() })?)
 }
 
 fn load(spec: &str) -> Result<Plugin> {
