@@ -39,12 +39,6 @@ impl Env {
         }
     }
 
-    /// Compiled plugins are cached in `dir` (default: `$XDG_CACHE_HOME/lathe/plugins`).
-    pub fn with_plugin_cache(mut self, dir: Option<PathBuf>) -> Self {
-        self.plugin_cache = dir;
-        self
-    }
-
     /// A project's uploaded plugins (name → `.wasm` file), which suites and specs name
     /// like built-ins; a project's plugin shadows a built-in of the same name.
     /// Plugins are only the project's and the built-ins: names never reach the filesystem.
