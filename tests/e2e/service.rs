@@ -199,3 +199,19 @@ fn a_worker_killed_mid_training_is_replaced_and_the_adapter_equals_an_uninterrup
         assert_eq!(std::fs::read(run_dir.join(f)).unwrap(), std::fs::read(clean_dir.join(f)).unwrap(), "{f} differs from the uninterrupted run's");
     }
 }
+
+/// `lathe bench api` drives a real server from a second process: every endpoint it loads
+/// answers 200 (the bench fails on any error), and each gets a line with its figures.
+#[test]
+fn bench_api_loads_every_read_endpoint_without_an_error() {
+    let out = crate::lathe(&["bench", "api", "--seconds", "0.3", "--connections", "2", "--claim-jobs", "20", "--json"]);
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let stdout = crate::stdout(&out);
+    let lines: Vec<Value> = stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8, "{stdout}");
+    for l in &lines {
+        assert!(l["requests"].as_u64().unwrap() > 0 && l["errors"] == 0, "{l}");
+        assert!(l["p99_ms"].as_f64().unwrap() >= l["p50_ms"].as_f64().unwrap(), "{l}");
+    }
+    assert!(stdout.contains("claim+complete"), "{stdout}");
+}

@@ -584,6 +584,8 @@ pub async fn enqueue(s: &AppState, project_id: &str, request: JobRequest, priori
 
 #[derive(Deserialize, utoipa::IntoParams)]
 struct JobPage {
+    /// Only jobs of this kind (`train`, `eval_baseline`, …).
+    kind: Option<String>,
     after: Option<String>,
     #[serde(default = "default_limit")]
     limit: usize,
@@ -593,7 +595,7 @@ struct JobPage {
 async fn list_jobs(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Query(page): Query<JobPage>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
     let limit = page.limit.clamp(1, 100) as i64;
-    let rows = s.db.jobs(&p.id, page.after.as_deref(), limit + 1).await?;
+    let rows = s.db.jobs(&p.id, page.kind.as_deref(), page.after.as_deref(), limit + 1).await?;
     let has_more = rows.len() as i64 > limit;
     Ok(Json(json!({"data": rows.into_iter().take(limit as usize).collect::<Vec<_>>(), "has_more": has_more})))
 }

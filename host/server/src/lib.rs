@@ -51,8 +51,21 @@ pub fn app(state: Arc<AppState>) -> Router {
 /// Serves until Ctrl-C, with `workers` in-process workers.
 pub async fn serve(state: Arc<AppState>, addr: SocketAddr, workers: usize) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    println!("lathe serve: listening on http://{local}");
+    println!("lathe serve: listening on http://{}", listener.local_addr()?);
+    serve_on(listener, state, workers, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+/// Serves on a bound listener, with `workers` in-process workers, until `shutdown`
+/// completes; then the workers are told to stop.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    workers: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     for i in 0..workers {
         let s = state.clone();
@@ -61,7 +74,7 @@ pub async fn serve(state: Arc<AppState>, addr: SocketAddr, workers: usize) -> st
     }
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown.await;
             let _ = stop_tx.send(true);
         })
         .await

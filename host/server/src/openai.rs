@@ -23,6 +23,9 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
+/// The job kind behind OpenAI's fine-tuning jobs (`pipeline::Job::FineTune`).
+const FINE_TUNE: &str = "fine_tune";
+
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(list_files, upload_file))
@@ -143,18 +146,7 @@ struct ListQuery {
 async fn list_jobs(State(s): State<Arc<AppState>>, caller: Caller, headers: HeaderMap, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
     let p = project(&s, &caller, &headers).await?;
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
-    // Only fine-tuning jobs; page through the project's jobs until enough are found.
-    let mut found = Vec::new();
-    let mut after = q.after.clone();
-    loop {
-        let rows = s.db.jobs(&p.id, after.as_deref(), 100).await?;
-        let Some(last) = rows.last() else { break };
-        after = Some(last.id.clone());
-        found.extend(rows.into_iter().filter(|r| r.kind == "fine_tune"));
-        if found.len() as i64 > limit {
-            break;
-        }
-    }
+    let found = s.db.jobs(&p.id, Some(FINE_TUNE), q.after.as_deref(), limit + 1).await?;
     let has_more = found.len() as i64 > limit;
     let data: Vec<Value> = found.iter().take(limit as usize).map(|j| job_object(&s, &p, j)).collect();
     Ok(Json(json!({"object": "list", "data": data, "has_more": has_more})))
@@ -233,7 +225,7 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
 
 async fn fine_tune_job(s: &AppState, p: &Project, id: &str) -> ApiResult<JobRow> {
     let job = s.db.job(&p.id, id).await?;
-    if job.kind != "fine_tune" {
+    if job.kind != FINE_TUNE {
         return Err(ApiError::not_found("fine-tuning job", id));
     }
     Ok(job)
@@ -347,9 +339,13 @@ async fn list_checkpoints(State(s): State<Arc<AppState>>, caller: Caller, header
 async fn list_models(State(s): State<Arc<AppState>>, caller: Caller, headers: HeaderMap) -> ApiResult<Json<Value>> {
     let mut data: Vec<Value> = s.config.models.keys().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "lathe"})).collect();
     if let Ok(p) = project(&s, &caller, &headers).await {
-        for job in s.db.jobs(&p.id, None, 100).await? {
-            if job.kind == "fine_tune" && status(&job) == "succeeded" {
-                let o = job_object(&s, &p, &job);
+        let mut after = None;
+        loop {
+            let page = s.db.jobs(&p.id, Some(FINE_TUNE), after.as_deref(), 100).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for job in page.iter().filter(|j| status(j) == "succeeded") {
+                let o = job_object(&s, &p, job);
                 data.push(json!({"id": o["fine_tuned_model"], "object": "model", "created": o["finished_at"], "owned_by": p.team_id}));
             }
         }

@@ -13,6 +13,9 @@ use subtle::ConstantTimeEq;
 use crate::error::{is_unique_violation, on_insert_error};
 use crate::{Db, Result, StoreError, new_id, now_ms, on_pool, random_lower_alnum};
 
+/// How stale `last_used_at` may be: a token used again within this is not written again.
+pub const LAST_USED_RESOLUTION_MS: i64 = 60_000;
+
 const TOKEN_PREFIX: &str = "lathe_";
 const TOKEN_ID_LEN: usize = 12;
 const TOKEN_SECRET_LEN: usize = 40;
@@ -166,7 +169,7 @@ impl Db {
 
     /// The token's owner if `token` is a well-formed, known, unrevoked token whose secret
     /// matches; `None` otherwise (the caller answers 401 without saying which). Records the
-    /// use in `last_used_at`.
+    /// use in `last_used_at`, at most once per [`LAST_USED_RESOLUTION_MS`].
     pub async fn authenticate(&self, token: &str) -> Result<Option<TokenInfo>> {
         let Some((id, secret)) = parse_token(token) else {
             return Ok(None);
@@ -189,6 +192,11 @@ impl Db {
             return Ok(None);
         }
         let now = now_ms();
+        if stored.info.last_used_at.is_some_and(|t| now - t < LAST_USED_RESOLUTION_MS) {
+            // Used a moment ago: a read endpoint under load should not write on every
+            // request, and `last_used_at` is only ever shown to the minute.
+            return Ok(Some(stored.info));
+        }
         // Re-checks revocation, so a token revoked a moment ago is refused.
         let used = on_pool!(self, p => sqlx::query(
             "UPDATE api_tokens SET last_used_at = $2 WHERE id = $1 AND revoked_at IS NULL")

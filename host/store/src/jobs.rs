@@ -378,11 +378,13 @@ impl Db {
         row.ok_or_else(|| StoreError::not_found("job", id))
     }
 
-    /// A project's jobs, newest first, at most `limit`, starting after the job `after` (the
-    /// last id of the previous page, as OpenAI's `after`). `NotFound` for an unknown cursor.
+    /// A project's jobs, newest first, at most `limit`, of one kind if `kind` is given,
+    /// starting after the job `after` (the last id of the previous page, as OpenAI's
+    /// `after`). `NotFound` for an unknown cursor.
     pub async fn jobs(
         &self,
         project_id: &str,
+        kind: Option<&str>,
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<JobRow>> {
@@ -394,14 +396,25 @@ impl Db {
                 seq.ok_or_else(|| StoreError::not_found("job", after))?
             }
         };
-        let sql = concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE project_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
-        );
-        Ok(
-            on_pool!(self, p => sqlx::query_as(sql).bind(project_id).bind(before_seq).bind(limit.max(0)).fetch_all(p).await)?,
-        )
+        let limit = limit.max(0);
+        Ok(match kind {
+            None => {
+                let sql = concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE project_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+                );
+                on_pool!(self, p => sqlx::query_as(sql).bind(project_id).bind(before_seq).bind(limit).fetch_all(p).await)?
+            }
+            Some(kind) => {
+                let sql = concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE project_id = $1 AND kind = $4 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+                );
+                on_pool!(self, p => sqlx::query_as(sql).bind(project_id).bind(before_seq).bind(limit).bind(kind).fetch_all(p).await)?
+            }
+        })
     }
 
     /// Appends an event through a lease: `LeaseLost` if the lease is no longer held, so a

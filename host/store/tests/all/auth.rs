@@ -86,6 +86,10 @@ async fn tokens_are_stored_hashed_and_revocable(t: &TestDb) {
     let listed = t.tokens(&team.id).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].last_used_at, Some(used_at));
+    // Used again within the minute: no write, the recorded time stands.
+    let again = t.authenticate(&token_str).await.unwrap().expect("still valid");
+    assert_eq!(again.last_used_at, Some(used_at));
+    assert_eq!(t.tokens(&team.id).await.unwrap()[0].last_used_at, Some(used_at));
 
     // Anything else is refused without an error.
     let wrong_secret = format!("lathe_{id}_{}", "x".repeat(secret.len()));

@@ -83,7 +83,7 @@ async fn four_claimers_drain_500_jobs_exactly_once(t: &TestDb) {
     let mut after = None;
     let mut seen = 0;
     loop {
-        let page = t.jobs(&project.id, after.as_deref(), 100).await.unwrap();
+        let page = t.jobs(&project.id, None, after.as_deref(), 100).await.unwrap();
         let Some(last) = page.last() else { break };
         after = Some(last.id.clone());
         for job in &page {

@@ -396,7 +396,7 @@ async fn jobs_listing_pages(db: &Db) {
     }
     let project_id = project.id.as_str();
     let page = |after: Option<String>, limit| async move {
-        db.jobs(project_id, after.as_deref(), limit)
+        db.jobs(project_id, None, after.as_deref(), limit)
             .await
             .unwrap()
             .into_iter()
@@ -413,15 +413,32 @@ async fn jobs_listing_pages(db: &Db) {
     assert_eq!(page(None, 100).await.len(), 5);
     assert!(page(None, 0).await.is_empty());
     assert!(matches!(
-        db.jobs(&project.id, Some("job_missing"), 2).await,
+        db.jobs(&project.id, None, Some("job_missing"), 2).await,
         Err(StoreError::NotFound { .. })
     ));
     // Another project's job is no cursor here.
-    let theirs = db.jobs(&other.id, None, 1).await.unwrap().remove(0).id;
+    let theirs = db.jobs(&other.id, None, None, 1).await.unwrap().remove(0).id;
     assert!(matches!(
-        db.jobs(&project.id, Some(&theirs), 2).await,
+        db.jobs(&project.id, None, Some(&theirs), 2).await,
         Err(StoreError::NotFound { .. })
     ));
+    // One kind only, paged the same way: the two `train` jobs among the evals.
+    let mut trains = Vec::new();
+    for _ in 0..2 {
+        trains.push(db.enqueue(job(&project.id, "train", 0, 1)).await.unwrap().id);
+        db.enqueue(job(&project.id, "eval", 0, 1)).await.unwrap();
+    }
+    let of_kind = |after: Option<String>| async move {
+        db.jobs(project_id, Some("train"), after.as_deref(), 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of_kind(None).await, [trains[1].clone()]);
+    assert_eq!(of_kind(Some(trains[1].clone())).await, [trains[0].clone()]);
+    assert!(of_kind(Some(trains[0].clone())).await.is_empty());
 }
 
 async fn wait_for_work_wakes_on_enqueue(t: &TestDb) {

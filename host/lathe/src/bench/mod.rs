@@ -1,5 +1,7 @@
 //! `lathe bench ...`: throughput measurements whose numbers go into BENCHMARKS.md.
 
+mod service;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,19 +26,13 @@ pub enum BenchCommand {
     Eval(EvalBench),
     /// Job queue: enqueues/s, and claims/s (claim + complete) by concurrent claimers, each
     /// with a pool of its own, on SQLite or PostgreSQL.
-    Claims(ClaimsBench),
-}
-
-#[derive(Args)]
-pub struct ClaimsBench {
-    /// Default: SQLite in a temporary folder.
-    #[arg(long)]
-    database_url: Option<String>,
-    #[arg(long, default_value_t = 2000)]
-    jobs: usize,
-    /// Concurrent claimers (each its own connection pool, like separate workers).
-    #[arg(long, default_value_t = 4)]
-    claimers: usize,
+    Claims(service::ClaimsBench),
+    /// The service: requests/s and latency percentiles on read endpoints of a real server,
+    /// with a bounded load from a second process on loopback; then the job queue's claims/s.
+    Api(service::ApiBench),
+    /// The load generator `bench api` starts in a second process.
+    #[command(hide = true)]
+    ApiLoad(service::ApiLoad),
 }
 
 #[derive(Args)]
@@ -115,48 +111,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Data(a) => data(a),
         BenchCommand::Eval(a) => eval(a),
-        BenchCommand::Claims(a) => claims(a),
+        BenchCommand::Claims(a) => service::claims(&a),
+        BenchCommand::Api(a) => service::api(&a),
+        BenchCommand::ApiLoad(a) => service::load(&a),
     }
-}
-
-fn claims(a: ClaimsBench) -> Result<()> {
-    use lathe_store::{Db, NewJob};
-    let dir = tempfile::tempdir()?;
-    let url = a.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", dir.path().join("lathe.db").display()));
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        let db = Db::connect(&url).await?;
-        let team = db.create_team(&format!("bench-{}", std::process::id())).await?;
-        let project = db.create_project(&team.id, "bench", "").await?;
-        let start = Instant::now();
-        for i in 0..a.jobs {
-            let job = NewJob { id: None, project_id: project.id.clone(), kind: "noop".into(), spec: serde_json::json!({"i": i}), priority: 0, max_attempts: 1 };
-            db.enqueue(job).await?;
-        }
-        let enqueue_s = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..a.claimers.max(1) {
-            let url = url.clone();
-            tasks.push(tokio::spawn(async move {
-                let db = Db::connect(&url).await?;
-                let mut n = 0usize;
-                while let Some(lease) = db.claim(&format!("bench-{c}"), &["noop"], std::time::Duration::from_secs(60)).await? {
-                    db.complete(&lease, serde_json::json!(null)).await?;
-                    n += 1;
-                }
-                Ok::<usize, lathe_store::StoreError>(n)
-            }));
-        }
-        let mut per = Vec::new();
-        for t in tasks {
-            per.push(t.await??);
-        }
-        let claim_s = start.elapsed().as_secs_f64();
-        anyhow::ensure!(per.iter().sum::<usize>() == a.jobs, "claimed {} of {} jobs", per.iter().sum::<usize>(), a.jobs);
-        let backend = if url.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" };
-        println!("{backend}: {} jobs; enqueue {:.0}/s; claim+complete {:.0}/s with {} claimers (split {per:?})", a.jobs, a.jobs as f64 / enqueue_s, a.jobs as f64 / claim_s, a.claimers);
-        Ok(())
-    })
 }
 
 /// The Python anchor for `bench data`: parse every line, write it back in a canonical form
