@@ -2,7 +2,9 @@
 # Installs everything Lathe needs on a fresh Debian machine with Rust (rustup) and Python:
 # the wasm32-wasip2 target for plugins, cargo-nextest, Mesa's CPU Vulkan driver (the GPU
 # code path's tests run on it), PostgreSQL (the store's tests start a throwaway cluster), the
-# SmolLM2 model fixture, and a venv with the `openai` package. Idempotent.
+# SmolLM2 model fixture, Chromium (the web UI's browser tests), and a venv with the
+# `openai` package and Playwright for Python (it drives Debian's Chromium; no browser is
+# ever downloaded). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +14,7 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
-packages=(mesa-vulkan-drivers libvulkan1 postgresql)
+packages=(mesa-vulkan-drivers libvulkan1 postgresql chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,8 +25,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 scripts/fetch-model.sh
-# The official `openai` Python package, for the test that drives the fine-tuning API with it.
-if ! .venv/bin/python -c "import openai" >/dev/null 2>&1; then
-    python3 -m venv .venv
-    .venv/bin/pip install -q "openai>=1.50,<3"
+# The official `openai` Python package, for the test that drives the fine-tuning API with
+# it, and Playwright for the browser tests (never `playwright install`: the tests point it
+# at /usr/bin/chromium).
+[ -x .venv/bin/python ] || python3 -m venv .venv
+if ! .venv/bin/python -c "import openai, playwright" >/dev/null 2>&1; then
+    .venv/bin/pip install -q "openai>=1.50,<3" "playwright>=1.45,<2"
 fi

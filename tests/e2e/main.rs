@@ -3,6 +3,7 @@
 mod generate;
 mod plugin;
 mod service;
+mod web;
 mod workflow;
 
 use std::path::PathBuf;

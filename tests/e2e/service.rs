@@ -13,14 +13,14 @@ use serde_json::{Value, json};
 use crate::{repo_root, smollm2};
 
 /// A running `lathe serve`, killed on drop.
-struct Service {
+pub struct Service {
     child: Child,
-    url: String,
-    admin: String,
+    pub url: String,
+    pub admin: String,
 }
 
 impl Service {
-    fn start(data_dir: &Path, args: &[&str]) -> Service {
+    pub fn start(data_dir: &Path, args: &[&str]) -> Service {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
             .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
             .args(args)
@@ -48,7 +48,7 @@ impl Service {
         Service { child, url: url.unwrap(), admin: admin.expect("the first start prints an admin token") }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let req = ureq::request(method, &format!("{}{path}", self.url)).set("authorization", &format!("Bearer {}", self.admin));
         let resp = match body {
             Some(b) => req.set("content-type", "application/json").send_string(&b.to_string()),
@@ -116,7 +116,7 @@ fn worker(data_dir: &Path, lease_secs: &str) -> Child {
         .unwrap()
 }
 
-fn venv_python() -> PathBuf {
+pub fn venv_python() -> PathBuf {
     let p = repo_root().join(".venv/bin/python");
     assert!(p.exists(), "{} is missing: run scripts/setup.sh (it makes the venv with the openai package)", p.display());
     p

@@ -21,6 +21,6 @@ mod runtime;
 mod types;
 mod v0_1;
 
-pub use builtin::{BUILTIN_PLUGINS, builtin};
+pub use builtin::{BUILTIN_PLUGINS, builtin, builtin_names};
 pub use runtime::{Instance, Limits, LoadError, Plugin, Runtime, RuntimeConfig};
 pub use types::*;

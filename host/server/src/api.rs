@@ -152,7 +152,7 @@ async fn create_team(State(s): State<Arc<AppState>>, caller: Caller, Json(t): Js
     Ok((StatusCode::CREATED, Json(json!({"team": team, "token": secret.expose()}))))
 }
 
-fn check_name(name: &str, what: &str) -> ApiResult<()> {
+pub(crate) fn check_name(name: &str, what: &str) -> ApiResult<()> {
     let ok = !name.is_empty() && name.len() <= 100 && name.chars().all(|c| c.is_alphanumeric() || "-_. ".contains(c));
     if ok { Ok(()) } else { Err(ApiError::bad(format!("{what} `{name}`: 1–100 letters, digits, spaces, `-`, `_` or `.`"))) }
 }
@@ -176,51 +176,78 @@ async fn upload_file(State(s): State<Arc<AppState>>, caller: Caller, Path(projec
 
 /// Reads a multipart upload (`file`, `purpose`) into the artifact store and records it.
 pub async fn receive_file(s: &AppState, project_id: &str, mut multipart: Multipart, default_purpose: &str) -> ApiResult<lathe_store::FileRow> {
-    if s.db.files(project_id).await?.len() >= s.config.max_files_per_project {
-        return Err(ApiError::bad(format!("this project holds {} files, the most allowed; delete some first", s.config.max_files_per_project)));
-    }
+    check_file_count(s, project_id).await?;
     let mut purpose = default_purpose.to_string();
-    let mut stored: Option<(String, String, u64)> = None;
-    while let Some(mut field) = multipart.next_field().await.map_err(|e| upload_error(e, s.config.max_upload_bytes))? {
+    let mut stored: Option<StoredUpload> = None;
+    while let Some(field) = multipart.next_field().await.map_err(|e| upload_error(e, s.config.max_upload_bytes))? {
         match field.name() {
             Some("purpose") => purpose = field.text().await.map_err(|e| ApiError::bad(format!("purpose: {e}")))?,
-            Some("file") => {
-                // The user's name is kept as metadata only; the bytes land under their sha256.
-                let filename = field.file_name().unwrap_or("upload").chars().filter(|c| !c.is_control()).take(255).collect::<String>();
-                let tmp_dir = s.config.data_dir.join("tmp");
-                tokio::fs::create_dir_all(&tmp_dir).await?;
-                let tmp = tmp_dir.join(lathe_util::temp_name(std::path::Path::new("upload")));
-                let mut out = tokio::fs::File::create(&tmp).await?;
-                let mut size = 0u64;
-                let result: ApiResult<()> = async {
-                    use tokio::io::AsyncWriteExt;
-                    while let Some(chunk) = field.chunk().await.map_err(|e| upload_error(e, s.config.max_upload_bytes))? {
-                        size += chunk.len() as u64;
-                        if size > s.config.max_upload_bytes as u64 {
-                            return Err(ApiError::TooLarge(format!("the upload is larger than {} bytes", s.config.max_upload_bytes)));
-                        }
-                        out.write_all(&chunk).await?;
-                    }
-                    out.sync_all().await?;
-                    Ok(())
-                }
-                .await;
-                if let Err(e) = result {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(e);
-                }
-                let artifacts = s.artifacts.clone();
-                let t = tmp.clone();
-                let put = tokio::task::spawn_blocking(move || artifacts.put_file(&t)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-                let _ = tokio::fs::remove_file(&tmp).await;
-                stored = Some((filename, put?.0, size));
-            }
+            Some("file") => stored = Some(store_upload(s, field).await?),
             Some(other) => return Err(ApiError::bad(format!("unexpected multipart field `{other}`; send `file` and `purpose`"))),
             None => return Err(ApiError::bad("a multipart field without a name")),
         }
     }
-    let (filename, sha256, bytes) = stored.ok_or_else(|| ApiError::bad("no `file` field in the upload"))?;
-    Ok(s.db.add_file(project_id, NewFile { filename, purpose, bytes: bytes as i64, sha256 }).await?)
+    let upload = stored.ok_or_else(|| ApiError::bad("no `file` field in the upload"))?;
+    record_upload(s, project_id, upload, purpose).await
+}
+
+/// Reads one multipart `file` field into the artifact store and records it in the project.
+pub async fn receive_field(s: &AppState, project_id: &str, field: axum::extract::multipart::Field<'_>, purpose: &str) -> ApiResult<lathe_store::FileRow> {
+    check_file_count(s, project_id).await?;
+    let upload = store_upload(s, field).await?;
+    record_upload(s, project_id, upload, purpose.to_string()).await
+}
+
+async fn check_file_count(s: &AppState, project_id: &str) -> ApiResult<()> {
+    if s.db.files(project_id).await?.len() >= s.config.max_files_per_project {
+        return Err(ApiError::bad(format!("this project holds {} files, the most allowed; delete some first", s.config.max_files_per_project)));
+    }
+    Ok(())
+}
+
+/// An upload in the artifact store, not yet recorded in a project.
+struct StoredUpload {
+    filename: String,
+    sha256: String,
+    bytes: u64,
+}
+
+/// Streams a multipart field to a temporary file under the size limit, then into the
+/// artifact store (whole or not at all).
+async fn store_upload(s: &AppState, mut field: axum::extract::multipart::Field<'_>) -> ApiResult<StoredUpload> {
+    // The user's name is kept as metadata only; the bytes land under their sha256.
+    let filename = field.file_name().unwrap_or("upload").chars().filter(|c| !c.is_control()).take(255).collect::<String>();
+    let tmp_dir = s.config.data_dir.join("tmp");
+    tokio::fs::create_dir_all(&tmp_dir).await?;
+    let tmp = tmp_dir.join(lathe_util::temp_name(std::path::Path::new("upload")));
+    let mut out = tokio::fs::File::create(&tmp).await?;
+    let mut size = 0u64;
+    let result: ApiResult<()> = async {
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = field.chunk().await.map_err(|e| upload_error(e, s.config.max_upload_bytes))? {
+            size += chunk.len() as u64;
+            if size > s.config.max_upload_bytes as u64 {
+                return Err(ApiError::TooLarge(format!("the upload is larger than {} bytes", s.config.max_upload_bytes)));
+            }
+            out.write_all(&chunk).await?;
+        }
+        out.sync_all().await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    let artifacts = s.artifacts.clone();
+    let t = tmp.clone();
+    let put = tokio::task::spawn_blocking(move || artifacts.put_file(&t)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    Ok(StoredUpload { filename, sha256: put?.0, bytes: size })
+}
+
+async fn record_upload(s: &AppState, project_id: &str, u: StoredUpload, purpose: String) -> ApiResult<lathe_store::FileRow> {
+    Ok(s.db.add_file(project_id, NewFile { filename: u.filename, purpose, bytes: u.bytes as i64, sha256: u.sha256 }).await?)
 }
 
 /// A multipart error: over the size limit (the body limit cuts the stream, which the
@@ -245,7 +272,13 @@ async fn get_file(State(s): State<Arc<AppState>>, caller: Caller, Path((project,
 #[utoipa::path(get, path = "/api/v1/projects/{project}/datasets", params(("project" = String, Path)), responses((status = 200, description = "dataset versions and their names")))]
 async fn list_datasets(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
-    let store = s.env(&p.id).await?.datasets()?;
+    Ok(Json(json!({"data": dataset_versions(&s, &p.id).await?})))
+}
+
+/// A project's dataset versions, oldest first, each with its manifest and the names that
+/// point at it.
+pub async fn dataset_versions(s: &AppState, project_id: &str) -> ApiResult<Vec<Value>> {
+    let store = s.env(project_id).await?.datasets()?;
     let refs = store.refs().map_err(lathe_jobs::JobError::from)?;
     let versions = store.versions().map_err(lathe_jobs::JobError::from)?;
     let data: Vec<Value> = versions
@@ -255,7 +288,7 @@ async fn list_datasets(State(s): State<Arc<AppState>>, caller: Caller, Path(proj
             json!({"manifest": m, "names": names})
         })
         .collect();
-    Ok(Json(json!({"data": data})))
+    Ok(data)
 }
 
 /// A version's manifest and lineage (by id or name).
@@ -309,7 +342,15 @@ async fn list_plugins(State(s): State<Arc<AppState>>, caller: Caller, Path(proje
 #[utoipa::path(post, path = "/api/v1/projects/{project}/plugins", params(("project" = String, Path)), responses((status = 201, description = "the plugin"), (status = 400, description = "refused, with the sandbox's reason")))]
 async fn upload_plugin(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, body: axum::body::Bytes) -> ApiResult<(StatusCode, Json<Value>)> {
     let p = s.project(&caller, &project).await?;
-    let env = s.env(&p.id).await?;
+    let (row, info) = store_plugin(&s, &p.id, body).await?;
+    Ok((StatusCode::CREATED, Json(json!({"plugin": row, "info": info}))))
+}
+
+/// Checks a plugin component exactly as `lathe plugin inspect` does and, once accepted,
+/// stores it by sha256 and records it in the project. Returns the row and the description
+/// `lathe plugin inspect` prints.
+pub async fn store_plugin(s: &AppState, project_id: &str, body: axum::body::Bytes) -> ApiResult<(lathe_store::PluginRow, Value)> {
+    let env = s.env(project_id).await?;
     let artifacts = s.artifacts.clone();
     // Checked first, stored only once accepted; the artifact store names it by sha256.
     let (info, sha) = tokio::task::spawn_blocking(move || -> ApiResult<_> {
@@ -321,7 +362,7 @@ async fn upload_plugin(State(s): State<Arc<AppState>>, caller: Caller, Path(proj
     let row = s
         .db
         .add_plugin(
-            &p.id,
+            project_id,
             NewPlugin {
                 name: info.name.clone(),
                 kind: info.kind.name().to_string(),
@@ -332,7 +373,7 @@ async fn upload_plugin(State(s): State<Arc<AppState>>, caller: Caller, Path(proj
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"plugin": row, "info": lathe_jobs::plugins::describe(&info)}))))
+    Ok((row, lathe_jobs::plugins::describe(&info)))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/plugins/{plugin}", params(("project" = String, Path), ("plugin" = String, Path)), responses((status = 200, description = "the plugin")))]
@@ -386,17 +427,23 @@ async fn get_suite(State(s): State<Arc<AppState>>, caller: Caller, Path((project
 #[utoipa::path(put, path = "/api/v1/projects/{project}/suites/{suite}", params(("project" = String, Path), ("suite" = String, Path)), responses((status = 200, description = "the saved suite"), (status = 400, description = "what is wrong with it")))]
 async fn put_suite(State(s): State<Arc<AppState>>, caller: Caller, Path((project, name)): Path<(String, String)>, Json(body): Json<Value>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
+    Ok(Json(json!(save_suite(&s, &p.id, &name, body).await?)))
+}
+
+/// Saves a new version of a suite after the checks a run would make: it parses, its name
+/// matches, its plugins load with the right kinds, and its gate names a metric they produce.
+pub async fn save_suite(s: &AppState, project_id: &str, name: &str, body: Value) -> ApiResult<lathe_store::SuiteRow> {
     let suite = Suite::from_json(&body.to_string())?;
     if suite.name != name {
         return Err(ApiError::bad(format!("the suite's name is `{}` but the URL names `{name}`", suite.name)));
     }
     check_suite_for_server(&suite)?;
-    let env = s.env(&p.id).await?;
+    let env = s.env(project_id).await?;
     let checked = suite.clone();
     tokio::task::spawn_blocking(move || lathe_jobs::eval::Plugins::load(&env, &checked))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok(Json(json!(s.db.put_suite(&p.id, &name, body).await?)))
+    Ok(s.db.put_suite(project_id, name, body).await?)
 }
 
 /// What the server refuses that the CLI allows: a judge model named by a path.
@@ -655,8 +702,14 @@ async fn job_event_stream(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let p = s.project(&caller, &project).await?;
     let job = s.db.job(&p.id, &job).await?;
+    Ok(event_stream(s, job.id, &headers))
+}
+
+/// A job's events as server-sent events after the client's `Last-Event-ID`, ending once
+/// the job has finished and every event was sent (with an `end` event).
+pub fn event_stream(s: Arc<AppState>, job_id: String, headers: &HeaderMap) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>> {
     let after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-    let stream = futures_util::stream::unfold((s, job.id, after, false), |(s, id, mut after, done)| async move {
+    let stream = futures_util::stream::unfold((s, job_id, after, false), |(s, id, mut after, done)| async move {
         if done {
             return None;
         }
@@ -679,7 +732,7 @@ async fn job_event_stream(
         }
     });
     use futures_util::StreamExt;
-    Ok(Sse::new(stream.flatten()).keep_alive(KeepAlive::default()))
+    Sse::new(stream.flatten()).keep_alive(KeepAlive::default())
 }
 
 // ---- runs, reports, adapters ----
@@ -698,7 +751,13 @@ async fn get_run(State(s): State<Arc<AppState>>, caller: Caller, Path((project, 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/jobs/{job}/artifacts/{name}", params(("project" = String, Path), ("job" = String, Path), ("name" = String, Path)), responses((status = 200, description = "the file")))]
 async fn job_artifact(State(s): State<Arc<AppState>>, caller: Caller, Path((project, job, name)): Path<(String, String, String)>) -> ApiResult<Response> {
     let p = s.project(&caller, &project).await?;
-    let job = s.db.job(&p.id, &job).await?;
+    artifact_response(&s, &p.id, &job, &name).await
+}
+
+/// A file a job wrote, streamed with its content type; `NotFound` for any other name.
+pub async fn artifact_response(s: &AppState, project_id: &str, job_id: &str, name: &str) -> ApiResult<Response> {
+    let name = name.to_string();
+    let job = s.db.job(project_id, job_id).await?;
     let outcome = job.outcome.clone().unwrap_or(Value::Null);
     let str_at = |k: &str| outcome[k].as_str().map(std::path::PathBuf::from);
     let path = match (job.kind.as_str(), name.as_str()) {

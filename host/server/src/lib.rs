@@ -1,6 +1,7 @@
 //! Lathe's service: the REST API under `/api/v1` (projects, files, datasets, plugins,
 //! suites, jobs and their events), the OpenAI-compatible files and fine-tuning API under
-//! `/v1`, Prometheus metrics, and the worker that runs queued jobs. Thin over the job layer
+//! `/v1`, the web UI (`web`), Prometheus metrics, and the worker that runs queued jobs.
+//! Thin over the job layer
 //! (`lathe_jobs`) and the store (`lathe_store`): it authenticates, resolves the ids in a
 //! request into a pipeline's spec, queues it, and serves what the pipelines wrote.
 
@@ -9,6 +10,7 @@ pub mod auth;
 pub mod error;
 pub mod openai;
 pub mod state;
+pub mod web;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -33,11 +35,13 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes())
 }
 
-/// The application: routes, the OpenAPI document at `/api/v1/openapi.json`, metrics.
+/// The application: routes, the OpenAPI document at `/api/v1/openapi.json`, metrics, and
+/// the web pages.
 pub fn app(state: Arc<AppState>) -> Router {
     let (router, doc) = routes().split_for_parts();
     let doc = Arc::new(doc);
     router
+        .merge(web::routes())
         .route("/api/v1/openapi.json", axum::routing::get(move || {
             let doc = doc.clone();
             async move { axum::Json(doc.as_ref().clone()) }

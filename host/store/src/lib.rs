@@ -17,6 +17,7 @@ mod auth;
 mod error;
 mod jobs;
 mod projects;
+mod sessions;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -34,6 +35,7 @@ pub use auth::{Secret, Team, TokenInfo};
 pub use error::{Result, StoreError};
 pub use jobs::{JobEvent, JobRow, JobState, JobTiming, Lease, NewJob};
 pub use projects::{FileRow, NewFile, NewPlugin, PluginRow, Project, SuiteRow};
+pub use sessions::{SESSION_TTL_MS, WebSession};
 
 /// How long a SQLite connection waits for another writer (another pool or process on the
 /// same file) before giving up with "database is locked".

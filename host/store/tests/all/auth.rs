@@ -6,7 +6,8 @@ use crate::harness::TestDb;
 on_both_backends!(
     tokens_are_stored_hashed_and_revocable,
     first_start_creates_one_admin,
-    team_names_are_unique
+    team_names_are_unique,
+    web_sessions_end_with_their_token
 );
 
 fn split_token(token: &str) -> (&str, &str) {
@@ -165,4 +166,28 @@ async fn team_names_are_unique(db: &Db) {
     }
     // A database with a team is not fresh.
     assert!(db.ensure_admin().await.unwrap().is_none());
+}
+
+async fn web_sessions_end_with_their_token(t: &TestDb) {
+    let team = t.create_team("browsers").await.unwrap();
+    let (info, _) = t.create_token(&team.id, "laptop", false).await.unwrap();
+    let cookie = t.create_session(&info).await.unwrap();
+    let session = t.session(cookie.expose()).await.unwrap().expect("a live session");
+    assert_eq!((session.team_id.as_str(), session.token_id.as_str(), session.admin), (team.id.as_str(), info.id.as_str(), false));
+    assert_eq!(session.csrf.len(), 32);
+    // Only the digest is stored: the cookie's value appears nowhere in the table.
+    let stored: Vec<(String,)> = t.raw("SELECT secret_sha256 FROM web_sessions").await;
+    assert!(stored.iter().all(|(s,)| s != cookie.expose()));
+    assert_eq!(t.session("not-a-session").await.unwrap(), None);
+
+    // Two sessions of one token are independent; signing out ends only one.
+    let other = t.create_session(&info).await.unwrap();
+    assert_ne!(t.session(other.expose()).await.unwrap().unwrap().csrf, session.csrf);
+    t.end_session(cookie.expose()).await.unwrap();
+    assert_eq!(t.session(cookie.expose()).await.unwrap(), None);
+    assert!(t.session(other.expose()).await.unwrap().is_some());
+
+    // Revoking the token ends its sessions.
+    t.revoke_token(&team.id, &info.id).await.unwrap();
+    assert_eq!(t.session(other.expose()).await.unwrap(), None);
 }

@@ -1,0 +1,229 @@
+//! Datasets (upload and import, versions with lineage, examples, curate, split, statistics)
+//! and plugins (upload, what the sandbox says of them, try one on a sample).
+
+use std::sync::Arc;
+
+use axum::extract::{Multipart, Path, Query, State};
+use axum::response::{Html, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Viewer, WebError, WebResult, frame, page_ctx, render, see_other};
+use crate::api::{self, JobRequest};
+use crate::state::AppState;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/projects/{project}/datasets", get(datasets).post(upload_dataset))
+        .route("/projects/{project}/datasets/{version}", get(dataset))
+        .route("/projects/{project}/plugins", get(plugins).post(upload_plugin))
+        .route("/projects/{project}/plugins/{plugin}", get(plugin))
+        .route("/projects/{project}/plugins/{plugin}/try", post(try_plugin))
+}
+
+async fn datasets(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let mut versions = api::dataset_versions(&s, &p.id).await?;
+    versions.reverse();
+    let files = s.db.files(&p.id).await?;
+    render("datasets.html", page_ctx(frame(&viewer, Some(&p), "datasets"), minijinja::context! { versions => versions, files => files }))
+}
+
+/// The first multipart field must be the form's CSRF token, so that nothing is stored for
+/// a forged form.
+async fn check_multipart_csrf(viewer: &Viewer, multipart: &mut Multipart) -> WebResult<()> {
+    let field = multipart.next_field().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))?;
+    let token = match field {
+        Some(f) if f.name() == Some("csrf") => f.text().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))?,
+        _ => String::new(),
+    };
+    viewer.check_csrf(&token)
+}
+
+/// Upload a file and queue its import (format detected, or a CSV/Parquet column mapping);
+/// answers with the import job's page.
+async fn upload_dataset(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, mut multipart: Multipart) -> WebResult<Response> {
+    let p = s.project(&viewer.caller, &project).await?;
+    check_multipart_csrf(&viewer, &mut multipart).await?;
+    // The import's options come before the file in the form, so they are read first.
+    let mut fields = serde_json::Map::new();
+    let mut file = None;
+    while let Some(field) = multipart.next_field().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "name" | "prompt" | "completion" | "system" | "label" => {
+                let v = field.text().await.map_err(|e| WebError::bad(format!("{name}: {e}")))?;
+                if !v.trim().is_empty() {
+                    fields.insert(name, Value::String(v.trim().to_string()));
+                }
+            }
+            "file" => {
+                file = Some(api::receive_field(&s, &p.id, field, "fine-tune").await?);
+                break;
+            }
+            other => return Err(WebError::bad(format!("unexpected form field `{other}`"))),
+        }
+    }
+    let file = file.ok_or_else(|| WebError::bad("choose a file to upload"))?;
+    let mapping = match (fields.remove("prompt"), fields.remove("completion")) {
+        (Some(prompt), Some(completion)) => Some(json!({"prompt": prompt, "completion": completion, "system": fields.remove("system"), "label": fields.remove("label")})),
+        (None, None) => None,
+        _ => return Err(WebError::bad("a column mapping needs both the prompt and the completion column")),
+    };
+    let request = json!({"kind": "data_import", "file_id": file.id, "name": fields.remove("name"), "mapping": mapping});
+    let request: JobRequest = serde_json::from_value(request).map_err(|e| WebError::bad(format!("import: {e}")))?;
+    let job = api::enqueue(&s, &p.id, request, 0).await?;
+    Ok(see_other(&format!("/projects/{}/jobs/{}", p.id, job.id)))
+}
+
+#[derive(Deserialize)]
+struct ExamplePage {
+    #[serde(default)]
+    offset: usize,
+    #[serde(default)]
+    q: String,
+}
+
+const EXAMPLES_PER_PAGE: usize = 25;
+
+async fn dataset(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, version)): Path<(String, String)>, Query(page): Query<ExamplePage>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let env = s.env(&p.id).await?;
+    let q = page.q.trim().to_lowercase();
+    let (manifest, lineage, examples, more) = tokio::task::spawn_blocking(move || -> WebResult<_> {
+        let store = env.datasets()?;
+        let id = store.resolve(&version).map_err(lathe_jobs::JobError::from)?;
+        let manifest = store.manifest(&id).map_err(lathe_jobs::JobError::from)?;
+        let lineage = store.lineage(&id).map_err(lathe_jobs::JobError::from)?;
+        // Filtering reads the version once, keeping a page of matches.
+        let mut matched = store
+            .examples(&id)
+            .map_err(lathe_jobs::JobError::from)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.to_canonical())
+            .filter(|text| q.is_empty() || text.to_lowercase().contains(&q))
+            .skip(page.offset)
+            .take(EXAMPLES_PER_PAGE + 1)
+            .map(|text| serde_json::from_str::<Value>(&text).unwrap_or(Value::Null))
+            .collect::<Vec<_>>();
+        let more = matched.len() > EXAMPLES_PER_PAGE;
+        matched.truncate(EXAMPLES_PER_PAGE);
+        Ok((manifest, lineage, matched, more))
+    })
+    .await
+    .map_err(|e| WebError::internal(&e.to_string()))??;
+    let suites = s.db.suites(&p.id).await?;
+    let ctx = minijinja::context! {
+        manifest => manifest, lineage => lineage, examples => examples, offset => page.offset, q => page.q,
+        next_offset => more.then_some(page.offset + EXAMPLES_PER_PAGE), prev_offset => (page.offset > 0).then(|| page.offset.saturating_sub(EXAMPLES_PER_PAGE)),
+        suites => suites, plugins => plugin_choices(&s, &p.id).await?, models => s.config.models.keys().collect::<Vec<_>>(),
+    };
+    render("dataset.html", page_ctx(frame(&viewer, Some(&p), "datasets"), ctx))
+}
+
+/// The plugins a form may name: the project's (newest version of each name) and the
+/// built-ins.
+pub async fn plugin_choices(s: &AppState, project_id: &str) -> WebResult<Vec<Value>> {
+    let mut out: Vec<Value> = Vec::new();
+    for row in s.db.plugins(project_id).await?.into_iter().rev() {
+        if !out.iter().any(|p| p["name"] == row.name.as_str()) {
+            out.push(json!({"name": row.name, "kind": row.kind, "source": "project", "version": row.version}));
+        }
+    }
+    for b in builtins(s, project_id).await? {
+        if !out.iter().any(|p| p["name"] == b["name"]) {
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
+/// The built-in plugins with their kinds, read from the components once per process.
+pub async fn builtins(s: &AppState, project_id: &str) -> WebResult<Vec<Value>> {
+    static BUILTINS: tokio::sync::OnceCell<Vec<Value>> = tokio::sync::OnceCell::const_new();
+    let env = s.env(project_id).await?;
+    let list = BUILTINS
+        .get_or_try_init(|| async move {
+            tokio::task::spawn_blocking(move || -> Result<Vec<Value>, lathe_jobs::JobError> {
+                lathe_sandbox::builtin_names()
+                    .map(|n| Ok(json!({"name": n, "kind": env.load_plugin(n)?.kind().name(), "source": "built-in"})))
+                    .collect()
+            })
+            .await
+            .map_err(|e| WebError::internal(&e.to_string()))?
+            .map_err(WebError::from)
+        })
+        .await?;
+    Ok(list.clone())
+}
+
+async fn plugins(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let uploaded = s.db.plugins(&p.id).await?;
+    let ctx = minijinja::context! { uploaded => uploaded, builtins => builtins(&s, &p.id).await? };
+    render("plugins.html", page_ctx(frame(&viewer, Some(&p), "plugins"), ctx))
+}
+
+/// Upload a `.wasm`: checked exactly as the API and `lathe plugin inspect` check it; a
+/// refusal is shown as the sandbox words it.
+async fn upload_plugin(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, mut multipart: Multipart) -> WebResult<Response> {
+    let p = s.project(&viewer.caller, &project).await?;
+    check_multipart_csrf(&viewer, &mut multipart).await?;
+    let field = multipart.next_field().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))?;
+    let Some(field) = field.filter(|f| f.name() == Some("file")) else { return Err(WebError::bad("choose a .wasm file to upload")) };
+    let bytes = field.bytes().await.map_err(|e| WebError::bad(format!("the upload failed: {e}")))?;
+    let (row, _) = api::store_plugin(&s, &p.id, bytes).await?;
+    Ok(see_other(&format!("/projects/{}/plugins/{}", p.id, row.sha256)))
+}
+
+async fn plugin(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, plugin)): Path<(String, String)>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let row = s.db.plugin(&p.id, &plugin).await?;
+    // Which suites name it (by name: a suite uses the newest upload of that name).
+    let suites: Vec<String> = s.db.suites(&p.id).await?.into_iter().filter(|r| r.definition.to_string().contains(&format!("\"{}\"", row.name))).map(|r| r.name).collect();
+    let sample = match row.kind.as_str() {
+        "scorer" => json!({"prediction": "{\"total\": 12.5}", "reference": "{\"total\": 12.5}"}),
+        "validator" => json!({"output": "{\"total\": 12.5}"}),
+        "judge" => json!({"input": "What is 2+2?", "output": "4", "reference": "4"}),
+        _ => json!({"text": "an example record"}),
+    };
+    let ctx = minijinja::context! { plugin => row, suites => suites, sample => serde_json::to_string_pretty(&sample).unwrap_or_default() };
+    render("plugin.html", page_ctx(frame(&viewer, Some(&p), "plugins"), ctx))
+}
+
+#[derive(Deserialize)]
+struct TryForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    config: String,
+    input: String,
+}
+
+/// Runs the plugin on the form's sample; answers the result fragment (htmx swaps it in).
+async fn try_plugin(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, plugin)): Path<(String, String)>, Form(f): Form<TryForm>) -> WebResult<Html<String>> {
+    viewer.check_csrf(&f.csrf)?;
+    let p = s.project(&viewer.caller, &project).await?;
+    let row = s.db.plugin(&p.id, &plugin).await?;
+    let parse = |what: &str, text: &str| -> WebResult<Value> {
+        if text.trim().is_empty() {
+            return Ok(json!({}));
+        }
+        serde_json::from_str(text).map_err(|e| WebError::bad(format!("{what} is not JSON: {e}")))
+    };
+    let (config, input) = (parse("the configuration", &f.config)?, parse("the sample", &f.input)?);
+    let env = s.env(&p.id).await?;
+    let out = tokio::task::spawn_blocking(move || -> Result<Value, lathe_jobs::JobError> {
+        let plugin = env.load_plugin(&row.name)?;
+        lathe_jobs::plugins::try_on(&plugin, &config.to_string(), &input)
+    })
+    .await
+    .map_err(|e| WebError::internal(&e.to_string()))?;
+    let ctx = match out {
+        Ok(v) => minijinja::context! { ok => true, result => serde_json::to_string_pretty(&v).unwrap_or_default() },
+        Err(e) => minijinja::context! { ok => false, result => e.to_string() },
+    };
+    render("try_result.html", ctx)
+}

@@ -1,0 +1,144 @@
+//! Projects, a project's home (the workflow as a checklist), and the team's settings.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{Html, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{Viewer, WebResult, frame, page_ctx, render, see_other};
+use crate::state::AppState;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/projects", get(list).post(create))
+        .route("/projects/{project}", get(home))
+        .route("/settings", get(settings))
+        .route("/settings/tokens", post(create_token))
+        .route("/settings/tokens/{token}/revoke", post(revoke_token))
+}
+
+async fn list(State(s): State<Arc<AppState>>, viewer: Viewer) -> WebResult<Html<String>> {
+    let projects = s.db.projects(&viewer.caller.team_id).await?;
+    render("projects.html", page_ctx(frame(&viewer, None, "projects"), minijinja::context! { projects => projects }))
+}
+
+#[derive(Deserialize)]
+struct NewProjectForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create(State(s): State<Arc<AppState>>, viewer: Viewer, Form(f): Form<NewProjectForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    crate::api::check_name(f.name.trim(), "project name")?;
+    let p = s.db.create_project(&viewer.caller.team_id, f.name.trim(), f.description.trim()).await?;
+    Ok(see_other(&format!("/projects/{}", p.id)))
+}
+
+/// One step of the workflow and whether it is done.
+#[derive(Serialize)]
+struct Step {
+    title: &'static str,
+    done: bool,
+    /// Where to do it.
+    href: String,
+    /// Why it cannot start yet (the step before it is not done).
+    blocked: Option<&'static str>,
+    detail: String,
+}
+
+/// The workflow in the order Lathe enforces it, each step's state read from the project's
+/// suites, dataset versions and succeeded jobs.
+async fn checklist(s: &AppState, project_id: &str) -> WebResult<Vec<Step>> {
+    let suites = s.db.suites(project_id).await?;
+    let succeeded = |kind: &'static str| async move {
+        let jobs = s.db.jobs(project_id, Some(kind), None, 100).await?;
+        Ok::<usize, lathe_store::StoreError>(jobs.iter().filter(|j| j.state.as_str() == "succeeded").count())
+    };
+    let (baseline, imported, split, trained, reported, exported) =
+        (succeeded("eval_baseline").await?, succeeded("data_import").await?, succeeded("data_split").await?, succeeded("train").await?, succeeded("eval_report").await?, succeeded("export").await?);
+    let base = format!("/projects/{project_id}");
+    let has_suite = !suites.is_empty();
+    let suite_names: Vec<&str> = suites.iter().map(|r| r.name.as_str()).collect();
+    let count = |n: usize, what: &str| if n == 0 { String::new() } else { format!("{n} {what}{}", if n == 1 { "" } else { "s" }) };
+    Ok(vec![
+        Step { title: "Define the held-out eval suite", done: has_suite, href: format!("{base}/suites"), blocked: None, detail: suite_names.join(", ") },
+        Step { title: "Import data", done: imported > 0, href: format!("{base}/datasets"), blocked: None, detail: count(imported, "import") },
+        Step {
+            title: "Curate and split (10–20 % held out)",
+            done: split > 0,
+            href: format!("{base}/datasets"),
+            blocked: (imported == 0).then_some("import a dataset first"),
+            detail: count(split, "split"),
+        },
+        Step {
+            title: "Measure the base model with the best prompt",
+            done: baseline > 0,
+            href: format!("{base}/jobs#baseline"),
+            blocked: if !has_suite { Some("define an eval suite first") } else if split == 0 { Some("split a dataset first") } else { None },
+            detail: count(baseline, "baseline"),
+        },
+        Step {
+            title: "Train a LoRA adapter",
+            done: trained > 0,
+            href: format!("{base}/jobs#train"),
+            blocked: if !has_suite { Some("define an eval suite first") } else if baseline == 0 { Some("measure the baseline first") } else { None },
+            detail: count(trained, "run"),
+        },
+        Step {
+            title: "Compare with the baseline: the verdict",
+            done: reported > 0,
+            href: format!("{base}/jobs#report"),
+            blocked: (trained == 0).then_some("train first"),
+            detail: count(reported, "report"),
+        },
+        Step { title: "Export", done: exported > 0, href: format!("{base}/jobs#export"), blocked: (trained == 0).then_some("train first"), detail: count(exported, "export") },
+    ])
+}
+
+async fn home(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let steps = checklist(&s, &p.id).await?;
+    let recent = s.db.jobs(&p.id, None, None, 10).await?;
+    render("project.html", page_ctx(frame(&viewer, Some(&p), "home"), minijinja::context! { steps => steps, jobs => recent }))
+}
+
+async fn settings(State(s): State<Arc<AppState>>, viewer: Viewer) -> WebResult<Html<String>> {
+    let tokens = s.db.tokens(&viewer.caller.team_id).await?;
+    render("settings.html", page_ctx(frame(&viewer, None, "settings"), minijinja::context! { tokens => tokens, current => viewer.caller.token_id }))
+}
+
+#[derive(Deserialize)]
+struct NewTokenForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+}
+
+/// A new token, shown once on the page that answers the form.
+async fn create_token(State(s): State<Arc<AppState>>, viewer: Viewer, Form(f): Form<NewTokenForm>) -> WebResult<Html<String>> {
+    viewer.check_csrf(&f.csrf)?;
+    crate::api::check_name(f.name.trim(), "token name")?;
+    let (info, secret) = s.db.create_token(&viewer.caller.team_id, f.name.trim(), false).await?;
+    let tokens = s.db.tokens(&viewer.caller.team_id).await?;
+    let ctx = minijinja::context! { tokens => tokens, current => viewer.caller.token_id, created => info, secret => secret.expose() };
+    render("settings.html", page_ctx(frame(&viewer, None, "settings"), ctx))
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn revoke_token(State(s): State<Arc<AppState>>, viewer: Viewer, Path(token): Path<String>, Form(f): Form<CsrfForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    s.db.revoke_token(&viewer.caller.team_id, &token).await?;
+    Ok(see_other("/settings"))
+}

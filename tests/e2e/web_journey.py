@@ -1,0 +1,237 @@
+"""The web UI in a real browser: Debian's headless Chromium driven by Playwright for Python
+(pointed at /usr/bin/chromium; no browser is ever downloaded).
+
+One team's journey through the whole workflow, then what must not work: another team's
+session sees none of it, a form without its CSRF token is refused, and no page asks any
+host but the server for anything. One form is completed with the keyboard alone. A
+screenshot of every page lands in SHOTS (the README's tour uses them).
+
+Run by tests/e2e/web.rs with the venv scripts/setup.sh makes:
+    python web_journey.py BASE_URL ADMIN_TOKEN OTHER_TEAM_TOKEN DATA_JSONL PLUGIN_WASM SHOTS
+"""
+
+import json
+import os
+import re
+import struct
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from playwright.sync_api import expect, sync_playwright
+
+base, token, other_token, data_path, wasm_path, shots = sys.argv[1:7]
+CHROMIUM = os.environ.get("LATHE_CHROMIUM", "/usr/bin/chromium")
+LONG = 600_000  # ms: a job on SmolLM2 on two cores
+os.makedirs(shots, exist_ok=True)
+CURRENT = []  # the page being driven, for a screenshot when a step fails
+
+def main(p):
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    ctx = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    CURRENT.append(page)
+    page.set_default_timeout(30_000)
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    def shot(name):
+        page.screenshot(path=os.path.join(shots, f"{name}.png"), full_page=True)
+
+    def submit(form):
+        """Submits a form and waits for the page it leads to."""
+        with page.expect_navigation():
+            page.locator(f"{form} button").last.click()
+
+    def wait_for_job(timeout=LONG):
+        """On a job page: waits until the job has succeeded (the page reloads itself when
+        its event stream ends) and returns the job id."""
+        expect(page.locator("#job-state")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=timeout)
+        state = page.locator("#job-state").inner_text()
+        assert state == "succeeded", f"{page.url}: {state}: {page.locator('.error').all_inner_texts()}"
+        return page.url.rstrip("/").split("/")[-1]
+
+    # ---- sign in ----------------------------------------------------------------------
+    page.goto(f"{base}/projects")
+    assert "/login" in page.url, page.url
+    shot("login")
+    page.fill("input[name=token]", "lathe_nope_nope")
+    page.click("button:has-text('Sign in')")
+    expect(page.locator(".error")).to_contain_text("not valid")
+    page.fill("input[name=token]", token)
+    with page.expect_navigation():
+        page.click("button:has-text('Sign in')")
+    assert page.url.endswith("/projects"), page.url
+
+    # ---- a project --------------------------------------------------------------------
+    page.fill("input[name=name]", "invoices")
+    page.fill("input[name=description]", "structured invoice extraction")
+    submit("form[action='/projects']")
+    project = page.url.rstrip("/").split("/")[-1]
+    assert project.startswith("proj_"), page.url
+    expect(page.locator(".checklist li").first).to_contain_text("eval suite")
+
+    # ---- a plugin uploaded from plugins/, tried on a sample -------------------------------
+    page.click("nav >> text=Plugins")
+    page.set_input_files("#upload-plugin input[type=file]", wasm_path)
+    with page.expect_navigation():
+        page.click("#upload-plugin button")
+    expect(page.locator("h1")).to_contain_text("json-field-match")
+    page.fill("#try textarea[name=input]", json.dumps({"prediction": '{"total": 12.5, "currency": "EUR"}', "reference": '{"total": 12.5, "currency": "USD"}'}))
+    page.click("#try button")
+    expect(page.locator("#try-result pre")).to_contain_text("score")
+    shot("plugin")
+
+    # ---- data: upload, curate, split ------------------------------------------------------
+    page.click("nav >> text=Datasets")
+    page.fill("#upload-dataset input[name=name]", "invoices")
+    page.set_input_files("#upload-dataset input[type=file]", data_path)
+    with page.expect_navigation():
+        page.click("#upload-dataset button")
+    wait_for_job()
+    page.click("nav >> text=Datasets")
+    shot("datasets")
+    page.click("table a >> nth=0")
+    expect(page.locator("article.example").first).to_be_visible()
+    page.fill("#curate input[name=name]", "invoices.clean")
+    submit("#curate")
+    wait_for_job()
+    page.goto(f"{base}/projects/{project}/datasets/invoices.clean")
+    # The import heads the lineage (curation that changed nothing adds no version).
+    expect(page.locator(".lineage li").last).to_contain_text("import")
+    shot("dataset")
+    page.fill("#split input[name=name]", "invoices")
+    page.fill("#split input[name=heldout]", "0.2")
+    submit("#split")
+    wait_for_job()
+
+    # ---- the eval suite, with a live preview on a real example ------------------------------
+    page.click("nav >> text=Eval suites")
+    page.fill("#suite-form input[name=name]", "invoice-fields")
+    page.fill("#suite-form textarea[name=user]", "Extract vendor, invoice_number, date, total and currency as one JSON object.\n\n{{ input }}")
+    heldout = page.locator("#suite-form select[name=version] option", has_text="invoices.heldout").get_attribute("value")
+    page.select_option("#suite-form select[name=version]", value=heldout)
+    expect(page.locator("#preview .msg.user pre")).to_contain_text("Extract vendor")
+    page.uncheck("#suite-form input[name=scorer] >> nth=0")
+    page.check("#suite-form input[name=scorer][value=json-field-match]")
+    page.fill("#suite-form input[name=gate_metric]", "json-field-match")
+    page.fill("#suite-form input[name=gate_min]", "0.8")
+    page.fill("#suite-form input[name=shots]", "0")
+    page.fill("#suite-form input[name=max_tokens]", "48")
+    shot("suites")
+    submit("#suite-form")
+    expect(page.locator("details#suite-invoice-fields")).to_be_visible()
+
+    # ---- baseline, a pilot fine-tune with its live curve, evaluation, the verdict ------------
+    page.click("nav >> text=Jobs")
+    page.fill("#baseline input[name=limit]", "4")
+    submit("#baseline")
+    wait_for_job()
+
+    page.click("nav >> text=Jobs")
+    assert page.input_value("#train input[name='settings.rank']") == "16"
+    assert float(page.input_value("#train input[name='settings.alpha']")) == 32
+    page.fill("#train input[name='settings.rank']", "8")
+    page.fill("#train input[name='settings.max_steps']", "6")
+    page.fill("#train input[name='settings.learning_rate']", "0.001")
+    page.click("#train summary")
+    page.fill("#train input[name='settings.metric_items']", "0")
+    page.fill("#train input[name='settings.eval_every']", "3")
+    shot("jobs")
+    submit("#train")
+    # The loss curve is drawn while the job runs, from its event stream.
+    expect(page.locator("#charts figure[data-series='train/loss'] canvas")).to_be_visible(timeout=LONG)
+    shot("train-live")
+    train_job = wait_for_job()
+    expect(page.locator("#charts figure[data-series='train/loss']")).to_be_visible()
+    with page.expect_download() as dl:
+        page.click("text=adapter_model.safetensors")
+    adapter = dl.value.path()
+    with open(adapter, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    assert any("lora_A" in k for k in header), list(header)[:5]
+    shot("train-done")
+
+    page.click("nav >> text=Jobs")
+    page.fill("#eval input[name=limit]", "4")
+    submit("#eval")
+    wait_for_job()
+    page.click("nav >> text=Jobs")
+    submit("#report")
+    wait_for_job()
+    verdict = page.frame_locator("iframe.report").locator(".verdict").first
+    expect(verdict).to_contain_text("Verdict")
+    shot("report")
+
+    page.click(f"a[href='/projects/{project}']")
+    for step in page.locator(".checklist li").all()[:6]:
+        expect(step).to_have_class(re.compile("done"))
+    shot("workflow")
+
+    # ---- settings: a token shown once ---------------------------------------------------
+    page.goto(f"{base}/settings")
+    page.fill("form[action='/settings/tokens'] input[name=name]", "ci")
+    submit("form[action='/settings/tokens']")
+    expect(page.locator("#new-token")).to_contain_text("lathe_")
+    shot("settings")
+
+    # ---- one form with the keyboard alone -------------------------------------------------
+    page.goto(f"{base}/projects")
+    shot("projects")
+    for _ in range(30):
+        if page.evaluate("document.activeElement && document.activeElement.name") == "name":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.name") == "name", "Tab never reached the project name"
+    page.keyboard.type("keyboard-only")
+    page.keyboard.press("Tab")
+    page.keyboard.type("made without a mouse")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    expect(page.locator("h1")).to_have_text("keyboard-only")
+
+    # ---- a form without its CSRF token is refused ----------------------------------------
+    for form in ({"name": "forged"}, {"name": "forged", "csrf": "not-the-token"}):
+        r = ctx.request.post(f"{base}/projects", form=form, max_redirects=0)
+        assert r.status == 403, (form, r.status, r.text()[:200])
+    page.goto(f"{base}/projects")
+    expect(page.locator("main")).not_to_contain_text("forged")
+
+    # ---- no page asked another host for anything ----------------------------------------------
+    foreign = [u for u in requested if not (u.startswith(base) or u.startswith("data:") or u.startswith("about:"))]
+    assert not foreign, foreign
+    assert not errors, errors
+
+    # ---- another team sees none of it ---------------------------------------------------
+    other = browser.new_context()
+    op = other.new_page()
+    CURRENT.append(op)
+    op.goto(f"{base}/login")
+    op.fill("input[name=token]", other_token)
+    with op.expect_navigation():
+        op.click("button:has-text('Sign in')")
+    assert "invoices" not in op.locator("main").inner_text()
+    for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/jobs", f"/jobs/{train_job}",
+                 f"/jobs/{train_job}/artifacts/adapter_model.safetensors", f"/jobs/{train_job}/events"]:
+        r = op.request.get(f"{base}/projects/{project}{path}")
+        assert r.status == 404, (path, r.status)
+    other.close()
+    browser.close()
+
+    return project, train_job, requested
+
+with sync_playwright() as pw:
+    try:
+        project, train_job, requested = main(pw)
+    except Exception:
+        # What the browser showed when it failed, for the test's output.
+        if CURRENT:
+            page = CURRENT[-1]
+            page.screenshot(path=os.path.join(shots, "failure.png"), full_page=True)
+            print(f"failed on {page.url}:\n{page.locator('body').inner_text()[:3000]}", file=sys.stderr)
+        raise
+print(json.dumps({"project": project, "train_job": train_job, "requests": len(requested)}))
