@@ -237,7 +237,7 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = lathe(&[
         "demo", "--model", model.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap(), "--examples", "100",
-        "--eval-items", "12", "--zero-shot-only", "--max-steps", "10", "--threads", "2",
+        "--eval-items", "12", "--zero-shot-only", "--max-steps", "10", "--threads", "2", "--no-serve",
     ]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
@@ -246,17 +246,23 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
     }
     assert!(text.contains("verdict: BETTER"), "{text}");
     assert!(text.contains("forgetting: "), "the regression pack ran: {text}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo/report.json")).unwrap()).unwrap();
+    // It ran as a job of a project in the store, under the data folder.
+    let line = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("no `{prefix}` line: {text}")).trim().to_string();
+    let project = line("project: ").split(' ').next().unwrap().to_string();
+    let project_dir = dir.path().join("projects").join(&project);
+    assert!(dir.path().join("lathe.db").is_file());
+    let report_json = std::path::PathBuf::from(line("report:  ").replace(".html", ".json"));
+    assert!(report_json.starts_with(&project_dir), "{}", report_json.display());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_json).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
     let metric = |i: usize| runs[i]["metrics"]["json-field-match"]["mean"].as_f64().unwrap();
     assert!(metric(1) > metric(0), "fine-tune {} vs baseline {}", metric(1), metric(0));
     assert_eq!(report["comparison"]["comparison"]["verdict"], "better");
     assert!(!report["training"].as_array().unwrap().is_empty());
-    let html = std::fs::read_to_string(dir.path().join("demo/report.html")).unwrap();
+    let html = std::fs::read_to_string(report_json.with_extension("html")).unwrap();
     assert!(html.contains("<svg") && !html.contains("<script"));
-    let best = dir.path().join("demo/runs");
-    assert!(std::fs::read_dir(&best).unwrap().next().is_some());
+    assert!(std::fs::read_dir(project_dir.join("runs")).unwrap().next().is_some());
+    assert!(std::fs::read_dir(project_dir.join("datasets")).unwrap().count() >= 3, "import, curate and split versions");
 }
 
 /// A minimal OpenAI-compatible `chat/completions` server on a local port: it answers every

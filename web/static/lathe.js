@@ -83,7 +83,15 @@ if (job && job.dataset.events) {
   };
 
   const events = new EventSource(job.dataset.events);
-  const on = (name, f) => events.addEventListener(name, (e) => f(JSON.parse(e.data)));
+  const stateLabel = document.getElementById("job-state");
+  const on = (name, f) => events.addEventListener(name, (e) => {
+    // The page may have been rendered while the job was still queued.
+    if (stateLabel.textContent === "queued") {
+      stateLabel.textContent = "running";
+      stateLabel.className = "state running";
+    }
+    f(JSON.parse(e.data));
+  });
   on("step_started", (d) => {
     stepName = d.step;
     stepStart = null;
@@ -114,7 +122,7 @@ if (job && job.dataset.events) {
   on("artifact", (d) => line(`wrote ${d.kind}: ${d.path}`));
   events.addEventListener("end", () => {
     events.close();
-    document.getElementById("job-state").dataset.ended = "true";
+    stateLabel.dataset.ended = "true";
     // The page was rendered while the job ran: reload it for the final state and files.
     if (!finishedAtLoad) window.location.reload();
   });

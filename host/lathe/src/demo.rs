@@ -1,14 +1,19 @@
 //! `lathe demo`: the workflow end to end on SmolLM2 and a generated invoice-extraction
-//! task (`lathe_jobs::pipeline::demo`), its events rendered in the terminal.
+//! task (`lathe_jobs::pipeline::demo`), run as a job of a project in the store
+//! (`lathe_server::demo`) with its events rendered in the terminal; then the service, so
+//! that the project can be read in the web UI.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Args;
 use lathe_jobs::pipeline::demo::DemoSpec;
 
-use crate::cli::{Compute, DEFAULT_MODEL, DataDir, run_job};
+use lathe_server::{AppState, ServerConfig};
+
+use crate::cli::{Compute, DEFAULT_MODEL, DataDir};
+use crate::render::Terminal;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -37,6 +42,12 @@ pub struct DemoArgs {
     /// Skip the few-shot variants of the baseline (faster).
     #[arg(long)]
     zero_shot_only: bool,
+    /// Do not serve the result afterwards (scripted use).
+    #[arg(long)]
+    no_serve: bool,
+    /// Where the web UI listens afterwards.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
     #[command(flatten)]
     compute: Compute,
     #[command(flatten)]
@@ -45,10 +56,9 @@ pub struct DemoArgs {
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let demo_dir = DataDir { data_dir: Some(a.dir.path().join("demo")) };
-    let env = a.compute.env(&demo_dir)?;
+    a.compute.setup()?;
     let spec = DemoSpec {
-        model: a.model,
+        model: a.model.clone(),
         examples: a.examples,
         eval_items: a.eval_items,
         epochs: a.epochs,
@@ -58,10 +68,36 @@ pub fn run(a: DemoArgs) -> Result<()> {
         seed: a.seed,
         zero_shot_only: a.zero_shot_only,
     };
-    let out = run_job(&env, &spec, lathe_jobs::pipeline::demo::run)?;
-    println!("\nreport:  {}", out.report.html.display());
-    println!("         {}", out.report.json.display());
-    println!("adapter: {}", out.adapter_dir.display());
-    println!("done in {}", crate::cli::duration(started.elapsed().as_secs_f64()));
-    Ok(())
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        let mut config = ServerConfig::new(a.dir.path());
+        config.device = a.compute.device.clone();
+        config.models.insert(model_name(&a.model), a.model.clone());
+        let state = AppState::open(config, None).await?;
+        let run = lathe_server::demo::run(&state, spec, &Terminal::new()).await?;
+        let base = format!("http://{}", a.addr);
+        let page = format!("{base}/projects/{}/jobs/{}", run.project.id, run.job.id);
+        if run.job.state.as_str() != "succeeded" {
+            bail!("the demo job {}: {}", run.job.state.as_str(), run.job.error.unwrap_or_default());
+        }
+        let outcome = run.job.outcome.unwrap_or_default();
+        println!("\nreport:  {}", outcome["report"]["html"].as_str().unwrap_or("-"));
+        println!("         {}", outcome["report"]["json"].as_str().unwrap_or("-"));
+        println!("adapter: {}", outcome["adapter_dir"].as_str().unwrap_or("-"));
+        println!("project: {} (job {})", run.project.id, run.job.id);
+        println!("done in {}", crate::cli::duration(started.elapsed().as_secs_f64()));
+        if a.no_serve {
+            println!("\n`lathe serve --data-dir {}` shows it in the web UI; sign in with this token (shown once):\n\n    {}", a.dir.path().display(), run.token.expose());
+            return Ok(());
+        }
+        println!("\nThe demo project is in the web UI: open {page}");
+        println!("and sign in with this token (shown once):\n\n    {}\n\nCtrl-C stops the server.", run.token.expose());
+        lathe_server::serve(state, a.addr, 1).await?;
+        Ok(())
+    })
+}
+
+/// The name jobs know a model by: its file name without `.gguf`, lower-cased.
+fn model_name(path: &std::path::Path) -> String {
+    let stem = path.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().to_lowercase());
+    stem.split('.').next().unwrap_or("model").to_string()
 }

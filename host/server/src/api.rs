@@ -762,6 +762,9 @@ pub async fn artifact_response(s: &AppState, project_id: &str, job_id: &str, nam
     let str_at = |k: &str| outcome[k].as_str().map(std::path::PathBuf::from);
     let path = match (job.kind.as_str(), name.as_str()) {
         ("train", "adapter_config.json" | "adapter_model.safetensors") => str_at("adapter_dir").map(|d| d.join(&name)),
+        ("demo", "adapter_config.json" | "adapter_model.safetensors") => str_at("adapter_dir").map(|d| d.join(&name)),
+        ("demo", "report.html") => outcome["report"]["html"].as_str().map(std::path::PathBuf::from),
+        ("demo", "report.json") => outcome["report"]["json"].as_str().map(std::path::PathBuf::from),
         ("eval_report", "report.html") => str_at("html"),
         ("eval_report", "report.json") => str_at("json"),
         ("export", "export") => outcome.as_str().map(std::path::PathBuf::from).filter(|p| p.is_file()),

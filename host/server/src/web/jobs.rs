@@ -163,6 +163,7 @@ async fn job(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, job)
     let artifacts: &[&str] = match (row.kind.as_str(), row.state.as_str()) {
         ("train", "succeeded") => &["adapter_model.safetensors", "adapter_config.json"],
         ("eval_report", "succeeded") => &["report.html", "report.json"],
+        ("demo", "succeeded") => &["report.html", "report.json", "adapter_model.safetensors", "adapter_config.json"],
         ("export", "succeeded") => &["export"],
         _ => &[],
     };
