@@ -87,10 +87,14 @@ def main(p):
 
     # ---- data: upload, curate, split ------------------------------------------------------
     page.click("nav >> text=Datasets")
-    page.fill("#upload-dataset input[name=name]", "invoices")
     page.set_input_files("#upload-dataset input[type=file]", data_path)
     with page.expect_navigation():
         page.click("#upload-dataset button")
+    # Nothing is imported before the detected format has been shown.
+    expect(page.locator(".notice")).to_contain_text("openai_chat")
+    shot("import")
+    page.fill("#import input[name=name]", "invoices")
+    submit("#import")
     wait_for_job()
     page.click("nav >> text=Datasets")
     shot("datasets")

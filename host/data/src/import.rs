@@ -16,6 +16,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -222,7 +223,7 @@ pub fn import_with<F: RecordFormatter + ?Sized>(
     let mut writer = store.writer()?;
     let mut first_at: Option<u64> = None;
 
-    let mut on_record = |number: u64, record: Value| -> Result<()> {
+    let mut on_record = |number: u64, record: Value| -> Result<ControlFlow<()>> {
         let first = *first_at.get_or_insert(number);
         let at = |field: Option<String>| Location { file: file_name.clone(), unit, number, field };
         let ex = formatter.format(record).and_then(|ex| ex.validate().map(|()| ex)).map_err(|e| {
@@ -232,7 +233,7 @@ pub fn import_with<F: RecordFormatter + ?Sized>(
             };
             DataError::Record { at: at(e.field), problem }
         })?;
-        writer.push(&ex)
+        writer.push(&ex).map(|()| ControlFlow::Continue(()))
     };
 
     let stats = match kind {
@@ -263,13 +264,62 @@ pub fn import_with<F: RecordFormatter + ?Sized>(
     Ok(Imported { manifest, report })
 }
 
+/// The first records of a source, read before importing it: what the importer would
+/// detect, and for CSV/Parquet the columns and a suggested mapping, so that a person can
+/// check or change them first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Preview {
+    pub container: SourceKind,
+    /// The format detected from the first record's keys (`None`: a mapping is needed).
+    pub format: Option<Format>,
+    /// The keys or columns seen, sorted.
+    pub columns: Vec<String>,
+    /// A guess at which columns hold what, when no format is detected.
+    pub mapping: Option<FieldMapping>,
+    pub records: Vec<Value>,
+}
+
+/// Reads the first `limit` records of `path` (JSONL, CSV or Parquet by its extension, or
+/// `kind`) without importing anything.
+pub fn preview(path: &Path, source_name: &str, kind: Option<SourceKind>, limit: usize) -> Result<Preview> {
+    let kind = kind.unwrap_or_else(|| SourceKind::from_path(path));
+    let mut records = Vec::new();
+    let mut on_record = |_: u64, record: Value| -> Result<ControlFlow<()>> {
+        records.push(record);
+        Ok(if records.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+    };
+    match kind {
+        SourceKind::Jsonl => read_jsonl(path, source_name, DEFAULT_MAX_LINE_BYTES, &mut on_record)?,
+        SourceKind::Csv => read_csv(path, source_name, DEFAULT_MAX_LINE_BYTES, &mut on_record)?,
+        SourceKind::Parquet => read_parquet(path, source_name, &mut on_record)?,
+    };
+    let columns: Vec<String> = records
+        .iter()
+        .flat_map(|r| r.as_object().into_iter().flat_map(|o| o.keys().cloned()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let format = records.first().and_then(Value::as_object).and_then(AutoDetect::detect);
+    let mapping = if format.is_none() { suggest_mapping(&columns) } else { None };
+    Ok(Preview { container: kind, format, columns, mapping, records })
+}
+
+/// Columns named like a prompt and a completion (`question`/`answer`, `input`/`output`, …).
+fn suggest_mapping(columns: &[String]) -> Option<FieldMapping> {
+    let find = |names: &[&str]| columns.iter().find(|c| names.contains(&c.to_lowercase().as_str())).cloned();
+    let prompt = find(&["prompt", "question", "input", "text", "query", "instruction", "source"])?;
+    let completion = find(&["completion", "answer", "output", "response", "target", "summary"])?;
+    Some(FieldMapping { prompt, completion, system: find(&["system", "system_prompt"]), label: find(&["label", "category", "class"]) })
+}
+
 struct SourceStats {
     bytes: u64,
     sha256: String,
     blank_lines: u64,
 }
 
-type OnRecord<'a> = dyn FnMut(u64, Value) -> Result<()> + 'a;
+/// Called with each record and its line or row number; `Break` stops reading (a preview).
+type OnRecord<'a> = dyn FnMut(u64, Value) -> Result<ControlFlow<()>> + 'a;
 
 // ---------------------------------------------------------------------------------------
 // JSONL
@@ -396,7 +446,9 @@ fn read_jsonl(path: &Path, file: &str, cap: usize, on_record: &mut OnRecord<'_>)
             message: json_error_message(&e),
         })?;
         let number = line.number;
-        on_record(number, value)?;
+        if on_record(number, value)?.is_break() {
+            break;
+        }
     }
     let bytes = lines.bytes_read();
     Ok(SourceStats { bytes, sha256: lines.sha256(), blank_lines })
@@ -584,7 +636,9 @@ fn read_csv(path: &Path, file: &str, cap: usize, on_record: &mut OnRecord<'_>) -
         for (h, v) in headers.iter().zip(record.iter()) {
             obj.insert(h.clone(), Value::String(String::from_utf8_lossy(v).into_owned()));
         }
-        on_record(row, Value::Object(obj))?;
+        if on_record(row, Value::Object(obj))?.is_break() {
+            break;
+        }
     }
     let checked = rdr.into_inner();
     if headers.is_empty() && row == 0 {
@@ -615,7 +669,9 @@ fn read_parquet(path: &Path, file: &str, on_record: &mut OnRecord<'_>) -> Result
         let number = i as u64 + 1;
         let row = row.map_err(|e| perr(Some(number), e))?;
         let obj: Map<String, Value> = row.get_column_iter().map(|(k, v)| (k.clone(), parquet_value(v))).collect();
-        on_record(number, Value::Object(obj))?;
+        if on_record(number, Value::Object(obj))?.is_break() {
+            break;
+        }
     }
     Ok(SourceStats { bytes, sha256, blank_lines: 0 })
 }

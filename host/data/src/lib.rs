@@ -27,6 +27,6 @@ mod util;
 pub use curate::{OutputValidator, TokenCounter};
 pub use error::{DataError, Location, Problem, RecordError, Result, Unit};
 pub use example::{Example, Message, Role};
-pub use import::{FieldMapping, Format, ImportOptions, RecordFormatter, SourceKind, import_file, import_with};
+pub use import::{FieldMapping, Format, ImportOptions, Preview, RecordFormatter, SourceKind, import_file, import_with, preview};
 pub use store::{DatasetRole, HeldOut, Manifest, Operation, Datasets, TrainingSet, Version};
 pub use text::NearDupParams;

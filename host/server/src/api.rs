@@ -41,6 +41,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(create_team))
         .routes(routes!(list_files, upload_file))
         .routes(routes!(get_file))
+        .routes(routes!(preview_file))
         .routes(routes!(list_datasets))
         .routes(routes!(get_dataset))
         .routes(routes!(dataset_examples))
@@ -265,6 +266,27 @@ fn upload_error(e: axum::extract::multipart::MultipartError, limit: usize) -> Ap
 async fn get_file(State(s): State<Arc<AppState>>, caller: Caller, Path((project, file)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
     Ok(Json(json!(s.db.file(&p.id, &file).await?)))
+}
+
+/// The first records of an uploaded file and what an import would detect: the format, or
+/// for CSV/Parquet the columns and a suggested mapping.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/files/{file}/preview", params(("project" = String, Path), ("file" = String, Path)), responses((status = 200, description = "format, columns, suggested mapping, first records")))]
+async fn preview_file(State(s): State<Arc<AppState>>, caller: Caller, Path((project, file)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    let f = s.db.file(&p.id, &file).await?;
+    Ok(Json(json!(file_preview(&s, &f).await?)))
+}
+
+/// Reads the first records of an uploaded file (by its name's extension).
+pub async fn file_preview(s: &AppState, f: &lathe_store::FileRow) -> ApiResult<lathe_data::Preview> {
+    let path = s.artifacts.get_path(&f.sha256)?;
+    let name = f.filename.clone();
+    tokio::task::spawn_blocking(move || {
+        let kind = lathe_data::SourceKind::from_path(std::path::Path::new(&name));
+        lathe_data::preview(&path, &name, Some(kind), 5).map_err(|e| ApiError::bad(e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 // ---- datasets ----

@@ -45,7 +45,10 @@ pub struct ImportOutcome {
 pub fn import(env: &Env, spec: &ImportSpec, sink: &dyn Sink) -> Result<ImportOutcome> {
     let store = env.datasets()?;
     sink.started("data.import", format!("import {}", spec.source_name.clone().unwrap_or_else(|| spec.file.display().to_string())));
-    let opts = ImportOptions { source_name: spec.source_name.clone(), mapping: spec.mapping.clone(), ..ImportOptions::default() };
+    // An upload is stored under its hash, without its extension: the container comes from
+    // the name the user gave it.
+    let kind = spec.source_name.as_deref().map(|n| lathe_data::SourceKind::from_path(std::path::Path::new(n)));
+    let opts = ImportOptions { source_name: spec.source_name.clone(), mapping: spec.mapping.clone(), kind, ..ImportOptions::default() };
     let imported = match &spec.formatter {
         Some(f) => {
             let plugin = env.plugin(&f.plugin, Kind::Formatter)?;

@@ -18,6 +18,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/projects/{project}/datasets", get(datasets).post(upload_dataset))
         .route("/projects/{project}/datasets/{version}", get(dataset))
+        .route("/projects/{project}/files/{file}/import", get(import_page).post(import))
         .route("/projects/{project}/plugins", get(plugins).post(upload_plugin))
         .route("/projects/{project}/plugins/{plugin}", get(plugin))
         .route("/projects/{project}/plugins/{plugin}/try", post(try_plugin))
@@ -42,37 +43,41 @@ async fn check_multipart_csrf(viewer: &Viewer, multipart: &mut Multipart) -> Web
     viewer.check_csrf(&token)
 }
 
-/// Upload a file and queue its import (format detected, or a CSV/Parquet column mapping);
-/// answers with the import job's page.
+/// Upload a file; answers with its import page (what was detected, to check first).
 async fn upload_dataset(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, mut multipart: Multipart) -> WebResult<Response> {
     let p = s.project(&viewer.caller, &project).await?;
     check_multipart_csrf(&viewer, &mut multipart).await?;
-    // The import's options come before the file in the form, so they are read first.
-    let mut fields = serde_json::Map::new();
-    let mut file = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))? {
-        let name = field.name().unwrap_or_default().to_string();
-        match name.as_str() {
-            "name" | "prompt" | "completion" | "system" | "label" => {
-                let v = field.text().await.map_err(|e| WebError::bad(format!("{name}: {e}")))?;
-                if !v.trim().is_empty() {
-                    fields.insert(name, Value::String(v.trim().to_string()));
-                }
-            }
-            "file" => {
-                file = Some(api::receive_field(&s, &p.id, field, "fine-tune").await?);
-                break;
-            }
-            other => return Err(WebError::bad(format!("unexpected form field `{other}`"))),
-        }
-    }
-    let file = file.ok_or_else(|| WebError::bad("choose a file to upload"))?;
-    let mapping = match (fields.remove("prompt"), fields.remove("completion")) {
-        (Some(prompt), Some(completion)) => Some(json!({"prompt": prompt, "completion": completion, "system": fields.remove("system"), "label": fields.remove("label")})),
+    let field = multipart.next_field().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))?;
+    let Some(field) = field.filter(|f| f.name() == Some("file")) else { return Err(WebError::bad("choose a file to upload")) };
+    let file = api::receive_field(&s, &p.id, field, "fine-tune").await?;
+    Ok(see_other(&format!("/projects/{}/files/{}/import", p.id, file.id)))
+}
+
+/// An uploaded file's first records, the format detected, and the import form with the
+/// column mapping filled in from the column names (editable).
+async fn import_page(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, file)): Path<(String, String)>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let f = s.db.file(&p.id, &file).await?;
+    let preview = api::file_preview(&s, &f).await?;
+    let records: Vec<String> = preview.records.iter().map(|r| serde_json::to_string_pretty(r).unwrap_or_default()).collect();
+    let suggested = f.filename.rsplit_once('.').map_or(f.filename.as_str(), |(stem, _)| stem).chars().filter(|c| c.is_alphanumeric() || "-_.".contains(*c)).collect::<String>();
+    let formatters: Vec<Value> = plugin_choices(&s, &p.id).await?.into_iter().filter(|p| p["kind"] == "formatter").collect();
+    let ctx = minijinja::context! { file => f, preview => preview, records => records, suggested_name => suggested, formatters => formatters };
+    render("import.html", page_ctx(frame(&viewer, Some(&p), "datasets"), ctx))
+}
+
+/// Queue the import of an uploaded file as the form describes it; answers with the job.
+async fn import(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, file)): Path<(String, String)>, Form(f): Form<Vec<(String, String)>>) -> WebResult<Response> {
+    let field = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.trim().to_string()).filter(|v| !v.is_empty());
+    viewer.check_csrf(&field("csrf").unwrap_or_default())?;
+    let p = s.project(&viewer.caller, &project).await?;
+    let mapping = match (field("prompt"), field("completion")) {
+        (Some(prompt), Some(completion)) => Some(json!({"prompt": prompt, "completion": completion, "system": field("system"), "label": field("label")})),
         (None, None) => None,
         _ => return Err(WebError::bad("a column mapping needs both the prompt and the completion column")),
     };
-    let request = json!({"kind": "data_import", "file_id": file.id, "name": fields.remove("name"), "mapping": mapping});
+    let formatter = field("formatter").map(|name| json!({"plugin": name}));
+    let request = json!({"kind": "data_import", "file_id": file, "name": field("name"), "mapping": mapping, "formatter": formatter});
     let request: JobRequest = serde_json::from_value(request).map_err(|e| WebError::bad(format!("import: {e}")))?;
     let job = api::enqueue(&s, &p.id, request, 0).await?;
     Ok(see_other(&format!("/projects/{}/jobs/{}", p.id, job.id)))

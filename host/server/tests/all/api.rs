@@ -28,10 +28,23 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let imported = s.run_job(&project, &token, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
     assert_eq!(imported["outcome"]["report"]["rows"], 40, "{imported}");
     assert_eq!(imported["outcome"]["report"]["source"], "../../etc/words.jsonl", "the user's name is metadata only");
+
+    // A CSV upload: the preview shows its columns and a mapping guessed from their names;
+    // the import reads it as CSV (the stored upload has no extension, its name has).
+    let csv = b"question,answer,category\nsay the cat,the cat,animals\nsay the dog,the dog,animals\n";
+    let (_, file) = s.upload(&format!("{base}/files"), &token, None, "pets.csv", csv).await;
+    let (status, preview) = s.call(Method::GET, &format!("{base}/files/{}/preview", file["id"].as_str().unwrap()), t, None).await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!((preview["container"].as_str(), &preview["format"]), (Some("csv"), &serde_json::Value::Null), "{preview}");
+    assert_eq!(preview["columns"], json!(["answer", "category", "question"]));
+    assert_eq!(preview["mapping"], json!({"prompt": "question", "completion": "answer", "system": null, "label": "category"}));
+    assert_eq!(preview["records"].as_array().unwrap().len(), 2);
+    let pets = s.run_job(&project, &token, json!({"kind": "data_import", "file_id": file["id"], "mapping": preview["mapping"]})).await;
+    assert_eq!((pets["outcome"]["report"]["container"].as_str(), pets["outcome"]["report"]["rows"].as_u64()), (Some("csv"), Some(2)), "{pets}");
     s.run_job(&project, &token, json!({"kind": "data_split", "version": "words", "heldout": 0.2, "name": "words"})).await;
     let (status, versions) = s.call(Method::GET, &format!("{base}/datasets"), t, None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(versions["data"].as_array().unwrap().len(), 3, "{versions}");
+    assert_eq!(versions["data"].as_array().unwrap().len(), 4, "words, its two parts, and pets: {versions}");
     let (_, held) = s.call(Method::GET, &format!("{base}/datasets/words.heldout"), t, None).await;
     assert_eq!(held["manifest"]["role"], "heldout");
     assert_eq!(held["lineage"].as_array().unwrap().len(), 2, "{held}");
@@ -115,9 +128,9 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     // Metrics count what happened.
     let (_, metrics) = s.call(Method::GET, "/metrics", None, None).await;
     let metrics = metrics.as_str().unwrap();
-    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 7"), "{metrics}");
+    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 8"), "{metrics}");
     assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 1"), "{metrics}");
-    assert!(metrics.contains("lathe_job_duration_seconds_count 7"), "{metrics}");
+    assert!(metrics.contains("lathe_job_duration_seconds_count 8"), "{metrics}");
 }
 
 async fn tokens_and_limits_are_enforced(s: Server) {
