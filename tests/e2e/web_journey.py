@@ -107,6 +107,14 @@ def main(p):
     # The import heads the lineage (curation that changed nothing adds no version).
     expect(page.locator(".lineage li").last).to_contain_text("import")
     shot("dataset")
+    page.select_option("#stats select[name=model]", index=1)
+    submit("#stats")
+    wait_for_job()
+    expect(page.locator("#length-histogram")).to_be_visible()
+    assert page.locator("#length-histogram rect").count() > 1
+    expect(page.locator("main")).to_contain_text("total (tokens)")
+    shot("stats")
+    page.goto(f"{base}/projects/{project}/datasets/invoices.clean")
     page.fill("#split input[name=name]", "invoices")
     page.fill("#split input[name=heldout]", "0.2")
     submit("#split")

@@ -457,6 +457,38 @@ pub struct Statistics {
     pub exact_duplicates: u64,
     pub rows_with_pii: u64,
     pub pii: BTreeMap<PiiKind, u64>,
+    /// Whole-example lengths (prompt and target), in tokens when counted, else characters.
+    #[serde(default)]
+    pub length_histogram: Histogram,
+}
+
+/// Counts of values in equal-width bins: bin `i` holds values in `(upto[i-1], upto[i]]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Histogram {
+    /// `tokens` or `chars`.
+    pub unit: String,
+    pub bins: Vec<Bin>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bin {
+    pub upto: u64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// `bins` equal-width bins from 0 to the largest value.
+    pub fn of(values: &[u64], bins: usize, unit: &str) -> Histogram {
+        let max = values.iter().copied().max().unwrap_or(0).max(1);
+        let width = max.div_ceil(bins.max(1) as u64).max(1);
+        let n = max.div_ceil(width) as usize;
+        let mut out: Vec<Bin> = (1..=n as u64).map(|i| Bin { upto: i * width, count: 0 }).collect();
+        for &v in values {
+            let i = (v.saturating_sub(1) / width) as usize;
+            out[i.min(n - 1)].count += 1;
+        }
+        Histogram { unit: unit.to_string(), bins: out }
+    }
 }
 
 #[derive(Default)]
@@ -519,8 +551,13 @@ pub fn statistics(store: &Datasets, input: &str, tokens: Option<&dyn TokenCounte
         }
         rows_with_pii += u64::from(any);
     }
+    let length_histogram = match tokens {
+        Some(_) => Histogram::of(&toks.total, 20, "tokens"),
+        None => Histogram::of(&chars.total, 20, "chars"),
+    };
     Ok(Statistics {
         rows: messages.len() as u64,
+        length_histogram,
         messages_per_example: Summary::of(&mut messages),
         chars: chars.summarise(),
         tokens: tokens.map(|_| toks.summarise()),
@@ -535,6 +572,14 @@ pub fn statistics(store: &Datasets, input: &str, tokens: Option<&dyn TokenCounte
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_bins_cover_every_value_once() {
+        let h = Histogram::of(&[0, 1, 5, 10, 11, 20], 4, "tokens");
+        assert_eq!(h.bins.iter().map(|b| b.upto).collect::<Vec<_>>(), [5, 10, 15, 20]);
+        assert_eq!(h.bins.iter().map(|b| b.count).collect::<Vec<_>>(), [3, 1, 1, 1]);
+        assert!(Histogram::of(&[], 4, "chars").bins.iter().all(|b| b.count == 0));
+    }
 
     #[test]
     fn summary_nearest_rank() {
