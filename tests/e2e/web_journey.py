@@ -179,6 +179,12 @@ def main(p):
     expect(verdict).to_contain_text("Verdict")
     shot("report")
 
+    page.click("nav >> text=Models")
+    model = page.locator(f"#model-{train_job}")
+    expect(model).to_contain_text(re.compile(r"sha256 [0-9a-f]{12}"))  # the base model's, recorded by the run
+    expect(model).to_contain_text("invoice-fields")
+    shot("models")
+
     page.click(f"a[href='/projects/{project}']")
     for step in page.locator(".checklist li").all()[:6]:
         expect(step).to_have_class(re.compile("done"))

@@ -9,12 +9,13 @@
 //!
 //! One module per page family: `session` (sign in and out), `projects` (projects, the
 //! workflow checklist, settings), `data` (datasets and plugins), `eval` (suites), `jobs`
-//! (submit, watch, cancel, artifacts).
+//! (submit, watch, cancel, artifacts), `models` (adapters with their lineage).
 
 mod assets;
 mod data;
 mod eval;
 mod jobs;
+mod models;
 mod projects;
 mod session;
 
@@ -41,6 +42,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .merge(data::routes())
         .merge(eval::routes())
         .merge(jobs::routes())
+        .merge(models::routes())
         .merge(assets::routes())
 }
 
@@ -157,7 +159,7 @@ macro_rules! templates {
 const TEMPLATES: &[(&str, &str)] = templates!(
     "base.html", "error.html", "login.html", "projects.html", "project.html", "settings.html", "datasets.html",
     "dataset.html", "import.html", "plugins.html", "plugin.html", "try_result.html", "suites.html", "suite_preview.html", "jobs.html",
-    "jobs_table.html", "job.html",
+    "jobs_table.html", "job.html", "models.html",
 );
 
 fn embedded() -> &'static Environment<'static> {
