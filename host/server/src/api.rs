@@ -19,7 +19,7 @@ use lathe_data::FieldMapping;
 use lathe_jobs::eval::{PluginRef, Suite};
 use lathe_jobs::pipeline::Job;
 use lathe_jobs::pipeline::data::{CurateSpec, ImportSpec, SplitSpec, StatsSpec};
-use lathe_jobs::pipeline::eval::{BaselineSpec, CompareSpec, EvalSpec, ReportSpec};
+use lathe_jobs::pipeline::eval::{BaselineSpec, CompareSpec, EvalSpec, RegressionSpec, ReportSpec};
 use lathe_jobs::pipeline::train::{ExportFormat, ExportSpec, TrainSpec};
 use lathe_jobs::settings::{Layers, TrainSettings};
 use lathe_store::{JobRow, NewFile, NewJob, NewPlugin};
@@ -36,6 +36,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(list_projects, create_project))
         .routes(routes!(get_project))
+        .routes(routes!(get_settings, put_settings))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(create_team))
@@ -544,6 +545,16 @@ pub enum JobRequest {
         #[serde(default)]
         margin: f64,
     },
+    /// The regression pack (general ability) on the base model and a trained adapter: did
+    /// the fine-tune forget?
+    EvalRegression {
+        model: String,
+        adapter_job: String,
+        #[serde(default)]
+        arithmetic: Option<usize>,
+        #[serde(default)]
+        margin: f64,
+    },
     Train {
         model: String,
         suite: String,
@@ -607,13 +618,19 @@ impl JobRequest {
             JobRequest::EvalReport { baseline, candidate, margin } => {
                 Job::EvalReport(ReportSpec { baseline: run_id(&baseline)?, candidate: run_id(&candidate)?, margin, out: None })
             }
+            JobRequest::EvalRegression { model: m, adapter_job, arithmetic, margin } => Job::EvalRegression(RegressionSpec {
+                model: model(&m)?,
+                adapter: trained_adapter(s, project_id, &adapter_job).await?,
+                arithmetic: arithmetic.unwrap_or(20),
+                margin,
+            }),
             JobRequest::Train { model: m, suite, data, template, settings } => Job::Train(TrainSpec {
                 model: model(&m)?,
                 suite: load_suite(s, project_id, &suite).await?,
                 data,
                 template,
                 out: Some(s.project_dir(project_id).join("runs").join(job_id)),
-                settings: train_settings(settings)?,
+                settings: train_settings(s, project_id, settings)?,
                 // A job claimed again after its worker died continues from its checkpoint.
                 resume: true,
             }),
@@ -632,10 +649,42 @@ impl JobRequest {
     }
 }
 
-/// The project's training settings: defaults, `LATHE_TRAIN_*` of the server's
-/// environment, then the request's fields.
-pub fn train_settings(overrides: serde_json::Map<String, Value>) -> ApiResult<TrainSettings> {
-    Ok(Layers::from_process(None)?.with_overrides(overrides).resolve("train")?)
+/// The project's training settings: defaults, the project's `lathe.toml` ([`put_settings`]),
+/// `LATHE_TRAIN_*` of the server's environment, then the request's fields.
+pub fn train_settings(s: &AppState, project_id: &str, overrides: serde_json::Map<String, Value>) -> ApiResult<TrainSettings> {
+    Ok(Layers::from_process(Some(&project_settings_path(s, project_id)))?.with_overrides(overrides).resolve("train")?)
+}
+
+fn project_settings_path(s: &AppState, project_id: &str) -> std::path::PathBuf {
+    s.project_dir(project_id).join("lathe.toml")
+}
+
+/// The project's settings file (TOML, `[train]`) and the training settings it resolves to.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/settings", params(("project" = String, Path)), responses((status = 200, description = "the TOML and the resolved training settings")))]
+async fn get_settings(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    let toml = tokio::fs::read_to_string(project_settings_path(&s, &p.id)).await.unwrap_or_default();
+    Ok(Json(json!({"toml": toml, "train": train_settings(&s, &p.id, serde_json::Map::new())?})))
+}
+
+/// Replaces the project's settings file (the request body is TOML with a `[train]` table):
+/// the defaults every training job of the project starts from, below the server's
+/// environment and the job's own fields. Checked before it is written: an unknown key or a
+/// wrong type is refused with its name.
+#[utoipa::path(put, path = "/api/v1/projects/{project}/settings", params(("project" = String, Path)), responses((status = 200, description = "the resolved training settings"), (status = 400, description = "what is wrong with the TOML")))]
+async fn put_settings(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, body: String) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    let checked = Layers { toml: Some(("lathe.toml".into(), body.clone())), ..Layers::default() };
+    checked.resolve::<TrainSettings>("train")?;
+    let path = project_settings_path(&s, &p.id);
+    let dir = s.project_dir(&p.id);
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        lathe_util::write_atomic(&path, body.as_bytes())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(json!({"train": train_settings(&s, &p.id, serde_json::Map::new())?})))
 }
 
 /// Queues a pipeline job in a project; its id is chosen first so that output folders can

@@ -200,7 +200,7 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
         settings.insert("seed".into(), seed);
     }
     settings.extend(body);
-    let settings = train_settings(settings)?;
+    let settings = train_settings(&s, &p.id, settings)?;
     let file = s.db.file(&p.id, &training_file).await?;
     let job_id = lathe_store::new_job_id();
     let spec = FineTuneSpec {

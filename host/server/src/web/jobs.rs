@@ -61,7 +61,7 @@ async fn jobs(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Pat
     let p = s.project(&viewer.caller, &project).await?;
     let (rows, next) = job_page(&s, &p.id, q.after.as_deref()).await?;
     let trained: Vec<JobRow> = s.db.jobs(&p.id, Some("train"), None, 100).await?.into_iter().filter(|j| j.state.as_str() == "succeeded").collect();
-    let settings = serde_json::to_value(api::train_settings(Map::new())?).map_err(|e| WebError::internal(&e.to_string()))?;
+    let settings = serde_json::to_value(api::train_settings(&s, &p.id, Map::new())?).map_err(|e| WebError::internal(&e.to_string()))?;
     let ctx = minijinja::context! {
         jobs => rows, next => next, active => rows_active(&s, &p.id).await?,
         suites => s.db.suites(&p.id).await?, versions => api::dataset_versions(&s, &p.id).await?,

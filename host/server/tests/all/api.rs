@@ -73,6 +73,23 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (status, saved) = s.call(Method::PUT, &format!("{base}/suites/words"), t, Some(words_suite("exact-match"))).await;
     assert_eq!(status, StatusCode::OK, "{saved}");
 
+    // The project's settings file: the defaults its training jobs start from, checked first.
+    let put_settings = |text: &'static str| {
+        Request::builder()
+            .method(Method::PUT)
+            .uri(format!("{base}/settings"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(text))
+            .unwrap()
+    };
+    let (status, bad) = s.send(put_settings("[train]\nrnk = 4\n")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    assert!(bad["error"]["message"].as_str().unwrap().contains("`rnk`"), "{bad}");
+    let (status, saved) = s.send(put_settings("[train]\nrank = 4\nmax_steps = 3\n")).await;
+    assert_eq!((status, saved["train"]["rank"].as_u64()), (StatusCode::OK, Some(4)), "{saved}");
+    let (_, settings) = s.call(Method::GET, &format!("{base}/settings"), t, None).await;
+    assert_eq!((settings["train"]["max_steps"].as_u64(), settings["train"]["alpha"].as_f64()), (Some(3), Some(32.0)), "{settings}");
+
     // Baseline, training, evaluation of the adapter.
     let baseline = s.run_job(&project, &token, json!({"kind": "eval_baseline", "model": "tiny", "suite": "words", "data": "words.heldout", "train": "words.train", "limit": 4})).await;
     let baseline_run = baseline["outcome"]["baseline"]["best"]["id"].as_str().unwrap().to_string();
@@ -80,7 +97,7 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(unknown_model["error"]["message"].as_str().unwrap().contains("`tiny`"), "{unknown_model}");
     let trained = s
-        .run_job(&project, &token, json!({"kind": "train", "model": "tiny", "suite": "words", "data": "words.train", "settings": {"rank": 4, "max_steps": 3, "learning_rate": 1e-3, "metric_items": 0}}))
+        .run_job(&project, &token, json!({"kind": "train", "model": "tiny", "suite": "words", "data": "words.train", "settings": {"learning_rate": 1e-3, "metric_items": 0}}))
         .await;
     let train_id = trained["id"].as_str().unwrap().to_string();
     let (_, events) = s.call(Method::GET, &format!("{base}/jobs/{train_id}/events"), t, None).await;
@@ -116,6 +133,8 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (status, html) = s.call(Method::GET, &format!("{base}/jobs/{}/artifacts/report.html", report["id"].as_str().unwrap()), t, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.as_str().unwrap().contains("<svg"));
+    let regression = s.run_job(&project, &token, json!({"kind": "eval_regression", "model": "tiny", "adapter_job": train_id, "arithmetic": 3})).await;
+    assert!(regression["outcome"]["tasks"].as_object().is_some_and(|t| !t.is_empty()), "{regression}");
     let (status, _) = s.call(Method::GET, &format!("{base}/runs/..%2F..%2Fetc"), t, None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "run ids are never paths");
 
@@ -128,9 +147,9 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     // Metrics count what happened.
     let (_, metrics) = s.call(Method::GET, "/metrics", None, None).await;
     let metrics = metrics.as_str().unwrap();
-    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 8"), "{metrics}");
+    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 9"), "{metrics}");
     assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 1"), "{metrics}");
-    assert!(metrics.contains("lathe_job_duration_seconds_count 8"), "{metrics}");
+    assert!(metrics.contains("lathe_job_duration_seconds_count 9"), "{metrics}");
 }
 
 async fn tokens_and_limits_are_enforced(s: Server) {
