@@ -132,14 +132,14 @@ def main(p):
     page.fill("#suite-form input[name=gate_metric]", "json-field-match")
     page.fill("#suite-form input[name=gate_min]", "0.8")
     page.fill("#suite-form input[name=shots]", "0")
-    page.fill("#suite-form input[name=max_tokens]", "48")
+    page.fill("#suite-form input[name=max_tokens]", "80")
     shot("suites")
     submit("#suite-form")
     expect(page.locator("details#suite-invoice-fields")).to_be_visible()
 
     # ---- baseline, a pilot fine-tune with its live curve, evaluation, the verdict ------------
     page.click("nav >> text=Jobs")
-    page.fill("#baseline input[name=limit]", "4")
+    page.fill("#baseline input[name=limit]", "6")
     submit("#baseline")
     wait_for_job()
 
@@ -147,11 +147,11 @@ def main(p):
     assert page.input_value("#train input[name='settings.rank']") == "16"
     assert float(page.input_value("#train input[name='settings.alpha']")) == 32
     page.fill("#train input[name='settings.rank']", "8")
-    page.fill("#train input[name='settings.max_steps']", "6")
+    page.fill("#train input[name='settings.max_steps']", "10")
     page.fill("#train input[name='settings.learning_rate']", "0.001")
     page.click("#train summary")
     page.fill("#train input[name='settings.metric_items']", "0")
-    page.fill("#train input[name='settings.eval_every']", "3")
+    page.fill("#train input[name='settings.eval_every']", "5")
     shot("jobs")
     submit("#train")
     # The loss curve is drawn while the job runs, from its event stream.
@@ -169,14 +169,22 @@ def main(p):
     shot("train-done")
 
     page.click("nav >> text=Jobs")
-    page.fill("#eval input[name=limit]", "4")
+    page.fill("#eval input[name=limit]", "6")
     submit("#eval")
     wait_for_job()
     page.click("nav >> text=Jobs")
     submit("#report")
     wait_for_job()
-    verdict = page.frame_locator("iframe.report").locator(".verdict").first
-    expect(verdict).to_contain_text("Verdict")
+    page.click("#read-report")
+    expect(page.locator("#verdict")).to_contain_text(re.compile(r"Verdict: (better|worse|no difference)"))
+    expect(page.locator("table").first).to_contain_text("baseline")
+    # The pilot changes some of the six items, and each filter shows only its own.
+    changed = page.locator("article.diff").count()
+    assert changed > 0, "the fine-tune changed no item: the filters would be untested"
+    for show in ("worse", "better"):
+        page.click(f".filters a[href^='?show={show}']")
+        expect(page.locator(".filters a[aria-current]")).to_contain_text(show)
+        assert page.locator(f"article.diff:not(.{show})").count() == 0
     shot("report")
 
     page.click("nav >> text=Models")

@@ -27,6 +27,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/projects/{project}/jobs/{job}/events", get(events))
         .route("/projects/{project}/jobs/{job}/cancel", post(cancel))
         .route("/projects/{project}/jobs/{job}/artifacts/{name}", get(artifact))
+        .route("/projects/{project}/jobs/{job}/report", get(report))
 }
 
 #[derive(Deserialize)]
@@ -199,4 +200,42 @@ async fn artifact(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project,
         response.headers_mut().insert(axum::http::header::CONTENT_DISPOSITION, disposition.parse().map_err(|_| WebError::internal("file name"))?);
     }
     Ok(response)
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    /// `worse`, `better` or (default) every changed item.
+    #[serde(default)]
+    show: String,
+}
+
+/// A report job's (or the demo's) verdict read from its `report.json`: the comparison
+/// with its interval, the runs against the gate, the baseline's trials, and the items that
+/// changed, filtered to those that got worse or better.
+async fn report(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, job)): Path<(String, String)>, Query(q): Query<ReportQuery>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let row = s.db.job(&p.id, &job).await?;
+    let outcome = row.outcome.clone().unwrap_or(Value::Null);
+    let path = match row.kind.as_str() {
+        "eval_report" => outcome["json"].as_str(),
+        "demo" => outcome["report"]["json"].as_str(),
+        _ => None,
+    }
+    .map(std::path::PathBuf::from)
+    .ok_or_else(|| WebError { status: axum::http::StatusCode::NOT_FOUND, message: format!("job `{job}` wrote no report") })?;
+    let text = tokio::fs::read_to_string(&path).await.map_err(|_| WebError { status: axum::http::StatusCode::NOT_FOUND, message: "the report file is gone".into() })?;
+    let report: Value = serde_json::from_str(&text).map_err(|e| WebError::internal(&format!("report.json: {e}")))?;
+    let diffs = report["comparison"]["diffs"].as_array().cloned().unwrap_or_default();
+    let delta = |d: &Value| d["candidate_score"].as_f64().unwrap_or(0.0) - d["baseline_score"].as_f64().unwrap_or(0.0);
+    let (worse, better) = (diffs.iter().filter(|d| delta(d) < 0.0).count(), diffs.iter().filter(|d| delta(d) > 0.0).count());
+    let shown: Vec<&Value> = diffs
+        .iter()
+        .filter(|d| match q.show.as_str() {
+            "worse" => delta(d) < 0.0,
+            "better" => delta(d) > 0.0,
+            _ => true,
+        })
+        .collect();
+    let ctx = minijinja::context! { job => row, report => report, diffs => shown, show => q.show, worse => worse, better => better, changed => diffs.len() };
+    render("report.html", page_ctx(frame(&viewer, Some(&p), "jobs"), ctx))
 }

@@ -159,7 +159,7 @@ macro_rules! templates {
 const TEMPLATES: &[(&str, &str)] = templates!(
     "base.html", "error.html", "login.html", "projects.html", "project.html", "settings.html", "datasets.html",
     "dataset.html", "import.html", "plugins.html", "plugin.html", "try_result.html", "suites.html", "suite_preview.html", "jobs.html",
-    "jobs_table.html", "job.html", "models.html",
+    "jobs_table.html", "job.html", "models.html", "report.html",
 );
 
 fn embedded() -> &'static Environment<'static> {
