@@ -19,7 +19,11 @@ fn a_team_runs_the_workflow_in_a_browser_and_another_team_sees_none_of_it() {
     let other_token = team["token"].as_str().unwrap().to_string();
 
     let data = dir.path().join("invoices.jsonl");
-    lathe_jobs::invoices::write_jsonl(&data, &lathe_jobs::invoices::invoice_examples(60, 5)).unwrap();
+    // Two exact duplicates and one e-mail address for the curation step to find.
+    let mut examples = lathe_jobs::invoices::invoice_examples(60, 5);
+    examples.extend(examples[..2].to_vec());
+    examples[10].messages[0].content.push_str("\nQuestions: billing@example.com");
+    lathe_jobs::invoices::write_jsonl(&data, &examples).unwrap();
     // A component built from plugins/ (the build embeds them), uploaded as the project's own.
     let wasm = dir.path().join("json-field-match.wasm");
     std::fs::write(&wasm, lathe_sandbox::builtin("json-field-match").unwrap()).unwrap();

@@ -103,6 +103,10 @@ def main(p):
     page.fill("#curate input[name=name]", "invoices.clean")
     submit("#curate")
     wait_for_job()
+    # The curation report: what was dropped and redacted, each row linked.
+    expect(page.locator("#curation")).to_contain_text("2 exact duplicates dropped")
+    expect(page.locator("#curation")).to_contain_text("1 examples with PII")
+    shot("curation")
     page.goto(f"{base}/projects/{project}/datasets/invoices.clean")
     # The import heads the lineage (curation that changed nothing adds no version).
     expect(page.locator(".lineage li").last).to_contain_text("import")

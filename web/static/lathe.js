@@ -96,6 +96,10 @@ if (job && job.dataset.events) {
     stepName = d.step;
     stepStart = null;
     progress.hidden = false;
+    // The bar appears with the step's first progress event; some steps send none.
+    document.getElementById("step-progress").hidden = true;
+    document.getElementById("step-count").textContent = "";
+    document.getElementById("eta").textContent = "";
     document.getElementById("step-title").textContent = d.title;
     line(`▶ ${d.title}`);
   });
@@ -103,6 +107,7 @@ if (job && job.dataset.events) {
   on("progress", (d) => {
     progress.hidden = false;
     const bar = document.getElementById("step-progress");
+    bar.hidden = false;
     bar.max = Math.max(d.total, 1);
     bar.value = d.done;
     document.getElementById("step-count").textContent = `${d.done} / ${d.total} ${d.unit}`;
