@@ -97,7 +97,6 @@ def main(p):
     submit("#import")
     wait_for_job()
     page.click("nav >> text=Datasets")
-    shot("datasets")
     page.click("table a >> nth=0")
     expect(page.locator("article.example").first).to_be_visible()
     page.fill("#curate input[name=name]", "invoices.clean")
@@ -123,6 +122,12 @@ def main(p):
     page.fill("#split input[name=heldout]", "0.2")
     submit("#split")
     wait_for_job()
+    page.click("nav >> text=Datasets")
+    # One import, and every later version drawn with an edge from its parent.
+    expect(page.locator("#lineage-graph")).to_contain_text("invoices.heldout")
+    nodes, edges = page.locator("#lineage-graph circle").count(), page.locator("#lineage-graph path").count()
+    assert nodes >= 4 and edges == nodes - 1, (nodes, edges)
+    shot("datasets")
 
     # ---- the eval suite, with a live preview on a real example ------------------------------
     page.click("nav >> text=Eval suites")
@@ -245,7 +250,7 @@ def main(p):
     with op.expect_navigation():
         op.click("button:has-text('Sign in')")
     assert "invoices" not in op.locator("main").inner_text()
-    for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/jobs", f"/jobs/{train_job}",
+    for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/jobs", "/jobs/table", "/models", f"/jobs/{train_job}",
                  f"/jobs/{train_job}/artifacts/adapter_model.safetensors", f"/jobs/{train_job}/events"]:
         r = op.request.get(f"{base}/projects/{project}{path}")
         assert r.status == 404, (path, r.status)

@@ -27,9 +27,59 @@ pub fn routes() -> Router<Arc<AppState>> {
 async fn datasets(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {
     let p = s.project(&viewer.caller, &project).await?;
     let mut versions = api::dataset_versions(&s, &p.id).await?;
+    let graph = lineage_graph(&versions);
     versions.reverse();
     let files = s.db.files(&p.id).await?;
-    render("datasets.html", page_ctx(frame(&viewer, Some(&p), "datasets"), minijinja::context! { versions => versions, files => files }))
+    render("datasets.html", page_ctx(frame(&viewer, Some(&p), "datasets"), minijinja::context! { versions => versions, files => files, graph => graph }))
+}
+
+/// The project's versions as a graph for SVG: one row per version in the order they were
+/// made, indented by how many steps separate it from its import, with an edge from each
+/// parent. `versions` is oldest first, as [`api::dataset_versions`] gives it.
+fn lineage_graph(versions: &[Value]) -> Value {
+    const ROW: usize = 30;
+    const COL: usize = 40;
+    let mut at: std::collections::HashMap<&str, (usize, usize)> = std::collections::HashMap::new();
+    let mut nodes = Vec::new();
+    let mut edges = Vec::new();
+    // Parents before children: creation times tie within a second (a curation's steps).
+    let id_of = |v: &Value| v["manifest"]["id"].as_str().unwrap_or_default().to_string();
+    let parent_of = |v: &Value| v["manifest"]["parent"].as_str().map(str::to_string);
+    let known: std::collections::HashSet<String> = versions.iter().map(id_of).collect();
+    let mut ordered: Vec<&Value> = Vec::with_capacity(versions.len());
+    let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut remaining: Vec<&Value> = versions.iter().collect();
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        remaining.retain(|v| {
+            let ready = parent_of(v).is_none_or(|p| !known.contains(&p) || placed.contains(&p));
+            if ready {
+                placed.insert(id_of(v));
+                ordered.push(v);
+            }
+            !ready
+        });
+        if remaining.len() == before {
+            ordered.append(&mut remaining); // a cycle cannot happen; never loop on one anyway
+        }
+    }
+    for (row, v) in ordered.into_iter().enumerate() {
+        let m = &v["manifest"];
+        let id = m["id"].as_str().unwrap_or_default();
+        let parent = m["parent"].as_str().and_then(|p| at.get(p).copied());
+        let depth = parent.map_or(0, |(d, _)| d + 1);
+        let (x, y) = (16 + depth * COL, 16 + row * ROW);
+        if let Some((pd, prow)) = parent {
+            edges.push(json!({"x1": 16 + pd * COL, "y1": 16 + prow * ROW, "x2": x, "y2": y}));
+        }
+        at.insert(id, (depth, row));
+        let op = m["operation"].as_object().and_then(|o| o.keys().next().cloned()).unwrap_or_default();
+        let names: Vec<&str> = v["names"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let label = if names.is_empty() { id.chars().take(12).collect() } else { names.join(", ") };
+        nodes.push(json!({"id": id, "x": x, "y": y, "label": label, "op": op, "rows": m["rows"], "role": m["role"]}));
+    }
+    let depth = at.values().map(|(d, _)| *d).max().unwrap_or(0);
+    json!({"nodes": nodes, "edges": edges, "width": 16 + depth * COL + 420, "height": 16 + versions.len().max(1) * ROW})
 }
 
 /// The first multipart field must be the form's CSRF token, so that nothing is stored for
