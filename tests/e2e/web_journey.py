@@ -76,6 +76,16 @@ def main(p):
 
     # ---- a plugin uploaded from plugins/, tried on a sample -------------------------------
     page.click("nav >> text=Plugins")
+    # A file that is no component is refused with the sandbox's own words.
+    junk = os.path.join(shots, "junk.wasm")
+    with open(junk, "wb") as f:
+        f.write(b"\0asm definitely not a component")
+    page.set_input_files("#upload-plugin input[type=file]", junk)
+    page.click("#upload-plugin button")
+    expect(page.locator(".error")).to_contain_text("plugin refused")
+    os.remove(junk)
+    page.goto(f"{base}/projects/{project}/plugins")
+    expect(page.locator("main")).to_contain_text("None uploaded yet")
     page.set_input_files("#upload-plugin input[type=file]", wasm_path)
     with page.expect_navigation():
         page.click("#upload-plugin button")
