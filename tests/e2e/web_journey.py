@@ -126,6 +126,7 @@ def main(p):
     expect(page.locator("#length-histogram")).to_be_visible()
     assert page.locator("#length-histogram rect").count() > 1
     expect(page.locator("main")).to_contain_text("total (tokens)")
+    expect(page.locator("#context-fit")).to_contain_text("fits the model's context")
     shot("stats")
     page.goto(f"{base}/projects/{project}/datasets/invoices.clean")
     page.fill("#split input[name=name]", "invoices")

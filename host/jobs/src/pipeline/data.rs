@@ -278,17 +278,39 @@ pub struct StatsSpec {
     pub model: Option<PathBuf>,
 }
 
-pub fn stats(env: &Env, spec: &StatsSpec, sink: &dyn Sink) -> Result<Statistics> {
+/// A version's statistics and, when counted with a model's tokenizer, that model's
+/// context length, so that examples longer than it (truncated in training) show.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsOutcome {
+    #[serde(flatten)]
+    pub statistics: Statistics,
+    pub context_length: Option<usize>,
+}
+
+pub fn stats(env: &Env, spec: &StatsSpec, sink: &dyn Sink) -> Result<StatsOutcome> {
     let store = env.datasets()?;
     let id = store.resolve(&spec.version)?;
     sink.started("data.stats", format!("statistics of {}", &id[..16]));
-    let counter = match &spec.model {
-        Some(m) => Some(ModelTokens(load_tokenizer(m)?)),
-        None => None,
+    let (counter, context_length) = match &spec.model {
+        Some(m) if m.is_dir() => (
+            Some(ModelTokens(lathe_engine::Tokenizer::from_hf_folder(m)?)),
+            Some(lathe_engine::config::ModelConfig::from_hf_file(&m.join("config.json"))?.max_position_embeddings),
+        ),
+        Some(m) => {
+            let g = lathe_engine::gguf::GgufFile::open(m)?;
+            (Some(ModelTokens(lathe_engine::Tokenizer::from_gguf(&g)?)), Some(lathe_engine::config::ModelConfig::from_gguf(&g)?.max_position_embeddings))
+        }
+        None => (None, None),
     };
     let s = lathe_data::curate::statistics(&store, &id, counter.as_ref().map(|c| c as &dyn lathe_data::TokenCounter))?;
-    sink.finished("data.stats", format!("{} examples", s.rows));
-    Ok(s)
+    let longest = s.tokens.map(|t| t.total.max);
+    let over = match (longest, context_length) {
+        (Some(l), Some(c)) if l as usize > c => format!("; the longest, {l} tokens, exceeds the model's context of {c}"),
+        (Some(l), Some(c)) => format!("; all fit the model's context of {c} tokens (the longest has {l})"),
+        _ => String::new(),
+    };
+    sink.finished("data.stats", format!("{} examples{over}", s.rows));
+    Ok(StatsOutcome { statistics: s, context_length })
 }
 
 struct ModelTokens(lathe_engine::Tokenizer);
@@ -299,11 +321,3 @@ impl lathe_data::TokenCounter for ModelTokens {
     }
 }
 
-/// The tokenizer of a GGUF file or Hugging Face folder, without loading weights.
-pub fn load_tokenizer(path: &std::path::Path) -> Result<lathe_engine::Tokenizer> {
-    Ok(if path.is_dir() {
-        lathe_engine::Tokenizer::from_hf_folder(path)?
-    } else {
-        lathe_engine::Tokenizer::from_gguf(&lathe_engine::gguf::GgufFile::open(path)?)?
-    })
-}
