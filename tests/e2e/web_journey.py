@@ -90,6 +90,7 @@ def main(p):
     with page.expect_navigation():
         page.click("#upload-plugin button")
     expect(page.locator("h1")).to_contain_text("json-field-match")
+    plugin_page = page.url.split(f"/projects/{project}")[1]
     page.fill("#try textarea[name=input]", json.dumps({"prediction": '{"total": 12.5, "currency": "EUR"}', "reference": '{"total": 12.5, "currency": "USD"}'}))
     page.click("#try button")
     expect(page.locator("#try-result pre")).to_contain_text("score")
@@ -102,6 +103,7 @@ def main(p):
         page.click("#upload-dataset button")
     # Nothing is imported before the detected format has been shown.
     expect(page.locator(".notice")).to_contain_text("openai_chat")
+    import_page = page.url.split(f"/projects/{project}")[1]
     shot("import")
     page.fill("#import input[name=name]", "invoices")
     submit("#import")
@@ -194,7 +196,7 @@ def main(p):
     wait_for_job()
     page.click("nav >> text=Jobs")
     submit("#report")
-    wait_for_job()
+    report_job = wait_for_job()
     page.click("#read-report")
     expect(page.locator("#verdict")).to_contain_text(re.compile(r"Verdict: (better|worse|no difference)"))
     expect(page.locator("table").first).to_contain_text("baseline")
@@ -264,6 +266,18 @@ def main(p):
     for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/jobs", "/jobs/table", "/models", f"/jobs/{train_job}",
                  f"/jobs/{train_job}/artifacts/adapter_model.safetensors", f"/jobs/{train_job}/events"]:
         r = op.request.get(f"{base}/projects/{project}{path}")
+        assert r.status == 404, (path, r.status)
+    for path in [import_page, plugin_page, f"/jobs/{report_job}/report"]:
+        r = op.request.get(f"{base}/projects/{project}{path}")
+        assert r.status == 404, (path, r.status)
+    # Writes too, with the other team's own valid CSRF token: the project is not theirs.
+    op.goto(f"{base}/projects")
+    theirs = op.locator("input[name=csrf]").first.get_attribute("value")
+    for path in [import_page, f"{plugin_page}/try", "/suites", "/suites/preview", "/jobs", f"/jobs/{train_job}/cancel"]:
+        r = op.request.post(f"{base}/projects/{project}{path}", form={"csrf": theirs, "input": "{}", "kind": "data_stats", "version": "invoices"}, max_redirects=0)
+        assert r.status == 404, (path, r.status)
+    for path in ["/datasets", "/plugins"]:
+        r = op.request.post(f"{base}/projects/{project}{path}", multipart={"csrf": theirs, "file": {"name": "x.jsonl", "mimeType": "text/plain", "buffer": b"{}"}}, max_redirects=0)
         assert r.status == 404, (path, r.status)
     other.close()
     browser.close()
