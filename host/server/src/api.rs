@@ -692,12 +692,14 @@ async fn put_settings(State(s): State<Arc<AppState>>, caller: Caller, Path(proje
 pub async fn enqueue(s: &AppState, project_id: &str, request: JobRequest, priority: i32) -> ApiResult<JobRow> {
     let job_id = lathe_store::new_job_id();
     let job = request.into_job(s, project_id, &job_id).await?;
-    let spec = serde_json::to_value(&job).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let row = s
-        .db
-        .enqueue(NewJob { id: Some(job_id), project_id: project_id.into(), kind: job.kind().into(), spec: spec["spec"].clone(), priority, max_attempts: 3 })
-        .await?;
-    Ok(row)
+    enqueue_job(s, project_id, job_id, &job, priority, 3).await
+}
+
+/// Queues a pipeline job as the store keeps it: its kind, and its spec as JSON.
+pub async fn enqueue_job(s: &AppState, project_id: &str, job_id: String, job: &Job, priority: i32, max_attempts: i32) -> ApiResult<JobRow> {
+    let spec = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let new = NewJob { id: Some(job_id), project_id: project_id.into(), kind: job.kind().into(), spec: spec["spec"].clone(), priority, max_attempts };
+    Ok(s.db.enqueue(new).await?)
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use lathe_jobs::pipeline::Job;
 use lathe_jobs::pipeline::demo::DemoSpec;
 use lathe_jobs::{Event, Sink};
-use lathe_store::{JobRow, NewJob, Project, Secret};
+use lathe_store::{JobRow, Project, Secret};
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -37,12 +37,7 @@ pub async fn run(state: &Arc<AppState>, spec: DemoSpec, sink: &dyn Sink) -> ApiR
     let suite_json = serde_json::to_value(&suite).map_err(|e| ApiError::Internal(e.to_string()))?;
     crate::api::save_suite(state, &project.id, &suite.name, suite_json).await?;
 
-    let job = Job::Demo(spec);
-    let body = serde_json::to_value(&job).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let row = state
-        .db
-        .enqueue(NewJob { id: None, project_id: project.id.clone(), kind: job.kind().into(), spec: body["spec"].clone(), priority: 0, max_attempts: 1 })
-        .await?;
+    let row = crate::api::enqueue_job(state, &project.id, lathe_store::new_job_id(), &Job::Demo(spec), 0, 1).await?;
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(crate::worker::run(state.clone(), format!("demo-{}", std::process::id()), stop));

@@ -12,7 +12,7 @@ use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use lathe_jobs::pipeline::Job;
 use lathe_jobs::pipeline::train::FineTuneSpec;
-use lathe_store::{JobRow, NewJob, Project};
+use lathe_store::{JobRow, Project};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use utoipa_axum::router::OpenApiRouter;
@@ -214,12 +214,7 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
         out: s.project_dir(&p.id).join("runs").join(&job_id),
         settings,
     };
-    let job = Job::FineTune(spec);
-    let spec_json = serde_json::to_value(&job).map_err(|e| ApiError::Internal(e.to_string()))?["spec"].clone();
-    let row = s
-        .db
-        .enqueue(NewJob { id: Some(job_id), project_id: p.id.clone(), kind: job.kind().into(), spec: spec_json, priority: 0, max_attempts: 3 })
-        .await?;
+    let row = crate::api::enqueue_job(&s, &p.id, job_id, &Job::FineTune(spec), 0, 3).await?;
     Ok(Json(job_object(&s, &p, &row)))
 }
 

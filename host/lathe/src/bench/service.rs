@@ -82,15 +82,8 @@ const TOKEN_VAR: &str = "LATHE_BENCH_TOKEN";
 
 pub fn api(a: &ApiBench) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let url = a
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("lathe.db").display()));
-    let backend = if url.starts_with("sqlite") {
-        "SQLite"
-    } else {
-        "PostgreSQL"
-    };
+    let url = database_url(a.database_url.as_deref(), dir.path());
+    let backend = backend_name(&url);
     let results = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -409,10 +402,7 @@ impl Conn {
 
 pub fn claims(a: &ClaimsBench) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let url = a
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("lathe.db").display()));
+    let url = database_url(a.database_url.as_deref(), dir.path());
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
         let db = Db::connect(&url).await?;
         // A kind of this run's own, so jobs left on a shared database by other runs (or by
@@ -446,7 +436,7 @@ pub fn claims(a: &ClaimsBench) -> Result<()> {
         }
         let claim_s = start.elapsed().as_secs_f64();
         ensure!(per.iter().sum::<usize>() == a.jobs, "claimed {} of {} jobs", per.iter().sum::<usize>(), a.jobs);
-        let backend = if url.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" };
+        let backend = backend_name(&url);
         println!(
             "{backend}: {} jobs; enqueue {:.0}/s; claim+complete {:.0}/s with {} claimers (split {per:?})",
             a.jobs,
@@ -456,6 +446,15 @@ pub fn claims(a: &ClaimsBench) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The database a bench runs on: the one given, else SQLite in `dir` (a temporary folder).
+fn database_url(given: Option<&str>, dir: &std::path::Path) -> String {
+    given.map_or_else(|| format!("sqlite://{}", dir.join("lathe.db").display()), str::to_string)
+}
+
+fn backend_name(url: &str) -> &'static str {
+    if url.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" }
 }
 
 /// A team name no earlier run on the same database took.

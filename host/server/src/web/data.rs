@@ -10,7 +10,7 @@ use axum::{Form, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Viewer, WebError, WebResult, frame, page_ctx, render, see_other};
+use super::{Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api::{self, JobRequest};
 use crate::state::AppState;
 
@@ -117,9 +117,9 @@ async fn import_page(State(s): State<Arc<AppState>>, viewer: Viewer, Path((proje
 }
 
 /// Queue the import of an uploaded file as the form describes it; answers with the job.
-async fn import(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, file)): Path<(String, String)>, Form(f): Form<Vec<(String, String)>>) -> WebResult<Response> {
-    let field = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.trim().to_string()).filter(|v| !v.is_empty());
-    viewer.check_csrf(&field("csrf").unwrap_or_default())?;
+async fn import(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, file)): Path<(String, String)>, Form(f): Form<Fields>) -> WebResult<Response> {
+    let field = |k: &str| field(&f, k);
+    viewer.check_csrf(field("csrf").unwrap_or_default())?;
     let p = s.project(&viewer.caller, &project).await?;
     let mapping = match (field("prompt"), field("completion")) {
         (Some(prompt), Some(completion)) => Some(json!({"prompt": prompt, "completion": completion, "system": field("system"), "label": field("label")})),
@@ -198,9 +198,9 @@ pub async fn plugin_choices(s: &AppState, project_id: &str) -> WebResult<Vec<Val
 /// The built-in plugins with their kinds, read from the components once per process.
 pub async fn builtins(s: &AppState, project_id: &str) -> WebResult<Vec<Value>> {
     static BUILTINS: tokio::sync::OnceCell<Vec<Value>> = tokio::sync::OnceCell::const_new();
-    let env = s.env(project_id).await?;
     let list = BUILTINS
         .get_or_try_init(|| async move {
+            let env = s.env(project_id).await?;
             tokio::task::spawn_blocking(move || -> Result<Vec<Value>, lathe_jobs::JobError> {
                 lathe_sandbox::builtin_names()
                     .map(|n| Ok(json!({"name": n, "kind": env.load_plugin(n)?.kind().name(), "source": "built-in"})))

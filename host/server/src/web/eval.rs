@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::data::plugin_choices;
-use super::{Viewer, WebError, WebResult, frame, page_ctx, render, see_other};
+use super::{Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api;
 use crate::state::AppState;
 
@@ -21,13 +21,6 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/projects/{project}/suites", get(suites).post(save))
         .route("/projects/{project}/suites/preview", post(preview))
-}
-
-/// The form's fields, in the order a form sends them (repeated `scorer` fields are a list).
-type Fields = Vec<(String, String)>;
-
-fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
-    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim()).filter(|v| !v.is_empty())
 }
 
 async fn suites(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::data::plugin_choices;
-use super::{Viewer, WebError, WebResult, frame, page_ctx, render, see_other};
+use super::{CsrfForm, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api::{self, JobRequest};
 use crate::state::AppState;
 
@@ -96,7 +96,7 @@ const BOOL_FIELDS: &[&str] = &["dedupe", "drop_invalid", "stratify"];
 /// apply), `settings.*` fields become training settings typed like their defaults, plugin
 /// choices become plugin references. The result goes through the same `JobRequest` the API
 /// parses, so the web cannot ask for anything the API would refuse.
-fn request_from_form(fields: &[(String, String)]) -> WebResult<JobRequest> {
+fn request_from_form(fields: &Fields) -> WebResult<JobRequest> {
     let defaults = serde_json::to_value(TrainSettings::default()).map_err(|e| WebError::internal(&e.to_string()))?;
     let mut req = Map::new();
     let mut settings = Map::new();
@@ -148,9 +148,8 @@ fn request_from_form(fields: &[(String, String)]) -> WebResult<JobRequest> {
     serde_json::from_value(Value::Object(req)).map_err(|e| WebError::bad(format!("job request: {e}")))
 }
 
-async fn submit(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, Form(f): Form<Vec<(String, String)>>) -> WebResult<Response> {
-    let csrf = f.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v.as_str()).unwrap_or_default();
-    viewer.check_csrf(csrf)?;
+async fn submit(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, Form(f): Form<Fields>) -> WebResult<Response> {
+    viewer.check_csrf(field(&f, "csrf").unwrap_or_default())?;
     let p = s.project(&viewer.caller, &project).await?;
     let request = request_from_form(&f)?;
     let row = api::enqueue(&s, &p.id, request, 0).await?;
@@ -177,12 +176,6 @@ async fn events(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, j
     let p = s.project(&viewer.caller, &project).await?;
     let row = s.db.job(&p.id, &job).await?;
     Ok(api::event_stream(s, row.id, &headers).into_response())
-}
-
-#[derive(Deserialize)]
-struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 async fn cancel(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, job)): Path<(String, String)>, Form(f): Form<CsrfForm>) -> WebResult<Response> {
@@ -222,8 +215,8 @@ async fn report(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, j
         _ => None,
     }
     .map(std::path::PathBuf::from)
-    .ok_or_else(|| WebError { status: axum::http::StatusCode::NOT_FOUND, message: format!("job `{job}` wrote no report") })?;
-    let text = tokio::fs::read_to_string(&path).await.map_err(|_| WebError { status: axum::http::StatusCode::NOT_FOUND, message: "the report file is gone".into() })?;
+    .ok_or_else(|| WebError::not_found(format!("job `{job}` wrote no report")))?;
+    let text = tokio::fs::read_to_string(&path).await.map_err(|_| WebError::not_found("the report file is gone"))?;
     let report: Value = serde_json::from_str(&text).map_err(|e| WebError::internal(&format!("report.json: {e}")))?;
     let diffs = report["comparison"]["diffs"].as_array().cloned().unwrap_or_default();
     let delta = |d: &Value| d["candidate_score"].as_f64().unwrap_or(0.0) - d["baseline_score"].as_f64().unwrap_or(0.0);

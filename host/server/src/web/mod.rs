@@ -84,6 +84,22 @@ impl Viewer {
     }
 }
 
+/// A form that carries nothing but its CSRF token (sign out, cancel, revoke).
+#[derive(serde::Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    pub csrf: String,
+}
+
+/// A form's fields in the order the browser sent them (repeated names, such as a suite's
+/// scorers, stay a list).
+pub type Fields = Vec<(String, String)>;
+
+/// The first value of a form field, trimmed; `None` when absent or blank.
+pub fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim()).filter(|v| !v.is_empty())
+}
+
 /// An error page: the status and the message the API would give.
 #[derive(Debug)]
 pub struct WebError {
@@ -98,6 +114,10 @@ impl WebError {
 
     pub fn bad(message: impl Into<String>) -> Self {
         WebError { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        WebError { status: StatusCode::NOT_FOUND, message: message.into() }
     }
 }
 

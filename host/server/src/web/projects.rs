@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{Viewer, WebResult, frame, page_ctx, render, see_other};
+use super::{CsrfForm, Viewer, WebResult, frame, page_ctx, render, see_other};
 use crate::state::AppState;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -137,12 +137,6 @@ async fn create_token(State(s): State<Arc<AppState>>, viewer: Viewer, Form(f): F
     let tokens = s.db.tokens(&viewer.caller.team_id).await?;
     let ctx = minijinja::context! { tokens => tokens, current => viewer.caller.token_id, created => info, secret => secret.expose() };
     render("settings.html", page_ctx(frame(&viewer, None, "settings"), ctx))
-}
-
-#[derive(Deserialize)]
-struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 async fn revoke_token(State(s): State<Arc<AppState>>, viewer: Viewer, Path(token): Path<String>, Form(f): Form<CsrfForm>) -> WebResult<Response> {

@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
 
-use super::{Viewer, WebError, WebResult, render, see_other};
+use super::{CsrfForm, Viewer, WebError, WebResult, render, see_other};
 use crate::state::AppState;
 
 pub const SESSION_COOKIE: &str = "lathe_session";
@@ -68,12 +68,6 @@ async fn login(State(s): State<Arc<AppState>>, Form(f): Form<LoginForm>) -> WebR
     let mut response = see_other(local_path(f.next.as_deref()));
     response.headers_mut().insert(header::SET_COOKIE, cookie.parse().map_err(|_| WebError::internal("session cookie"))?);
     Ok(response)
-}
-
-#[derive(Deserialize)]
-struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 async fn logout(State(s): State<Arc<AppState>>, viewer: Viewer, headers: HeaderMap, Form(f): Form<CsrfForm>) -> WebResult<Response> {
