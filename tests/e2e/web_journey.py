@@ -220,12 +220,35 @@ def main(p):
         expect(step).to_have_class(re.compile("done"))
     shot("workflow")
 
-    # ---- settings: a token shown once ---------------------------------------------------
+    # ---- settings: a token shown once, a member with their first token -------------------
     page.goto(f"{base}/settings")
     page.fill("form[action='/settings/tokens'] input[name=name]", "ci")
     submit("form[action='/settings/tokens']")
     expect(page.locator("#new-token")).to_contain_text("lathe_")
+    page.fill("#add-member input[name=name]", "Ana")
+    submit("#add-member")
+    expect(page.locator(".notice")).to_contain_text("Ana is a member now")
+    ana_token = page.locator("#new-token").inner_text().strip()
+    expect(page.locator("#members tr[data-member='Ana']")).to_contain_text("1 active")
     shot("settings")
+    # Ana signs in elsewhere: she works in the projects but cannot manage the team.
+    ana = browser.new_context()
+    ap = ana.new_page()
+    CURRENT.append(ap)
+    ap.goto(f"{base}/login")
+    ap.fill("input[name=token]", ana_token)
+    with ap.expect_navigation():
+        ap.click("button:has-text('Sign in')")
+    expect(ap.locator("main")).to_contain_text("invoices")
+    ap.goto(f"{base}/settings")
+    expect(ap.locator("main")).to_contain_text("Only the team's owners add or remove members")
+    assert ap.locator("#add-member").count() == 0
+    CURRENT.pop()
+    ana.close()
+    # Removing her signs her out.
+    with page.expect_navigation():
+        page.locator("#members tr[data-member='Ana'] button:has-text('Remove')").click()
+    expect(page.locator("#members")).not_to_contain_text("Ana")
 
     # ---- one form with the keyboard alone -------------------------------------------------
     page.goto(f"{base}/projects")

@@ -39,6 +39,8 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(get_settings, put_settings))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
+        .routes(routes!(list_members, create_member))
+        .routes(routes!(update_member, remove_member))
         .routes(routes!(create_team))
         .routes(routes!(list_files, upload_file))
         .routes(routes!(get_file))
@@ -123,16 +125,93 @@ async fn list_tokens(State(s): State<Arc<AppState>>, caller: Caller) -> ApiResul
     Ok(Json(json!({"data": s.db.tokens(&caller.team_id).await?})))
 }
 
-/// A new token for the caller's team; the response is the only time its secret is shown.
+/// A new token for the caller's team, held by the caller's member (a team token makes a
+/// team token); the response is the only time its secret is shown.
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = NewToken, responses((status = 201, description = "the token, with its secret shown once")))]
 async fn create_token(State(s): State<Arc<AppState>>, caller: Caller, Json(t): Json<NewToken>) -> ApiResult<(StatusCode, Json<Value>)> {
-    let (info, secret) = s.db.create_token(&caller.team_id, &t.name, false).await?;
+    let (info, secret) = new_token(&s, &caller, &t.name).await?;
     Ok((StatusCode::CREATED, Json(json!({"token": secret.expose(), "info": info}))))
 }
 
-#[utoipa::path(delete, path = "/api/v1/tokens/{token}", params(("token" = String, Path)), responses((status = 204, description = "revoked")))]
+/// A new token held by the caller's member (or the team, for a team token).
+pub async fn new_token(s: &AppState, caller: &Caller, name: &str) -> ApiResult<(lathe_store::TokenInfo, lathe_store::Secret)> {
+    check_name(name, "token name")?;
+    Ok(s.db.create_token(&caller.team_id, caller.member_id.as_deref(), name, false).await?)
+}
+
+/// Revokes a token: owners and team tokens may revoke any of the team's tokens, a member
+/// only their own.
+#[utoipa::path(delete, path = "/api/v1/tokens/{token}", params(("token" = String, Path)), responses((status = 204, description = "revoked"), (status = 403, description = "another member's token, and the caller is not an owner")))]
 async fn revoke_token(State(s): State<Arc<AppState>>, caller: Caller, Path(token): Path<String>) -> ApiResult<StatusCode> {
-    s.db.revoke_token(&caller.team_id, &token).await?;
+    revoke(&s, &caller, &token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn revoke(s: &AppState, caller: &Caller, token_id: &str) -> ApiResult<()> {
+    let token = s.db.token(&caller.team_id, token_id).await?;
+    let own = token.member_id.is_some() && token.member_id == caller.member_id;
+    if !own && token.id != caller.token_id {
+        caller.require_team_manager()?;
+    }
+    s.db.revoke_token(&caller.team_id, token_id).await?;
+    Ok(())
+}
+
+/// The team's members, removed ones included (with `removed_at`).
+#[utoipa::path(get, path = "/api/v1/members", responses((status = 200, description = "members")))]
+async fn list_members(State(s): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"data": s.db.members(&caller.team_id).await?})))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMember {
+    pub name: String,
+    /// `owner` or `member` (the default).
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    lathe_store::MEMBER.to_string()
+}
+
+/// Adds a member (owners and team tokens only) and returns their first token, shown once:
+/// it is how they sign in.
+#[utoipa::path(post, path = "/api/v1/members", request_body = NewMember, responses((status = 201, description = "the member and their first token"), (status = 403, description = "the caller is not an owner"), (status = 409, description = "an active member has that name")))]
+async fn create_member(State(s): State<Arc<AppState>>, caller: Caller, Json(m): Json<NewMember>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let (member, secret) = add_member(&s, &caller, &m.name, &m.role).await?;
+    Ok((StatusCode::CREATED, Json(json!({"member": member, "token": secret.expose()}))))
+}
+
+pub async fn add_member(s: &AppState, caller: &Caller, name: &str, role: &str) -> ApiResult<(lathe_store::Member, lathe_store::Secret)> {
+    caller.require_team_manager()?;
+    check_name(name, "member name")?;
+    let member = s.db.create_member(&caller.team_id, name, role).await?;
+    let (_, secret) = s.db.create_token(&caller.team_id, Some(&member.id), &format!("{name} (first)"), false).await?;
+    Ok((member, secret))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberUpdate {
+    /// `owner` or `member`.
+    pub role: String,
+}
+
+/// Changes a member's role (owners and team tokens only); a team keeps at least one owner.
+#[utoipa::path(patch, path = "/api/v1/members/{member}", params(("member" = String, Path)), request_body = MemberUpdate, responses((status = 200, description = "the member"), (status = 403, description = "the caller is not an owner"), (status = 409, description = "the team's last owner")))]
+async fn update_member(State(s): State<Arc<AppState>>, caller: Caller, Path(member): Path<String>, Json(u): Json<MemberUpdate>) -> ApiResult<Json<Value>> {
+    caller.require_team_manager()?;
+    Ok(Json(json!(s.db.set_member_role(&caller.team_id, &member, &u.role).await?)))
+}
+
+/// Removes a member (owners and team tokens only) and revokes their tokens, which signs
+/// their browsers out; a team keeps at least one owner.
+#[utoipa::path(delete, path = "/api/v1/members/{member}", params(("member" = String, Path)), responses((status = 204, description = "removed"), (status = 403, description = "the caller is not an owner"), (status = 409, description = "the team's last owner")))]
+async fn remove_member(State(s): State<Arc<AppState>>, caller: Caller, Path(member): Path<String>) -> ApiResult<StatusCode> {
+    caller.require_team_manager()?;
+    s.db.remove_member(&caller.team_id, &member).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -142,7 +221,7 @@ pub struct NewTeam {
     pub name: String,
 }
 
-/// A new team and its first token (admin tokens only).
+/// A new team and its first token, a team token (admin tokens only).
 #[utoipa::path(post, path = "/api/v1/teams", request_body = NewTeam, responses((status = 201, description = "the team and its first token")))]
 async fn create_team(State(s): State<Arc<AppState>>, caller: Caller, Json(t): Json<NewTeam>) -> ApiResult<(StatusCode, Json<Value>)> {
     if !caller.admin {
@@ -150,7 +229,7 @@ async fn create_team(State(s): State<Arc<AppState>>, caller: Caller, Json(t): Js
     }
     check_name(&t.name, "team name")?;
     let team = s.db.create_team(&t.name).await?;
-    let (_, secret) = s.db.create_token(&team.id, "first", false).await?;
+    let (_, secret) = s.db.create_token(&team.id, None, "first", false).await?;
     Ok((StatusCode::CREATED, Json(json!({"team": team, "token": secret.expose()}))))
 }
 

@@ -28,7 +28,7 @@ pub async fn run(state: &Arc<AppState>, spec: DemoSpec, sink: &dyn Sink) -> ApiR
     state.db.ensure_admin().await?;
     let teams = state.db.teams().await?;
     let team = teams.iter().find(|t| t.name == "admin").or(teams.first()).ok_or_else(|| ApiError::Internal("no team".into()))?;
-    let (_, token) = state.db.create_token(&team.id, "lathe demo", true).await?;
+    let (_, token) = state.db.create_token(&team.id, None, "lathe demo", true).await?;
     let project = state.db.create_project(&team.id, "invoices-demo", "the demo: invoice fields from SmolLM2, prompted vs fine-tuned").await?;
     let mut suite = lathe_jobs::invoices::invoice_suite();
     if spec.zero_shot_only {

@@ -15,6 +15,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid API token: send `Authorization: Bearer lathe_…`")]
     Unauthorized,
+    /// Authenticated, but the token's role does not allow it.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -40,6 +43,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -51,6 +55,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => "invalid_request_error",
             Self::Unauthorized => "authentication_error",
+            Self::Forbidden(_) => "permission_error",
             Self::NotFound(_) => "not_found_error",
             Self::Conflict(_) => "conflict_error",
             Self::TooLarge(_) => "invalid_request_error",
@@ -77,6 +82,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { .. } => Self::NotFound(e.to_string()),
             StoreError::Conflict(m) => Self::Conflict(m),
+            StoreError::Invalid(_) => Self::BadRequest(e.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }

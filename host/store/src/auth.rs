@@ -61,6 +61,19 @@ pub struct TokenInfo {
     pub created_at: i64,
     pub last_used_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    /// The member it belongs to; `None` for a team token (see [`TokenInfo::manages_team`]).
+    pub member_id: Option<String>,
+    pub member_name: Option<String>,
+    /// The member's role, `owner` or `member`.
+    pub role: Option<String>,
+}
+
+impl TokenInfo {
+    /// Whether this token may manage the team's members and revoke any of its tokens: an
+    /// owner's token or a team token (a team's first token, made before it had members).
+    pub fn manages_team(&self) -> bool {
+        crate::members::manages_team(self.member_id.as_deref(), self.role.as_deref())
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -70,9 +83,15 @@ struct StoredToken {
     secret_sha256: String,
 }
 
-macro_rules! token_columns {
-    () => {
-        "id, team_id, name, admin, created_at, last_used_at, revoked_at"
+/// Selects the columns of a [`TokenInfo`] (plus `extra`), from `api_tokens t` joined with
+/// its member `m`.
+macro_rules! token_select {
+    ($($extra:literal)?) => {
+        concat!(
+            "SELECT t.id, t.team_id, t.name, t.admin, t.created_at, t.last_used_at, t.revoked_at, \
+             t.member_id, m.name AS member_name, m.role", $(", ", $extra,)?
+            " FROM api_tokens t LEFT JOIN members m ON m.id = t.member_id"
+        )
     };
 }
 
@@ -117,14 +136,24 @@ impl Db {
         Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)
     }
 
-    /// Creates a token for a team and returns it whole, the only time it is ever available:
-    /// the database keeps the hash of its secret.
+    /// Creates a token for a team, held by one of its members or (with `member_id` `None`)
+    /// by the team itself, and returns it whole, the only time it is ever available: the
+    /// database keeps the hash of its secret. `NotFound` for a member that is not an active
+    /// member of the team.
     pub async fn create_token(
         &self,
         team_id: &str,
+        member_id: Option<&str>,
         name: &str,
         admin: bool,
     ) -> Result<(TokenInfo, Secret)> {
+        let member = match member_id {
+            Some(id) => Some(self.member(team_id, id).await?),
+            None => None,
+        };
+        if let Some(m) = member.as_ref().filter(|m| m.removed_at.is_some()) {
+            return Err(StoreError::not_found("member", &m.id));
+        }
         let id = random_lower_alnum(TOKEN_ID_LEN);
         let secret: String = rand::rng()
             .sample_iter(Alphanumeric)
@@ -139,9 +168,12 @@ impl Db {
             created_at: now_ms(),
             last_used_at: None,
             revoked_at: None,
+            member_id: member.as_ref().map(|m| m.id.clone()),
+            member_name: member.as_ref().map(|m| m.name.clone()),
+            role: member.map(|m| m.role),
         };
-        let sql = "INSERT INTO api_tokens (id, team_id, name, secret_sha256, admin, created_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6)";
+        let sql = "INSERT INTO api_tokens (id, team_id, name, secret_sha256, admin, created_at, member_id) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)";
         on_pool!(self, p => sqlx::query(sql)
             .bind(&info.id)
             .bind(&info.team_id)
@@ -149,6 +181,7 @@ impl Db {
             .bind(secret_sha256(&secret))
             .bind(info.admin)
             .bind(info.created_at)
+            .bind(&info.member_id)
             .execute(p)
             .await.map(|r| r.rows_affected()))
         .map_err(|e| {
@@ -174,11 +207,7 @@ impl Db {
         let Some((id, secret)) = parse_token(token) else {
             return Ok(None);
         };
-        let sql = concat!(
-            "SELECT ",
-            token_columns!(),
-            ", secret_sha256 FROM api_tokens WHERE id = $1"
-        );
+        let sql = concat!(token_select!("t.secret_sha256"), " WHERE t.id = $1");
         let stored: Option<StoredToken> =
             on_pool!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await)?;
         let Some(stored) = stored else {
@@ -216,9 +245,8 @@ impl Db {
     /// A team's tokens, oldest first, revoked ones included (with `revoked_at`).
     pub async fn tokens(&self, team_id: &str) -> Result<Vec<TokenInfo>> {
         let sql = concat!(
-            "SELECT ",
-            token_columns!(),
-            " FROM api_tokens WHERE team_id = $1 ORDER BY created_at, id"
+            token_select!(),
+            " WHERE t.team_id = $1 ORDER BY t.created_at, t.id"
         );
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(team_id).fetch_all(p).await)?)
     }
@@ -226,11 +254,18 @@ impl Db {
     /// Revokes a token of this team for good; revoking it again keeps the first time.
     /// `NotFound` when the team has no such token.
     pub async fn revoke_token(&self, team_id: &str, token_id: &str) -> Result<TokenInfo> {
-        let sql = concat!(
-            "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $3) WHERE id = $1 AND team_id = $2 RETURNING ",
-            token_columns!()
-        );
-        let row: Option<TokenInfo> = on_pool!(self, p => sqlx::query_as(sql).bind(token_id).bind(team_id).bind(now_ms()).fetch_optional(p).await)?;
+        let sql = "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $3) WHERE id = $1 AND team_id = $2";
+        let revoked = on_pool!(self, p => sqlx::query(sql).bind(token_id).bind(team_id).bind(now_ms()).execute(p).await.map(|r| r.rows_affected()))?;
+        if revoked == 0 {
+            return Err(StoreError::not_found("token", token_id));
+        }
+        self.token(team_id, token_id).await
+    }
+
+    /// One of the team's tokens; `NotFound` when it has no such token.
+    pub async fn token(&self, team_id: &str, token_id: &str) -> Result<TokenInfo> {
+        let sql = concat!(token_select!(), " WHERE t.id = $1 AND t.team_id = $2");
+        let row: Option<TokenInfo> = on_pool!(self, p => sqlx::query_as(sql).bind(token_id).bind(team_id).fetch_optional(p).await)?;
         row.ok_or_else(|| StoreError::not_found("token", token_id))
     }
 
@@ -248,7 +283,7 @@ impl Db {
             Err(e) => return Err(e),
         };
         let (_, token) = self
-            .create_token(&team.id, "admin (first start)", true)
+            .create_token(&team.id, None, "admin (first start)", true)
             .await?;
         Ok(Some(token))
     }

@@ -1,6 +1,6 @@
 //! Lathe's persistent state.
 //!
-//! - [`Db`]: metadata (teams, API tokens, projects, files, plugins, eval suites) and the job
+//! - [`Db`]: metadata (teams, their members and API tokens, projects, files, plugins, eval suites) and the job
 //!   table with leases, on SQLite (the embedded default: one file, nothing to run) or on
 //!   PostgreSQL (several servers and workers sharing one state). The SQL is written once
 //!   where both dialects agree, which is almost everywhere; the few places that differ (the
@@ -16,6 +16,7 @@ mod artifacts;
 mod auth;
 mod error;
 mod jobs;
+mod members;
 mod projects;
 mod sessions;
 
@@ -34,6 +35,7 @@ pub use artifacts::{ArtifactStore, LocalArtifacts};
 pub use auth::{Secret, Team, TokenInfo};
 pub use error::{Result, StoreError};
 pub use jobs::{JobEvent, JobRow, JobState, JobTiming, Lease, NewJob};
+pub use members::{MEMBER, Member, OWNER, ROLES};
 pub use projects::{FileRow, NewFile, NewPlugin, PluginRow, Project, SuiteRow};
 pub use sessions::{SESSION_TTL_MS, WebSession};
 

@@ -19,8 +19,17 @@ pub struct WebSession {
     pub token_id: String,
     pub team_id: String,
     pub admin: bool,
+    pub member_id: Option<String>,
+    pub role: Option<String>,
     pub csrf: String,
     pub expires_at: i64,
+}
+
+impl WebSession {
+    /// Whether the signed-in token may manage the team (see [`crate::TokenInfo::manages_team`]).
+    pub fn manages_team(&self) -> bool {
+        crate::members::manages_team(self.member_id.as_deref(), self.role.as_deref())
+    }
 }
 
 fn digest(secret: &str) -> String {
@@ -49,8 +58,9 @@ impl Db {
     /// The session a cookie names, if it exists, has not expired and its token is not
     /// revoked.
     pub async fn session(&self, secret: &str) -> Result<Option<WebSession>> {
-        let sql = "SELECT s.token_id, t.team_id, t.admin, s.csrf, s.expires_at FROM web_sessions s \
-                   JOIN api_tokens t ON t.id = s.token_id \
+        let sql = "SELECT s.token_id, t.team_id, t.admin, t.member_id, m.role, s.csrf, s.expires_at \
+                   FROM web_sessions s JOIN api_tokens t ON t.id = s.token_id \
+                   LEFT JOIN members m ON m.id = t.member_id \
                    WHERE s.secret_sha256 = $1 AND s.expires_at > $2 AND t.revoked_at IS NULL";
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(digest(secret)).bind(now_ms()).fetch_optional(p).await)?)
     }

@@ -175,7 +175,7 @@ async fn seed(
 ) -> Result<(String, Vec<(&'static str, String)>)> {
     let db = &state.db;
     let team = db.create_team(&unique_name()).await?;
-    let (_, secret) = db.create_token(&team.id, "bench", false).await?;
+    let (_, secret) = db.create_token(&team.id, None, "bench", false).await?;
     let project = db
         .create_project(&team.id, "bench", "read endpoints under load")
         .await?;

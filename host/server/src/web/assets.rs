@@ -2,15 +2,11 @@
 //! binary. Their names carry no version, so they are revalidated (`no-cache` with an
 //! `ETag` from the build) rather than cached forever.
 
-use std::sync::Arc;
-
-use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 
-use crate::state::AppState;
+use super::Pages;
 
 macro_rules! assets {
     ($($name:literal => $mime:literal),* $(,)?) => {
@@ -26,8 +22,9 @@ const ASSETS: &[(&str, &str, &[u8])] = assets!(
     "vendor/uPlot.min.css" => "text/css; charset=utf-8",
 );
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new().route("/static/{*path}", get(asset))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/static/{*path}", asset)
 }
 
 async fn asset(Path(path): Path<String>, headers: HeaderMap) -> Response {

@@ -5,23 +5,25 @@ use std::sync::Arc;
 
 use axum::extract::{Multipart, Path, Query, State};
 use axum::response::{Html, Response};
-use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::Form;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
+use super::{Pages, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api::{self, JobRequest};
 use crate::state::AppState;
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/projects/{project}/datasets", get(datasets).post(upload_dataset))
-        .route("/projects/{project}/datasets/{version}", get(dataset))
-        .route("/projects/{project}/files/{file}/import", get(import_page).post(import))
-        .route("/projects/{project}/plugins", get(plugins).post(upload_plugin))
-        .route("/projects/{project}/plugins/{plugin}", get(plugin))
-        .route("/projects/{project}/plugins/{plugin}/try", post(try_plugin))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/projects/{project}/datasets", datasets)
+        .post("/projects/{project}/datasets", upload_dataset)
+        .get("/projects/{project}/datasets/{version}", dataset)
+        .get("/projects/{project}/files/{file}/import", import_page)
+        .post("/projects/{project}/files/{file}/import", import)
+        .get("/projects/{project}/plugins", plugins)
+        .post("/projects/{project}/plugins", upload_plugin)
+        .get("/projects/{project}/plugins/{plugin}", plugin)
+        .post("/projects/{project}/plugins/{plugin}/try", try_plugin)
 }
 
 async fn datasets(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {

@@ -6,21 +6,21 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::response::{Html, Response};
-use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::Form;
 use lathe_jobs::eval::{Item, PromptTemplate, render_messages};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::data::plugin_choices;
-use super::{Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
+use super::{Pages, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api;
 use crate::state::AppState;
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/projects/{project}/suites", get(suites).post(save))
-        .route("/projects/{project}/suites/preview", post(preview))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/projects/{project}/suites", suites)
+        .post("/projects/{project}/suites", save)
+        .post("/projects/{project}/suites/preview", preview)
 }
 
 async fn suites(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {

@@ -7,27 +7,27 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::Form;
 use lathe_jobs::settings::TrainSettings;
 use lathe_store::JobRow;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::data::plugin_choices;
-use super::{CsrfForm, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
+use super::{Pages, CsrfForm, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api::{self, JobRequest};
 use crate::state::AppState;
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/projects/{project}/jobs", get(jobs).post(submit))
-        .route("/projects/{project}/jobs/table", get(table))
-        .route("/projects/{project}/jobs/{job}", get(job))
-        .route("/projects/{project}/jobs/{job}/events", get(events))
-        .route("/projects/{project}/jobs/{job}/cancel", post(cancel))
-        .route("/projects/{project}/jobs/{job}/artifacts/{name}", get(artifact))
-        .route("/projects/{project}/jobs/{job}/report", get(report))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/projects/{project}/jobs", jobs)
+        .post("/projects/{project}/jobs", submit)
+        .get("/projects/{project}/jobs/table", table)
+        .get("/projects/{project}/jobs/{job}", job)
+        .get("/projects/{project}/jobs/{job}/events", events)
+        .post("/projects/{project}/jobs/{job}/cancel", cancel)
+        .get("/projects/{project}/jobs/{job}/artifacts/{name}", artifact)
+        .get("/projects/{project}/jobs/{job}/report", report)
 }
 
 #[derive(Deserialize)]

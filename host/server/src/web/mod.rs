@@ -22,6 +22,8 @@ mod session;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::handler::Handler;
+use axum::routing::MethodRouter;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -36,14 +38,44 @@ use crate::state::AppState;
 pub use session::SESSION_COOKIE;
 
 pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .merge(session::routes())
-        .merge(projects::routes())
-        .merge(data::routes())
-        .merge(eval::routes())
-        .merge(jobs::routes())
-        .merge(models::routes())
-        .merge(assets::routes())
+    pages().router
+}
+
+/// Every page and form route, as `(method, path)`: what the cross-team test calls, so a new
+/// page cannot be left out of it.
+pub fn route_list() -> Vec<(&'static str, &'static str)> {
+    pages().list
+}
+
+fn pages() -> Pages {
+    [session::routes, projects::routes, data::routes, eval::routes, jobs::routes, models::routes, assets::routes]
+        .into_iter()
+        .fold(Pages::default(), |all, module| module(all))
+}
+
+/// The web routes being registered, and a list of them that tests can read (axum's router
+/// does not tell its routes).
+#[derive(Default)]
+pub struct Pages {
+    router: Router<Arc<AppState>>,
+    list: Vec<(&'static str, &'static str)>,
+}
+
+impl Pages {
+    pub fn get<H: Handler<T, Arc<AppState>>, T: 'static>(self, path: &'static str, handler: H) -> Pages {
+        self.add("GET", path, axum::routing::get(handler))
+    }
+
+    pub fn post<H: Handler<T, Arc<AppState>>, T: 'static>(self, path: &'static str, handler: H) -> Pages {
+        self.add("POST", path, axum::routing::post(handler))
+    }
+
+    fn add(mut self, method: &'static str, path: &'static str, route: MethodRouter<Arc<AppState>>) -> Pages {
+        // A second method on a path already routed joins its method router.
+        self.router = self.router.route(path, route);
+        self.list.push((method, path));
+        self
+    }
 }
 
 /// The signed-in user of a page: the team the session's token belongs to, and the CSRF
@@ -62,7 +94,10 @@ impl FromRequestParts<Arc<AppState>> for Viewer {
             None => None,
         };
         match session {
-            Some(s) => Ok(Viewer { caller: Caller { team_id: s.team_id, token_id: s.token_id, admin: s.admin }, csrf: s.csrf }),
+            Some(s) => {
+                let caller = Caller { manages_team: s.manages_team(), team_id: s.team_id, token_id: s.token_id, admin: s.admin, member_id: s.member_id };
+                Ok(Viewer { caller, csrf: s.csrf })
+            }
             None => {
                 let next = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 let target = format!("/login?next={}", urlencode(next));

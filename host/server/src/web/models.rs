@@ -6,15 +6,14 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::response::Html;
-use axum::routing::get;
-use axum::Router;
 use serde_json::{Value, json};
 
-use super::{Viewer, WebResult, frame, page_ctx, render};
+use super::{Pages, Viewer, WebResult, frame, page_ctx, render};
 use crate::state::AppState;
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new().route("/projects/{project}/models", get(models))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/projects/{project}/models", models)
 }
 
 async fn models(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {

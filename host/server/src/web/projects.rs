@@ -4,20 +4,24 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::response::{Html, Response};
-use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::Form;
 use serde::{Deserialize, Serialize};
 
-use super::{CsrfForm, Viewer, WebResult, frame, page_ctx, render, see_other};
+use super::{Pages, CsrfForm, Viewer, WebResult, frame, page_ctx, render, see_other};
+use crate::api;
 use crate::state::AppState;
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/projects", get(list).post(create))
-        .route("/projects/{project}", get(home))
-        .route("/settings", get(settings))
-        .route("/settings/tokens", post(create_token))
-        .route("/settings/tokens/{token}/revoke", post(revoke_token))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/projects", list)
+        .post("/projects", create)
+        .get("/projects/{project}", home)
+        .get("/settings", settings)
+        .post("/settings/tokens", create_token)
+        .post("/settings/tokens/{token}/revoke", revoke_token)
+        .post("/settings/members", add_member)
+        .post("/settings/members/{member}/role", set_role)
+        .post("/settings/members/{member}/remove", remove_member)
 }
 
 async fn list(State(s): State<Arc<AppState>>, viewer: Viewer) -> WebResult<Html<String>> {
@@ -118,8 +122,19 @@ async fn home(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Pat
 }
 
 async fn settings(State(s): State<Arc<AppState>>, viewer: Viewer) -> WebResult<Html<String>> {
-    let tokens = s.db.tokens(&viewer.caller.team_id).await?;
-    render("settings.html", page_ctx(frame(&viewer, None, "settings"), minijinja::context! { tokens => tokens, current => viewer.caller.token_id }))
+    settings_page(&s, &viewer, minijinja::context! {}).await
+}
+
+/// The settings page; `extra` carries a secret shown once (`created`, `secret`, `for_member`).
+async fn settings_page(s: &AppState, viewer: &Viewer, extra: minijinja::Value) -> WebResult<Html<String>> {
+    let team = &viewer.caller.team_id;
+    let (tokens, members) = (s.db.tokens(team).await?, s.db.members(team).await?);
+    let ctx = minijinja::context! {
+        tokens => tokens, members => members, roles => lathe_store::ROLES,
+        current => viewer.caller.token_id, me => viewer.caller.member_id, manages => viewer.caller.manages_team,
+        ..extra
+    };
+    render("settings.html", page_ctx(frame(viewer, None, "settings"), ctx))
 }
 
 #[derive(Deserialize)]
@@ -132,15 +147,43 @@ struct NewTokenForm {
 /// A new token, shown once on the page that answers the form.
 async fn create_token(State(s): State<Arc<AppState>>, viewer: Viewer, Form(f): Form<NewTokenForm>) -> WebResult<Html<String>> {
     viewer.check_csrf(&f.csrf)?;
-    crate::api::check_name(f.name.trim(), "token name")?;
-    let (info, secret) = s.db.create_token(&viewer.caller.team_id, f.name.trim(), false).await?;
-    let tokens = s.db.tokens(&viewer.caller.team_id).await?;
-    let ctx = minijinja::context! { tokens => tokens, current => viewer.caller.token_id, created => info, secret => secret.expose() };
-    render("settings.html", page_ctx(frame(&viewer, None, "settings"), ctx))
+    let (info, secret) = api::new_token(&s, &viewer.caller, f.name.trim()).await?;
+    settings_page(&s, &viewer, minijinja::context! { created => info.name, secret => secret.expose() }).await
 }
 
 async fn revoke_token(State(s): State<Arc<AppState>>, viewer: Viewer, Path(token): Path<String>, Form(f): Form<CsrfForm>) -> WebResult<Response> {
     viewer.check_csrf(&f.csrf)?;
-    s.db.revoke_token(&viewer.caller.team_id, &token).await?;
+    api::revoke(&s, &viewer.caller, &token).await?;
+    Ok(see_other("/settings"))
+}
+
+#[derive(Deserialize)]
+struct MemberForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    role: String,
+}
+
+/// A new member; their first token is shown once, to be handed to them.
+async fn add_member(State(s): State<Arc<AppState>>, viewer: Viewer, Form(f): Form<MemberForm>) -> WebResult<Html<String>> {
+    viewer.check_csrf(&f.csrf)?;
+    let (member, secret) = api::add_member(&s, &viewer.caller, f.name.trim(), &f.role).await?;
+    let created = format!("{} (first)", member.name);
+    settings_page(&s, &viewer, minijinja::context! { created => created, secret => secret.expose(), for_member => member.name }).await
+}
+
+async fn set_role(State(s): State<Arc<AppState>>, viewer: Viewer, Path(member): Path<String>, Form(f): Form<MemberForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    viewer.caller.require_team_manager()?;
+    s.db.set_member_role(&viewer.caller.team_id, &member, &f.role).await?;
+    Ok(see_other("/settings"))
+}
+
+async fn remove_member(State(s): State<Arc<AppState>>, viewer: Viewer, Path(member): Path<String>, Form(f): Form<CsrfForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    viewer.caller.require_team_manager()?;
+    s.db.remove_member(&viewer.caller.team_id, &member).await?;
     Ok(see_other("/settings"))
 }

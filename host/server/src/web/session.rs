@@ -5,20 +5,20 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::Form;
 use serde::Deserialize;
 
-use super::{CsrfForm, Viewer, WebError, WebResult, render, see_other};
+use super::{Pages, CsrfForm, Viewer, WebError, WebResult, render, see_other};
 use crate::state::AppState;
 
 pub const SESSION_COOKIE: &str = "lathe_session";
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/", get(|| async { see_other("/projects") }))
-        .route("/login", get(login_page).post(login))
-        .route("/logout", post(logout))
+pub fn routes(pages: Pages) -> Pages {
+    pages
+        .get("/", || async { see_other("/projects") })
+        .get("/login", login_page)
+        .post("/login", login)
+        .post("/logout", logout)
 }
 
 /// The session secret in the request's cookies, if any.

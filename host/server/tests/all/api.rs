@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::{Server, team_with_project, words_jsonl, words_suite};
 
-crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced);
+crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles);
 
 async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (token, project) = team_with_project(&s, "acme").await;
@@ -187,6 +187,58 @@ async fn tokens_and_limits_are_enforced(s: Server) {
     let (status, bad) = s.call(Method::POST, &format!("/api/v1/projects/{project}/jobs"), Some(&token), Some(json!({"kind": "train", "modle": "tiny"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(bad["error"]["message"].as_str().unwrap().contains("modle"), "{bad}");
+}
+
+async fn members_and_their_roles(s: Server) {
+    let (team, _) = team_with_project(&s, "clinic").await;
+    let s = &s;
+    let call = |method: Method, uri: String, token: &str, body: Option<serde_json::Value>| {
+        let token = token.to_string();
+        async move { s.call(method, &uri, Some(&token), body).await }
+    };
+    // The team's first token adds an owner and a member; each gets a first token, once.
+    let (status, ana) = call(Method::POST, "/api/v1/members".into(), &team, Some(json!({"name": "Ana", "role": "owner"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{ana}");
+    let (status, bo) = call(Method::POST, "/api/v1/members".into(), &team, Some(json!({"name": "Bo"}))).await;
+    assert_eq!((status, bo["member"]["role"].as_str()), (StatusCode::CREATED, Some("member")), "{bo}");
+    let (ana_id, ana_token) = (ana["member"]["id"].as_str().unwrap(), ana["token"].as_str().unwrap());
+    let (bo_id, bo_token) = (bo["member"]["id"].as_str().unwrap(), bo["token"].as_str().unwrap());
+    let (status, bad) = call(Method::POST, "/api/v1/members".into(), &team, Some(json!({"name": "Cy", "role": "root"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad["error"]["message"].as_str().unwrap().contains("role `root`"), "{bad}");
+    let (status, _) = call(Method::POST, "/api/v1/members".into(), &team, Some(json!({"name": "Bo"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // A member works in the team's projects but manages neither members nor others' tokens.
+    assert_eq!(call(Method::GET, "/api/v1/projects".into(), bo_token, None).await.0, StatusCode::OK);
+    let (status, refused) = call(Method::POST, "/api/v1/members".into(), bo_token, Some(json!({"name": "Eve", "role": "owner"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("owners"), "{refused}");
+    assert_eq!(call(Method::PATCH, format!("/api/v1/members/{bo_id}"), bo_token, Some(json!({"role": "owner"}))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(call(Method::DELETE, format!("/api/v1/members/{ana_id}"), bo_token, None).await.0, StatusCode::FORBIDDEN);
+    let (_, tokens) = call(Method::GET, "/api/v1/tokens".into(), bo_token, None).await;
+    let team_token_id = tokens["data"].as_array().unwrap().iter().find(|t| t["member_id"].is_null()).unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(call(Method::DELETE, format!("/api/v1/tokens/{team_token_id}"), bo_token, None).await.0, StatusCode::FORBIDDEN);
+    // A token Bo makes is Bo's, and Bo may revoke it.
+    let (status, laptop) = call(Method::POST, "/api/v1/tokens".into(), bo_token, Some(json!({"name": "laptop"}))).await;
+    assert_eq!((status, laptop["info"]["member_name"].as_str()), (StatusCode::CREATED, Some("Bo")), "{laptop}");
+    let laptop_id = laptop["info"]["id"].as_str().unwrap();
+    assert_eq!(call(Method::DELETE, format!("/api/v1/tokens/{laptop_id}"), bo_token, None).await.0, StatusCode::NO_CONTENT);
+
+    // An owner's token manages; the last owner is kept.
+    let (status, promoted) = call(Method::PATCH, format!("/api/v1/members/{bo_id}"), ana_token, Some(json!({"role": "owner"}))).await;
+    assert_eq!((status, promoted["role"].as_str()), (StatusCode::OK, Some("owner")), "{promoted}");
+    assert_eq!(call(Method::PATCH, format!("/api/v1/members/{ana_id}"), bo_token, Some(json!({"role": "member"}))).await.0, StatusCode::OK);
+    let (status, kept) = call(Method::DELETE, format!("/api/v1/members/{bo_id}"), &team, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{kept}");
+    assert!(kept["error"]["message"].as_str().unwrap().contains("last owner"), "{kept}");
+
+    // Removing a member revokes their tokens.
+    assert_eq!(call(Method::DELETE, format!("/api/v1/members/{ana_id}"), bo_token, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(Method::GET, "/api/v1/projects".into(), ana_token, None).await.0, StatusCode::UNAUTHORIZED);
+    let (_, members) = call(Method::GET, "/api/v1/members".into(), &team, None).await;
+    let listed: Vec<_> = members["data"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap(), m["removed_at"].is_i64())).collect();
+    assert_eq!(listed, [("Ana", true), ("Bo", false)]);
 }
 
 fn raw_post(uri: &str, token: &str, body: Vec<u8>) -> Request<Body> {

@@ -1,6 +1,7 @@
 //! The service through HTTP, on SQLite and on PostgreSQL: the router is called in-process
 //! (`oneshot`), a real worker runs the real pipelines on a tiny model with the real
-//! plugins, and every route answered is one the OpenAPI document lists.
+//! plugins, and every route answered is one the OpenAPI document lists; every web page
+//! is checked against another team's session.
 
 // The store's own harness; the server's tests use only part of it.
 #[allow(dead_code)]
@@ -10,6 +11,7 @@ mod harness;
 mod api;
 mod openai;
 mod sweep;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;

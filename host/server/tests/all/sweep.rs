@@ -5,7 +5,7 @@
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{Server, team_with_project, words_jsonl, words_suite};
 
@@ -20,6 +20,8 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
     s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words"), Some(&a), Some(words_suite("exact-match"))).await;
     let (_, tokens) = s.call(Method::GET, "/api/v1/tokens", Some(&a), None).await;
     let a_token_id = tokens["data"][0]["id"].as_str().unwrap().to_string();
+    let (_, member) = s.call(Method::POST, "/api/v1/members", Some(&a), Some(json!({"name": "Ana"}))).await;
+    let ids = Ids { project: &project, job: job["id"].as_str().unwrap(), file: file["id"].as_str().unwrap(), token: &a_token_id, member: member["member"]["id"].as_str().unwrap() };
 
     let (status, doc) = s.call(Method::GET, "/api/v1/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -30,7 +32,7 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
         for method in ops.as_object().unwrap().keys() {
             let method: Method = method.to_uppercase().parse().unwrap();
             // No token: refused before anything is read.
-            let uri = fill(template, &project, &job, &file, &a_token_id);
+            let uri = ids.fill(template);
             let (status, body) = s.send(request(&method, &uri, None, None)).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} without a token: {body}");
 
@@ -42,7 +44,7 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
             } else {
                 // The caller's own lists: nothing of the first team in them.
                 let text = body.to_string();
-                for id in [&project, job["id"].as_str().unwrap(), file["id"].as_str().unwrap()] {
+                for id in [ids.project, ids.job, ids.file, ids.member] {
                     assert!(!text.contains(id), "{method} {uri} shows another team's {id}: {text}");
                 }
             }
@@ -52,20 +54,31 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
     assert!(checked >= 35, "{checked} routes checked");
 }
 
-/// The template with the first team's ids in its placeholders.
-fn fill(template: &str, project: &str, job: &Value, file: &Value, token_id: &str) -> String {
-    template
-        .replace("{project}", project)
-        .replace("{job}", job["id"].as_str().unwrap())
-        .replace("{job_id}", job["id"].as_str().unwrap())
-        .replace("{file}", file["id"].as_str().unwrap())
-        .replace("{file_id}", file["id"].as_str().unwrap())
-        .replace("{plugin}", "exact-match")
-        .replace("{suite}", "words")
-        .replace("{version}", "words")
-        .replace("{run}", "0123abcd")
-        .replace("{token}", token_id)
-        .replace("{name}", "report.html")
+/// The first team's ids, for the routes' placeholders.
+struct Ids<'a> {
+    project: &'a str,
+    job: &'a str,
+    file: &'a str,
+    token: &'a str,
+    member: &'a str,
+}
+
+impl Ids<'_> {
+    fn fill(&self, template: &str) -> String {
+        template
+            .replace("{project}", self.project)
+            .replace("{job}", self.job)
+            .replace("{job_id}", self.job)
+            .replace("{file}", self.file)
+            .replace("{file_id}", self.file)
+            .replace("{plugin}", "exact-match")
+            .replace("{suite}", "words")
+            .replace("{version}", "words")
+            .replace("{run}", "0123abcd")
+            .replace("{token}", self.token)
+            .replace("{member}", self.member)
+            .replace("{name}", "report.html")
+    }
 }
 
 /// A request whose body passes each route's extractor, so the answer is the route's own.
@@ -85,6 +98,12 @@ fn request(method: &Method, uri: &str, token: Option<&str>, project: Option<&str
     if method == Method::GET || method == Method::DELETE {
         return r.body(Body::empty()).unwrap();
     }
-    let body = if uri.ends_with("/try") { json!({"input": {}}) } else { json!({"name": "x"}) };
+    let body = if uri.ends_with("/try") {
+        json!({"input": {}})
+    } else if uri.contains("/members/") {
+        json!({"role": "member"})
+    } else {
+        json!({"name": "x"})
+    };
     r.header("content-type", "application/json").body(Body::from(body.to_string())).unwrap()
 }

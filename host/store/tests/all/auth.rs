@@ -1,4 +1,4 @@
-use lathe_store::{Db, StoreError};
+use lathe_store::{Db, MEMBER, OWNER, StoreError};
 use sha2::{Digest, Sha256};
 
 use crate::harness::TestDb;
@@ -7,7 +7,8 @@ on_both_backends!(
     tokens_are_stored_hashed_and_revocable,
     first_start_creates_one_admin,
     team_names_are_unique,
-    web_sessions_end_with_their_token
+    web_sessions_end_with_their_token,
+    members_hold_tokens_and_a_team_keeps_an_owner
 );
 
 fn split_token(token: &str) -> (&str, &str) {
@@ -19,7 +20,7 @@ fn split_token(token: &str) -> (&str, &str) {
 
 async fn tokens_are_stored_hashed_and_revocable(t: &TestDb) {
     let team = t.create_team("research").await.unwrap();
-    let (info, token) = t.create_token(&team.id, "ci", false).await.unwrap();
+    let (info, token) = t.create_token(&team.id, None, "ci", false).await.unwrap();
     let token_str = token.expose().to_owned();
     let (id, secret) = split_token(&token_str);
     assert_eq!(id, info.id);
@@ -128,7 +129,7 @@ async fn tokens_are_stored_hashed_and_revocable(t: &TestDb) {
 
     // A token for a team that does not exist.
     assert!(matches!(
-        t.create_token("team_nope", "x", false).await,
+        t.create_token("team_nope", None, "x", false).await,
         Err(StoreError::NotFound { what: "team", .. })
     ));
 }
@@ -170,7 +171,7 @@ async fn team_names_are_unique(db: &Db) {
 
 async fn web_sessions_end_with_their_token(t: &TestDb) {
     let team = t.create_team("browsers").await.unwrap();
-    let (info, _) = t.create_token(&team.id, "laptop", false).await.unwrap();
+    let (info, _) = t.create_token(&team.id, None, "laptop", false).await.unwrap();
     let cookie = t.create_session(&info).await.unwrap();
     let session = t.session(cookie.expose()).await.unwrap().expect("a live session");
     assert_eq!((session.team_id.as_str(), session.token_id.as_str(), session.admin), (team.id.as_str(), info.id.as_str(), false));
@@ -190,4 +191,72 @@ async fn web_sessions_end_with_their_token(t: &TestDb) {
     // Revoking the token ends its sessions.
     t.revoke_token(&team.id, &info.id).await.unwrap();
     assert_eq!(t.session(other.expose()).await.unwrap(), None);
+}
+
+async fn members_hold_tokens_and_a_team_keeps_an_owner(t: &TestDb) {
+    let team = t.create_team("clinic").await.unwrap();
+    let (team_token, _) = t.create_token(&team.id, None, "first", false).await.unwrap();
+    assert!(team_token.manages_team(), "a team token acts as an owner");
+
+    let ana = t.create_member(&team.id, "Ana", OWNER).await.unwrap();
+    let bo = t.create_member(&team.id, "Bo", MEMBER).await.unwrap();
+    match t.create_member(&team.id, "Bo", MEMBER).await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("`Bo`"), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    match t.create_member(&team.id, "Cy", "admin").await {
+        Err(StoreError::Invalid(msg)) => assert!(msg.contains("`admin`"), "{msg}"),
+        other => panic!("expected an invalid role, got {other:?}"),
+    }
+    assert!(matches!(
+        t.create_member("team_nope", "Dee", MEMBER).await,
+        Err(StoreError::NotFound { what: "team", .. })
+    ));
+
+    // Tokens carry their member and role, through authentication and sessions.
+    let (_, ana_token) = t.create_token(&team.id, Some(&ana.id), "laptop", false).await.unwrap();
+    let (bo_info, bo_token) = t.create_token(&team.id, Some(&bo.id), "laptop", false).await.unwrap();
+    let who = t.authenticate(ana_token.expose()).await.unwrap().unwrap();
+    assert_eq!((who.member_name.as_deref(), who.role.as_deref(), who.manages_team()), (Some("Ana"), Some(OWNER), true));
+    let who = t.authenticate(bo_token.expose()).await.unwrap().unwrap();
+    assert_eq!((who.member_id.as_deref(), who.manages_team()), (Some(bo.id.as_str()), false));
+    let session = t.create_session(&bo_info).await.unwrap();
+    let live = t.session(session.expose()).await.unwrap().unwrap();
+    assert_eq!((live.member_id.as_deref(), live.manages_team()), (Some(bo.id.as_str()), false));
+    // Another team's member cannot hold this team's token.
+    let other = t.create_team("other").await.unwrap();
+    assert!(matches!(
+        t.create_token(&other.id, Some(&bo.id), "x", false).await,
+        Err(StoreError::NotFound { what: "member", .. })
+    ));
+
+    // The last owner can be neither demoted nor removed; with a second owner, both work.
+    for refused in [t.set_member_role(&team.id, &ana.id, MEMBER).await, t.remove_member(&team.id, &ana.id).await] {
+        match refused {
+            Err(StoreError::Conflict(msg)) => assert!(msg.contains("last owner"), "{msg}"),
+            other => panic!("expected the last owner kept, got {other:?}"),
+        }
+    }
+    assert_eq!(t.set_member_role(&team.id, &bo.id, OWNER).await.unwrap().role, OWNER);
+    assert!(t.authenticate(bo_token.expose()).await.unwrap().unwrap().manages_team());
+    assert_eq!(t.set_member_role(&team.id, &ana.id, MEMBER).await.unwrap().role, MEMBER);
+    assert!(!t.authenticate(ana_token.expose()).await.unwrap().unwrap().manages_team());
+
+    // Removing a member revokes their tokens and ends their sessions; the row stays and
+    // the name is free again.
+    let removed = t.remove_member(&team.id, &ana.id).await.unwrap();
+    assert!(removed.removed_at.is_some());
+    assert_eq!(t.authenticate(ana_token.expose()).await.unwrap(), None);
+    assert!(matches!(t.remove_member(&team.id, &ana.id).await, Err(StoreError::NotFound { what: "member", .. })));
+    assert!(matches!(
+        t.create_token(&team.id, Some(&ana.id), "again", false).await,
+        Err(StoreError::NotFound { what: "member", .. })
+    ));
+    let listed = t.members(&team.id).await.unwrap();
+    assert_eq!(listed.iter().map(|m| (m.name.as_str(), m.removed_at.is_some())).collect::<Vec<_>>(), [("Ana", true), ("Bo", false)]);
+    t.create_member(&team.id, "Ana", MEMBER).await.unwrap();
+    assert!(t.members(&other.id).await.unwrap().is_empty());
+    // Bo is the last owner now.
+    t.remove_member(&team.id, &bo.id).await.unwrap_err();
+    assert!(t.session(session.expose()).await.unwrap().is_some());
 }
