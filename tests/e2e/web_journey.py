@@ -199,6 +199,9 @@ def main(p):
     report_job = wait_for_job()
     page.click("#read-report")
     expect(page.locator("#verdict")).to_contain_text(re.compile(r"Verdict: (better|worse|no difference)"))
+    # The regression pack ran with the report (the form's default): forgetting, task by task.
+    expect(page.locator("#forgetting + .verdict")).to_contain_text("Forgetting:")
+    assert page.locator("#forgetting ~ table tbody tr").count() >= 3
     expect(page.locator("table").first).to_contain_text("baseline")
     # The pilot changes some of the six items, and each filter shows only its own.
     changed = page.locator("article.diff").count()

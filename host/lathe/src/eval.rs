@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use lathe_jobs::eval::{EvalRun, Suite};
-use lathe_jobs::pipeline::{self, eval::{BaselineSpec, CompareSpec, EvalSpec, RegressionSpec, ReportSpec}};
+use lathe_jobs::pipeline::{self, eval::{BaselineSpec, CompareSpec, EvalSpec, ForgettingSpec, RegressionSpec, ReportSpec}};
 
 use crate::cli::{Compute, DEFAULT_MODEL, DataDir, run_job};
 
@@ -116,6 +116,15 @@ pub struct ReportArgs {
     /// Output path without extension: writes OUT.json and OUT.html.
     #[arg(long)]
     out: PathBuf,
+    /// Also run the regression pack on the candidate's base model and adapter and put the
+    /// forgetting verdict in the report.
+    #[arg(long)]
+    forgetting: bool,
+    /// Generated arithmetic items in the regression pack (with --forgetting).
+    #[arg(long, default_value_t = 20)]
+    arithmetic: usize,
+    #[command(flatten)]
+    compute: Compute,
     #[command(flatten)]
     dir: DataDir,
 }
@@ -185,8 +194,9 @@ fn report(a: ReportArgs) -> Result<()> {
         candidate: a.candidate.display().to_string(),
         margin: a.margin,
         out: Some(a.out),
+        forgetting: a.forgetting.then_some(ForgettingSpec { arithmetic: a.arithmetic, ..ForgettingSpec::default() }),
     };
-    let out = run_job(&a.dir.env(), &spec, pipeline::eval::report)?;
+    let out = run_job(&a.compute.env(&a.dir)?, &spec, pipeline::eval::report)?;
     println!("report {} and {}", out.json.display(), out.html.display());
     Ok(())
 }

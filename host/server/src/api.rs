@@ -19,7 +19,7 @@ use lathe_data::FieldMapping;
 use lathe_jobs::eval::{PluginRef, Suite};
 use lathe_jobs::pipeline::Job;
 use lathe_jobs::pipeline::data::{CurateSpec, ImportSpec, SplitSpec, StatsSpec};
-use lathe_jobs::pipeline::eval::{BaselineSpec, CompareSpec, EvalSpec, RegressionSpec, ReportSpec};
+use lathe_jobs::pipeline::eval::{BaselineSpec, CompareSpec, EvalSpec, ForgettingSpec, RegressionSpec, ReportSpec};
 use lathe_jobs::pipeline::train::{ExportFormat, ExportSpec, TrainSpec};
 use lathe_jobs::settings::{Layers, TrainSettings};
 use lathe_store::{JobRow, NewFile, NewJob, NewPlugin};
@@ -623,6 +623,10 @@ pub enum JobRequest {
         candidate: String,
         #[serde(default)]
         margin: f64,
+        /// Also run the regression pack on the candidate's model and adapter (`{}` for its
+        /// defaults): the report then carries the forgetting verdict.
+        #[serde(default)]
+        forgetting: Option<ForgettingSpec>,
     },
     /// The regression pack (general ability) on the base model and a trained adapter: did
     /// the fine-tune forget?
@@ -694,8 +698,8 @@ impl JobRequest {
             JobRequest::EvalCompare { baseline, candidate, metric, margin } => {
                 Job::EvalCompare(CompareSpec { baseline: run_id(&baseline)?, candidate: run_id(&candidate)?, metric, margin })
             }
-            JobRequest::EvalReport { baseline, candidate, margin } => {
-                Job::EvalReport(ReportSpec { baseline: run_id(&baseline)?, candidate: run_id(&candidate)?, margin, out: None })
+            JobRequest::EvalReport { baseline, candidate, margin, forgetting } => {
+                Job::EvalReport(ReportSpec { baseline: run_id(&baseline)?, candidate: run_id(&candidate)?, margin, out: None, forgetting })
             }
             JobRequest::EvalRegression { model: m, adapter_job, arithmetic, margin } => Job::EvalRegression(RegressionSpec {
                 model: model(&m)?,

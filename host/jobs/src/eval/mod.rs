@@ -293,6 +293,13 @@ pub struct ItemResult {
     pub violations: Vec<String>,
 }
 
+impl ItemResult {
+    /// Why the judge scored this output as it did, where a judge ran.
+    pub fn judge_reason(&self) -> Option<String> {
+        self.details.get("judge")?.first().map(|(reason, _)| reason.clone())
+    }
+}
+
 /// A complete run: what was evaluated, every item, and the aggregates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRun {
@@ -595,11 +602,21 @@ pub fn baseline(
 pub struct ItemDiff {
     pub index: usize,
     pub input: String,
+    /// The rendered prompts each model saw (template and shots may differ).
+    #[serde(default)]
+    pub baseline_prompt: String,
+    #[serde(default)]
+    pub candidate_prompt: String,
     pub reference: String,
     pub baseline_output: String,
     pub candidate_output: String,
     pub baseline_score: f64,
     pub candidate_score: f64,
+    /// The judge's reasons for each output, where a judge scored them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_judge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_judge: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -640,11 +657,15 @@ pub fn compare(baseline: &EvalRun, candidate: &EvalRun, metric: &str, margin: f6
         .map(|((bi, ci), (&x, &y))| ItemDiff {
             index: bi.index,
             input: bi.input.clone(),
+            baseline_prompt: bi.prompt.clone(),
+            candidate_prompt: ci.prompt.clone(),
             reference: bi.reference.clone(),
             baseline_output: bi.output.clone(),
             candidate_output: ci.output.clone(),
             baseline_score: x,
             candidate_score: y,
+            baseline_judge: bi.judge_reason(),
+            candidate_judge: ci.judge_reason(),
         })
         .collect();
     diffs.sort_by(|x, y| (y.candidate_score - y.baseline_score).abs().total_cmp(&(x.candidate_score - x.baseline_score).abs()));
@@ -667,4 +688,60 @@ pub fn train_items(store: &lathe_data::Datasets, id: &str) -> Result<Vec<Item>> 
 pub fn heldout_items(store: &lathe_data::Datasets, id: &str) -> Result<Vec<Item>> {
     let set = lathe_data::HeldOut::open(store, id)?;
     set.examples()?.map(|e| Item::from_example(&e?)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: &str, outputs: &[(&str, f64, Option<&str>)]) -> EvalRun {
+        let items = outputs
+            .iter()
+            .enumerate()
+            .map(|(index, (output, score, reason))| ItemResult {
+                index,
+                input: format!("question {index}"),
+                prompt: format!("{id} prompt for question {index}"),
+                output: output.to_string(),
+                reference: "yes".into(),
+                scores: BTreeMap::from([("judge".to_string(), *score)]),
+                details: reason.map(|r| BTreeMap::from([("judge".to_string(), vec![(r.to_string(), *score)])])).unwrap_or_default(),
+                valid: None,
+                violations: vec![],
+            })
+            .collect();
+        EvalRun {
+            id: id.into(),
+            suite: "s".into(),
+            model: "m".into(),
+            adapter: None,
+            template: "t".into(),
+            shots: 0,
+            dataset: None,
+            items,
+            metrics: BTreeMap::from([("judge".to_string(), Estimate { mean: 0.5, ci_low: 0.0, ci_high: 1.0, n: 2 })]),
+            primary_metric: "judge".into(),
+            gate: None,
+            passed_gate: None,
+            examples_per_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn diffs_carry_prompts_and_the_judges_reasons() {
+        let base = run("aa", &[("no", 0.0, Some("says no where yes was asked")), ("yes", 1.0, Some("right"))]);
+        let tuned = run("bb", &[("yes", 1.0, Some("matches the reference")), ("yes", 1.0, Some("right"))]);
+        let c = compare(&base, &tuned, "judge", 0.0).unwrap();
+        assert_eq!(c.diffs.len(), 1, "only the item that changed");
+        let d = &c.diffs[0];
+        assert_eq!((d.baseline_judge.as_deref(), d.candidate_judge.as_deref()), (Some("says no where yes was asked"), Some("matches the reference")));
+        assert_eq!((d.baseline_prompt.as_str(), d.candidate_prompt.as_str()), ("aa prompt for question 0", "bb prompt for question 0"));
+        let html = report::Report { comparison: Some(c), ..Default::default() }.html();
+        assert!(html.contains("judge: matches the reference"), "{html}");
+
+        // Without a judge, no reasons and nothing in the JSON.
+        let plain = compare(&run("cc", &[("no", 0.0, None), ("yes", 1.0, None)]), &tuned, "judge", 0.0).unwrap();
+        assert_eq!(plain.diffs[0].baseline_judge, None);
+        assert!(!serde_json::to_string(&plain.diffs[0]).unwrap().contains("baseline_judge"));
+    }
 }

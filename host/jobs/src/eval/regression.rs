@@ -209,7 +209,13 @@ fn last_number(s: &str) -> Option<i64> {
 /// The forgetting check: the fine-tune against its base, task by task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Forgetting {
+    /// Task → the fine-tune's change against its base, with its interval and verdict.
     pub tasks: std::collections::BTreeMap<String, Comparison>,
+    /// Task → the base model's and the fine-tune's scores.
+    #[serde(default)]
+    pub base: std::collections::BTreeMap<String, Estimate>,
+    #[serde(default)]
+    pub tuned: std::collections::BTreeMap<String, Estimate>,
     /// True when any task is significantly worse by more than the margin.
     pub forgot: bool,
 }
@@ -221,7 +227,7 @@ pub fn compare(base: &PackRun, tuned: &PackRun, margin: f64) -> Forgetting {
         tasks.insert(task.clone(), c);
     }
     let forgot = tasks.values().any(|c| c.verdict == stats::Verdict::Worse);
-    Forgetting { tasks, forgot }
+    Forgetting { tasks, base: base.tasks.clone(), tuned: tuned.tasks.clone(), forgot }
 }
 
 #[cfg(test)]

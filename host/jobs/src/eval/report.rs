@@ -54,6 +54,9 @@ pub struct Report {
     pub training_evals: Vec<EvalRecord>,
     /// Free-form lines (dataset versions, adapter location, the decision).
     pub notes: Vec<String>,
+    /// The regression pack's verdict on the fine-tune, when the report ran it.
+    #[serde(default)]
+    pub forgetting: Option<super::regression::Forgetting>,
 }
 
 impl Report {
@@ -101,6 +104,9 @@ impl Report {
         }
         for n in &self.notes {
             let _ = write!(h, "<p class=\"note\">{}</p>", esc(n));
+        }
+        if let Some(f) = &self.forgetting {
+            h.push_str(&forgetting_html(f));
         }
 
         if !self.runs.is_empty() {
@@ -175,16 +181,19 @@ impl Report {
             h.push_str("<table class=\"diff\"><tr><th>#</th><th>input</th><th>reference</th><th>baseline</th><th>fine-tune</th></tr>");
             for d in c.diffs.iter().take(200) {
                 let class = if d.candidate_score > d.baseline_score { "up" } else { "down" };
+                let reason = |r: &Option<String>| r.as_deref().map(|r| format!("<p class=\"why\">judge: {}</p>", esc(r))).unwrap_or_default();
                 let _ = write!(
                     h,
-                    "<tr class=\"{class}\"><td>{}</td><td><pre>{}</pre></td><td><pre>{}</pre></td><td><pre>{}</pre><span class=\"score\">{:.2}</span></td><td><pre>{}</pre><span class=\"score\">{:.2}</span></td></tr>",
+                    "<tr class=\"{class}\"><td>{}</td><td><pre>{}</pre></td><td><pre>{}</pre></td><td><pre>{}</pre><span class=\"score\">{:.2}</span>{}</td><td><pre>{}</pre><span class=\"score\">{:.2}</span>{}</td></tr>",
                     d.index,
                     esc(&d.input),
                     esc(&d.reference),
                     esc(&d.baseline_output),
                     d.baseline_score,
+                    reason(&d.baseline_judge),
                     esc(&d.candidate_output),
-                    d.candidate_score
+                    d.candidate_score,
+                    reason(&d.candidate_judge)
                 );
             }
             h.push_str("</table>");
@@ -194,13 +203,42 @@ impl Report {
     }
 }
 
+/// The regression pack, task by task: base, fine-tune, the change with its interval, and
+/// the verdict.
+fn forgetting_html(f: &super::regression::Forgetting) -> String {
+    let mut h = String::new();
+    let (class, verdict) = match f.forgot {
+        true => ("bad", "the fine-tune forgot: it is worse on general ability"),
+        false => ("good", "no forgetting detected"),
+    };
+    let _ = write!(h, "<h2>Regression pack</h2><div class=\"verdict {class}\">Forgetting: <b>{verdict}</b></div>");
+    h.push_str("<table><tr><th>task</th><th>base</th><th>fine-tune</th><th>change (95 % CI)</th><th>verdict</th></tr>");
+    for (task, c) in &f.tasks {
+        let score = |m: &std::collections::BTreeMap<String, Estimate>| m.get(task).map_or("—".to_string(), |e| format!("{:.3}", e.mean));
+        let d = &c.difference;
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:+.3} <span class=\"ci\">[{:+.3}, {:+.3}]</span></td><td>{}</td></tr>",
+            esc(task),
+            score(&f.base),
+            score(&f.tuned),
+            d.mean,
+            d.ci_low,
+            d.ci_high,
+            c.verdict.as_str()
+        );
+    }
+    h.push_str("</table>");
+    h
+}
+
 const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222}\
 h1{margin-bottom:.2rem}.sub{color:#666;margin-top:0}table{border-collapse:collapse;width:100%;margin:1rem 0}\
 td,th{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}th{background:#f4f4f4}\
 .ci{color:#888;font-size:12px}.verdict{padding:.8rem 1rem;border-radius:6px;margin:1rem 0}\
 .good{background:#e3f6e8}.bad{background:#fbe4e4}.flat{background:#f1f1f1}.note{color:#444}\
 pre{white-space:pre-wrap;margin:0;font-size:12px;max-width:280px}tr.up td:last-child{background:#eef9f0}\
-tr.down td:last-child{background:#fdf0f0}.score{font-weight:bold;font-size:12px}svg{display:block;margin:.5rem 0}";
+tr.down td:last-child{background:#fdf0f0}.score{font-weight:bold;font-size:12px}.why{color:#555;font-size:12px;margin:.2rem 0 0}svg{display:block;margin:.5rem 0}";
 
 /// Escapes text for HTML.
 pub fn esc(s: &str) -> String {

@@ -194,16 +194,8 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
         notes: vec![
             format!("train version {}, held-out version {}", split.train, split.heldout),
             format!("adapter (PEFT) in {}", trained.adapter_dir.display()),
-            format!(
-                "regression pack: {}",
-                forgetting
-                    .tasks
-                    .iter()
-                    .map(|(t, c)| format!("{t} {:+.3} ({})", c.difference.mean, c.verdict.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
         ],
+        forgetting: Some(forgetting.clone()),
     };
     let written = super::eval::write_report(&report, &root.join("report"), sink)?;
     sink.finished("demo.report", format!("report {}", written.html.display()));

@@ -232,6 +232,28 @@ pub struct ReportSpec {
     /// `evals/report-<baseline>-<candidate>`.
     #[serde(default)]
     pub out: Option<PathBuf>,
+    /// Also run the regression pack on the candidate's base model and adapter, and put
+    /// the forgetting verdict in the report.
+    #[serde(default)]
+    pub forgetting: Option<ForgettingSpec>,
+}
+
+/// The regression pack's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgettingSpec {
+    /// Generated arithmetic items.
+    #[serde(default = "default_arithmetic")]
+    pub arithmetic: usize,
+    /// A drop smaller than this is not called forgetting.
+    #[serde(default)]
+    pub margin: f64,
+}
+
+impl Default for ForgettingSpec {
+    fn default() -> Self {
+        ForgettingSpec { arithmetic: default_arithmetic(), margin: 0.0 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,10 +273,28 @@ pub fn report(env: &Env, spec: &ReportSpec, sink: &dyn Sink) -> Result<ReportOut
         gate: base.gate.clone(),
         runs: vec![RunSummary::of("baseline", &base), RunSummary::of("candidate", &cand)],
         comparison: Some(comparison),
+        forgetting: match &spec.forgetting {
+            Some(f) => Some(candidate_forgetting(env, &cand, f, sink)?),
+            None => None,
+        },
         ..Report::default()
     };
     let out = spec.out.clone().unwrap_or_else(|| env.runs_dir().join(format!("report-{}-{}", base.id, cand.id)));
     write_report(&r, &out, sink)
+}
+
+/// The regression pack on the model and adapter a candidate run was made with.
+fn candidate_forgetting(env: &Env, cand: &EvalRun, spec: &ForgettingSpec, sink: &dyn Sink) -> Result<Forgetting> {
+    let adapter_path = cand.adapter.as_deref().ok_or_else(|| {
+        JobError::Invalid(format!(
+            "run {} has no adapter: the forgetting check compares a fine-tune with its base model",
+            cand.id
+        ))
+    })?;
+    let m = env.model(std::path::Path::new(&cand.model))?;
+    let adapter = load_adapter(env, std::path::Path::new(adapter_path), &m)?;
+    let subject = Subject::base(&m, cand.model.clone());
+    forgetting_check(&subject, &adapter, adapter_path, spec.arithmetic, spec.margin, sink)
 }
 
 /// Writes `OUT.json` and `OUT.html`.

@@ -137,6 +137,9 @@ fn request_from_form(fields: &Fields) -> WebResult<JobRequest> {
             Value::Bool(v == "on" || v == "true")
         } else if k == "validator" || k == "formatter" {
             json!({"plugin": v})
+        } else if k == "forgetting" {
+            // A checkbox: the regression pack with its defaults.
+            json!({})
         } else {
             Value::String(v.to_string())
         };

@@ -129,10 +129,27 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (status, run) = s.call(Method::GET, &format!("{base}/runs/{run_id}"), t, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(run["items"].as_array().unwrap().len(), 4);
-    let report = s.run_job(&project, &token, json!({"kind": "eval_report", "baseline": baseline_run, "candidate": run_id})).await;
-    let (status, html) = s.call(Method::GET, &format!("{base}/jobs/{}/artifacts/report.html", report["id"].as_str().unwrap()), t, None).await;
+    // The report with the regression pack: the verdict and the forgetting check in one.
+    let report = s
+        .run_job(&project, &token, json!({"kind": "eval_report", "baseline": baseline_run, "candidate": run_id, "forgetting": {"arithmetic": 3}}))
+        .await;
+    let report_id = report["id"].as_str().unwrap();
+    let (status, html) = s.call(Method::GET, &format!("{base}/jobs/{report_id}/artifacts/report.html"), t, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.as_str().unwrap().contains("<svg"));
+    assert!(html.as_str().unwrap().contains("Regression pack"));
+    let (_, json) = s.call(Method::GET, &format!("{base}/jobs/{report_id}/artifacts/report.json"), t, None).await;
+    let forgetting = &json["forgetting"];
+    let tasks = forgetting["tasks"].as_object().unwrap();
+    assert!(!tasks.is_empty() && forgetting["forgot"].is_boolean(), "{forgetting}");
+    for task in tasks.keys() {
+        assert!(forgetting["base"][task]["mean"].is_f64() && forgetting["tuned"][task]["mean"].is_f64(), "{task}: {forgetting}");
+    }
+    // A report whose candidate has no adapter cannot check for forgetting, and says why.
+    let (status, refused) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(json!({"kind": "eval_report", "baseline": baseline_run, "candidate": baseline_run, "forgetting": {}}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let failed = s.wait(&project, refused["id"].as_str().unwrap(), &token).await;
+    assert!(failed["error"].as_str().unwrap_or("").contains("has no adapter"), "{failed}");
     let regression = s.run_job(&project, &token, json!({"kind": "eval_regression", "model": "tiny", "adapter_job": train_id, "arithmetic": 3})).await;
     assert!(regression["outcome"]["tasks"].as_object().is_some_and(|t| !t.is_empty()), "{regression}");
     let (status, _) = s.call(Method::GET, &format!("{base}/runs/..%2F..%2Fetc"), t, None).await;
@@ -149,7 +166,8 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let metrics = metrics.as_str().unwrap();
     assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 9"), "{metrics}");
     assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 1"), "{metrics}");
-    assert!(metrics.contains("lathe_job_duration_seconds_count 9"), "{metrics}");
+    assert!(metrics.contains("lathe_jobs{state=\"failed\"} 1"), "{metrics}");
+    assert!(metrics.contains("lathe_job_duration_seconds_count 10"), "{metrics}");
 }
 
 async fn tokens_and_limits_are_enforced(s: Server) {
