@@ -800,7 +800,8 @@ async fn list_jobs(State(s): State<Arc<AppState>>, caller: Caller, Path(project)
     let limit = page.limit.clamp(1, 100) as i64;
     let rows = s.db.jobs(&p.id, page.kind.as_deref(), page.after.as_deref(), limit + 1).await?;
     let has_more = rows.len() as i64 > limit;
-    Ok(Json(json!({"data": rows.into_iter().take(limit as usize).collect::<Vec<_>>(), "has_more": has_more})))
+    let rows: Vec<JobRow> = rows.into_iter().take(limit as usize).map(|r| s.public_job(r)).collect();
+    Ok(Json(json!({"data": rows, "has_more": has_more})))
 }
 
 /// Queue a pipeline: `{"kind": "train", "model": …, "suite": …, "data": …, "settings": {…}}`.
@@ -809,13 +810,13 @@ async fn submit_job(State(s): State<Arc<AppState>>, caller: Caller, Path(project
     let p = s.project(&caller, &project).await?;
     let request: JobRequest = serde_json::from_value(body).map_err(|e| ApiError::bad(format!("job request: {e}")))?;
     let row = enqueue(&s, &p.id, request, 0).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!(row))))
+    Ok((StatusCode::ACCEPTED, Json(json!(s.public_job(row)))))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/jobs/{job}", params(("project" = String, Path), ("job" = String, Path)), responses((status = 200, description = "the job")))]
 async fn get_job(State(s): State<Arc<AppState>>, caller: Caller, Path((project, job)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
-    Ok(Json(json!(s.db.job(&p.id, &job).await?)))
+    Ok(Json(json!(s.public_job(s.db.job(&p.id, &job).await?))))
 }
 
 /// A queued job is cancelled at once; a running one stops at its next check (a training
@@ -824,7 +825,7 @@ async fn get_job(State(s): State<Arc<AppState>>, caller: Caller, Path((project, 
 async fn cancel_job(State(s): State<Arc<AppState>>, caller: Caller, Path((project, job)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
     let row = s.db.cancel(&p.id, &job).await?;
-    Ok(Json(json!(row)))
+    Ok(Json(json!(s.public_job(row))))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -843,7 +844,9 @@ fn default_event_limit() -> i64 {
 async fn job_events(State(s): State<Arc<AppState>>, caller: Caller, Path((project, job)): Path<(String, String)>, Query(page): Query<EventPage>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
     let job = s.db.job(&p.id, &job).await?;
-    Ok(Json(json!({"data": s.db.events(&job.id, page.after, page.limit.clamp(1, 1000)).await?})))
+    let mut events = s.db.events(&job.id, page.after, page.limit.clamp(1, 1000)).await?;
+    events.iter_mut().for_each(|e| s.redact_json(&mut e.data));
+    Ok(Json(json!({"data": events})))
 }
 
 /// The job's events as server-sent events, each with its sequence number as the id; a
@@ -875,7 +878,7 @@ pub fn event_stream(s: Arc<AppState>, job_id: String, headers: &HeaderMap) -> Ss
             if !events.is_empty() {
                 let batch: Vec<Result<SseEvent, Infallible>> = events
                     .iter()
-                    .map(|e| Ok(SseEvent::default().id(e.seq.to_string()).event(e.kind.clone()).data(e.data.to_string())))
+                    .map(|e| Ok(SseEvent::default().id(e.seq.to_string()).event(e.kind.clone()).data(s.redact(&e.data.to_string()))))
                     .collect();
                 after = events.last().map_or(after, |e| e.seq);
                 return Some((futures_util::stream::iter(batch), (s, id, after, false)));
@@ -899,7 +902,9 @@ async fn get_run(State(s): State<Arc<AppState>>, caller: Caller, Path((project, 
     let p = s.project(&caller, &project).await?;
     let env = s.env(&p.id).await?;
     let run = lathe_jobs::pipeline::eval::load_run(&env, &run_id(&run)?)?;
-    Ok(Json(json!(run)))
+    let mut run = json!(run);
+    s.redact_json(&mut run);
+    Ok(Json(run))
 }
 
 /// A file a job wrote: `adapter_config.json` / `adapter_model.safetensors` of a training
@@ -927,6 +932,12 @@ pub async fn artifact_response(s: &AppState, project_id: &str, job_id: &str, nam
         _ => None,
     };
     let path = path.ok_or_else(|| ApiError::NotFound(format!("job `{}` has no artifact `{name}`", job.id)))?;
+    if name.starts_with("report.") {
+        // A report names the runs' models and adapters: by name, not by server path.
+        let text = tokio::fs::read_to_string(&path).await.map_err(|_| ApiError::NotFound(format!("artifact `{name}` is gone")))?;
+        let content_type = if name.ends_with(".html") { "text/html; charset=utf-8" } else { "application/json" };
+        return Ok(([(header::CONTENT_TYPE, content_type)], s.redact(&text).into_owned()).into_response());
+    }
     let file = tokio::fs::File::open(&path).await.map_err(|_| ApiError::NotFound(format!("artifact `{name}` is gone")))?;
     let content_type = match name.rsplit('.').next() {
         Some("html") => "text/html; charset=utf-8",

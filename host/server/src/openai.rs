@@ -98,7 +98,7 @@ fn job_object(s: &AppState, p: &Project, job: &JobRow) -> Value {
         .find(|(_, path)| spec["model"].as_str() == path.to_str())
         .map_or_else(|| spec["model"].as_str().unwrap_or("").to_string(), |(name, _)| name.clone());
     let succeeded = status(job) == "succeeded";
-    let error = job.error.as_ref().map(|m| json!({"code": "job_failed", "message": m, "param": null}));
+    let error = job.error.as_ref().map(|m| json!({"code": "job_failed", "message": s.redact(m), "param": null}));
     json!({
         "id": job.id,
         "object": "fine_tuning.job",

@@ -1,6 +1,7 @@
 //! What every handler and worker shares: the store, the artifact folder, the data folder
 //! the projects' job environments live in, and the configured base models.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +9,8 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use lathe_jobs::Env;
-use lathe_store::{ArtifactStore, Db, LocalArtifacts, Project};
+use lathe_store::{ArtifactStore, Db, JobRow, LocalArtifacts, Project};
+use serde_json::Value;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -55,8 +57,10 @@ pub struct AppState {
 impl AppState {
     /// Opens the store (`database_url`, or SQLite in the data folder) and the artifact
     /// folder, running migrations.
-    pub async fn open(config: ServerConfig, database_url: Option<&str>) -> ApiResult<Arc<Self>> {
+    pub async fn open(mut config: ServerConfig, database_url: Option<&str>) -> ApiResult<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
+        // Absolute, so that the paths jobs write are recognised by `redact`.
+        config.data_dir = std::fs::canonicalize(&config.data_dir)?;
         let db = match database_url {
             Some(url) => Db::connect(url).await?,
             None => Db::open_embedded(&config.data_dir).await?,
@@ -85,6 +89,48 @@ impl AppState {
             plugins.insert(p.name.clone(), self.artifacts.get_path(&p.sha256)?);
         }
         Ok(Env::new(self.project_dir(project_id), device).with_project_plugins(plugins))
+    }
+
+    /// Text as a team may see it: the server's own paths are not theirs to know, so a
+    /// configured model's path becomes its name and a path in the data folder becomes
+    /// relative to it (`projects/<id>/runs/<job>/adapter`). Job specs, outcomes, events,
+    /// runs and reports go through this on their way out.
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let data = format!("{}/", self.config.data_dir.display());
+        let models = self.config.models.iter().map(|(name, path)| (path.display().to_string(), name.as_str()));
+        let mut out = Cow::Borrowed(text);
+        for (from, to) in models.chain([(data, "")]) {
+            if !from.is_empty() && out.contains(&from) {
+                out = Cow::Owned(out.replace(&from, to));
+            }
+        }
+        out
+    }
+
+    /// [`AppState::redact`] on every string in a JSON value.
+    pub fn redact_json(&self, value: &mut Value) {
+        match value {
+            Value::String(s) => {
+                if let Cow::Owned(r) = self.redact(s) {
+                    *s = r;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
+            Value::Object(map) => map.values_mut().for_each(|v| self.redact_json(v)),
+            _ => {}
+        }
+    }
+
+    /// A job row with its spec, outcome and error redacted.
+    pub fn public_job(&self, mut row: JobRow) -> JobRow {
+        self.redact_json(&mut row.spec);
+        if let Some(o) = row.outcome.as_mut() {
+            self.redact_json(o);
+        }
+        if let Some(e) = row.error.take() {
+            row.error = Some(self.redact(&e).into_owned());
+        }
+        row
     }
 
     /// The path of a configured base model.

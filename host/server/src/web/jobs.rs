@@ -42,7 +42,7 @@ async fn job_page(s: &AppState, project_id: &str, after: Option<&str>) -> WebRes
     let mut rows = s.db.jobs(project_id, None, after, JOBS_PER_PAGE + 1).await?;
     let next = (rows.len() as i64 > JOBS_PER_PAGE).then(|| rows[JOBS_PER_PAGE as usize - 1].id.clone());
     rows.truncate(JOBS_PER_PAGE as usize);
-    Ok((rows, next))
+    Ok((rows.into_iter().map(|r| s.public_job(r)).collect(), next))
 }
 
 /// Eval runs a report can compare: the best run of each baseline, and each eval run.
@@ -51,7 +51,7 @@ async fn eval_runs(s: &AppState, project_id: &str) -> WebResult<Vec<Value>> {
     for (kind, pointer) in [("eval_baseline", "/baseline/best"), ("eval_run", "/run")] {
         for j in s.db.jobs(project_id, Some(kind), None, 100).await? {
             if let Some(run) = j.outcome.as_ref().and_then(|o| o.pointer(pointer)) {
-                runs.push(json!({"id": run["id"], "job": j.id, "kind": kind, "template": run["template"], "shots": run["shots"], "adapter": run["adapter"], "created_at": j.created_at}));
+                runs.push(json!({"id": run["id"], "job": j.id, "kind": kind, "template": run["template"], "shots": run["shots"], "adapter": run["adapter"].as_str().map(|a| s.redact(a)), "created_at": j.created_at}));
             }
         }
     }
@@ -161,7 +161,7 @@ async fn submit(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): P
 
 async fn job(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, job)): Path<(String, String)>) -> WebResult<Html<String>> {
     let p = s.project(&viewer.caller, &project).await?;
-    let row = s.db.job(&p.id, &job).await?;
+    let row = s.public_job(s.db.job(&p.id, &job).await?);
     // The artifacts a finished job offers for download.
     let artifacts: &[&str] = match (row.kind.as_str(), row.state.as_str()) {
         ("train", "succeeded") => &["adapter_model.safetensors", "adapter_config.json"],
@@ -220,7 +220,9 @@ async fn report(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, j
     .map(std::path::PathBuf::from)
     .ok_or_else(|| WebError::not_found(format!("job `{job}` wrote no report")))?;
     let text = tokio::fs::read_to_string(&path).await.map_err(|_| WebError::not_found("the report file is gone"))?;
-    let report: Value = serde_json::from_str(&text).map_err(|e| WebError::internal(&format!("report.json: {e}")))?;
+    let mut report: Value = serde_json::from_str(&text).map_err(|e| WebError::internal(&format!("report.json: {e}")))?;
+    s.redact_json(&mut report);
+    let row = s.public_job(row);
     let diffs = report["comparison"]["diffs"].as_array().cloned().unwrap_or_default();
     let delta = |d: &Value| d["candidate_score"].as_f64().unwrap_or(0.0) - d["baseline_score"].as_f64().unwrap_or(0.0);
     let (worse, better) = (diffs.iter().filter(|d| delta(d) < 0.0).count(), diffs.iter().filter(|d| delta(d) > 0.0).count());

@@ -47,5 +47,7 @@ async fn models(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): P
     })
     .await
     .map_err(|e| super::WebError::internal(&e.to_string()))?;
+    let mut adapters = Value::Array(adapters);
+    s.redact_json(&mut adapters);
     render("models.html", page_ctx(frame(&viewer, Some(&p), "models"), minijinja::context! { adapters => adapters }))
 }

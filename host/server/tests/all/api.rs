@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{Server, team_with_project, words_jsonl, words_suite};
 
@@ -106,6 +106,12 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     assert_eq!(losses, 3, "{events:?}");
     let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    // The server's paths are not the team's to know: the job and its log name the model
+    // by its name and the adapter relative to the data folder.
+    let data_dir = s.state.config.data_dir.display().to_string();
+    assert!(trained.to_string().contains("projects/") && !trained.to_string().contains(&data_dir), "{trained}");
+    assert_eq!(trained["spec"]["model"], "tiny", "{trained}");
+    assert!(!Value::Array(events.clone()).to_string().contains(&data_dir), "{events:?}");
 
     // The event stream resumes after Last-Event-ID and ends with the job.
     let last = *seqs.last().unwrap();
@@ -139,6 +145,9 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     assert!(html.as_str().unwrap().contains("<svg"));
     assert!(html.as_str().unwrap().contains("Regression pack"));
     let (_, json) = s.call(Method::GET, &format!("{base}/jobs/{report_id}/artifacts/report.json"), t, None).await;
+    assert!(!json.to_string().contains(&data_dir) && !html.as_str().unwrap().contains(&data_dir), "the report names no server path");
+    let (_, run) = s.call(Method::GET, &format!("{base}/runs/{run_id}"), t, None).await;
+    assert!(!run.to_string().contains(&data_dir), "{run}");
     let forgetting = &json["forgetting"];
     let tasks = forgetting["tasks"].as_object().unwrap();
     assert!(!tasks.is_empty() && forgetting["forgot"].is_boolean(), "{forgetting}");
