@@ -56,6 +56,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
         .routes(routes!(cancel_job))
+        .routes(routes!(retry_job))
         .routes(routes!(job_events))
         .routes(routes!(job_event_stream))
         .routes(routes!(get_run))
@@ -826,6 +827,14 @@ async fn cancel_job(State(s): State<Arc<AppState>>, caller: Caller, Path((projec
     let p = s.project(&caller, &project).await?;
     let row = s.db.cancel(&p.id, &job).await?;
     Ok(Json(json!(s.public_job(row))))
+}
+
+/// Queues a failed or cancelled job again with one more attempt: same id, spec and
+/// folders, so a training job resumes from its last checkpoint; its events continue.
+#[utoipa::path(post, path = "/api/v1/projects/{project}/jobs/{job}/retry", params(("project" = String, Path), ("job" = String, Path)), responses((status = 200, description = "the job, queued"), (status = 409, description = "the job is queued, running or succeeded")))]
+async fn retry_job(State(s): State<Arc<AppState>>, caller: Caller, Path((project, job)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    Ok(Json(json!(s.public_job(s.db.retry(&p.id, &job).await?))))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -338,6 +338,33 @@ impl Db {
         row.ok_or_else(|| StoreError::not_found("job", job_id))
     }
 
+    /// Queues a failed or cancelled job again, with one more attempt: the same id, spec and
+    /// folders, so a training job continues from its last checkpoint. Its events go on
+    /// after the ones it has. `Conflict` for a job that is queued, running or succeeded.
+    pub async fn retry(&self, project_id: &str, job_id: &str) -> Result<JobRow> {
+        let sql = concat!(
+            "UPDATE jobs SET state = 'queued', max_attempts = attempts + 1, cancel_requested = FALSE, \
+                 error = NULL, outcome = NULL, finished_at = NULL, worker = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND project_id = $2 AND state IN ('failed', 'cancelled') \
+             RETURNING ",
+            job_columns!()
+        );
+        let row: Option<JobRow> = on_pool!(self, p => sqlx::query_as(sql).bind(job_id).bind(project_id).fetch_optional(p).await)?;
+        match row {
+            Some(row) => {
+                self.notify_work(&row.kind).await;
+                Ok(row)
+            }
+            None => {
+                let current = self.job(project_id, job_id).await?;
+                Err(StoreError::Conflict(format!(
+                    "job `{job_id}` is {}: only a failed or cancelled job is retried",
+                    current.state.as_str()
+                )))
+            }
+        }
+    }
+
     /// Deals with running jobs whose lease expired (their worker died or hangs): requeued
     /// while attempts are left, failed otherwise, cancelled if cancellation was requested.
     /// Returns how many jobs it touched. Safe to run from every server and worker at once.

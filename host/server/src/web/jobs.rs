@@ -26,6 +26,7 @@ pub fn routes(pages: Pages) -> Pages {
         .get("/projects/{project}/jobs/{job}", job)
         .get("/projects/{project}/jobs/{job}/events", events)
         .post("/projects/{project}/jobs/{job}/cancel", cancel)
+        .post("/projects/{project}/jobs/{job}/retry", retry)
         .get("/projects/{project}/jobs/{job}/artifacts/{name}", artifact)
         .get("/projects/{project}/jobs/{job}/report", report)
 }
@@ -185,6 +186,14 @@ async fn cancel(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, j
     viewer.check_csrf(&f.csrf)?;
     let p = s.project(&viewer.caller, &project).await?;
     s.db.cancel(&p.id, &job).await?;
+    Ok(see_other(&format!("/projects/{}/jobs/{job}", p.id)))
+}
+
+/// A failed or cancelled job queued again; a training job resumes from its checkpoint.
+async fn retry(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, job)): Path<(String, String)>, Form(f): Form<CsrfForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    let p = s.project(&viewer.caller, &project).await?;
+    s.db.retry(&p.id, &job).await?;
     Ok(see_other(&format!("/projects/{}/jobs/{job}", p.id)))
 }
 

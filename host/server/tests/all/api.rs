@@ -14,11 +14,13 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let t = Some(token.as_str());
     let base = format!("/api/v1/projects/{project}");
 
-    // A job queued before any worker runs is cancelled at once.
-    let (status, queued) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(json!({"kind": "data_split", "version": "nothing"}))).await;
+    // A job queued before any worker runs is cancelled at once (and retried below).
+    let split = json!({"kind": "data_split", "version": "words", "heldout": 0.2, "name": "words"});
+    let (status, queued) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(split)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
     let (status, cancelled) = s.call(Method::POST, &format!("{base}/jobs/{}/cancel", queued["id"].as_str().unwrap()), t, None).await;
     assert_eq!((status, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    let cancelled_id = cancelled["id"].as_str().unwrap().to_string();
     s.start_worker();
 
     // Data: upload, import (format detected), split.
@@ -41,7 +43,13 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     assert_eq!(preview["records"].as_array().unwrap().len(), 2);
     let pets = s.run_job(&project, &token, json!({"kind": "data_import", "file_id": file["id"], "mapping": preview["mapping"]})).await;
     assert_eq!((pets["outcome"]["report"]["container"].as_str(), pets["outcome"]["report"]["rows"].as_u64()), (Some("csv"), Some(2)), "{pets}");
-    s.run_job(&project, &token, json!({"kind": "data_split", "version": "words", "heldout": 0.2, "name": "words"})).await;
+    // The cancelled split, retried now that its data is there: the same job runs.
+    let (status, retried) = s.call(Method::POST, &format!("{base}/jobs/{cancelled_id}/retry"), t, None).await;
+    assert_eq!((status, retried["state"].as_str(), retried["max_attempts"].as_i64()), (StatusCode::OK, Some("queued"), Some(1)), "{retried}");
+    let split = s.wait(&project, &cancelled_id, &token).await;
+    assert_eq!(split["state"], "succeeded", "{split}");
+    let (status, again) = s.call(Method::POST, &format!("{base}/jobs/{cancelled_id}/retry"), t, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
     let (status, versions) = s.call(Method::GET, &format!("{base}/datasets"), t, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(versions["data"].as_array().unwrap().len(), 4, "words, its two parts, and pets: {versions}");
@@ -174,7 +182,7 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (_, metrics) = s.call(Method::GET, "/metrics", None, None).await;
     let metrics = metrics.as_str().unwrap();
     assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 9"), "{metrics}");
-    assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 1"), "{metrics}");
+    assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 0"), "the cancelled job was retried: {metrics}");
     assert!(metrics.contains("lathe_jobs{state=\"failed\"} 1"), "{metrics}");
     assert!(metrics.contains("lathe_job_duration_seconds_count 10"), "{metrics}");
 }

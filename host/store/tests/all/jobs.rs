@@ -14,6 +14,7 @@ on_both_backends!(
     retries_stop_at_max_attempts,
     jobs_listing_pages,
     wait_for_work_wakes_on_enqueue,
+    failed_and_cancelled_jobs_are_retried,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -479,4 +480,41 @@ async fn wait_for_work_wakes_on_enqueue(t: &TestDb) {
     tokio::time::timeout(Duration::from_secs(10), t.close())
         .await
         .expect("close() returns");
+}
+
+async fn failed_and_cancelled_jobs_are_retried(db: &Db) {
+    let (_, project) = team_and_project(db, "retry").await;
+    let (_, other) = team_and_project(db, "retry-other").await;
+    let queued = db.enqueue(job(&project.id, "train", 0, 1)).await.unwrap();
+    match db.retry(&project.id, &queued.id).await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("is queued"), "{msg}"),
+        other => panic!("a queued job is not retried: {other:?}"),
+    }
+    let lease = db.claim("w", &[], LEASE).await.unwrap().unwrap();
+    db.append_event(&lease, "log", json!({"message": "step 1"})).await.unwrap();
+    db.fail(&lease, "worker ran out of disk", true).await.unwrap();
+    assert_eq!(db.job_any(&queued.id).await.unwrap().state, JobState::Failed, "one attempt only");
+    assert!(matches!(db.retry(&other.id, &queued.id).await, Err(StoreError::NotFound { .. })));
+
+    // Retried: queued again with one more attempt, the error gone, the events kept; the
+    // old lease stays fenced off.
+    let again = db.retry(&project.id, &queued.id).await.unwrap();
+    assert_eq!((again.state, again.attempts, again.max_attempts, again.error.as_deref()), (JobState::Queued, 1, 2, None));
+    assert!(again.finished_at.is_none());
+    let second = db.claim("w2", &[], LEASE).await.unwrap().unwrap();
+    assert_eq!((second.job.id.as_str(), second.job.attempts), (queued.id.as_str(), 2));
+    assert!(is_lease_lost(db.append_event(&lease, "log", json!({})).await, &queued.id, lease.token));
+    db.append_event(&second, "log", json!({"message": "resumed"})).await.unwrap();
+    assert_eq!(db.events(&queued.id, 0, 10).await.unwrap().len(), 2);
+    db.complete(&second, json!({"ok": true})).await.unwrap();
+    match db.retry(&project.id, &queued.id).await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("is succeeded"), "{msg}"),
+        other => panic!("a succeeded job is not retried: {other:?}"),
+    }
+
+    // A cancelled job too.
+    let cancelled = db.enqueue(job(&project.id, "eval", 0, 3)).await.unwrap();
+    db.cancel(&project.id, &cancelled.id).await.unwrap();
+    let again = db.retry(&project.id, &cancelled.id).await.unwrap();
+    assert_eq!((again.state, again.cancel_requested), (JobState::Queued, false));
 }
