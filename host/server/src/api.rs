@@ -782,7 +782,9 @@ pub async fn enqueue(s: &AppState, project_id: &str, request: JobRequest, priori
 /// Queues a pipeline job as the store keeps it: its kind, and its spec as JSON.
 pub async fn enqueue_job(s: &AppState, project_id: &str, job_id: String, job: &Job, priority: i32, max_attempts: i32) -> ApiResult<JobRow> {
     let spec = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let new = NewJob { id: Some(job_id), project_id: project_id.into(), kind: job.kind().into(), spec: spec["spec"].clone(), priority, max_attempts };
+    // The plugins it will run with are the ones there are now, whatever is uploaded later.
+    let plugins = s.plugin_pins(project_id).await?;
+    let new = NewJob { id: Some(job_id), project_id: project_id.into(), kind: job.kind().into(), spec: spec["spec"].clone(), priority, max_attempts, plugins };
     Ok(s.db.enqueue(new).await?)
 }
 

@@ -80,13 +80,39 @@ impl AppState {
         self.config.data_dir.join("projects").join(project_id)
     }
 
-    /// The job environment of a project: its folder, the server's device, and the
-    /// project's plugins by name (no plugin name reaches the filesystem).
+    /// The job environment of a project with its plugins as they are now (the newest
+    /// upload of each name).
     pub async fn env(&self, project_id: &str) -> ApiResult<Env> {
+        let pins = self.plugin_pins(project_id).await?;
+        self.env_pinned(project_id, &pins)
+    }
+
+    /// The environment a queued job runs in: the plugin hashes pinned when it was queued
+    /// (jobs queued before pinning existed get the newest uploads).
+    pub async fn job_env(&self, job: &JobRow) -> ApiResult<Env> {
+        match job.plugins.is_empty() {
+            true => self.env(&job.project_id).await,
+            false => self.env_pinned(&job.project_id, &job.plugins),
+        }
+    }
+
+    /// The project's plugins as a job pins them: name → sha256 of the newest upload.
+    pub async fn plugin_pins(&self, project_id: &str) -> ApiResult<BTreeMap<String, String>> {
+        let mut pins = BTreeMap::new();
+        // Newest first within a name: the first of each name is kept.
+        for p in self.db.plugins(project_id).await? {
+            pins.entry(p.name).or_insert(p.sha256);
+        }
+        Ok(pins)
+    }
+
+    /// A project's folder, the server's device, and the given plugins by name (no plugin
+    /// name reaches the filesystem).
+    fn env_pinned(&self, project_id: &str, pins: &BTreeMap<String, String>) -> ApiResult<Env> {
         let device = lathe_engine::device::parse_device(&self.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut plugins = HashMap::new();
-        for p in self.db.plugins(project_id).await? {
-            plugins.insert(p.name.clone(), self.artifacts.get_path(&p.sha256)?);
+        for (name, sha256) in pins {
+            plugins.insert(name.clone(), self.artifacts.get_path(sha256)?);
         }
         Ok(Env::new(self.project_dir(project_id), device).with_project_plugins(plugins))
     }

@@ -63,7 +63,7 @@ pub async fn run_one(state: &AppState, lease: Lease) {
             return;
         }
     };
-    let env = match state.env(&lease.job.project_id).await {
+    let env = match state.job_env(&lease.job).await {
         Ok(env) => env,
         Err(e) => {
             let _ = state.db.fail(&lease, &format!("preparing the job: {e}"), true).await;

@@ -9,6 +9,7 @@
 //! again, the old holder's writes match no row and return [`StoreError::LeaseLost`], so a
 //! worker that was merely slow can never overwrite the work of the one that replaced it.
 
+use std::collections::BTreeMap;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -99,6 +100,8 @@ pub struct NewJob {
     pub priority: i32,
     /// How many claims the job gets before a retryable failure or a dead worker fails it.
     pub max_attempts: i32,
+    /// The plugins it runs with: name → sha256, pinned when it is queued.
+    pub plugins: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
@@ -124,6 +127,9 @@ pub struct JobRow {
     pub error: Option<String>,
     #[sqlx(json(nullable))]
     pub outcome: Option<Value>,
+    /// The plugins it runs with: name → sha256, pinned when it was queued.
+    #[sqlx(json)]
+    pub plugins: BTreeMap<String, String>,
     pub created_at: i64,
     /// When the latest attempt started.
     pub started_at: Option<i64>,
@@ -162,7 +168,7 @@ pub struct JobEvent {
 macro_rules! job_columns {
     () => {
         "id, project_id, kind, spec, state, priority, attempts, max_attempts, worker, lease_token, \
-         lease_expires_at, cancel_requested, error, outcome, created_at, started_at, finished_at"
+         lease_expires_at, cancel_requested, error, outcome, plugins, created_at, started_at, finished_at"
     };
 }
 
@@ -206,8 +212,8 @@ impl Db {
             )));
         }
         let sql = concat!(
-            "INSERT INTO jobs (id, project_id, kind, spec, state, priority, max_attempts, created_at) \
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING ",
+            "INSERT INTO jobs (id, project_id, kind, spec, state, priority, max_attempts, created_at, plugins) \
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) RETURNING ",
             job_columns!()
         );
         let id = job.id.clone().unwrap_or_else(|| new_id("job"));
@@ -219,6 +225,7 @@ impl Db {
             .bind(job.priority)
             .bind(job.max_attempts)
             .bind(now_ms())
+            .bind(Json(&job.plugins))
             .fetch_one(p)
             .await)
         .map_err(|e| {

@@ -189,6 +189,7 @@ async fn seed(
                 spec: serde_json::json!({"i": i}),
                 priority: 0,
                 max_attempts: 1,
+                plugins: Default::default(),
             })
             .await?;
         job = row.id;
@@ -412,7 +413,7 @@ pub fn claims(a: &ClaimsBench) -> Result<()> {
         let project = db.create_project(&team.id, "bench", "").await?;
         let start = Instant::now();
         for i in 0..a.jobs {
-            let job = NewJob { id: None, project_id: project.id.clone(), kind: kind.clone(), spec: serde_json::json!({"i": i}), priority: 0, max_attempts: 1 };
+            let job = NewJob { id: None, project_id: project.id.clone(), kind: kind.clone(), spec: serde_json::json!({"i": i}), priority: 0, max_attempts: 1, plugins: Default::default() };
             db.enqueue(job).await?;
         }
         let enqueue_s = start.elapsed().as_secs_f64();

@@ -238,15 +238,25 @@ async fn upload_plugin(State(s): State<Arc<AppState>>, viewer: Viewer, Path(proj
 async fn plugin(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, plugin)): Path<(String, String)>) -> WebResult<Html<String>> {
     let p = s.project(&viewer.caller, &project).await?;
     let row = s.db.plugin(&p.id, &plugin).await?;
-    // Which suites name it (by name: a suite uses the newest upload of that name).
-    let suites: Vec<String> = s.db.suites(&p.id).await?.into_iter().filter(|r| r.definition.to_string().contains(&format!("\"{}\"", row.name))).map(|r| r.name).collect();
+    // Suites name plugins; a job pins the hash each name had when it was queued.
+    let quoted = format!("\"{}\"", row.name);
+    let suites: Vec<String> = s.db.suites(&p.id).await?.into_iter().filter(|r| r.definition.to_string().contains(&quoted)).map(|r| r.name).collect();
+    let versions: Vec<_> = s.db.plugins(&p.id).await?.into_iter().filter(|v| v.name == row.name).collect();
+    let used_by: Vec<_> = s
+        .db
+        .jobs(&p.id, None, None, 500)
+        .await?
+        .into_iter()
+        .filter(|j| j.plugins.get(&row.name) == Some(&row.sha256) && j.spec.to_string().contains(&quoted))
+        .map(|j| json!({"id": j.id, "kind": j.kind, "state": j.state.as_str(), "created_at": j.created_at}))
+        .collect();
     let sample = match row.kind.as_str() {
         "scorer" => json!({"prediction": "{\"total\": 12.5}", "reference": "{\"total\": 12.5}"}),
         "validator" => json!({"output": "{\"total\": 12.5}"}),
         "judge" => json!({"input": "What is 2+2?", "output": "4", "reference": "4"}),
         _ => json!({"text": "an example record"}),
     };
-    let ctx = minijinja::context! { plugin => row, suites => suites, sample => serde_json::to_string_pretty(&sample).unwrap_or_default() };
+    let ctx = minijinja::context! { plugin => row, suites => suites, versions => versions, used_by => used_by, sample => serde_json::to_string_pretty(&sample).unwrap_or_default() };
     render("plugin.html", page_ctx(frame(&viewer, Some(&p), "plugins"), ctx))
 }
 

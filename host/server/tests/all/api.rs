@@ -3,11 +3,12 @@
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use lathe_store::NewPlugin;
 use serde_json::{Value, json};
 
 use crate::{Server, team_with_project, words_jsonl, words_suite};
 
-crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles);
+crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles, jobs_pin_their_plugins);
 
 async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (token, project) = team_with_project(&s, "acme").await;
@@ -272,8 +273,32 @@ async fn members_and_their_roles(s: Server) {
     assert_eq!(call(Method::DELETE, format!("/api/v1/members/{ana_id}"), bo_token, None).await.0, StatusCode::NO_CONTENT);
     assert_eq!(call(Method::GET, "/api/v1/projects".into(), ana_token, None).await.0, StatusCode::UNAUTHORIZED);
     let (_, members) = call(Method::GET, "/api/v1/members".into(), &team, None).await;
-    let listed: Vec<_> = members["data"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap(), m["removed_at"].is_i64())).collect();
+    let mut listed: Vec<_> = members["data"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap(), m["removed_at"].is_i64())).collect();
+    listed.sort();
     assert_eq!(listed, [("Ana", true), ("Bo", false)]);
+}
+
+async fn jobs_pin_their_plugins(s: Server) {
+    let (token, project) = team_with_project(&s, "pins").await;
+    let base = format!("/api/v1/projects/{project}");
+    let first = lathe_sandbox::builtin("token-f1").unwrap().to_vec();
+    let (status, _) = s.send(raw_post(&format!("{base}/plugins"), &token, first.clone())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let jobs = format!("{base}/jobs");
+    let queue = || s.call(Method::POST, &jobs, Some(&token), Some(json!({"kind": "data_split", "version": "words"})));
+    let (_, early) = queue().await;
+    assert_eq!(early["plugins"], json!({"token-f1": lathe_util::sha256_hex(&first)}), "{early}");
+
+    // A newer upload of the same name: new jobs pin it, the queued one keeps its hash.
+    let newer = lathe_sandbox::builtin("exact-match").unwrap();
+    let sha = s.state.artifacts.put_bytes(newer).unwrap();
+    let plugin = NewPlugin { name: "token-f1".into(), kind: "scorer".into(), version: "0.2.0".into(), sha256: sha.clone(), size: newer.len() as i64, config_schema: json!({}) };
+    s.state.db.add_plugin(&project, plugin).await.unwrap();
+    assert_eq!(s.state.plugin_pins(&project).await.unwrap()["token-f1"], sha, "the newest upload of a name");
+    let (_, late) = queue().await;
+    assert_eq!(late["plugins"]["token-f1"], sha.as_str(), "{late}");
+    let (_, early_now) = s.call(Method::GET, &format!("{base}/jobs/{}", early["id"].as_str().unwrap()), Some(&token), None).await;
+    assert_eq!(early_now["plugins"], early["plugins"]);
 }
 
 fn raw_post(uri: &str, token: &str, body: Vec<u8>) -> Request<Body> {

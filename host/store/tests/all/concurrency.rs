@@ -26,6 +26,7 @@ async fn four_claimers_drain_500_jobs_exactly_once(t: &TestDb) {
             spec: json!({"i": i}),
             priority: 0,
             max_attempts: 1,
+            plugins: Default::default(),
         };
         t.enqueue(job).await.unwrap();
     }

@@ -27,6 +27,7 @@ fn job(project_id: &str, kind: &str, priority: i32, max_attempts: i32) -> NewJob
         spec: json!({"epochs": 3}),
         priority,
         max_attempts,
+        plugins: Default::default(),
     }
 }
 
