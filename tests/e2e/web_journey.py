@@ -223,6 +223,17 @@ def main(p):
         expect(step).to_have_class(re.compile("done"))
     shot("workflow")
 
+    # ---- project settings: lathe.toml, checked before it is saved ------------------------
+    page.click("nav[aria-label=project] a:has-text('Project settings')")
+    page.fill("#project-settings textarea", "[train]\nepoks = 4\n")
+    submit("#project-settings")
+    expect(page.locator("#settings-error")).to_contain_text("epoks")
+    assert page.input_value("#project-settings textarea") == "[train]\nepoks = 4\n", "the refused text stays"
+    page.fill("#project-settings textarea", "[train]\nepochs = 4\n")
+    submit("#project-settings")
+    expect(page.locator("#resolved")).to_contain_text('"epochs": 4')
+    shot("project-settings")
+
     # ---- settings: a token shown once, a member with their first token -------------------
     page.goto(f"{base}/settings")
     page.fill("form[action='/settings/tokens'] input[name=name]", "ci")

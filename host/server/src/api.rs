@@ -747,7 +747,7 @@ fn project_settings_path(s: &AppState, project_id: &str) -> std::path::PathBuf {
 #[utoipa::path(get, path = "/api/v1/projects/{project}/settings", params(("project" = String, Path)), responses((status = 200, description = "the TOML and the resolved training settings")))]
 async fn get_settings(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
-    let toml = tokio::fs::read_to_string(project_settings_path(&s, &p.id)).await.unwrap_or_default();
+    let toml = project_settings(&s, &p.id).await;
     Ok(Json(json!({"toml": toml, "train": train_settings(&s, &p.id, serde_json::Map::new())?})))
 }
 
@@ -758,17 +758,29 @@ async fn get_settings(State(s): State<Arc<AppState>>, caller: Caller, Path(proje
 #[utoipa::path(put, path = "/api/v1/projects/{project}/settings", params(("project" = String, Path)), responses((status = 200, description = "the resolved training settings"), (status = 400, description = "what is wrong with the TOML")))]
 async fn put_settings(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, body: String) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
-    let checked = Layers { toml: Some(("lathe.toml".into(), body.clone())), ..Layers::default() };
+    let train = save_project_settings(&s, &p.id, body).await?;
+    Ok(Json(json!({"train": train})))
+}
+
+/// The project's settings file as written (empty when there is none).
+pub async fn project_settings(s: &AppState, project_id: &str) -> String {
+    tokio::fs::read_to_string(project_settings_path(s, project_id)).await.unwrap_or_default()
+}
+
+/// Checks a settings file and, if it resolves, writes it; returns the training settings
+/// it resolves to.
+pub async fn save_project_settings(s: &AppState, project_id: &str, toml: String) -> ApiResult<TrainSettings> {
+    let checked = Layers { toml: Some(("lathe.toml".into(), toml.clone())), ..Layers::default() };
     checked.resolve::<TrainSettings>("train")?;
-    let path = project_settings_path(&s, &p.id);
-    let dir = s.project_dir(&p.id);
+    let path = project_settings_path(s, project_id);
+    let dir = s.project_dir(project_id);
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)?;
-        lathe_util::write_atomic(&path, body.as_bytes())
+        lathe_util::write_atomic(&path, toml.as_bytes())
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok(Json(json!({"train": train_settings(&s, &p.id, serde_json::Map::new())?})))
+    train_settings(s, project_id, serde_json::Map::new())
 }
 
 /// Queues a pipeline job in a project; its id is chosen first so that output folders can

@@ -3,12 +3,14 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::response::{Html, Response};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
 use axum::Form;
 use serde::{Deserialize, Serialize};
 
 use super::{Pages, CsrfForm, Viewer, WebResult, frame, page_ctx, render, see_other};
 use crate::api;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn routes(pages: Pages) -> Pages {
@@ -16,6 +18,8 @@ pub fn routes(pages: Pages) -> Pages {
         .get("/projects", list)
         .post("/projects", create)
         .get("/projects/{project}", home)
+        .get("/projects/{project}/settings", project_settings)
+        .post("/projects/{project}/settings", save_project_settings)
         .get("/settings", settings)
         .post("/settings/tokens", create_token)
         .post("/settings/tokens/{token}/revoke", revoke_token)
@@ -119,6 +123,40 @@ async fn home(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Pat
     let steps = checklist(&s, &p.id).await?;
     let recent = s.db.jobs(&p.id, None, None, 10).await?;
     render("project.html", page_ctx(frame(&viewer, Some(&p), "home"), minijinja::context! { steps => steps, jobs => recent }))
+}
+
+/// The project's `lathe.toml`: the training defaults of its jobs, edited in the page and
+/// checked before it is saved; beside it, what it resolves to.
+async fn project_settings(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, &project).await?;
+    let toml = api::project_settings(&s, &p.id).await;
+    settings_editor(&s, &viewer, &p, toml, None, None).await
+}
+
+#[derive(Deserialize)]
+struct SettingsForm {
+    #[serde(default)]
+    csrf: String,
+    toml: String,
+}
+
+async fn save_project_settings(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, Form(f): Form<SettingsForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    let p = s.project(&viewer.caller, &project).await?;
+    // Browsers send CRLF line ends; the file keeps LF.
+    let toml = f.toml.replace("\r\n", "\n");
+    match api::save_project_settings(&s, &p.id, toml.clone()).await {
+        Ok(_) => Ok(settings_editor(&s, &viewer, &p, toml, None, Some("Saved: new training jobs start from these settings.")).await?.into_response()),
+        // Refused: the text stays in the editor, with what is wrong.
+        Err(ApiError::BadRequest(e)) => Ok((StatusCode::BAD_REQUEST, settings_editor(&s, &viewer, &p, toml, Some(e), None).await?).into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn settings_editor(s: &AppState, viewer: &Viewer, p: &lathe_store::Project, toml: String, error: Option<String>, saved: Option<&str>) -> WebResult<Html<String>> {
+    let resolved = serde_json::to_string_pretty(&api::train_settings(s, &p.id, serde_json::Map::new())?).unwrap_or_default();
+    let ctx = minijinja::context! { toml => toml, resolved => resolved, error => error, saved => saved };
+    render("project_settings.html", page_ctx(frame(viewer, Some(p), "settings"), ctx))
 }
 
 async fn settings(State(s): State<Arc<AppState>>, viewer: Viewer) -> WebResult<Html<String>> {

@@ -110,7 +110,7 @@ fn form_request(method: &Method, uri: &str, cookie: Option<&str>, csrf: &str) ->
         );
         return r.header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={b}")).body(Body::from(body)).unwrap();
     }
-    let body = format!("csrf={csrf}&name=x&role=member&kind=data_stats&version=words&input=%7B%7D&token=x");
+    let body = format!("csrf={csrf}&name=x&role=member&kind=data_stats&version=words&input=%7B%7D&token=x&toml=");
     r.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(body)).unwrap()
 }
 
