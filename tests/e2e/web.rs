@@ -1,6 +1,7 @@
 //! The web UI in headless Chromium: `web_journey.py` walks a team through the whole workflow
 //! on SmolLM2 in a browser, then checks what must not work (another team's view, a forged
-//! form, a request to another host). Screenshots go to `$LATHE_TOUR_DIR` when it is set (the
+//! form, a request to another host). Screenshots go to `$LATHE_TOUR_DIR` (relative to the
+//! repository) when it is set (the
 //! README's tour is made that way), else to a temporary folder.
 
 use std::process::Command;
@@ -27,7 +28,8 @@ fn a_team_runs_the_workflow_in_a_browser_and_another_team_sees_none_of_it() {
     // A component built from plugins/ (the build embeds them), uploaded as the project's own.
     let wasm = dir.path().join("json-field-match.wasm");
     std::fs::write(&wasm, lathe_sandbox::builtin("json-field-match").unwrap()).unwrap();
-    let shots = std::env::var("LATHE_TOUR_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| dir.path().join("shots"));
+    // Relative to the repository (tests run in the crate's folder).
+    let shots = std::env::var("LATHE_TOUR_DIR").map(|d| repo_root().join(d)).unwrap_or_else(|_| dir.path().join("shots"));
 
     let script = repo_root().join("tests/e2e/web_journey.py");
     let out = Command::new(venv_python())

@@ -214,7 +214,7 @@ macro_rules! templates {
 const TEMPLATES: &[(&str, &str)] = templates!(
     "base.html", "error.html", "login.html", "projects.html", "project.html", "settings.html", "datasets.html",
     "dataset.html", "import.html", "plugins.html", "plugin.html", "try_result.html", "suites.html", "suite_preview.html", "jobs.html",
-    "jobs_table.html", "job.html", "models.html", "report.html",
+    "jobs_table.html", "job.html", "models.html", "report.html", "project_settings.html",
 );
 
 fn embedded() -> &'static Environment<'static> {
@@ -275,4 +275,19 @@ pub fn urlencode(s: &str) -> String {
 /// After a successful form: go to `to` (with htmx, by its redirect header).
 pub fn see_other(to: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A template added to `web/templates/` but not to the embedded list would work in
+    /// debug builds and be missing from the release binary.
+    #[test]
+    fn every_template_is_embedded() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../web/templates");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut embedded: Vec<String> = super::TEMPLATES.iter().map(|(name, _)| name.to_string()).collect();
+        on_disk.sort();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
+    }
 }
