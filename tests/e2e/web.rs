@@ -1,8 +1,8 @@
 //! The web UI in headless Chromium: `web_journey.py` walks a team through the whole workflow
 //! on SmolLM2 in a browser, then checks what must not work (another team's view, a forged
 //! form, a request to another host). Screenshots go to `$LATHE_TOUR_DIR` (relative to the
-//! repository) when it is set (the
-//! README's tour is made that way), else to a temporary folder.
+//! repository) when it is set (the README's tour is made that way), else to a temporary
+//! folder.
 
 use std::process::Command;
 
