@@ -530,6 +530,13 @@ impl Db {
         Ok(JobTiming { started, wait_ms_sum: wait, finished, run_ms_sum: run })
     }
 
+    /// A project's succeeded jobs, counted by kind (the workflow checklist, in one query).
+    pub async fn succeeded_by_kind(&self, project_id: &str) -> Result<BTreeMap<String, i64>> {
+        let sql = "SELECT kind, COUNT(*) FROM jobs WHERE project_id = $1 AND state = 'succeeded' GROUP BY kind";
+        let counts: Vec<(String, i64)> = on_pool!(self, p => sqlx::query_as(sql).bind(project_id).fetch_all(p).await)?;
+        Ok(counts.into_iter().collect())
+    }
+
     pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
         let sql = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
         let counts: Vec<(String, i64)> =

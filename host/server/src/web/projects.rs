@@ -65,19 +65,17 @@ struct Step {
 /// suites, dataset versions and succeeded jobs.
 async fn checklist(s: &AppState, project_id: &str) -> WebResult<Vec<Step>> {
     let suites = s.db.suites(project_id).await?;
-    let succeeded = |kind: &'static str| async move {
-        let jobs = s.db.jobs(project_id, Some(kind), None, 100).await?;
-        Ok::<usize, lathe_store::StoreError>(jobs.iter().filter(|j| j.state.as_str() == "succeeded").count())
-    };
+    let counts = s.db.succeeded_by_kind(project_id).await?;
+    let succeeded = |kind: &str| counts.get(kind).copied().unwrap_or(0) as usize;
     // A succeeded demo job ran every step up to the verdict.
-    let demo = succeeded("demo").await?;
+    let demo = succeeded("demo");
     let (baseline, imported, split, trained, reported, exported) = (
-        succeeded("eval_baseline").await? + demo,
-        succeeded("data_import").await? + demo,
-        succeeded("data_split").await? + demo,
-        succeeded("train").await? + demo,
-        succeeded("eval_report").await? + demo,
-        succeeded("export").await?,
+        succeeded("eval_baseline") + demo,
+        succeeded("data_import") + demo,
+        succeeded("data_split") + demo,
+        succeeded("train") + demo,
+        succeeded("eval_report") + demo,
+        succeeded("export"),
     );
     let base = format!("/projects/{project_id}");
     let has_suite = !suites.is_empty();

@@ -39,6 +39,14 @@ async fn another_teams_session_finds_nothing_on_any_page(mut s: Server) {
     ];
     let fill = |template: &str| ids.iter().fold(template.to_string(), |uri, (slot, id)| uri.replace(slot, id));
 
+    // The first team's own workflow checklist: a suite and an import done, the split next,
+    // training blocked until there is a baseline.
+    let (own, _) = sign_in(&s, &a).await;
+    let (status, _, home) = send(&s, Request::get(format!("/projects/{project}")).header(header::COOKIE, &own).body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let states: Vec<&str> = home.split("<li class=\"").skip(1).filter_map(|li| li.split('"').next()).collect();
+    assert_eq!(states, ["done", "done", "next", "blocked", "blocked", "blocked", "blocked"], "{home}");
+
     let (cookie, csrf) = sign_in(&s, &b).await;
     let mut routes = lathe_server::web::route_list();
     // Signing out ends the session the other checks use: last.

@@ -518,4 +518,8 @@ async fn failed_and_cancelled_jobs_are_retried(db: &Db) {
     db.cancel(&project.id, &cancelled.id).await.unwrap();
     let again = db.retry(&project.id, &cancelled.id).await.unwrap();
     assert_eq!((again.state, again.cancel_requested), (JobState::Queued, false));
+    // Only succeeded jobs count, by kind, per project.
+    let counts = db.succeeded_by_kind(&project.id).await.unwrap();
+    assert_eq!(counts.into_iter().collect::<Vec<_>>(), [("train".to_string(), 1)]);
+    assert!(db.succeeded_by_kind(&other.id).await.unwrap().is_empty());
 }
