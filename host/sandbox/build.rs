@@ -3,6 +3,7 @@
 //! - `plugins/` (the built-in plugins), embedded through `OUT_DIR/builtin_plugins.rs`;
 //! - `tests/hostile/` (plugins that misbehave on purpose), whose paths the tests read
 //!   from `OUT_DIR/hostile_plugins.rs`.
+//!
 //! Their own target folder sits beside this build's (`<target>/wasm-plugins`), so the
 //! nested cargo never waits on the outer one's lock.
 

@@ -58,7 +58,8 @@ impl SamplingParams {
         if self.top_k == Some(0) {
             return bad("top_k must be ≥ 1".into());
         }
-        if !(self.repetition_penalty > 0.0) {
+        // NaN is refused too.
+        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
             return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
         Ok(())
@@ -333,6 +334,25 @@ pub fn logits_to_host(logits: Tensor<3>) -> Result<Vec<f32>> {
         .map_err(|e| EngineError::Generation(format!("reading logits: {e:?}")))
 }
 
+/// The log-probability of `continuation` following `prompt` (summed over its tokens), for
+/// scoring choices by likelihood.
+pub fn continuation_logprob(model: &CausalLm, adapter: Option<&Adapter>, prompt: &[u32], continuation: &[u32]) -> f64 {
+    if prompt.is_empty() || continuation.is_empty() {
+        return 0.0;
+    }
+    let mut tokens = prompt.to_vec();
+    tokens.extend_from_slice(continuation);
+    let logits = model.forward_with(&Step::single(&tokens, 0), &mut KvCache::default(), Logits::All, adapter);
+    let v = model.config.vocab_size;
+    let lp = burn::tensor::activation::log_softmax(logits.reshape([tokens.len(), v]), 1);
+    let host = lp.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits");
+    continuation
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| f64::from(host[(prompt.len() + k - 1) * v + t as usize]))
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,23 +413,4 @@ mod tests {
         assert_eq!(held_back("answer ##", &stops), 2);
         assert_eq!(held_back("answer", &stops), 0);
     }
-}
-
-/// The log-probability of `continuation` following `prompt` (summed over its tokens), for
-/// scoring choices by likelihood.
-pub fn continuation_logprob(model: &CausalLm, adapter: Option<&Adapter>, prompt: &[u32], continuation: &[u32]) -> f64 {
-    if prompt.is_empty() || continuation.is_empty() {
-        return 0.0;
-    }
-    let mut tokens = prompt.to_vec();
-    tokens.extend_from_slice(continuation);
-    let logits = model.forward_with(&Step::single(&tokens, 0), &mut KvCache::default(), Logits::All, adapter);
-    let v = model.config.vocab_size;
-    let lp = burn::tensor::activation::log_softmax(logits.reshape([tokens.len(), v]), 1);
-    let host = lp.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits");
-    continuation
-        .iter()
-        .enumerate()
-        .map(|(k, &t)| f64::from(host[(prompt.len() + k - 1) * v + t as usize]))
-        .sum()
 }

@@ -97,7 +97,7 @@ fn a_batch_of_different_lengths_matches_each_prompt_alone() {
     };
     let batched = lathe_engine::generate(&m.model, &m.tokenizer, &prompts, &params, &mut |_, _| {}).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
-        let alone = lathe_engine::generate(&m.model, &m.tokenizer, &[p.clone()], &params, &mut |_, _| {}).unwrap();
+        let alone = lathe_engine::generate(&m.model, &m.tokenizer, std::slice::from_ref(p), &params, &mut |_, _| {}).unwrap();
         assert_eq!(alone[0].token_ids, b.token_ids);
     }
     // And the padded prefill gives each row its own logits: `plain` is the shortest, so

@@ -79,7 +79,7 @@ fn sampling_is_reproducible_and_stops_on_strings() {
     let m = lathe_engine::load(&tiny.gguf, &device()).unwrap();
     let prompt = m.tokenizer.encode("the thin tin", false).unwrap();
     let params = SamplingParams { temperature: 0.9, top_p: Some(0.95), top_k: Some(50), seed: 9, max_tokens: 24, ignore_eos: true, ..Default::default() };
-    let run = |p: &SamplingParams| lathe_engine::generate(&m.model, &m.tokenizer, &[prompt.clone()], p, &mut |_, _| {}).unwrap().remove(0);
+    let run = |p: &SamplingParams| lathe_engine::generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), p, &mut |_, _| {}).unwrap().remove(0);
     let a = run(&params);
     assert_eq!(a.token_ids.len(), 24);
     assert_eq!(a, run(&params));
