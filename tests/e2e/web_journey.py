@@ -27,6 +27,17 @@ LONG = 600_000  # ms: a job on SmolLM2 on two cores
 os.makedirs(shots, exist_ok=True)
 CURRENT = []  # the page being driven, for a screenshot when a step fails
 
+def signed_in(browser, token):
+    """A new browser context signed in with a token, and its page."""
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    CURRENT.append(page)
+    page.goto(f"{base}/login")
+    page.fill("input[name=token]", token)
+    with page.expect_navigation():
+        page.click("button:has-text('Sign in')")
+    return ctx, page
+
 def main(p):
     browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
     ctx = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
@@ -246,13 +257,7 @@ def main(p):
     expect(page.locator("#members tr[data-member='Ana']")).to_contain_text("1 active")
     shot("settings")
     # Ana signs in elsewhere: she works in the projects but cannot manage the team.
-    ana = browser.new_context()
-    ap = ana.new_page()
-    CURRENT.append(ap)
-    ap.goto(f"{base}/login")
-    ap.fill("input[name=token]", ana_token)
-    with ap.expect_navigation():
-        ap.click("button:has-text('Sign in')")
+    ana, ap = signed_in(browser, ana_token)
     expect(ap.locator("main")).to_contain_text("invoices")
     ap.goto(f"{base}/settings")
     expect(ap.locator("main")).to_contain_text("Only the team's owners add or remove members")
@@ -292,13 +297,7 @@ def main(p):
     assert not errors, errors
 
     # ---- another team sees none of it ---------------------------------------------------
-    other = browser.new_context()
-    op = other.new_page()
-    CURRENT.append(op)
-    op.goto(f"{base}/login")
-    op.fill("input[name=token]", other_token)
-    with op.expect_navigation():
-        op.click("button:has-text('Sign in')")
+    other, op = signed_in(browser, other_token)
     assert "invoices" not in op.locator("main").inner_text()
     for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/jobs", "/jobs/table", "/models", f"/jobs/{train_job}",
                  f"/jobs/{train_job}/artifacts/adapter_model.safetensors", f"/jobs/{train_job}/events"]:

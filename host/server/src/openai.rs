@@ -91,12 +91,8 @@ fn status(job: &JobRow) -> &'static str {
 fn job_object(s: &AppState, p: &Project, job: &JobRow) -> Value {
     let spec = &job.spec;
     let settings = &spec["settings"];
-    let model_name = s
-        .config
-        .models
-        .iter()
-        .find(|(_, path)| spec["model"].as_str() == path.to_str())
-        .map_or_else(|| spec["model"].as_str().unwrap_or("").to_string(), |(name, _)| name.clone());
+    // A configured model's path reads as its name.
+    let model_name = s.redact(spec["model"].as_str().unwrap_or(""));
     let succeeded = status(job) == "succeeded";
     let error = job.error.as_ref().map(|m| json!({"code": "job_failed", "message": s.redact(m), "param": null}));
     json!({

@@ -52,6 +52,9 @@ pub struct AppState {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// HTTP requests served, for `/metrics`.
     pub requests: AtomicU64,
+    /// What [`AppState::redact`] replaces, and with what: made once, it runs on every
+    /// event streamed.
+    redactions: Vec<(String, String)>,
 }
 
 impl AppState {
@@ -66,7 +69,10 @@ impl AppState {
             None => Db::open_embedded(&config.data_dir).await?,
         };
         let artifacts = Arc::new(LocalArtifacts::new(config.data_dir.join("artifacts"))?);
-        Ok(Arc::new(Self { config, db, artifacts, requests: AtomicU64::new(0) }))
+        // Model paths first: a model may live in the data folder.
+        let models = config.models.iter().map(|(name, path)| (path.display().to_string(), name.clone()));
+        let redactions = models.chain([(format!("{}/", config.data_dir.display()), String::new())]).filter(|(from, _)| !from.is_empty()).collect();
+        Ok(Arc::new(Self { config, db, artifacts, requests: AtomicU64::new(0), redactions }))
     }
 
     /// The project if the caller's team owns it; another team's project is 404, as if it
@@ -122,12 +128,10 @@ impl AppState {
     /// relative to it (`projects/<id>/runs/<job>/adapter`). Job specs, outcomes, events,
     /// runs and reports go through this on their way out.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let data = format!("{}/", self.config.data_dir.display());
-        let models = self.config.models.iter().map(|(name, path)| (path.display().to_string(), name.as_str()));
         let mut out = Cow::Borrowed(text);
-        for (from, to) in models.chain([(data, "")]) {
-            if !from.is_empty() && out.contains(&from) {
-                out = Cow::Owned(out.replace(&from, to));
+        for (from, to) in &self.redactions {
+            if out.contains(from.as_str()) {
+                out = Cow::Owned(out.replace(from.as_str(), to));
             }
         }
         out

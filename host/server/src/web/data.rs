@@ -9,7 +9,7 @@ use axum::Form;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Pages, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
+use super::{Fields, Pages, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api::{self, JobRequest};
 use crate::state::AppState;
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::data::plugin_choices;
-use super::{Pages, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
+use super::{Fields, Pages, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api;
 use crate::state::AppState;
 

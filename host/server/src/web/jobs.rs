@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::data::plugin_choices;
-use super::{Pages, CsrfForm, Fields, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
+use super::{CsrfForm, Fields, Pages, Viewer, WebError, WebResult, field, frame, page_ctx, render, see_other};
 use crate::api::{self, JobRequest};
 use crate::state::AppState;
 

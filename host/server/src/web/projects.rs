@@ -8,7 +8,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Form;
 use serde::{Deserialize, Serialize};
 
-use super::{Pages, CsrfForm, Viewer, WebResult, frame, page_ctx, render, see_other};
+use super::{CsrfForm, Pages, Viewer, WebResult, frame, page_ctx, render, see_other};
 use crate::api;
 use crate::error::ApiError;
 use crate::state::AppState;

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Form;
 use serde::Deserialize;
 
-use super::{Pages, CsrfForm, Viewer, WebError, WebResult, render, see_other};
+use super::{CsrfForm, Pages, Viewer, WebError, WebResult, render, see_other};
 use crate::state::AppState;
 
 pub const SESSION_COOKIE: &str = "lathe_session";

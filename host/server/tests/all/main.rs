@@ -186,6 +186,61 @@ pub fn words_suite(gate: &str) -> Value {
 }
 
 /// A team (made through the admin route) with one project: (token, project id).
+/// The start of the cross-team sweeps: team `alpha` with something behind every id a
+/// route can name (a file, an import job, a suite, a token, a member), and team `beta`
+/// with a project of its own.
+pub struct TwoTeams {
+    pub a: String,
+    pub b: String,
+    pub b_project: String,
+    /// Route placeholder → alpha's id for it.
+    slots: Vec<(&'static str, String)>,
+}
+
+impl TwoTeams {
+    /// A route template with alpha's ids in its placeholders.
+    pub fn fill(&self, template: &str) -> String {
+        self.slots.iter().fold(template.to_string(), |uri, (slot, id)| uri.replace(slot, id))
+    }
+
+    pub fn id(&self, slot: &str) -> &str {
+        &self.slots.iter().find(|(s, _)| *s == slot).expect("a known placeholder").1
+    }
+
+    /// Alpha's project, job, file and member ids: what beta's own lists must not show.
+    pub fn owned_ids(&self) -> [&str; 4] {
+        ["{project}", "{job}", "{file}", "{member}"].map(|slot| self.id(slot))
+    }
+}
+
+pub async fn two_teams(s: &mut Server) -> TwoTeams {
+    s.start_worker();
+    let (a, project) = team_with_project(s, "alpha").await;
+    let (b, b_project) = team_with_project(s, "beta").await;
+    let (_, file) = s.upload(&format!("/api/v1/projects/{project}/files"), &a, None, "w.jsonl", &words_jsonl(20)).await;
+    let job = s.run_job(&project, &a, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
+    s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words"), Some(&a), Some(words_suite("exact-match"))).await;
+    let (_, tokens) = s.call(Method::GET, "/api/v1/tokens", Some(&a), None).await;
+    let (_, member) = s.call(Method::POST, "/api/v1/members", Some(&a), Some(json!({"name": "Ana"}))).await;
+    let (job, file) = (job["id"].as_str().unwrap().to_string(), file["id"].as_str().unwrap().to_string());
+    let slots = vec![
+        ("{project}", project),
+        ("{job}", job.clone()),
+        ("{job_id}", job),
+        ("{file}", file.clone()),
+        ("{file_id}", file),
+        ("{plugin}", "exact-match".to_string()),
+        ("{suite}", "words".to_string()),
+        ("{version}", "words".to_string()),
+        ("{run}", "0123abcd".to_string()),
+        ("{token}", tokens["data"][0]["id"].as_str().unwrap().to_string()),
+        ("{member}", member["member"]["id"].as_str().unwrap().to_string()),
+        ("{name}", "report.html".to_string()),
+        ("{*path}", "lathe.css".to_string()),
+    ];
+    TwoTeams { a, b, b_project, slots }
+}
+
 pub async fn team_with_project(s: &Server, team: &str) -> (String, String) {
     let (status, made) = s.call(Method::POST, "/api/v1/teams", Some(&s.admin), Some(json!({"name": team}))).await;
     assert_eq!(status, StatusCode::CREATED, "{made}");

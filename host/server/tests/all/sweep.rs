@@ -7,21 +7,12 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use serde_json::json;
 
-use crate::{Server, team_with_project, words_jsonl, words_suite};
+use crate::{Server, two_teams};
 
 crate::on_both_backends!(another_teams_token_finds_nothing_on_any_route);
 
 async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
-    s.start_worker();
-    let (a, project) = team_with_project(&s, "alpha").await;
-    let (b, b_project) = team_with_project(&s, "beta").await;
-    let (_, file) = s.upload(&format!("/api/v1/projects/{project}/files"), &a, None, "w.jsonl", &words_jsonl(20)).await;
-    let job = s.run_job(&project, &a, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
-    s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words"), Some(&a), Some(words_suite("exact-match"))).await;
-    let (_, tokens) = s.call(Method::GET, "/api/v1/tokens", Some(&a), None).await;
-    let a_token_id = tokens["data"][0]["id"].as_str().unwrap().to_string();
-    let (_, member) = s.call(Method::POST, "/api/v1/members", Some(&a), Some(json!({"name": "Ana"}))).await;
-    let ids = Ids { project: &project, job: job["id"].as_str().unwrap(), file: file["id"].as_str().unwrap(), token: &a_token_id, member: member["member"]["id"].as_str().unwrap() };
+    let t = two_teams(&mut s).await;
 
     let (status, doc) = s.call(Method::GET, "/api/v1/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -32,19 +23,19 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
         for method in ops.as_object().unwrap().keys() {
             let method: Method = method.to_uppercase().parse().unwrap();
             // No token: refused before anything is read.
-            let uri = ids.fill(template);
+            let uri = t.fill(template);
             let (status, body) = s.send(request(&method, &uri, None, None)).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} without a token: {body}");
 
             // Another team's token on the first team's ids.
-            let (status, body) = s.send(request(&method, &uri, Some(&b), Some(&b_project))).await;
+            let (status, body) = s.send(request(&method, &uri, Some(&t.b), Some(&t.b_project))).await;
             let has_id = template.contains('{');
             if has_id {
                 assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri} with another team's token: {body}");
             } else {
                 // The caller's own lists: nothing of the first team in them.
                 let text = body.to_string();
-                for id in [ids.project, ids.job, ids.file, ids.member] {
+                for id in t.owned_ids() {
                     assert!(!text.contains(id), "{method} {uri} shows another team's {id}: {text}");
                 }
             }
@@ -52,33 +43,6 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
         }
     }
     assert!(checked >= 35, "{checked} routes checked");
-}
-
-/// The first team's ids, for the routes' placeholders.
-struct Ids<'a> {
-    project: &'a str,
-    job: &'a str,
-    file: &'a str,
-    token: &'a str,
-    member: &'a str,
-}
-
-impl Ids<'_> {
-    fn fill(&self, template: &str) -> String {
-        template
-            .replace("{project}", self.project)
-            .replace("{job}", self.job)
-            .replace("{job_id}", self.job)
-            .replace("{file}", self.file)
-            .replace("{file_id}", self.file)
-            .replace("{plugin}", "exact-match")
-            .replace("{suite}", "words")
-            .replace("{version}", "words")
-            .replace("{run}", "0123abcd")
-            .replace("{token}", self.token)
-            .replace("{member}", self.member)
-            .replace("{name}", "report.html")
-    }
 }
 
 /// A request whose body passes each route's extractor, so the answer is the route's own.

@@ -7,10 +7,9 @@
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
-use serde_json::json;
 use tower::ServiceExt;
 
-use crate::{Server, team_with_project, words_jsonl, words_suite};
+use crate::{Server, two_teams};
 
 crate::on_both_backends!(another_teams_session_finds_nothing_on_any_page);
 
@@ -18,43 +17,25 @@ crate::on_both_backends!(another_teams_session_finds_nothing_on_any_page);
 const PUBLIC: [&str; 3] = ["/", "/login", "/static/{*path}"];
 
 async fn another_teams_session_finds_nothing_on_any_page(mut s: Server) {
-    s.start_worker();
-    let (a, project) = team_with_project(&s, "alpha").await;
-    let (b, _) = team_with_project(&s, "beta").await;
-    let (_, file) = s.upload(&format!("/api/v1/projects/{project}/files"), &a, None, "w.jsonl", &words_jsonl(20)).await;
-    let job = s.run_job(&project, &a, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
-    s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words"), Some(&a), Some(words_suite("exact-match"))).await;
-    let (_, member) = s.call(Method::POST, "/api/v1/members", Some(&a), Some(json!({"name": "Ana"}))).await;
-    let (_, tokens) = s.call(Method::GET, "/api/v1/tokens", Some(&a), None).await;
-    let ids = [
-        ("{project}", project.clone()),
-        ("{job}", job["id"].as_str().unwrap().to_string()),
-        ("{file}", file["id"].as_str().unwrap().to_string()),
-        ("{version}", "words".to_string()),
-        ("{plugin}", "exact-match".to_string()),
-        ("{name}", "report.html".to_string()),
-        ("{token}", tokens["data"][0]["id"].as_str().unwrap().to_string()),
-        ("{member}", member["member"]["id"].as_str().unwrap().to_string()),
-        ("{*path}", "lathe.css".to_string()),
-    ];
-    let fill = |template: &str| ids.iter().fold(template.to_string(), |uri, (slot, id)| uri.replace(slot, id));
+    let t = two_teams(&mut s).await;
+    let project = t.id("{project}");
 
     // The first team's own workflow checklist: a suite and an import done, the split next,
     // training blocked until there is a baseline.
-    let (own, _) = sign_in(&s, &a).await;
+    let (own, _) = sign_in(&s, &t.a).await;
     let (status, _, home) = send(&s, Request::get(format!("/projects/{project}")).header(header::COOKIE, &own).body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     let states: Vec<&str> = home.split("<li class=\"").skip(1).filter_map(|li| li.split('"').next()).collect();
     assert_eq!(states, ["done", "done", "next", "blocked", "blocked", "blocked", "blocked"], "{home}");
 
-    let (cookie, csrf) = sign_in(&s, &b).await;
+    let (cookie, csrf) = sign_in(&s, &t.b).await;
     let mut routes = lathe_server::web::route_list();
     // Signing out ends the session the other checks use: last.
     routes.sort_by_key(|(_, path)| *path == "/logout");
     assert!(routes.len() >= 30, "{} web routes", routes.len());
     let mut checked = 0;
     for (method, template) in routes {
-        let uri = fill(template);
+        let uri = t.fill(template);
         assert!(!uri.contains('{'), "a placeholder of {template} has no id in this test");
         let method: Method = method.parse().unwrap();
         if PUBLIC.contains(&template) {
@@ -74,8 +55,8 @@ async fn another_teams_session_finds_nothing_on_any_page(mut s: Server) {
             assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri} from another team: {body}");
         } else {
             assert!(status.is_success() || status.is_redirection(), "{method} {uri}: {status} {body}");
-            for (slot, id) in &ids[..3] {
-                assert!(!body.contains(id.as_str()), "{method} {uri} shows the other team's {slot} {id}");
+            for id in &t.owned_ids()[..3] {
+                assert!(!body.contains(id), "{method} {uri} shows the other team's {id}");
             }
         }
         checked += 1;
