@@ -25,6 +25,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, SamplingParams, generate};
 pub use lora::{Adapter, LoraConfig, Target};
+pub use model::paged::{KvPool, SeqCache, SeqStep};
 pub use model::{CausalLm, KvCache, Logits, Step};
 pub use tokenizer::{Message, Tokenizer};
 pub use train::{TrainConfig, Trainer};

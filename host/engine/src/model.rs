@@ -21,6 +21,8 @@ use crate::quant::{self, QMatrix};
 use crate::error::{EngineError, Result};
 use crate::weights::{HostTensor, WeightSource};
 
+pub mod paged;
+
 /// A frozen linear projection, `y = x · W` with `W` logically `[in, out]`.
 ///
 /// On the CPU, a weight that came in quantized blocks also keeps them: steps with at most
@@ -152,26 +154,50 @@ impl Mlp {
     }
 }
 
-/// One layer's adapter as the forward pass sees it: `y = x·W + s·dropout(x)·A·B` for each
-/// adapted projection, `x·W` for the others.
+/// One layer's adapters as the forward pass sees them: `y = x·W + s·dropout(x)·A·B` for
+/// each adapted projection, `x·W` for the others. Rows of a packed batch may each have
+/// their own adapter: a group covers a range of the flattened `batch × seq` rows (or all
+/// of them), and rows outside every group see the base alone.
 struct Lora<'a> {
-    layer: Option<&'a LayerAdapter>,
-    scale: f64,
+    groups: Vec<LoraGroup<'a>>,
     /// Dropout probability; zero outside training.
     dropout: f64,
 }
 
-impl Lora<'_> {
+struct LoraGroup<'a> {
+    layer: &'a LayerAdapter,
+    scale: f64,
+    /// Flattened rows, in order and disjoint across groups; None for every row.
+    rows: Option<std::ops::Range<usize>>,
+}
+
+impl<'a> Lora<'a> {
     const NONE: Lora<'static> = Lora {
-        layer: None,
-        scale: 0.0,
+        groups: Vec::new(),
         dropout: 0.0,
     };
+
+    /// Layer `i` of one adapter over every row.
+    fn whole(adapter: Option<&'a Adapter>, i: usize, dropout: f64) -> Self {
+        match adapter {
+            Some(a) => Lora {
+                groups: vec![LoraGroup {
+                    layer: &a.layers[i],
+                    scale: a.config.scale(),
+                    rows: None,
+                }],
+                dropout,
+            },
+            None => Lora::NONE,
+        }
+    }
 
     /// The adapters' input: `x` with dropout applied, shared by every projection that
     /// reads the same `x` (one mask per input rather than one per projection).
     fn input(&self, x: &Tensor<3>) -> Option<Tensor<3>> {
-        self.layer?;
+        if self.groups.is_empty() {
+            return None;
+        }
         if self.dropout <= 0.0 {
             return Some(x.clone());
         }
@@ -181,20 +207,37 @@ impl Lora<'_> {
 
     fn apply(&self, base: &Linear, target: Target, x: Tensor<3>, xd: &Option<Tensor<3>>) -> Tensor<3> {
         let y = base.forward(x);
-        match (self.layer.and_then(|l| l.get(target)), xd) {
-            (Some(pair), Some(xd)) => {
-                let [b, s, d] = xd.dims();
-                let out = y.dims()[2];
-                let delta = xd
-                    .clone()
-                    .reshape([b * s, d])
-                    .matmul(pair.a.clone())
-                    .matmul(pair.b.clone())
-                    .mul_scalar(self.scale);
-                y + delta.reshape([b, s, out])
-            }
-            _ => y,
+        let Some(xd) = xd else { return y };
+        let [b, s, d] = xd.dims();
+        let out = y.dims()[2];
+        let rows = xd.clone().reshape([b * s, d]);
+        let delta = |x: Tensor<2>, g: &LoraGroup<'_>| g.layer.get(target).map(|p| x.matmul(p.a.clone()).matmul(p.b.clone()).mul_scalar(g.scale));
+        if let [g @ LoraGroup { rows: None, .. }] = self.groups.as_slice() {
+            return match delta(rows, g) {
+                Some(dl) => y + dl.reshape([b, s, out]),
+                None => y,
+            };
         }
+        // Per-row adapters: each group's delta on its rows, zeros between them.
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for g in &self.groups {
+            let r = g.rows.clone().expect("several groups each name their rows");
+            if let Some(dl) = delta(rows.clone().narrow(0, r.start, r.len()), g) {
+                if r.start > at {
+                    parts.push(Tensor::zeros([r.start - at, out], &y.device()));
+                }
+                parts.push(dl);
+                at = r.end;
+            }
+        }
+        if parts.is_empty() {
+            return y;
+        }
+        if at < b * s {
+            parts.push(Tensor::zeros([b * s - at, out], &y.device()));
+        }
+        y + Tensor::cat(parts, 0).reshape([b, s, out])
     }
 }
 
@@ -487,14 +530,11 @@ impl CausalLm {
         train: bool,
     ) -> Tensor<3> {
         let layer = &self.layers[i];
-        let lora = match adapter {
-            Some(a) => Lora {
-                layer: Some(&a.layers[i]),
-                scale: a.config.scale(),
-                dropout: if train { a.config.dropout } else { 0.0 },
-            },
-            None => Lora::NONE,
+        let dropout = match (adapter, train) {
+            (Some(a), true) => a.config.dropout,
+            _ => 0.0,
         };
+        let lora = Lora::whole(adapter, i, dropout);
         let h = layer.input_layernorm.forward(x.clone());
         let h = self.attention(&layer.self_attn, h, &ctx.cos, &ctx.sin, &ctx.mask, kv, &lora);
         let x = x + h;

@@ -2,6 +2,7 @@
 
 mod common;
 mod errors;
+mod paged;
 mod smollm2;
 mod tiny;
 mod train;

@@ -1,0 +1,435 @@
+//! Paged attention for serving: the key/value cache lives on the host in fixed-size
+//! blocks that sequences own or share, and one forward pass runs a packed batch of
+//! sequences at different points — a new prompt next to other rows' single decode tokens —
+//! each through its own adapter.
+//!
+//! Blocks are written in place; nothing is concatenated or copied as a sequence grows.
+//! A full block is registered under a hash of every token up to its end (and the
+//! adapter), so a later prompt that starts the same way (a shared system prompt, a
+//! few-shot block) reuses it instead of computing it again: prefix caching as vLLM does
+//! it. Blocks no sequence holds stay cached until the pool needs them (least recently
+//! used first).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::ops::Range;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::{CausalLm, Lora, LoraGroup, Step, apply_rope};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::lora::{Adapter, Target};
+
+/// Tokens per block.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// Identifies a full block by its tokens and every token before them.
+type BlockHash = u128;
+
+/// The key/value blocks of every layer, and which sequences hold them.
+#[derive(Debug)]
+pub struct KvPool {
+    kv_heads: usize,
+    head_dim: usize,
+    /// Per layer: `[block][kv_head][BLOCK_TOKENS][head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Sequences holding each block.
+    refs: Vec<u32>,
+    hash: Vec<Option<BlockHash>>,
+    /// Blocks holding nothing worth keeping.
+    free: Vec<u32>,
+    /// Full blocks by hash, held or idle.
+    cached: HashMap<BlockHash, u32>,
+    /// Idle cached blocks (no holder), by when they were last released.
+    idle: BTreeMap<u64, u32>,
+    idle_since: Vec<u64>,
+    clock: u64,
+    hits: u64,
+}
+
+impl KvPool {
+    /// Bytes one block takes across all layers.
+    pub fn block_bytes(config: &ModelConfig) -> usize {
+        2 * config.num_layers * config.num_kv_heads * BLOCK_TOKENS * config.head_dim * 4
+    }
+
+    /// A pool of `blocks` blocks for `config`'s model.
+    pub fn new(config: &ModelConfig, blocks: usize) -> Self {
+        let per_layer = blocks * config.num_kv_heads * BLOCK_TOKENS * config.head_dim;
+        Self {
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            k: (0..config.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..config.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            refs: vec![0; blocks],
+            hash: vec![None; blocks],
+            free: (0..blocks as u32).rev().collect(),
+            cached: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_since: vec![0; blocks],
+            clock: 0,
+            hits: 0,
+        }
+    }
+
+    /// A pool that fits in `bytes`.
+    pub fn with_bytes(config: &ModelConfig, bytes: usize) -> Self {
+        Self::new(config, bytes / Self::block_bytes(config))
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// Blocks a sequence could take now: free ones and idle cached ones.
+    pub fn available(&self) -> usize {
+        self.free.len() + self.idle.len()
+    }
+
+    /// Blocks served from the prefix cache so far.
+    pub fn prefix_hits(&self) -> u64 {
+        self.hits
+    }
+
+    fn allocate(&mut self) -> Option<u32> {
+        let block = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.idle.pop_first()?;
+                let h = self.hash[b as usize].take().expect("idle blocks are cached");
+                self.cached.remove(&h);
+                b
+            }
+        };
+        self.refs[block as usize] = 1;
+        Some(block)
+    }
+
+    fn hold(&mut self, block: u32) {
+        let b = block as usize;
+        if self.refs[b] == 0 {
+            self.idle.remove(&self.idle_since[b]);
+        }
+        self.refs[b] += 1;
+    }
+
+    fn release(&mut self, block: u32) {
+        let b = block as usize;
+        self.refs[b] -= 1;
+        if self.refs[b] > 0 {
+            return;
+        }
+        if self.hash[b].is_some() {
+            self.clock += 1;
+            self.idle_since[b] = self.clock;
+            self.idle.insert(self.clock, block);
+        } else {
+            self.free.push(block);
+        }
+    }
+
+    fn register(&mut self, block: u32, hash: BlockHash) {
+        // Another sequence may have computed the same block first; this copy stays private.
+        if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
+            e.insert(block);
+            self.hash[block as usize] = Some(hash);
+        }
+    }
+
+    /// Offset of `(block, kv_head, slot)` in a layer's buffer.
+    fn at(&self, block: u32, head: usize, slot: usize) -> usize {
+        ((block as usize * self.kv_heads + head) * BLOCK_TOKENS + slot) * self.head_dim
+    }
+}
+
+/// One sequence's blocks and the tokens whose keys and values they hold.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    blocks: Vec<u32>,
+    tokens: Vec<u32>,
+    /// Hashes of the full blocks, in order.
+    chain: Vec<BlockHash>,
+    /// Separates adapters: the same tokens through another adapter have other keys.
+    salt: u64,
+}
+
+impl SeqCache {
+    /// An empty sequence; `salt` names the adapter it runs through (0 for the base).
+    pub fn new(salt: u64) -> Self {
+        Self {
+            salt,
+            ..Self::default()
+        }
+    }
+
+    /// Tokens whose keys and values are cached.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Takes the cached blocks that `prompt` starts with, leaving at least its last token
+    /// to compute (its logits are needed). Returns how many tokens are now cached.
+    pub fn attach_prefix(&mut self, pool: &mut KvPool, prompt: &[u32]) -> usize {
+        assert!(self.is_empty(), "a prefix attaches to an empty sequence");
+        let mut prev = self.salt as BlockHash;
+        for chunk in prompt[..prompt.len().saturating_sub(1)].chunks_exact(BLOCK_TOKENS) {
+            let h = chain_hash(prev, chunk);
+            let Some(&block) = pool.cached.get(&h) else { break };
+            pool.hold(block);
+            pool.hits += 1;
+            self.blocks.push(block);
+            self.chain.push(h);
+            self.tokens.extend_from_slice(chunk);
+            prev = h;
+        }
+        self.len()
+    }
+
+    /// Blocks still needed to add `n` tokens.
+    pub fn blocks_needed(&self, n: usize) -> usize {
+        (self.len() + n).div_ceil(BLOCK_TOKENS).saturating_sub(self.blocks.len())
+    }
+
+    /// Makes room for `n` more tokens; false, with nothing taken, when the pool is short.
+    pub fn reserve(&mut self, pool: &mut KvPool, n: usize) -> bool {
+        let need = self.blocks_needed(n);
+        if need > pool.available() {
+            return false;
+        }
+        for _ in 0..need {
+            let b = pool.allocate().expect("counted as available");
+            self.blocks.push(b);
+        }
+        true
+    }
+
+    /// Gives every block back (cached ones stay reusable until evicted).
+    pub fn release(&mut self, pool: &mut KvPool) {
+        for b in self.blocks.drain(..) {
+            pool.release(b);
+        }
+        self.tokens.clear();
+        self.chain.clear();
+    }
+
+    /// Records `tokens` as cached and registers the blocks they filled.
+    fn commit(&mut self, pool: &mut KvPool, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+        while (self.chain.len() + 1) * BLOCK_TOKENS <= self.tokens.len() {
+            let i = self.chain.len();
+            let prev = self.chain.last().copied().unwrap_or(self.salt as BlockHash);
+            let h = chain_hash(prev, &self.tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
+            pool.register(self.blocks[i], h);
+            self.chain.push(h);
+        }
+    }
+
+    /// Where position `p`'s key and value live: block and slot.
+    fn slot(&self, p: usize) -> (u32, usize) {
+        (self.blocks[p / BLOCK_TOKENS], p % BLOCK_TOKENS)
+    }
+}
+
+/// 128 bits from two keyed SipHashes: a collision would silently reuse another prompt's
+/// keys, so 64 bits are not enough for a cache that lives as long as the server.
+fn chain_hash(prev: BlockHash, tokens: &[u32]) -> BlockHash {
+    let half = |key: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        prev.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish() as u128
+    };
+    (half(1) << 64) | half(2)
+}
+
+/// One sequence's part of a packed step: the tokens it adds (a prompt or the next token)
+/// after what its cache holds, and the adapter it runs through.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    pub adapter: Option<&'a Adapter>,
+}
+
+impl CausalLm {
+    /// Runs a packed step: every row's tokens in one pass, each attending to its own
+    /// cached blocks. Writes their keys and values into `pool` (room must be reserved)
+    /// and returns the logits of each row's last token, `[rows, vocab]` on the host.
+    /// Rows through the same adapter should be adjacent: each run of them is one matmul.
+    pub fn forward_paged(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        // For each token: its row and position.
+        let mut owner = Vec::new();
+        let mut ends = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            if row.tokens.is_empty() {
+                return Err(EngineError::Generation(format!("row {r} of a packed step has no tokens")));
+            }
+            if row.cache.blocks_needed(row.tokens.len()) > 0 {
+                return Err(EngineError::Generation(format!("row {r}: no blocks reserved for its tokens")));
+            }
+            let start = row.cache.len();
+            tokens.extend_from_slice(row.tokens);
+            for p in start..start + row.tokens.len() {
+                positions.push(p as i64);
+                owner.push((r, p));
+            }
+            ends.push(tokens.len() - 1);
+        }
+        let n = tokens.len();
+        let step = Step {
+            batch: 1,
+            seq: n,
+            valid: vec![true; n],
+            tokens,
+            positions,
+        };
+        let (cos, sin) = self.rope_tables(&step.positions, 1, n);
+        let runs = adapter_runs(rows);
+        let mut x = self.embed(&step);
+        for i in 0..self.layers.len() {
+            let lora = Lora {
+                groups: runs
+                    .iter()
+                    .map(|(range, a)| LoraGroup {
+                        layer: &a.layers[i],
+                        scale: a.config.scale(),
+                        rows: (range.len() < n).then(|| range.clone()),
+                    })
+                    .collect(),
+                dropout: 0.0,
+            };
+            let layer = &self.layers[i];
+            let h = layer.input_layernorm.forward(x.clone());
+            let h = self.paged_attention(i, h, &cos, &sin, rows, &owner, pool, &lora);
+            let x1 = x + h;
+            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x1.clone()), &lora);
+            x = x1 + h;
+        }
+        for row in rows.iter_mut() {
+            row.cache.commit(pool, row.tokens);
+        }
+        let idx: Vec<i64> = ends.iter().map(|&e| e as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &self.device);
+        let logits = self.head(x.select(1, idx));
+        crate::generate::logits_to_host(logits)
+    }
+
+    /// Attention of a packed step: projections as a batch, then each token against its own
+    /// row's blocks on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention(
+        &self,
+        layer: usize,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        rows: &[SeqStep<'_>],
+        owner: &[(usize, usize)],
+        pool: &mut KvPool,
+        lora: &Lora<'_>,
+    ) -> Tensor<3> {
+        let c = &self.config;
+        let attn = &self.layers[layer].self_attn;
+        let n = owner.len();
+        let (heads, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let split = |t: Tensor<3>, h: usize| t.reshape([1, n, h, hd]).swap_dims(1, 2);
+        // [1, heads, n, hd] → [n, heads, hd] on the host.
+        let host = |t: Tensor<4>| t.swap_dims(1, 2).into_data().try_to_vec::<f32>().expect("f32 activations");
+        let xd = lora.input(&x);
+        let q = host(apply_rope(split(lora.apply(&attn.q_proj, Target::Q, x.clone(), &xd), heads), cos, sin));
+        let k = host(apply_rope(split(lora.apply(&attn.k_proj, Target::K, x.clone(), &xd), kvh), cos, sin));
+        let v = host(split(lora.apply(&attn.v_proj, Target::V, x, &xd), kvh));
+
+        for (t, &(r, p)) in owner.iter().enumerate() {
+            let (block, slot) = rows[r].cache_slot(p);
+            for g in 0..kvh {
+                let at = pool.at(block, g, slot);
+                let src = (t * kvh + g) * hd;
+                pool.k[layer][at..at + hd].copy_from_slice(&k[src..src + hd]);
+                pool.v[layer][at..at + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
+
+        let pool = &*pool;
+        let (keys, values) = (&pool.k[layer], &pool.v[layer]);
+        let group = heads / kvh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let window = c.sliding_window;
+        let mut out = vec![0.0f32; n * heads * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+            let (t, h) = (i / heads, i % heads);
+            let (r, p) = owner[t];
+            let g = h / group;
+            let qv = &q[(t * heads + h) * hd..][..hd];
+            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let mut scores: Vec<f32> = (first..=p)
+                .map(|j| {
+                    let (b, s) = rows[r].cache_slot(j);
+                    dot(qv, &keys[pool.at(b, g, s)..][..hd]) * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for (j, w) in (first..=p).zip(&scores) {
+                let (b, s) = rows[r].cache_slot(j);
+                let val = &values[pool.at(b, g, s)..][..hd];
+                let w = w / total;
+                o.iter_mut().zip(val).for_each(|(o, v)| *o += w * v);
+            }
+        });
+        let out = Tensor::<3>::from_data(TensorData::new(out, [1, n, heads * hd]), &self.device);
+        let od = lora.input(&out);
+        lora.apply(&attn.o_proj, Target::O, out, &od)
+    }
+}
+
+impl SeqStep<'_> {
+    /// Where position `p` of this row lives. Positions past the cache are the step's own
+    /// tokens, in the blocks reserved for them.
+    fn cache_slot(&self, p: usize) -> (u32, usize) {
+        self.cache.slot(p)
+    }
+}
+
+/// Runs of adjacent rows through the same adapter, as ranges of the packed tokens.
+fn adapter_runs<'a>(rows: &[SeqStep<'a>]) -> Vec<(Range<usize>, &'a Adapter)> {
+    let mut runs: Vec<(Range<usize>, &'a Adapter)> = Vec::new();
+    let mut at = 0;
+    for row in rows {
+        let end = at + row.tokens.len();
+        if let Some(a) = row.adapter {
+            match runs.last_mut() {
+                Some((range, prev)) if range.end == at && std::ptr::eq(*prev, a) => range.end = end,
+                _ => runs.push((at..end, a)),
+            }
+        }
+        at = end;
+    }
+    runs
+}
+
+/// A dot product in eight independent lanes, which the compiler vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
