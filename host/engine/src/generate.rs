@@ -170,12 +170,54 @@ impl Sampler for ChainSampler {
 /// Where generated text goes as it is produced: `(row, new text)`.
 pub type OnText<'a> = &'a mut dyn FnMut(usize, &str);
 
+/// One sequence's generated tokens and text, fed a token at a time: it ends the sequence
+/// on an end-of-sequence token, a stop string or `max_tokens`, and tells what text is
+/// certain enough to stream (no partial UTF-8 character, no possible stop-string prefix).
+/// Batched generation here and the serving scheduler both use it.
+#[derive(Debug, Clone, Default)]
+pub struct Continuation {
+    pub generated: Vec<u32>,
+    pub text: String,
+    emitted: usize,
+    pub finish: Option<FinishReason>,
+}
+
+impl Continuation {
+    /// Adds a sampled token; returns the text that may now be streamed (possibly empty).
+    pub fn push(&mut self, token: u32, tokenizer: &Tokenizer, params: &SamplingParams) -> Result<&str> {
+        debug_assert!(self.finish.is_none(), "a finished continuation takes no tokens");
+        if !params.ignore_eos && tokenizer.stop_ids.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+        } else {
+            self.generated.push(token);
+            self.text = tokenizer.decode(&self.generated, true)?;
+            if let Some(cut) = params.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+                self.text.truncate(cut);
+                self.finish = Some(FinishReason::Stop);
+            } else if self.generated.len() >= params.max_tokens {
+                self.finish = Some(FinishReason::Length);
+            }
+        }
+        let end = if self.finish.is_some() {
+            self.text.len()
+        } else if self.text.ends_with('\u{FFFD}') {
+            self.emitted
+        } else {
+            self.text.len() - held_back(&self.text, &params.stop)
+        };
+        let start = self.emitted.min(end);
+        self.emitted = end.max(self.emitted);
+        Ok(&self.text[start..end])
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finish.is_some()
+    }
+}
+
 struct Row {
     prompt: Vec<u32>,
-    generated: Vec<u32>,
-    text: String,
-    emitted: usize,
-    finish: Option<FinishReason>,
+    out: Continuation,
     sampler: ChainSampler,
 }
 
@@ -235,10 +277,7 @@ pub fn generate_with(
         .enumerate()
         .map(|(i, p)| Row {
             prompt: p.clone(),
-            generated: Vec::new(),
-            text: String::new(),
-            emitted: 0,
-            finish: None,
+            out: Continuation::default(),
             sampler: ChainSampler::new(params.clone(), params.seed.wrapping_add(i as u64)),
         })
         .collect();
@@ -267,40 +306,20 @@ pub fn generate_with(
         let vocab = model.config.vocab_size;
         let mut next = Vec::with_capacity(b);
         for (r, row) in rows.iter_mut().enumerate() {
-            if row.finish.is_some() {
+            if row.out.finished() {
                 next.push(pad);
                 continue;
             }
             let mut l = host[r * vocab..(r + 1) * vocab].to_vec();
-            let history: Vec<u32> = row.prompt.iter().chain(&row.generated).copied().collect();
+            let history: Vec<u32> = row.prompt.iter().chain(&row.out.generated).copied().collect();
             let t = row.sampler.sample(&mut l, &history);
             next.push(t);
-            if !params.ignore_eos && tokenizer.stop_ids.contains(&t) {
-                row.finish = Some(FinishReason::Stop);
-                continue;
-            }
-            row.generated.push(t);
-            row.text = tokenizer.decode(&row.generated, true)?;
-            if let Some(cut) = params.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
-                row.text.truncate(cut);
-                row.finish = Some(FinishReason::Stop);
-            } else if row.generated.len() == params.max_tokens {
-                row.finish = Some(FinishReason::Length);
-            }
-            // Stream what is certain: no partial UTF-8 character, no possible stop prefix.
-            let end = if row.finish.is_some() {
-                row.text.len()
-            } else if row.text.ends_with('\u{FFFD}') {
-                row.emitted
-            } else {
-                row.text.len() - held_back(&row.text, &params.stop)
-            };
-            if end > row.emitted {
-                on_text(r, &row.text[row.emitted..end]);
-                row.emitted = end;
+            let text = row.out.push(t, tokenizer, params)?;
+            if !text.is_empty() {
+                on_text(r, text);
             }
         }
-        if rows.iter().all(|r| r.finish.is_some()) {
+        if rows.iter().all(|r| r.out.finished()) {
             break;
         }
         let step = Step {
@@ -308,9 +327,9 @@ pub fn generate_with(
             seq: 1,
             positions: rows
                 .iter()
-                .map(|r| (r.prompt.len() + r.generated.len()) as i64 - 1)
+                .map(|r| (r.prompt.len() + r.out.generated.len()) as i64 - 1)
                 .collect(),
-            valid: rows.iter().map(|r| r.finish.is_none()).collect(),
+            valid: rows.iter().map(|r| !r.out.finished()).collect(),
             tokens: next,
         };
         logits = model.forward_with(&step, &mut cache, Logits::Last, adapter);
@@ -319,9 +338,9 @@ pub fn generate_with(
         .into_iter()
         .map(|r| Generation {
             prompt_tokens: r.prompt.len(),
-            token_ids: r.generated,
-            text: r.text,
-            finish_reason: r.finish.unwrap_or(FinishReason::Length),
+            token_ids: r.out.generated,
+            text: r.out.text,
+            finish_reason: r.out.finish.unwrap_or(FinishReason::Length),
         })
         .collect())
 }

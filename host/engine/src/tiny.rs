@@ -132,3 +132,20 @@ pub fn write_tiny(dir: &Path, architecture: Architecture, seed: u64) -> Result<T
         hf_folder,
     })
 }
+
+/// A LoRA adapter (rank 4, every projection) whose matrices are all nonzero, so that it
+/// visibly changes what the model computes: for tests of serving through adapters.
+pub fn random_adapter(config: &ModelConfig, seed: u64, device: &crate::Device) -> crate::Adapter {
+    let lora = crate::LoraConfig {
+        rank: 4,
+        ..crate::LoraConfig::default()
+    };
+    let mut a = crate::Adapter::init(lora, config, seed, device);
+    let mut rng = StdRng::seed_from_u64(seed);
+    for p in a.params_mut() {
+        let dims = p.dims();
+        let vals: Vec<f32> = (0..dims[0] * dims[1]).map(|_| rng.random_range(-0.1..0.1)).collect();
+        *p = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, dims), device);
+    }
+    a
+}

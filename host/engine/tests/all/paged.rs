@@ -4,25 +4,10 @@
 use lathe_engine::config::Architecture;
 use lathe_engine::generate::logits_to_host;
 use lathe_engine::model::paged::{BLOCK_TOKENS, KvPool, SeqCache, SeqStep};
-use lathe_engine::tiny::write_tiny;
-use lathe_engine::{Adapter, CausalLm, KvCache, Logits, LoraConfig, Step};
+use lathe_engine::tiny::{random_adapter, write_tiny};
+use lathe_engine::{Adapter, CausalLm, KvCache, Logits, Step};
 
 use crate::common::{device, max_abs_diff};
-
-/// An adapter whose every matrix is random, so that it visibly changes the logits.
-fn random_adapter(m: &CausalLm, seed: u64) -> Adapter {
-    let config = LoraConfig {
-        rank: 4,
-        ..LoraConfig::default()
-    };
-    let mut a = Adapter::init(config, &m.config, seed, &device());
-    for (k, p) in a.params_mut().into_iter().enumerate() {
-        let dims = p.dims();
-        let vals: Vec<f32> = (0..dims[0] * dims[1]).map(|i| (((i as u64 * 7919 + seed * 31 + k as u64) % 97) as f32 / 97.0 - 0.5) * 0.2).collect();
-        *p = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, dims), &device());
-    }
-    a
-}
 
 /// Logits of every position of `tokens` alone, through the plain forward pass.
 fn alone(m: &CausalLm, adapter: Option<&Adapter>, tokens: &[u32]) -> Vec<f32> {
@@ -40,7 +25,7 @@ fn packed_rows_with_their_own_adapters_match_each_row_alone() {
         let tiny = write_tiny(dir.path(), arch, 11).unwrap();
         let m = CausalLm::load(tiny.config.clone(), &tiny.weights, &device()).unwrap();
         let vocab = m.config.vocab_size;
-        let (a1, a2) = (random_adapter(&m, 1), random_adapter(&m, 2));
+        let (a1, a2) = (random_adapter(&m.config, 1, &device()), random_adapter(&m.config, 2, &device()));
         let adapters = [None, Some(&a1), Some(&a1), Some(&a2)];
         // Long enough to cross blocks and Mistral's window of 8.
         let seqs: Vec<Vec<u32>> = (0..4).map(|r| sequence(r, 20 + 7 * r as usize)).collect();

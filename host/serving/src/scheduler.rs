@@ -1,0 +1,435 @@
+//! The continuous-batching loop, on a thread of its own. Each turn it takes new requests,
+//! drops those whose client went away, admits waiting ones while the batch has room, and
+//! runs one packed step: a token for every decoding sequence, then prompt chunks up to the
+//! step's token budget. A sequence leaves the batch the step it finishes; the next waiting
+//! one takes its place in the following step.
+//!
+//! When the KV cache runs out of blocks mid-decode, the most recently admitted sequence is
+//! preempted: its blocks are given back and it waits at the head of the queue, to be
+//! recomputed (its prompt and what it generated so far) when blocks free up, as vLLM does.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use lathe_engine::generate::{ChainSampler, Continuation, Sampler};
+use lathe_engine::{FinishReason, KvPool, LoadedModel, SeqCache, SeqStep};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::adapters::{Adapters, InUse};
+use crate::metrics::Metrics;
+use crate::{Event, Request, ServeConfig, ServeError, TokenLogprob, Usage};
+
+enum Msg {
+    Submit(Request, UnboundedSender<Event>, Instant),
+    Stop,
+}
+
+/// A running continuous-batching scheduler over one base model. Dropping it stops the
+/// thread after the current step; requests still open get `Failed`.
+pub struct Scheduler {
+    tx: mpsc::Sender<Msg>,
+    model: Arc<LoadedModel>,
+    metrics: Arc<Metrics>,
+    /// Tokens a request may span (prompt and completion), bounded by the model's context
+    /// and by the KV cache.
+    max_tokens: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Scheduler {
+    pub fn start(model: Arc<LoadedModel>, config: ServeConfig) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let metrics = Arc::new(Metrics::default());
+        let pool = KvPool::with_bytes(&model.model.config, config.kv_cache_bytes);
+        let max_tokens = model.model.config.max_position_embeddings.min(pool.capacity() * lathe_engine::model::paged::BLOCK_TOKENS);
+        let mut lp = Loop {
+            model: model.clone(),
+            adapters: Adapters::new(config.max_loras),
+            config,
+            pool,
+            metrics: metrics.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            admitted: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("lathe-scheduler".into())
+            .spawn(move || lp.run(rx))
+            .expect("spawning the scheduler thread");
+        Self {
+            tx,
+            model,
+            metrics,
+            max_tokens,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The longest prompt plus completion a request may ask for.
+    pub fn max_request_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Queues a request; its events arrive on the returned stream. Drop the stream to
+    /// cancel. A request that can never run is refused here, with the reason.
+    pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, ServeError> {
+        request.params.validate().map_err(|e| ServeError::Invalid(e.to_string()))?;
+        if request.prompt.is_empty() {
+            return Err(ServeError::Invalid("the prompt is empty".into()));
+        }
+        let vocab = self.model.model.config.vocab_size;
+        if let Some(t) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ServeError::Invalid(format!("token {t} is outside the vocabulary of {vocab}")));
+        }
+        let total = request.prompt.len() + request.params.max_tokens;
+        if total > self.max_tokens {
+            return Err(ServeError::Invalid(format!(
+                "this model's maximum context length is {} tokens, but {total} were requested ({} in the prompt, {} for the completion)",
+                self.max_tokens,
+                request.prompt.len(),
+                request.params.max_tokens
+            )));
+        }
+        let (tx, rx) = unbounded_channel();
+        self.tx.send(Msg::Submit(request, tx, Instant::now())).map_err(|_| ServeError::Stopped)?;
+        Ok(rx)
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Seq {
+    tx: UnboundedSender<Event>,
+    request: Request,
+    adapter: Option<InUse>,
+    /// Prompt, then every generated token: what the cache must hold before the next sample.
+    tokens: Vec<u32>,
+    cache: SeqCache,
+    out: Continuation,
+    sampler: ChainSampler,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    cached_tokens: usize,
+    /// Admission order: the latest is preempted first.
+    admitted: u64,
+    /// Tokens this step computes.
+    planned: usize,
+}
+
+impl Seq {
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+
+    fn salt(&self) -> u64 {
+        self.adapter.as_ref().map_or(0, |a| a.salt)
+    }
+}
+
+struct Loop {
+    model: Arc<LoadedModel>,
+    config: ServeConfig,
+    pool: KvPool,
+    adapters: Adapters,
+    metrics: Arc<Metrics>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    admitted: u64,
+}
+
+impl Loop {
+    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                let open = rx.recv().is_ok_and(|msg| self.take(msg));
+                if !open {
+                    return self.shutdown();
+                }
+            }
+            while let Ok(msg) = rx.try_recv() {
+                if !self.take(msg) {
+                    return self.shutdown();
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.publish();
+        }
+    }
+
+    /// False on `Stop`.
+    fn take(&mut self, msg: Msg) -> bool {
+        let Msg::Submit(request, tx, arrived) = msg else { return false };
+        let sampler = ChainSampler::new(request.params.clone(), request.params.seed);
+        self.waiting.push_back(Seq {
+            tx,
+            tokens: request.prompt.clone(),
+            request,
+            adapter: None,
+            cache: SeqCache::default(),
+            out: Continuation::default(),
+            sampler,
+            arrived,
+            last_token: None,
+            cached_tokens: 0,
+            admitted: 0,
+            planned: 0,
+        });
+        true
+    }
+
+    fn shutdown(&mut self) {
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let _ = s.tx.send(Event::Failed("the server is shutting down".into()));
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].tx.is_closed() {
+                let s = self.running.swap_remove(i);
+                self.metrics.finished_abort.fetch_add(1, Ordering::Relaxed);
+                self.leave(s);
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.tx.is_closed());
+        self.metrics.finished_abort.fetch_add((before - self.waiting.len()) as u64, Ordering::Relaxed);
+    }
+
+    /// Gives back a leaving sequence's blocks and adapter.
+    fn leave(&mut self, mut s: Seq) {
+        s.cache.release(&mut self.pool);
+        if let Some(a) = s.adapter.take() {
+            self.adapters.release(&a.key);
+        }
+    }
+
+    fn admit(&mut self) {
+        let (config, device) = (&self.model.model.config, self.model.model.device());
+        while self.running.len() < self.config.max_seqs {
+            let Some(s) = self.waiting.front_mut() else { break };
+            if s.adapter.is_none()
+                && let Some(r) = &s.request.adapter
+            {
+                match self.adapters.acquire(r, config, device) {
+                    Ok(Some(a)) => s.adapter = Some(a),
+                    // Every held adapter is in use: wait for one to go idle.
+                    Ok(None) => break,
+                    Err(e) => {
+                        let s = self.waiting.pop_front().expect("front exists");
+                        let _ = s.tx.send(Event::Failed(e));
+                        continue;
+                    }
+                }
+            }
+            let mut s = self.waiting.pop_front().expect("front exists");
+            s.cache = SeqCache::new(s.salt());
+            let cached = s.cache.attach_prefix(&mut self.pool, &s.tokens);
+            if s.out.generated.is_empty() {
+                s.cached_tokens = cached;
+                self.metrics.prefix_queries.fetch_add(s.tokens.len() as u64, Ordering::Relaxed);
+                self.metrics.prefix_hits.fetch_add(cached as u64, Ordering::Relaxed);
+            }
+            self.admitted += 1;
+            s.admitted = self.admitted;
+            self.running.push(s);
+        }
+    }
+
+    /// Plans and runs one packed step, then samples for every sequence it completed.
+    fn step(&mut self) {
+        // Rows through the same adapter next to each other (stable: admission order kept).
+        self.running.sort_by_key(Seq::salt);
+        let mut budget = self.config.max_step_tokens.max(1);
+        // Decoding sequences first: one token each keeps every stream moving.
+        for decode in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                let s = &self.running[i];
+                if (s.pending() == 1) != decode || s.planned > 0 || budget == 0 {
+                    i += 1;
+                    continue;
+                }
+                let n = s.pending().min(budget);
+                if self.running[i].cache.reserve(&mut self.pool, n) {
+                    self.running[i].planned = n;
+                    budget -= n;
+                    i += 1;
+                } else if decode {
+                    // Out of blocks: preempt the latest admitted (possibly this one).
+                    let latest = (0..self.running.len()).max_by_key(|&j| self.running[j].admitted).expect("nonempty");
+                    self.preempt(latest);
+                    if latest < i {
+                        i -= 1;
+                    }
+                } else {
+                    // A prompt waits for blocks rather than evicting a stream.
+                    i += 1;
+                }
+            }
+        }
+        if self.running.iter().all(|s| s.planned == 0) {
+            return;
+        }
+        let mut rows: Vec<SeqStep<'_>> = self
+            .running
+            .iter_mut()
+            .filter(|s| s.planned > 0)
+            .map(|s| {
+                let start = s.cache.len();
+                SeqStep {
+                    tokens: &s.tokens[start..start + s.planned],
+                    cache: &mut s.cache,
+                    adapter: s.adapter.as_ref().map(|a| &*a.adapter),
+                }
+            })
+            .collect();
+        let logits = match self.model.model.forward_paged(&mut rows, &mut self.pool) {
+            Ok(l) => l,
+            Err(e) => {
+                // An engine error fails this step's requests, not the server.
+                for i in (0..self.running.len()).rev() {
+                    if self.running[i].planned > 0 {
+                        let s = self.running.swap_remove(i);
+                        let _ = s.tx.send(Event::Failed(format!("generation failed: {e}")));
+                        self.leave(s);
+                    }
+                }
+                return;
+            }
+        };
+        let vocab = self.model.model.config.vocab_size;
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.planned == 0 {
+                continue;
+            }
+            let planned = std::mem::take(&mut s.planned);
+            let l = &logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            if s.out.generated.is_empty() {
+                self.metrics.prompt_tokens.fetch_add(planned as u64, Ordering::Relaxed);
+            }
+            if s.pending() > 0 {
+                continue; // a prompt chunk: more of it next step
+            }
+            if sample(s, l, &self.model, &self.metrics) {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let s = self.running.swap_remove(i);
+            self.leave(s);
+        }
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.swap_remove(i);
+        s.cache.release(&mut self.pool);
+        s.planned = 0;
+        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+        // Keeps its adapter: it is first in line to run again.
+        self.waiting.push_front(s);
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.running.store(self.running.len() as u64, Ordering::Relaxed);
+        m.waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
+        m.loras_held.store(self.adapters.held() as u64, Ordering::Relaxed);
+        m.lora_loads.store(self.adapters.loads, Ordering::Relaxed);
+        let used = self.pool.capacity() - self.pool.available();
+        m.kv_usage_permille.store((used * 1000 / self.pool.capacity().max(1)) as u64, Ordering::Relaxed);
+    }
+}
+
+/// Samples the next token of `s` from its logits and streams it; true when `s` is done.
+fn sample(s: &mut Seq, logits: &[f32], model: &LoadedModel, metrics: &Metrics) -> bool {
+    let now = Instant::now();
+    let logprob = s.request.logprobs.map(|k| logprobs(logits, k));
+    let mut l = logits.to_vec();
+    let t = s.sampler.sample(&mut l, &s.tokens);
+    let logprob = logprob.map(|f| f(t));
+    let before = s.out.generated.len();
+    let text = match s.out.push(t, &model.tokenizer, &s.request.params) {
+        Ok(text) => text.to_string(),
+        Err(e) => {
+            let _ = s.tx.send(Event::Failed(format!("decoding the output failed: {e}")));
+            return true;
+        }
+    };
+    match s.last_token {
+        None => metrics.time_to_first_token(now.duration_since(s.arrived).as_secs_f64()),
+        Some(prev) => metrics.inter_token_latency(now.duration_since(prev).as_secs_f64()),
+    }
+    s.last_token = Some(now);
+    metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+    s.tokens.push(t);
+    // The end-of-sequence token ends the stream without being part of it.
+    if s.out.generated.len() > before || !text.is_empty() {
+        let _ = s.tx.send(Event::Token { id: t, text, logprob });
+    }
+    let Some(finish) = s.out.finish else { return false };
+    metrics.e2e_latency(now.duration_since(s.arrived).as_secs_f64());
+    match finish {
+        FinishReason::Stop => &metrics.finished_stop,
+        FinishReason::Length => &metrics.finished_length,
+    }
+    .fetch_add(1, Ordering::Relaxed);
+    let usage = Usage {
+        prompt_tokens: s.request.prompt.len(),
+        completion_tokens: s.out.generated.len(),
+        cached_tokens: s.cached_tokens,
+    };
+    let _ = s.tx.send(Event::Done {
+        finish,
+        text: s.out.text.clone(),
+        usage,
+    });
+    true
+}
+
+/// The log-softmax of `logits` and its `k` best tokens, for the token about to be chosen.
+fn logprobs(logits: &[f32], k: usize) -> impl FnOnce(u32) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k > 0 {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    }
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let top: Vec<(u32, f32)> = idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect();
+    let chosen = logits.to_vec();
+    move |t| TokenLogprob {
+        token: t,
+        logprob: chosen[t as usize] - lse,
+        top,
+    }
+}
