@@ -1,6 +1,7 @@
 //! `lathe serve` and `lathe worker` as processes: the official `openai` package fine-tunes
-//! SmolLM2 through the server, and a worker killed with SIGKILL mid-training is replaced by
-//! another that resumes from the checkpoint to the same adapter as an uninterrupted run.
+//! SmolLM2 through the server and chats with the base and the fine-tune, and a worker
+//! killed with SIGKILL mid-training is replaced by another that resumes from the
+//! checkpoint to the same adapter as an uninterrupted run.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -123,7 +124,7 @@ pub fn venv_python() -> PathBuf {
 }
 
 #[test]
-fn the_openai_package_fine_tunes_smollm2_through_lathe_serve() {
+fn the_openai_package_fine_tunes_smollm2_through_lathe_serve_then_chats_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = format!("smollm2={}", smollm2().display());
     let s = Service::start(&dir.path().join("data"), &["--model", &model, "--lease-secs", "60"]);
@@ -143,6 +144,12 @@ fn the_openai_package_fine_tunes_smollm2_through_lathe_serve() {
     let summary: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     let losses: Vec<f64> = summary["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{summary}");
+
+    // Then it chats with the base and the fine-tuned model through the inference API.
+    let script = repo_root().join("tests/e2e/openai_serve.py");
+    let ft = summary["fine_tuned_model"].as_str().unwrap();
+    let out = Command::new(venv_python()).args([script.to_str().unwrap(), &s.url, &s.admin, &project, "smollm2", ft]).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -34,6 +34,18 @@ pub struct ServiceArgs {
     /// died is given to another worker after this.
     #[arg(long, default_value_t = 30)]
     lease_secs: u64,
+    /// Sequences a served model's running batch holds at most (`/v1/chat/completions`).
+    #[arg(long, default_value_t = 32)]
+    max_seqs: usize,
+    /// Tokens one decode step computes at most: decode tokens plus prompt chunks.
+    #[arg(long, default_value_t = 256)]
+    max_step_tokens: usize,
+    /// Key/value cache of each served model, in MiB.
+    #[arg(long, default_value_t = 256)]
+    kv_cache_mib: usize,
+    /// LoRA adapters each served model holds in memory at once.
+    #[arg(long, default_value_t = 8)]
+    max_loras: usize,
     #[command(flatten)]
     dir: DataDir,
 }
@@ -72,6 +84,12 @@ impl ServiceArgs {
         config.device = self.device.clone();
         config.max_upload_bytes = self.max_upload_mib << 20;
         config.lease = std::time::Duration::from_secs(self.lease_secs.max(1));
+        config.serving = lathe_serving::ServeConfig {
+            max_seqs: self.max_seqs.max(1),
+            max_step_tokens: self.max_step_tokens.max(1),
+            kv_cache_bytes: self.kv_cache_mib << 20,
+            max_loras: self.max_loras.max(1),
+        };
         if !self.models.is_empty() {
             config.models.clear();
             for m in &self.models {

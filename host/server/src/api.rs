@@ -83,6 +83,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
     out.push_str(&format!("lathe_job_queue_wait_seconds_sum {}\nlathe_job_queue_wait_seconds_count {}\n", timing.wait_ms_sum as f64 / 1e3, timing.started));
     out.push_str("# HELP lathe_job_duration_seconds Time from start to finish, over finished jobs.\n# TYPE lathe_job_duration_seconds summary\n");
     out.push_str(&format!("lathe_job_duration_seconds_sum {}\nlathe_job_duration_seconds_count {}\n", timing.run_ms_sum as f64 / 1e3, timing.finished));
+    out.push_str(&state.serving.metrics().await);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

@@ -26,6 +26,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error("internal error")]
     Internal(String),
+    /// A request field at fault, named in the body's `param` (and `code`), as the OpenAI
+    /// API names them.
+    #[error("{message}")]
+    Field { status: StatusCode, message: String, param: &'static str, code: Option<&'static str> },
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -33,6 +37,10 @@ pub type ApiResult<T> = Result<T, ApiError>;
 impl ApiError {
     pub fn bad(message: impl Into<String>) -> Self {
         Self::BadRequest(message.into())
+    }
+
+    pub fn field(status: StatusCode, message: String, param: &'static str, code: Option<&'static str>) -> Self {
+        Self::Field { status, message, param, code }
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
@@ -48,6 +56,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Field { status, .. } => *status,
         }
     }
 
@@ -60,6 +69,7 @@ impl ApiError {
             Self::Conflict(_) => "conflict_error",
             Self::TooLarge(_) => "invalid_request_error",
             Self::Internal(_) => "server_error",
+            Self::Field { .. } => "invalid_request_error",
         }
     }
 }
@@ -70,8 +80,12 @@ impl IntoResponse for ApiError {
             tracing::error!("internal error: {detail}");
             eprintln!("lathe serve: internal error: {detail}");
         }
+        let (param, code) = match &self {
+            Self::Field { param, code, .. } => (Some(*param), *code),
+            _ => (None, None),
+        };
         let body = serde_json::json!({
-            "error": {"message": self.to_string(), "type": self.kind(), "param": null, "code": null}
+            "error": {"message": self.to_string(), "type": self.kind(), "param": param, "code": code}
         });
         (self.status(), Json(body)).into_response()
     }

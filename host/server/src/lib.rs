@@ -1,6 +1,6 @@
 //! Lathe's service: the REST API under `/api/v1` (projects, files, datasets, plugins,
-//! suites, jobs and their events), the OpenAI-compatible files and fine-tuning API under
-//! `/v1`, the web UI (`web`), Prometheus metrics, and the worker that runs queued jobs.
+//! suites, jobs and their events), the OpenAI-compatible files, fine-tuning and inference
+//! API under `/v1`, the web UI (`web`), Prometheus metrics, and the worker that runs queued jobs.
 //! Thin over the job layer
 //! (`lathe_jobs`) and the store (`lathe_store`): it authenticates, resolves the ids in a
 //! request into a pipeline's spec, queues it, and serves what the pipelines wrote.
@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod demo;
 pub mod error;
+pub mod inference;
 pub mod openai;
 pub mod state;
 pub mod web;
@@ -33,7 +34,7 @@ struct ApiDoc;
 
 /// Every route, registered once for routing and for the OpenAPI document.
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes()).merge(inference::routes())
 }
 
 /// The application: routes, the OpenAPI document at `/api/v1/openapi.json`, metrics, and

@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub max_files_per_project: usize,
     /// How long a worker's claim on a job lasts without a heartbeat.
     pub lease: Duration,
+    /// What each served model's scheduler takes on (`/v1/chat/completions`).
+    pub serving: lathe_serving::ServeConfig,
 }
 
 impl ServerConfig {
@@ -42,6 +44,7 @@ impl ServerConfig {
             max_upload_bytes: 512 << 20,
             max_files_per_project: 1000,
             lease: Duration::from_secs(30),
+            serving: lathe_serving::ServeConfig::default(),
         }
     }
 }
@@ -52,6 +55,8 @@ pub struct AppState {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// HTTP requests served, for `/metrics`.
     pub requests: AtomicU64,
+    /// The models served by the inference API, started on first use.
+    pub serving: crate::inference::Serving,
     /// What [`AppState::redact`] replaces, and with what: made once, it runs on every
     /// event streamed.
     redactions: Vec<(String, String)>,
@@ -72,7 +77,8 @@ impl AppState {
         // Model paths first: a model may live in the data folder.
         let models = config.models.iter().map(|(name, path)| (path.display().to_string(), name.clone()));
         let redactions = models.chain([(format!("{}/", config.data_dir.display()), String::new())]).filter(|(from, _)| !from.is_empty()).collect();
-        Ok(Arc::new(Self { config, db, artifacts, requests: AtomicU64::new(0), redactions }))
+        let serving = crate::inference::Serving::new(config.serving.clone());
+        Ok(Arc::new(Self { config, db, artifacts, requests: AtomicU64::new(0), serving, redactions }))
     }
 
     /// The project if the caller's team owns it; another team's project is 404, as if it

@@ -227,6 +227,6 @@ pub fn new_job_id() -> String {
 
 /// A new row id such as `job_k3v9…`: the prefix says what it names, 20 random characters
 /// (about 103 bits) make collisions a non-issue.
-pub(crate) fn new_id(prefix: &str) -> String {
+pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", random_lower_alnum(20))
 }

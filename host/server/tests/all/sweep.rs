@@ -24,13 +24,18 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
             let method: Method = method.to_uppercase().parse().unwrap();
             // No token: refused before anything is read.
             let uri = t.fill(template);
-            let (status, body) = s.send(request(&method, &uri, None, None)).await;
+            let (status, body) = s.send(request(&method, &uri, None, None, t.id("{job}"))).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} without a token: {body}");
 
             // Another team's token on the first team's ids.
-            let (status, body) = s.send(request(&method, &uri, Some(&t.b), Some(&t.b_project))).await;
+            let (status, body) = s.send(request(&method, &uri, Some(&t.b), Some(&t.b_project), t.id("{job}"))).await;
             let has_id = template.contains('{');
-            if has_id {
+            if uri.ends_with("completions") {
+                // Alpha's fine-tune by the id the fine-tuning API gives it (both teams
+                // have a project named `invoices`): as if it did not exist.
+                assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri} with another team's fine-tune: {body}");
+                assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+            } else if has_id {
                 assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri} with another team's token: {body}");
             } else {
                 // The caller's own lists: nothing of the first team in them.
@@ -46,7 +51,8 @@ async fn another_teams_token_finds_nothing_on_any_route(mut s: Server) {
 }
 
 /// A request whose body passes each route's extractor, so the answer is the route's own.
-fn request(method: &Method, uri: &str, token: Option<&str>, project: Option<&str>) -> Request<Body> {
+/// The completion routes name alpha's `job` as a fine-tuned model.
+fn request(method: &Method, uri: &str, token: Option<&str>, project: Option<&str>, job: &str) -> Request<Body> {
     let mut r = Request::builder().method(method.clone()).uri(uri);
     if let Some(t) = token {
         r = r.header("authorization", format!("Bearer {t}"));
@@ -62,7 +68,10 @@ fn request(method: &Method, uri: &str, token: Option<&str>, project: Option<&str
     if method == Method::GET || method == Method::DELETE {
         return r.body(Body::empty()).unwrap();
     }
-    let body = if uri.ends_with("/try") {
+    let body = if uri.ends_with("completions") {
+        let model = format!("ft:tiny:invoices:{job}");
+        json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2})
+    } else if uri.ends_with("/try") {
         json!({"input": {}})
     } else if uri.contains("/members/") {
         json!({"role": "member"})

@@ -1,0 +1,594 @@
+//! The OpenAI-compatible inference API: `/v1/chat/completions` and `/v1/completions`,
+//! streamed as server-sent events or not, over the continuous-batching scheduler
+//! (`lathe_serving`). A request names a base model the server was started with, or a
+//! fine-tuned model by the id the fine-tuning API gave it (`ft:<base>:<project>:<job>`),
+//! which runs as its adapter over the shared base. Schedulers start on first use, one per
+//! base model, and run every team's requests together; adapters come and go at run time.
+//!
+//! Errors have OpenAI's body and status, with `param` and `code` where OpenAI sets them
+//! (`model_not_found`, `context_length_exceeded`), and a bad request never stops the
+//! server: it is refused before it reaches the scheduler.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as Sse, Sse as SseBody};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt, stream};
+use lathe_engine::{FinishReason, Message, SamplingParams};
+use lathe_serving::{AdapterRef, Event, Request, Scheduler, ServeConfig, ServeError, TokenLogprob, Usage};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(chat_completions)).routes(routes!(completions))
+}
+
+/// The schedulers this server runs, by base model name, started on first use.
+pub struct Serving {
+    config: ServeConfig,
+    started: tokio::sync::Mutex<HashMap<String, Arc<Scheduler>>>,
+}
+
+impl Serving {
+    pub fn new(config: ServeConfig) -> Self {
+        Self {
+            config,
+            started: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The scheduler of a configured base model, loading the model the first time.
+    async fn scheduler(&self, s: &AppState, base: &str) -> ApiResult<Arc<Scheduler>> {
+        let mut started = self.started.lock().await;
+        if let Some(sch) = started.get(base) {
+            return Ok(sch.clone());
+        }
+        let path = s.model(base)?.to_path_buf();
+        let device = lathe_engine::device::parse_device(&s.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let config = self.config.clone();
+        let sch = tokio::task::spawn_blocking(move || lathe_engine::load(&path, &device).map(|m| Scheduler::start(Arc::new(m), config)))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("loading model `{base}`: {e}")))?;
+        let sch = Arc::new(sch);
+        started.insert(base.to_string(), sch.clone());
+        Ok(sch)
+    }
+
+    /// Prometheus text of every started scheduler.
+    pub async fn metrics(&self) -> String {
+        let started = self.started.lock().await;
+        let mut models: Vec<(&str, &lathe_serving::Metrics)> = started.iter().map(|(name, sch)| (name.as_str(), &**sch.metrics())).collect();
+        models.sort_by_key(|(name, _)| *name);
+        lathe_serving::metrics::render(&models)
+    }
+}
+
+/// A model a request may name, resolved: the base it runs on and its adapter.
+struct Served {
+    name: String,
+    base: String,
+    adapter: Option<AdapterRef>,
+}
+
+fn model_not_found(name: &str) -> ApiError {
+    ApiError::field(StatusCode::NOT_FOUND, format!("The model `{name}` does not exist or you do not have access to it."), "model", Some("model_not_found"))
+}
+
+/// A base model by name, or a fine-tuned one (`ft:<base>:<project>:<job>`) of the
+/// caller's team.
+async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served> {
+    if s.config.models.contains_key(name) {
+        return Ok(Served { name: name.into(), base: name.into(), adapter: None });
+    }
+    let Some(rest) = name.strip_prefix("ft:") else { return Err(model_not_found(name)) };
+    let mut parts = rest.rsplitn(3, ':');
+    let (Some(job_id), Some(project), Some(base)) = (parts.next(), parts.next(), parts.next()) else { return Err(model_not_found(name)) };
+    let Some(p) = s.db.projects(&caller.team_id).await?.into_iter().find(|p| p.name == project) else { return Err(model_not_found(name)) };
+    let Ok(job) = s.db.job(&p.id, job_id).await else { return Err(model_not_found(name)) };
+    let adapter_dir = job.outcome.as_ref().and_then(|o| o["adapter_dir"].as_str());
+    let trained_on = s.redact(job.spec["model"].as_str().unwrap_or(""));
+    let (true, Some(dir)) = (job.state.as_str() == "succeeded", adapter_dir) else { return Err(model_not_found(name)) };
+    if trained_on != base || !s.config.models.contains_key(base) {
+        return Err(model_not_found(name));
+    }
+    Ok(Served {
+        name: name.into(),
+        base: base.into(),
+        // A succeeded job's adapter never changes: its id names one version.
+        adapter: Some(AdapterRef { key: job.id.clone(), dir: dir.into() }),
+    })
+}
+
+/// `stop`: a string or a list of up to four.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Stop {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+/// What both endpoints share.
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Stop,
+    seed: Option<u64>,
+    n: Option<usize>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The body as JSON, with serde's message (field, line, column) as a 400.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+impl Common {
+    /// The sampling parameters and choice count, OpenAI's defaults filled in.
+    fn params(&self, prompt_len: usize, limit: usize) -> ApiResult<(SamplingParams, usize)> {
+        for (param, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::field(StatusCode::BAD_REQUEST, format!("`{param}` is not supported by this server; leave it at 0"), param, None));
+            }
+        }
+        let n = self.n.unwrap_or(1);
+        if !(1..=16).contains(&n) {
+            return Err(ApiError::field(StatusCode::BAD_REQUEST, format!("`n` must be between 1 and 16, got {n}"), "n", None));
+        }
+        let stop = match &self.stop {
+            Stop::None => Vec::new(),
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(ApiError::field(StatusCode::BAD_REQUEST, "`stop` takes up to 4 non-empty strings".into(), "stop", None));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(limit.saturating_sub(prompt_len).max(1));
+        if max_tokens == 0 {
+            return Err(ApiError::field(StatusCode::BAD_REQUEST, "`max_tokens` must be at least 1".into(), "max_tokens", None));
+        }
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.filter(|&p| p != 1.0),
+            seed: self.seed.unwrap_or_else(rand_seed),
+            max_tokens,
+            stop,
+            ..SamplingParams::default()
+        };
+        params.validate().map_err(|e| {
+            let param = if e.to_string().contains("top_p") { "top_p" } else { "temperature" };
+            ApiError::field(StatusCode::BAD_REQUEST, e.to_string().trim_start_matches("generation failed: ").to_string(), param, None)
+        })?;
+        Ok((params, n))
+    }
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Content,
+}
+
+/// A message's content: a string, or parts of which only text ones are accepted.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+    Null(()),
+}
+
+impl Content {
+    fn text(self, at: usize) -> ApiResult<String> {
+        match self {
+            Content::Text(t) => Ok(t),
+            Content::Null(()) => Ok(String::new()),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
+                    (Some("text"), Some(t)) => Ok(t),
+                    _ => Err(ApiError::field(StatusCode::BAD_REQUEST, format!("messages[{at}]: only text content parts are supported"), "messages", None)),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<usize>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    #[serde(flatten)]
+    common: Common,
+    prompt: PromptInput,
+    logprobs: Option<usize>,
+    #[serde(default)]
+    echo: bool,
+    suffix: Option<String>,
+}
+
+/// `/v1/completions`' prompt: text, several texts, token ids, or several lists of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// Which response shape a stream of events becomes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// Everything a response needs besides the events.
+struct Reply {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: i64,
+    stream: bool,
+    include_usage: bool,
+    /// Prompt texts to echo, per choice (`echo`).
+    echo: Vec<String>,
+    /// Choices per prompt (`n`): a prompt's tokens count once in the usage.
+    per_prompt: usize,
+    sch: Arc<Scheduler>,
+}
+
+#[utoipa::path(post, path = "/v1/chat/completions", responses((status = 200, description = "a chat completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
+async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    let b: ChatBody = parse(&body)?;
+    if b.tools.is_some() {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, "tool calling is not supported by this server".into(), "tools", None));
+    }
+    if let Some(f) = &b.response_format
+        && f["type"] != "text"
+    {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, format!("response_format `{}` is not supported yet; only `text`", f["type"].as_str().unwrap_or("?")), "response_format", None));
+    }
+    if b.messages.is_empty() {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, "`messages` is empty".into(), "messages", None));
+    }
+    let served = resolve(&s, &caller, &b.common.model).await?;
+    let sch = s.serving.scheduler(&s, &served.base).await?;
+    let mut messages = Vec::with_capacity(b.messages.len());
+    for (i, m) in b.messages.into_iter().enumerate() {
+        if !["system", "user", "assistant", "developer"].contains(&m.role.as_str()) {
+            return Err(ApiError::field(StatusCode::BAD_REQUEST, format!("messages[{i}].role `{}` is not one of system, developer, user, assistant", m.role), "messages", None));
+        }
+        let role = if m.role == "developer" { "system".to_string() } else { m.role };
+        messages.push(Message { role, content: m.content.text(i)? });
+    }
+    let prompt = sch.model().tokenizer.encode_chat(&messages, true).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, format!("the chat template refused the messages: {e}"), "messages", None))?;
+    let top = match (b.logprobs, b.top_logprobs) {
+        (false, Some(_)) => return Err(ApiError::field(StatusCode::BAD_REQUEST, "`top_logprobs` needs `logprobs: true`".into(), "top_logprobs", None)),
+        (true, Some(k)) if k > 20 => return Err(ApiError::field(StatusCode::BAD_REQUEST, format!("`top_logprobs` must be at most 20, got {k}"), "top_logprobs", None)),
+        (true, k) => Some(k.unwrap_or(0)),
+        (false, None) => None,
+    };
+    let (params, n) = b.common.params(prompt.len(), sch.max_request_tokens())?;
+    let reply = Reply {
+        kind: Kind::Chat,
+        id: lathe_store::new_id("chatcmpl"),
+        model: served.name.clone(),
+        created: now(),
+        stream: b.common.stream,
+        include_usage: b.common.stream_options.is_some_and(|o| o.include_usage),
+        echo: Vec::new(),
+        per_prompt: n,
+        sch: sch.clone(),
+    };
+    let prompts = vec![prompt; n];
+    respond(reply, &sch, prompts, params, served.adapter, top).await
+}
+
+#[utoipa::path(post, path = "/v1/completions", responses((status = 200, description = "a text completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
+async fn completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    let b: CompletionBody = parse(&body)?;
+    if b.suffix.is_some() {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, "`suffix` is not supported by this server".into(), "suffix", None));
+    }
+    if b.logprobs.is_some_and(|k| k > 5) {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, "`logprobs` must be at most 5".into(), "logprobs", None));
+    }
+    let served = resolve(&s, &caller, &b.common.model).await?;
+    let sch = s.serving.scheduler(&s, &served.base).await?;
+    let tok = &sch.model().tokenizer;
+    let encode = |t: &str| tok.encode(t, true).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, format!("the prompt cannot be tokenized: {e}"), "prompt", None));
+    let prompts: Vec<Vec<u32>> = match b.prompt {
+        PromptInput::Text(t) => vec![encode(&t)?],
+        PromptInput::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<ApiResult<_>>()?,
+        PromptInput::Tokens(ids) => vec![ids],
+        PromptInput::TokenLists(lists) => lists,
+    };
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, "`prompt` is empty".into(), "prompt", None));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (params, n) = b.common.params(longest, sch.max_request_tokens())?;
+    let echo = match b.echo {
+        true => prompts.iter().flat_map(|p| std::iter::repeat_n(tok.decode(p, false).unwrap_or_default(), n)).collect(),
+        false => Vec::new(),
+    };
+    let reply = Reply {
+        kind: Kind::Text,
+        id: lathe_store::new_id("cmpl"),
+        model: served.name.clone(),
+        created: now(),
+        stream: b.common.stream,
+        include_usage: b.common.stream_options.is_some_and(|o| o.include_usage),
+        echo,
+        per_prompt: n,
+        sch: sch.clone(),
+    };
+    let prompts = prompts.into_iter().flat_map(|p| std::iter::repeat_n(p, n)).collect();
+    respond(reply, &sch, prompts, params, served.adapter, b.logprobs).await
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Submits one request per choice (seeds apart, so `n` samples differ), then answers
+/// with the whole response or a stream of chunks.
+async fn respond(reply: Reply, sch: &Scheduler, prompts: Vec<Vec<u32>>, params: SamplingParams, adapter: Option<AdapterRef>, logprobs: Option<usize>) -> ApiResult<Response> {
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+        let rx = sch.submit(Request { prompt, params, adapter: adapter.clone(), logprobs }).map_err(|e| match e {
+            ServeError::Invalid(m) if m.contains("maximum context length") => ApiError::field(StatusCode::BAD_REQUEST, m, "messages", Some("context_length_exceeded")),
+            ServeError::Invalid(m) => ApiError::bad(m),
+            ServeError::Stopped => ApiError::Internal("the scheduler has stopped".into()),
+        })?;
+        streams.push(UnboundedReceiverStream::new(rx).map(move |e| (i, e)));
+    }
+    let choices = streams.len();
+    let events = stream::select_all(streams);
+    if reply.stream {
+        return Ok(SseBody::new(chunks(reply, choices, events)).into_response());
+    }
+    whole(reply, choices, events).await
+}
+
+/// Text of one token for logprobs, and its UTF-8 bytes.
+fn token_text(sch: &Scheduler, id: u32) -> String {
+    sch.model().tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+fn chat_logprob(sch: &Scheduler, lp: &TokenLogprob) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let t = token_text(sch, id);
+        json!({"token": t, "logprob": logprob, "bytes": t.as_bytes()})
+    };
+    let mut v = entry(lp.token, lp.logprob);
+    v["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+    v
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+/// Adds a choice's usage to the total; prompts shared by `n` choices count once, as
+/// OpenAI counts them.
+fn add_usage(total: &mut Usage, u: &Usage, first_of_prompt: bool) {
+    if first_of_prompt {
+        total.prompt_tokens += u.prompt_tokens;
+        total.cached_tokens += u.cached_tokens;
+    }
+    total.completion_tokens += u.completion_tokens;
+}
+
+/// The legacy completions `logprobs` object of a choice.
+#[derive(Default)]
+struct TextLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl TextLogprobs {
+    fn push(&mut self, sch: &Scheduler, lp: &TokenLogprob, offset: usize) {
+        self.tokens.push(token_text(sch, lp.token));
+        self.token_logprobs.push(lp.logprob);
+        self.top.push(Value::Object(lp.top.iter().map(|&(id, l)| (token_text(sch, id), json!(l))).collect()));
+        self.offsets.push(offset);
+    }
+
+    fn json(&self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top, "text_offset": self.offsets})
+    }
+}
+
+/// Collects every choice, then answers once.
+async fn whole(reply: Reply, choices: usize, mut events: impl Stream<Item = (usize, Event)> + Unpin) -> ApiResult<Response> {
+    let mut texts = vec![String::new(); choices];
+    let mut chat_lps: Vec<Vec<Value>> = vec![Vec::new(); choices];
+    let mut text_lps: Vec<TextLogprobs> = (0..choices).map(|_| TextLogprobs::default()).collect();
+    let mut finish = vec![None; choices];
+    let mut usage = Usage::default();
+    while let Some((i, e)) = events.next().await {
+        match e {
+            Event::Token { text, logprob, .. } => {
+                if let Some(lp) = logprob {
+                    chat_lps[i].push(chat_logprob(&reply.sch, &lp));
+                    let offset = reply.echo.get(i).map_or(0, String::len) + texts[i].len();
+                    text_lps[i].push(&reply.sch, &lp, offset);
+                }
+                texts[i].push_str(&text);
+            }
+            Event::Done { finish: f, text, usage: u } => {
+                texts[i] = text;
+                finish[i] = Some(f);
+                add_usage(&mut usage, &u, i % reply.per_prompt == 0);
+            }
+            Event::Failed(m) => return Err(ApiError::Internal(m)),
+        }
+    }
+    let choices: Vec<Value> = (0..choices)
+        .map(|i| {
+            let fr = finish[i].map(finish_reason);
+            match reply.kind {
+                Kind::Chat => json!({
+                    "index": i, "message": {"role": "assistant", "content": texts[i], "refusal": null},
+                    "logprobs": (!chat_lps[i].is_empty()).then(|| json!({"content": chat_lps[i]})),
+                    "finish_reason": fr,
+                }),
+                Kind::Text => json!({
+                    "index": i, "text": format!("{}{}", reply.echo.get(i).map_or("", String::as_str), texts[i]),
+                    "logprobs": (!text_lps[i].tokens.is_empty()).then(|| text_lps[i].json()),
+                    "finish_reason": fr,
+                }),
+            }
+        })
+        .collect();
+    let object = if reply.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    Ok(Json(json!({
+        "id": reply.id, "object": object, "created": reply.created, "model": reply.model,
+        "system_fingerprint": fingerprint(), "choices": choices, "usage": usage_json(&usage),
+    }))
+    .into_response())
+}
+
+fn fingerprint() -> String {
+    format!("lathe-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The chunks of a streamed response: for chat, a first chunk with the role per choice;
+/// then content as it is produced; a last chunk per choice with its finish reason; the
+/// usage chunk if asked for; `[DONE]`.
+fn chunks(reply: Reply, choices: usize, events: impl Stream<Item = (usize, Event)> + Unpin + Send + 'static) -> impl Stream<Item = Result<Sse, Infallible>> + Send {
+    let reply = Arc::new(reply);
+    let chunk = {
+        let reply = reply.clone();
+        move |choices: Value, usage: Option<Value>| {
+            let object = if reply.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+            let mut c = json!({"id": reply.id, "object": object, "created": reply.created, "model": reply.model, "system_fingerprint": fingerprint(), "choices": choices});
+            if reply.include_usage {
+                c["usage"] = usage.unwrap_or(Value::Null);
+            }
+            Ok(Sse::default().data(c.to_string()))
+        }
+    };
+    let first: Vec<Result<Sse, Infallible>> = match reply.kind {
+        Kind::Chat => (0..choices).map(|i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)).collect(),
+        Kind::Text => reply.echo.iter().enumerate().map(|(i, e)| chunk(json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]), None)).collect(),
+    };
+    let state = (events, Usage::default(), vec![0usize; choices], false);
+    let body = stream::unfold(state, move |(mut events, mut usage, mut offsets, ended)| {
+        let reply = reply.clone();
+        let chunk = chunk.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let Some((i, e)) = events.next().await else {
+                let mut tail = Vec::new();
+                if reply.include_usage {
+                    tail.push(chunk(json!([]), Some(usage_json(&usage))));
+                }
+                tail.push(Ok(Sse::default().data("[DONE]")));
+                return Some((stream::iter(tail), (events, usage, offsets, true)));
+            };
+            let out = match e {
+                Event::Token { text, logprob, .. } => {
+                    let piece = match reply.kind {
+                        Kind::Chat => {
+                            let lp = logprob.map(|lp| json!({"content": [chat_logprob(&reply.sch, &lp)]}));
+                            json!([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}])
+                        }
+                        Kind::Text => {
+                            let lp = logprob.map(|lp| {
+                                let mut t = TextLogprobs::default();
+                                t.push(&reply.sch, &lp, offsets[i]);
+                                t.json()
+                            });
+                            json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}])
+                        }
+                    };
+                    offsets[i] += text.len();
+                    vec![chunk(piece, None)]
+                }
+                Event::Done { finish, usage: u, .. } => {
+                    add_usage(&mut usage, &u, i % reply.per_prompt == 0);
+                    let fr = finish_reason(finish);
+                    let piece = match reply.kind {
+                        Kind::Chat => json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": fr}]),
+                        Kind::Text => json!([{"index": i, "text": "", "logprobs": null, "finish_reason": fr}]),
+                    };
+                    vec![chunk(piece, None)]
+                }
+                Event::Failed(m) => {
+                    // Mid-stream, the status is sent already: the error travels as data.
+                    let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
+                    return Some((stream::iter(vec![Ok(Sse::default().data(err.to_string()))]), (events, usage, offsets, true)));
+                }
+            };
+            Some((stream::iter(out), (events, usage, offsets, false)))
+        }
+    })
+    .flatten();
+    stream::iter(first).chain(body)
+}
