@@ -1,8 +1,9 @@
 //! The OpenAI-compatible inference API: `/v1/chat/completions` and `/v1/completions`,
 //! streamed as server-sent events or not, over the continuous-batching scheduler
-//! (`lathe_serving`). A request names a base model the server was started with, or a
-//! fine-tuned model by the id the fine-tuning API gave it (`ft:<base>:<project>:<job>`),
-//! which runs as its adapter over the shared base. Schedulers start on first use, one per
+//! (`lathe_serving`). A request names a base model the server was started with, a deploy
+//! alias (`<project>/<name>`, see `deployments`), or a fine-tuned model by the id the
+//! fine-tuning API gave it (`ft:<base>:<project>:<job>`); an adapter runs over the shared
+//! base. Schedulers start on first use, one per
 //! base model, and run every team's requests together; adapters come and go at run time.
 //!
 //! Errors have OpenAI's body and status, with `param` and `code` where OpenAI sets them
@@ -88,28 +89,41 @@ fn model_not_found(name: &str) -> ApiError {
     ApiError::field(StatusCode::NOT_FOUND, format!("The model `{name}` does not exist or you do not have access to it."), "model", Some("model_not_found"))
 }
 
-/// A base model by name, or a fine-tuned one (`ft:<base>:<project>:<job>`) of the
-/// caller's team.
+/// A base model by name, a deploy alias (`<project>/<name>`: the version it serves now),
+/// or a fine-tuned model (`ft:<base>:<project>:<job>`), of the caller's team.
 async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served> {
     if s.config.models.contains_key(name) {
         return Ok(Served { name: name.into(), base: name.into(), adapter: None });
     }
-    let Some(rest) = name.strip_prefix("ft:") else { return Err(model_not_found(name)) };
-    let mut parts = rest.rsplitn(3, ':');
-    let (Some(job_id), Some(project), Some(base)) = (parts.next(), parts.next(), parts.next()) else { return Err(model_not_found(name)) };
-    let Some(p) = s.db.projects(&caller.team_id).await?.into_iter().find(|p| p.name == project) else { return Err(model_not_found(name)) };
-    let Ok(job) = s.db.job(&p.id, job_id).await else { return Err(model_not_found(name)) };
-    let adapter_dir = job.outcome.as_ref().and_then(|o| o["adapter_dir"].as_str());
-    let trained_on = s.redact(job.spec["model"].as_str().unwrap_or(""));
-    let (true, Some(dir)) = (job.state.as_str() == "succeeded", adapter_dir) else { return Err(model_not_found(name)) };
-    if trained_on != base || !s.config.models.contains_key(base) {
+    let project = |pname: &str| {
+        let pname = pname.to_string();
+        async move { Ok::<_, ApiError>(s.db.projects(&caller.team_id).await?.into_iter().find(|p| p.name == pname)) }
+    };
+    let (job_id, base, p) = if let Some(rest) = name.strip_prefix("ft:") {
+        let mut parts = rest.rsplitn(3, ':');
+        let (Some(job_id), Some(pname), Some(base)) = (parts.next(), parts.next(), parts.next()) else { return Err(model_not_found(name)) };
+        let Some(p) = project(pname).await? else { return Err(model_not_found(name)) };
+        (job_id.to_string(), Some(base.to_string()), p)
+    } else if let Some((pname, alias)) = name.split_once('/') {
+        let Some(p) = project(pname).await? else { return Err(model_not_found(name)) };
+        let Ok(d) = s.db.deployment(&p.id, alias).await else { return Err(model_not_found(name)) };
+        match d.job_id {
+            None => return Ok(Served { name: name.into(), base: d.model, adapter: None }),
+            Some(j) => (j, None, p),
+        }
+    } else {
+        return Err(model_not_found(name));
+    };
+    let Ok(job) = s.db.job(&p.id, &job_id).await else { return Err(model_not_found(name)) };
+    let Some((trained_on, dir)) = crate::deployments::trained_adapter(s, &job) else { return Err(model_not_found(name)) };
+    if base.is_some_and(|b| b != trained_on) {
         return Err(model_not_found(name));
     }
     Ok(Served {
         name: name.into(),
-        base: base.into(),
+        base: trained_on,
         // A succeeded job's adapter never changes: its id names one version.
-        adapter: Some(AdapterRef { key: job.id.clone(), dir: dir.into() }),
+        adapter: Some(AdapterRef { key: job.id.clone(), dir }),
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod demo;
+pub mod deployments;
 pub mod error;
 pub mod inference;
 pub mod openai;
@@ -34,7 +35,7 @@ struct ApiDoc;
 
 /// Every route, registered once for routing and for the OpenAPI document.
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes()).merge(inference::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes()).merge(inference::routes()).merge(deployments::routes())
 }
 
 /// The application: routes, the OpenAPI document at `/api/v1/openapi.json`, metrics, and

@@ -325,11 +325,14 @@ async fn list_checkpoints(State(s): State<Arc<AppState>>, caller: Caller, header
     Ok(Json(json!({"object": "list", "data": data, "has_more": false, "first_id": first, "last_id": last})))
 }
 
-/// The server's base models and the project's fine-tuned ones.
+/// The server's base models, the project's deploy aliases and its fine-tuned models.
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, description = "models")))]
 async fn list_models(State(s): State<Arc<AppState>>, caller: Caller, headers: HeaderMap) -> ApiResult<Json<Value>> {
     let mut data: Vec<Value> = s.config.models.keys().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "lathe"})).collect();
     if let Ok(p) = project(&s, &caller, &headers).await {
+        for d in s.db.deployments(&p.id).await? {
+            data.push(json!({"id": format!("{}/{}", p.name, d.name), "object": "model", "created": seconds(d.created_at), "owned_by": p.team_id}));
+        }
         let mut after = None;
         loop {
             let page = s.db.jobs(&p.id, Some(FINE_TUNE), after.as_deref(), 100).await?;

@@ -14,6 +14,7 @@
 
 mod artifacts;
 mod auth;
+mod deployments;
 mod error;
 mod jobs;
 mod members;
@@ -33,6 +34,7 @@ use sqlx::sqlite::{
 
 pub use artifacts::{ArtifactStore, LocalArtifacts};
 pub use auth::{Secret, Team, TokenInfo};
+pub use deployments::{Deployment, NewDeployment, check_deploy_name};
 pub use error::{Result, StoreError};
 pub use jobs::{JobEvent, JobRow, JobState, JobTiming, Lease, NewJob};
 pub use members::{MEMBER, Member, OWNER, ROLES};

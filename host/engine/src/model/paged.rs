@@ -359,37 +359,34 @@ impl CausalLm {
             }
         }
 
+        let geometry = Geometry {
+            heads,
+            group: heads / kvh,
+            hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: c.sliding_window,
+        };
+        // Tasks: a row's run of up to 8 query tokens against one key/value head, so each
+        // key is read once for every query head that shares it.
+        let mut tasks = Vec::new();
+        let mut t = 0;
+        while t < n {
+            let r = owner[t].0;
+            let end = (t..n).find(|&u| owner[u].0 != r || u - t == 8).unwrap_or(n);
+            tasks.extend((0..kvh).map(|g| (r, g, t..end)));
+            t = end;
+        }
         let pool = &*pool;
-        let (keys, values) = (&pool.k[layer], &pool.v[layer]);
-        let group = heads / kvh;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let window = c.sliding_window;
+        let results: Vec<Vec<f32>> = tasks.par_iter().map(|(r, g, ts)| attend(pool, layer, &rows[*r].cache.blocks, *g, ts.clone(), owner, &q, &geometry)).collect();
         let mut out = vec![0.0f32; n * heads * hd];
-        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-            let (t, h) = (i / heads, i % heads);
-            let (r, p) = owner[t];
-            let g = h / group;
-            let qv = &q[(t * heads + h) * hd..][..hd];
-            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let mut scores: Vec<f32> = (first..=p)
-                .map(|j| {
-                    let (b, s) = rows[r].cache_slot(j);
-                    dot(qv, &keys[pool.at(b, g, s)..][..hd]) * scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0.0;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                total += *s;
+        for ((_, g, ts), res) in tasks.iter().zip(results) {
+            let mut res = res.chunks_exact(hd);
+            for t in ts.clone() {
+                for h in g * geometry.group..(g + 1) * geometry.group {
+                    out[(t * heads + h) * hd..][..hd].copy_from_slice(res.next().expect("one output per query head"));
+                }
             }
-            for (j, w) in (first..=p).zip(&scores) {
-                let (b, s) = rows[r].cache_slot(j);
-                let val = &values[pool.at(b, g, s)..][..hd];
-                let w = w / total;
-                o.iter_mut().zip(val).for_each(|(o, v)| *o += w * v);
-            }
-        });
+        }
         let out = Tensor::<3>::from_data(TensorData::new(out, [1, n, heads * hd]), &self.device);
         let od = lora.input(&out);
         lora.apply(&attn.o_proj, Target::O, out, &od)
@@ -402,6 +399,68 @@ impl SeqStep<'_> {
     fn cache_slot(&self, p: usize) -> (u32, usize) {
         self.cache.slot(p)
     }
+}
+
+/// The attention shapes every task shares.
+struct Geometry {
+    heads: usize,
+    /// Query heads per key/value head.
+    group: usize,
+    hd: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// Attention of query tokens `ts` (one row's, positions rising) through the query heads of
+/// key/value head `g`, against the row's cached keys in `blocks`: one pass over the keys
+/// with a running maximum and sum (online softmax). Returns `[token][head][hd]`.
+#[allow(clippy::too_many_arguments)]
+fn attend(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
+    let (hd, group) = (geo.hd, geo.group);
+    let first = |p: usize| geo.window.map_or(0, |w| (p + 1).saturating_sub(w));
+    // One query per (token, head): its position, vector, running max and sum.
+    let queries: Vec<(usize, &[f32])> = ts.clone().flat_map(|t| (g * group..(g + 1) * group).map(move |h| (owner[t].1, &q[(t * geo.heads + h) * hd..][..hd]))).collect();
+    let mut max = vec![f32::NEG_INFINITY; queries.len()];
+    let mut sum = vec![0.0f32; queries.len()];
+    let mut acc = vec![0.0f32; queries.len() * hd];
+    let last = owner[ts.end - 1].1;
+    let lo = first(owner[ts.start].1);
+    let (keys, values) = (&pool.k[layer], &pool.v[layer]);
+    for (bi, &block) in blocks.iter().enumerate().take(last / BLOCK_TOKENS + 1).skip(lo / BLOCK_TOKENS) {
+        let base = pool.at(block, g, 0);
+        for slot in 0..BLOCK_TOKENS {
+            let j = bi * BLOCK_TOKENS + slot;
+            if j < lo {
+                continue;
+            }
+            if j > last {
+                break;
+            }
+            let key = &keys[base + slot * hd..][..hd];
+            let value = &values[base + slot * hd..][..hd];
+            for (k, &(p, qv)) in queries.iter().enumerate() {
+                if j > p || j < first(p) {
+                    continue;
+                }
+                let s = dot(qv, key) * geo.scale;
+                let a = &mut acc[k * hd..(k + 1) * hd];
+                if s > max[k] {
+                    let shrink = (max[k] - s).exp();
+                    sum[k] *= shrink;
+                    a.iter_mut().for_each(|x| *x *= shrink);
+                    max[k] = s;
+                }
+                let w = (s - max[k]).exp();
+                sum[k] += w;
+                a.iter_mut().zip(value).for_each(|(x, v)| *x += w * v);
+            }
+        }
+    }
+    for (k, a) in acc.chunks_exact_mut(hd).enumerate() {
+        let inv = 1.0 / sum[k];
+        a.iter_mut().for_each(|x| *x *= inv);
+    }
+    acc
 }
 
 /// Runs of adjacent rows through the same adapter, as ranges of the packed tokens.

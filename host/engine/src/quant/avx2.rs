@@ -9,6 +9,17 @@
 
 use std::arch::x86_64::*;
 
+/// The horizontal sum of each accumulator (a loop, not `array::map`, whose closure would
+/// not inherit AVX2).
+#[inline(always)]
+fn sums<const R: usize>(acc: &[__m256; R]) -> [f32; R] {
+    let mut out = [0.0; R];
+    for i in 0..R {
+        out[i] = hsum256(acc[i]);
+    }
+    out
+}
+
 #[inline(always)]
 fn hsum256(v: __m256) -> f32 {
     // SAFETY: only reached from the AVX2 functions below.
@@ -20,55 +31,79 @@ fn hsum256(v: __m256) -> f32 {
     }
 }
 
-/// Σ_blocks d · Σ q·x over 4-bit codes (16 bytes per block: low nibbles are values
-/// 0..16, high nibbles 16..32).
+/// One block's 32 weights times one row's 32 activations, added to `acc` scaled by `d`:
+/// the same operations in the same order for every row, so a row's sum does not depend on
+/// how many rows share the call.
+#[inline(always)]
+unsafe fn block_fma(w: &[__m256; 4], d: __m256, p: *const f32, acc: __m256) -> __m256 {
+    // SAFETY: the caller passes 32 readable floats at `p`.
+    unsafe {
+        let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(p));
+        s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(p.add(8)), s);
+        s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(p.add(16)), s);
+        s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(p.add(24)), s);
+        _mm256_fmadd_ps(d, s, acc)
+    }
+}
+
+/// For each of `R` activation rows, Σ_blocks d · Σ q·x over 4-bit codes (16 bytes per
+/// block: low nibbles are values 0..16, high nibbles 16..32). Each block is unpacked once
+/// for all `R` rows.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()` and
-/// `x.len() == 32 · scales.len()`.
+/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()` and every
+/// `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; R]) -> [f32; R] {
     let mask = _mm_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
-    for ((q, &d), xb) in qs.chunks_exact(16).zip(scales).zip(x.chunks_exact(32)) {
-        // SAFETY: q holds 16 bytes and xb 32 floats (chunks_exact), so every load is in bounds.
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, (q, &d)) in qs.chunks_exact(16).zip(scales).enumerate() {
+        // SAFETY: q holds 16 bytes (chunks_exact) and each row 32 floats from 32·b on (the
+        // length contract above), so every load is in bounds.
         unsafe {
             let v = _mm_loadu_si128(q.as_ptr().cast());
             let lo = _mm_and_si128(v, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-            let w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            let w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-            let p = xb.as_ptr();
-            let mut s = _mm256_mul_ps(w0, _mm256_loadu_ps(p));
-            s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), s);
-            s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p.add(16)), s);
-            s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p.add(24)), s);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            let w = [
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+            ];
+            let d = _mm256_set1_ps(d);
+            for i in 0..R {
+                acc[i] = block_fma(&w, d, xs[i].as_ptr().add(32 * b), acc[i]);
+            }
         }
     }
-    hsum256(acc)
+    sums(&acc)
 }
 
-/// Σ_blocks d · Σ q·x over signed 8-bit codes (32 bytes per block).
+/// For each of `R` activation rows, Σ_blocks d · Σ q·x over signed 8-bit codes (32 bytes
+/// per block), each block widened once for all rows.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qs.len() == x.len() == 32 · scales.len()`.
+/// The CPU must support AVX2 and FMA; `qs.len() == 32 · scales.len()` and every
+/// `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bytes(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for ((q, &d), xb) in qs.chunks_exact(32).zip(scales).zip(x.chunks_exact(32)) {
-        // SAFETY: q holds 32 bytes and xb 32 floats (chunks_exact), so every load is in bounds.
+pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, (q, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
+        // SAFETY: q holds 32 bytes (chunks_exact) and each row 32 floats from 32·b on.
         unsafe {
-            let (qp, p) = (q.as_ptr(), xb.as_ptr());
-            let code = |i: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(8 * i).cast())));
-            let mut s = _mm256_mul_ps(code(0), _mm256_loadu_ps(p));
-            s = _mm256_fmadd_ps(code(1), _mm256_loadu_ps(p.add(8)), s);
-            s = _mm256_fmadd_ps(code(2), _mm256_loadu_ps(p.add(16)), s);
-            s = _mm256_fmadd_ps(code(3), _mm256_loadu_ps(p.add(24)), s);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            // No closures here: they would not inherit AVX2 and every intrinsic would become a call.
+            let qp = q.as_ptr();
+            let w = [
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.cast()))),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(8).cast()))),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(16).cast()))),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(24).cast()))),
+            ];
+            let d = _mm256_set1_ps(d);
+            for i in 0..R {
+                acc[i] = block_fma(&w, d, xs[i].as_ptr().add(32 * b), acc[i]);
+            }
         }
     }
-    hsum256(acc)
+    sums(&acc)
 }

@@ -116,11 +116,10 @@ impl QMatrix {
                     let r = task * ROWS_PER_TASK + k;
                     let qs = &self.qs[r * per_row..(r + 1) * per_row];
                     let scales = &self.scales[r * nb..(r + 1) * nb];
-                    for (i, o) in out_row.iter_mut().enumerate() {
-                        let xi = &x[i * self.cols..(i + 1) * self.cols];
-                        *o = kernel.dot(self.codes, qs, scales, xi);
-                        if self.codes == Codes::Nibbles {
-                            let mins = &self.mins[r * nb..(r + 1) * nb];
+                    kernel.dots(self.codes, qs, scales, x, self.cols, out_row);
+                    if self.codes == Codes::Nibbles {
+                        let mins = &self.mins[r * nb..(r + 1) * nb];
+                        for (i, o) in out_row.iter_mut().enumerate() {
                             *o += dot_f32(mins, &xsum[i * nb..(i + 1) * nb]);
                         }
                     }
@@ -176,20 +175,52 @@ impl Kernel {
         Kernel::Portable
     }
 
+    /// One weight row's dot products with every activation row of `x` (`out.len()` rows
+    /// of `cols`). The AVX2 kernel unpacks each block once for up to four rows.
     #[inline(always)]
-    fn dot(self, codes: Codes, qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
-        assert_eq!(x.len(), 32 * scales.len());
+    fn dots(self, codes: Codes, qs: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+        assert_eq!(cols, 32 * scales.len());
+        assert_eq!(x.len(), cols * out.len());
         assert_eq!(qs.len(), scales.len() * if codes == Codes::Bytes { 32 } else { 16 });
-        match (self, codes) {
-            // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length contract.
+        let row = |i: usize| &x[i * cols..(i + 1) * cols];
+        match self {
             #[cfg(target_arch = "x86_64")]
-            #[allow(unsafe_code)]
-            (Kernel::Avx2, Codes::Bytes) => unsafe { avx2::dot_bytes(qs, scales, x) },
-            #[cfg(target_arch = "x86_64")]
-            #[allow(unsafe_code)]
-            (Kernel::Avx2, Codes::Nibbles) => unsafe { avx2::dot_nibbles(qs, scales, x) },
-            (Kernel::Portable, Codes::Bytes) => dot_bytes(qs, scales, x),
-            (Kernel::Portable, Codes::Nibbles) => dot_nibbles(qs, scales, x),
+            Kernel::Avx2 => {
+                let mut i = 0;
+                while i < out.len() {
+                    let left = out.len() - i;
+                    // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length
+                    // contract (every row has `cols` = 32 · blocks floats).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        macro_rules! rows {
+                            ($r:literal) => {{
+                                let xs: [&[f32]; $r] = std::array::from_fn(|k| row(i + k));
+                                let got = match codes {
+                                    Codes::Bytes => avx2::dot_bytes::<$r>(qs, scales, xs),
+                                    Codes::Nibbles => avx2::dot_nibbles::<$r>(qs, scales, xs),
+                                };
+                                out[i..i + $r].copy_from_slice(&got);
+                                i += $r;
+                            }};
+                        }
+                        match left {
+                            1 => rows!(1),
+                            2 => rows!(2),
+                            3 => rows!(3),
+                            _ => rows!(4),
+                        }
+                    }
+                }
+            }
+            Kernel::Portable => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = match codes {
+                        Codes::Bytes => dot_bytes(qs, scales, row(i)),
+                        Codes::Nibbles => dot_nibbles(qs, scales, row(i)),
+                    };
+                }
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ fn packed_rows_with_their_own_adapters_match_each_row_alone() {
         assert!(max_abs_diff(&want[1], &alone(&m, None, &seqs[1])) > 1e-3, "the adapter changes the logits");
 
         let mut pool = KvPool::new(&m.config, 64);
-        let mut caches: Vec<SeqCache> = (0..4).map(|r| SeqCache::new(r)).collect();
+        let mut caches: Vec<SeqCache> = (0..4).map(SeqCache::new).collect();
         // Row r joins at step r with a prompt of 5 + r tokens, then adds one token a step:
         // every step mixes a prompt with single decode tokens.
         let mut done = vec![0usize; 4];

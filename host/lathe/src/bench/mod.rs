@@ -1,5 +1,6 @@
 //! `lathe bench ...`: throughput measurements whose numbers go into BENCHMARKS.md.
 
+mod serve;
 mod service;
 
 use std::path::PathBuf;
@@ -24,6 +25,9 @@ pub enum BenchCommand {
     Data(DataBench),
     /// Eval examples/s on the demo's invoice suite, batched against one at a time.
     Eval(EvalBench),
+    /// The serving scheduler at rising concurrency: TTFT, time per output token, latency
+    /// percentiles and tokens/s, against static batches of the same prompts; a capacity plan.
+    Serve(serve::ServeBench),
     /// Job queue: enqueues/s, and claims/s (claim + complete) by concurrent claimers, each
     /// with a pool of its own, on SQLite or PostgreSQL.
     Claims(service::ClaimsBench),
@@ -111,6 +115,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Data(a) => data(a),
         BenchCommand::Eval(a) => eval(a),
+        BenchCommand::Serve(a) => serve::serve(a),
         BenchCommand::Claims(a) => service::claims(&a),
         BenchCommand::Api(a) => service::api(&a),
         BenchCommand::ApiLoad(a) => service::load(&a),

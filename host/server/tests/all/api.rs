@@ -173,6 +173,8 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (status, _) = s.call(Method::GET, &format!("{base}/runs/..%2F..%2Fetc"), t, None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "run ids are never paths");
 
+    deploy_and_roll_back(&s, &project, &token, &train_id).await;
+
     // The adapter downloads; an export job writes a merged GGUF.
     let (status, adapter) = s.send(get(&format!("{base}/jobs/{train_id}/artifacts/adapter_config.json"), &token)).await;
     assert_eq!(status, StatusCode::OK);
@@ -182,10 +184,11 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     // Metrics count what happened.
     let (_, metrics) = s.call(Method::GET, "/metrics", None, None).await;
     let metrics = metrics.as_str().unwrap();
-    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 9"), "{metrics}");
+    assert!(metrics.contains("lathe_jobs{state=\"succeeded\"} 10"), "{metrics}");
     assert!(metrics.contains("lathe_jobs{state=\"cancelled\"} 0"), "the cancelled job was retried: {metrics}");
     assert!(metrics.contains("lathe_jobs{state=\"failed\"} 1"), "{metrics}");
-    assert!(metrics.contains("lathe_job_duration_seconds_count 10"), "{metrics}");
+    assert!(metrics.contains("lathe_job_duration_seconds_count 11"), "{metrics}");
+    assert!(metrics.contains("vllm:request_success_total{finished_reason=\"length\",model_name=\"tiny\"}"), "{metrics}");
 }
 
 async fn tokens_and_limits_are_enforced(s: Server) {
@@ -313,4 +316,80 @@ fn raw_post(uri: &str, token: &str, body: Vec<u8>) -> Request<Body> {
 
 fn get(uri: &str, token: &str) -> Request<Body> {
     Request::builder().uri(uri).header("authorization", format!("Bearer {token}")).body(Body::empty()).unwrap()
+}
+
+/// Deploy aliases: the gate decides what may be deployed, the alias serves through the
+/// inference API, and a rollback serves the previous version again while a stream that
+/// started before it finishes on the version it started with.
+async fn deploy_and_roll_back(s: &Server, project: &str, token: &str, train_id: &str) {
+    let t = Some(token);
+    let deployments = format!("/api/v1/projects/{project}/deployments");
+    let (status, base_v) = s.call(Method::POST, &deployments, t, Some(json!({"name": "prod", "model": "tiny"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{base_v}");
+    assert_eq!(base_v["model_id"], "invoices/prod");
+
+    // Not without an eval run of the whole held-out set whose gate passed.
+    let (status, refused) = s.call(Method::POST, &deployments, t, Some(json!({"name": "prod", "job_id": train_id}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("has not passed its suite's gate"), "{refused}");
+    let mut lenient = words_suite("exact-match");
+    lenient["name"] = json!("words-lenient");
+    lenient["gate"]["min"] = json!(0.0);
+    assert_eq!(s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words-lenient"), t, Some(lenient)).await.0, StatusCode::OK);
+    let eval = s.run_job(project, token, json!({"kind": "eval_run", "model": "tiny", "adapter_job": train_id, "suite": "words-lenient", "data": "words.heldout"})).await;
+    assert_eq!(eval["outcome"]["run"]["passed_gate"], true, "{eval}");
+    let (status, v2) = s.call(Method::POST, &deployments, t, Some(json!({"name": "prod", "job_id": train_id}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{v2}");
+    assert_eq!((v2["eval_job_id"].as_str(), v2["forced"].as_bool()), (eval["id"].as_str(), Some(false)), "{v2}");
+    let (status, forced) = s.call(Method::POST, &deployments, t, Some(json!({"name": "canary", "job_id": train_id, "force": true}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{forced}");
+
+    // The alias serves the adapter: what the fine-tune's own id gives.
+    let chat = |model: &str, stream: bool| {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "say the cat 3"}], "temperature": 0, "max_tokens": 40, "stream": stream});
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let content = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let (status, via_alias) = s.send(chat("invoices/prod", false)).await;
+    assert_eq!(status, StatusCode::OK, "{via_alias}");
+    let (_, via_ft) = s.send(chat(&format!("ft:tiny:invoices:{train_id}"), false)).await;
+    let (_, via_base) = s.send(chat("tiny", false)).await;
+    assert_eq!(content(&via_alias), content(&via_ft));
+    assert_ne!(content(&via_alias), content(&via_base), "the adapter changes the answer");
+    let (_, models) = s.call_in(Method::GET, "/v1/models", t, Some(project), None).await;
+    assert!(models.to_string().contains("invoices/prod"), "{models}");
+
+    // Roll back while a stream through the alias is open: it finishes on the adapter.
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let resp = lathe_server::app(s.state.clone()).oneshot(chat("invoices/prod", true)).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let (status, back) = s.call(Method::POST, &format!("{deployments}/prod/rollback"), t, None).await;
+    assert_eq!((status, back["job_id"].is_null(), back["action"].as_str()), (StatusCode::OK, true, Some("rollback")), "{back}");
+    let rest = body.collect().await.unwrap().to_bytes();
+    let sse = format!("{}{}", String::from_utf8_lossy(&first), String::from_utf8_lossy(&rest));
+    let streamed: String = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(streamed, content(&via_ft), "{sse}");
+    let (_, after) = s.send(chat("invoices/prod", false)).await;
+    assert_eq!(content(&after), content(&via_base), "after the rollback the alias serves the base");
+
+    let (_, history) = s.call(Method::GET, &format!("{deployments}/prod"), t, None).await;
+    let actions: Vec<&str> = history["history"].as_array().unwrap().iter().map(|d| d["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["rollback", "deploy", "deploy"], "{history}");
+    let (status, none) = s.call(Method::POST, &format!("{deployments}/prod/rollback"), t, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{none}");
+    let (_, list) = s.call(Method::GET, &deployments, t, None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
 }

@@ -32,6 +32,7 @@ macro_rules! on_both_backends {
 mod artifacts;
 mod auth;
 mod concurrency;
+mod deployments;
 mod jobs;
 mod projects;
 

@@ -1,0 +1,180 @@
+//! `lathe bench serve`: the continuous-batching scheduler under rising concurrency, on the
+//! demo task's held-out prompts, against static batches of the same prompts (the engine's
+//! batched generation, what evaluation used before) in the same run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use lathe_engine::{SamplingParams, generate};
+use lathe_serving::{Event, Request, Scheduler, ServeConfig};
+use serde_json::json;
+
+use crate::cli::{Compute, DEFAULT_MODEL, load};
+
+#[derive(Args)]
+pub struct ServeBench {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Held-out invoice prompts replayed at each level.
+    #[arg(long, default_value_t = 32)]
+    prompts: usize,
+    /// Concurrent streams, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    concurrency: Vec<usize>,
+    /// New tokens at most per request (greedy; the end-of-sequence token ends it sooner).
+    #[arg(long, default_value_t = 72)]
+    max_tokens: usize,
+    /// Latency targets for the capacity plan: p99 time per output token, p99 time to
+    /// first token.
+    #[arg(long, default_value_t = 250)]
+    tpot_target_ms: u64,
+    #[arg(long, default_value_t = 3000)]
+    ttft_target_ms: u64,
+    /// Skip the static-batch reference.
+    #[arg(long)]
+    no_reference: bool,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    compute: Compute,
+}
+
+/// One request as the client saw it.
+struct Timing {
+    ttft: Duration,
+    /// Mean time per output token after the first.
+    tpot: Option<Duration>,
+    e2e: Duration,
+    tokens: usize,
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Replays `prompts` from `c` client threads, each sending its next prompt when the last
+/// one finished (closed loop, as a user waiting on answers).
+fn replay(s: &Scheduler, prompts: &[Vec<u32>], params: &SamplingParams, c: usize) -> Result<(Vec<Timing>, Duration)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    let timings = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..c)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<Timing>> {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(p) = prompts.get(i) else { return Ok(out) };
+                        let sent = Instant::now();
+                        let mut rx = s.submit(Request { prompt: p.clone(), params: params.clone(), adapter: None, logprobs: None })?;
+                        let (mut first, mut tokens) = (None, 0);
+                        loop {
+                            match rx.blocking_recv() {
+                                Some(Event::Token { .. }) => {
+                                    first.get_or_insert_with(|| sent.elapsed());
+                                    tokens += 1;
+                                }
+                                Some(Event::Done { .. }) => break,
+                                Some(Event::Failed(e)) => bail!("request failed: {e}"),
+                                None => bail!("the scheduler stopped"),
+                            }
+                        }
+                        let e2e = sent.elapsed();
+                        let ttft = first.unwrap_or(e2e);
+                        let tpot = (tokens > 1).then(|| (e2e - ttft) / (tokens as u32 - 1));
+                        out.push(Timing { ttft, tpot, e2e, tokens });
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("client thread")).collect::<Result<Vec<_>>>()
+    })?;
+    Ok((timings.into_iter().flatten().collect(), start.elapsed()))
+}
+
+pub fn serve(a: ServeBench) -> Result<()> {
+    use lathe_jobs::eval::{Item, render_messages};
+    let device = a.compute.setup()?;
+    let m = Arc::new(load(&a.model, &device)?);
+    let suite = lathe_jobs::invoices::invoice_suite();
+    let template = &suite.templates[0];
+    let prompts: Vec<Vec<u32>> = lathe_jobs::invoices::invoice_examples(a.prompts, 99)
+        .iter()
+        .map(|e| {
+            let item = Item::from_example(e)?;
+            Ok(m.tokenizer.encode_chat(&render_messages(template, &[], &item)?, true)?)
+        })
+        .collect::<Result<_>>()?;
+    let params = SamplingParams { max_tokens: a.max_tokens, ..SamplingParams::default() };
+    let mean_prompt = prompts.iter().map(Vec::len).sum::<usize>() / prompts.len().max(1);
+    if !a.json {
+        println!("{} invoice prompts (mean {mean_prompt} tokens), at most {} new tokens, greedy, {} threads", prompts.len(), a.max_tokens, rayon::current_num_threads());
+        println!("{:>4} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7}", "c", "req/s", "out tok/s", "ttft p50", "ttft p99", "tpot p50", "tpot p99", "e2e p50", "e2e p99", "static t/s", "ratio");
+    }
+    let mut best_ok: Option<(usize, f64)> = None;
+    for &c in &a.concurrency {
+        // A fresh scheduler per level: the prefix cache starts empty each time.
+        let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
+        let (t, wall) = replay(&s, &prompts, &params, c.max(1))?;
+        let out_tokens: usize = t.iter().map(|t| t.tokens).sum();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ttft: Vec<f64> = t.iter().map(|t| ms(t.ttft)).collect();
+        let tpot: Vec<f64> = t.iter().filter_map(|t| t.tpot).map(ms).collect();
+        let e2e: Vec<f64> = t.iter().map(|t| ms(t.e2e)).collect();
+        let req_s = t.len() as f64 / wall.as_secs_f64();
+        let tok_s = out_tokens as f64 / wall.as_secs_f64();
+        let reference = if a.no_reference {
+            None
+        } else {
+            let start = Instant::now();
+            let mut n = 0;
+            for batch in prompts.chunks(c.max(1)) {
+                n += generate(&m.model, &m.tokenizer, batch, &params, &mut |_, _| {})?.iter().map(|g| g.token_ids.len()).sum::<usize>();
+            }
+            Some(n as f64 / start.elapsed().as_secs_f64())
+        };
+        let (tp99, tt99) = (percentile(tpot.clone(), 0.99), percentile(ttft.clone(), 0.99));
+        if tp99 <= a.tpot_target_ms as f64 && tt99 <= a.ttft_target_ms as f64 && best_ok.is_none_or(|(_, r)| req_s > r) {
+            best_ok = Some((c, req_s));
+        }
+        if a.json {
+            println!("{}", json!({"bench": "serve", "concurrency": c, "requests": t.len(), "req_per_s": req_s, "output_tokens_per_s": tok_s,
+                "ttft_ms": {"p50": percentile(ttft.clone(), 0.5), "p99": tt99}, "tpot_ms": {"p50": percentile(tpot.clone(), 0.5), "p99": tp99},
+                "e2e_ms": {"p50": percentile(e2e.clone(), 0.5), "p99": percentile(e2e, 0.99)}, "static_batch_tokens_per_s": reference,
+                "prefix_hits": s.metrics().prefix_hits.load(std::sync::atomic::Ordering::Relaxed), "threads": rayon::current_num_threads()}));
+        } else {
+            println!(
+                "{c:>4} {req_s:>8.2} {tok_s:>9.1} {:>9.0} {tt99:>9.0} {:>9.1} {tp99:>9.1} {:>9.0} {:>9.0} {:>10} {:>7}",
+                percentile(ttft, 0.5),
+                percentile(tpot, 0.5),
+                percentile(e2e.clone(), 0.5),
+                percentile(e2e, 0.99),
+                reference.map_or("-".into(), |r| format!("{r:.1}")),
+                reference.map_or("-".into(), |r| format!("{:.2}x", tok_s / r)),
+            );
+        }
+    }
+    let plan = match best_ok {
+        Some((c, r)) => format!(
+            "capacity: {r:.2} req/s at {c} streams meets p99 TPOT ≤ {} ms and p99 TTFT ≤ {} ms; plan for {:.2}–{:.2} req/s per replica (60–70 % utilisation)",
+            a.tpot_target_ms,
+            a.ttft_target_ms,
+            0.6 * r,
+            0.7 * r
+        ),
+        None => format!("capacity: no level met p99 TPOT ≤ {} ms and p99 TTFT ≤ {} ms", a.tpot_target_ms, a.ttft_target_ms),
+    };
+    if a.json {
+        println!("{}", json!({"bench": "serve", "plan": plan}));
+    } else {
+        println!("{plan}");
+    }
+    Ok(())
+}

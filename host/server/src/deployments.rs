@@ -1,0 +1,144 @@
+//! Deploy aliases: a project names the version it serves (`prod`, `staging`), and the
+//! inference API answers to `<project>/<name>`. A trained adapter is deployed only after an
+//! eval run of it passed its suite's gate on the held-out set (or with `force`, which the
+//! history records); a rollback is one call and serves the previous version again.
+//! Requests in flight finish on the version they started on: each carries its adapter.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use lathe_store::{Deployment, JobRow, NewDeployment, Project};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// Jobs whose outcome is an adapter that can be served.
+const TRAINED: [&str; 3] = ["train", "fine_tune", "demo"];
+
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_deployments, create_deployment))
+        .routes(routes!(get_deployment))
+        .routes(routes!(rollback))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewDeploy {
+    /// The alias: served as `<project name>/<name>`.
+    pub name: String,
+    /// A succeeded training job whose adapter to serve; without it, `model` alone.
+    #[serde(default)]
+    pub job_id: Option<String>,
+    /// A configured base model (only without `job_id`: an adapter runs over the base it
+    /// was trained on).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Deploy without a passing gate (recorded in the history).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A deployment as the API shows it: the row, and the id the inference API answers to.
+fn shown(p: &Project, d: &Deployment) -> Value {
+    let mut v = json!(d);
+    v["model_id"] = json!(format!("{}/{}", p.name, d.name));
+    v
+}
+
+/// The adapter folder of a succeeded training job, and the configured base it ran on.
+pub fn trained_adapter(s: &AppState, job: &JobRow) -> Option<(String, std::path::PathBuf)> {
+    if !TRAINED.contains(&job.kind.as_str()) || job.state.as_str() != "succeeded" {
+        return None;
+    }
+    let dir = job.outcome.as_ref()?["adapter_dir"].as_str()?;
+    let model = match job.kind.as_str() {
+        // The demo trains the default model.
+        "demo" => s.config.models.iter().find(|(_, p)| p.as_path() == std::path::Path::new(lathe_jobs::DEFAULT_MODEL)).map(|(n, _)| n.clone())?,
+        _ => s.redact(job.spec["model"].as_str()?).into_owned(),
+    };
+    s.config.models.contains_key(&model).then(|| (model, dir.into()))
+}
+
+/// The newest succeeded eval run of `adapter` over a whole held-out set whose gate passed.
+async fn passing_eval(s: &AppState, project_id: &str, adapter: &std::path::Path) -> ApiResult<Option<String>> {
+    let mut after = None;
+    loop {
+        let page = s.db.jobs(project_id, Some("eval_run"), after.as_deref(), 100).await?;
+        let Some(last) = page.last() else { return Ok(None) };
+        after = Some(last.id.clone());
+        let passed = page.iter().find(|j| {
+            j.state.as_str() == "succeeded"
+                && j.spec["adapter"].as_str().map(std::path::Path::new) == Some(adapter)
+                && j.spec["limit"].is_null()
+                && j.outcome.as_ref().is_some_and(|o| o["run"]["passed_gate"] == true)
+        });
+        if let Some(j) = passed {
+            return Ok(Some(j.id.clone()));
+        }
+    }
+}
+
+/// What each alias of the project serves now.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/deployments", params(("project" = String, Path)), responses((status = 200, description = "each alias and what it serves")))]
+async fn list_deployments(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    let data: Vec<Value> = s.db.deployments(&p.id).await?.iter().map(|d| shown(&p, d)).collect();
+    Ok(Json(json!({"data": data})))
+}
+
+/// Points an alias at a version: a trained adapter that passed its gate, or a base model.
+#[utoipa::path(post, path = "/api/v1/projects/{project}/deployments", params(("project" = String, Path)), request_body = NewDeploy, responses((status = 201, description = "the new current version"), (status = 400, description = "not deployable: no passing gate, not a trained adapter, an unknown model")))]
+async fn create_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Json(b): Json<NewDeploy>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let p = s.project(&caller, &project).await?;
+    let (model, job_id, eval_job_id) = match (&b.job_id, &b.model) {
+        (Some(_), Some(_)) => return Err(ApiError::bad("give `job_id` or `model`, not both: an adapter runs over the base it was trained on")),
+        (None, None) => return Err(ApiError::bad("give `job_id` (a trained adapter) or `model` (a base model)")),
+        (None, Some(m)) => {
+            s.model(m)?;
+            (m.clone(), None, None)
+        }
+        (Some(j), None) => {
+            let job = s.db.job(&p.id, j).await?;
+            let (model, adapter) = trained_adapter(&s, &job).ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training job whose base model this server has")))?;
+            let eval = passing_eval(&s, &p.id, &adapter).await?;
+            if eval.is_none() && !b.force {
+                return Err(ApiError::bad(format!(
+                    "job `{j}` has not passed its suite's gate on the held-out set: run an `eval_run` job with `adapter_job: {j}` over the whole held-out version (its gate must pass), or deploy with `force: true`"
+                )));
+            }
+            (model, Some(j.clone()), eval)
+        }
+    };
+    let forced = b.force && eval_job_id.is_none() && job_id.is_some();
+    let d = s
+        .db
+        .deploy(&NewDeployment { project_id: p.id.clone(), name: b.name, model, job_id, eval_job_id, forced, created_by: Some(caller.token_id.clone()) })
+        .await?;
+    Ok((StatusCode::CREATED, Json(shown(&p, &d))))
+}
+
+/// What an alias serves and its history, newest first.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/deployments/{name}", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, description = "current version and history")))]
+async fn get_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path((project, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    let current = s.db.deployment(&p.id, &name).await?;
+    let history: Vec<Value> = s.db.deployment_history(&p.id, &name).await?.iter().map(|d| shown(&p, d)).collect();
+    Ok(Json(json!({"current": shown(&p, &current), "history": history})))
+}
+
+/// Serves the previous version again. Requests already running finish on the version
+/// they started with.
+#[utoipa::path(post, path = "/api/v1/projects/{project}/deployments/{name}/rollback", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, description = "the new current version"), (status = 409, description = "nothing earlier to roll back to")))]
+async fn rollback(State(s): State<Arc<AppState>>, caller: Caller, Path((project, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    let p = s.project(&caller, &project).await?;
+    let d = s.db.rollback(&p.id, &name, Some(&caller.token_id)).await?;
+    Ok(Json(shown(&p, &d)))
+}
