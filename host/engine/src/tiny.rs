@@ -133,11 +133,12 @@ pub fn write_tiny(dir: &Path, architecture: Architecture, seed: u64) -> Result<T
     })
 }
 
-/// A LoRA adapter (rank 4, every projection) whose matrices are all nonzero, so that it
-/// visibly changes what the model computes: for tests of serving through adapters.
-pub fn random_adapter(config: &ModelConfig, seed: u64, device: &crate::Device) -> crate::Adapter {
+/// A LoRA adapter over every projection whose matrices are all nonzero, so that it
+/// visibly changes what the model computes: for tests and benchmarks of serving through
+/// adapters.
+pub fn random_adapter(config: &ModelConfig, rank: usize, seed: u64, device: &crate::Device) -> crate::Adapter {
     let lora = crate::LoraConfig {
-        rank: 4,
+        rank,
         ..crate::LoraConfig::default()
     };
     let mut a = crate::Adapter::init(lora, config, seed, device);

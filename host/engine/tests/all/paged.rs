@@ -25,7 +25,7 @@ fn packed_rows_with_their_own_adapters_match_each_row_alone() {
         let tiny = write_tiny(dir.path(), arch, 11).unwrap();
         let m = CausalLm::load(tiny.config.clone(), &tiny.weights, &device()).unwrap();
         let vocab = m.config.vocab_size;
-        let (a1, a2) = (random_adapter(&m.config, 1, &device()), random_adapter(&m.config, 2, &device()));
+        let (a1, a2) = (random_adapter(&m.config, 4, 1, &device()), random_adapter(&m.config, 4, 2, &device()));
         let adapters = [None, Some(&a1), Some(&a1), Some(&a2)];
         // Long enough to cross blocks and Mistral's window of 8.
         let seqs: Vec<Vec<u32>> = (0..4).map(|r| sequence(r, 20 + 7 * r as usize)).collect();

@@ -1,6 +1,8 @@
 //! `lathe bench serve`: the continuous-batching scheduler under rising concurrency, on the
 //! demo task's held-out prompts, against static batches of the same prompts (the engine's
-//! batched generation, what evaluation used before) in the same run.
+//! batched generation, what evaluation used before) in the same run. With `--adapters N`,
+//! the same prompts again through N adapters over the base (request i through adapter
+//! i mod N), against the base alone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Args;
 use lathe_engine::{SamplingParams, generate};
-use lathe_serving::{Event, Request, Scheduler, ServeConfig};
+use lathe_serving::{AdapterRef, Event, Request, Scheduler, ServeConfig};
 use serde_json::json;
 
 use crate::cli::{Compute, DEFAULT_MODEL, load};
@@ -33,6 +35,13 @@ pub struct ServeBench {
     tpot_target_ms: u64,
     #[arg(long, default_value_t = 3000)]
     ttft_target_ms: u64,
+    /// Also run every level through this many random LoRA adapters (request i through
+    /// adapter i mod N), against the base.
+    #[arg(long, default_value_t = 0)]
+    adapters: usize,
+    /// Rank of those adapters (every projection).
+    #[arg(long, default_value_t = 16)]
+    adapter_rank: usize,
     /// Skip the static-batch reference.
     #[arg(long)]
     no_reference: bool,
@@ -61,7 +70,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 /// Replays `prompts` from `c` client threads, each sending its next prompt when the last
 /// one finished (closed loop, as a user waiting on answers).
-fn replay(s: &Scheduler, prompts: &[Vec<u32>], params: &SamplingParams, c: usize) -> Result<(Vec<Timing>, Duration)> {
+fn replay(s: &Scheduler, prompts: &[Vec<u32>], adapters: &[AdapterRef], params: &SamplingParams, c: usize) -> Result<(Vec<Timing>, Duration)> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let start = Instant::now();
     let timings = std::thread::scope(|scope| {
@@ -73,7 +82,8 @@ fn replay(s: &Scheduler, prompts: &[Vec<u32>], params: &SamplingParams, c: usize
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(p) = prompts.get(i) else { return Ok(out) };
                         let sent = Instant::now();
-                        let mut rx = s.submit(Request { prompt: p.clone(), params: params.clone(), adapter: None, logprobs: None })?;
+                        let adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].clone());
+                        let mut rx = s.submit(Request { prompt: p.clone(), params: params.clone(), adapter, logprobs: None })?;
                         let (mut first, mut tokens) = (None, 0);
                         loop {
                             match rx.blocking_recv() {
@@ -113,6 +123,14 @@ pub fn serve(a: ServeBench) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let params = SamplingParams { max_tokens: a.max_tokens, ..SamplingParams::default() };
+    let dir = tempfile::tempdir()?;
+    let adapters: Vec<AdapterRef> = (0..a.adapters)
+        .map(|i| {
+            let path = dir.path().join(format!("adapter-{i}"));
+            lathe_engine::tiny::random_adapter(&m.model.config, a.adapter_rank, i as u64, &device).save_peft(&path, "bench")?;
+            Ok(AdapterRef { key: format!("bench-{i}"), dir: path })
+        })
+        .collect::<Result<_>>()?;
     let mean_prompt = prompts.iter().map(Vec::len).sum::<usize>() / prompts.len().max(1);
     if !a.json {
         println!("{} invoice prompts (mean {mean_prompt} tokens), at most {} new tokens, greedy, {} threads", prompts.len(), a.max_tokens, rayon::current_num_threads());
@@ -122,7 +140,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
     for &c in &a.concurrency {
         // A fresh scheduler per level: the prefix cache starts empty each time.
         let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
-        let (t, wall) = replay(&s, &prompts, &params, c.max(1))?;
+        let (t, wall) = replay(&s, &prompts, &[], &params, c.max(1))?;
         let out_tokens: usize = t.iter().map(|t| t.tokens).sum();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ttft: Vec<f64> = t.iter().map(|t| ms(t.ttft)).collect();
@@ -140,6 +158,13 @@ pub fn serve(a: ServeBench) -> Result<()> {
             }
             Some(n as f64 / start.elapsed().as_secs_f64())
         };
+        let with_adapters = if adapters.is_empty() {
+            None
+        } else {
+            let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), max_loras: adapters.len(), ..ServeConfig::default() });
+            let (t, wall) = replay(&s, &prompts, &adapters, &params, c.max(1))?;
+            Some(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
+        };
         let (tp99, tt99) = (percentile(tpot.clone(), 0.99), percentile(ttft.clone(), 0.99));
         if tp99 <= a.tpot_target_ms as f64 && tt99 <= a.ttft_target_ms as f64 && best_ok.is_none_or(|(_, r)| req_s > r) {
             best_ok = Some((c, req_s));
@@ -148,6 +173,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
             println!("{}", json!({"bench": "serve", "concurrency": c, "requests": t.len(), "req_per_s": req_s, "output_tokens_per_s": tok_s,
                 "ttft_ms": {"p50": percentile(ttft.clone(), 0.5), "p99": tt99}, "tpot_ms": {"p50": percentile(tpot.clone(), 0.5), "p99": tp99},
                 "e2e_ms": {"p50": percentile(e2e.clone(), 0.5), "p99": percentile(e2e, 0.99)}, "static_batch_tokens_per_s": reference,
+                "adapters": a.adapters, "adapters_tokens_per_s": with_adapters,
                 "prefix_hits": s.metrics().prefix_hits.load(std::sync::atomic::Ordering::Relaxed), "threads": rayon::current_num_threads()}));
         } else {
             println!(
@@ -159,6 +185,9 @@ pub fn serve(a: ServeBench) -> Result<()> {
                 reference.map_or("-".into(), |r| format!("{r:.1}")),
                 reference.map_or("-".into(), |r| format!("{:.2}x", tok_s / r)),
             );
+            if let Some(w) = with_adapters {
+                println!("     through {} adapters (rank {}): {w:.1} tok/s, {:.2}x the base", a.adapters, a.adapter_rank, w / tok_s);
+            }
         }
     }
     let plan = match best_ok {

@@ -31,7 +31,7 @@ fn tiny() -> Tiny {
     let adapters = (1..=3)
         .map(|i| {
             let path = dir.path().join(format!("adapter-{i}"));
-            random_adapter(&t.config, i, &device()).save_peft(&path, "tiny").unwrap();
+            random_adapter(&t.config, 4, i, &device()).save_peft(&path, "tiny").unwrap();
             AdapterRef { key: format!("adapter-{i}"), dir: path }
         })
         .collect();
