@@ -402,7 +402,7 @@ async fn respond(reply: Reply, sch: &Scheduler, prompts: Vec<Vec<u32>>, params: 
         let rx = sch.submit(Request { prompt, params, adapter: adapter.clone(), logprobs }).map_err(|e| match e {
             ServeError::Invalid(m) if m.contains("maximum context length") => ApiError::field(StatusCode::BAD_REQUEST, m, "messages", Some("context_length_exceeded")),
             ServeError::Invalid(m) => ApiError::bad(m),
-            ServeError::Stopped => ApiError::Internal("the scheduler has stopped".into()),
+            ServeError::Stopped | ServeError::Cancelled => ApiError::Internal("the scheduler has stopped".into()),
         })?;
         streams.push(UnboundedReceiverStream::new(rx).map(move |e| (i, e)));
     }

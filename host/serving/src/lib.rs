@@ -16,7 +16,7 @@ use lathe_engine::{FinishReason, SamplingParams};
 use serde::Serialize;
 
 pub use metrics::Metrics;
-pub use scheduler::Scheduler;
+pub use scheduler::{Scheduler, generate_all};
 
 /// How much one scheduler takes on.
 #[derive(Debug, Clone)]
@@ -96,4 +96,6 @@ pub enum ServeError {
     Invalid(String),
     #[error("the scheduler has stopped")]
     Stopped,
+    #[error("cancelled")]
+    Cancelled,
 }

@@ -16,7 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use lathe_engine::generate::{ChainSampler, Continuation, Sampler};
-use lathe_engine::{FinishReason, KvPool, LoadedModel, SeqCache, SeqStep};
+use lathe_engine::model::paged::BLOCK_TOKENS;
+use lathe_engine::{Adapter, CausalLm, FinishReason, Generation, KvPool, LoadedModel, SamplingParams, SeqCache, SeqStep, Tokenizer};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::adapters::{Adapters, InUse};
@@ -44,21 +45,11 @@ impl Scheduler {
     pub fn start(model: Arc<LoadedModel>, config: ServeConfig) -> Self {
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Metrics::default());
-        let pool = KvPool::with_bytes(&model.model.config, config.kv_cache_bytes);
-        let max_tokens = model.model.config.max_position_embeddings.min(pool.capacity() * lathe_engine::model::paged::BLOCK_TOKENS);
-        let mut lp = Loop {
-            model: model.clone(),
-            adapters: Adapters::new(config.max_loras),
-            config,
-            pool,
-            metrics: metrics.clone(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            admitted: 0,
-        };
+        let max_tokens = max_request_tokens(&model.model, &config);
+        let (held, m) = (model.clone(), metrics.clone());
         let thread = std::thread::Builder::new()
             .name("lathe-scheduler".into())
-            .spawn(move || lp.run(rx))
+            .spawn(move || Loop::new(&held.model, &held.tokenizer, config, m).run(rx))
             .expect("spawning the scheduler thread");
         Self {
             tx,
@@ -85,27 +76,92 @@ impl Scheduler {
     /// Queues a request; its events arrive on the returned stream. Drop the stream to
     /// cancel. A request that can never run is refused here, with the reason.
     pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, ServeError> {
-        request.params.validate().map_err(|e| ServeError::Invalid(e.to_string()))?;
-        if request.prompt.is_empty() {
-            return Err(ServeError::Invalid("the prompt is empty".into()));
-        }
-        let vocab = self.model.model.config.vocab_size;
-        if let Some(t) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ServeError::Invalid(format!("token {t} is outside the vocabulary of {vocab}")));
-        }
-        let total = request.prompt.len() + request.params.max_tokens;
-        if total > self.max_tokens {
-            return Err(ServeError::Invalid(format!(
-                "this model's maximum context length is {} tokens, but {total} were requested ({} in the prompt, {} for the completion)",
-                self.max_tokens,
-                request.prompt.len(),
-                request.params.max_tokens
-            )));
-        }
+        check(&request, &self.model.model, self.max_tokens)?;
         let (tx, rx) = unbounded_channel();
         self.tx.send(Msg::Submit(request, tx, Instant::now())).map_err(|_| ServeError::Stopped)?;
         Ok(rx)
     }
+}
+
+/// The longest prompt plus completion one request may span: the model's context, or less
+/// when the KV cache holds less.
+fn max_request_tokens(model: &CausalLm, config: &ServeConfig) -> usize {
+    let blocks = config.kv_cache_bytes / KvPool::block_bytes(&model.config);
+    model.config.max_position_embeddings.min(blocks * BLOCK_TOKENS)
+}
+
+/// Refuses a request that can never run, with the reason.
+fn check(request: &Request, model: &CausalLm, max_tokens: usize) -> Result<(), ServeError> {
+    request.params.validate().map_err(|e| ServeError::Invalid(e.to_string()))?;
+    if request.prompt.is_empty() {
+        return Err(ServeError::Invalid("the prompt is empty".into()));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(t) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ServeError::Invalid(format!("token {t} is outside the vocabulary of {vocab}")));
+    }
+    let total = request.prompt.len() + request.params.max_tokens;
+    if total > max_tokens {
+        return Err(ServeError::Invalid(format!(
+            "this model's maximum context length is {max_tokens} tokens, but {total} were requested ({} in the prompt, {} for the completion)",
+            request.prompt.len(),
+            request.params.max_tokens
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `prompts` to completion on the calling thread, through the same loop the
+/// scheduler runs (continuous batching, the paged cache, prefix sharing), with at most
+/// `config.max_seqs` at once: evaluation's generation. `on_done(i)` is called as prompt
+/// `i` finishes; `cancelled` is asked before every step.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_all(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    config: &ServeConfig,
+    on_done: &mut dyn FnMut(usize),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Generation>, ServeError> {
+    let mut lp = Loop::new(model, tokenizer, config.clone(), Arc::new(Metrics::default()));
+    let max_tokens = max_request_tokens(model, config);
+    // The adapter is already loaded: it goes with each sequence, outside the LRU.
+    let adapter = adapter.map(|a| InUse { key: String::new(), adapter: Arc::new(a.clone()), salt: 1 });
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let request = Request { prompt: p.clone(), params: SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() }, adapter: None, logprobs: None };
+        check(&request, model, max_tokens).map_err(|e| ServeError::Invalid(format!("prompt {i}: {e}")))?;
+        let (tx, rx) = unbounded_channel();
+        let mut seq = Seq::new(request, tx, Instant::now());
+        seq.adapter = adapter.clone();
+        lp.waiting.push_back(seq);
+        streams.push(rx);
+    }
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+    while !(lp.running.is_empty() && lp.waiting.is_empty()) {
+        if cancelled() {
+            return Err(ServeError::Cancelled);
+        }
+        lp.admit();
+        lp.step();
+        for (i, rx) in streams.iter_mut().enumerate() {
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    Event::Token { id, .. } => ids[i].push(id),
+                    Event::Done { finish, text, usage } => {
+                        out[i] = Some(Generation { prompt_tokens: usage.prompt_tokens, token_ids: std::mem::take(&mut ids[i]), text, finish_reason: finish });
+                        on_done(i);
+                    }
+                    Event::Failed(e) => return Err(ServeError::Invalid(format!("prompt {i}: {e}"))),
+                }
+            }
+        }
+    }
+    Ok(out.into_iter().map(|g| g.expect("every sequence ends with Done")).collect())
 }
 
 impl Drop for Scheduler {
@@ -136,6 +192,23 @@ struct Seq {
 }
 
 impl Seq {
+    fn new(request: Request, tx: UnboundedSender<Event>, arrived: Instant) -> Self {
+        Self {
+            tx,
+            tokens: request.prompt.clone(),
+            sampler: ChainSampler::new(request.params.clone(), request.params.seed),
+            request,
+            adapter: None,
+            cache: SeqCache::default(),
+            out: Continuation::default(),
+            arrived,
+            last_token: None,
+            cached_tokens: 0,
+            admitted: 0,
+            planned: 0,
+        }
+    }
+
     fn pending(&self) -> usize {
         self.tokens.len() - self.cache.len()
     }
@@ -145,8 +218,9 @@ impl Seq {
     }
 }
 
-struct Loop {
-    model: Arc<LoadedModel>,
+struct Loop<'m> {
+    model: &'m CausalLm,
+    tokenizer: &'m Tokenizer,
     config: ServeConfig,
     pool: KvPool,
     adapters: Adapters,
@@ -156,7 +230,21 @@ struct Loop {
     admitted: u64,
 }
 
-impl Loop {
+impl<'m> Loop<'m> {
+    fn new(model: &'m CausalLm, tokenizer: &'m Tokenizer, config: ServeConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            pool: KvPool::with_bytes(&model.config, config.kv_cache_bytes),
+            adapters: Adapters::new(config.max_loras),
+            config,
+            metrics,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            admitted: 0,
+        }
+    }
+
     fn run(&mut self, rx: mpsc::Receiver<Msg>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
@@ -180,21 +268,7 @@ impl Loop {
     /// False on `Stop`.
     fn take(&mut self, msg: Msg) -> bool {
         let Msg::Submit(request, tx, arrived) = msg else { return false };
-        let sampler = ChainSampler::new(request.params.clone(), request.params.seed);
-        self.waiting.push_back(Seq {
-            tx,
-            tokens: request.prompt.clone(),
-            request,
-            adapter: None,
-            cache: SeqCache::default(),
-            out: Continuation::default(),
-            sampler,
-            arrived,
-            last_token: None,
-            cached_tokens: 0,
-            admitted: 0,
-            planned: 0,
-        });
+        self.waiting.push_back(Seq::new(request, tx, arrived));
         true
     }
 
@@ -229,7 +303,7 @@ impl Loop {
     }
 
     fn admit(&mut self) {
-        let (config, device) = (&self.model.model.config, self.model.model.device());
+        let (config, device) = (&self.model.config, self.model.device());
         while self.running.len() < self.config.max_seqs {
             let Some(s) = self.waiting.front_mut() else { break };
             if s.adapter.is_none()
@@ -308,7 +382,7 @@ impl Loop {
                 }
             })
             .collect();
-        let logits = match self.model.model.forward_paged(&mut rows, &mut self.pool) {
+        let logits = match self.model.forward_paged(&mut rows, &mut self.pool) {
             Ok(l) => l,
             Err(e) => {
                 // An engine error fails this step's requests, not the server.
@@ -322,7 +396,7 @@ impl Loop {
                 return;
             }
         };
-        let vocab = self.model.model.config.vocab_size;
+        let vocab = self.model.config.vocab_size;
         let mut row = 0;
         let mut finished = Vec::new();
         for (i, s) in self.running.iter_mut().enumerate() {
@@ -338,7 +412,7 @@ impl Loop {
             if s.pending() > 0 {
                 continue; // a prompt chunk: more of it next step
             }
-            if sample(s, l, &self.model, &self.metrics) {
+            if sample(s, l, self.tokenizer, &self.metrics) {
                 finished.push(i);
             }
         }
@@ -369,14 +443,14 @@ impl Loop {
 }
 
 /// Samples the next token of `s` from its logits and streams it; true when `s` is done.
-fn sample(s: &mut Seq, logits: &[f32], model: &LoadedModel, metrics: &Metrics) -> bool {
+fn sample(s: &mut Seq, logits: &[f32], tokenizer: &Tokenizer, metrics: &Metrics) -> bool {
     let now = Instant::now();
     let logprob = s.request.logprobs.map(|k| logprobs(logits, k));
     let mut l = logits.to_vec();
     let t = s.sampler.sample(&mut l, &s.tokens);
     let logprob = logprob.map(|f| f(t));
     let before = s.out.generated.len();
-    let text = match s.out.push(t, &model.tokenizer, &s.request.params) {
+    let text = match s.out.push(t, tokenizer, &s.request.params) {
         Ok(text) => text.to_string(),
         Err(e) => {
             let _ = s.tx.send(Event::Failed(format!("decoding the output failed: {e}")));

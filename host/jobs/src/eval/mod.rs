@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use std::sync::Mutex;
 
-use lathe_engine::generate::generate_with;
 use lathe_engine::{Adapter, CausalLm, Message, SamplingParams, Tokenizer};
 use lathe_sandbox::{Kind, Plugin};
+use lathe_serving::{ServeConfig, ServeError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -430,21 +430,37 @@ pub fn run(
         prompt_texts.push(subject.tokenizer.apply_chat_template(&messages, true)?);
         prompts.push(subject.tokenizer.encode_chat(&messages, true)?);
     }
-    // Similar lengths share a batch: less padding.
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| prompts[i].len());
-    let mut outputs = vec![String::new(); items.len()];
+    // Continuous batching: up to `batch_size` sequences at once, a finished one replaced at
+    // the next step; prompts that share a prefix (system prompt, shots) share its cache.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let seqs = suite.batch_size.max(1);
+    let blocks = seqs * (longest + params.max_tokens).div_ceil(lathe_engine::model::paged::BLOCK_TOKENS);
+    let config = ServeConfig {
+        max_seqs: seqs,
+        kv_cache_bytes: (blocks + seqs) * lathe_engine::KvPool::block_bytes(&subject.model.config),
+        ..ServeConfig::default()
+    };
     let mut done = 0;
-    for chunk in order.chunks(suite.batch_size.max(1)) {
-        sink.check_cancelled()?;
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let gens = generate_with(subject.model, subject.adapter, subject.tokenizer, &batch, &params, &mut |_, _| {})?;
-        for (&i, g) in chunk.iter().zip(gens) {
-            outputs[i] = g.text.trim().to_string();
-        }
-        done += chunk.len();
-        sink.progress(step, done, items.len(), "items");
-    }
+    let gens = lathe_serving::generate_all(
+        subject.model,
+        subject.tokenizer,
+        subject.adapter,
+        &prompts,
+        &params,
+        &config,
+        &mut |_| {
+            done += 1;
+            if done % 4 == 0 || done == items.len() {
+                sink.progress(step, done, items.len(), "items");
+            }
+        },
+        &|| sink.check_cancelled().is_err(),
+    )
+    .map_err(|e| match e {
+        ServeError::Cancelled => JobError::Cancelled,
+        other => JobError::Engine(lathe_engine::EngineError::Generation(other.to_string())),
+    })?;
+    let outputs: Vec<String> = gens.into_iter().map(|g| g.text.trim().to_string()).collect();
 
     let mut results: Vec<ItemResult> = items
         .iter()
