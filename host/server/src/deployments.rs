@@ -54,7 +54,7 @@ fn shown(p: &Project, d: &Deployment) -> Value {
 }
 
 /// The adapter folder of a succeeded training job, and the configured base it ran on.
-pub fn trained_adapter(s: &AppState, job: &JobRow) -> Option<(String, std::path::PathBuf)> {
+pub fn servable_adapter(s: &AppState, job: &JobRow) -> Option<(String, std::path::PathBuf)> {
     if !TRAINED.contains(&job.kind.as_str()) || job.state.as_str() != "succeeded" {
         return None;
     }
@@ -107,7 +107,7 @@ async fn create_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path(
         }
         (Some(j), None) => {
             let job = s.db.job(&p.id, j).await?;
-            let (model, adapter) = trained_adapter(&s, &job).ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training job whose base model this server has")))?;
+            let (model, adapter) = servable_adapter(&s, &job).ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training job whose base model this server has")))?;
             let eval = passing_eval(&s, &p.id, &adapter).await?;
             if eval.is_none() && !b.force {
                 return Err(ApiError::bad(format!(

@@ -115,7 +115,7 @@ async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served>
         return Err(model_not_found(name));
     };
     let Ok(job) = s.db.job(&p.id, &job_id).await else { return Err(model_not_found(name)) };
-    let Some((trained_on, dir)) = crate::deployments::trained_adapter(s, &job) else { return Err(model_not_found(name)) };
+    let Some((trained_on, dir)) = crate::deployments::servable_adapter(s, &job) else { return Err(model_not_found(name)) };
     if base.is_some_and(|b| b != trained_on) {
         return Err(model_not_found(name));
     }
@@ -343,7 +343,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: 
         sch: sch.clone(),
     };
     let prompts = vec![prompt; n];
-    respond(reply, &sch, prompts, params, served.adapter, top).await
+    respond(reply, prompts, params, served.adapter, top).await
 }
 
 #[utoipa::path(post, path = "/v1/completions", responses((status = 200, description = "a text completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
@@ -386,7 +386,7 @@ async fn completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes
         sch: sch.clone(),
     };
     let prompts = prompts.into_iter().flat_map(|p| std::iter::repeat_n(p, n)).collect();
-    respond(reply, &sch, prompts, params, served.adapter, b.logprobs).await
+    respond(reply, prompts, params, served.adapter, b.logprobs).await
 }
 
 fn now() -> i64 {
@@ -395,11 +395,11 @@ fn now() -> i64 {
 
 /// Submits one request per choice (seeds apart, so `n` samples differ), then answers
 /// with the whole response or a stream of chunks.
-async fn respond(reply: Reply, sch: &Scheduler, prompts: Vec<Vec<u32>>, params: SamplingParams, adapter: Option<AdapterRef>, logprobs: Option<usize>) -> ApiResult<Response> {
+async fn respond(reply: Reply, prompts: Vec<Vec<u32>>, params: SamplingParams, adapter: Option<AdapterRef>, logprobs: Option<usize>) -> ApiResult<Response> {
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.into_iter().enumerate() {
         let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-        let rx = sch.submit(Request { prompt, params, adapter: adapter.clone(), logprobs }).map_err(|e| match e {
+        let rx = reply.sch.submit(Request { prompt, params, adapter: adapter.clone(), logprobs }).map_err(|e| match e {
             ServeError::Invalid(m) if m.contains("maximum context length") => ApiError::field(StatusCode::BAD_REQUEST, m, "messages", Some("context_length_exceeded")),
             ServeError::Invalid(m) => ApiError::bad(m),
             ServeError::Stopped | ServeError::Cancelled => ApiError::Internal("the scheduler has stopped".into()),

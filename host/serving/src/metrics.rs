@@ -97,11 +97,6 @@ impl Metrics {
     pub(crate) fn e2e_latency(&self, s: f64) {
         self.hist.lock().expect("metrics lock")[E2E].observe(s);
     }
-
-    /// Requests finished so far, whatever the reason.
-    pub fn finished(&self) -> u64 {
-        [&self.finished_stop, &self.finished_length, &self.finished_abort].iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
 }
 
 /// Renders the metrics of every served model, each series labelled `model_name`.

@@ -445,10 +445,9 @@ impl<'m> Loop<'m> {
 /// Samples the next token of `s` from its logits and streams it; true when `s` is done.
 fn sample(s: &mut Seq, logits: &[f32], tokenizer: &Tokenizer, metrics: &Metrics) -> bool {
     let now = Instant::now();
-    let logprob = s.request.logprobs.map(|k| logprobs(logits, k));
     let mut l = logits.to_vec();
     let t = s.sampler.sample(&mut l, &s.tokens);
-    let logprob = logprob.map(|f| f(t));
+    let logprob = s.request.logprobs.map(|k| logprobs(logits, k, t));
     let before = s.out.generated.len();
     let text = match s.out.push(t, tokenizer, &s.request.params) {
         Ok(text) => text.to_string(),
@@ -488,8 +487,9 @@ fn sample(s: &mut Seq, logits: &[f32], tokenizer: &Tokenizer, metrics: &Metrics)
     true
 }
 
-/// The log-softmax of `logits` and its `k` best tokens, for the token about to be chosen.
-fn logprobs(logits: &[f32], k: usize) -> impl FnOnce(u32) -> TokenLogprob {
+/// The chosen token's log-probability under `logits` (before the sampler touched them), with
+/// the `k` most likely tokens.
+fn logprobs(logits: &[f32], k: usize, chosen: u32) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -500,10 +500,9 @@ fn logprobs(logits: &[f32], k: usize) -> impl FnOnce(u32) -> TokenLogprob {
     idx.truncate(k);
     idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     let top: Vec<(u32, f32)> = idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect();
-    let chosen = logits.to_vec();
-    move |t| TokenLogprob {
-        token: t,
-        logprob: chosen[t as usize] - lse,
+    TokenLogprob {
+        token: chosen,
+        logprob: logits[chosen as usize] - lse,
         top,
     }
 }

@@ -350,7 +350,7 @@ impl CausalLm {
         let v = host(split(lora.apply(&attn.v_proj, Target::V, x, &xd), kvh));
 
         for (t, &(r, p)) in owner.iter().enumerate() {
-            let (block, slot) = rows[r].cache_slot(p);
+            let (block, slot) = rows[r].cache.slot(p);
             for g in 0..kvh {
                 let at = pool.at(block, g, slot);
                 let src = (t * kvh + g) * hd;
@@ -393,13 +393,6 @@ impl CausalLm {
     }
 }
 
-impl SeqStep<'_> {
-    /// Where position `p` of this row lives. Positions past the cache are the step's own
-    /// tokens, in the blocks reserved for them.
-    fn cache_slot(&self, p: usize) -> (u32, usize) {
-        self.cache.slot(p)
-    }
-}
 
 /// The attention shapes every task shares.
 struct Geometry {
@@ -442,7 +435,7 @@ fn attend(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize
                 if j > p || j < first(p) {
                     continue;
                 }
-                let s = dot(qv, key) * geo.scale;
+                let s = crate::quant::dot_f32(qv, key) * geo.scale;
                 let a = &mut acc[k * hd..(k + 1) * hd];
                 if s > max[k] {
                     let shrink = (max[k] - s).exp();
@@ -478,17 +471,4 @@ fn adapter_runs<'a>(rows: &[SeqStep<'a>]) -> Vec<(Range<usize>, &'a Adapter)> {
         at = end;
     }
     runs
-}
-
-/// A dot product in eight independent lanes, which the compiler vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

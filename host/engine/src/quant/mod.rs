@@ -265,7 +265,7 @@ fn dot_nibbles(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 
 /// A short f32 dot product in 8 independent lanes (so it vectorizes).
 #[inline(always)]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
