@@ -32,6 +32,7 @@ impl Message {
     }
 }
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: String,
@@ -108,11 +109,15 @@ impl Tokenizer {
         self.encode(&text, false)
     }
 
+    /// The tokenizer as Hugging Face's `tokenizer.json` text.
+    pub fn to_hf_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| self.err(e))
+    }
+
     /// Writes `tokenizer.json` and `tokenizer_config.json` (chat template, special tokens)
     /// into a Hugging Face folder.
     pub fn write_hf_files(&self, folder: &Path) -> Result<()> {
-        let json = self.inner.to_string(false).map_err(|e| self.err(e))?;
-        crate::error::write_atomic(&folder.join("tokenizer.json"), json.as_bytes())?;
+        crate::error::write_atomic(&folder.join("tokenizer.json"), self.to_hf_json()?.as_bytes())?;
         let mut cfg = serde_json::json!({ "tokenizer_class": "PreTrainedTokenizerFast" });
         if let Some((t, _)) = &self.bos_token {
             cfg["bos_token"] = t.clone().into();

@@ -7,6 +7,7 @@
 //! [`Event`]s into responses; evaluation can submit its prompts the same way.
 
 mod adapters;
+mod grammar;
 pub mod metrics;
 mod scheduler;
 
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use lathe_engine::{FinishReason, SamplingParams};
 use serde::Serialize;
 
+pub use grammar::Grammars;
 pub use metrics::Metrics;
 pub use scheduler::{Scheduler, generate_all};
 
@@ -60,6 +62,9 @@ pub struct Request {
     /// Return each token's log-probability with this many alternatives (OpenAI's
     /// `logprobs` / `top_logprobs`); None returns none.
     pub logprobs: Option<usize>,
+    /// Constrain the output to JSON that matches this JSON Schema (OpenAI's
+    /// `response_format`; `{"type": "object"}` for `json_object`).
+    pub json_schema: Option<serde_json::Value>,
 }
 
 /// A token's log-probability under the model (before temperature), with the most likely
@@ -94,6 +99,9 @@ pub enum Event {
 pub enum ServeError {
     #[error("{0}")]
     Invalid(String),
+    /// The request's JSON Schema cannot be compiled into a grammar.
+    #[error("the JSON schema cannot be used: {0}")]
+    Schema(String),
     #[error("the scheduler has stopped")]
     Stopped,
     #[error("cancelled")]

@@ -9,8 +9,8 @@
 //! recomputed (its prompt and what it generated so far) when blocks free up, as vLLM does.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -18,14 +18,17 @@ use std::time::Instant;
 use lathe_engine::generate::{ChainSampler, Continuation, Sampler};
 use lathe_engine::model::paged::BLOCK_TOKENS;
 use lathe_engine::{Adapter, CausalLm, FinishReason, Generation, KvPool, LoadedModel, SamplingParams, SeqCache, SeqStep, Tokenizer};
+use llguidance::Matcher;
+use llguidance::toktrie::SimpleVob;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::adapters::{Adapters, InUse};
+use crate::grammar::{Grammars, apply_mask};
 use crate::metrics::Metrics;
 use crate::{Event, Request, ServeConfig, ServeError, TokenLogprob, Usage};
 
 enum Msg {
-    Submit(Request, UnboundedSender<Event>, Instant),
+    Submit(Box<Seq>),
     Stop,
 }
 
@@ -38,6 +41,8 @@ pub struct Scheduler {
     /// Tokens a request may span (prompt and completion), bounded by the model's context
     /// and by the KV cache.
     max_tokens: usize,
+    /// Built at the first request with a JSON schema.
+    grammars: OnceLock<Result<Grammars, String>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -56,6 +61,7 @@ impl Scheduler {
             model,
             metrics,
             max_tokens,
+            grammars: OnceLock::new(),
             thread: Some(thread),
         }
     }
@@ -74,12 +80,28 @@ impl Scheduler {
     }
 
     /// Queues a request; its events arrive on the returned stream. Drop the stream to
-    /// cancel. A request that can never run is refused here, with the reason.
+    /// cancel. A request that can never run is refused here, with the reason; its JSON
+    /// schema is compiled here too (on the caller's thread, not the scheduler's).
     pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, ServeError> {
+        let arrived = Instant::now();
         check(&request, &self.model.model, self.max_tokens)?;
+        let matcher = match &request.json_schema {
+            Some(schema) => Some(self.grammars()?.matcher(schema).map_err(ServeError::Schema)?),
+            None => None,
+        };
         let (tx, rx) = unbounded_channel();
-        self.tx.send(Msg::Submit(request, tx, Instant::now())).map_err(|_| ServeError::Stopped)?;
+        let mut seq = Seq::new(request, tx, arrived);
+        seq.matcher = matcher;
+        self.tx.send(Msg::Submit(Box::new(seq))).map_err(|_| ServeError::Stopped)?;
         Ok(rx)
+    }
+
+    /// The model's vocabulary as the grammar engine sees it, built on first use.
+    pub fn grammars(&self) -> Result<&Grammars, ServeError> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.model.tokenizer, self.model.model.config.vocab_size))
+            .as_ref()
+            .map_err(|e| ServeError::Schema(e.clone()))
     }
 }
 
@@ -132,7 +154,7 @@ pub fn generate_all(
     let adapter = adapter.map(|a| InUse { key: String::new(), adapter: Arc::new(a.clone()), salt: 1 });
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
-        let request = Request { prompt: p.clone(), params: SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() }, adapter: None, logprobs: None };
+        let request = Request { prompt: p.clone(), params: SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() }, adapter: None, logprobs: None, json_schema: None };
         check(&request, model, max_tokens).map_err(|e| ServeError::Invalid(format!("prompt {i}: {e}")))?;
         let (tx, rx) = unbounded_channel();
         let mut seq = Seq::new(request, tx, Instant::now());
@@ -189,6 +211,10 @@ struct Seq {
     admitted: u64,
     /// Tokens this step computes.
     planned: usize,
+    /// The grammar a JSON-schema request's output must follow, at the output so far.
+    matcher: Option<Matcher>,
+    /// The tokens the grammar allows next, computed while this step's forward pass runs.
+    mask: Option<Result<SimpleVob, String>>,
 }
 
 impl Seq {
@@ -206,6 +232,8 @@ impl Seq {
             cached_tokens: 0,
             admitted: 0,
             planned: 0,
+            matcher: None,
+            mask: None,
         }
     }
 
@@ -267,8 +295,8 @@ impl<'m> Loop<'m> {
 
     /// False on `Stop`.
     fn take(&mut self, msg: Msg) -> bool {
-        let Msg::Submit(request, tx, arrived) = msg else { return false };
-        self.waiting.push_back(Seq::new(request, tx, arrived));
+        let Msg::Submit(seq) = msg else { return false };
+        self.waiting.push_back(*seq);
         true
     }
 
@@ -369,20 +397,38 @@ impl<'m> Loop<'m> {
         if self.running.iter().all(|s| s.planned == 0) {
             return;
         }
-        let mut rows: Vec<SeqStep<'_>> = self
-            .running
-            .iter_mut()
-            .filter(|s| s.planned > 0)
-            .map(|s| {
-                let start = s.cache.len();
-                SeqStep {
-                    tokens: &s.tokens[start..start + s.planned],
-                    cache: &mut s.cache,
-                    adapter: s.adapter.as_ref().map(|a| &*a.adapter),
-                }
+        let mut rows: Vec<SeqStep<'_>> = Vec::new();
+        // Grammar masks for the rows that sample this step.
+        let mut masks: Vec<(&mut Matcher, &mut Option<Result<SimpleVob, String>>)> = Vec::new();
+        for s in self.running.iter_mut().filter(|s| s.planned > 0) {
+            let start = s.cache.len();
+            let samples = s.planned == s.pending();
+            rows.push(SeqStep {
+                tokens: &s.tokens[start..start + s.planned],
+                cache: &mut s.cache,
+                adapter: s.adapter.as_ref().map(|a| &*a.adapter),
+            });
+            if let (true, Some(m)) = (samples, s.matcher.as_mut()) {
+                masks.push((m, &mut s.mask));
+            }
+        }
+        let (model, pool) = (self.model, &mut self.pool);
+        let mut forward = move || model.forward_paged(&mut rows, pool);
+        let logits = if masks.is_empty() {
+            forward()
+        } else {
+            // The masks depend only on the tokens sampled so far: they are computed beside
+            // the forward pass, not after it.
+            std::thread::scope(|scope| {
+                scope.spawn(move || {
+                    for (m, slot) in masks {
+                        *slot = Some(m.compute_mask_or_eos().map_err(|e| e.to_string()));
+                    }
+                });
+                forward()
             })
-            .collect();
-        let logits = match self.model.forward_paged(&mut rows, &mut self.pool) {
+        };
+        let logits = match logits {
             Ok(l) => l,
             Err(e) => {
                 // An engine error fails this step's requests, not the server.
@@ -442,11 +488,30 @@ impl<'m> Loop<'m> {
     }
 }
 
-/// Samples the next token of `s` from its logits and streams it; true when `s` is done.
+/// Samples the next token of `s` from its logits (within its grammar's mask, if it has one)
+/// and streams it; true when `s` is done.
 fn sample(s: &mut Seq, logits: &[f32], tokenizer: &Tokenizer, metrics: &Metrics) -> bool {
     let now = Instant::now();
     let mut l = logits.to_vec();
+    if let Some(mask) = s.mask.take() {
+        let fault = match mask {
+            Ok(allowed) if apply_mask(&mut l, &allowed) => None,
+            Ok(_) => Some("the JSON schema allows no token at this point".to_string()),
+            Err(e) => Some(format!("the JSON schema's grammar failed: {e}")),
+        };
+        if let Some(fault) = fault {
+            let _ = s.tx.send(Event::Failed(fault));
+            return true;
+        }
+    }
     let t = s.sampler.sample(&mut l, &s.tokens);
+    if let Some(m) = &mut s.matcher
+        && !tokenizer.stop_ids.contains(&t)
+        && let Err(e) = m.consume_token(t)
+    {
+        let _ = s.tx.send(Event::Failed(format!("the JSON schema's grammar refused token {t}: {e}")));
+        return true;
+    }
     let logprob = s.request.logprobs.map(|k| logprobs(logits, k, t));
     let before = s.out.generated.len();
     let text = match s.out.push(t, tokenizer, &s.request.params) {

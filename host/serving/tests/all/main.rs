@@ -11,6 +11,7 @@ use lathe_engine::tiny::{random_adapter, write_tiny};
 use lathe_engine::{Adapter, Device, FinishReason, LoadedModel, Message, SamplingParams};
 use lathe_serving::{AdapterRef, Event, Request, Scheduler, ServeConfig, ServeError, Usage};
 
+mod grammar;
 mod smollm2;
 
 fn device() -> Device {
@@ -81,6 +82,7 @@ fn request(prompt: Vec<u32>, params: SamplingParams, adapter: Option<&AdapterRef
         params,
         adapter: adapter.cloned(),
         logprobs: None,
+        json_schema: None,
     }
 }
 

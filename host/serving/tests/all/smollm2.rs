@@ -7,7 +7,7 @@ use lathe_serving::{Scheduler, ServeConfig};
 
 use crate::{chat, collect, device, greedy, reference, request};
 
-fn smollm2() -> Arc<lathe_engine::LoadedModel> {
+pub(crate) fn smollm2() -> Arc<lathe_engine::LoadedModel> {
     let path = std::env::var_os("LATHE_SMOLLM2")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf"));
