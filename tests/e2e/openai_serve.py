@@ -1,7 +1,9 @@
 """The official `openai` package against `lathe serve`'s inference API: chat and text
 completions, streamed and not, concurrent streams equal to their single-request output,
-`n`, seeds, logprobs, stop strings, a fine-tuned model served as an adapter over the base,
-OpenAI-shaped errors after which the server keeps serving, and vLLM-named metrics.
+`n`, seeds, logprobs, stop strings, structured outputs (`response_format` with a JSON
+schema, parsed into a pydantic model by the client), a fine-tuned model served as an
+adapter over the base, OpenAI-shaped errors after which the server keeps serving, and
+vLLM-named metrics.
 
 Run by tests/e2e/service.rs with the venv scripts/setup.sh makes:
     python openai_serve.py BASE_URL TOKEN PROJECT BASE_MODEL FINE_TUNED_MODEL
@@ -15,6 +17,8 @@ import urllib.request
 
 import openai
 from openai import OpenAI
+from pydantic import BaseModel, Field
+from typing import Literal
 
 base, token, project, base_model, ft_model = sys.argv[1:6]
 client = OpenAI(base_url=f"{base}/v1", api_key=token, project=project, max_retries=0)
@@ -89,6 +93,40 @@ for lp in lps:
 r = ask("List three fruits, one per line.", stop=["\n"], max_tokens=40)
 assert "\n" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop", r
 
+# Structured outputs: the client's own parse() turns the answer into a pydantic model,
+# which validates it; streamed and whole agree; json_object gives an object.
+class Line(BaseModel):
+    description: str = Field(max_length=20)
+    amount: int = Field(ge=0, le=1000)
+
+
+class Invoice(BaseModel):
+    number: str = Field(max_length=12)
+    currency: Literal["EUR", "USD", "GBP"]
+    paid: bool
+    lines: list[Line] = Field(max_length=3)
+
+
+note = "Invoice INV-0042 from ACME: 2 widgets for 12 EUR and shipping for 7 EUR. Already paid."
+messages = [{"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": f"Extract the invoice as JSON.\n\n{note}"}]
+parsed = client.chat.completions.parse(model=base_model, messages=messages, response_format=Invoice, temperature=0, max_tokens=200)
+choice = parsed.choices[0]
+assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Invoice), choice
+again = client.chat.completions.parse(model=base_model, messages=messages, response_format=Invoice, temperature=0.9, seed=3, n=4, max_tokens=200)
+assert all(isinstance(ch.message.parsed, Invoice) for ch in again.choices), again
+# By hand, as parse() sends it: no keys beyond the model's.
+schema = Invoice.model_json_schema()
+for obj in [schema, *schema.get("$defs", {}).values()]:
+    obj["additionalProperties"] = False
+fmt = {"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema, "strict": True}}
+text, finish, _ = streamed(f"Extract the invoice as JSON.\n\n{note}", response_format=fmt, max_tokens=200)
+assert finish == "stop", text
+assert Invoice.model_validate_json(text) == choice.message.parsed, (text, choice.message.parsed)
+r = ask("What is the capital of France? Answer with a JSON object whose only key is \"capital\".",
+        response_format={"type": "json_object"}, max_tokens=60)
+assert "Paris" in json.loads(r.choices[0].message.content)["capital"], r
+
 # Text completions, with echo and the legacy logprobs.
 r = client.completions.create(model=base_model, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2)
 assert r.object == "text_completion" and r.choices[0].text, r
@@ -123,11 +161,14 @@ try:
     raise SystemExit("a negative temperature was accepted")
 except openai.BadRequestError as e:
     assert e.param == "temperature", e.body
-try:
-    ask("hi", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-    raise SystemExit("an unsupported response_format was accepted")
-except openai.BadRequestError as e:
-    assert e.param == "response_format", e.body
+for bad in [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}},
+            {"type": "json_schema", "json_schema": {"name": "no spaces allowed", "schema": {"type": "object"}}},
+            {"type": "xml"}]:
+    try:
+        ask("hi", response_format=bad)
+        raise SystemExit(f"the response_format {bad} was accepted")
+    except openai.BadRequestError as e:
+        assert e.param == "response_format", e.body
 req = urllib.request.Request(f"{base}/v1/chat/completions", data=b'{"model": "x", "messages": [', method="POST",
                              headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
 try:

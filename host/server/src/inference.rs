@@ -6,6 +6,11 @@
 //! base. Schedulers start on first use, one per
 //! base model, and run every team's requests together; adapters come and go at run time.
 //!
+//! A deploy alias whose gating eval suite has a validator plugin checks every answer with
+//! it (the hash the eval pinned): each choice carries `validation` (`valid`, `violations`,
+//! the plugin and its sha256), in the whole response and in a stream's finishing chunk.
+//! `response_format` constrains the tokens; the validator still checks the task's rules.
+//!
 //! Errors have OpenAI's body and status, with `param` and `code` where OpenAI sets them
 //! (`model_not_found`, `context_length_exceeded`), and a bad request never stops the
 //! server: it is refused before it reaches the scheduler.
@@ -41,6 +46,39 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
 pub struct Serving {
     config: ServeConfig,
     started: tokio::sync::Mutex<HashMap<String, Arc<Scheduler>>>,
+    /// Validators by the eval job that gated a deployment, loaded on first use.
+    validators: tokio::sync::Mutex<HashMap<String, Option<Arc<Validator>>>>,
+}
+
+/// The validator plugin of a deployment's gating eval suite, as that eval ran it.
+pub struct Validator {
+    name: String,
+    sha256: Option<String>,
+    config: String,
+    plugin: lathe_sandbox::Plugin,
+}
+
+impl Validator {
+    /// The choice's `validation` object.
+    async fn check(&self, text: &str) -> Value {
+        let text = text.to_string();
+        let mut v = json!({"plugin": self.name, "sha256": self.sha256});
+        match self.plugin.call_blocking(&self.config, move |i| i.validate(&text)).await {
+            Ok(Ok(())) => {
+                v["valid"] = true.into();
+                v["violations"] = json!([]);
+            }
+            Ok(Err(violations)) => {
+                v["valid"] = false.into();
+                v["violations"] = violations.iter().map(|x| json!({"path": x.path, "message": x.message})).collect();
+            }
+            Err(e) => {
+                v["valid"] = Value::Null;
+                v["error"] = e.to_string().into();
+            }
+        }
+        v
+    }
 }
 
 impl Serving {
@@ -48,7 +86,32 @@ impl Serving {
         Self {
             config,
             started: tokio::sync::Mutex::new(HashMap::new()),
+            validators: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The validator the eval job `eval_job_id` ran with, if its suite has one.
+    async fn validator(&self, s: &AppState, project_id: &str, eval_job_id: &str) -> ApiResult<Option<Arc<Validator>>> {
+        let mut held = self.validators.lock().await;
+        if let Some(v) = held.get(eval_job_id) {
+            return Ok(v.clone());
+        }
+        let job = s.db.job(project_id, eval_job_id).await?;
+        let suite: lathe_jobs::eval::Suite = serde_json::from_value(job.spec["suite"].clone()).map_err(|e| ApiError::Internal(format!("eval job `{eval_job_id}`'s suite: {e}")))?;
+        let v = match suite.validator {
+            None => None,
+            Some(r) => {
+                let env = s.job_env(&job).await?;
+                let name = r.plugin.clone();
+                let plugin = tokio::task::spawn_blocking(move || env.plugin(&name, lathe_sandbox::Kind::Validator))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(|e| ApiError::Internal(format!("the deployment's validator: {e}")))?;
+                Some(Arc::new(Validator { sha256: job.plugins.get(&r.plugin).cloned(), name: r.plugin, config: r.config.to_string(), plugin }))
+            }
+        };
+        held.insert(eval_job_id.to_string(), v.clone());
+        Ok(v)
     }
 
     /// The scheduler of a configured base model, loading the model the first time.
@@ -83,6 +146,8 @@ struct Served {
     name: String,
     base: String,
     adapter: Option<AdapterRef>,
+    /// A deployment's validator.
+    validator: Option<Arc<Validator>>,
 }
 
 fn model_not_found(name: &str) -> ApiError {
@@ -93,12 +158,13 @@ fn model_not_found(name: &str) -> ApiError {
 /// or a fine-tuned model (`ft:<base>:<project>:<job>`), of the caller's team.
 async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served> {
     if s.config.models.contains_key(name) {
-        return Ok(Served { name: name.into(), base: name.into(), adapter: None });
+        return Ok(Served { name: name.into(), base: name.into(), adapter: None, validator: None });
     }
     let project = |pname: &str| {
         let pname = pname.to_string();
         async move { Ok::<_, ApiError>(s.db.projects(&caller.team_id).await?.into_iter().find(|p| p.name == pname)) }
     };
+    let mut validator = None;
     let (job_id, base, p) = if let Some(rest) = name.strip_prefix("ft:") {
         let mut parts = rest.rsplitn(3, ':');
         let (Some(job_id), Some(pname), Some(base)) = (parts.next(), parts.next(), parts.next()) else { return Err(model_not_found(name)) };
@@ -107,8 +173,11 @@ async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served>
     } else if let Some((pname, alias)) = name.split_once('/') {
         let Some(p) = project(pname).await? else { return Err(model_not_found(name)) };
         let Ok(d) = s.db.deployment(&p.id, alias).await else { return Err(model_not_found(name)) };
+        if let Some(e) = &d.eval_job_id {
+            validator = s.serving.validator(s, &p.id, e).await?;
+        }
         match d.job_id {
-            None => return Ok(Served { name: name.into(), base: d.model, adapter: None }),
+            None => return Ok(Served { name: name.into(), base: d.model, adapter: None, validator }),
             Some(j) => (j, None, p),
         }
     } else {
@@ -124,6 +193,7 @@ async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served>
         base: trained_on,
         // A succeeded job's adapter never changes: its id names one version.
         adapter: Some(AdapterRef { key: job.id.clone(), dir }),
+        validator,
     })
 }
 
@@ -155,6 +225,8 @@ struct Common {
     n: Option<usize>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// `text`, `json_object` or `json_schema`: see [`json_schema`].
+    response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -252,7 +324,6 @@ struct ChatBody {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<usize>,
-    response_format: Option<Value>,
     tools: Option<Value>,
 }
 
@@ -297,6 +368,7 @@ struct Reply {
     /// Choices per prompt (`n`): a prompt's tokens count once in the usage.
     per_prompt: usize,
     sch: Arc<Scheduler>,
+    validator: Option<Arc<Validator>>,
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", responses((status = 200, description = "a chat completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
@@ -305,11 +377,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: 
     if b.tools.is_some() {
         return Err(ApiError::field(StatusCode::BAD_REQUEST, "tool calling is not supported by this server".into(), "tools", None));
     }
-    if let Some(f) = &b.response_format
-        && f["type"] != "text"
-    {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, format!("response_format `{}` is not supported yet; only `text`", f["type"].as_str().unwrap_or("?")), "response_format", None));
-    }
+    let schema = json_schema(b.common.response_format.as_ref())?;
     if b.messages.is_empty() {
         return Err(ApiError::field(StatusCode::BAD_REQUEST, "`messages` is empty".into(), "messages", None));
     }
@@ -341,9 +409,10 @@ async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: 
         echo: Vec::new(),
         per_prompt: n,
         sch: sch.clone(),
+        validator: served.validator.clone(),
     };
     let prompts = vec![prompt; n];
-    respond(reply, prompts, params, served.adapter, top).await
+    respond(reply, prompts, Submit { params, adapter: served.adapter, logprobs: top, json_schema: schema }).await
 }
 
 #[utoipa::path(post, path = "/v1/completions", responses((status = 200, description = "a text completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
@@ -355,6 +424,7 @@ async fn completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes
     if b.logprobs.is_some_and(|k| k > 5) {
         return Err(ApiError::field(StatusCode::BAD_REQUEST, "`logprobs` must be at most 5".into(), "logprobs", None));
     }
+    let schema = json_schema(b.common.response_format.as_ref())?;
     let served = resolve(&s, &caller, &b.common.model).await?;
     let sch = s.serving.scheduler(&s, &served.base).await?;
     let tok = &sch.model().tokenizer;
@@ -384,9 +454,44 @@ async fn completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes
         echo,
         per_prompt: n,
         sch: sch.clone(),
+        validator: served.validator.clone(),
     };
     let prompts = prompts.into_iter().flat_map(|p| std::iter::repeat_n(p, n)).collect();
-    respond(reply, prompts, params, served.adapter, b.logprobs).await
+    respond(reply, prompts, Submit { params, adapter: served.adapter, logprobs: b.logprobs, json_schema: schema }).await
+}
+
+/// The JSON Schema a `response_format` asks the output to match, if any: `json_object` is
+/// any object, `json_schema` its `json_schema.schema` (any JSON when absent), as OpenAI's
+/// structured outputs. The scheduler compiles it; a schema it cannot is a 400 there.
+fn json_schema(format: Option<&Value>) -> ApiResult<Option<Value>> {
+    let fault = |m: String| ApiError::field(StatusCode::BAD_REQUEST, m, "response_format", None);
+    let Some(format) = format else { return Ok(None) };
+    match format["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({ "type": "object" }))),
+        Some("json_schema") => {
+            let spec = &format["json_schema"];
+            let name = spec["name"].as_str().ok_or_else(|| fault("`response_format.json_schema.name` is required".into()))?;
+            if !(1..=64).contains(&name.len()) || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(fault(format!("`response_format.json_schema.name` `{name}` must be 1-64 letters, digits, `_` or `-`")));
+            }
+            match &spec["schema"] {
+                Value::Null => Ok(Some(json!({}))),
+                schema @ (Value::Object(_) | Value::Bool(_)) => Ok(Some(schema.clone())),
+                other => Err(fault(format!("`response_format.json_schema.schema` must be an object, not {other}"))),
+            }
+        }
+        Some(other) => Err(fault(format!("`response_format.type` `{other}` is not one of text, json_object, json_schema"))),
+        None => Err(fault("`response_format` needs a `type`".into())),
+    }
+}
+
+/// What each choice's request carries besides its prompt.
+struct Submit {
+    params: SamplingParams,
+    adapter: Option<AdapterRef>,
+    logprobs: Option<usize>,
+    json_schema: Option<Value>,
 }
 
 fn now() -> i64 {
@@ -395,13 +500,18 @@ fn now() -> i64 {
 
 /// Submits one request per choice (seeds apart, so `n` samples differ), then answers
 /// with the whole response or a stream of chunks.
-async fn respond(reply: Reply, prompts: Vec<Vec<u32>>, params: SamplingParams, adapter: Option<AdapterRef>, logprobs: Option<usize>) -> ApiResult<Response> {
+async fn respond(reply: Reply, prompts: Vec<Vec<u32>>, submit: Submit) -> ApiResult<Response> {
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.into_iter().enumerate() {
-        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-        let rx = reply.sch.submit(Request { prompt, params, adapter: adapter.clone(), logprobs }).map_err(|e| match e {
+        let params = SamplingParams { seed: submit.params.seed.wrapping_add(i as u64), ..submit.params.clone() };
+        let request = Request { prompt, params, adapter: submit.adapter.clone(), logprobs: submit.logprobs, json_schema: submit.json_schema.clone() };
+        // Compiling a schema is CPU work: off the async threads.
+        let sch = reply.sch.clone();
+        let submitted = tokio::task::spawn_blocking(move || sch.submit(request)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let rx = submitted.map_err(|e| match e {
             ServeError::Invalid(m) if m.contains("maximum context length") => ApiError::field(StatusCode::BAD_REQUEST, m, "messages", Some("context_length_exceeded")),
             ServeError::Invalid(m) => ApiError::bad(m),
+            ServeError::Schema(m) => ApiError::field(StatusCode::BAD_REQUEST, format!("`response_format.json_schema.schema` cannot be used: {m}"), "response_format", None),
             ServeError::Stopped | ServeError::Cancelled => ApiError::Internal("the scheduler has stopped".into()),
         })?;
         streams.push(UnboundedReceiverStream::new(rx).map(move |e| (i, e)));
@@ -501,10 +611,17 @@ async fn whole(reply: Reply, choices: usize, mut events: impl Stream<Item = (usi
             Event::Failed(m) => return Err(ApiError::Internal(m)),
         }
     }
+    let mut validations = Vec::with_capacity(choices);
+    for text in &texts {
+        validations.push(match &reply.validator {
+            Some(v) => Some(v.check(text).await),
+            None => None,
+        });
+    }
     let choices: Vec<Value> = (0..choices)
         .map(|i| {
             let fr = finish[i].map(finish_reason);
-            match reply.kind {
+            let mut choice = match reply.kind {
                 Kind::Chat => json!({
                     "index": i, "message": {"role": "assistant", "content": texts[i], "refusal": null},
                     "logprobs": (!chat_lps[i].is_empty()).then(|| json!({"content": chat_lps[i]})),
@@ -515,7 +632,11 @@ async fn whole(reply: Reply, choices: usize, mut events: impl Stream<Item = (usi
                     "logprobs": (!text_lps[i].tokens.is_empty()).then(|| text_lps[i].json()),
                     "finish_reason": fr,
                 }),
+            };
+            if let Some(v) = validations[i].take() {
+                choice["validation"] = v;
             }
+            choice
         })
         .collect();
     let object = if reply.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
@@ -585,13 +706,16 @@ fn chunks(reply: Reply, choices: usize, events: impl Stream<Item = (usize, Event
                     offsets[i] += text.len();
                     vec![chunk(piece, None)]
                 }
-                Event::Done { finish, usage: u, .. } => {
+                Event::Done { finish, usage: u, text } => {
                     add_usage(&mut usage, &u, i % reply.per_prompt == 0);
                     let fr = finish_reason(finish);
-                    let piece = match reply.kind {
+                    let mut piece = match reply.kind {
                         Kind::Chat => json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": fr}]),
                         Kind::Text => json!([{"index": i, "text": "", "logprobs": null, "finish_reason": fr}]),
                     };
+                    if let Some(v) = &reply.validator {
+                        piece[0]["validation"] = v.check(&text).await;
+                    }
                     vec![chunk(piece, None)]
                 }
                 Event::Failed(m) => {

@@ -2,7 +2,9 @@
 //! demo task's held-out prompts, against static batches of the same prompts (the engine's
 //! batched generation, what evaluation used before) in the same run. With `--adapters N`,
 //! the same prompts again through N adapters over the base (request i through adapter
-//! i mod N), against the base alone.
+//! i mod N), against the base alone. With `--json-schema`, the same prompts again with
+//! every answer constrained to the invoice suite's JSON Schema, against the unconstrained
+//! run.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +44,9 @@ pub struct ServeBench {
     /// Rank of those adapters (every projection).
     #[arg(long, default_value_t = 16)]
     adapter_rank: usize,
+    /// Also run every level with each answer constrained to the invoice JSON Schema.
+    #[arg(long)]
+    json_schema: bool,
     /// Skip the static-batch reference.
     #[arg(long)]
     no_reference: bool,
@@ -70,7 +75,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 /// Replays `prompts` from `c` client threads, each sending its next prompt when the last
 /// one finished (closed loop, as a user waiting on answers).
-fn replay(s: &Scheduler, prompts: &[Vec<u32>], adapters: &[AdapterRef], params: &SamplingParams, c: usize) -> Result<(Vec<Timing>, Duration)> {
+fn replay(s: &Scheduler, prompts: &[Vec<u32>], adapters: &[AdapterRef], schema: Option<&serde_json::Value>, params: &SamplingParams, c: usize) -> Result<(Vec<Timing>, Duration)> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let start = Instant::now();
     let timings = std::thread::scope(|scope| {
@@ -83,7 +88,7 @@ fn replay(s: &Scheduler, prompts: &[Vec<u32>], adapters: &[AdapterRef], params: 
                         let Some(p) = prompts.get(i) else { return Ok(out) };
                         let sent = Instant::now();
                         let adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].clone());
-                        let mut rx = s.submit(Request { prompt: p.clone(), params: params.clone(), adapter, logprobs: None })?;
+                        let mut rx = s.submit(Request { prompt: p.clone(), params: params.clone(), adapter, logprobs: None, json_schema: schema.cloned() })?;
                         let (mut first, mut tokens) = (None, 0);
                         loop {
                             match rx.blocking_recv() {
@@ -123,6 +128,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let params = SamplingParams { max_tokens: a.max_tokens, ..SamplingParams::default() };
+    let schema = lathe_jobs::invoices::invoice_schema();
     let dir = tempfile::tempdir()?;
     let adapters: Vec<AdapterRef> = (0..a.adapters)
         .map(|i| {
@@ -140,7 +146,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
     for &c in &a.concurrency {
         // A fresh scheduler per level: the prefix cache starts empty each time.
         let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
-        let (t, wall) = replay(&s, &prompts, &[], &params, c.max(1))?;
+        let (t, wall) = replay(&s, &prompts, &[], None, &params, c.max(1))?;
         let out_tokens: usize = t.iter().map(|t| t.tokens).sum();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ttft: Vec<f64> = t.iter().map(|t| ms(t.ttft)).collect();
@@ -162,8 +168,17 @@ pub fn serve(a: ServeBench) -> Result<()> {
             None
         } else {
             let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), max_loras: adapters.len(), ..ServeConfig::default() });
-            let (t, wall) = replay(&s, &prompts, &adapters, &params, c.max(1))?;
+            let (t, wall) = replay(&s, &prompts, &adapters, None, &params, c.max(1))?;
             Some(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
+        };
+        let constrained = if a.json_schema {
+            let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
+            // Compiled once before the clock starts, as a server that has seen the schema.
+            s.grammars()?.matcher(&schema).map_err(anyhow::Error::msg)?;
+            let (t, wall) = replay(&s, &prompts, &[], Some(&schema), &params, c.max(1))?;
+            Some(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
+        } else {
+            None
         };
         let (tp99, tt99) = (percentile(tpot.clone(), 0.99), percentile(ttft.clone(), 0.99));
         if tp99 <= a.tpot_target_ms as f64 && tt99 <= a.ttft_target_ms as f64 && best_ok.is_none_or(|(_, r)| req_s > r) {
@@ -173,7 +188,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
             println!("{}", json!({"bench": "serve", "concurrency": c, "requests": t.len(), "req_per_s": req_s, "output_tokens_per_s": tok_s,
                 "ttft_ms": {"p50": percentile(ttft.clone(), 0.5), "p99": tt99}, "tpot_ms": {"p50": percentile(tpot.clone(), 0.5), "p99": tp99},
                 "e2e_ms": {"p50": percentile(e2e.clone(), 0.5), "p99": percentile(e2e, 0.99)}, "static_batch_tokens_per_s": reference,
-                "adapters": a.adapters, "adapters_tokens_per_s": with_adapters,
+                "adapters": a.adapters, "adapters_tokens_per_s": with_adapters, "json_schema_tokens_per_s": constrained,
                 "prefix_hits": s.metrics().prefix_hits.load(std::sync::atomic::Ordering::Relaxed), "threads": rayon::current_num_threads()}));
         } else {
             println!(
@@ -187,6 +202,9 @@ pub fn serve(a: ServeBench) -> Result<()> {
             );
             if let Some(w) = with_adapters {
                 println!("     through {} adapters (rank {}): {w:.1} tok/s, {:.2}x the base", a.adapters, a.adapter_rank, w / tok_s);
+            }
+            if let Some(w) = constrained {
+                println!("     constrained to the invoice JSON Schema: {w:.1} tok/s, {:.2}x unconstrained", w / tok_s);
             }
         }
     }

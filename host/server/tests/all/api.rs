@@ -335,6 +335,9 @@ async fn deploy_and_roll_back(s: &Server, project: &str, token: &str, train_id: 
     let mut lenient = words_suite("exact-match");
     lenient["name"] = json!("words-lenient");
     lenient["gate"]["min"] = json!(0.0);
+    // Its validator checks every answer the alias gives.
+    let word = json!({"type": "object", "properties": {"word": {"enum": ["cat", "dog"]}}, "required": ["word"], "additionalProperties": false});
+    lenient["validator"] = json!({"plugin": "json-schema", "config": {"schema": word}});
     assert_eq!(s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words-lenient"), t, Some(lenient)).await.0, StatusCode::OK);
     let eval = s.run_job(project, token, json!({"kind": "eval_run", "model": "tiny", "adapter_job": train_id, "suite": "words-lenient", "data": "words.heldout"})).await;
     assert_eq!(eval["outcome"]["run"]["passed_gate"], true, "{eval}");
@@ -362,6 +365,21 @@ async fn deploy_and_roll_back(s: &Server, project: &str, token: &str, train_id: 
     let (_, via_base) = s.send(chat("tiny", false)).await;
     assert_eq!(content(&via_alias), content(&via_ft));
     assert_ne!(content(&via_alias), content(&via_base), "the adapter changes the answer");
+    // The deployment's validator checked the answer (the tiny model writes no JSON by
+    // itself); under the schema as response_format, the answer passes it.
+    let validation = &via_alias["choices"][0]["validation"];
+    assert_eq!((validation["plugin"].as_str(), validation["valid"].as_bool()), (Some("json-schema"), Some(false)), "{via_alias}");
+    assert!(!validation["violations"].as_array().unwrap().is_empty(), "{validation}");
+    assert!(via_ft["choices"][0].get("validation").is_none(), "only a deployment has a validator: {via_ft}");
+    let constrained = json!({"model": "invoices/prod", "messages": [{"role": "user", "content": "say the cat 3"}], "temperature": 0.7, "seed": 4, "max_tokens": 40,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "word", "schema": word}}});
+    let (status, valid) = s.call(Method::POST, "/v1/chat/completions", t, Some(constrained)).await;
+    assert_eq!(status, StatusCode::OK, "{valid}");
+    assert_eq!(valid["choices"][0]["validation"]["valid"], true, "{valid}");
+    assert!(["{\"word\": \"cat\"}", "{\"word\": \"dog\"}"].contains(&content(&valid).as_str()), "{valid}");
+    let bad = json!({"model": "invoices/prod", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "frobnicate"}}}});
+    let (status, refused) = s.call(Method::POST, "/v1/chat/completions", t, Some(bad)).await;
+    assert_eq!((status, refused["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("response_format")), "{refused}");
     let (_, models) = s.call_in(Method::GET, "/v1/models", t, Some(project), None).await;
     assert!(models.to_string().contains("invoices/prod"), "{models}");
 
@@ -382,6 +400,7 @@ async fn deploy_and_roll_back(s: &Server, project: &str, token: &str, train_id: 
         .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(streamed, content(&via_ft), "{sse}");
+    assert!(sse.contains(r#""validation":{"#), "the finishing chunk carries the validation: {sse}");
     let (_, after) = s.send(chat("invoices/prod", false)).await;
     assert_eq!(content(&after), content(&via_base), "after the rollback the alias serves the base");
 
