@@ -229,6 +229,42 @@ def main(p):
     expect(model).to_contain_text("invoice-fields")
     shot("models")
 
+    # ---- deploy behind an alias, ask it in the playground, roll back ----------------------
+    # The eval above ran six items, not the whole held-out set: the gate refuses, force deploys.
+    deploy = f"#model-{train_job} form.deploy"
+    page.fill(f"{deploy} input[name=name]", "prod")
+    submit(deploy)
+    expect(page.locator("#deploy-error")).to_contain_text("has not passed its suite's gate")
+    page.fill(f"{deploy} input[name=name]", "prod")
+    page.check(f"{deploy} input[name=force]")
+    submit(deploy)
+    expect(page.locator("#deployment-prod .serves")).to_contain_text(f"adapter {train_job}")
+    expect(page.locator("#deployment-prod .serves")).to_contain_text("forced")
+    page.select_option("#playground-form select[name=model]", "invoices/prod")
+    page.fill("#playground-form textarea[name=message]", "Invoice INV-7 from Acme Corp, total 12.50 EUR, due 2026-01-31. Extract it as JSON.")
+    schema = {"type": "object", "properties": {"invoice": {"type": "string", "maxLength": 12}, "total": {"type": "number"},
+                                               "currency": {"enum": ["EUR", "USD"]}},
+              "required": ["invoice", "total", "currency"], "additionalProperties": False}
+    page.fill("#playground-form textarea[name=schema]", json.dumps(schema))
+    page.fill("#playground-form input[name=max_tokens]", "60")
+    page.click("#playground-form button")
+    expect(page.locator("#playground-answer")).to_be_visible(timeout=LONG)
+    answer = json.loads(page.locator("#playground-answer").inner_text())
+    assert set(answer) == {"invoice", "total", "currency"} and answer["currency"] in ("EUR", "USD"), answer
+    shot("playground")
+    # A schema that is not JSON is named, and nothing is asked.
+    page.fill("#playground-form textarea[name=schema]", "{not json")
+    page.click("#playground-form button")
+    expect(page.locator("#playground-error")).to_contain_text("not JSON")
+    # The base model as version 2, then one click back to the adapter.
+    page.fill("#deploy-base input[name=name]", "prod")
+    submit("#deploy-base")
+    expect(page.locator("#deployment-prod .serves")).to_contain_text("the base model")
+    submit("#deployment-prod form")
+    expect(page.locator("#deployment-prod .serves")).to_contain_text(f"adapter {train_job}")
+    expect(page.locator("#deployment-prod table.history tbody tr").first).to_contain_text("rollback")
+    shot("deployments")
+
     page.click(f"a[href='/projects/{project}']")
     for step in page.locator(".checklist li").all()[:6]:
         expect(step).to_have_class(re.compile("done"))
@@ -309,7 +345,8 @@ def main(p):
     # Writes too, with the other team's own valid CSRF token: the project is not theirs.
     op.goto(f"{base}/projects")
     theirs = op.locator("input[name=csrf]").first.get_attribute("value")
-    for path in [import_page, f"{plugin_page}/try", "/suites", "/suites/preview", "/jobs", f"/jobs/{train_job}/cancel"]:
+    for path in [import_page, f"{plugin_page}/try", "/suites", "/suites/preview", "/jobs", f"/jobs/{train_job}/cancel",
+                 "/deployments", "/deployments/prod/rollback", "/playground"]:
         r = op.request.post(f"{base}/projects/{project}{path}", form={"csrf": theirs, "input": "{}", "kind": "data_stats", "version": "invoices"}, max_redirects=0)
         assert r.status == 404, (path, r.status)
     for path in ["/datasets", "/plugins"]:

@@ -171,6 +171,9 @@ fn a_training_run_killed_with_sigkill_resumes_onto_the_same_curve_and_bits() {
     assert_eq!(run["base_model_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(run["dataset"].as_str().unwrap().len(), 64);
     assert_eq!(run["chat_template_sha256"].as_str().unwrap().len(), 64);
+    // The tokenizer's own template, which serving compares with the base it runs over.
+    assert_eq!(run["tokenizer_template_sha256"].as_str().unwrap().len(), 64);
+    assert_ne!(run["tokenizer_template_sha256"], run["chat_template_sha256"]);
 
     // Exports: merged folders and GGUFs load and answer as the base + adapter does.
     let adapter = format!("{a_s}/last");

@@ -207,8 +207,12 @@ pub struct RunInfo {
     pub base_model: String,
     /// sha256 of the base model file(s).
     pub base_model_sha256: String,
-    /// sha256 of the chat template text.
+    /// sha256 of the chat template text with the suite's prompt template.
     pub chat_template_sha256: String,
+    /// sha256 of the tokenizer's own chat template alone: serving refuses the adapter
+    /// behind a base whose template differs. None in runs from before it was recorded.
+    #[serde(default)]
+    pub tokenizer_template_sha256: Option<String>,
     pub train_examples: usize,
     pub heldout_examples: usize,
 }

@@ -85,6 +85,7 @@ pub fn train(spec: &Spec<'_>, train_items: &[Item], validation: &[Item], out_dir
         base_model: spec.model_name.clone(),
         base_model_sha256: spec.model_sha256.clone(),
         chat_template_sha256: lathe_util::sha256_hex(format!("{template_text}\n--prompt--\n{:?}", spec.template).as_bytes()),
+        tokenizer_template_sha256: Some(lathe_serving::template_sha256(spec.tokenizer)),
         train_examples: train.len(),
         heldout_examples: heldout.len(),
     };

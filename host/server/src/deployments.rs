@@ -47,7 +47,7 @@ pub struct NewDeploy {
 }
 
 /// A deployment as the API shows it: the row, and the id the inference API answers to.
-fn shown(p: &Project, d: &Deployment) -> Value {
+pub fn shown(p: &Project, d: &Deployment) -> Value {
     let mut v = json!(d);
     v["model_id"] = json!(format!("{}/{}", p.name, d.name));
     v
@@ -98,6 +98,13 @@ async fn list_deployments(State(s): State<Arc<AppState>>, caller: Caller, Path(p
 #[utoipa::path(post, path = "/api/v1/projects/{project}/deployments", params(("project" = String, Path)), request_body = NewDeploy, responses((status = 201, description = "the new current version"), (status = 400, description = "not deployable: no passing gate, not a trained adapter, an unknown model")))]
 async fn create_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Json(b): Json<NewDeploy>) -> ApiResult<(StatusCode, Json<Value>)> {
     let p = s.project(&caller, &project).await?;
+    let d = deploy(&s, &caller, &p, b).await?;
+    Ok((StatusCode::CREATED, Json(shown(&p, &d))))
+}
+
+/// Points an alias at a version, as the API and the web UI ask: a base model, or a
+/// trained adapter with a passing gate (or `force`).
+pub async fn deploy(s: &AppState, caller: &Caller, p: &Project, b: NewDeploy) -> ApiResult<Deployment> {
     let (model, job_id, eval_job_id) = match (&b.job_id, &b.model) {
         (Some(_), Some(_)) => return Err(ApiError::bad("give `job_id` or `model`, not both: an adapter runs over the base it was trained on")),
         (None, None) => return Err(ApiError::bad("give `job_id` (a trained adapter) or `model` (a base model)")),
@@ -107,8 +114,8 @@ async fn create_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path(
         }
         (Some(j), None) => {
             let job = s.db.job(&p.id, j).await?;
-            let (model, adapter) = servable_adapter(&s, &job).ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training job whose base model this server has")))?;
-            let eval = passing_eval(&s, &p.id, &adapter).await?;
+            let (model, adapter) = servable_adapter(s, &job).ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training job whose base model this server has")))?;
+            let eval = passing_eval(s, &p.id, &adapter).await?;
             if eval.is_none() && !b.force {
                 return Err(ApiError::bad(format!(
                     "job `{j}` has not passed its suite's gate on the held-out set: run an `eval_run` job with `adapter_job: {j}` over the whole held-out version (its gate must pass), or deploy with `force: true`"
@@ -118,11 +125,9 @@ async fn create_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path(
         }
     };
     let forced = b.force && eval_job_id.is_none() && job_id.is_some();
-    let d = s
-        .db
+    Ok(s.db
         .deploy(&NewDeployment { project_id: p.id.clone(), name: b.name, model, job_id, eval_job_id, forced, created_by: Some(caller.token_id.clone()) })
-        .await?;
-    Ok((StatusCode::CREATED, Json(shown(&p, &d))))
+        .await?)
 }
 
 /// What an alias serves and its history, newest first.

@@ -373,7 +373,23 @@ struct Reply {
 
 #[utoipa::path(post, path = "/v1/chat/completions", responses((status = 200, description = "a chat completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
 async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes) -> ApiResult<Response> {
-    let b: ChatBody = parse(&body)?;
+    let (reply, prompts, submit) = chat(&s, &caller, parse(&body)?).await?;
+    respond(reply, prompts, submit).await
+}
+
+/// A whole (not streamed) chat completion for a request body, as `/v1/chat/completions`
+/// answers it: the web UI's playground.
+pub async fn chat_completion(s: &AppState, caller: &Caller, body: Value) -> ApiResult<Value> {
+    let mut b: ChatBody = serde_json::from_value(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
+    b.common.stream = false;
+    let (reply, prompts, submit) = chat(s, caller, b).await?;
+    let events = submit_all(&reply, prompts, submit).await?;
+    whole(reply, events.0, events.1).await
+}
+
+/// A chat request checked and resolved: the reply's frame, one prompt per choice, and
+/// what each choice's request carries.
+async fn chat(s: &AppState, caller: &Caller, b: ChatBody) -> ApiResult<(Reply, Vec<Vec<u32>>, Submit)> {
     if b.tools.is_some() {
         return Err(ApiError::field(StatusCode::BAD_REQUEST, "tool calling is not supported by this server".into(), "tools", None));
     }
@@ -381,8 +397,8 @@ async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: 
     if b.messages.is_empty() {
         return Err(ApiError::field(StatusCode::BAD_REQUEST, "`messages` is empty".into(), "messages", None));
     }
-    let served = resolve(&s, &caller, &b.common.model).await?;
-    let sch = s.serving.scheduler(&s, &served.base).await?;
+    let served = resolve(s, caller, &b.common.model).await?;
+    let sch = s.serving.scheduler(s, &served.base).await?;
     let mut messages = Vec::with_capacity(b.messages.len());
     for (i, m) in b.messages.into_iter().enumerate() {
         if !["system", "user", "assistant", "developer"].contains(&m.role.as_str()) {
@@ -412,7 +428,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, caller: Caller, body: 
         validator: served.validator.clone(),
     };
     let prompts = vec![prompt; n];
-    respond(reply, prompts, Submit { params, adapter: served.adapter, logprobs: top, json_schema: schema }).await
+    Ok((reply, prompts, Submit { params, adapter: served.adapter, logprobs: top, json_schema: schema }))
 }
 
 #[utoipa::path(post, path = "/v1/completions", responses((status = 200, description = "a text completion, or its chunks as server-sent events"), (status = 400, description = "an invalid request, with the OpenAI error body"), (status = 404, description = "no such model")))]
@@ -501,6 +517,15 @@ fn now() -> i64 {
 /// Submits one request per choice (seeds apart, so `n` samples differ), then answers
 /// with the whole response or a stream of chunks.
 async fn respond(reply: Reply, prompts: Vec<Vec<u32>>, submit: Submit) -> ApiResult<Response> {
+    let (choices, events) = submit_all(&reply, prompts, submit).await?;
+    if reply.stream {
+        return Ok(SseBody::new(chunks(reply, choices, events)).into_response());
+    }
+    Ok(Json(whole(reply, choices, events).await?).into_response())
+}
+
+/// Submits one request per choice; their events merged, each with its choice's index.
+async fn submit_all(reply: &Reply, prompts: Vec<Vec<u32>>, submit: Submit) -> ApiResult<(usize, impl Stream<Item = (usize, Event)> + Unpin + Send + 'static)> {
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.into_iter().enumerate() {
         let params = SamplingParams { seed: submit.params.seed.wrapping_add(i as u64), ..submit.params.clone() };
@@ -516,12 +541,7 @@ async fn respond(reply: Reply, prompts: Vec<Vec<u32>>, submit: Submit) -> ApiRes
         })?;
         streams.push(UnboundedReceiverStream::new(rx).map(move |e| (i, e)));
     }
-    let choices = streams.len();
-    let events = stream::select_all(streams);
-    if reply.stream {
-        return Ok(SseBody::new(chunks(reply, choices, events)).into_response());
-    }
-    whole(reply, choices, events).await
+    Ok((streams.len(), stream::select_all(streams)))
 }
 
 /// Text of one token for logprobs, and its UTF-8 bytes.
@@ -587,7 +607,7 @@ impl TextLogprobs {
 }
 
 /// Collects every choice, then answers once.
-async fn whole(reply: Reply, choices: usize, mut events: impl Stream<Item = (usize, Event)> + Unpin) -> ApiResult<Response> {
+async fn whole(reply: Reply, choices: usize, mut events: impl Stream<Item = (usize, Event)> + Unpin) -> ApiResult<Value> {
     let mut texts = vec![String::new(); choices];
     let mut chat_lps: Vec<Vec<Value>> = vec![Vec::new(); choices];
     let mut text_lps: Vec<TextLogprobs> = (0..choices).map(|_| TextLogprobs::default()).collect();
@@ -640,11 +660,10 @@ async fn whole(reply: Reply, choices: usize, mut events: impl Stream<Item = (usi
         })
         .collect();
     let object = if reply.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-    Ok(Json(json!({
+    Ok(json!({
         "id": reply.id, "object": object, "created": reply.created, "model": reply.model,
         "system_fingerprint": fingerprint(), "choices": choices, "usage": usage_json(&usage),
     }))
-    .into_response())
 }
 
 fn fingerprint() -> String {

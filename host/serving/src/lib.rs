@@ -20,6 +20,13 @@ pub use grammar::Grammars;
 pub use metrics::Metrics;
 pub use scheduler::{Scheduler, generate_all};
 
+/// sha256 of a tokenizer's own chat template (of the empty text when it has none): what
+/// training records beside an adapter (`run.json`'s `tokenizer_template_sha256`) and
+/// serving compares, so an adapter never sees prompts laid out otherwise than in training.
+pub fn template_sha256(tokenizer: &lathe_engine::Tokenizer) -> String {
+    lathe_util::sha256_hex(tokenizer.chat_template.as_deref().unwrap_or("").as_bytes())
+}
+
 /// How much one scheduler takes on.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {

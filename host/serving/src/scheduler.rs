@@ -25,7 +25,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::adapters::{Adapters, InUse};
 use crate::grammar::{Grammars, apply_mask};
 use crate::metrics::Metrics;
-use crate::{Event, Request, ServeConfig, ServeError, TokenLogprob, Usage};
+use crate::{AdapterRef, Event, Request, ServeConfig, ServeError, TokenLogprob, Usage};
 
 enum Msg {
     Submit(Box<Seq>),
@@ -43,6 +43,8 @@ pub struct Scheduler {
     max_tokens: usize,
     /// Built at the first request with a JSON schema.
     grammars: OnceLock<Result<Grammars, String>>,
+    /// The base model's chat template hash, which an adapter's training must have used.
+    template_sha256: String,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -51,6 +53,7 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Metrics::default());
         let max_tokens = max_request_tokens(&model.model, &config);
+        let template_sha256 = crate::template_sha256(&model.tokenizer);
         let (held, m) = (model.clone(), metrics.clone());
         let thread = std::thread::Builder::new()
             .name("lathe-scheduler".into())
@@ -62,6 +65,7 @@ impl Scheduler {
             metrics,
             max_tokens,
             grammars: OnceLock::new(),
+            template_sha256,
             thread: Some(thread),
         }
     }
@@ -85,6 +89,9 @@ impl Scheduler {
     pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, ServeError> {
         let arrived = Instant::now();
         check(&request, &self.model.model, self.max_tokens)?;
+        if let Some(a) = &request.adapter {
+            check_template(a, &self.template_sha256)?;
+        }
         let matcher = match &request.json_schema {
             Some(schema) => Some(self.grammars()?.matcher(schema).map_err(ServeError::Schema)?),
             None => None,
@@ -131,6 +138,23 @@ fn check(request: &Request, model: &CausalLm, max_tokens: usize) -> Result<(), S
         )));
     }
     Ok(())
+}
+
+/// Refuses an adapter whose training recorded another chat template than the base's
+/// (adapters without a record, such as imported PEFT folders, are served).
+fn check_template(adapter: &AdapterRef, base_sha256: &str) -> Result<(), ServeError> {
+    let path = adapter.dir.join("run.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let run: serde_json::Value = serde_json::from_str(&text).map_err(|e| ServeError::Invalid(format!("{}: {e}", path.display())))?;
+    match run["tokenizer_template_sha256"].as_str() {
+        Some(trained) if trained != base_sha256 => Err(ServeError::Invalid(format!(
+            "adapter `{}` was trained with the chat template {}, but this base model's template is {}: it would see prompts laid out otherwise than in training; serve it over the base it was trained on",
+            adapter.key,
+            &trained[..trained.len().min(12)],
+            &base_sha256[..base_sha256.len().min(12)]
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs `prompts` to completion on the calling thread, through the same loop the

@@ -39,6 +39,7 @@ fn info(config: TrainConfig) -> RunInfo {
         base_model: "tiny".into(),
         base_model_sha256: "0".into(),
         chat_template_sha256: "0".into(),
+        tokenizer_template_sha256: None,
         train_examples: 4,
         heldout_examples: 0,
     }

@@ -254,6 +254,7 @@ fn train(a: TrainBench) -> Result<()> {
             base_model: a.model.display().to_string(),
             base_model_sha256: String::new(),
             chat_template_sha256: String::new(),
+            tokenizer_template_sha256: None,
             train_examples: a.batch * (a.steps + 1),
             heldout_examples: 0,
         },

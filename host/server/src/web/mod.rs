@@ -9,7 +9,8 @@
 //!
 //! One module per page family: `session` (sign in and out), `projects` (projects, the
 //! workflow checklist, settings), `data` (datasets and plugins), `eval` (suites), `jobs`
-//! (submit, watch, cancel, artifacts), `models` (adapters with their lineage).
+//! (submit, watch, cancel, artifacts), `models` (adapters with their lineage, deploy
+//! aliases, the playground).
 
 mod assets;
 mod data;
@@ -214,7 +215,7 @@ macro_rules! templates {
 const TEMPLATES: &[(&str, &str)] = templates!(
     "base.html", "error.html", "login.html", "projects.html", "project.html", "settings.html", "datasets.html",
     "dataset.html", "import.html", "plugins.html", "plugin.html", "try_result.html", "suites.html", "suite_preview.html", "jobs.html",
-    "jobs_table.html", "job.html", "models.html", "report.html", "project_settings.html",
+    "jobs_table.html", "job.html", "models.html", "playground_result.html", "report.html", "project_settings.html",
 );
 
 fn embedded() -> &'static Environment<'static> {

@@ -1,28 +1,131 @@
 //! Models: every adapter the project trained, with its lineage as the training run
 //! recorded it (base model and its sha256, dataset version, chat template hash, suite,
-//! settings), its exports, and download links.
+//! settings), its exports, and download links; the deploy aliases with their history,
+//! deploy and rollback (the API's own `deployments::deploy` and the store's rollback); and
+//! a playground that asks any servable model through the inference API's own path.
 
 use std::sync::Arc;
 
+use axum::Form;
 use axum::extract::{Path, State};
-use axum::response::Html;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Pages, Viewer, WebResult, frame, page_ctx, render};
+use super::{Pages, Viewer, WebResult, frame, page_ctx, render, see_other};
+use crate::deployments::{NewDeploy, deploy, servable_adapter, shown};
 use crate::state::AppState;
 
 pub fn routes(pages: Pages) -> Pages {
     pages
         .get("/projects/{project}/models", models)
+        .post("/projects/{project}/deployments", deploy_form)
+        .post("/projects/{project}/deployments/{name}/rollback", rollback_form)
+        .post("/projects/{project}/playground", playground)
 }
 
 async fn models(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>) -> WebResult<Html<String>> {
+    page(&s, &viewer, &project, None).await
+}
+
+#[derive(Deserialize)]
+struct DeployForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    job_id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    force: Option<String>,
+}
+
+/// Deploys through the API's own function; a refusal shows on the page, the form kept.
+async fn deploy_form(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, Form(f): Form<DeployForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
     let p = s.project(&viewer.caller, &project).await?;
+    let some = |v: String| (!v.trim().is_empty()).then(|| v.trim().to_string());
+    let b = NewDeploy { name: f.name.trim().to_string(), job_id: some(f.job_id), model: some(f.model), force: f.force.is_some() };
+    match deploy(&s, &viewer.caller, &p, b).await {
+        Ok(_) => Ok(see_other(&format!("/projects/{}/models#deployments", p.id))),
+        Err(e) => Ok((StatusCode::BAD_REQUEST, page(&s, &viewer, &project, Some(e.to_string())).await?).into_response()),
+    }
+}
+
+async fn rollback_form(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, name)): Path<(String, String)>, Form(f): Form<super::CsrfForm>) -> WebResult<Response> {
+    viewer.check_csrf(&f.csrf)?;
+    let p = s.project(&viewer.caller, &project).await?;
+    match s.db.rollback(&p.id, &name, Some(&viewer.caller.token_id)).await {
+        Ok(_) => Ok(see_other(&format!("/projects/{}/models#deployments", p.id))),
+        Err(e) => Ok((StatusCode::CONFLICT, page(&s, &viewer, &project, Some(e.to_string())).await?).into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+struct PlaygroundForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    system: String,
+    #[serde(default)]
+    message: String,
+    /// A JSON Schema the answer must match (empty: free text).
+    #[serde(default)]
+    schema: String,
+    #[serde(default)]
+    temperature: String,
+    #[serde(default)]
+    max_tokens: String,
+}
+
+/// One chat turn through `/v1/chat/completions`' own path; answers the result fragment.
+async fn playground(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): Path<String>, Form(f): Form<PlaygroundForm>) -> WebResult<Html<String>> {
+    viewer.check_csrf(&f.csrf)?;
+    s.project(&viewer.caller, &project).await?;
+    let number = |what: &str, text: &str, default: f64| -> Result<f64, String> {
+        match text.trim() {
+            "" => Ok(default),
+            t => t.parse().map_err(|_| format!("{what} `{t}` is not a number")),
+        }
+    };
+    let body = (|| -> Result<Value, String> {
+        let mut messages = Vec::new();
+        if !f.system.trim().is_empty() {
+            messages.push(json!({"role": "system", "content": f.system}));
+        }
+        messages.push(json!({"role": "user", "content": f.message}));
+        let mut body = json!({"model": f.model, "messages": messages,
+            "temperature": number("the temperature", &f.temperature, 0.0)?, "max_tokens": number("max tokens", &f.max_tokens, 128.0)? as u64});
+        if !f.schema.trim().is_empty() {
+            let schema: Value = serde_json::from_str(&f.schema).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
+            body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "playground", "schema": schema}});
+        }
+        Ok(body)
+    })();
+    let answer = match body {
+        Ok(body) => crate::inference::chat_completion(&s, &viewer.caller, body).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let ctx = match answer {
+        Ok(v) => minijinja::context! { ok => true, choice => v["choices"][0], usage => v["usage"], model => v["model"] },
+        Err(e) => minijinja::context! { ok => false, error => e },
+    };
+    render("playground_result.html", ctx)
+}
+
+async fn page(s: &Arc<AppState>, viewer: &Viewer, project: &str, deploy_error: Option<String>) -> WebResult<Html<String>> {
+    let p = s.project(&viewer.caller, project).await?;
     let mut trained = Vec::new();
     for kind in ["train", "demo"] {
         trained.extend(s.db.jobs(&p.id, Some(kind), None, 100).await?.into_iter().filter(|j| j.state.as_str() == "succeeded"));
     }
     trained.sort_by_key(|j| std::cmp::Reverse(j.finished_at));
+    let fine_tunes: Vec<String> = trained.iter().filter_map(|j| servable_adapter(s, j).map(|(base, _)| format!("ft:{base}:{}:{}", p.name, j.id))).collect();
     let exports: Vec<_> = s.db.jobs(&p.id, Some("export"), None, 100).await?.into_iter().filter(|j| j.state.as_str() == "succeeded").collect();
     // The lineage each run wrote beside its adapter (`run.json`), read off the async threads.
     let adapters = tokio::task::spawn_blocking(move || {
@@ -49,5 +152,20 @@ async fn models(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): P
     .map_err(|e| super::WebError::internal(&e.to_string()))?;
     let mut adapters = Value::Array(adapters);
     s.redact_json(&mut adapters);
-    render("models.html", page_ctx(frame(&viewer, Some(&p), "models"), minijinja::context! { adapters => adapters }))
+    // Each alias with its last versions, newest first.
+    let mut deployments = Vec::new();
+    for d in s.db.deployments(&p.id).await? {
+        let history: Vec<Value> = s.db.deployment_history(&p.id, &d.name).await?.iter().take(6).map(|h| shown(&p, h)).collect();
+        deployments.push(json!({"current": shown(&p, &d), "history": history}));
+    }
+    // What the playground can ask: aliases, the adapters by their fine-tune id, the bases.
+    let mut servable: Vec<String> = deployments.iter().filter_map(|d| d["current"]["model_id"].as_str().map(String::from)).collect();
+    servable.extend(fine_tunes);
+    let mut bases: Vec<String> = s.config.models.keys().cloned().collect();
+    bases.sort();
+    servable.extend(bases.iter().cloned());
+    render(
+        "models.html",
+        page_ctx(frame(viewer, Some(&p), "models"), minijinja::context! { adapters => adapters, deployments => deployments, servable => servable, bases => bases, deploy_error => deploy_error }),
+    )
 }

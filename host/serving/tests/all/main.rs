@@ -194,6 +194,23 @@ fn requests_that_cannot_run_are_refused_with_the_reason() {
 }
 
 #[test]
+fn an_adapter_trained_under_another_chat_template_is_refused() {
+    let t = tiny();
+    let s = Scheduler::start(t.model.clone(), ServeConfig::default());
+    let adapter = &t.adapters[0];
+    // No training record (an imported PEFT folder): served.
+    assert_eq!(collect(s.submit(request(prompt(1, 4), greedy(2), Some(adapter))).unwrap()).ids.len(), 2);
+    let record = |sha: &str| std::fs::write(adapter.dir.join("run.json"), serde_json::json!({ "tokenizer_template_sha256": sha }).to_string()).unwrap();
+    record(&lathe_serving::template_sha256(&t.model.tokenizer));
+    assert_eq!(collect(s.submit(request(prompt(1, 4), greedy(2), Some(adapter))).unwrap()).ids.len(), 2);
+    let mut other = t.model.tokenizer.clone();
+    other.chat_template = Some("{% for m in messages %}{{ m.content }}{% endfor %}".into());
+    record(&lathe_serving::template_sha256(&other));
+    let refused = s.submit(request(prompt(1, 4), greedy(2), Some(adapter))).unwrap_err();
+    assert!(matches!(&refused, ServeError::Invalid(m) if m.contains("adapter `adapter-1` was trained with the chat template")), "{refused}");
+}
+
+#[test]
 fn logprobs_are_a_distribution_and_greedy_picks_the_best() {
     let t = tiny();
     let s = Scheduler::start(t.model.clone(), ServeConfig::default());
