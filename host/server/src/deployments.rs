@@ -130,13 +130,44 @@ pub async fn deploy(s: &AppState, caller: &Caller, p: &Project, b: NewDeploy) ->
         .await?)
 }
 
-/// What an alias serves and its history, newest first.
-#[utoipa::path(get, path = "/api/v1/projects/{project}/deployments/{name}", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, description = "current version and history")))]
+/// What a deployed version is made of, from the immutable records behind it: the base
+/// model and its sha256, the adapter, the dataset version and chat-template hashes its
+/// training wrote beside it (`run.json`), the eval run whose gate it passed with that run's
+/// primary metric, and the plugin hashes the training and the eval pinned.
+async fn version(s: &AppState, p: &Project, d: &Deployment) -> ApiResult<Value> {
+    let mut v = json!({"base_model": d.model, "adapter_job": d.job_id, "eval_job": d.eval_job_id, "forced": d.forced});
+    if let Some(j) = &d.job_id {
+        let job = s.db.job(&p.id, j).await?;
+        v["training_plugins"] = json!(job.plugins);
+        if let Some((_, dir)) = servable_adapter(s, &job) {
+            let run: Value = tokio::fs::read_to_string(dir.join("run.json")).await.ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
+            for key in ["base_model_sha256", "dataset", "chat_template_sha256", "tokenizer_template_sha256"] {
+                v[key] = run[key].clone();
+            }
+            v["adapter"] = json!(s.redact(&dir.display().to_string()));
+        }
+    }
+    if let Some(e) = &d.eval_job_id {
+        let eval = s.db.job(&p.id, e).await?;
+        v["eval_plugins"] = json!(eval.plugins);
+        v["eval_data"] = eval.spec["data"].clone();
+        v["eval_suite"] = eval.spec["suite"]["name"].clone();
+        if let Some(run) = eval.outcome.as_ref().map(|o| &o["run"]) {
+            v["passed_gate"] = run["passed_gate"].clone();
+        }
+    }
+    Ok(v)
+}
+
+/// What an alias serves (with what that version is made of) and its history, newest first.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/deployments/{name}", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, description = "current version with its lineage, and history")))]
 async fn get_deployment(State(s): State<Arc<AppState>>, caller: Caller, Path((project, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let p = s.project(&caller, &project).await?;
     let current = s.db.deployment(&p.id, &name).await?;
     let history: Vec<Value> = s.db.deployment_history(&p.id, &name).await?.iter().map(|d| shown(&p, d)).collect();
-    Ok(Json(json!({"current": shown(&p, &current), "history": history})))
+    let mut current_v = shown(&p, &current);
+    current_v["version"] = version(&s, &p, &current).await?;
+    Ok(Json(json!({"current": current_v, "history": history})))
 }
 
 /// Serves the previous version again. Requests already running finish on the version

@@ -4,7 +4,8 @@
 //! the same prompts again through N adapters over the base (request i through adapter
 //! i mod N), against the base alone. With `--json-schema`, the same prompts again with
 //! every answer constrained to the invoice suite's JSON Schema, against the unconstrained
-//! run.
+//! run. With `--anchor-url`, the same prompt texts again through another OpenAI-compatible
+//! server (llama.cpp's, `scripts/anchor_llamacpp.sh serve`) from the same clients.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +48,11 @@ pub struct ServeBench {
     /// Also run every level with each answer constrained to the invoice JSON Schema.
     #[arg(long)]
     json_schema: bool,
+    /// Also replay the prompts (as text, greedy, the same token budget) against this
+    /// OpenAI-compatible server's `/v1/completions`, e.g. `http://127.0.0.1:8091` for
+    /// `scripts/anchor_llamacpp.sh serve`.
+    #[arg(long)]
+    anchor_url: Option<String>,
     /// Skip the static-batch reference.
     #[arg(long)]
     no_reference: bool,
@@ -114,6 +120,37 @@ fn replay(s: &Scheduler, prompts: &[Vec<u32>], adapters: &[AdapterRef], schema: 
     Ok((timings.into_iter().flatten().collect(), start.elapsed()))
 }
 
+/// Replays prompt texts against an OpenAI-compatible server from `c` closed-loop clients;
+/// returns the completion tokens it reported, the prompt tokens it counted, and the wall
+/// time.
+fn replay_http(url: &str, texts: &[String], max_tokens: usize, c: usize) -> Result<(usize, usize, Duration)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    let counts = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..c)
+            .map(|_| {
+                scope.spawn(|| -> Result<(usize, usize)> {
+                    let (mut out, mut prompt) = (0, 0);
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(text) = texts.get(i) else { return Ok((out, prompt)) };
+                        let body = json!({"model": "anchor", "prompt": text, "max_tokens": max_tokens, "temperature": 0});
+                        let r: serde_json::Value = ureq::post(&format!("{url}/v1/completions"))
+                            .send_json(body)
+                            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
+                            .into_json()?;
+                        out += r["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                        prompt += r["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("client thread")).collect::<Result<Vec<_>>>()
+    })?;
+    let (out, prompt) = counts.into_iter().fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+    Ok((out, prompt, start.elapsed()))
+}
+
 pub fn serve(a: ServeBench) -> Result<()> {
     use lathe_jobs::eval::{Item, render_messages};
     let device = a.compute.setup()?;
@@ -171,6 +208,19 @@ pub fn serve(a: ServeBench) -> Result<()> {
             let (t, wall) = replay(&s, &prompts, &adapters, None, &params, c.max(1))?;
             Some(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
         };
+        let anchor = match &a.anchor_url {
+            Some(url) => {
+                // The same prompts as text: the chat template rendered, special tokens kept.
+                let texts: Vec<String> = prompts.iter().map(|p| m.tokenizer.decode(p, false)).collect::<Result<_, _>>()?;
+                let (tokens, prompt_tokens, wall) = replay_http(url, &texts, a.max_tokens, c.max(1))?;
+                let own: usize = prompts.iter().map(Vec::len).sum();
+                if prompt_tokens != own {
+                    eprintln!("note: the anchor counted {prompt_tokens} prompt tokens where Lathe has {own}");
+                }
+                Some(tokens as f64 / wall.as_secs_f64())
+            }
+            None => None,
+        };
         let constrained = if a.json_schema {
             let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
             // Compiled once before the clock starts, as a server that has seen the schema.
@@ -188,7 +238,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
             println!("{}", json!({"bench": "serve", "concurrency": c, "requests": t.len(), "req_per_s": req_s, "output_tokens_per_s": tok_s,
                 "ttft_ms": {"p50": percentile(ttft.clone(), 0.5), "p99": tt99}, "tpot_ms": {"p50": percentile(tpot.clone(), 0.5), "p99": tp99},
                 "e2e_ms": {"p50": percentile(e2e.clone(), 0.5), "p99": percentile(e2e, 0.99)}, "static_batch_tokens_per_s": reference,
-                "adapters": a.adapters, "adapters_tokens_per_s": with_adapters, "json_schema_tokens_per_s": constrained,
+                "adapters": a.adapters, "adapters_tokens_per_s": with_adapters, "json_schema_tokens_per_s": constrained, "anchor_tokens_per_s": anchor,
                 "prefix_hits": s.metrics().prefix_hits.load(std::sync::atomic::Ordering::Relaxed), "threads": rayon::current_num_threads()}));
         } else {
             println!(
@@ -202,6 +252,9 @@ pub fn serve(a: ServeBench) -> Result<()> {
             );
             if let Some(w) = with_adapters {
                 println!("     through {} adapters (rank {}): {w:.1} tok/s, {:.2}x the base", a.adapters, a.adapter_rank, w / tok_s);
+            }
+            if let Some(w) = anchor {
+                println!("     the anchor server, same clients: {w:.1} tok/s; Lathe {:.2}x", tok_s / w);
             }
             if let Some(w) = constrained {
                 println!("     constrained to the invoice JSON Schema: {w:.1} tok/s, {:.2}x unconstrained", w / tok_s);

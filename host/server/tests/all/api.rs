@@ -344,6 +344,15 @@ async fn deploy_and_roll_back(s: &Server, project: &str, token: &str, train_id: 
     let (status, v2) = s.call(Method::POST, &deployments, t, Some(json!({"name": "prod", "job_id": train_id}))).await;
     assert_eq!(status, StatusCode::CREATED, "{v2}");
     assert_eq!((v2["eval_job_id"].as_str(), v2["forced"].as_bool()), (eval["id"].as_str(), Some(false)), "{v2}");
+    // The registry's view of the version: what it is made of.
+    let (_, prod) = s.call(Method::GET, &format!("{deployments}/prod"), t, None).await;
+    let v = &prod["current"]["version"];
+    assert_eq!((v["adapter_job"].as_str(), v["eval_job"].as_str(), v["passed_gate"].as_bool()), (Some(train_id), eval["id"].as_str(), Some(true)), "{prod}");
+    for key in ["base_model_sha256", "dataset", "chat_template_sha256", "tokenizer_template_sha256"] {
+        assert_eq!(v[key].as_str().map(str::len), Some(64), "{key}: {v}");
+    }
+    assert_eq!((v["eval_suite"].as_str(), v["eval_data"].as_str()), (Some("words-lenient"), Some("words.heldout")), "{v}");
+    assert!(v["training_plugins"].is_object() && v["eval_plugins"].is_object(), "{v}");
     let (status, forced) = s.call(Method::POST, &deployments, t, Some(json!({"name": "canary", "job_id": train_id, "force": true}))).await;
     assert_eq!(status, StatusCode::CREATED, "{forced}");
 

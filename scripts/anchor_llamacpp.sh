@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The llama.cpp anchor, as its PyPI package builds it: makes .venv-anchors with
+# llama-cpp-python (compiled from source here, about ten minutes on two cores) and its
+# OpenAI-compatible server. Used by scripts/bench_llamacpp.py (generation) and by
+# `lathe bench serve --anchor-url` against `scripts/anchor_llamacpp.sh serve`.
+#
+#   scripts/anchor_llamacpp.sh                 # install (once)
+#   scripts/anchor_llamacpp.sh serve [PORT]    # llama.cpp's server on SmolLM2, 2 threads
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv-anchors
+if ! "$VENV/bin/python" -c "import llama_cpp.server" >/dev/null 2>&1; then
+    python3 -m venv "$VENV"
+    # AVX2 kernels, as on every machine this project runs on; no OpenMP (its threads
+    # would fight the given thread count).
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF" \
+        "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36" numpy
+fi
+if [ "${1:-}" = serve ]; then
+    # One slot, as its server has: requests are answered one after another.
+    exec "$VENV/bin/python" -m llama_cpp.server --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --n_threads 2 --n_threads_batch 2 --n_ctx 2048 --port "${2:-8091}" --host 127.0.0.1
+fi
