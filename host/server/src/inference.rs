@@ -45,7 +45,8 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
 /// The schedulers this server runs, by base model name, started on first use.
 pub struct Serving {
     config: ServeConfig,
-    started: tokio::sync::Mutex<HashMap<String, Arc<Scheduler>>>,
+    /// One cell per base model: a model loading does not hold up requests for another.
+    started: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Scheduler>>>>>,
     /// Validators by the eval job that gated a deployment, loaded on first use.
     validators: tokio::sync::Mutex<HashMap<String, Option<Arc<Validator>>>>,
 }
@@ -116,26 +117,26 @@ impl Serving {
 
     /// The scheduler of a configured base model, loading the model the first time.
     async fn scheduler(&self, s: &AppState, base: &str) -> ApiResult<Arc<Scheduler>> {
-        let mut started = self.started.lock().await;
-        if let Some(sch) = started.get(base) {
-            return Ok(sch.clone());
-        }
         let path = s.model(base)?.to_path_buf();
-        let device = lathe_engine::device::parse_device(&s.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let config = self.config.clone();
-        let sch = tokio::task::spawn_blocking(move || lathe_engine::load(&path, &device).map(|m| Scheduler::start(Arc::new(m), config)))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(format!("loading model `{base}`: {e}")))?;
-        let sch = Arc::new(sch);
-        started.insert(base.to_string(), sch.clone());
-        Ok(sch)
+        let cell = self.started.lock().await.entry(base.to_string()).or_default().clone();
+        let sch = cell
+            .get_or_try_init(|| async {
+                let device = lathe_engine::device::parse_device(&s.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let config = self.config.clone();
+                let sch = tokio::task::spawn_blocking(move || lathe_engine::load(&path, &device).map(|m| Scheduler::start(Arc::new(m), config)))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(|e| ApiError::Internal(format!("loading model `{base}`: {e}")))?;
+                Ok::<_, ApiError>(Arc::new(sch))
+            })
+            .await?;
+        Ok(sch.clone())
     }
 
     /// Prometheus text of every started scheduler.
     pub async fn metrics(&self) -> String {
         let started = self.started.lock().await;
-        let mut models: Vec<(&str, &lathe_serving::Metrics)> = started.iter().map(|(name, sch)| (name.as_str(), &**sch.metrics())).collect();
+        let mut models: Vec<(&str, &lathe_serving::Metrics)> = started.iter().filter_map(|(name, cell)| Some((name.as_str(), &**cell.get()?.metrics()))).collect();
         models.sort_by_key(|(name, _)| *name);
         lathe_serving::metrics::render(&models)
     }
