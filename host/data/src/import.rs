@@ -766,7 +766,11 @@ impl RecordFormatter for AutoDetect {
                 f
             }
             (None, None) => {
-                return Err(RecordError::whole(Problem::UnknownFormat { keys: obj.keys().cloned().collect() }));
+                // Sorted: serde_json's map keeps document order in builds where another
+                // crate (llguidance) turns on `preserve_order`.
+                let mut keys: Vec<String> = obj.keys().cloned().collect();
+                keys.sort();
+                return Err(RecordError::whole(Problem::UnknownFormat { keys }));
             }
             (Some(d), Some(f)) if *d != f => {
                 return Err(RecordError::whole(Problem::FormatMismatch {
