@@ -47,8 +47,9 @@ pub struct Serving {
     config: ServeConfig,
     /// One cell per base model: a model loading does not hold up requests for another.
     started: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Scheduler>>>>>,
-    /// Validators by the eval job that gated a deployment, loaded on first use.
-    validators: tokio::sync::Mutex<HashMap<String, Option<Arc<Validator>>>>,
+    /// Validators by the eval job that gated a deployment, loaded on first use (a cell
+    /// each, as the schedulers).
+    validators: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Option<Arc<Validator>>>>>>,
 }
 
 /// The validator plugin of a deployment's gating eval suite, as that eval ran it.
@@ -93,10 +94,12 @@ impl Serving {
 
     /// The validator the eval job `eval_job_id` ran with, if its suite has one.
     async fn validator(&self, s: &AppState, project_id: &str, eval_job_id: &str) -> ApiResult<Option<Arc<Validator>>> {
-        let mut held = self.validators.lock().await;
-        if let Some(v) = held.get(eval_job_id) {
-            return Ok(v.clone());
-        }
+        let cell = self.validators.lock().await.entry(eval_job_id.to_string()).or_default().clone();
+        let v = cell.get_or_try_init(|| Self::load_validator(s, project_id, eval_job_id)).await?;
+        Ok(v.clone())
+    }
+
+    async fn load_validator(s: &AppState, project_id: &str, eval_job_id: &str) -> ApiResult<Option<Arc<Validator>>> {
         let job = s.db.job(project_id, eval_job_id).await?;
         let suite: lathe_jobs::eval::Suite = serde_json::from_value(job.spec["suite"].clone()).map_err(|e| ApiError::Internal(format!("eval job `{eval_job_id}`'s suite: {e}")))?;
         let v = match suite.validator {
@@ -111,7 +114,6 @@ impl Serving {
                 Some(Arc::new(Validator { sha256: job.plugins.get(&r.plugin).cloned(), name: r.plugin, config: r.config.to_string(), plugin }))
             }
         };
-        held.insert(eval_job_id.to_string(), v.clone());
         Ok(v)
     }
 
