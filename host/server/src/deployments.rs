@@ -130,6 +130,12 @@ pub async fn deploy(s: &AppState, caller: &Caller, p: &Project, b: NewDeploy) ->
         .await?)
 }
 
+/// The record a training run wrote beside its adapter (`run.json`: base model and its
+/// sha256, dataset version, chat-template hashes, settings); null when there is none.
+pub fn run_record(adapter_dir: &std::path::Path) -> Value {
+    std::fs::read_to_string(adapter_dir.join("run.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
+}
+
 /// What a deployed version is made of, from the immutable records behind it: the base
 /// model and its sha256, the adapter, the dataset version and chat-template hashes its
 /// training wrote beside it (`run.json`), the eval run whose gate it passed with that run's
@@ -140,7 +146,8 @@ async fn version(s: &AppState, p: &Project, d: &Deployment) -> ApiResult<Value> 
         let job = s.db.job(&p.id, j).await?;
         v["training_plugins"] = json!(job.plugins);
         if let Some((_, dir)) = servable_adapter(s, &job) {
-            let run: Value = tokio::fs::read_to_string(dir.join("run.json")).await.ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
+            let record_dir = dir.clone();
+            let run = tokio::task::spawn_blocking(move || run_record(&record_dir)).await.unwrap_or(Value::Null);
             for key in ["base_model_sha256", "dataset", "chat_template_sha256", "tokenizer_template_sha256"] {
                 v[key] = run[key].clone();
             }

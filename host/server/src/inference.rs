@@ -386,8 +386,8 @@ pub async fn chat_completion(s: &AppState, caller: &Caller, body: Value) -> ApiR
     let mut b: ChatBody = serde_json::from_value(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
     b.common.stream = false;
     let (reply, prompts, submit) = chat(s, caller, b).await?;
-    let events = submit_all(&reply, prompts, submit).await?;
-    whole(reply, events.0, events.1).await
+    let (choices, events) = submit_all(&reply, prompts, submit).await?;
+    whole(reply, choices, events).await
 }
 
 /// A chat request checked and resolved: the reply's frame, one prompt per choice, and

@@ -5,7 +5,7 @@
 //!
 //! One [`Grammars`] per model holds llguidance's view of the vocabulary (every token's
 //! bytes, built from the model's own tokenizer) and the compiled schemas, cached by their
-//! canonical text so a schema that many requests share is compiled once.
+//! text so a schema that many requests share is compiled once.
 //!
 //! Separators are fixed (`", "` and `": "`, no free whitespace): a small model offered
 //! free whitespace inside a document can spend its whole budget on newlines.
@@ -24,7 +24,7 @@ const CACHED_SCHEMAS: usize = 64;
 /// llguidance's view of a model's vocabulary, and the schemas compiled against it.
 pub struct Grammars {
     factory: ParserFactory,
-    /// Canonical schema text → a matcher at its start, most recently used last.
+    /// Schema text → a matcher at its start, most recently used last.
     cache: Mutex<Vec<(String, Matcher)>>,
 }
 

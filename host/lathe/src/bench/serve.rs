@@ -180,6 +180,17 @@ pub fn serve(a: ServeBench) -> Result<()> {
         println!("{:>4} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7}", "c", "req/s", "out tok/s", "ttft p50", "ttft p99", "tpot p50", "tpot p99", "e2e p50", "e2e p99", "static t/s", "ratio");
     }
     let mut best_ok: Option<(usize, f64)> = None;
+    // Output tokens/s of the prompts through a fresh scheduler, each request through its
+    // adapter (i mod N) and under `schema`, for the comparisons beside each level.
+    let throughput = |c: usize, adapters: &[AdapterRef], schema: Option<&serde_json::Value>| -> Result<f64> {
+        let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c, max_loras: adapters.len().max(1), ..ServeConfig::default() });
+        if let Some(schema) = schema {
+            // Compiled once before the clock starts, as a server that has seen the schema.
+            s.grammars()?.matcher(schema).map_err(anyhow::Error::msg)?;
+        }
+        let (t, wall) = replay(&s, &prompts, adapters, schema, &params, c)?;
+        Ok(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
+    };
     for &c in &a.concurrency {
         // A fresh scheduler per level: the prefix cache starts empty each time.
         let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
@@ -201,13 +212,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
             }
             Some(n as f64 / start.elapsed().as_secs_f64())
         };
-        let with_adapters = if adapters.is_empty() {
-            None
-        } else {
-            let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), max_loras: adapters.len(), ..ServeConfig::default() });
-            let (t, wall) = replay(&s, &prompts, &adapters, None, &params, c.max(1))?;
-            Some(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
-        };
+        let with_adapters = if adapters.is_empty() { None } else { Some(throughput(c.max(1), &adapters, None)?) };
         let anchor = match &a.anchor_url {
             Some(url) => {
                 // The same prompts as text: the chat template rendered, special tokens kept.
@@ -221,15 +226,7 @@ pub fn serve(a: ServeBench) -> Result<()> {
             }
             None => None,
         };
-        let constrained = if a.json_schema {
-            let s = Scheduler::start(m.clone(), ServeConfig { max_seqs: c.max(1), ..ServeConfig::default() });
-            // Compiled once before the clock starts, as a server that has seen the schema.
-            s.grammars()?.matcher(&schema).map_err(anyhow::Error::msg)?;
-            let (t, wall) = replay(&s, &prompts, &[], Some(&schema), &params, c.max(1))?;
-            Some(t.iter().map(|t| t.tokens).sum::<usize>() as f64 / wall.as_secs_f64())
-        } else {
-            None
-        };
+        let constrained = if a.json_schema { Some(throughput(c.max(1), &[], Some(&schema))?) } else { None };
         let (tp99, tt99) = (percentile(tpot.clone(), 0.99), percentile(ttft.clone(), 0.99));
         if tp99 <= a.tpot_target_ms as f64 && tt99 <= a.ttft_target_ms as f64 && best_ok.is_none_or(|(_, r)| req_s > r) {
             best_ok = Some((c, req_s));

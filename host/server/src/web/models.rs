@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Pages, Viewer, WebResult, frame, page_ctx, render, see_other};
-use crate::deployments::{NewDeploy, deploy, servable_adapter, shown};
+use crate::deployments::{NewDeploy, deploy, run_record, servable_adapter, shown};
 use crate::state::AppState;
 
 pub fn routes(pages: Pages) -> Pages {
@@ -29,17 +29,14 @@ async fn models(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): P
     page(&s, &viewer, &project, None).await
 }
 
-#[derive(Deserialize)]
+/// Every field optional: a missing one reads as empty, and the handler says what is wrong.
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct DeployForm {
-    #[serde(default)]
     csrf: String,
-    #[serde(default)]
     name: String,
-    #[serde(default)]
     job_id: String,
-    #[serde(default)]
     model: String,
-    #[serde(default)]
     force: Option<String>,
 }
 
@@ -64,22 +61,17 @@ async fn rollback_form(State(s): State<Arc<AppState>>, viewer: Viewer, Path((pro
     }
 }
 
-#[derive(Deserialize)]
+/// Every field optional: a missing one reads as empty, and the handler says what is wrong.
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct PlaygroundForm {
-    #[serde(default)]
     csrf: String,
-    #[serde(default)]
     model: String,
-    #[serde(default)]
     system: String,
-    #[serde(default)]
     message: String,
     /// A JSON Schema the answer must match (empty: free text).
-    #[serde(default)]
     schema: String,
-    #[serde(default)]
     temperature: String,
-    #[serde(default)]
     max_tokens: String,
 }
 
@@ -133,11 +125,7 @@ async fn page(s: &Arc<AppState>, viewer: &Viewer, project: &str, deploy_error: O
             .into_iter()
             .map(|job| {
                 let dir = job.outcome.as_ref().and_then(|o| o["adapter_dir"].as_str()).map(std::path::PathBuf::from);
-                let run: Value = dir
-                    .as_ref()
-                    .and_then(|d| std::fs::read_to_string(d.join("run.json")).ok())
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or(Value::Null);
+                let run = dir.as_deref().map_or(Value::Null, run_record);
                 let exported: Vec<Value> = exports
                     .iter()
                     .filter(|e| dir.as_ref().is_some_and(|d| e.spec["adapter"].as_str() == Some(&d.display().to_string())))
