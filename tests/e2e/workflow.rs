@@ -244,7 +244,7 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
     ]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
-    for stage in ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"] {
+    for stage in ["1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7"] {
         assert!(text.contains(&format!("== {stage}")), "{text}");
     }
     assert!(text.contains("verdict: BETTER"), "{text}");
@@ -261,9 +261,21 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
     let metric = |i: usize| runs[i]["metrics"]["json-field-match"]["mean"].as_f64().unwrap();
     assert!(metric(1) > metric(0), "fine-tune {} vs baseline {}", metric(1), metric(0));
     assert_eq!(report["comparison"]["comparison"]["verdict"], "better");
+    // The fine-tune merged and quantized: int8 and int4 each evaluated on the same items,
+    // and what each step cost.
+    let labels: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["base + best prompt", "fine-tune", "fine-tune int8 (Q8_0)", "fine-tune int4 (Q4_1)"], "{report}");
+    let steps: Vec<&str> = report["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["fine-tune", "quantize to int8 (Q8_0)", "quantize to int4 (Q4_1)"], "{report}");
+    assert!(metric(2) > metric(0), "int8 keeps the fine-tune's lead over the prompt: {} vs {}", metric(2), metric(0));
+    let bytes = |i: usize| runs[i]["weights"]["bytes"].as_u64().unwrap();
+    assert!(bytes(3) < bytes(2) && runs[1]["weights"]["adapter_bytes"].as_u64().unwrap() > 0, "{report}");
+    for i in 2..4 {
+        assert!(runs[i]["passed_gate"].is_boolean() && runs[i]["adapter"].is_null(), "{}", runs[i]);
+    }
     assert!(!report["training"].as_array().unwrap().is_empty());
     let html = std::fs::read_to_string(report_json.with_extension("html")).unwrap();
-    assert!(html.contains("<svg") && !html.contains("<script"));
+    assert!(html.contains("<svg") && !html.contains("<script") && html.contains("What each step costs"));
     assert!(std::fs::read_dir(project_dir.join("runs")).unwrap().next().is_some());
     assert!(std::fs::read_dir(project_dir.join("datasets")).unwrap().count() >= 3, "import, curate and split versions");
 }

@@ -446,6 +446,19 @@ impl GgufFile {
         &self.bytes[info.start..info.start + info.len]
     }
 
+    /// The type most of the matrices' values are stored in: what a file is called
+    /// (`Q4_1` for a "Q4_1 GGUF" whose embeddings may be Q8_0). None without matrices.
+    pub fn weight_type(&self) -> Option<GgmlType> {
+        let mut counts: Vec<(GgmlType, usize)> = Vec::new();
+        for t in self.tensors.iter().filter(|t| t.shape.len() == 2) {
+            match counts.iter_mut().find(|(ty, _)| *ty == t.dtype) {
+                Some((_, n)) => *n += t.numel(),
+                None => counts.push((t.dtype, t.numel())),
+            }
+        }
+        counts.into_iter().max_by_key(|&(_, n)| n).map(|(ty, _)| ty)
+    }
+
     /// A tensor dequantized to f32, with its shape (outermost first).
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.tensor_info(name).ok_or_else(|| EngineError::Missing {

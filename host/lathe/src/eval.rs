@@ -123,6 +123,11 @@ pub struct ReportArgs {
     /// Generated arithmetic items in the regression pack (with --forgetting).
     #[arg(long, default_value_t = 20)]
     arithmetic: usize,
+    /// A run of the candidate's export (`lathe export --format gguf-q8_0` or `gguf-q4_1`,
+    /// then `lathe eval run --model` on it) on the same items; repeat for each. The
+    /// report shows what each step costs: base with its best prompt, fine-tune, each variant.
+    #[arg(long = "variant")]
+    variants: Vec<PathBuf>,
     #[command(flatten)]
     compute: Compute,
     #[command(flatten)]
@@ -195,6 +200,7 @@ fn report(a: ReportArgs) -> Result<()> {
         margin: a.margin,
         out: Some(a.out),
         forgetting: a.forgetting.then_some(ForgettingSpec { arithmetic: a.arithmetic, ..ForgettingSpec::default() }),
+        variants: a.variants.iter().map(|v| v.display().to_string()).collect(),
     };
     let out = run_job(&a.compute.env(&a.dir)?, &spec, pipeline::eval::report)?;
     println!("report {} and {}", out.json.display(), out.html.display());

@@ -597,10 +597,17 @@ pub enum JobRequest {
         limit: Option<usize>,
     },
     EvalRun {
-        model: String,
+        /// A configured base model (with `adapter_job`, the one it was trained on).
+        #[serde(default)]
+        model: Option<String>,
         /// A succeeded training job whose adapter to evaluate.
         #[serde(default)]
         adapter_job: Option<String>,
+        /// A succeeded export job whose merged weights (int8 `gguf-q8_0`, int4
+        /// `gguf-q4_1`, ...) to evaluate, instead of `model`: the gate a quantized variant
+        /// must pass before it is deployed.
+        #[serde(default)]
+        export_job: Option<String>,
         suite: String,
         data: String,
         #[serde(default)]
@@ -629,6 +636,10 @@ pub enum JobRequest {
         /// defaults): the report then carries the forgetting verdict.
         #[serde(default)]
         forgetting: Option<ForgettingSpec>,
+        /// Runs of the candidate's exports (its int8 and int4 variants) on the same items:
+        /// the report shows what each step costs.
+        #[serde(default)]
+        variants: Vec<String>,
     },
     /// The regression pack (general ability) on the base model and a trained adapter: did
     /// the fine-tune forget?
@@ -675,6 +686,15 @@ async fn trained_adapter(s: &AppState, project_id: &str, job_id: &str) -> ApiRes
     Ok(dir.into())
 }
 
+/// The merged weights a succeeded export job wrote (not a `peft` copy of the adapter).
+async fn merged_export(s: &AppState, project_id: &str, job_id: &str) -> ApiResult<std::path::PathBuf> {
+    let job = s.db.job(project_id, job_id).await?;
+    match crate::deployments::Servable::of(s, &job) {
+        Some(crate::deployments::Servable::Merged { path, .. }) => Ok(path),
+        _ => Err(ApiError::bad(format!("job `{job_id}` is not a succeeded export job of a merged model (format gguf-q8_0, gguf-q4_1, gguf-f16 or hf)"))),
+    }
+}
+
 impl JobRequest {
     /// The pipeline job this request asks for; `job_id` names its output folders.
     pub async fn into_job(self, s: &AppState, project_id: &str, job_id: &str) -> ApiResult<Job> {
@@ -690,19 +710,26 @@ impl JobRequest {
             JobRequest::EvalBaseline { model: m, suite, data, train, limit } => {
                 Job::EvalBaseline(BaselineSpec { model: model(&m)?, suite: load_suite(s, project_id, &suite).await?, data, train, limit })
             }
-            JobRequest::EvalRun { model: m, adapter_job, suite, data, template, shots, train, limit } => {
-                let adapter = match adapter_job {
-                    Some(j) => Some(trained_adapter(s, project_id, &j).await?),
-                    None => None,
+            JobRequest::EvalRun { model: m, adapter_job, export_job, suite, data, template, shots, train, limit } => {
+                let (model, adapter) = match (m, adapter_job, export_job) {
+                    (Some(m), None, None) => (model(&m)?, None),
+                    (Some(m), Some(j), None) => (model(&m)?, Some(trained_adapter(s, project_id, &j).await?)),
+                    (None, None, Some(j)) => (merged_export(s, project_id, &j).await?, None),
+                    _ => return Err(ApiError::bad("give `model` (with `adapter_job` for a trained adapter) or `export_job` (a merged export) alone")),
                 };
-                Job::EvalRun(EvalSpec { model: model(&m)?, adapter, suite: load_suite(s, project_id, &suite).await?, data, template, shots, train, limit })
+                Job::EvalRun(EvalSpec { model, adapter, suite: load_suite(s, project_id, &suite).await?, data, template, shots, train, limit })
             }
             JobRequest::EvalCompare { baseline, candidate, metric, margin } => {
                 Job::EvalCompare(CompareSpec { baseline: run_id(&baseline)?, candidate: run_id(&candidate)?, metric, margin })
             }
-            JobRequest::EvalReport { baseline, candidate, margin, forgetting } => {
-                Job::EvalReport(ReportSpec { baseline: run_id(&baseline)?, candidate: run_id(&candidate)?, margin, out: None, forgetting })
-            }
+            JobRequest::EvalReport { baseline, candidate, margin, forgetting, variants } => Job::EvalReport(ReportSpec {
+                baseline: run_id(&baseline)?,
+                candidate: run_id(&candidate)?,
+                margin,
+                out: None,
+                forgetting,
+                variants: variants.iter().map(|v| run_id(v)).collect::<ApiResult<_>>()?,
+            }),
             JobRequest::EvalRegression { model: m, adapter_job, arithmetic, margin } => Job::EvalRegression(RegressionSpec {
                 model: model(&m)?,
                 adapter: trained_adapter(s, project_id, &adapter_job).await?,

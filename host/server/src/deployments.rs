@@ -1,9 +1,13 @@
 //! Deploy aliases: a project names the version it serves (`prod`, `staging`), and the
-//! inference API answers to `<project>/<name>`. A trained adapter is deployed only after an
-//! eval run of it passed its suite's gate on the held-out set (or with `force`, which the
-//! history records); a rollback is one call and serves the previous version again.
-//! Requests in flight finish on the version they started on: each carries its adapter.
+//! inference API answers to `<project>/<name>`. A version is a base model, a trained
+//! adapter over its base, or a merged export of one (int8 or int4 GGUF, served as a model
+//! of its own through the quantized kernels). An adapter or export is deployed only after
+//! an eval run of it passed its suite's gate on the held-out set (or with `force`, which
+//! the history records): a quantized variant must pass the gate itself. A rollback is one
+//! call and serves the previous version again. Requests in flight finish on the version
+//! they started on: each carries its adapter or scheduler.
 
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use axum::Json;
@@ -34,7 +38,8 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
 pub struct NewDeploy {
     /// The alias: served as `<project name>/<name>`.
     pub name: String,
-    /// A succeeded training job whose adapter to serve; without it, `model` alone.
+    /// A succeeded training job whose adapter to serve, or a succeeded export job whose
+    /// merged weights to serve (`gguf-q8_0`, `gguf-q4_1`, ...); without it, `model` alone.
     #[serde(default)]
     pub job_id: Option<String>,
     /// A configured base model (only without `job_id`: an adapter runs over the base it
@@ -53,22 +58,75 @@ pub fn shown(p: &Project, d: &Deployment) -> Value {
     v
 }
 
-/// The adapter folder of a succeeded training job, and the configured base it ran on.
-pub fn servable_adapter(s: &AppState, job: &JobRow) -> Option<(String, std::path::PathBuf)> {
-    if !TRAINED.contains(&job.kind.as_str()) || job.state.as_str() != "succeeded" {
-        return None;
-    }
-    let dir = job.outcome.as_ref()?["adapter_dir"].as_str()?;
-    let model = match job.kind.as_str() {
-        // The demo trains the default model.
-        "demo" => s.config.models.iter().find(|(_, p)| p.as_path() == std::path::Path::new(lathe_jobs::DEFAULT_MODEL)).map(|(n, _)| n.clone())?,
-        _ => s.redact(job.spec["model"].as_str()?).into_owned(),
-    };
-    s.config.models.contains_key(&model).then(|| (model, dir.into()))
+/// What a succeeded job left that can answer requests.
+#[derive(Debug, Clone)]
+pub enum Servable {
+    /// A LoRA adapter, run over the base model it was trained on.
+    Adapter { base: String, dir: PathBuf },
+    /// An export of an adapter merged into its base (quantized or not), run as a model of
+    /// its own.
+    Merged { base: String, path: PathBuf, format: String },
 }
 
-/// The newest succeeded eval run of `adapter` over a whole held-out set whose gate passed.
-async fn passing_eval(s: &AppState, project_id: &str, adapter: &std::path::Path) -> ApiResult<Option<String>> {
+impl Servable {
+    /// What a succeeded training job (its adapter) or export job (its merged weights)
+    /// serves, over a base model this server has; None for anything else.
+    pub fn of(s: &AppState, job: &JobRow) -> Option<Self> {
+        if job.state.as_str() != "succeeded" {
+            return None;
+        }
+        let configured = |path: &str| {
+            let name = s.redact(path).into_owned();
+            s.config.models.contains_key(&name).then_some(name)
+        };
+        match job.kind.as_str() {
+            "export" => {
+                let format = job.spec["format"].as_str()?;
+                let path = job.outcome.as_ref()?.as_str()?;
+                (format != "peft").then_some(())?;
+                Some(Self::Merged { base: configured(job.spec["model"].as_str()?)?, path: path.into(), format: format.into() })
+            }
+            kind if TRAINED.contains(&kind) => {
+                let dir = job.outcome.as_ref()?["adapter_dir"].as_str()?;
+                let base = match kind {
+                    // The demo trains the default model.
+                    "demo" => s.config.models.iter().find(|(_, p)| p.as_path() == FsPath::new(lathe_jobs::DEFAULT_MODEL)).map(|(n, _)| n.clone())?,
+                    _ => configured(job.spec["model"].as_str()?)?,
+                };
+                Some(Self::Adapter { base, dir: dir.into() })
+            }
+            _ => None,
+        }
+    }
+
+    /// The configured base model it was made from.
+    pub fn base(&self) -> &str {
+        match self {
+            Self::Adapter { base, .. } | Self::Merged { base, .. } => base,
+        }
+    }
+
+    /// The adapter folder whose `run.json` records the training: the adapter's own, or
+    /// for an export the adapter it merged (from the export job's spec).
+    fn trained_adapter(&self, job: &JobRow) -> Option<PathBuf> {
+        match self {
+            Self::Adapter { dir, .. } => Some(dir.clone()),
+            Self::Merged { .. } => job.spec["adapter"].as_str().map(PathBuf::from),
+        }
+    }
+
+    /// Whether an eval job's spec evaluated this: the adapter, or the export as a model.
+    fn evaluated_by(&self, spec: &Value) -> bool {
+        let path = |key: &str| spec[key].as_str().map(FsPath::new);
+        match self {
+            Self::Adapter { dir, .. } => path("adapter") == Some(dir),
+            Self::Merged { path: file, .. } => path("model") == Some(file) && spec["adapter"].is_null(),
+        }
+    }
+}
+
+/// The newest succeeded eval run of `what` over a whole held-out set whose gate passed.
+async fn passing_eval(s: &AppState, project_id: &str, what: &Servable) -> ApiResult<Option<String>> {
     let mut after = None;
     loop {
         let page = s.db.jobs(project_id, Some("eval_run"), after.as_deref(), 100).await?;
@@ -76,7 +134,7 @@ async fn passing_eval(s: &AppState, project_id: &str, adapter: &std::path::Path)
         after = Some(last.id.clone());
         let passed = page.iter().find(|j| {
             j.state.as_str() == "succeeded"
-                && j.spec["adapter"].as_str().map(std::path::Path::new) == Some(adapter)
+                && what.evaluated_by(&j.spec)
                 && j.spec["limit"].is_null()
                 && j.outcome.as_ref().is_some_and(|o| o["run"]["passed_gate"] == true)
         });
@@ -84,6 +142,22 @@ async fn passing_eval(s: &AppState, project_id: &str, adapter: &std::path::Path)
             return Ok(Some(j.id.clone()));
         }
     }
+}
+
+/// The training job (of the project) whose adapter is `dir`.
+async fn training_job(s: &AppState, project_id: &str, dir: &FsPath) -> ApiResult<Option<JobRow>> {
+    for kind in TRAINED {
+        let mut after = None;
+        loop {
+            let page = s.db.jobs(project_id, Some(kind), after.as_deref(), 100).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            if let Some(j) = page.into_iter().find(|j| j.outcome.as_ref().and_then(|o| o["adapter_dir"].as_str()).map(FsPath::new) == Some(dir)) {
+                return Ok(Some(j));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// What each alias of the project serves now.
@@ -114,14 +188,16 @@ pub async fn deploy(s: &AppState, caller: &Caller, p: &Project, b: NewDeploy) ->
         }
         (Some(j), None) => {
             let job = s.db.job(&p.id, j).await?;
-            let (model, adapter) = servable_adapter(s, &job).ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training job whose base model this server has")))?;
-            let eval = passing_eval(s, &p.id, &adapter).await?;
+            let what = Servable::of(s, &job)
+                .ok_or_else(|| ApiError::bad(format!("job `{j}` is not a succeeded training or export job (of a merged model) whose base model this server has")))?;
+            let eval = passing_eval(s, &p.id, &what).await?;
             if eval.is_none() && !b.force {
+                let key = if matches!(what, Servable::Merged { .. }) { "export_job" } else { "adapter_job" };
                 return Err(ApiError::bad(format!(
-                    "job `{j}` has not passed its suite's gate on the held-out set: run an `eval_run` job with `adapter_job: {j}` over the whole held-out version (its gate must pass), or deploy with `force: true`"
+                    "job `{j}` has not passed its suite's gate on the held-out set: run an `eval_run` job with `{key}: {j}` over the whole held-out version (its gate must pass), or deploy with `force: true`"
                 )));
             }
-            (model, Some(j.clone()), eval)
+            (what.base().to_string(), Some(j.clone()), eval)
         }
     };
     let forced = b.force && eval_job_id.is_none() && job_id.is_some();
@@ -137,15 +213,29 @@ pub fn run_record(adapter_dir: &std::path::Path) -> Value {
 }
 
 /// What a deployed version is made of, from the immutable records behind it: the base
-/// model and its sha256, the adapter, the dataset version and chat-template hashes its
-/// training wrote beside it (`run.json`), the eval run whose gate it passed with that run's
-/// primary metric, and the plugin hashes the training and the eval pinned.
+/// model and its sha256, the adapter (and for an export, its file and format), the dataset
+/// version and chat-template hashes its training wrote beside it (`run.json`), the eval run
+/// whose gate it passed, and the plugin hashes the training and the eval pinned.
 async fn version(s: &AppState, p: &Project, d: &Deployment) -> ApiResult<Value> {
     let mut v = json!({"base_model": d.model, "adapter_job": d.job_id, "eval_job": d.eval_job_id, "forced": d.forced});
     if let Some(j) = &d.job_id {
         let job = s.db.job(&p.id, j).await?;
-        v["training_plugins"] = json!(job.plugins);
-        if let Some((_, dir)) = servable_adapter(s, &job) {
+        let what = Servable::of(s, &job);
+        let adapter = what.as_ref().and_then(|w| w.trained_adapter(&job));
+        let mut trained = Some(job);
+        if let Some(Servable::Merged { path, format, .. }) = &what {
+            v["export_job"] = json!(j);
+            v["export_format"] = json!(format);
+            v["export"] = json!(s.redact(&path.display().to_string()));
+            // The lineage is the training's: the job whose adapter the export merged.
+            trained = match &adapter {
+                Some(dir) => training_job(s, &p.id, dir).await?,
+                None => None,
+            };
+            v["adapter_job"] = json!(trained.as_ref().map(|t| &t.id));
+        }
+        v["training_plugins"] = json!(trained.map(|t| t.plugins));
+        if let Some(dir) = adapter {
             let record_dir = dir.clone();
             let run = tokio::task::spawn_blocking(move || run_record(&record_dir)).await.unwrap_or(Value::Null);
             for key in ["base_model_sha256", "dataset", "chat_template_sha256", "tokenizer_template_sha256"] {

@@ -3,8 +3,9 @@
 //! (`lathe_serving`). A request names a base model the server was started with, a deploy
 //! alias (`<project>/<name>`, see `deployments`), or a fine-tuned model by the id the
 //! fine-tuning API gave it (`ft:<base>:<project>:<job>`); an adapter runs over the shared
-//! base. Schedulers start on first use, one per
-//! base model, and run every team's requests together; adapters come and go at run time.
+//! base. Schedulers start on first use, one per base model and one per merged export (an
+//! int8 or int4 GGUF runs through the quantized kernels), and run every team's requests
+//! together; adapters come and go at run time.
 //!
 //! A deploy alias whose gating eval suite has a validator plugin checks every answer with
 //! it (the hash the eval pinned): each choice carries `validation` (`valid`, `violations`,
@@ -37,12 +38,13 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use crate::deployments::Servable;
 
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new().routes(routes!(chat_completions)).routes(routes!(completions))
 }
 
-/// The schedulers this server runs, by base model name, started on first use.
+/// The schedulers this server runs, by model (base name or export id), started on first use.
 pub struct Serving {
     config: ServeConfig,
     /// One cell per base model: a model loading does not hold up requests for another.
@@ -117,18 +119,19 @@ impl Serving {
         Ok(v)
     }
 
-    /// The scheduler of a configured base model, loading the model the first time.
-    async fn scheduler(&self, s: &AppState, base: &str) -> ApiResult<Arc<Scheduler>> {
-        let path = s.model(base)?.to_path_buf();
-        let cell = self.started.lock().await.entry(base.to_string()).or_default().clone();
+    /// The scheduler of a model (a configured base or a merged export), loading it the
+    /// first time.
+    async fn scheduler(&self, s: &AppState, model: &Weights) -> ApiResult<Arc<Scheduler>> {
+        let cell = self.started.lock().await.entry(model.name.clone()).or_default().clone();
         let sch = cell
             .get_or_try_init(|| async {
                 let device = lathe_engine::device::parse_device(&s.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
                 let config = self.config.clone();
+                let path = model.path.clone();
                 let sch = tokio::task::spawn_blocking(move || lathe_engine::load(&path, &device).map(|m| Scheduler::start(Arc::new(m), config)))
                     .await
                     .map_err(|e| ApiError::Internal(e.to_string()))?
-                    .map_err(|e| ApiError::Internal(format!("loading model `{base}`: {e}")))?;
+                    .map_err(|e| ApiError::Internal(format!("loading model `{}`: {e}", model.name)))?;
                 Ok::<_, ApiError>(Arc::new(sch))
             })
             .await?;
@@ -144,10 +147,18 @@ impl Serving {
     }
 }
 
-/// A model a request may name, resolved: the base it runs on and its adapter.
+/// The weights a scheduler runs: a configured base model, or a merged export (named by
+/// its fine-tune id, which is also its `model_name` in `/metrics`).
+#[derive(Clone)]
+struct Weights {
+    name: String,
+    path: std::path::PathBuf,
+}
+
+/// A model a request may name, resolved: the weights it runs on and its adapter.
 struct Served {
     name: String,
-    base: String,
+    weights: Weights,
     adapter: Option<AdapterRef>,
     /// A deployment's validator.
     validator: Option<Arc<Validator>>,
@@ -157,11 +168,16 @@ fn model_not_found(name: &str) -> ApiError {
     ApiError::field(StatusCode::NOT_FOUND, format!("The model `{name}` does not exist or you do not have access to it."), "model", Some("model_not_found"))
 }
 
+fn base_weights(s: &AppState, base: &str) -> ApiResult<Weights> {
+    Ok(Weights { name: base.into(), path: s.model(base)?.to_path_buf() })
+}
+
 /// A base model by name, a deploy alias (`<project>/<name>`: the version it serves now),
-/// or a fine-tuned model (`ft:<base>:<project>:<job>`), of the caller's team.
+/// or a fine-tuned model (`ft:<base>:<project>:<job>`: a training job's adapter, or an
+/// export job's merged weights), of the caller's team.
 async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served> {
     if s.config.models.contains_key(name) {
-        return Ok(Served { name: name.into(), base: name.into(), adapter: None, validator: None });
+        return Ok(Served { name: name.into(), weights: base_weights(s, name)?, adapter: None, validator: None });
     }
     let project = |pname: &str| {
         let pname = pname.to_string();
@@ -180,24 +196,23 @@ async fn resolve(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Served>
             validator = s.serving.validator(s, &p.id, e).await?;
         }
         match d.job_id {
-            None => return Ok(Served { name: name.into(), base: d.model, adapter: None, validator }),
+            None => return Ok(Served { name: name.into(), weights: base_weights(s, &d.model)?, adapter: None, validator }),
             Some(j) => (j, None, p),
         }
     } else {
         return Err(model_not_found(name));
     };
     let Ok(job) = s.db.job(&p.id, &job_id).await else { return Err(model_not_found(name)) };
-    let Some((trained_on, dir)) = crate::deployments::servable_adapter(s, &job) else { return Err(model_not_found(name)) };
-    if base.is_some_and(|b| b != trained_on) {
+    let Some(what) = Servable::of(s, &job) else { return Err(model_not_found(name)) };
+    if base.is_some_and(|b| b != what.base()) {
         return Err(model_not_found(name));
     }
-    Ok(Served {
-        name: name.into(),
-        base: trained_on,
-        // A succeeded job's adapter never changes: its id names one version.
-        adapter: Some(AdapterRef { key: job.id.clone(), dir }),
-        validator,
-    })
+    // A succeeded job's outcome never changes: its id names one version.
+    let (weights, adapter) = match what {
+        Servable::Adapter { base, dir } => (base_weights(s, &base)?, Some(AdapterRef { key: job.id.clone(), dir })),
+        Servable::Merged { base, path, .. } => (Weights { name: format!("ft:{base}:{}:{}", p.name, job.id), path }, None),
+    };
+    Ok(Served { name: name.into(), weights, adapter, validator })
 }
 
 /// `stop`: a string or a list of up to four.
@@ -401,7 +416,7 @@ async fn chat(s: &AppState, caller: &Caller, b: ChatBody) -> ApiResult<(Reply, V
         return Err(ApiError::field(StatusCode::BAD_REQUEST, "`messages` is empty".into(), "messages", None));
     }
     let served = resolve(s, caller, &b.common.model).await?;
-    let sch = s.serving.scheduler(s, &served.base).await?;
+    let sch = s.serving.scheduler(s, &served.weights).await?;
     let mut messages = Vec::with_capacity(b.messages.len());
     for (i, m) in b.messages.into_iter().enumerate() {
         if !["system", "user", "assistant", "developer"].contains(&m.role.as_str()) {
@@ -445,7 +460,7 @@ async fn completions(State(s): State<Arc<AppState>>, caller: Caller, body: Bytes
     }
     let schema = json_schema(b.common.response_format.as_ref())?;
     let served = resolve(&s, &caller, &b.common.model).await?;
-    let sch = s.serving.scheduler(&s, &served.base).await?;
+    let sch = s.serving.scheduler(&s, &served.weights).await?;
     let tok = &sch.model().tokenizer;
     let encode = |t: &str| tok.encode(t, true).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, format!("the prompt cannot be tokenized: {e}"), "prompt", None));
     let prompts: Vec<Vec<u32>> = match b.prompt {

@@ -8,8 +8,29 @@ use crate::error::{JobError, Result};
 use lathe_engine::train::{EvalRecord, StepRecord};
 use serde::{Deserialize, Serialize};
 
-use super::stats::Estimate;
+use super::stats::{Comparison, Estimate};
 use super::{BaselineTrial, EvalRun, RunComparison};
+
+/// What a run's model was stored as: the weights' format (`Q8_0`, `Q4_1`, `F16`,
+/// `safetensors`) and their size on disk, and the adapter's size when it ran through one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Weights {
+    pub format: String,
+    pub bytes: u64,
+    pub adapter_bytes: Option<u64>,
+}
+
+/// One step on the way from the prompted base model to what gets deployed (fine-tuning,
+/// then quantizing), and what it changed on the primary metric, paired over the
+/// held-out items.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepCost {
+    pub step: String,
+    /// The labels of the runs before and after the step.
+    pub from: String,
+    pub to: String,
+    pub comparison: Comparison,
+}
 
 /// A run as the report lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,6 +44,8 @@ pub struct RunSummary {
     pub metrics: std::collections::BTreeMap<String, Estimate>,
     pub passed_gate: Option<bool>,
     pub examples_per_s: f64,
+    #[serde(default)]
+    pub weights: Option<Weights>,
 }
 
 impl RunSummary {
@@ -37,7 +60,13 @@ impl RunSummary {
             metrics: run.metrics.clone(),
             passed_gate: run.passed_gate,
             examples_per_s: run.examples_per_s,
+            weights: None,
         }
+    }
+
+    pub fn with_weights(mut self, weights: Option<Weights>) -> Self {
+        self.weights = weights;
+        self
     }
 }
 
@@ -50,6 +79,9 @@ pub struct Report {
     pub runs: Vec<RunSummary>,
     pub baseline_trials: Vec<BaselineTrial>,
     pub comparison: Option<RunComparison>,
+    /// Each step's cost: base with its best prompt → fine-tune → its quantized variants.
+    #[serde(default)]
+    pub steps: Vec<StepCost>,
     pub training: Vec<StepRecord>,
     pub training_evals: Vec<EvalRecord>,
     /// Free-form lines (dataset versions, adapter location, the decision).
@@ -105,6 +137,9 @@ impl Report {
         for n in &self.notes {
             let _ = write!(h, "<p class=\"note\">{}</p>", esc(n));
         }
+        if !self.steps.is_empty() {
+            h.push_str(&self.steps_html());
+        }
         if let Some(f) = &self.forgetting {
             h.push_str(&forgetting_html(f));
         }
@@ -122,7 +157,7 @@ impl Report {
             for m in &metric_names {
                 let _ = write!(h, "<th>{}</th>", esc(m));
             }
-            h.push_str("<th>gate</th><th>examples/s</th></tr>");
+            h.push_str("<th>gate</th><th>examples/s</th><th>weights</th></tr>");
             for r in &self.runs {
                 let _ = write!(
                     h,
@@ -146,7 +181,7 @@ impl Report {
                     Some(false) => "fail",
                     None => "—",
                 };
-                let _ = write!(h, "<td>{gate}</td><td>{:.2}</td></tr>", r.examples_per_s);
+                let _ = write!(h, "<td>{gate}</td><td>{:.2}</td><td>{}</td></tr>", r.examples_per_s, r.weights.as_ref().map_or("—".into(), weights_text));
             }
             h.push_str("</table>");
         }
@@ -200,6 +235,49 @@ impl Report {
         }
         h.push_str("</body></html>\n");
         h
+    }
+}
+
+impl Report {
+    /// What each step costs: the primary metric before and after, the paired change with
+    /// its interval, whether the result still clears the gate, and what its weights take.
+    fn steps_html(&self) -> String {
+        let mut h = String::new();
+        let _ = write!(h, "<h2>What each step costs</h2><table class=\"steps\"><tr><th>step</th><th>{0} before</th><th>{0} after</th><th>change (95 % CI)</th><th>p</th><th>verdict</th><th>gate after</th><th>weights after</th></tr>", esc(&self.primary_metric));
+        let run = |label: &str| self.runs.iter().find(|r| r.label == label);
+        let metric = |label: &str| run(label).and_then(|r| r.metrics.get(&self.primary_metric)).map_or("—".into(), |e| format!("{:.3}", e.mean));
+        for s in &self.steps {
+            let d = &s.comparison.difference;
+            let after = run(&s.to);
+            let gate = match after.and_then(|r| r.passed_gate) {
+                Some(true) => "pass",
+                Some(false) => "fail",
+                None => "—",
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:+.3} <span class=\"ci\">[{:+.3}, {:+.3}]</span></td><td>{:.4}</td><td>{}</td><td>{gate}</td><td>{}</td></tr>",
+                esc(&s.step),
+                metric(&s.from),
+                metric(&s.to),
+                d.mean,
+                d.ci_low,
+                d.ci_high,
+                s.comparison.p_value,
+                s.comparison.verdict.as_str(),
+                after.and_then(|r| r.weights.as_ref()).map_or("—".into(), weights_text)
+            );
+        }
+        h.push_str("</table>");
+        h
+    }
+}
+
+fn weights_text(w: &Weights) -> String {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    match w.adapter_bytes {
+        Some(a) => format!("{} {} + adapter {}", esc(&w.format), mb(w.bytes), mb(a)),
+        None => format!("{} {}", esc(&w.format), mb(w.bytes)),
     }
 }
 

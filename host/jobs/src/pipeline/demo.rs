@@ -1,7 +1,8 @@
 //! The demo: the workflow end to end on a generated invoice-extraction task, composed of
 //! the same pipelines the CLI and the server run one by one — the eval suite first, data
 //! imported, curated and split, the prompted baseline, a LoRA pilot, the verdict with its
-//! forgetting check, and a report.
+//! forgetting check, the fine-tune merged and quantized to int8 and int4 (each evaluated
+//! against the gate), and a report of what each step cost.
 
 use std::path::PathBuf;
 
@@ -12,10 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{CurateSpec, ImportSpec, SplitSpec};
 use super::eval::{BaselineSpec, EvalSpec, ReportOutcome};
-use super::train::TrainSpec;
+use super::train::{ExportFormat, ExportSpec, TrainSpec};
 use crate::env::Env;
 use crate::error::Result;
-use crate::eval::report::{Report, RunSummary};
+use crate::eval::report::Report;
 use crate::eval::{self, Subject};
 use crate::event::Sink;
 use crate::invoices;
@@ -65,14 +66,27 @@ pub struct DemoOutcome {
     pub verdict: String,
     pub forgot: bool,
     pub adapter_dir: PathBuf,
+    /// The fine-tune's quantized exports, as evaluated.
+    pub variants: Vec<Variant>,
     pub report: ReportOutcome,
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Variant {
+    pub format: ExportFormat,
+    pub path: PathBuf,
+    pub metric: f64,
+    pub passed_gate: Option<bool>,
+}
+
+/// The merged fine-tune is quantized to these for serving.
+const QUANTIZED: [ExportFormat; 2] = [ExportFormat::GgufQ8_0, ExportFormat::GgufQ4_1];
 
 pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     let root = env.root();
     std::fs::create_dir_all(root).map_err(|e| crate::JobError::io(root, e))?;
 
-    sink.started("demo.suite", "1/6 the task and its eval suite, before any training");
+    sink.started("demo.suite", "1/7 the task and its eval suite, before any training");
     let mut suite = invoices::invoice_suite();
     if spec.zero_shot_only {
         suite.shots = vec![0];
@@ -93,7 +107,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
         ),
     );
 
-    sink.started("demo.data", "2/6 data: import, curate, split");
+    sink.started("demo.data", "2/7 data: import, curate, split");
     let raw = root.join("invoices.jsonl");
     invoices::write_jsonl(&raw, &invoices::invoice_examples(spec.examples, spec.seed))?;
     let imported = super::data::import(env, &ImportSpec { file: raw, ..ImportSpec::default() }, sink)?;
@@ -109,7 +123,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     )?;
     sink.finished("demo.data", format!("train {}, held out {}", &split.train[..16], &split.heldout[..16]));
 
-    sink.started("demo.baseline", "3/6 the prompted baseline: every template, zero- and few-shot");
+    sink.started("demo.baseline", "3/7 the prompted baseline: every template, zero- and few-shot");
     let baseline = super::eval::baseline(
         env,
         &BaselineSpec {
@@ -124,7 +138,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     let best = &baseline.baseline.best;
     sink.finished("demo.baseline", format!("baseline = `{}` {}-shot: {:.3}", best.template, best.shots, best.primary()));
 
-    sink.started("demo.train", "4/6 LoRA pilot");
+    sink.started("demo.train", "4/7 LoRA pilot");
     let settings = TrainSettings {
         rank: spec.rank,
         alpha: 2.0 * spec.rank as f64,
@@ -156,7 +170,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     )?;
     sink.finished("demo.train", format!("adapter {}", trained.adapter_dir.display()));
 
-    sink.started("demo.verdict", "5/6 fine-tune vs baseline on the held-out items");
+    sink.started("demo.verdict", "5/7 fine-tune vs baseline on the held-out items");
     let tuned = super::eval::run(
         env,
         &EvalSpec {
@@ -180,15 +194,47 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
         super::eval::forgetting_check(&base_subject, &adapter, &trained.adapter_dir.display().to_string(), 10, 0.0, sink)?;
     sink.finished("demo.verdict", super::eval::verdict_line(&comparison, best.primary(), tuned.primary()));
 
-    sink.started("demo.report", "6/6 report and artifacts");
+    sink.started("demo.quantize", "6/7 the fine-tune merged and quantized to int8 and int4, each evaluated against the gate");
+    let mut variants = Vec::new();
+    let mut variant_runs = Vec::new();
+    for format in QUANTIZED {
+        let name = serde_json::to_value(format).expect("formats serialise");
+        let out = root.join("exports").join(format!("fine-tune-{}.gguf", name.as_str().unwrap_or("export")));
+        super::train::export(env, &ExportSpec { model: spec.model.clone(), adapter: trained.adapter_dir.clone(), format, out: out.clone() }, sink)?;
+        let run = super::eval::run(
+            env,
+            &EvalSpec {
+                model: out.clone(),
+                adapter: None,
+                suite: suite.clone(),
+                data: split.heldout.clone(),
+                template: Some(best.template.clone()),
+                shots: 0,
+                train: None,
+                limit: Some(spec.eval_items),
+            },
+            sink,
+        )?
+        .run;
+        variants.push(Variant { format, path: out, metric: run.primary(), passed_gate: run.passed_gate });
+        variant_runs.push(run);
+    }
+    sink.finished(
+        "demo.quantize",
+        variants.iter().map(|v| format!("{} {:.3}", serde_json::to_value(v.format).expect("formats serialise").as_str().unwrap_or(""), v.metric)).collect::<Vec<_>>().join(", "),
+    );
+
+    sink.started("demo.report", "7/7 report and artifacts");
+    let ladder = super::eval::ladder(("base + best prompt", best), ("fine-tune", &tuned), &variant_runs, suite.margin)?;
     let report = Report {
         title: "Invoice fields: LoRA pilot vs prompted SmolLM2".into(),
         suite: suite.name.clone(),
         primary_metric: best.primary_metric.clone(),
         gate: suite.gate.clone(),
-        runs: vec![RunSummary::of("baseline (best prompt)", best), RunSummary::of("LoRA pilot", &tuned)],
+        runs: ladder.runs,
         baseline_trials: baseline.baseline.tried.clone(),
-        comparison: Some(comparison.clone()),
+        comparison: Some(ladder.comparison),
+        steps: ladder.steps,
         training: trained.best().history.clone(),
         training_evals: trained.best().evals.clone(),
         notes: vec![
@@ -205,6 +251,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
         verdict: comparison.comparison.verdict.as_str().to_string(),
         forgot: forgetting.forgot,
         adapter_dir: trained.adapter_dir,
+        variants,
         report: written,
     })
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::env::Env;
 use crate::error::{JobError, Result};
 use crate::eval::regression::{self, Forgetting};
-use crate::eval::report::{Report, RunSummary};
+use crate::eval::report::{Report, RunSummary, StepCost, Weights};
 use crate::eval::{self, Baseline, EvalRun, Item, Plugins, RunComparison, Subject, Suite};
 use crate::event::Sink;
 
@@ -236,6 +236,11 @@ pub struct ReportSpec {
     /// the forgetting verdict in the report.
     #[serde(default)]
     pub forgetting: Option<ForgettingSpec>,
+    /// Runs of the candidate's exports (its merged weights quantized to int8 or int4) on
+    /// the same items: the report then shows what each step costs, base with its best
+    /// prompt → fine-tune → each variant, and whether each still clears the gate.
+    #[serde(default)]
+    pub variants: Vec<String>,
 }
 
 /// The regression pack's settings.
@@ -265,14 +270,16 @@ pub struct ReportOutcome {
 pub fn report(env: &Env, spec: &ReportSpec, sink: &dyn Sink) -> Result<ReportOutcome> {
     let base = load_run(env, &spec.baseline)?;
     let cand = load_run(env, &spec.candidate)?;
-    let comparison = eval::compare(&base, &cand, &base.primary_metric, spec.margin)?;
+    let variants = spec.variants.iter().map(|v| load_run(env, v)).collect::<Result<Vec<_>>>()?;
+    let ladder = ladder(("baseline", &base), ("candidate", &cand), &variants, spec.margin)?;
     let r = Report {
         title: format!("{}: fine-tune vs prompted baseline", base.suite),
         suite: base.suite.clone(),
         primary_metric: base.primary_metric.clone(),
         gate: base.gate.clone(),
-        runs: vec![RunSummary::of("baseline", &base), RunSummary::of("candidate", &cand)],
-        comparison: Some(comparison),
+        runs: ladder.runs,
+        comparison: Some(ladder.comparison),
+        steps: ladder.steps,
         forgetting: match &spec.forgetting {
             Some(f) => Some(candidate_forgetting(env, &cand, f, sink)?),
             None => None,
@@ -281,6 +288,79 @@ pub fn report(env: &Env, spec: &ReportSpec, sink: &dyn Sink) -> Result<ReportOut
     };
     let out = spec.out.clone().unwrap_or_else(|| env.runs_dir().join(format!("report-{}-{}", base.id, cand.id)));
     write_report(&r, &out, sink)
+}
+
+/// A report's runs and what each step between them costs.
+pub struct Ladder {
+    pub runs: Vec<RunSummary>,
+    /// Fine-tune against the baseline, with the items that changed.
+    pub comparison: RunComparison,
+    pub steps: Vec<StepCost>,
+}
+
+/// The way from a prompted base model to what gets deployed, each step paired on the same
+/// held-out items: the fine-tune against the baseline, then each variant of the fine-tune
+/// (its merged weights quantized) against the fine-tune. Runs are labelled as given, and
+/// variants by their weights (`fine-tune int8 (Q8_0)`).
+pub fn ladder(baseline: (&str, &EvalRun), tuned: (&str, &EvalRun), variants: &[EvalRun], margin: f64) -> Result<Ladder> {
+    let metric = &baseline.1.primary_metric;
+    let comparison = eval::compare(baseline.1, tuned.1, metric, margin)?;
+    let mut runs = vec![
+        RunSummary::of(baseline.0, baseline.1).with_weights(weights_of(baseline.1)),
+        RunSummary::of(tuned.0, tuned.1).with_weights(weights_of(tuned.1)),
+    ];
+    let mut steps = vec![StepCost { step: "fine-tune".into(), from: baseline.0.into(), to: tuned.0.into(), comparison: comparison.comparison.clone() }];
+    for (i, v) in variants.iter().enumerate() {
+        let weights = weights_of(v);
+        let (step, label) = match weights.as_ref().map(|w| (precision(&w.format), w.format.as_str())) {
+            Some((Some(bits), format)) => (format!("quantize to {bits} ({format})"), format!("{} {bits} ({format})", tuned.0)),
+            Some((None, format)) => (format!("merge ({format})"), format!("{} merged ({format})", tuned.0)),
+            None => (format!("variant {}", i + 1), format!("{} variant {}", tuned.0, i + 1)),
+        };
+        let c = eval::compare(tuned.1, v, metric, margin)?;
+        steps.push(StepCost { step, from: tuned.0.into(), to: label.clone(), comparison: c.comparison });
+        runs.push(RunSummary::of(&label, v).with_weights(weights));
+    }
+    Ok(Ladder { runs, comparison, steps })
+}
+
+/// The integer precision a weight format quantizes to; None for float formats.
+fn precision(format: &str) -> Option<&'static str> {
+    match format {
+        "Q8_0" => Some("int8"),
+        "Q6_K" => Some("int6"),
+        "Q5_K" => Some("int5"),
+        "Q4_0" | "Q4_1" | "Q4_K" => Some("int4"),
+        _ => None,
+    }
+}
+
+/// What a run's model is stored as and its size (with its adapter's); None when its files
+/// are no longer there.
+pub fn weights_of(run: &EvalRun) -> Option<Weights> {
+    let model = std::path::Path::new(&run.model);
+    let (format, bytes) = if model.is_file() {
+        let gguf = lathe_engine::gguf::GgufFile::open(model).ok()?;
+        (gguf.weight_type()?.name().to_string(), std::fs::metadata(model).ok()?.len())
+    } else {
+        ("safetensors".to_string(), safetensors_bytes(model)?)
+    };
+    let adapter_bytes = match &run.adapter {
+        Some(a) => Some(safetensors_bytes(std::path::Path::new(a))?),
+        None => None,
+    };
+    Some(Weights { format, bytes, adapter_bytes })
+}
+
+/// The size of the `.safetensors` files of a folder; None when it has none.
+fn safetensors_bytes(dir: &std::path::Path) -> Option<u64> {
+    let sizes: Vec<u64> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .collect();
+    (!sizes.is_empty()).then(|| sizes.iter().sum())
 }
 
 /// The regression pack on the model and adapter a candidate run was made with.

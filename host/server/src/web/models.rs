@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Pages, Viewer, WebResult, frame, page_ctx, render, see_other};
-use crate::deployments::{NewDeploy, deploy, run_record, servable_adapter, shown};
+use crate::deployments::{NewDeploy, Servable, deploy, run_record, shown};
 use crate::state::AppState;
 
 pub fn routes(pages: Pages) -> Pages {
@@ -117,8 +117,10 @@ async fn page(s: &Arc<AppState>, viewer: &Viewer, project: &str, deploy_error: O
         trained.extend(s.db.jobs(&p.id, Some(kind), None, 100).await?.into_iter().filter(|j| j.state.as_str() == "succeeded"));
     }
     trained.sort_by_key(|j| std::cmp::Reverse(j.finished_at));
-    let fine_tunes: Vec<String> = trained.iter().filter_map(|j| servable_adapter(s, j).map(|(base, _)| format!("ft:{base}:{}:{}", p.name, j.id))).collect();
     let exports: Vec<_> = s.db.jobs(&p.id, Some("export"), None, 100).await?.into_iter().filter(|j| j.state.as_str() == "succeeded").collect();
+    // Adapters and merged exports by their fine-tune ids.
+    let fine_tunes: Vec<String> =
+        trained.iter().chain(&exports).filter_map(|j| Servable::of(s, j).map(|w| format!("ft:{}:{}:{}", w.base(), p.name, j.id))).collect();
     // The lineage each run wrote beside its adapter (`run.json`), read off the async threads.
     let adapters = tokio::task::spawn_blocking(move || {
         trained
@@ -129,7 +131,7 @@ async fn page(s: &Arc<AppState>, viewer: &Viewer, project: &str, deploy_error: O
                 let exported: Vec<Value> = exports
                     .iter()
                     .filter(|e| dir.as_ref().is_some_and(|d| e.spec["adapter"].as_str() == Some(&d.display().to_string())))
-                    .map(|e| json!({"job": e.id, "format": e.spec["format"], "finished_at": e.finished_at}))
+                    .map(|e| json!({"job": e.id, "format": e.spec["format"], "finished_at": e.finished_at, "servable": e.spec["format"] != "peft"}))
                     .collect();
                 let suite = job.spec["suite"]["name"].as_str().map(str::to_string).or_else(|| (job.kind == "demo").then(|| lathe_jobs::invoices::invoice_suite().name));
                 json!({"job": job, "run": run, "suite": suite, "template": job.spec["template"], "exports": exported})
@@ -144,7 +146,12 @@ async fn page(s: &Arc<AppState>, viewer: &Viewer, project: &str, deploy_error: O
     let mut deployments = Vec::new();
     for d in s.db.deployments(&p.id).await? {
         let history: Vec<Value> = s.db.deployment_history(&p.id, &d.name).await?.iter().take(6).map(|h| shown(&p, h)).collect();
-        deployments.push(json!({"current": shown(&p, &d), "history": history}));
+        // An export serves as a model of its own; its format says which.
+        let export_format = match &d.job_id {
+            Some(j) => s.db.job(&p.id, j).await.ok().filter(|j| j.kind == "export").map(|j| j.spec["format"].clone()),
+            None => None,
+        };
+        deployments.push(json!({"current": shown(&p, &d), "history": history, "export_format": export_format}));
     }
     // What the playground can ask: aliases, the adapters by their fine-tune id, the bases.
     let mut servable: Vec<String> = deployments.iter().filter_map(|d| d["current"]["model_id"].as_str().map(String::from)).collect();

@@ -189,6 +189,72 @@ async fn the_workflow_runs_through_the_api(mut s: Server) {
     assert!(metrics.contains("lathe_jobs{state=\"failed\"} 1"), "{metrics}");
     assert!(metrics.contains("lathe_job_duration_seconds_count 11"), "{metrics}");
     assert!(metrics.contains("vllm:request_success_total{finished_reason=\"length\",model_name=\"tiny\"}"), "{metrics}");
+
+    quantized_variant(&s, &project, &token, &train_id).await;
+}
+
+/// A quantized variant: the merged fine-tune exported as int8 passes the gate itself
+/// before it is deployed, serves through its alias as a model of its own, and the report
+/// shows what each step cost.
+async fn quantized_variant(s: &Server, project: &str, token: &str, train_id: &str) {
+    let t = Some(token);
+    let (base, deployments) = (format!("/api/v1/projects/{project}"), format!("/api/v1/projects/{project}/deployments"));
+    let export = s.run_job(project, token, json!({"kind": "export", "train_job": train_id, "format": "gguf-q8_0"})).await;
+    let export_id = export["id"].as_str().unwrap();
+    let (status, refused) = s.call(Method::POST, &deployments, t, Some(json!({"name": "int8", "job_id": export_id}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains(&format!("`export_job: {export_id}`")), "{refused}");
+    // An export is evaluated as a model of its own, not as a base with an adapter.
+    let both = json!({"kind": "eval_run", "model": "tiny", "export_job": export_id, "suite": "words-lenient", "data": "words.heldout"});
+    assert_eq!(s.call(Method::POST, &format!("{base}/jobs"), t, Some(both)).await.0, StatusCode::BAD_REQUEST);
+    let not_export = json!({"kind": "eval_run", "export_job": train_id, "suite": "words-lenient", "data": "words.heldout"});
+    let (status, body) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(not_export)).await;
+    assert!(status == StatusCode::BAD_REQUEST && body.to_string().contains("not a succeeded export job"), "{body}");
+
+    let whole = |extra: Value| {
+        let mut spec = json!({"kind": "eval_run", "suite": "words-lenient", "data": "words.heldout"});
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec
+    };
+    let prompted = s.run_job(project, token, whole(json!({"model": "tiny"}))).await;
+    let tuned = s.run_job(project, token, whole(json!({"model": "tiny", "adapter_job": train_id}))).await;
+    let int8 = s.run_job(project, token, whole(json!({"export_job": export_id}))).await;
+    assert_eq!(int8["outcome"]["run"]["passed_gate"], true, "{int8}");
+    assert!(int8["outcome"]["run"]["adapter"].is_null(), "{int8}");
+
+    let (status, v) = s.call(Method::POST, &deployments, t, Some(json!({"name": "int8", "job_id": export_id}))).await;
+    assert_eq!((status, v["eval_job_id"].as_str()), (StatusCode::CREATED, int8["id"].as_str()), "{v}");
+    let (_, got) = s.call(Method::GET, &format!("{deployments}/int8"), t, None).await;
+    let version = &got["current"]["version"];
+    assert_eq!((version["export_format"].as_str(), version["adapter_job"].as_str()), (Some("gguf-q8_0"), Some(train_id)), "{version}");
+    assert_eq!(version["dataset"].as_str().map(str::len), Some(64), "the lineage is the training's: {version}");
+    assert!(!version.to_string().contains(&s.state.config.data_dir.display().to_string()), "{version}");
+
+    // The alias and the export's own id answer alike, from the export's own scheduler.
+    let ask = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "say the cat 3"}], "temperature": 0, "max_tokens": 12});
+    let (status, via_alias) = s.call(Method::POST, "/v1/chat/completions", t, Some(ask("invoices/int8"))).await;
+    assert_eq!(status, StatusCode::OK, "{via_alias}");
+    let ft = format!("ft:tiny:invoices:{export_id}");
+    let (status, via_ft) = s.call(Method::POST, "/v1/chat/completions", t, Some(ask(&ft))).await;
+    assert_eq!(status, StatusCode::OK, "{via_ft}");
+    assert_eq!(via_alias["choices"][0]["message"], via_ft["choices"][0]["message"]);
+    assert_eq!(via_alias["choices"][0]["validation"]["plugin"], "json-schema", "the gate's validator checks the variant too: {via_alias}");
+    let (_, metrics) = s.call(Method::GET, "/metrics", None, None).await;
+    assert!(metrics.as_str().unwrap().contains(&format!("model_name=\"{ft}\"")), "{metrics}");
+
+    // The report: base with its prompt → fine-tune → int8, each step's cost paired.
+    let run = |job: &Value| job["outcome"]["run"]["id"].as_str().unwrap().to_string();
+    let report = s
+        .run_job(project, token, json!({"kind": "eval_report", "baseline": run(&prompted), "candidate": run(&tuned), "variants": [run(&int8)]}))
+        .await;
+    let (_, json) = s.call(Method::GET, &format!("{base}/jobs/{}/artifacts/report.json", report["id"].as_str().unwrap()), t, None).await;
+    let steps: Vec<&str> = json["steps"].as_array().unwrap().iter().map(|x| x["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["fine-tune", "quantize to int8 (Q8_0)"], "{json}");
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!((runs[2]["label"].as_str(), runs[2]["weights"]["format"].as_str()), (Some("candidate int8 (Q8_0)"), Some("Q8_0")), "{json}");
+    assert!(runs[1]["weights"]["adapter_bytes"].as_u64().is_some_and(|b| b > 0), "{json}");
+    let (_, html) = s.call(Method::GET, &format!("{base}/jobs/{}/artifacts/report.html", report["id"].as_str().unwrap()), t, None).await;
+    assert!(html.as_str().unwrap().contains("What each step costs"), "{html}");
 }
 
 async fn tokens_and_limits_are_enforced(s: Server) {
