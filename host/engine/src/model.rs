@@ -454,7 +454,7 @@ impl CausalLm {
     /// Runs one step, appending its keys and values to `cache`, and returns logits
     /// `[batch, seq or 1, vocab]`.
     pub fn forward(&self, step: &Step, cache: &mut KvCache, which: Logits) -> Tensor<3> {
-        self.forward_with(step, cache, which, None)
+        in_pool(|| self.forward_with(step, cache, which, None))
     }
 
     /// [`forward`](Self::forward) through a LoRA adapter (inference: no dropout).
@@ -668,4 +668,12 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
+}
+
+/// Runs `f` on a worker of rayon's global pool. A parallel loop started from outside the
+/// pool wakes a worker and parks the caller until it is done; a decode step runs a few
+/// hundred small ones (every projection of every layer), so from outside, the wake-ups
+/// cost more than the arithmetic. From inside, the caller's thread takes part in each loop.
+pub(crate) fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
 }

@@ -264,6 +264,10 @@ impl CausalLm {
     /// and returns the logits of each row's last token, `[rows, vocab]` on the host.
     /// Rows through the same adapter should be adjacent: each run of them is one matmul.
     pub fn forward_paged(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+        super::in_pool(|| self.forward_paged_in_pool(rows, pool))
+    }
+
+    fn forward_paged_in_pool(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         // For each token: its row and position.

@@ -198,8 +198,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     let mut variants = Vec::new();
     let mut variant_runs = Vec::new();
     for format in QUANTIZED {
-        let name = serde_json::to_value(format).expect("formats serialise");
-        let out = root.join("exports").join(format!("fine-tune-{}.gguf", name.as_str().unwrap_or("export")));
+        let out = root.join("exports").join(format!("fine-tune-{}.gguf", format.name()));
         super::train::export(env, &ExportSpec { model: spec.model.clone(), adapter: trained.adapter_dir.clone(), format, out: out.clone() }, sink)?;
         let run = super::eval::run(
             env,
@@ -221,7 +220,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     }
     sink.finished(
         "demo.quantize",
-        variants.iter().map(|v| format!("{} {:.3}", serde_json::to_value(v.format).expect("formats serialise").as_str().unwrap_or(""), v.metric)).collect::<Vec<_>>().join(", "),
+        variants.iter().map(|v| format!("{} {:.3}", v.format.name(), v.metric)).collect::<Vec<_>>().join(", "),
     );
 
     sink.started("demo.report", "7/7 report and artifacts");

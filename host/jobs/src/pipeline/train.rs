@@ -134,6 +134,19 @@ pub enum ExportFormat {
     GgufQ4_1,
 }
 
+impl ExportFormat {
+    /// The name the CLI and the API take (`gguf-q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Peft => "peft",
+            Self::Hf => "hf",
+            Self::GgufF16 => "gguf-f16",
+            Self::GgufQ8_0 => "gguf-q8_0",
+            Self::GgufQ4_1 => "gguf-q4_1",
+        }
+    }
+}
+
 impl std::str::FromStr for ExportFormat {
     type Err = JobError;
 
@@ -157,7 +170,7 @@ pub struct ExportSpec {
 pub fn export(env: &Env, spec: &ExportSpec, sink: &dyn Sink) -> Result<PathBuf> {
     let m = env.model(&spec.model)?;
     let adapter = Adapter::load_peft(&spec.adapter, &m.model.config, env.device())?;
-    sink.started("export", format!("export {:?}", spec.format));
+    sink.started("export", format!("export {}", spec.format.name()));
     if let Some(parent) = spec.out.parent() {
         std::fs::create_dir_all(parent).map_err(|e| JobError::io(parent, e))?;
     }
@@ -189,7 +202,7 @@ pub fn export(env: &Env, spec: &ExportSpec, sink: &dyn Sink) -> Result<PathBuf> 
         lathe_engine::export::write_gguf(&spec.out, &m.model.config, &merged, &tokenizer_meta, t)?;
     }
     sink.artifact("export", &spec.out);
-    sink.finished("export", format!("{} written to {}", serde_json::to_value(spec.format).expect("formats serialise"), spec.out.display()));
+    sink.finished("export", format!("{} written to {}", spec.format.name(), spec.out.display()));
     Ok(spec.out.clone())
 }
 
