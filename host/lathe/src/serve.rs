@@ -27,6 +27,10 @@ pub struct ServiceArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Decode with 8-bit activations and integer dot products (as llama.cpp does):
+    /// faster, logits a few tenths from the f32 default's.
+    #[arg(long, env = "LATHE_INT8_ACTIVATIONS")]
+    int8_activations: bool,
     /// Largest upload, in MiB.
     #[arg(long, default_value_t = 512)]
     max_upload_mib: usize,
@@ -73,6 +77,7 @@ pub struct WorkerArgs {
 
 impl ServiceArgs {
     fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        lathe_engine::quant::set_int8_activations(self.int8_activations);
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
         }

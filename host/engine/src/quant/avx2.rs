@@ -46,18 +46,19 @@ unsafe fn block_fma(w: &[__m256; 4], d: __m256, p: *const f32, acc: __m256) -> _
     }
 }
 
-/// For each of `R` activation rows, Σ_blocks d · Σ q·x over 4-bit codes (16 bytes per
-/// block: low nibbles are values 0..16, high nibbles 16..32). Each block is unpacked once
-/// for all `R` rows.
+/// For each of `R` activation rows, Σ_blocks (d · Σ q·x + m · Σx) over 4-bit codes (16
+/// bytes per block: low nibbles are values 0..16, high nibbles 16..32). Each block is
+/// unpacked once for all `R` rows; `xsums` are the rows' sums per block.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()` and every
-/// `xs[i].len() == 32 · scales.len()`.
+/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()`, `mins` and every
+/// `xsums[i]` as long as `scales`, and every `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
     let mask = _mm_set1_epi8(0x0f);
     let mut acc = [_mm256_setzero_ps(); R];
-    for (b, (q, &d)) in qs.chunks_exact(16).zip(scales).enumerate() {
+    let mut offsets = [0f32; R];
+    for (b, ((q, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
         // SAFETY: q holds 16 bytes (chunks_exact) and each row 32 floats from 32·b on (the
         // length contract above), so every load is in bounds.
         unsafe {
@@ -73,10 +74,19 @@ pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]
             let d = _mm256_set1_ps(d);
             for i in 0..R {
                 acc[i] = block_fma(&w, d, xs[i].as_ptr().add(32 * b), acc[i]);
+                offsets[i] = m.mul_add(*xsums[i].get_unchecked(b), offsets[i]);
             }
         }
     }
-    sums(&acc)
+    with_offsets(sums(&acc), offsets)
+}
+
+#[inline(always)]
+fn with_offsets<const R: usize>(mut dots: [f32; R], offsets: [f32; R]) -> [f32; R] {
+    for i in 0..R {
+        dots[i] += offsets[i];
+    }
+    dots
 }
 
 /// For each of `R` activation rows, Σ_blocks d · Σ q·x over signed 8-bit codes (32 bytes
@@ -102,6 +112,64 @@ pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; 
             let d = _mm256_set1_ps(d);
             for i in 0..R {
                 acc[i] = block_fma(&w, d, xs[i].as_ptr().add(32 * b), acc[i]);
+            }
+        }
+    }
+    sums(&acc)
+}
+
+/// For each of `R` rows of 8-bit activations, Σ_blocks (d·dx · Σ q·qx + m · Σx) over
+/// 4-bit codes: `vpmaddubsw` multiplies the unsigned codes by the signed activations in
+/// pairs, and `vpmaddwd` sums the pairs to 32 bits, exactly (15·127·2 fits in 16 bits).
+/// The offsets use the exact f32 sums of the activations (`xsums`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()`, `mins`, every
+/// `xd[i]` and `xsums[i]` as long as `scales`, and every `xs[i].len() == 32 · scales.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_nibbles_q8<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
+    let mask = _mm_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for (b, ((q, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
+        // SAFETY: q holds 16 bytes and each row 32 codes from 32·b on (the contract above).
+        unsafe {
+            let v = _mm_loadu_si128(q.as_ptr().cast());
+            let lo = _mm_and_si128(v, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            // Values 0..16 in the low lane, 16..32 in the high one, as the activations lie.
+            let w = _mm256_set_m128i(hi, lo);
+            for i in 0..R {
+                let x = _mm256_loadu_si256(xs[i].as_ptr().add(32 * b).cast());
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[i].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[i]);
+                offsets[i] = m.mul_add(*xsums[i].get_unchecked(b), offsets[i]);
+            }
+        }
+    }
+    with_offsets(sums(&acc), offsets)
+}
+
+/// As [`dot_nibbles_q8`] over signed 8-bit codes (no offsets): `vpmaddubsw` takes one
+/// unsigned operand, so the codes lend their sign to the activations (|q| · sign(q)·x = q·x).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `qs.len() == 32 · scales.len()`, and every
+/// `xs[i].len() == 32 · scales.len() == 32 · xd[i].len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bytes_q8<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[i8]; R], xd: [&[f32]; R]) -> [f32; R] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, (q, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
+        // SAFETY: q holds 32 bytes and each row 32 codes from 32·b on.
+        unsafe {
+            let w = _mm256_loadu_si256(q.as_ptr().cast());
+            let magnitude = _mm256_sign_epi8(w, w);
+            for i in 0..R {
+                let x = _mm256_loadu_si256(xs[i].as_ptr().add(32 * b).cast());
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w)), ones);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[i].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[i]);
             }
         }
     }

@@ -10,10 +10,53 @@
 //!
 //! On x86-64 with AVX2 and FMA (checked at run time) the dot products run on explicit
 //! 256-bit code (`avx2.rs`); elsewhere on the portable loops below, which compute the same.
+//!
+//! With [`set_int8_activations`] on, the activations are quantized too, per block of 32 to
+//! signed 8 bits with an f32 scale (as llama.cpp does), and each block's products are summed
+//! in integers: a few instructions per 32 products instead of a dozen. The result then
+//! differs from the dense product by the activations' rounding (within half a step per
+//! value); the f32 path stays the default, for parity with the reference.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
 use crate::gguf::GgmlType;
+
+static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
+
+/// Whether the quantized kernel rounds activations to 8 bits and multiplies in integers
+/// (faster, llama.cpp's precision) or keeps them f32 (the default: results within float
+/// rounding of the dense product). Process-wide.
+pub fn set_int8_activations(on: bool) {
+    INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
+}
+
+pub fn int8_activations() -> bool {
+    INT8_ACTIVATIONS.load(Ordering::Relaxed)
+}
+
+/// Rows of activations quantized per block of 32: `qs[i] = round(x[i] / d)` with
+/// `d = max|x| / 127` of the block.
+struct Q8Rows {
+    qs: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Q8Rows {
+    fn quantize(x: &[f32]) -> Self {
+        let mut qs = Vec::with_capacity(x.len());
+        let mut scales = Vec::with_capacity(x.len() / 32);
+        for block in x.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            qs.extend(block.iter().map(|v| (v * inv).round() as i8));
+            scales.push(d);
+        }
+        Self { qs, scales }
+    }
+}
 
 /// How many rows of `x` the quantized path handles; more rows amortize the weight reads
 /// and the dense gemm (which has far better arithmetic intensity) wins.
@@ -98,8 +141,14 @@ impl QMatrix {
         self.qs.len() + 4 * (self.scales.len() + self.mins.len())
     }
 
-    /// `x · Wᵀ` for `n` rows of `x` (`[n, cols]`, row-major): `[n, rows]`.
+    /// `x · Wᵀ` for `n` rows of `x` (`[n, cols]`, row-major): `[n, rows]`, with f32 or
+    /// 8-bit activations as [`set_int8_activations`] says.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_with(x, n, int8_activations())
+    }
+
+    /// `x · Wᵀ`, the activations rounded to 8 bits when `int8`.
+    pub fn matmul_with(&self, x: &[f32], n: usize, int8: bool) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "x must be n × cols");
         let nb = self.cols / 32;
         // Σx per block of 32, for the offset term.
@@ -108,6 +157,7 @@ impl QMatrix {
         const ROWS_PER_TASK: usize = 64;
         let kernel = Kernel::detect();
         let per_row = if self.codes == Codes::Bytes { 32 } else { 16 } * nb;
+        let q8 = int8.then(|| Q8Rows::quantize(x));
         out_t
             .par_chunks_mut(ROWS_PER_TASK * n)
             .enumerate()
@@ -116,12 +166,11 @@ impl QMatrix {
                     let r = task * ROWS_PER_TASK + k;
                     let qs = &self.qs[r * per_row..(r + 1) * per_row];
                     let scales = &self.scales[r * nb..(r + 1) * nb];
-                    kernel.dots(self.codes, qs, scales, x, self.cols, out_row);
-                    if self.codes == Codes::Nibbles {
-                        let mins = &self.mins[r * nb..(r + 1) * nb];
-                        for (i, o) in out_row.iter_mut().enumerate() {
-                            *o += dot_f32(mins, &xsum[i * nb..(i + 1) * nb]);
-                        }
+                    let mins = if self.codes == Codes::Nibbles { &self.mins[r * nb..(r + 1) * nb] } else { &[] };
+                    let w = Row { codes: self.codes, qs, scales, mins };
+                    match &q8 {
+                        Some(xq) => kernel.dots_q8(&w, xq, &xsum, self.cols, out_row),
+                        None => kernel.dots(&w, x, &xsum, self.cols, out_row),
                     }
                 }
             });
@@ -157,6 +206,15 @@ impl QMatrix {
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
+/// One weight row's blocks: codes, scales, and (for 4-bit codes) offsets.
+struct Row<'a> {
+    codes: Codes,
+    qs: &'a [u8],
+    scales: &'a [f32],
+    /// Empty for 8-bit codes.
+    mins: &'a [f32],
+}
+
 /// The dot products of one row of blocks with one row of `x`, on the best kernel the CPU
 /// has.
 #[derive(Clone, Copy)]
@@ -176,13 +234,18 @@ impl Kernel {
     }
 
     /// One weight row's dot products with every activation row of `x` (`out.len()` rows
-    /// of `cols`). The AVX2 kernel unpacks each block once for up to four rows.
+    /// of `cols`, with their sums per block in `xsum`). The AVX2 kernel unpacks each block
+    /// once for up to four rows.
     #[inline(always)]
-    fn dots(self, codes: Codes, qs: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
-        assert_eq!(cols, 32 * scales.len());
+    fn dots(self, w: &Row<'_>, x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
+        let nb = w.scales.len();
+        assert_eq!(cols, 32 * nb);
         assert_eq!(x.len(), cols * out.len());
-        assert_eq!(qs.len(), scales.len() * if codes == Codes::Bytes { 32 } else { 16 });
+        assert_eq!(xsum.len(), nb * out.len());
+        assert_eq!(w.qs.len(), nb * if w.codes == Codes::Bytes { 32 } else { 16 });
+        assert_eq!(w.mins.len(), if w.codes == Codes::Bytes { 0 } else { nb });
         let row = |i: usize| &x[i * cols..(i + 1) * cols];
+        let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
@@ -196,9 +259,9 @@ impl Kernel {
                         macro_rules! rows {
                             ($r:literal) => {{
                                 let xs: [&[f32]; $r] = std::array::from_fn(|k| row(i + k));
-                                let got = match codes {
-                                    Codes::Bytes => avx2::dot_bytes::<$r>(qs, scales, xs),
-                                    Codes::Nibbles => avx2::dot_nibbles::<$r>(qs, scales, xs),
+                                let got = match w.codes {
+                                    Codes::Bytes => avx2::dot_bytes::<$r>(w.qs, w.scales, xs),
+                                    Codes::Nibbles => avx2::dot_nibbles::<$r>(w.qs, w.scales, w.mins, xs, std::array::from_fn(|k| sums(i + k))),
                                 };
                                 out[i..i + $r].copy_from_slice(&got);
                                 i += $r;
@@ -215,14 +278,84 @@ impl Kernel {
             }
             Kernel::Portable => {
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = match codes {
-                        Codes::Bytes => dot_bytes(qs, scales, row(i)),
-                        Codes::Nibbles => dot_nibbles(qs, scales, row(i)),
+                    *o = match w.codes {
+                        Codes::Bytes => dot_bytes(w.qs, w.scales, row(i)),
+                        Codes::Nibbles => dot_nibbles(w.qs, w.scales, row(i)) + dot_f32(w.mins, sums(i)),
                     };
                 }
             }
         }
     }
+
+    /// As [`Kernel::dots`] with activations in 8 bits ([`Q8Rows`]); the offsets still use
+    /// the exact sums.
+    #[inline(always)]
+    fn dots_q8(self, w: &Row<'_>, x: &Q8Rows, xsum: &[f32], cols: usize, out: &mut [f32]) {
+        let nb = w.scales.len();
+        assert_eq!(cols, 32 * nb);
+        assert_eq!(x.qs.len(), cols * out.len());
+        assert_eq!(x.scales.len(), nb * out.len());
+        assert_eq!(xsum.len(), nb * out.len());
+        assert_eq!(w.qs.len(), nb * if w.codes == Codes::Bytes { 32 } else { 16 });
+        assert_eq!(w.mins.len(), if w.codes == Codes::Bytes { 0 } else { nb });
+        let row = |i: usize| (&x.qs[i * cols..(i + 1) * cols], &x.scales[i * nb..(i + 1) * nb]);
+        let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                let mut i = 0;
+                while i < out.len() {
+                    let left = out.len() - i;
+                    // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length
+                    // contract (every row has `cols` codes and `cols / 32` scales and sums).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        macro_rules! rows {
+                            ($r:literal) => {{
+                                let xs: [&[i8]; $r] = std::array::from_fn(|k| row(i + k).0);
+                                let xd: [&[f32]; $r] = std::array::from_fn(|k| row(i + k).1);
+                                let got = match w.codes {
+                                    Codes::Bytes => avx2::dot_bytes_q8::<$r>(w.qs, w.scales, xs, xd),
+                                    Codes::Nibbles => avx2::dot_nibbles_q8::<$r>(w.qs, w.scales, w.mins, xs, xd, std::array::from_fn(|k| sums(i + k))),
+                                };
+                                out[i..i + $r].copy_from_slice(&got);
+                                i += $r;
+                            }};
+                        }
+                        match left {
+                            1 => rows!(1),
+                            2 => rows!(2),
+                            3 => rows!(3),
+                            _ => rows!(4),
+                        }
+                    }
+                }
+            }
+            Kernel::Portable => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let (xq, xd) = row(i);
+                    *o = dot_q8(w.codes, w.qs, w.scales, xq, xd) + dot_f32(w.mins, sums(i));
+                }
+            }
+        }
+    }
+}
+
+/// Σ_blocks d·dx · Σ q·qx with each block's products summed exactly in integers.
+fn dot_q8(codes: Codes, qs: &[u8], scales: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut total = 0f32;
+    for (b, (&d, &dx)) in scales.iter().zip(xd).enumerate() {
+        let x = &xq[32 * b..32 * b + 32];
+        let sum: i32 = match codes {
+            Codes::Bytes => qs[32 * b..32 * b + 32].iter().zip(x).map(|(&q, &v)| i32::from(q as i8) * i32::from(v)).sum(),
+            Codes::Nibbles => {
+                let q = &qs[16 * b..16 * b + 16];
+                (0..16).map(|j| i32::from(q[j] & 15) * i32::from(x[j]) + i32::from(q[j] >> 4) * i32::from(x[j + 16])).sum()
+            }
+        };
+        total += d * dx * sum as f32;
+    }
+    total
 }
 
 /// Σ_blocks d · Σ q·x over signed bytes, accumulated in 32 lanes with fused multiply-adds
@@ -321,6 +454,57 @@ mod tests {
                         let g = got[i * rows + r];
                         assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} n={n} [{i},{r}]: {g} vs {want}");
                     }
+                }
+            }
+        }
+    }
+
+    /// With 8-bit activations the kernel computes, up to float summation order, the dense
+    /// product of the dequantized weights with the rounded activations; and so it stays
+    /// within the activations' rounding (half a step per value) of the exact product.
+    #[test]
+    fn int8_activations_multiply_the_rounded_activations_exactly() {
+        let (rows, cols) = (40, 128);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let bytes = quantize(ty, &values(rows * cols, 3));
+            let w = dequantize(ty, &bytes, rows * cols);
+            let q = QMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
+            for n in [1, 2, 5] {
+                let x = values(n * cols, 11);
+                let xq = Q8Rows::quantize(&x);
+                let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 32]).collect();
+                let nb = cols / 32;
+                let per_row = if ty == GgmlType::Q8_0 { 32 } else { 16 } * nb;
+                for i in 0..n {
+                    let x_i = Q8Rows { qs: xq.qs[i * cols..(i + 1) * cols].to_vec(), scales: xq.scales[i * nb..(i + 1) * nb].to_vec() };
+                    for r in 0..rows {
+                        let mins = if q.codes == Codes::Nibbles { &q.mins[r * nb..(r + 1) * nb] } else { &[] };
+                        let row = Row { codes: q.codes, qs: &q.qs[r * per_row..(r + 1) * per_row], scales: &q.scales[r * nb..(r + 1) * nb], mins };
+                        let xsum: Vec<f32> = x[i * cols..(i + 1) * cols].chunks_exact(32).map(|c| c.iter().sum()).collect();
+                        let (mut out, mut portable) = ([0f32], [0f32]);
+                        Kernel::detect().dots_q8(&row, &x_i, &xsum, cols, &mut out);
+                        Kernel::Portable.dots_q8(&row, &x_i, &xsum, cols, &mut portable);
+                        let portable = portable[0];
+                        // The codes times the rounded activations; the offsets (min per
+                        // block) times the exact ones.
+                        let offset = |c: usize| if q.codes == Codes::Nibbles { q.mins[r * nb + c / 32] } else { 0.0 };
+                        let want: f32 = (0..cols).map(|c| (w[r * cols + c] - offset(c)) * rounded[i * cols + c] + offset(c) * x[i * cols + c]).sum();
+                        assert!((out[0] - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} n={n} [{i},{r}]: {} vs {want}", out[0]);
+                        assert!((portable - out[0]).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?}: portable {portable} vs {}", out[0]);
+                    }
+                }
+            }
+            // Through `matmul`: within the activations' rounding of the f32 path.
+            let n = 3;
+            let x = values(n * cols, 5);
+            let (got, exact) = (q.matmul_with(&x, n, true), q.matmul_with(&x, n, false));
+            assert_ne!(got, exact, "{ty:?}: 8-bit activations take the other path");
+            let xq = Q8Rows::quantize(&x);
+            for i in 0..n {
+                for r in 0..rows {
+                    let bound: f32 = (0..cols).map(|c| w[r * cols + c].abs() * xq.scales[(i * cols + c) / 32] / 2.0).sum();
+                    let (g, e) = (got[i * rows + r], exact[i * rows + r]);
+                    assert!((g - e).abs() <= bound + 1e-4, "{ty:?} [{i},{r}]: {g} vs {e} (bound {bound})");
                 }
             }
         }
