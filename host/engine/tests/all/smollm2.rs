@@ -119,13 +119,8 @@ fn a_batch_of_different_lengths_matches_each_prompt_alone() {
     assert!(diff < LOGIT_TOLERANCE, "padded row: max |Δlogit| = {diff}");
 }
 
-#[test]
-fn decode_steps_on_quantized_blocks_match_transformers() {
-    // Single-token steps take the quantized-block kernel (≤ quant::MAX_ROWS rows), the
-    // prefill the dense gemm: both must land on transformers' logits.
-    let m = load_smollm2();
-    let r = reference();
-    let input = ids(&r["cases"]["plain"]["input_ids"]);
+/// The prompt's last logits after prefilling all but 7 tokens and decoding those one by one.
+fn decode_last_seven(m: &lathe_engine::LoadedModel, input: &[u32]) -> Vec<f32> {
     let mut cache = KvCache::new(m.model.config.num_layers);
     let split = input.len() - 7;
     m.model.forward(&Step::single(&input[..split], 0), &mut cache, Logits::Last);
@@ -133,7 +128,16 @@ fn decode_steps_on_quantized_blocks_match_transformers() {
     for (i, &t) in input.iter().enumerate().skip(split) {
         last = Some(m.model.forward(&Step::single(&[t], i), &mut cache, Logits::Last));
     }
-    let ours = logits_to_host(last.unwrap()).unwrap();
+    logits_to_host(last.unwrap()).unwrap()
+}
+
+#[test]
+fn decode_steps_on_quantized_blocks_match_transformers() {
+    // Single-token steps take the quantized-block kernel (≤ quant::MAX_ROWS rows), the
+    // prefill the dense gemm: both must land on transformers' logits.
+    let m = load_smollm2();
+    let r = reference();
+    let ours = decode_last_seven(&m, &ids(&r["cases"]["plain"]["input_ids"]));
     let theirs = read_npy_f32(&fixture_dir().join("plain_last_logits.npy"));
     let diff = max_abs_diff(&ours, &theirs);
     eprintln!("decode path: max |Δlogit| = {diff:e}");
@@ -146,15 +150,7 @@ fn decode_with_int8_activations_stays_near_transformers() {
     lathe_engine::quant::set_int8_activations(true);
     let m = load_smollm2();
     let r = reference();
-    let input = ids(&r["cases"]["plain"]["input_ids"]);
-    let mut cache = KvCache::new(m.model.config.num_layers);
-    let split = input.len() - 7;
-    m.model.forward(&Step::single(&input[..split], 0), &mut cache, Logits::Last);
-    let mut last = None;
-    for (i, &t) in input.iter().enumerate().skip(split) {
-        last = Some(m.model.forward(&Step::single(&[t], i), &mut cache, Logits::Last));
-    }
-    let ours = logits_to_host(last.unwrap()).unwrap();
+    let ours = decode_last_seven(&m, &ids(&r["cases"]["plain"]["input_ids"]));
     let theirs = read_npy_f32(&fixture_dir().join("plain_last_logits.npy"));
     let diff = max_abs_diff(&ours, &theirs);
     eprintln!("decode with 8-bit activations: max |Δlogit| = {diff:e}");
