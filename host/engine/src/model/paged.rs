@@ -409,53 +409,119 @@ struct Geometry {
 }
 
 /// Attention of query tokens `ts` (one row's, positions rising) through the query heads of
-/// key/value head `g`, against the row's cached keys in `blocks`: one pass over the keys
-/// with a running maximum and sum (online softmax). Returns `[token][head][hd]`.
+/// key/value head `g`, against the row's cached keys in `blocks`. Returns
+/// `[token][head][hd]`.
+///
+/// One pass over the blocks with a running maximum and sum per query (online softmax, as
+/// FlashAttention tiles it): a block's scores first, then one rescale if its maximum is
+/// new, then its weighted values. A block's keys and values stay in L1 while every query
+/// of the task reads them.
 #[allow(clippy::too_many_arguments)]
 fn attend(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        #[allow(unsafe_code)]
+        return unsafe { attend_avx2(pool, layer, blocks, g, ts, owner, q, geo) };
+    }
+    attend_blocks::<PortableDot>(pool, layer, blocks, g, ts, owner, q, geo)
+}
+
+/// The query-key dot product `attend_blocks` is built over.
+trait Dot {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+}
+
+struct PortableDot;
+
+impl Dot for PortableDot {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        crate::quant::dot_f32(a, b)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2Dot;
+
+#[cfg(target_arch = "x86_64")]
+impl Dot for Avx2Dot {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only instantiated inside `attend_avx2`, which runs where AVX2 and FMA are.
+        #[allow(unsafe_code)]
+        unsafe {
+            crate::quant::avx2::dot(a, b)
+        }
+    }
+}
+
+/// [`attend_blocks`] compiled for AVX2 and FMA, so its loops vectorize 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
+    attend_blocks::<Avx2Dot>(pool, layer, blocks, g, ts, owner, q, geo)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_blocks<D: Dot>(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
     let (hd, group) = (geo.hd, geo.group);
+    // The first key position `p` sees (a sliding window starts later).
     let first = |p: usize| geo.window.map_or(0, |w| (p + 1).saturating_sub(w));
-    // One query per (token, head): its position, vector, running max and sum.
+    // One query per (token, head): its position and vector; a running max and sum each.
     let queries: Vec<(usize, &[f32])> = ts.clone().flat_map(|t| (g * group..(g + 1) * group).map(move |h| (owner[t].1, &q[(t * geo.heads + h) * hd..][..hd]))).collect();
     let mut max = vec![f32::NEG_INFINITY; queries.len()];
     let mut sum = vec![0.0f32; queries.len()];
     let mut acc = vec![0.0f32; queries.len() * hd];
     let last = owner[ts.end - 1].1;
     let lo = first(owner[ts.start].1);
-    let (keys, values) = (&pool.k[layer], &pool.v[layer]);
+    let mut scores = [0f32; BLOCK_TOKENS];
     for (bi, &block) in blocks.iter().enumerate().take(last / BLOCK_TOKENS + 1).skip(lo / BLOCK_TOKENS) {
         let base = pool.at(block, g, 0);
-        for slot in 0..BLOCK_TOKENS {
-            let j = bi * BLOCK_TOKENS + slot;
-            if j < lo {
+        let keys = &pool.k[layer][base..base + BLOCK_TOKENS * hd];
+        let values = &pool.v[layer][base..base + BLOCK_TOKENS * hd];
+        let j0 = bi * BLOCK_TOKENS;
+        for (k, &(p, qv)) in queries.iter().enumerate() {
+            // The block's slots this query sees: keys from first(p) through p.
+            let from = first(p).max(j0);
+            let to = (p + 1).min(j0 + BLOCK_TOKENS);
+            if from >= to {
                 continue;
             }
-            if j > last {
-                break;
+            let slots = from - j0..to - j0;
+            let mut top = f32::NEG_INFINITY;
+            for j in slots.clone() {
+                let s = D::dot(qv, &keys[j * hd..(j + 1) * hd]) * geo.scale;
+                scores[j] = s;
+                top = top.max(s);
             }
-            let key = &keys[base + slot * hd..][..hd];
-            let value = &values[base + slot * hd..][..hd];
-            for (k, &(p, qv)) in queries.iter().enumerate() {
-                if j > p || j < first(p) {
-                    continue;
-                }
-                let s = crate::quant::dot_f32(qv, key) * geo.scale;
-                let a = &mut acc[k * hd..(k + 1) * hd];
-                if s > max[k] {
-                    let shrink = (max[k] - s).exp();
+            let a = &mut acc[k * hd..(k + 1) * hd];
+            if top > max[k] {
+                if max[k] > f32::NEG_INFINITY {
+                    let shrink = (max[k] - top).exp();
                     sum[k] *= shrink;
-                    a.iter_mut().for_each(|x| *x *= shrink);
-                    max[k] = s;
+                    for x in a.iter_mut() {
+                        *x *= shrink;
+                    }
                 }
-                let w = (s - max[k]).exp();
+                max[k] = top;
+            }
+            for j in slots {
+                let w = (scores[j] - max[k]).exp();
                 sum[k] += w;
-                a.iter_mut().zip(value).for_each(|(x, v)| *x += w * v);
+                for (x, &v) in a.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+                    *x = w.mul_add(v, *x);
+                }
             }
         }
     }
     for (k, a) in acc.chunks_exact_mut(hd).enumerate() {
         let inv = 1.0 / sum[k];
-        a.iter_mut().for_each(|x| *x *= inv);
+        for x in a.iter_mut() {
+            *x *= inv;
+        }
     }
     acc
 }

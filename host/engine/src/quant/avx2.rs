@@ -175,3 +175,62 @@ pub unsafe fn dot_bytes_q8<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[i8]
     }
     sums(&acc)
 }
+
+/// `Σ a·b` over two equal-length f32 slices, in two 8-wide accumulators (attention's
+/// query-key scores: the portable loop leaves LLVM to pair lanes into 128-bit halves).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (x, y) in ca.zip(cb) {
+        // SAFETY: both chunks hold 16 floats.
+        unsafe {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(y.as_ptr()), acc[0]);
+            acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(8)), _mm256_loadu_ps(y.as_ptr().add(8)), acc[1]);
+        }
+    }
+    hsum256(_mm256_add_ps(acc[0], acc[1])) + tail
+}
+
+/// Rounds a block of 32 activations to signed 8 bits with one scale, `d = max|x| / 127`,
+/// as [`super::Q8Rows::quantize`] does (to nearest, ties to even); returns `d`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` and `out` hold 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> f32 {
+    assert!(x.len() == 32 && out.len() == 32);
+    // SAFETY: 32 floats at x and 32 bytes at out (asserted).
+    unsafe {
+        let p = x.as_ptr();
+        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let sign = _mm256_set1_ps(-0.0);
+        let a = _mm256_max_ps(
+            _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        // cvtps rounds to nearest even (the default rounding mode); the packs saturate.
+        let q = [
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)),
+        ];
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        // The packs interleave the 128-bit lanes: put the groups of four back in order.
+        let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(out.as_mut_ptr().cast(), ordered);
+        d
+    }
+}

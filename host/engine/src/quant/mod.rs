@@ -36,8 +36,8 @@ pub fn int8_activations() -> bool {
     INT8_ACTIVATIONS.load(Ordering::Relaxed)
 }
 
-/// Rows of activations quantized per block of 32: `qs[i] = round(x[i] / d)` with
-/// `d = max|x| / 127` of the block.
+/// Rows of activations quantized per block of 32: `qs[i] = round(x[i] / d)` (to nearest,
+/// ties to even) with `d = max|x| / 127` of the block.
 struct Q8Rows {
     qs: Vec<i8>,
     scales: Vec<f32>,
@@ -45,13 +45,29 @@ struct Q8Rows {
 
 impl Q8Rows {
     fn quantize(x: &[f32]) -> Self {
-        let mut qs = Vec::with_capacity(x.len());
+        Self::quantize_on(Kernel::detect(), x)
+    }
+
+    fn quantize_on(kernel: Kernel, x: &[f32]) -> Self {
+        let mut qs = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / 32);
-        for block in x.chunks_exact(32) {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2 {
+            for (block, out) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
+                // SAFETY: `Kernel::Avx2` comes from `detect`, which saw AVX2 and FMA; both
+                // chunks hold 32 values.
+                #[allow(unsafe_code)]
+                scales.push(unsafe { avx2::quantize_block(block, out) });
+            }
+            return Self { qs, scales };
+        }
+        for (block, out) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            qs.extend(block.iter().map(|v| (v * inv).round() as i8));
+            for (o, v) in out.iter_mut().zip(block) {
+                *o = (v * inv).round_ties_even() as i8;
+            }
             scales.push(d);
         }
         Self { qs, scales }
@@ -204,7 +220,7 @@ impl QMatrix {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 
 /// One weight row's blocks: codes, scales, and (for 4-bit codes) offsets.
 struct Row<'a> {
@@ -217,7 +233,7 @@ struct Row<'a> {
 
 /// The dot products of one row of blocks with one row of `x`, on the best kernel the CPU
 /// has.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -508,6 +524,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 rounding of activations is the portable one, ties and zero blocks included.
+    #[test]
+    fn activations_round_alike_on_every_kernel() {
+        let mut x = values(32 * 6, 13);
+        // A block whose step is exactly 1 (max 127): .5 values are ties.
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        x[64..96].fill(0.0);
+        let (avx, portable) = (Q8Rows::quantize(&x), Q8Rows::quantize_on(Kernel::Portable, &x));
+        assert_eq!(avx.qs, portable.qs);
+        assert_eq!(avx.scales, portable.scales);
+        assert_eq!(&portable.qs[33..36], &[-14, -14, -12], "ties round to even");
     }
 
     #[test]
