@@ -110,6 +110,19 @@ impl Linear {
         }
     }
 
+    /// `x · W` for `n` rows of `x` (`[n, in]` on the host): from the blocks for a few rows,
+    /// through the dense gemm otherwise.
+    pub(crate) fn forward_host(&self, x: &[f32], n: usize, device: &Device) -> Vec<f32> {
+        if let Some(q) = &self.packed
+            && n <= quant::MAX_ROWS
+        {
+            return q.matmul(x, n);
+        }
+        let d = self.dims()[0];
+        let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), device);
+        to_host(x.matmul(self.dense(device)))
+    }
+
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let out = self.dims()[1];
@@ -134,10 +147,24 @@ impl Linear {
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     weight: Tensor<1>,
+    /// The same weight on the host, for the serving path's host buffers.
+    host: Vec<f32>,
     eps: f64,
 }
 
 impl RmsNorm {
+    /// Each row of `x` (rows of the weight's width, on the host) normalized and scaled.
+    pub(crate) fn forward_host(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.host.len();
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(d) {
+            let var = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + self.eps as f32).sqrt();
+            out.extend(row.iter().zip(&self.host).map(|(v, w)| v * inv * w));
+        }
+        out
+    }
+
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let var = x.clone().powi_scalar(2).mean_dim(2);
         let x = x * var.add_scalar(self.eps).sqrt().recip();
@@ -161,6 +188,14 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// `down(silu(gate(x)) · up(x))` for `n` rows on the host.
+    fn forward_host(&self, x: &[f32], n: usize, lora: &Lora<'_>, device: &Device) -> Vec<f32> {
+        let gate = lora.apply_host(&self.gate_proj, Target::Gate, x, n, device);
+        let up = lora.apply_host(&self.up_proj, Target::Up, x, n, device);
+        let h: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        lora.apply_host(&self.down_proj, Target::Down, &h, n, device)
+    }
+
     fn forward(&self, x: Tensor<3>, lora: &Lora<'_>) -> Tensor<3> {
         let xd = lora.input(&x);
         let gate = silu(lora.apply(&self.gate_proj, Target::Gate, x.clone(), &xd));
@@ -219,6 +254,23 @@ impl<'a> Lora<'a> {
         }
         let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
         Some(x.clone() * keep.div_scalar(1.0 - self.dropout))
+    }
+
+    /// As [`Lora::apply`] on `n` rows on the host (inference: no dropout).
+    fn apply_host(&self, base: &Linear, target: Target, x: &[f32], n: usize, device: &Device) -> Vec<f32> {
+        debug_assert!(self.dropout <= 0.0, "the host path runs inference only");
+        let mut y = base.forward_host(x, n, device);
+        let (d, out) = (x.len() / n, y.len() / n);
+        for g in &self.groups {
+            let Some(p) = g.layer.get(target) else { continue };
+            let r = g.rows.clone().unwrap_or(0..n);
+            let xr = Tensor::<2>::from_data(TensorData::new(x[r.start * d..r.end * d].to_vec(), [r.len(), d]), device);
+            let delta = to_host(xr.matmul(p.a.clone()).matmul(p.b.clone()).mul_scalar(g.scale));
+            for (y, dl) in y[r.start * out..r.end * out].iter_mut().zip(delta) {
+                *y += dl;
+            }
+        }
+        y
     }
 
     fn apply(&self, base: &Linear, target: Target, x: Tensor<3>, xd: &Option<Tensor<3>>) -> Tensor<3> {
@@ -372,7 +424,8 @@ impl CausalLm {
         let norm = |name: &str| -> Result<RmsNorm> {
             let (_, data) = tensor(name, &[c.hidden_size])?;
             Ok(RmsNorm {
-                weight: Tensor::from_data(TensorData::new(data, [c.hidden_size]), device),
+                weight: Tensor::from_data(TensorData::new(data.clone(), [c.hidden_size]), device),
+                host: data,
                 eps: c.rms_norm_eps,
             })
         };
@@ -687,6 +740,11 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
+}
+
+/// A CPU tensor's values, row-major.
+fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 values")
 }
 
 /// Runs `f` on a worker of rayon's global pool. A parallel loop started from outside the

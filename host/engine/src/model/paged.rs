@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::{CausalLm, Lora, LoraGroup, Step, apply_rope};
+use super::{CausalLm, Lora, LoraGroup, Step};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::lora::{Adapter, Target};
@@ -296,9 +295,11 @@ impl CausalLm {
             tokens,
             positions,
         };
-        let (cos, sin) = self.rope_tables(&step.positions, 1, n);
+        let rope = Rope::new(&self.inv_freq, &step.positions);
         let runs = adapter_runs(rows);
-        let mut x = self.embed(&step);
+        // The step runs on host buffers, `[tokens, width]` row-major: a handful of calls
+        // per layer instead of some twenty small tensor ops.
+        let mut x = super::to_host(self.embed(&step));
         for i in 0..self.layers.len() {
             let lora = Lora {
                 groups: runs
@@ -312,46 +313,33 @@ impl CausalLm {
                 dropout: 0.0,
             };
             let layer = &self.layers[i];
-            let h = layer.input_layernorm.forward(x.clone());
-            let h = self.paged_attention(i, h, &cos, &sin, rows, &owner, pool, &lora);
-            let x1 = x + h;
-            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x1.clone()), &lora);
-            x = x1 + h;
+            let h = self.paged_attention(i, &layer.input_layernorm.forward_host(&x), &rope, rows, &owner, pool, &lora);
+            add(&mut x, &h);
+            let h = layer.mlp.forward_host(&layer.post_attention_layernorm.forward_host(&x), n, &lora, &self.device);
+            add(&mut x, &h);
         }
         for row in rows.iter_mut() {
             row.cache.commit(pool, row.tokens);
         }
-        let idx: Vec<i64> = ends.iter().map(|&e| e as i64).collect();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &self.device);
-        let logits = self.head(x.select(1, idx));
-        crate::generate::logits_to_host(logits)
+        let d = self.config.hidden_size;
+        let last: Vec<f32> = ends.iter().flat_map(|&e| x[e * d..(e + 1) * d].iter().copied()).collect();
+        Ok(self.lm_head.forward_host(&self.norm.forward_host(&last), rows.len(), &self.device))
     }
 
     /// Attention of a packed step: projections as a batch, then each token against its own
-    /// row's blocks on the host.
+    /// row's blocks. `h` is `[tokens, hidden]`.
     #[allow(clippy::too_many_arguments)]
-    fn paged_attention(
-        &self,
-        layer: usize,
-        x: Tensor<3>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        rows: &[SeqStep<'_>],
-        owner: &[(usize, usize)],
-        pool: &mut KvPool,
-        lora: &Lora<'_>,
-    ) -> Tensor<3> {
+    fn paged_attention(&self, layer: usize, h: &[f32], rope: &Rope, rows: &[SeqStep<'_>], owner: &[(usize, usize)], pool: &mut KvPool, lora: &Lora<'_>) -> Vec<f32> {
         let c = &self.config;
         let attn = &self.layers[layer].self_attn;
         let n = owner.len();
         let (heads, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let split = |t: Tensor<3>, h: usize| t.reshape([1, n, h, hd]).swap_dims(1, 2);
-        // [1, heads, n, hd] → [n, heads, hd] on the host.
-        let host = |t: Tensor<4>| t.swap_dims(1, 2).into_data().try_to_vec::<f32>().expect("f32 activations");
-        let xd = lora.input(&x);
-        let q = host(apply_rope(split(lora.apply(&attn.q_proj, Target::Q, x.clone(), &xd), heads), cos, sin));
-        let k = host(apply_rope(split(lora.apply(&attn.k_proj, Target::K, x.clone(), &xd), kvh), cos, sin));
-        let v = host(split(lora.apply(&attn.v_proj, Target::V, x, &xd), kvh));
+        // `[tokens, heads, hd]` each.
+        let mut q = lora.apply_host(&attn.q_proj, Target::Q, h, n, &self.device);
+        let mut k = lora.apply_host(&attn.k_proj, Target::K, h, n, &self.device);
+        let v = lora.apply_host(&attn.v_proj, Target::V, h, n, &self.device);
+        rope.apply(&mut q, hd);
+        rope.apply(&mut k, hd);
 
         for (t, &(r, p)) in owner.iter().enumerate() {
             let (block, slot) = rows[r].cache.slot(p);
@@ -391,12 +379,57 @@ impl CausalLm {
                 }
             }
         }
-        let out = Tensor::<3>::from_data(TensorData::new(out, [1, n, heads * hd]), &self.device);
-        let od = lora.input(&out);
-        lora.apply(&attn.o_proj, Target::O, out, &od)
+        lora.apply_host(&attn.o_proj, Target::O, &out, n, &self.device)
     }
 }
 
+/// `x += y`, elementwise.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
+/// Rotary embedding tables for a step's tokens: per token, the cosine and sine of each
+/// frequency's angle (computed in f32 as Hugging Face does).
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    fn new(inv_freq: &[f64], positions: &[i64]) -> Self {
+        let half = inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+        for &p in positions {
+            for &f in inv_freq {
+                let angle = (p as f32) * (f as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    /// Rotates every head of every token in `x` (`[tokens, heads, hd]`): the first half of
+    /// each head against the second, `x·cos + rotate_half(x)·sin`.
+    fn apply(&self, x: &mut [f32], hd: usize) {
+        assert_eq!(hd, 2 * self.half, "rotary tables for this head size");
+        let tokens = self.cos.len() / self.half;
+        for (t, row) in x.chunks_exact_mut(x.len() / tokens).enumerate() {
+            let (cos, sin) = (&self.cos[t * self.half..][..self.half], &self.sin[t * self.half..][..self.half]);
+            for head in row.chunks_exact_mut(hd) {
+                let (x1, x2) = head.split_at_mut(self.half);
+                for i in 0..self.half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] + (-b) * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+}
 
 /// The attention shapes every task shares.
 struct Geometry {
