@@ -31,33 +31,44 @@ fn hsum256(v: __m256) -> f32 {
     }
 }
 
-/// One block's 32 weights times one row's 32 activations, added to `acc` scaled by `d`:
+/// One block's 32 weights (already scaled) times one row's 32 activations, added into the
+/// row's two accumulators (two chains, so consecutive blocks need not wait on one another):
 /// the same operations in the same order for every row, so a row's sum does not depend on
 /// how many rows share the call.
 #[inline(always)]
-unsafe fn block_fma(w: &[__m256; 4], d: __m256, p: *const f32, acc: __m256) -> __m256 {
+unsafe fn block_fma(w: &[__m256; 4], p: *const f32, acc: &mut [__m256; 2]) {
     // SAFETY: the caller passes 32 readable floats at `p`.
     unsafe {
-        let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(p));
-        s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(p.add(8)), s);
-        s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(p.add(16)), s);
-        s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(p.add(24)), s);
-        _mm256_fmadd_ps(d, s, acc)
+        acc[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(p), acc[0]);
+        acc[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(p.add(8)), acc[1]);
+        acc[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(p.add(16)), acc[0]);
+        acc[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(p.add(24)), acc[1]);
     }
 }
 
-/// For each of `R` activation rows, Σ_blocks (d · Σ q·x + m · Σx) over 4-bit codes (16
-/// bytes per block: low nibbles are values 0..16, high nibbles 16..32). Each block is
-/// unpacked once for all `R` rows; `xsums` are the rows' sums per block.
+/// The horizontal sum of each row's two accumulators.
+#[inline(always)]
+fn row_sums<const R: usize>(acc: &[[__m256; 2]; R]) -> [f32; R] {
+    let mut out = [0.0; R];
+    for i in 0..R {
+        // SAFETY: only reached from the AVX2 functions below.
+        out[i] = hsum256(unsafe { _mm256_add_ps(acc[i][0], acc[i][1]) });
+    }
+    out
+}
+
+/// For each of `R` activation rows, the dot product with one weight row of 4-bit codes (16
+/// bytes per block: low nibbles are values 0..16, high nibbles 16..32, each `q·d + m`).
+/// Each block is expanded to its 32 f32 weights once for all `R` rows, which then take
+/// four fused multiply-adds each.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()`, `mins` and every
-/// `xsums[i]` as long as `scales`, and every `xs[i].len() == 32 · scales.len()`.
+/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()`, `mins` as long as
+/// `scales`, and every `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
+pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[f32]; R]) -> [f32; R] {
     let mask = _mm_set1_epi8(0x0f);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut offsets = [0f32; R];
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (b, ((q, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
         // SAFETY: q holds 16 bytes (chunks_exact) and each row 32 floats from 32·b on (the
         // length contract above), so every load is in bounds.
@@ -65,20 +76,19 @@ pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32
             let v = _mm_loadu_si128(q.as_ptr().cast());
             let lo = _mm_and_si128(v, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
             let w = [
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m),
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m),
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m),
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m),
             ];
-            let d = _mm256_set1_ps(d);
             for i in 0..R {
-                acc[i] = block_fma(&w, d, xs[i].as_ptr().add(32 * b), acc[i]);
-                offsets[i] = m.mul_add(*xsums[i].get_unchecked(b), offsets[i]);
+                block_fma(&w, xs[i].as_ptr().add(32 * b), &mut acc[i]);
             }
         }
     }
-    with_offsets(sums(&acc), offsets)
+    row_sums(&acc)
 }
 
 #[inline(always)]
@@ -89,33 +99,33 @@ fn with_offsets<const R: usize>(mut dots: [f32; R], offsets: [f32; R]) -> [f32; 
     dots
 }
 
-/// For each of `R` activation rows, Σ_blocks d · Σ q·x over signed 8-bit codes (32 bytes
-/// per block), each block widened once for all rows.
+/// For each of `R` activation rows, the dot product with one weight row of signed 8-bit
+/// codes (32 bytes per block, each `q·d`), each block expanded once for all rows.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `qs.len() == 32 · scales.len()` and every
 /// `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; R]) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (b, (q, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
         // SAFETY: q holds 32 bytes (chunks_exact) and each row 32 floats from 32·b on.
         unsafe {
             // No closures here: they would not inherit AVX2 and every intrinsic would become a call.
             let qp = q.as_ptr();
-            let w = [
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.cast()))),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(8).cast()))),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(16).cast()))),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(24).cast()))),
-            ];
             let d = _mm256_set1_ps(d);
+            let w = [
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.cast()))), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(8).cast()))), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(16).cast()))), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(24).cast()))), d),
+            ];
             for i in 0..R {
-                acc[i] = block_fma(&w, d, xs[i].as_ptr().add(32 * b), acc[i]);
+                block_fma(&w, xs[i].as_ptr().add(32 * b), &mut acc[i]);
             }
         }
     }
-    sums(&acc)
+    row_sums(&acc)
 }
 
 /// For each of `R` rows of 8-bit activations, Σ_blocks (d·dx · Σ q·qx + m · Σx) over

@@ -250,8 +250,8 @@ impl Kernel {
     }
 
     /// One weight row's dot products with every activation row of `x` (`out.len()` rows
-    /// of `cols`, with their sums per block in `xsum`). The AVX2 kernel unpacks each block
-    /// once for up to four rows.
+    /// of `cols`, with their sums per block in `xsum`). The AVX2 kernel expands each block
+    /// to f32 weights once for up to four rows.
     #[inline(always)]
     fn dots(self, w: &Row<'_>, x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
         let nb = w.scales.len();
@@ -277,7 +277,7 @@ impl Kernel {
                                 let xs: [&[f32]; $r] = std::array::from_fn(|k| row(i + k));
                                 let got = match w.codes {
                                     Codes::Bytes => avx2::dot_bytes::<$r>(w.qs, w.scales, xs),
-                                    Codes::Nibbles => avx2::dot_nibbles::<$r>(w.qs, w.scales, w.mins, xs, std::array::from_fn(|k| sums(i + k))),
+                                    Codes::Nibbles => avx2::dot_nibbles::<$r>(w.qs, w.scales, w.mins, xs),
                                 };
                                 out[i..i + $r].copy_from_slice(&got);
                                 i += $r;
