@@ -1,5 +1,6 @@
-//! Batched generation: left-padded prompts share one KV cache; each row samples on its own
-//! seeded RNG, so a prompt gives the same tokens alone or in a batch.
+//! Batched generation: on the CPU each prompt fills its own blocks of a paged cache (see
+//! `model::paged`); elsewhere left-padded prompts share one KV cache. Each row samples on
+//! its own seeded RNG, so a prompt gives the same tokens alone or in a batch.
 
 use burn::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::lora::Adapter;
+use crate::model::paged::{BLOCK_TOKENS, KvPool, SeqCache, SeqStep};
 use crate::model::{CausalLm, KvCache, Logits, Step};
 use crate::tokenizer::Tokenizer;
 
@@ -282,35 +284,21 @@ pub fn generate_with(
         })
         .collect();
 
-    // Prefill: left-padded prompts.
-    let mut step = Step {
-        batch: b,
-        seq: longest,
-        tokens: Vec::with_capacity(b * longest),
-        positions: Vec::with_capacity(b * longest),
-        valid: Vec::with_capacity(b * longest),
+    let mut batch = if model.on_host() {
+        Batch::paged(model, prompts, params.max_tokens)
+    } else {
+        Batch::Padded(KvCache::new(model.config.num_layers))
     };
-    for p in prompts {
-        let padding = longest - p.len();
-        step.tokens.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
-        step.positions
-            .extend(std::iter::repeat_n(0, padding).chain(0..p.len() as i64));
-        step.valid
-            .extend(std::iter::repeat_n(false, padding).chain(std::iter::repeat_n(true, p.len())));
-    }
-    let mut cache = KvCache::new(model.config.num_layers);
-    let mut logits = model.forward_with(&step, &mut cache, Logits::Last, adapter);
-
+    let vocab = model.config.vocab_size;
+    let mut logits = batch.prefill(model, adapter, prompts, pad)?;
     for _ in 0..params.max_tokens {
-        let host = logits_to_host(logits)?;
-        let vocab = model.config.vocab_size;
         let mut next = Vec::with_capacity(b);
         for (r, row) in rows.iter_mut().enumerate() {
             if row.out.finished() {
                 next.push(pad);
                 continue;
             }
-            let mut l = host[r * vocab..(r + 1) * vocab].to_vec();
+            let mut l = logits[r * vocab..(r + 1) * vocab].to_vec();
             let history: Vec<u32> = row.prompt.iter().chain(&row.out.generated).copied().collect();
             let t = row.sampler.sample(&mut l, &history);
             next.push(t);
@@ -322,17 +310,9 @@ pub fn generate_with(
         if rows.iter().all(|r| r.out.finished()) {
             break;
         }
-        let step = Step {
-            batch: b,
-            seq: 1,
-            positions: rows
-                .iter()
-                .map(|r| (r.prompt.len() + r.out.generated.len()) as i64 - 1)
-                .collect(),
-            valid: rows.iter().map(|r| !r.out.finished()).collect(),
-            tokens: next,
-        };
-        logits = model.forward_with(&step, &mut cache, Logits::Last, adapter);
+        let live: Vec<bool> = rows.iter().map(|r| !r.out.finished()).collect();
+        let positions: Vec<i64> = rows.iter().map(|r| (r.prompt.len() + r.out.generated.len()) as i64 - 1).collect();
+        logits = batch.decode(model, adapter, next, positions, &live)?;
     }
     Ok(rows
         .into_iter()
@@ -343,6 +323,92 @@ pub fn generate_with(
             finish_reason: r.out.finish.unwrap_or(FinishReason::Length),
         })
         .collect())
+}
+
+/// Where a batch's keys and values live while it generates.
+enum Batch {
+    /// On the model's device: prompts left-padded to one length, a cache that grows by
+    /// concatenation.
+    Padded(KvCache),
+    /// On the host (CPU models): each row its own blocks, written in place, and the step
+    /// on host buffers ([`CausalLm::forward_paged`]); no padding.
+    Paged { pool: KvPool, caches: Vec<SeqCache> },
+}
+
+impl Batch {
+    fn paged(model: &CausalLm, prompts: &[Vec<u32>], max_tokens: usize) -> Self {
+        let blocks = prompts.iter().map(|p| (p.len() + max_tokens).div_ceil(BLOCK_TOKENS)).sum();
+        Batch::Paged {
+            pool: KvPool::new(&model.config, blocks),
+            caches: prompts.iter().map(|_| SeqCache::new(0)).collect(),
+        }
+    }
+
+    /// Every prompt at once; the logits of each one's last token, `[rows, vocab]`.
+    fn prefill(&mut self, model: &CausalLm, adapter: Option<&Adapter>, prompts: &[Vec<u32>], pad: u32) -> Result<Vec<f32>> {
+        match self {
+            Batch::Padded(cache) => {
+                let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+                let mut step = Step {
+                    batch: prompts.len(),
+                    seq: longest,
+                    tokens: Vec::with_capacity(prompts.len() * longest),
+                    positions: Vec::with_capacity(prompts.len() * longest),
+                    valid: Vec::with_capacity(prompts.len() * longest),
+                };
+                for p in prompts {
+                    let padding = longest - p.len();
+                    step.tokens.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
+                    step.positions.extend(std::iter::repeat_n(0, padding).chain(0..p.len() as i64));
+                    step.valid.extend(std::iter::repeat_n(false, padding).chain(std::iter::repeat_n(true, p.len())));
+                }
+                logits_to_host(model.forward_with(&step, cache, Logits::Last, adapter))
+            }
+            Batch::Paged { pool, caches } => {
+                let live = vec![true; prompts.len()];
+                Self::paged_step(model, adapter, pool, caches, prompts.iter().map(Vec::as_slice).collect(), &live, model.config.vocab_size)
+            }
+        }
+    }
+
+    /// One token for each row (finished rows get `next` but are not `live`); the logits of
+    /// the live rows, `[rows, vocab]` (a finished row's are left zero).
+    fn decode(&mut self, model: &CausalLm, adapter: Option<&Adapter>, next: Vec<u32>, positions: Vec<i64>, live: &[bool]) -> Result<Vec<f32>> {
+        match self {
+            Batch::Padded(cache) => {
+                let step = Step {
+                    batch: next.len(),
+                    seq: 1,
+                    positions,
+                    valid: live.to_vec(),
+                    tokens: next,
+                };
+                logits_to_host(model.forward_with(&step, cache, Logits::Last, adapter))
+            }
+            Batch::Paged { pool, caches } => {
+                let tokens: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+                Self::paged_step(model, adapter, pool, caches, tokens, live, model.config.vocab_size)
+            }
+        }
+    }
+
+    /// The live rows' `tokens` as one packed step.
+    fn paged_step(model: &CausalLm, adapter: Option<&Adapter>, pool: &mut KvPool, caches: &mut [SeqCache], tokens: Vec<&[u32]>, live: &[bool], vocab: usize) -> Result<Vec<f32>> {
+        let mut steps = Vec::new();
+        for ((cache, t), &l) in caches.iter_mut().zip(&tokens).zip(live) {
+            if l {
+                assert!(cache.reserve(pool, t.len()), "the pool holds every row's prompt and budget");
+                steps.push(SeqStep { tokens: t, cache, adapter });
+            }
+        }
+        let got = model.forward_paged(&mut steps, pool)?;
+        let mut logits = vec![0f32; live.len() * vocab];
+        let mut rows = got.chunks_exact(vocab);
+        for (r, _) in live.iter().enumerate().filter(|(_, l)| **l) {
+            logits[r * vocab..(r + 1) * vocab].copy_from_slice(rows.next().expect("logits for every live row"));
+        }
+        Ok(logits)
+    }
 }
 
 /// Logits of a `[batch, 1, vocab]` tensor, row-major on the host.

@@ -110,17 +110,22 @@ impl Linear {
         }
     }
 
-    /// `x · W` for `n` rows of `x` (`[n, in]` on the host): from the blocks for a few rows,
-    /// through the dense gemm otherwise.
-    pub(crate) fn forward_host(&self, x: &[f32], n: usize, device: &Device) -> Vec<f32> {
-        if let Some(q) = &self.packed
+    /// `x · W` for each projection in `lins`, all reading the same `n` rows of `x` (`[n, in]`
+    /// on the host): from the blocks for a few rows (every quantized one in one parallel
+    /// loop), through the dense gemm otherwise.
+    pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
+        let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
+        if let Some(mats) = packed
             && n <= quant::MAX_ROWS
         {
-            return q.matmul(x, n);
+            return QMatrix::matmul_many(&mats, x, n, quant::int8_activations());
         }
-        let d = self.dims()[0];
-        let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), device);
-        to_host(x.matmul(self.dense(device)))
+        lins.iter()
+            .map(|l| {
+                let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, l.dims()[0]]), device);
+                to_host(x.matmul(l.dense(device)))
+            })
+            .collect()
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -190,10 +195,9 @@ pub struct Mlp {
 impl Mlp {
     /// `down(silu(gate(x)) · up(x))` for `n` rows on the host.
     fn forward_host(&self, x: &[f32], n: usize, lora: &Lora<'_>, device: &Device) -> Vec<f32> {
-        let gate = lora.apply_host(&self.gate_proj, Target::Gate, x, n, device);
-        let up = lora.apply_host(&self.up_proj, Target::Up, x, n, device);
+        let [gate, up]: [Vec<f32>; 2] = lora.apply_host(&[(&self.gate_proj, Target::Gate), (&self.up_proj, Target::Up)], x, n, device).try_into().expect("two projections");
         let h: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-        lora.apply_host(&self.down_proj, Target::Down, &h, n, device)
+        lora.apply_host_one(&self.down_proj, Target::Down, &h, n, device)
     }
 
     fn forward(&self, x: Tensor<3>, lora: &Lora<'_>) -> Tensor<3> {
@@ -256,21 +260,31 @@ impl<'a> Lora<'a> {
         Some(x.clone() * keep.div_scalar(1.0 - self.dropout))
     }
 
-    /// As [`Lora::apply`] on `n` rows on the host (inference: no dropout).
-    fn apply_host(&self, base: &Linear, target: Target, x: &[f32], n: usize, device: &Device) -> Vec<f32> {
+    /// As [`Lora::apply`] for each `(projection, target)` reading the same `n` rows on the
+    /// host (inference: no dropout).
+    fn apply_host(&self, projections: &[(&Linear, Target)], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
         debug_assert!(self.dropout <= 0.0, "the host path runs inference only");
-        let mut y = base.forward_host(x, n, device);
-        let (d, out) = (x.len() / n, y.len() / n);
-        for g in &self.groups {
-            let Some(p) = g.layer.get(target) else { continue };
-            let r = g.rows.clone().unwrap_or(0..n);
-            let xr = Tensor::<2>::from_data(TensorData::new(x[r.start * d..r.end * d].to_vec(), [r.len(), d]), device);
-            let delta = to_host(xr.matmul(p.a.clone()).matmul(p.b.clone()).mul_scalar(g.scale));
-            for (y, dl) in y[r.start * out..r.end * out].iter_mut().zip(delta) {
-                *y += dl;
+        let lins: Vec<&Linear> = projections.iter().map(|(l, _)| *l).collect();
+        let mut ys = Linear::forward_host(&lins, x, n, device);
+        let d = x.len() / n;
+        for (&(_, target), y) in projections.iter().zip(&mut ys) {
+            let out = y.len() / n;
+            for g in &self.groups {
+                let Some(p) = g.layer.get(target) else { continue };
+                let r = g.rows.clone().unwrap_or(0..n);
+                let xr = Tensor::<2>::from_data(TensorData::new(x[r.start * d..r.end * d].to_vec(), [r.len(), d]), device);
+                let delta = to_host(xr.matmul(p.a.clone()).matmul(p.b.clone()).mul_scalar(g.scale));
+                for (y, dl) in y[r.start * out..r.end * out].iter_mut().zip(delta) {
+                    *y += dl;
+                }
             }
         }
-        y
+        ys
+    }
+
+    /// [`Lora::apply_host`] for one projection.
+    fn apply_host_one(&self, base: &Linear, target: Target, x: &[f32], n: usize, device: &Device) -> Vec<f32> {
+        self.apply_host(&[(base, target)], x, n, device).pop().expect("one output per projection")
     }
 
     fn apply(&self, base: &Linear, target: Target, x: Tensor<3>, xd: &Option<Tensor<3>>) -> Tensor<3> {
@@ -543,6 +557,12 @@ impl CausalLm {
     }
 
     /// The output head: final norm, then the projection to the vocabulary.
+    /// Whether the model's tensors live in host memory (burn's CPU backend), where steps
+    /// run on host buffers and the quantized kernels.
+    pub fn on_host(&self) -> bool {
+        self.device == Device::flex()
+    }
+
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.lm_head.forward(self.norm.forward(hidden))
     }

@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{CausalLm, Lora, LoraGroup, Step};
+use super::{CausalLm, Linear, Lora, LoraGroup, Step};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::lora::{Adapter, Target};
@@ -323,7 +323,8 @@ impl CausalLm {
         }
         let d = self.config.hidden_size;
         let last: Vec<f32> = ends.iter().flat_map(|&e| x[e * d..(e + 1) * d].iter().copied()).collect();
-        Ok(self.lm_head.forward_host(&self.norm.forward_host(&last), rows.len(), &self.device))
+        let mut logits = Linear::forward_host(&[&self.lm_head], &self.norm.forward_host(&last), rows.len(), &self.device);
+        Ok(logits.pop().expect("one output"))
     }
 
     /// Attention of a packed step: projections as a batch, then each token against its own
@@ -335,9 +336,8 @@ impl CausalLm {
         let n = owner.len();
         let (heads, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         // `[tokens, heads, hd]` each.
-        let mut q = lora.apply_host(&attn.q_proj, Target::Q, h, n, &self.device);
-        let mut k = lora.apply_host(&attn.k_proj, Target::K, h, n, &self.device);
-        let v = lora.apply_host(&attn.v_proj, Target::V, h, n, &self.device);
+        let projections = [(&attn.q_proj, Target::Q), (&attn.k_proj, Target::K), (&attn.v_proj, Target::V)];
+        let [mut q, mut k, v]: [Vec<f32>; 3] = lora.apply_host(&projections, h, n, &self.device).try_into().expect("three projections");
         rope.apply(&mut q, hd);
         rope.apply(&mut k, hd);
 
@@ -369,7 +369,11 @@ impl CausalLm {
             t = end;
         }
         let pool = &*pool;
-        let results: Vec<Vec<f32>> = tasks.par_iter().map(|(r, g, ts)| attend(pool, layer, &rows[*r].cache.blocks, *g, ts.clone(), owner, &q, &geometry)).collect();
+        let run = |(r, g, ts): &(usize, usize, Range<usize>)| attend(pool, layer, &rows[*r].cache.blocks, *g, ts.clone(), owner, &q, &geometry);
+        // Query-key products: a single stream's decode step is too little work to be worth
+        // waking the other threads.
+        let work: usize = tasks.iter().map(|(_, _, ts)| ts.len() * geometry.group * (owner[ts.end - 1].1 + 1) * hd).sum();
+        let results: Vec<Vec<f32>> = if work < 1 << 18 { tasks.iter().map(run).collect() } else { tasks.par_iter().map(run).collect() };
         let mut out = vec![0.0f32; n * heads * hd];
         for ((_, g, ts), res) in tasks.iter().zip(results) {
             let mut res = res.chunks_exact(hd);
@@ -379,7 +383,7 @@ impl CausalLm {
                 }
             }
         }
-        lora.apply_host(&attn.o_proj, Target::O, &out, n, &self.device)
+        lora.apply_host_one(&attn.o_proj, Target::O, &out, n, &self.device)
     }
 }
 

@@ -165,39 +165,58 @@ impl QMatrix {
 
     /// `x · Wᵀ`, the activations rounded to 8 bits when `int8`.
     pub fn matmul_with(&self, x: &[f32], n: usize, int8: bool) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.cols, "x must be n × cols");
-        let nb = self.cols / 32;
+        Self::matmul_many(&[self], x, n, int8).pop().expect("one product per matrix")
+    }
+
+    /// `x · Wᵀ` for every matrix in `mats` (all `cols` wide) in one parallel loop: the
+    /// projections that read the same input (query, key and value; gate and up) cost one
+    /// fork and join between the threads instead of one each.
+    pub fn matmul_many(mats: &[&QMatrix], x: &[f32], n: usize, int8: bool) -> Vec<Vec<f32>> {
+        const ROWS_PER_TASK: usize = 64;
+        let cols = mats.first().map_or(0, |m| m.cols);
+        assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
+        assert_eq!(x.len(), n * cols, "x must be n × cols");
+        let nb = cols / 32;
         // Σx per block of 32, for the offset term.
         let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        let mut out_t = vec![0f32; self.rows * n];
-        const ROWS_PER_TASK: usize = 64;
         let kernel = Kernel::detect();
-        let per_row = if self.codes == Codes::Bytes { 32 } else { 16 } * nb;
         let q8 = int8.then(|| Q8Rows::quantize(x));
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
-                    let r = task * ROWS_PER_TASK + k;
-                    let qs = &self.qs[r * per_row..(r + 1) * per_row];
-                    let scales = &self.scales[r * nb..(r + 1) * nb];
-                    let mins = if self.codes == Codes::Nibbles { &self.mins[r * nb..(r + 1) * nb] } else { &[] };
-                    let w = Row { codes: self.codes, qs, scales, mins };
-                    match &q8 {
-                        Some(xq) => kernel.dots_q8(&w, xq, &xsum, self.cols, out_row),
-                        None => kernel.dots(&w, x, &xsum, self.cols, out_row),
+        // Each output `[rows, n]`; the tasks cut every one into runs of weight rows.
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
+        let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
+        for (m, out) in mats.iter().zip(&mut outs) {
+            tasks.extend(out.chunks_mut(ROWS_PER_TASK * n).enumerate().map(|(t, o)| (*m, t * ROWS_PER_TASK, o)));
+        }
+        tasks.into_par_iter().for_each(|(m, first, out)| {
+            let per_row = if m.codes == Codes::Bytes { 32 } else { 16 } * nb;
+            for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
+                let r = first + k;
+                let qs = &m.qs[r * per_row..(r + 1) * per_row];
+                let scales = &m.scales[r * nb..(r + 1) * nb];
+                let mins = if m.codes == Codes::Nibbles { &m.mins[r * nb..(r + 1) * nb] } else { &[] };
+                let w = Row { codes: m.codes, qs, scales, mins };
+                match &q8 {
+                    Some(xq) => kernel.dots_q8(&w, xq, &xsum, cols, out_row),
+                    None => kernel.dots(&w, x, &xsum, cols, out_row),
+                }
+            }
+        });
+        if n == 1 {
+            return outs;
+        }
+        // `[rows, n]` to the `[n, rows]` callers want.
+        outs.into_iter()
+            .zip(mats)
+            .map(|(t, m)| {
+                let mut out = vec![0f32; n * m.rows];
+                for r in 0..m.rows {
+                    for i in 0..n {
+                        out[i * m.rows + r] = t[r * n + i];
                     }
                 }
-            });
-        // out_t is [rows, n]; callers want [n, rows].
-        let mut out = vec![0f32; n * self.rows];
-        for r in 0..self.rows {
-            for i in 0..n {
-                out[i * self.rows + r] = out_t[r * n + i];
-            }
-        }
-        out
+                out
+            })
+            .collect()
     }
 
     /// The matrix expanded to f32 (for checks and dense fallbacks).
