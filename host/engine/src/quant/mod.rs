@@ -241,6 +241,30 @@ impl QMatrix {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 
+/// Fills `out` in groups of up to four rows: `body` sees the group's first row `i` and its
+/// size as a constant `R`, and gives the group's `[f32; R]` (the AVX2 kernels take the rows
+/// a block is expanded for as a const generic).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups_of_four {
+    ($out:ident, |$i:ident, $r:ident| $body:expr) => {{
+        let mut $i = 0;
+        while $i < $out.len() {
+            match $out.len() - $i {
+                1 => in_groups_of_four!(@group 1, $out, $i, $r, $body),
+                2 => in_groups_of_four!(@group 2, $out, $i, $r, $body),
+                3 => in_groups_of_four!(@group 3, $out, $i, $r, $body),
+                _ => in_groups_of_four!(@group 4, $out, $i, $r, $body),
+            }
+        }
+    }};
+    (@group $n:literal, $out:ident, $i:ident, $r:ident, $body:expr) => {{
+        const $r: usize = $n;
+        let got: [f32; $r] = $body;
+        $out[$i..$i + $r].copy_from_slice(&got);
+        $i += $r;
+    }};
+}
+
 /// One weight row's blocks: codes, scales, and (for 4-bit codes) offsets.
 struct Row<'a> {
     codes: Codes,
@@ -283,34 +307,18 @@ impl Kernel {
         let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => {
-                let mut i = 0;
-                while i < out.len() {
-                    let left = out.len() - i;
-                    // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length
-                    // contract (every row has `cols` = 32 · blocks floats).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        macro_rules! rows {
-                            ($r:literal) => {{
-                                let xs: [&[f32]; $r] = std::array::from_fn(|k| row(i + k));
-                                let got = match w.codes {
-                                    Codes::Bytes => avx2::dot_bytes::<$r>(w.qs, w.scales, xs),
-                                    Codes::Nibbles => avx2::dot_nibbles::<$r>(w.qs, w.scales, w.mins, xs),
-                                };
-                                out[i..i + $r].copy_from_slice(&got);
-                                i += $r;
-                            }};
-                        }
-                        match left {
-                            1 => rows!(1),
-                            2 => rows!(2),
-                            3 => rows!(3),
-                            _ => rows!(4),
-                        }
+            // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length contract
+            // (every row has `cols` = 32 · blocks floats).
+            #[allow(unsafe_code)]
+            Kernel::Avx2 => unsafe {
+                in_groups_of_four!(out, |i, R| {
+                    let xs: [&[f32]; R] = std::array::from_fn(|k| row(i + k));
+                    match w.codes {
+                        Codes::Bytes => avx2::dot_bytes::<R>(w.qs, w.scales, xs),
+                        Codes::Nibbles => avx2::dot_nibbles::<R>(w.qs, w.scales, w.mins, xs),
                     }
-                }
-            }
+                })
+            },
             Kernel::Portable => {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = match w.codes {
@@ -337,35 +345,19 @@ impl Kernel {
         let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => {
-                let mut i = 0;
-                while i < out.len() {
-                    let left = out.len() - i;
-                    // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length
-                    // contract (every row has `cols` codes and `cols / 32` scales and sums).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        macro_rules! rows {
-                            ($r:literal) => {{
-                                let xs: [&[i8]; $r] = std::array::from_fn(|k| row(i + k).0);
-                                let xd: [&[f32]; $r] = std::array::from_fn(|k| row(i + k).1);
-                                let got = match w.codes {
-                                    Codes::Bytes => avx2::dot_bytes_q8::<$r>(w.qs, w.scales, xs, xd),
-                                    Codes::Nibbles => avx2::dot_nibbles_q8::<$r>(w.qs, w.scales, w.mins, xs, xd, std::array::from_fn(|k| sums(i + k))),
-                                };
-                                out[i..i + $r].copy_from_slice(&got);
-                                i += $r;
-                            }};
-                        }
-                        match left {
-                            1 => rows!(1),
-                            2 => rows!(2),
-                            3 => rows!(3),
-                            _ => rows!(4),
-                        }
+            // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length contract
+            // (every row has `cols` codes and `cols / 32` scales and sums).
+            #[allow(unsafe_code)]
+            Kernel::Avx2 => unsafe {
+                in_groups_of_four!(out, |i, R| {
+                    let xs: [&[i8]; R] = std::array::from_fn(|k| row(i + k).0);
+                    let xd: [&[f32]; R] = std::array::from_fn(|k| row(i + k).1);
+                    match w.codes {
+                        Codes::Bytes => avx2::dot_bytes_q8::<R>(w.qs, w.scales, xs, xd),
+                        Codes::Nibbles => avx2::dot_nibbles_q8::<R>(w.qs, w.scales, w.mins, xs, xd, std::array::from_fn(|k| sums(i + k))),
                     }
-                }
-            }
+                })
+            },
             Kernel::Portable => {
                 for (i, o) in out.iter_mut().enumerate() {
                     let (xq, xd) = row(i);

@@ -171,21 +171,18 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     sink.finished("demo.train", format!("adapter {}", trained.adapter_dir.display()));
 
     sink.started("demo.verdict", "5/7 fine-tune vs baseline on the held-out items");
-    let tuned = super::eval::run(
-        env,
-        &EvalSpec {
-            model: spec.model.clone(),
-            adapter: Some(trained.adapter_dir.clone()),
-            suite: suite.clone(),
-            data: split.heldout.clone(),
-            template: Some(best.template.clone()),
-            shots: 0,
-            train: None,
-            limit: Some(spec.eval_items),
-        },
-        sink,
-    )?
-    .run;
+    // The held-out evaluation with the best prompt, of a model and adapter.
+    let heldout = |model: PathBuf, adapter: Option<PathBuf>| EvalSpec {
+        model,
+        adapter,
+        suite: suite.clone(),
+        data: split.heldout.clone(),
+        template: Some(best.template.clone()),
+        shots: 0,
+        train: None,
+        limit: Some(spec.eval_items),
+    };
+    let tuned = super::eval::run(env, &heldout(spec.model.clone(), Some(trained.adapter_dir.clone())), sink)?.run;
     let comparison = eval::compare(best, &tuned, &best.primary_metric, suite.margin)?;
     let m = env.model(&spec.model)?;
     let adapter = Adapter::load_peft(&trained.adapter_dir, &m.model.config, env.device())?;
@@ -200,21 +197,7 @@ pub fn run(env: &Env, spec: &DemoSpec, sink: &dyn Sink) -> Result<DemoOutcome> {
     for format in QUANTIZED {
         let out = root.join("exports").join(format!("fine-tune-{}.gguf", format.name()));
         super::train::export(env, &ExportSpec { model: spec.model.clone(), adapter: trained.adapter_dir.clone(), format, out: out.clone() }, sink)?;
-        let run = super::eval::run(
-            env,
-            &EvalSpec {
-                model: out.clone(),
-                adapter: None,
-                suite: suite.clone(),
-                data: split.heldout.clone(),
-                template: Some(best.template.clone()),
-                shots: 0,
-                train: None,
-                limit: Some(spec.eval_items),
-            },
-            sink,
-        )?
-        .run;
+        let run = super::eval::run(env, &heldout(out.clone(), None), sink)?.run;
         variants.push(Variant { format, path: out, metric: run.primary(), passed_gate: run.passed_gate });
         variant_runs.push(run);
     }
