@@ -53,3 +53,36 @@ fn bad_input_exits_non_zero_with_a_message_naming_it() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--prompt"), "{}", stderr(&out));
 }
+
+#[test]
+fn synthetic_models_take_the_asked_shape_and_pass_parity() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("synthetic");
+    let out = lathe(&[
+        "bench", "synthetic-model", "--like", smollm2().to_str().unwrap(), "--hidden", "128", "--heads", "4",
+        "--kv-heads", "2", "--layers", "2", "--intermediate", "256", "--out", out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["hidden_size"], 128);
+    assert_eq!(config["num_hidden_layers"], 2);
+    assert_eq!(config["num_key_value_heads"], 2);
+    assert_eq!(config["head_dim"], 32);
+    // SmolLM2's vocabulary and tokenizer came along: 49152 × 128 embeddings, tied.
+    assert_eq!(config["vocab_size"], 49152);
+    assert!(stdout(&out).contains("7 M parameters"), "{}", stdout(&out));
+
+    let out = lathe(&[
+        "bench", "parity", "--model", out_dir.to_str().unwrap(), "--prompt-tokens", "16", "--new-tokens", "6", "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(p["holds"], true, "{p}");
+    assert_eq!(p["positions"], 16);
+    assert_eq!(p["greedy_cpu"].as_array().unwrap().len(), 6);
+
+    let out = lathe(&["bench", "synthetic-model", "--hidden", "100", "--heads", "3", "--out", out_dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--hidden 100 is not a multiple of --heads 3"), "{}", stderr(&out));
+}

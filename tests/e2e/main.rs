@@ -1,5 +1,6 @@
 //! End-to-end tests: run the real `lathe` binary and check what a user sees.
 
+mod cuda;
 mod generate;
 mod plugin;
 mod service;

@@ -29,7 +29,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cuda" => {
             #[cfg(feature = "cuda")]
             {
-                Ok(Device::cuda(index.unwrap_or(0)))
+                cuda(name, index.unwrap_or(0))
             }
             #[cfg(not(feature = "cuda"))]
             {
@@ -69,6 +69,50 @@ pub fn parse_device(name: &str) -> Result<Device> {
             format!("unknown device kind `{other}`; use cpu, cuda[:N], wgpu or vulkan"),
         )),
     }
+}
+
+/// A CUDA device that has run a kernel. cubecl starts the CUDA runtime on first use and
+/// panics when the driver (`libcuda`), NVRTC (`libnvrtc`) or the CUDA headers it compiles
+/// kernels against are missing; starting it here, on a two-element sum, turns that into an
+/// error naming what is missing before any work is queued.
+#[cfg(feature = "cuda")]
+fn cuda(name: &str, index: usize) -> Result<Device> {
+    use burn::tensor::{Tensor, TensorData};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static STARTED: Mutex<Option<HashMap<usize, std::result::Result<(), String>>>> = Mutex::new(None);
+    let mut started = STARTED.lock().unwrap_or_else(|e| e.into_inner());
+    let outcome = started.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| {
+        let device = Device::cuda(index);
+        // cubecl may panic on a thread of its own (the caller then sees only a closed
+        // channel), so the hook records every panic's message, the first being the cause;
+        // it also keeps the default hook from printing them as if the program had crashed.
+        let seen = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+        let record = seen.clone();
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info.payload_as_str().unwrap_or("a panic without a message");
+            record.lock().unwrap_or_else(|e| e.into_inner()).push(message.to_string());
+        }));
+        let sum = std::panic::catch_unwind(|| {
+            let t = Tensor::<1>::from_data(TensorData::new(vec![1f32, 2.0], [2]), &device);
+            (t.clone() + t).into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
+        });
+        std::panic::set_hook(hook);
+        let first_panic = seen.lock().unwrap_or_else(|e| e.into_inner()).first().cloned();
+        let why = match sum {
+            Ok(Ok(v)) if v == [2.0, 4.0] => return Ok(()),
+            Ok(Ok(v)) => format!("a test sum came back wrong: {v:?}"),
+            Ok(Err(e)) => e,
+            Err(_) => first_panic.unwrap_or_else(|| "the CUDA runtime panicked".into()),
+        };
+        Err(format!(
+            "CUDA did not start: {}. The `cuda` build needs an NVIDIA driver (libcuda.so.1), NVRTC \
+             (libnvrtc.so) on the library path and the CUDA headers under $CUDA_PATH (default /usr/local/cuda)",
+            why.trim_end_matches('.')
+        ))
+    });
+    outcome.clone().map(|()| Device::cuda(index)).map_err(|why| EngineError::Device(name.into(), why))
 }
 
 #[cfg(test)]

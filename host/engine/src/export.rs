@@ -27,8 +27,21 @@ impl WeightSource for MemoryWeights {
     }
 }
 
-/// Writes `config.json`, `model.safetensors` (f32) and the tokenizer files into `dir`.
+/// Writes `config.json`, the tokenizer files and `model.safetensors` (f32) into `dir`.
 pub fn write_hf_folder(dir: &Path, config: &ModelConfig, weights: &MemoryWeights, tokenizer: &Tokenizer) -> Result<()> {
+    write_hf_shape(dir, config, tokenizer)?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let st = safetensors_f32(&weights.tensors, Some(meta)).map_err(|detail| EngineError::Malformed {
+        path: dir.join("model.safetensors"),
+        format: "safetensors",
+        detail,
+    })?;
+    crate::error::write_atomic(&dir.join("model.safetensors"), &st)
+}
+
+/// Writes `config.json` and the tokenizer files into `dir`: everything of a Hugging Face
+/// folder but its weights.
+pub fn write_hf_shape(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {
     if matches!(config.rope_scaling, RopeScaling::Factors(_)) {
         // config.json has no way to say "these per-frequency divisors".
         return Err(EngineError::Unsupported {
@@ -40,13 +53,6 @@ pub fn write_hf_folder(dir: &Path, config: &ModelConfig, weights: &MemoryWeights
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("JSON value serializes");
     crate::error::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let st = safetensors_f32(&weights.tensors, Some(meta)).map_err(|detail| EngineError::Malformed {
-        path: dir.join("model.safetensors"),
-        format: "safetensors",
-        detail,
-    })?;
-    crate::error::write_atomic(&dir.join("model.safetensors"), &st)?;
     tokenizer.write_hf_files(dir)
 }
 

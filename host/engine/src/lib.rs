@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod parity;
 pub mod quant;
 pub mod tiny;
 pub mod tokenizer;
@@ -49,32 +50,34 @@ pub struct LoadedModel {
 /// Loads a `.gguf` file or a Hugging Face folder (`config.json`, `*.safetensors`,
 /// `tokenizer.json`).
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
-    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?;
-    if meta.is_dir() {
-        let config = ModelConfig::from_hf_file(&path.join("config.json"))?;
-        let tokenizer = Tokenizer::from_hf_folder(path)?;
+    let (config, tokenizer) = load_shape(path)?;
+    let (model, format) = if path.is_dir() {
         let weights = weights::SafetensorsWeights::open(path)?;
-        let model = CausalLm::load(config, &weights, device)?;
-        Ok(LoadedModel {
-            model,
-            tokenizer,
-            source: path.into(),
-            format: Format::HuggingFace,
-        })
+        (CausalLm::load(config, &weights, device)?, Format::HuggingFace)
     } else {
         let file = gguf::GgufFile::open(path)?;
-        let config = ModelConfig::from_gguf(&file)?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
         let weights = weights::GgufWeights {
             file: &file,
             config: &config,
         };
-        let model = CausalLm::load(config.clone(), &weights, device)?;
-        Ok(LoadedModel {
-            model,
-            tokenizer,
-            source: path.into(),
-            format: Format::Gguf,
-        })
+        (CausalLm::load(config.clone(), &weights, device)?, Format::Gguf)
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source: path.into(),
+        format,
+    })
+}
+
+/// The configuration and tokenizer of a `.gguf` file or a Hugging Face folder, without
+/// reading its weights.
+pub fn load_shape(path: &Path) -> Result<(ModelConfig, Tokenizer)> {
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?;
+    if meta.is_dir() {
+        Ok((ModelConfig::from_hf_file(&path.join("config.json"))?, Tokenizer::from_hf_folder(path)?))
+    } else {
+        let file = gguf::GgufFile::open(path)?;
+        Ok((ModelConfig::from_gguf(&file)?, Tokenizer::from_gguf(&file)?))
     }
 }

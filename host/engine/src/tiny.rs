@@ -93,6 +93,11 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
 
 /// Random weights for `config`: projections ~ U(-0.15, 0.15), norms near 1.
 pub fn random_weights(config: &ModelConfig, seed: u64) -> MemoryWeights {
+    random_weights_within(config, seed, 0.15)
+}
+
+/// Random weights for `config`: projections ~ U(-bound, bound), norms near 1.
+fn random_weights_within(config: &ModelConfig, seed: u64, bound: f32) -> MemoryWeights {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut w = MemoryWeights::default();
     for (name, shape) in config.tensor_shapes() {
@@ -100,11 +105,20 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> MemoryWeights {
         let data: Vec<f32> = if shape.len() == 1 {
             (0..n).map(|_| 1.0 + rng.random_range(-0.1..0.1)).collect()
         } else {
-            (0..n).map(|_| rng.random_range(-0.15..0.15)).collect()
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
         };
         w.tensors.insert(name, (shape, data));
     }
     w
+}
+
+/// Writes a Hugging Face folder (`config.json`, `model.safetensors`, tokenizer) of
+/// `config`'s shape with random weights scaled like a fresh checkpoint: uniform with standard
+/// deviation 0.02 (Hugging Face's `initializer_range`), so activations stay finite through
+/// many layers. For benchmarks and device checks at sizes no fixture has.
+pub fn write_synthetic(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer, seed: u64) -> Result<()> {
+    let weights = random_weights_within(config, seed, 0.02 * 3f32.sqrt());
+    write_hf_folder(dir, config, &weights, tokenizer)
 }
 
 /// Paths of one tiny model written in both formats.

@@ -149,3 +149,20 @@ fn quantized_gguf_weights_stay_close_on_both_paths() {
         }
     }
 }
+
+#[test]
+fn the_test_device_computes_what_the_cpu_computes() {
+    // On the CPU pass this compares the CPU with itself; the GPU pass of scripts/test.sh runs
+    // it on Vulkan, and `lathe bench parity --device cuda` runs the same check on NVIDIA.
+    for arch in [Architecture::Llama, Architecture::Mistral] {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = write_tiny(dir.path(), arch, 11).unwrap();
+        let cpu = lathe_engine::load(&tiny.gguf, &lathe_engine::Device::flex()).unwrap();
+        let other = lathe_engine::load(&tiny.gguf, &device()).unwrap();
+        let p = lathe_engine::parity::compare(&cpu.model, &other.model, &cpu.tokenizer, &TOKENS, 12).unwrap();
+        assert_eq!(p.positions, TOKENS.len());
+        assert_eq!(p.greedy_cpu.len(), 12, "greedy decoding ignores the end of sequence here");
+        assert!(p.holds(1e-4), "{arch:?}: {p:?}");
+        assert_eq!(p.argmax_agreement, 1.0, "{arch:?}: {p:?}");
+    }
+}

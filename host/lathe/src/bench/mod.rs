@@ -6,7 +6,7 @@ mod service;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lathe_engine::generate::{argmax, logits_to_host};
 use lathe_engine::{KvCache, Logits, Step};
@@ -17,6 +17,12 @@ use crate::cli::{Compute, DEFAULT_MODEL, load};
 pub enum BenchCommand {
     /// Prompt-processing and decode tokens/s at several batch sizes.
     Generate(GenerateBench),
+    /// Whether a device computes what the CPU computes: logits at every prompt position and
+    /// greedy continuations, for the same weights loaded on both. Fails when they differ.
+    Parity(ParityBench),
+    /// Writes a Hugging Face folder with random weights in the shape of a model (or a larger
+    /// one), for benchmarks at sizes no fixture has; PyTorch loads the same folder.
+    SyntheticModel(SyntheticModel),
     /// Scorer throughput (native, wasm single and batched, Python), instantiation, loading.
     Plugins(PluginBench),
     /// LoRA training tokens/s and peak memory.
@@ -79,10 +85,63 @@ pub struct TrainBench {
     /// QLoRA: 4-bit frozen projections, back-propagation one layer at a time.
     #[arg(long)]
     qlora: bool,
+    /// Time the same step in PyTorch + peft (`scripts/bench_peft.py`, run by
+    /// `$LATHE_ANCHOR_PYTHON`, else `.venv-anchors/bin/python`, else `python3`) on the same
+    /// weights and thread count, and print the ratios. A GGUF model is first written as a
+    /// Hugging Face folder of its shape with random weights, which both then train on.
+    #[arg(long)]
+    vs_peft: bool,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     compute: Compute,
+}
+
+#[derive(Args)]
+pub struct ParityBench {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Prompt length in tokens; logits are compared at every position.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Greedy tokens decoded on each device after the prompt.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// The largest logit difference allowed, as a fraction of the largest logit.
+    #[arg(long, default_value_t = 1e-3)]
+    tolerance: f32,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    compute: Compute,
+}
+
+#[derive(Args)]
+pub struct SyntheticModel {
+    /// The model whose configuration and tokenizer to copy: a GGUF or a Hugging Face folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    like: PathBuf,
+    /// Hidden size (the head size becomes hidden / heads).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// MLP intermediate size.
+    #[arg(long)]
+    intermediate: Option<usize>,
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Query heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write only `config.json` and the tokenizer: a shape small enough to copy to another
+    /// machine, where `--like` that folder writes the weights.
+    #[arg(long)]
+    no_weights: bool,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -111,6 +170,8 @@ pub struct GenerateBench {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => generate(a),
+        BenchCommand::Parity(a) => parity(a),
+        BenchCommand::SyntheticModel(a) => synthetic_model(a),
         BenchCommand::Plugins(a) => plugins(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Data(a) => data(a),
@@ -211,10 +272,45 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The anchors' Python: `$LATHE_ANCHOR_PYTHON`, else the repository's `.venv-anchors`, else
+/// `python3`.
+fn anchor_python() -> PathBuf {
+    std::env::var_os("LATHE_ANCHOR_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        let venv = PathBuf::from(".venv-anchors/bin/python");
+        if venv.exists() { venv } else { "python3".into() }
+    })
+}
+
+/// Runs `scripts/bench_peft.py` with `args` and returns its JSON line.
+fn peft_anchor(args: &[String]) -> Result<serde_json::Value> {
+    let python = anchor_python();
+    let out = std::process::Command::new(&python)
+        .arg("scripts/bench_peft.py")
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} scripts/bench_peft.py (from the repository root)", python.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the PyTorch + peft anchor failed ({}; it needs `pip install torch transformers peft`): {}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 fn train(a: TrainBench) -> Result<()> {
     use lathe_engine::train::{Encoded, RunInfo, TrainConfig, Trainer};
     let device = a.compute.setup()?;
-    let mut m = load(&a.model, &device)?;
+    // The anchor reads Hugging Face folders; Lathe trains on the same one.
+    let shape_dir = tempfile::tempdir()?;
+    let model = if a.vs_peft && !a.model.is_dir() {
+        let (config, tokenizer) = lathe_engine::load_shape(&a.model)?;
+        lathe_engine::tiny::write_synthetic(shape_dir.path(), &config, &tokenizer, 0)?;
+        shape_dir.path().to_path_buf()
+    } else {
+        a.model.clone()
+    };
+    let mut m = load(&model, &device)?;
     if a.qlora {
         m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0)?;
     }
@@ -274,6 +370,29 @@ fn train(a: TrainBench) -> Result<()> {
     let tokens_per_s = (a.batch * a.seq) as f64 / mean;
     let peak = peak_rss_mib();
     let threads = rayon::current_num_threads();
+    let trainable_params =
+        lathe_engine::Adapter::init(trainer.info.config.lora.clone(), &m.model.config, 0, &device).num_params();
+    // The anchor runs while this process waits: free the model first.
+    drop(trainer);
+    drop(m);
+    let anchor = if a.vs_peft {
+        let arg = |k: &str, v: String| [format!("--{k}"), v];
+        let args: Vec<String> = [
+            arg("model", model.display().to_string()),
+            arg("device", a.compute.device.clone()),
+            arg("threads", threads.to_string()),
+            arg("batch", a.batch.to_string()),
+            arg("seq", a.seq.to_string()),
+            arg("rank", a.rank.to_string()),
+            arg("steps", a.steps.to_string()),
+        ]
+        .concat();
+        Some(peft_anchor(&args)?)
+    } else {
+        None
+    };
+    let anchor_tps = anchor.as_ref().and_then(|v| v["tokens_per_s"].as_f64());
+    let anchor_peak = anchor.as_ref().and_then(|v| v["peak_mib"].as_f64());
     if a.json {
         println!(
             "{}",
@@ -281,7 +400,10 @@ fn train(a: TrainBench) -> Result<()> {
                 "model": a.model, "qlora": a.qlora, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
                 "threads": threads, "step_s": mean, "tokens_per_s": tokens_per_s,
                 "peak_rss_training_mib": peak, "rss_before_training_mib": loaded_mib,
-                "trainable_params": lathe_engine::Adapter::init(trainer.info.config.lora.clone(), &m.model.config, 0, &device).num_params(),
+                "trainable_params": trainable_params,
+                "anchor": anchor,
+                "tokens_per_s_vs_anchor": anchor_tps.map(|t| tokens_per_s / t),
+                "peak_memory_vs_anchor": anchor_peak.zip(peak).map(|(p, q)| q / p),
             })
         );
     } else {
@@ -298,19 +420,119 @@ fn train(a: TrainBench) -> Result<()> {
             peak.unwrap_or(f64::NAN),
             loaded_mib.unwrap_or(f64::NAN)
         );
+        if let (Some(v), Some(t)) = (&anchor, anchor_tps) {
+            println!(
+                "{} on the same weights: {:.1} training tokens/s, peak RSS while training {:.0} MiB -> Lathe {:.2}x the tokens/s at {:.2}x the memory",
+                v["anchor"].as_str().unwrap_or("PyTorch + peft"),
+                t,
+                anchor_peak.unwrap_or(f64::NAN),
+                tokens_per_s / t,
+                peak.zip(anchor_peak).map_or(f64::NAN, |(p, q)| p / q)
+            );
+        }
     }
+    Ok(())
+}
+
+/// Tokens of a fixed English text, repeated to `n`.
+fn prompt_ids(tokenizer: &lathe_engine::Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let text = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills. ";
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(tokenizer.encode(text, false)?);
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+fn parity(a: ParityBench) -> Result<()> {
+    let device = a.compute.setup()?;
+    let cpu = load(&a.model, &lathe_engine::Device::flex())?;
+    let other = load(&a.model, &device)?;
+    let ids = prompt_ids(&cpu.tokenizer, a.prompt_tokens)?;
+    let p = lathe_engine::parity::compare(&cpu.model, &other.model, &cpu.tokenizer, &ids, a.new_tokens)?;
+    let holds = p.holds(a.tolerance);
+    if a.json {
+        let mut v = serde_json::to_value(&p)?;
+        v["model"] = serde_json::json!(a.model);
+        v["device"] = serde_json::json!(a.compute.device);
+        v["tolerance"] = serde_json::json!(a.tolerance);
+        v["holds"] = serde_json::json!(holds);
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {} vs cpu: {} positions, max |Δlogit| {:.3e} (largest logit {:.2}), argmax agrees at {:.1} %, greedy {} tokens {}",
+            a.model.display(),
+            a.compute.device,
+            p.positions,
+            p.max_abs_logit_diff,
+            p.max_abs_logit,
+            100.0 * p.argmax_agreement,
+            p.greedy_cpu.len(),
+            if p.greedy_cpu == p.greedy_device { "equal" } else { "DIFFER" },
+        );
+    }
+    if !holds {
+        anyhow::bail!(
+            "{} does not compute what the CPU computes on {}: greedy tokens {}, max |Δlogit| {:.3e} > {} × {:.2}",
+            a.compute.device,
+            a.model.display(),
+            if p.greedy_cpu == p.greedy_device { "equal" } else { "differ" },
+            p.max_abs_logit_diff,
+            a.tolerance,
+            p.max_abs_logit
+        );
+    }
+    Ok(())
+}
+
+fn synthetic_model(a: SyntheticModel) -> Result<()> {
+    let (mut config, tokenizer) = lathe_engine::load_shape(&a.like)?;
+    let overridden = a.hidden.is_some() || a.heads.is_some();
+    config.hidden_size = a.hidden.unwrap_or(config.hidden_size);
+    config.intermediate_size = a.intermediate.unwrap_or(config.intermediate_size);
+    config.num_layers = a.layers.unwrap_or(config.num_layers);
+    config.num_heads = a.heads.unwrap_or(config.num_heads);
+    config.num_kv_heads = a.kv_heads.unwrap_or(config.num_kv_heads);
+    if overridden {
+        anyhow::ensure!(
+            config.hidden_size % config.num_heads == 0,
+            "--hidden {} is not a multiple of --heads {}",
+            config.hidden_size,
+            config.num_heads
+        );
+        config.head_dim = config.hidden_size / config.num_heads;
+    }
+    anyhow::ensure!(
+        config.num_heads % config.num_kv_heads == 0,
+        "{} query heads cannot share {} KV heads evenly",
+        config.num_heads,
+        config.num_kv_heads
+    );
+    let params: usize = config.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    if a.no_weights {
+        lathe_engine::export::write_hf_shape(&a.out, &config, &tokenizer)?;
+    } else {
+        lathe_engine::tiny::write_synthetic(&a.out, &config, &tokenizer, a.seed)?;
+    }
+    println!(
+        "{}: {} layers, hidden {}, {} heads over {} KV heads, intermediate {}, vocab {}: {:.0} M parameters",
+        a.out.display(),
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.intermediate_size,
+        config.vocab_size,
+        params as f64 / 1e6
+    );
     Ok(())
 }
 
 fn generate(a: GenerateBench) -> Result<()> {
     let device = a.compute.setup()?;
     let m = load(&a.model, &device)?;
-    let text = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills. ";
-    let mut ids = Vec::new();
-    while ids.len() < a.prompt_tokens {
-        ids.extend(m.tokenizer.encode(text, false)?);
-    }
-    ids.truncate(a.prompt_tokens);
+    let ids = prompt_ids(&m.tokenizer, a.prompt_tokens)?;
     let threads = rayon::current_num_threads();
     if !a.json {
         println!("model {} | {} threads | device {}", a.model.display(), threads, a.compute.device);

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""The PyTorch + peft anchor for `lathe bench train`: the same LoRA step on the same model.
+
+Loads a Hugging Face folder (for example one written by `lathe bench synthetic-model`, which
+Lathe trains on too), puts a LoRA of rank R on every linear projection of every layer
+(q, k, v, o, gate, up, down: Lathe's `--targets all`), and times AdamW steps on a batch of
+B sequences of S tokens, every token after the first a target, as `lathe bench train` does.
+Prints one JSON object.
+
+    python3 scripts/bench_peft.py --model DIR --device cpu --threads 2
+    python3 scripts/bench_peft.py --model DIR --device cuda --dtype bf16
+
+`--dtype bf16` keeps the frozen weights and activations in bf16 and the LoRA matrices in f32
+(peft's default cast of adapter weights), the usual mixed-precision LoRA set-up.
+
+Needs torch, transformers and peft (`pip install torch transformers peft`).
+"""
+
+import argparse
+import json
+import time
+
+
+def rss_peak_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a Hugging Face model folder")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="measured steps, after one warm-up step")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    device = torch.device(a.device)
+    model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=dtype).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    lora = LoraConfig(
+        r=a.rank,
+        lora_alpha=2 * a.rank,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (a.batch, a.seq), device=device)
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    cuda = device.type == "cuda"
+    step()  # warm-up: allocations, kernel selection
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        # Measure the training's own peak, not the loading's (Linux: `5` resets VmHWM).
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t) / a.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_peak_mib()
+    print(json.dumps({
+        "anchor": f"torch {torch.__version__} + peft",
+        "model": a.model,
+        "device": a.device,
+        "dtype": a.dtype,
+        "threads": torch.get_num_threads(),
+        "batch": a.batch,
+        "seq": a.seq,
+        "rank": a.rank,
+        "params": params,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_s": step_s,
+        "tokens_per_s": a.batch * a.seq / step_s,
+        "peak_mib": peak,
+        "peak_kind": "cuda max_memory_allocated" if cuda else "VmHWM while training",
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()

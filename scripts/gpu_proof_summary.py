@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Reads the folder `scripts/gpu-proof.sh run` wrote and prints the Markdown for BENCHMARKS.md:
+parity, training tokens/s against PyTorch + peft with each run's model-FLOPs utilisation, and
+generation tokens/s.
+
+    python3 scripts/gpu_proof_summary.py gpu-proof-out
+
+MFU counts the FLOPs a LoRA step must do: the frozen projections forward (2 per weight and
+token) and backward to their inputs (2 more, no weight gradients), attention at full length
+(forward 4·layers·seq·heads·head_dim per token, backward twice that), and 6 per trainable
+LoRA weight. The peaks are NVIDIA's dense figures for the H100/H200 (SXM): 989 TFLOPS bf16
+on tensor cores, 67 TFLOPS f32 on CUDA cores.
+"""
+
+import json
+import pathlib
+import sys
+
+PEAK = {"bf16": 989.4e12, "f32": 66.9e12}
+
+
+def read(out, name):
+    p = out / f"{name}.json"
+    if not p.exists() or not p.read_text().strip():
+        return None
+    lines = [json.loads(line) for line in p.read_text().splitlines() if line.startswith("{")]
+    return lines if len(lines) > 1 else (lines[0] if lines else None)
+
+
+def flops_per_token(cfg, seq, trainable):
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    ff, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    weights = layers * (2 * h * heads * hd + 2 * h * kv * hd + 3 * h * ff) + vocab * h
+    attention = 4 * layers * seq * heads * hd
+    return 4 * weights + 3 * attention + 6 * trainable
+
+
+def main():
+    out = pathlib.Path(sys.argv[1])
+    # The models this run made (MODELS may have narrowed it).
+    names = [n for n in ["smollm2", "llama-1b"] if (out / f"model-{n}.json").exists()]
+    gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown GPU"
+    hopper = "H100" in gpu or "H200" in gpu
+    print(f"GPU: {gpu}\n")
+
+    print("| model | parity: greedy tokens | max abs logit diff / largest logit | argmax agreement |")
+    print("|---|---|---|---|")
+    for name in names:
+        p = read(out, f"parity-{name}")
+        if p is None:
+            print(f"| {name} | failed, see parity-{name}.err | | |")
+            continue
+        same = "equal" if p["greedy_cpu"] == p["greedy_device"] else "DIFFER"
+        print(f"| {name} | {same} ({len(p['greedy_cpu'])}) | {p['max_abs_logit_diff']:.2e} / {p['max_abs_logit']:.2f} "
+              f"| {100 * p['argmax_agreement']:.1f} % |")
+
+    print("\n| model | batch × seq | Lathe f32 tok/s | peft f32 tok/s | peft bf16 tok/s | Lathe / peft f32 | Lathe / peft bf16 | MFU Lathe f32 | MFU peft bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        cfg_path = out / name / "config.json"
+        if not cfg_path.exists():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        lathe = read(out, f"train-{name}-lathe")
+        f32 = read(out, f"train-{name}-peft-f32")
+        bf16 = read(out, f"train-{name}-peft-bf16")
+        any_run = lathe or f32 or bf16
+        if not any_run:
+            print(f"| {name} | failed | | | | | | | |")
+            continue
+
+        def tps(r):
+            return r["tokens_per_s"] if r else None
+
+        def fmt(x, spec=".0f"):
+            return "—" if x is None else format(x, spec)
+
+        def ratio(a, b):
+            return None if a is None or b is None else a / b
+
+        def mfu(r, dtype):
+            if not r or not hopper:
+                return None
+            return tps(r) * flops_per_token(cfg, r["seq"], r["trainable_params"]) / PEAK[dtype]
+
+        batch, seq = any_run["batch"], any_run["seq"]
+        print(f"| {name} | {batch} × {seq} | {fmt(tps(lathe))} | {fmt(tps(f32))} | {fmt(tps(bf16))} "
+              f"| {fmt(ratio(tps(lathe), tps(f32)), '.2f')} | {fmt(ratio(tps(lathe), tps(bf16)), '.2f')} "
+              f"| {fmt(mfu(lathe, 'f32'), '.1%')} | {fmt(mfu(bf16, 'bf16'), '.1%')} |")
+
+    print("\n| model | batch | prompt tok/s | decode tok/s |")
+    print("|---|---|---|---|")
+    for name in names:
+        rows = read(out, f"generate-{name}")
+        rows = [rows] if isinstance(rows, dict) else rows or []
+        if not rows:
+            print(f"| {name} | failed | | |")
+        for r in rows:
+            print(f"| {name} | {r['batch']} | {r['pp_tokens_per_s']:.0f} | {r['tg_tokens_per_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
