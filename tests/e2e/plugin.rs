@@ -13,8 +13,16 @@ fn a_new_scorer_builds_loads_and_scores() {
         stdout(&out)
     };
     let made = run(&["plugin", "new", "--kind", "scorer", "has-answer"]);
-    assert!(made.contains("created has-answer"), "{made}");
-    let built = run(&["plugin", "build", "has-answer"]);
+    assert!(made.contains("created has-answer (scorer plugin, lathe:plugin@0.1.0)"), "{made}");
+    // The crate carries its own copy of the SDK (the binary's), not a path into a checkout...
+    let manifest = std::fs::read_to_string(dir.path().join("has-answer/Cargo.toml")).unwrap();
+    assert!(manifest.contains(r#"lathe-plugin-sdk = { path = "lathe-plugin-sdk" }"#), "{manifest}");
+    let wit = std::fs::read_to_string(dir.path().join("has-answer/lathe-plugin-sdk/wit/v0.1/plugin.wit")).unwrap();
+    assert_eq!(wit, std::fs::read_to_string(repo_root().join("plugin-sdk/wit/v0.1/plugin.wit")).unwrap());
+    // ...so it builds after moving somewhere else.
+    std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+    std::fs::rename(dir.path().join("has-answer"), dir.path().join("elsewhere/has-answer")).unwrap();
+    let built = run(&["plugin", "build", "elsewhere/has-answer"]);
     assert!(built.contains("\"world\": \"lathe:plugin/scorer@0.1.0\""), "{built}");
     let wasm = built.lines().next().unwrap().trim().to_string();
     let tested = run(&[

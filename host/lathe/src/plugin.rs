@@ -42,7 +42,9 @@ pub struct NewArgs {
     kind: KindArg,
     /// The crate's name (and folder).
     name: String,
-    /// Where the SDK lives (default: this checkout's plugin-sdk/).
+    /// Depend on the SDK crate at this path (for work on the SDK itself). By default the
+    /// crate gets its own copy of the SDK this binary carries, in `lathe-plugin-sdk/`, so
+    /// it builds wherever it lives.
     #[arg(long)]
     sdk: Option<PathBuf>,
 }
@@ -142,11 +144,6 @@ fn new(a: NewArgs) -> Result<()> {
     if dir.exists() {
         bail!("{} already exists", dir.display());
     }
-    let sdk = match a.sdk {
-        Some(p) => p,
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../plugin-sdk"),
-    };
-    let sdk = sdk.canonicalize().with_context(|| format!("the SDK is not at {} (pass --sdk)", sdk.display()))?;
     let ident: String = a
         .name
         .split(|c: char| !c.is_ascii_alphanumeric())
@@ -264,22 +261,30 @@ lathe_plugin_sdk::export_judge!({ident});
         ),
     };
     std::fs::create_dir_all(dir.join("src"))?;
+    let sdk = match a.sdk {
+        Some(p) => p.canonicalize().with_context(|| format!("the SDK is not at {}", p.display()))?.display().to_string(),
+        None => {
+            let sdk = lathe_sandbox::sdk::latest();
+            sdk.write_to(&dir.join("lathe-plugin-sdk"))
+                .with_context(|| format!("writing the SDK into {}", dir.display()))?;
+            "lathe-plugin-sdk".to_string()
+        }
+    };
     std::fs::write(
         dir.join("Cargo.toml"),
         format!(
             "[package]\nname = \"{}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
              [dependencies]\nlathe-plugin-sdk = {{ path = {:?} }}\n\n[profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n\
              # A workspace of its own: it builds for wasm32-wasip2 wherever it lives.\n[workspace]\n",
-            a.name,
-            sdk.display().to_string()
+            a.name, sdk
         ),
     )?;
     std::fs::write(dir.join("src/lib.rs"), body)?;
-    println!("created {} ({} plugin); build it with `lathe plugin build {}`", dir.display(), match a.kind {
+    println!("created {} ({} plugin, lathe:plugin@{}); build it with `lathe plugin build {}`", dir.display(), match a.kind {
         KindArg::Scorer => "scorer",
         KindArg::Validator => "validator",
         KindArg::Formatter => "formatter",
         KindArg::Judge => "judge",
-    }, dir.display());
+    }, lathe_sandbox::sdk::latest().wit_version, dir.display());
     Ok(())
 }

@@ -18,6 +18,7 @@
 
 mod builtin;
 mod runtime;
+pub mod sdk;
 mod types;
 mod v0_1;
 
