@@ -205,7 +205,8 @@ impl Tokenizer {
     }
 
     /// From GGUF metadata: a byte-level BPE (`tokenizer.ggml.model = gpt2`) with its
-    /// pre-tokenizer chosen by `tokenizer.ggml.pre`, special tokens from the token types.
+    /// pre-tokenizer chosen by `tokenizer.ggml.pre`, or a SentencePiece BPE (`llama`: Llama 2,
+    /// Mistral) from its pieces and scores; special tokens from the token types.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let path = g.path();
         let missing = |field: &str| EngineError::Missing {
@@ -216,16 +217,6 @@ impl Tokenizer {
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
             .ok_or_else(|| missing("tokenizer.ggml.model"))?;
-        if model != "gpt2" {
-            return Err(EngineError::Unsupported {
-                path: path.into(),
-                field: "tokenizer.ggml.model".into(),
-                detail: format!(
-                    "`{model}`; Lathe builds byte-level BPE (`gpt2`) tokenizers from GGUF; \
-                     for SentencePiece models load the Hugging Face folder instead"
-                ),
-            });
-        }
         let strings = |key: &str| -> Result<Vec<String>> {
             g.get(key)
                 .and_then(Value::as_array)
@@ -240,69 +231,46 @@ impl Tokenizer {
                 })
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(EngineError::Malformed {
-                    path: path.into(),
-                    format: "GGUF",
-                    detail: format!("merge `{m}` in tokenizer.ggml.merges has no space"),
-                }),
-            })
-            .collect::<Result<_>>()?;
         let types: Vec<u64> = g
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| EngineError::Malformed {
-                path: path.into(),
-                format: "GGUF",
-                detail: format!("tokenizer.ggml.tokens/merges do not form a BPE model: {e}"),
-            })?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-        let byte_level = ByteLevel::new(false, true, true);
-        match pre {
-            "default" | "gpt2" | "gpt-2" => {
-                inner.with_pre_tokenizer(Some(byte_level));
+        let mut inner = match model {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                byte_level_bpe(g, &tokens, merges)?
             }
-            "smollm" | "starcoder" | "refact" => {
-                inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                    Digits::new(true).into(),
-                    byte_level.into(),
-                ])));
-            }
-            "llama-bpe" | "llama3" => {
-                let split = Split::new(
-                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| EngineError::Tokenizer {
-                    source_name: path.display().to_string(),
-                    detail: e.to_string(),
-                })?;
-                inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])));
+            "llama" => {
+                let scores: Vec<f32> = g
+                    .get("tokenizer.ggml.scores")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| missing("tokenizer.ggml.scores"))?
+                    .iter()
+                    .map(|v| v.as_f64().map(|f| f as f32))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| EngineError::Malformed {
+                        path: path.into(),
+                        format: "GGUF",
+                        detail: "`tokenizer.ggml.scores` is not an array of numbers".into(),
+                    })?;
+                let add_space_prefix = g
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                sentencepiece_bpe(path, &tokens, &scores, &types, add_space_prefix)?
             }
             other => {
                 return Err(EngineError::Unsupported {
                     path: path.into(),
-                    field: "tokenizer.ggml.pre".into(),
-                    detail: format!("pre-tokenizer `{other}`; Lathe knows default, gpt2, smollm, starcoder, llama-bpe"),
+                    field: "tokenizer.ggml.model".into(),
+                    detail: format!(
+                        "`{other}`; Lathe builds byte-level BPE (`gpt2`) and SentencePiece BPE \
+                         (`llama`) tokenizers from GGUF"
+                    ),
                 });
             }
-        }
-        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        };
         // Control (3) and user-defined (4) tokens are matched whole in the input text.
         let added: Vec<AddedToken> = types
             .iter()
@@ -347,6 +315,135 @@ impl Tokenizer {
                 .map(String::from),
         })
     }
+}
+
+/// A byte-level BPE (GPT-2 style) tokenizer from GGUF's vocabulary and merges, with the
+/// pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_bpe(g: &GgufFile, tokens: &[String], merges: Vec<String>) -> Result<tokenizers::Tokenizer> {
+    let path = g.path();
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => Err(EngineError::Malformed {
+                path: path.into(),
+                format: "GGUF",
+                detail: format!("merge `{m}` in tokenizer.ggml.merges has no space"),
+            }),
+        })
+        .collect::<Result<_>>()?;
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| EngineError::Malformed {
+            path: path.into(),
+            format: "GGUF",
+            detail: format!("tokenizer.ggml.tokens/merges do not form a BPE model: {e}"),
+        })?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    let byte_level = ByteLevel::new(false, true, true);
+    match pre {
+        "default" | "gpt2" | "gpt-2" => {
+            inner.with_pre_tokenizer(Some(byte_level));
+        }
+        "smollm" | "starcoder" | "refact" => {
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        }
+        "llama-bpe" | "llama3" => {
+            let split = Split::new(
+                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| EngineError::Tokenizer {
+                source_name: path.display().to_string(),
+                detail: e.to_string(),
+            })?;
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
+        }
+        other => {
+            return Err(EngineError::Unsupported {
+                path: path.into(),
+                field: "tokenizer.ggml.pre".into(),
+                detail: format!("pre-tokenizer `{other}`; Lathe knows default, gpt2, smollm, starcoder, llama-bpe"),
+            });
+        }
+    }
+    inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    Ok(inner)
+}
+
+/// A SentencePiece BPE tokenizer (Llama 2, Mistral) from GGUF's pieces and scores.
+///
+/// SentencePiece merges, at each step, the adjacent pair whose concatenation is the piece
+/// with the highest score. As BPE merges that is: every split of a piece into two pieces,
+/// ranked by the piece's score. Spaces become `▁` with one in front (`add_space_prefix`),
+/// characters outside the vocabulary fall back to their UTF-8 bytes (`<0xNN>` pieces).
+fn sentencepiece_bpe(
+    path: &Path,
+    tokens: &[String],
+    scores: &[f32],
+    types: &[u64],
+    add_space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as Decoders, strip::Strip};
+    use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
+    let malformed = |detail: String| EngineError::Malformed {
+        path: path.into(),
+        format: "GGUF",
+        detail,
+    };
+    if scores.len() != tokens.len() {
+        return Err(malformed(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    // Normal (1) and user-defined (4) pieces take part in merges; unknown, control and byte
+    // pieces do not.
+    let mergeable = |i: usize| matches!(types.get(i).copied().unwrap_or(1), 1 | 4);
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|&(i, _)| mergeable(i)).map(|(i, t)| (t.as_str(), i)).collect();
+    let mut ranked: Vec<(usize, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate().filter(|&(i, _)| mergeable(i)) {
+        for (k, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (index.get(&piece[..k]), index.get(&piece[k..])) {
+                ranked.push((id, l, r));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| scores[b.0].total_cmp(&scores[a.0]).then(a.cmp(b)));
+    let merges = ranked.into_iter().map(|(_, l, r)| (tokens[l].clone(), tokens[r].clone())).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let unk = types.iter().position(|&t| t == 2).map(|i| tokens[i].clone());
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk);
+    }
+    let bpe = bpe
+        .build()
+        .map_err(|e| malformed(format!("tokenizer.ggml.tokens/scores do not form a BPE model: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let to_space = Replace::new(" ", "▁").map_err(|e| malformed(e.to_string()))?;
+    let mut normalizers = vec![to_space.into()];
+    let mut decoders = vec![
+        Replace::new("▁", " ").map_err(|e| malformed(e.to_string()))?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if add_space_prefix {
+        normalizers.insert(0, Prepend::new("▁".into()).into());
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_normalizer(Some(Normalizers::new(normalizers)));
+    inner.with_decoder(Some(Decoders::new(decoders)));
+    Ok(inner)
 }
 
 /// Renders a Hugging Face chat template.

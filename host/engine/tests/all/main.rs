@@ -3,6 +3,7 @@
 mod common;
 mod errors;
 mod paged;
+mod sentencepiece;
 mod smollm2;
 mod tiny;
 mod train;
