@@ -27,9 +27,9 @@ fi
 scripts/fetch-model.sh
 # The official `openai` Python package, for the test that drives the fine-tuning API with
 # it, and Playwright for the browser tests (never `playwright install`: the tests point it
-# at /usr/bin/chromium), and sentencepiece, which trains the SentencePiece model the
-# tokenizer tests compare against.
+# at /usr/bin/chromium), sentencepiece, which trains the SentencePiece model the
+# tokenizer tests compare against, and componentize-py, which builds Python plugins.
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import openai, playwright, sentencepiece" >/dev/null 2>&1; then
-    .venv/bin/pip install -q "openai>=1.50,<3" "playwright>=1.45,<2" "sentencepiece==0.2.3"
+if ! .venv/bin/python -c "import openai, playwright, sentencepiece" >/dev/null 2>&1 || [ ! -x .venv/bin/componentize-py ]; then
+    .venv/bin/pip install -q "openai>=1.50,<3" "playwright>=1.45,<2" "sentencepiece==0.2.3" "componentize-py==0.25.1"
 fi

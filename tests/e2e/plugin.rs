@@ -77,3 +77,54 @@ fn bad_plugins_and_configs_are_explained() {
     let out = lathe(&["plugin", "inspect", "builtin:nope"]);
     assert!(stderr(&out).contains("no built-in plugin `nope`"), "{}", stderr(&out));
 }
+
+/// Python plugins (`lathe plugin new --lang python`, built with componentize-py) behave as
+/// their Rust twins: for every world, the same scaffold in both languages, built, described
+/// and tried on the same inputs, answers the same.
+#[test]
+fn python_plugins_answer_as_their_rust_twins() {
+    let dir = tempfile::tempdir().unwrap();
+    let componentize = repo_root().join(".venv/bin/componentize-py");
+    assert!(componentize.exists(), "{} is missing: run scripts/setup.sh", componentize.display());
+    let run = |cwd: &std::path::Path, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(args)
+            .current_dir(cwd)
+            .env("LATHE_COMPONENTIZE_PY", &componentize)
+            .output()
+            .unwrap()
+    };
+    let cases: [(&str, &[&str]); 4] = [
+        ("scorer", &[r#"[{"prediction": "It is Paris.", "reference": "Paris"}, {"prediction": "Lyon", "reference": "Paris"}]"#]),
+        ("validator", &[r#"{"output": "   "}"#, r#"{"output": "ok"}"#]),
+        ("formatter", &[r#"{"question": "2+2?", "answer": "4"}"#, r#"{"question": "2+2?"}"#]),
+        ("judge", &[r#"{"input": "2+2?", "output": "4"}"#, r#"{"answer": "Yes, it is."}"#, r#"{"answer": "maybe"}"#]),
+    ];
+    for (kind, inputs) in cases {
+        let mut answers = Vec::new();
+        for lang in ["rust", "python"] {
+            let home = dir.path().join(kind).join(lang);
+            std::fs::create_dir_all(&home).unwrap();
+            let made = run(&home, &["plugin", "new", "--kind", kind, "--lang", lang, "twin"]);
+            assert!(made.status.success(), "{kind}/{lang}: {}", stderr(&made));
+            let built = run(&home, &["plugin", "build", "twin"]);
+            assert!(built.status.success(), "{kind}/{lang}: {}", stderr(&built));
+            let out = stdout(&built);
+            let (wasm, info) = out.split_once('\n').unwrap();
+            let mut info: serde_json::Value = serde_json::from_str(info).unwrap();
+            // The components differ (the Python one carries an interpreter); what they say
+            // about themselves may not.
+            let size = info.as_object_mut().unwrap().remove("size_bytes").unwrap();
+            info.as_object_mut().unwrap().remove("sha256").unwrap();
+            assert!(size.as_u64().unwrap() < 32 << 20, "{kind}/{lang}: {size} bytes, over the upload limit");
+            let mut seen = Vec::new();
+            for input in inputs {
+                let tried = run(&home, &["plugin", "test", wasm.trim(), "--input", input]);
+                seen.push(format!("{:?} {} {}", tried.status.code(), stdout(&tried), stderr(&tried)));
+            }
+            answers.push((info, seen));
+        }
+        assert_eq!(answers[0], answers[1], "{kind}: the Rust and the Python plugin answer differently");
+        assert_eq!(answers[0].0["world"], format!("lathe:plugin/{kind}@0.1.0"), "{kind}");
+    }
+}

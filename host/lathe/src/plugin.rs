@@ -10,11 +10,12 @@ use serde_json::Value;
 
 #[derive(Subcommand)]
 pub enum PluginCommand {
-    /// Make a ready-to-build plugin crate.
+    /// Make a ready-to-build plugin: a Rust crate, or a Python module (`--lang python`).
     New(NewArgs),
-    /// Build a plugin crate into a component and check it loads.
+    /// Build a plugin into a component (cargo, or componentize-py for a folder with app.py)
+    /// and check it loads.
     Build {
-        /// The plugin crate's folder.
+        /// The plugin's folder.
         path: PathBuf,
     },
     /// Show a plugin's world, version, configuration schema and size.
@@ -36,10 +37,19 @@ pub enum KindArg {
     Judge,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LangArg {
+    Rust,
+    /// A module built into a component by componentize-py (`pip install componentize-py`).
+    Python,
+}
+
 #[derive(Args)]
 pub struct NewArgs {
     #[arg(long, value_enum)]
     kind: KindArg,
+    #[arg(long, value_enum, default_value = "rust")]
+    lang: LangArg,
     /// The crate's name (and folder).
     name: String,
     /// Depend on the SDK crate at this path (for work on the SDK itself). By default the
@@ -110,7 +120,83 @@ fn test(a: TestArgs) -> Result<()> {
     Ok(())
 }
 
+/// The world a kind of plugin implements.
+fn world(kind: KindArg) -> &'static str {
+    match kind {
+        KindArg::Scorer => "scorer",
+        KindArg::Validator => "validator",
+        KindArg::Formatter => "formatter",
+        KindArg::Judge => "judge",
+    }
+}
+
+/// A Python plugin: `app.py` from the SDK's template, the WIT it is built against, and
+/// `plugin.toml` naming its world for `lathe plugin build`.
+fn new_python(a: &NewArgs, dir: &Path) -> Result<()> {
+    let sdk = lathe_sandbox::sdk::latest();
+    let world = world(a.kind);
+    let app = sdk.python_template(world, &a.name).with_context(|| format!("no Python template for {world}"))?;
+    std::fs::create_dir_all(dir.join("wit"))?;
+    std::fs::write(dir.join("app.py"), app)?;
+    std::fs::write(dir.join("wit/plugin.wit"), sdk.wit_text())?;
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "# Built by `lathe plugin build` with componentize-py against wit/ (lathe:plugin@{}).\n\
+             language = \"python\"\nworld = \"{world}\"\n",
+            sdk.wit_version
+        ),
+    )?;
+    println!(
+        "created {} ({world} plugin in Python, lathe:plugin@{}); build it with `lathe plugin build {}`",
+        dir.display(),
+        sdk.wit_version,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// componentize-py: `$LATHE_COMPONENTIZE_PY`, else the one on the PATH.
+fn componentize_py() -> PathBuf {
+    std::env::var_os("LATHE_COMPONENTIZE_PY").map_or_else(|| "componentize-py".into(), PathBuf::from)
+}
+
+/// Builds a Python plugin into `<dir>/build/<name>.wasm`.
+fn build_python(path: &Path) -> Result<PathBuf> {
+    let toml = std::fs::read_to_string(path.join("plugin.toml"))
+        .with_context(|| format!("{} has app.py but no plugin.toml naming its world", path.display()))?;
+    let world = toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("world").map(|r| r.trim_start_matches([' ', '=']).trim().trim_matches('"').to_string()))
+        .with_context(|| format!("{}: no `world = ...` line", path.join("plugin.toml").display()))?;
+    let name = path.canonicalize()?.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into());
+    std::fs::create_dir_all(path.join("build"))?;
+    let wasm = path.join("build").join(format!("{name}.wasm"));
+    let tool = componentize_py();
+    let status = Command::new(&tool)
+        .args(["-d", "wit", "-w", &world, "componentize", "app", "-o"])
+        .arg(wasm.strip_prefix(path).expect("under the plugin's folder"))
+        .current_dir(path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| {
+            format!("running {} (pip install componentize-py==0.25.1, or set LATHE_COMPONENTIZE_PY)", tool.display())
+        })?;
+    if !status.success() {
+        bail!("componentize-py failed for {}", path.display());
+    }
+    Ok(wasm)
+}
+
 fn build(path: &Path) -> Result<()> {
+    let wasm = if path.join("app.py").exists() { build_python(path)? } else { build_rust(path)? };
+    let p = load(wasm.to_str().context("non-UTF-8 path")?)?;
+    println!("{}", wasm.display());
+    println!("{}", serde_json::to_string_pretty(&lathe_jobs::plugins::describe(p.info()))?);
+    Ok(())
+}
+
+fn build_rust(path: &Path) -> Result<PathBuf> {
     let manifest = path.join("Cargo.toml");
     if !manifest.exists() {
         bail!("{} is not a crate (no Cargo.toml)", path.display());
@@ -133,16 +219,16 @@ fn build(path: &Path) -> Result<()> {
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .rfind(|f| f.extension().is_some_and(|e| e == "wasm"))
         .with_context(|| format!("cargo built no .wasm for {} (is it a cdylib?)", path.display()))?;
-    let p = load(wasm.to_str().context("non-UTF-8 path")?)?;
-    println!("{}", wasm.display());
-    println!("{}", serde_json::to_string_pretty(&lathe_jobs::plugins::describe(p.info()))?);
-    Ok(())
+    Ok(wasm)
 }
 
 fn new(a: NewArgs) -> Result<()> {
     let dir = PathBuf::from(&a.name);
     if dir.exists() {
         bail!("{} already exists", dir.display());
+    }
+    if let LangArg::Python = a.lang {
+        return new_python(&a, &dir);
     }
     let ident: String = a
         .name
@@ -280,11 +366,12 @@ lathe_plugin_sdk::export_judge!({ident});
         ),
     )?;
     std::fs::write(dir.join("src/lib.rs"), body)?;
-    println!("created {} ({} plugin, lathe:plugin@{}); build it with `lathe plugin build {}`", dir.display(), match a.kind {
-        KindArg::Scorer => "scorer",
-        KindArg::Validator => "validator",
-        KindArg::Formatter => "formatter",
-        KindArg::Judge => "judge",
-    }, lathe_sandbox::sdk::latest().wit_version, dir.display());
+    println!(
+        "created {} ({} plugin, lathe:plugin@{}); build it with `lathe plugin build {}`",
+        dir.display(),
+        world(a.kind),
+        lathe_sandbox::sdk::latest().wit_version,
+        dir.display()
+    );
     Ok(())
 }

@@ -11,6 +11,11 @@ pub struct Sdk {
     /// The `lathe:plugin` package version its bindings target.
     pub wit_version: &'static str,
     pub files: &'static [(&'static str, &'static str)],
+    /// The WIT file, one of `files`.
+    pub wit: &'static str,
+    /// A Python starting point per world (`scorer`, ...), built with componentize-py;
+    /// `__NAME__` stands for the plugin's name.
+    pub python_templates: &'static [(&'static str, &'static str)],
 }
 
 macro_rules! sdk_file {
@@ -28,6 +33,13 @@ pub const SDKS: &[Sdk] = &[Sdk {
         sdk_file!("src/lib.rs"),
         sdk_file!("wit/v0.1/plugin.wit"),
     ],
+    wit: "wit/v0.1/plugin.wit",
+    python_templates: &[
+        sdk_file!("python/scorer.py"),
+        sdk_file!("python/validator.py"),
+        sdk_file!("python/formatter.py"),
+        sdk_file!("python/judge.py"),
+    ],
 }];
 
 /// The SDK for the newest WIT version this host accepts.
@@ -36,6 +48,17 @@ pub fn latest() -> &'static Sdk {
 }
 
 impl Sdk {
+    /// The WIT file's text.
+    pub fn wit_text(&self) -> &'static str {
+        self.files.iter().find(|(p, _)| *p == self.wit).map(|(_, t)| *t).expect("the WIT file is one of the SDK's files")
+    }
+
+    /// The Python template for `world`, with `name` filled in.
+    pub fn python_template(&self, world: &str, name: &str) -> Option<String> {
+        let file = format!("python/{world}.py");
+        self.python_templates.iter().find(|(p, _)| *p == file).map(|(_, t)| t.replace("__NAME__", name))
+    }
+
     /// Writes the SDK crate into `dir`, as a member of the workspace of the crate around it
     /// (the checkout's copy is a workspace of its own; here that line is dropped).
     pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
