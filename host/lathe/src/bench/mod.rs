@@ -590,6 +590,10 @@ pub struct PluginBench {
     /// Also time the plain-Python versions (scripts/bench_metrics.py) in the same run.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     python: bool,
+    /// Also time these scorer components (a `.wasm` each: say the Rust and the Python build
+    /// of one plugin) on the exact-match pairs: compile and load, instantiate, calls.
+    #[arg(long)]
+    component: Vec<PathBuf>,
 }
 
 /// Deterministic pairs for each metric, half of them matching.
@@ -704,6 +708,38 @@ fn plugins(a: PluginBench) -> Result<()> {
         let _ready = p.instance("{}");
         let first = t.elapsed().as_secs_f64() * 1e3;
         println!("{name}: cold compile + load {cold:.1} ms, cached load {cached:.2} ms, then first instance {first:.3} ms");
+    }
+    let pairs = &data.iter().find(|(k, _)| *k == "exact-match").expect("exact-match pairs").1;
+    for path in &a.component {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let t = Instant::now();
+        let plugin = rt.load(&bytes)?;
+        let load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let mut inst = plugin.instance("{}")?;
+        let instance_ms = t.elapsed().as_secs_f64() * 1e3;
+        let single_n = pairs.len().min(20_000);
+        let single = best_of(&mut || {
+            let t = Instant::now();
+            for (p, r) in &pairs[..single_n] {
+                std::hint::black_box(inst.score(p, r).expect("score"));
+            }
+            rate(single_n, t)
+        });
+        let preds: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+        let refs: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
+        let batch = best_of(&mut || {
+            let t = Instant::now();
+            for (p, r) in preds.chunks(10_000).zip(refs.chunks(10_000)) {
+                std::hint::black_box(inst.score_batch(p, r).expect("batch"));
+            }
+            rate(pairs.len(), t)
+        });
+        println!(
+            "{}: {:.1} MB, compile + load {load_ms:.0} ms, instance + configure {instance_ms:.1} ms, {single:.0} pairs/s one call each, {batch:.0} pairs/s batched",
+            path.display(),
+            bytes.len() as f64 / 1e6
+        );
     }
     Ok(())
 }
