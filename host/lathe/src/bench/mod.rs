@@ -626,6 +626,30 @@ fn plugin_pairs(n: usize) -> Vec<(&'static str, Vec<(String, String)>)> {
     vec![("exact-match", em), ("token-f1", f1), ("json-field-match", jf)]
 }
 
+/// A scorer's pairs/s, best of 3: one call per pair (over the first `single_n` pairs), and
+/// batched 10,000 pairs to a call.
+fn call_rates(inst: &mut lathe_sandbox::Instance, pairs: &[(String, String)], single_n: usize) -> (f64, f64) {
+    let best_of = |f: &mut dyn FnMut() -> f64| (0..3).map(|_| f()).fold(0f64, f64::max);
+    let single_n = pairs.len().min(single_n);
+    let single = best_of(&mut || {
+        let t = Instant::now();
+        for (p, r) in &pairs[..single_n] {
+            std::hint::black_box(inst.score(p, r).expect("score"));
+        }
+        single_n as f64 / t.elapsed().as_secs_f64()
+    });
+    let preds: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+    let refs: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
+    let batch = best_of(&mut || {
+        let t = Instant::now();
+        for (p, r) in preds.chunks(10_000).zip(refs.chunks(10_000)) {
+            std::hint::black_box(inst.score_batch(p, r).expect("batch"));
+        }
+        pairs.len() as f64 / t.elapsed().as_secs_f64()
+    });
+    (single, batch)
+}
+
 fn plugins(a: PluginBench) -> Result<()> {
     use lathe_metrics::text::{Normalize, exact_match, token_f1};
     use lathe_sandbox::{Runtime, RuntimeConfig};
@@ -661,24 +685,7 @@ fn plugins(a: PluginBench) -> Result<()> {
             rate(pairs.len(), t)
         });
         let plugin = rt.load(lathe_sandbox::builtin(name).expect("built-in"))?;
-        let mut inst = plugin.instance("{}")?;
-        let single_n = pairs.len().min(50_000);
-        let single = best_of(&mut || {
-            let t = Instant::now();
-            for (p, r) in &pairs[..single_n] {
-                std::hint::black_box(inst.score(p, r).expect("score"));
-            }
-            rate(single_n, t)
-        });
-        let preds: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-        let refs: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
-        let batch = best_of(&mut || {
-            let t = Instant::now();
-            for (p, r) in preds.chunks(10_000).zip(refs.chunks(10_000)) {
-                std::hint::black_box(inst.score_batch(p, r).expect("batch"));
-            }
-            rate(pairs.len(), t)
-        });
+        let (single, batch) = call_rates(&mut plugin.instance("{}")?, pairs, 50_000);
         let py = python[name].as_f64().unwrap_or(f64::NAN);
         println!(
             "{:<18} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>10.2} {:>10.2}",
@@ -718,23 +725,7 @@ fn plugins(a: PluginBench) -> Result<()> {
         let t = Instant::now();
         let mut inst = plugin.instance("{}")?;
         let instance_ms = t.elapsed().as_secs_f64() * 1e3;
-        let single_n = pairs.len().min(20_000);
-        let single = best_of(&mut || {
-            let t = Instant::now();
-            for (p, r) in &pairs[..single_n] {
-                std::hint::black_box(inst.score(p, r).expect("score"));
-            }
-            rate(single_n, t)
-        });
-        let preds: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-        let refs: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
-        let batch = best_of(&mut || {
-            let t = Instant::now();
-            for (p, r) in preds.chunks(10_000).zip(refs.chunks(10_000)) {
-                std::hint::black_box(inst.score_batch(p, r).expect("batch"));
-            }
-            rate(pairs.len(), t)
-        });
+        let (single, batch) = call_rates(&mut inst, pairs, 20_000);
         println!(
             "{}: {:.1} MB, compile + load {load_ms:.0} ms, instance + configure {instance_ms:.1} ms, {single:.0} pairs/s one call each, {batch:.0} pairs/s batched",
             path.display(),
