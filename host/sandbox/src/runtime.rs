@@ -214,6 +214,7 @@ impl Runtime {
                 .join(", "),
         })?;
         let mut plugin = Plugin {
+            limits: inner.config.limits.clone(),
             inner: Arc::new(PluginInner {
                 runtime: inner.clone(),
                 info: Info {
@@ -289,7 +290,7 @@ impl Runtime {
 }
 
 impl Inner {
-    fn new_store(&self) -> Store<State> {
+    fn new_store(&self, limits: &Limits) -> Store<State> {
         let inner = self;
         let stderr = MemoryOutputPipe::new(64 << 10);
         // Nothing granted: no preopened folders, no sockets, no environment, no arguments.
@@ -300,7 +301,7 @@ impl Inner {
                 wasi,
                 table: ResourceTable::new(),
                 limiter: Limiter {
-                    memory_bytes: inner.config.limits.memory_bytes,
+                    memory_bytes: limits.memory_bytes,
                 },
                 stderr,
             },
@@ -320,6 +321,8 @@ struct PluginInner {
 #[derive(Clone)]
 pub struct Plugin {
     inner: Arc<PluginInner>,
+    /// What its calls run under: the runtime's, or tighter ([`Plugin::with_limits`]).
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -335,6 +338,20 @@ impl Plugin {
 
     pub fn kind(&self) -> Kind {
         self.inner.info.kind
+    }
+
+    /// The limits its calls run under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The same plugin, its calls held to `memory_bytes` and `timeout` where those are
+    /// below the runtime's (a pack's plugin runs with what it asked for, never more than
+    /// the host allows).
+    pub fn with_limits(mut self, memory_bytes: usize, timeout: std::time::Duration) -> Self {
+        self.limits.memory_bytes = self.limits.memory_bytes.min(memory_bytes);
+        self.limits.timeout = self.limits.timeout.min(timeout);
+        self
     }
 
     /// A configured instance (`config` is JSON; empty means `{}`).
@@ -410,7 +427,7 @@ impl Instance {
         if self.live.is_some() {
             return Ok(());
         }
-        let mut store = self.plugin.inner.runtime.new_store();
+        let mut store = self.plugin.inner.runtime.new_store(&self.plugin.limits);
         self.arm(&mut store);
         let world = match self.plugin.inner.pre.instantiate(&mut store) {
             Ok(w) => w,
@@ -431,7 +448,7 @@ impl Instance {
     /// Re-arms the per-call limits: the deadline and the fuel.
     fn arm(&self, store: &mut Store<State>) {
         let rt = &self.plugin.inner.runtime;
-        let limits = &rt.config.limits;
+        let limits = &self.plugin.limits;
         let ticks = (limits.timeout.as_millis() / rt.tick.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         if rt.config.fuel {
@@ -451,7 +468,7 @@ impl Instance {
             Ok(r) => {
                 self.live = Some((store, world));
                 let bytes = size(&r);
-                let limit_bytes = self.plugin.inner.runtime.config.limits.max_output_bytes;
+                let limit_bytes = self.plugin.limits.max_output_bytes;
                 if bytes > limit_bytes {
                     return Err(CallError::OutputTooLarge { plugin: self.name(), bytes, limit_bytes });
                 }
@@ -464,13 +481,13 @@ impl Instance {
 
     fn classify(&self, e: wasmtime::Error, store: &Store<State>) -> CallError {
         let plugin = self.name();
-        let rt = &self.plugin.inner.runtime;
+        let limits = &self.plugin.limits;
         if let Some(cap) = e.downcast_ref::<MemoryCapReached>() {
             return CallError::MemoryExhausted { plugin, limit_bytes: cap.0 };
         }
         match e.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => CallError::Timeout { plugin, limit: rt.config.limits.timeout },
-            Some(Trap::OutOfFuel) => CallError::OutOfFuel { plugin, fuel: rt.config.limits.fuel.unwrap_or(u64::MAX) },
+            Some(Trap::Interrupt) => CallError::Timeout { plugin, limit: limits.timeout },
+            Some(Trap::OutOfFuel) => CallError::OutOfFuel { plugin, fuel: limits.fuel.unwrap_or(u64::MAX) },
             Some(Trap::StackOverflow) => CallError::StackOverflow { plugin },
             Some(Trap::UnreachableCodeReached) => {
                 let stderr = String::from_utf8_lossy(&store.data().stderr.contents()).into_owned();

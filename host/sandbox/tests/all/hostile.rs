@@ -55,6 +55,23 @@ fn a_memory_bomb_hits_the_cap() {
     assert!(e.to_string().contains("memory"), "{e}");
 }
 
+/// A plugin held below the runtime's limits (a pack's plugin runs with what it asked for)
+/// hits its own cap and deadline, and the error states them.
+#[test]
+fn a_plugin_held_to_tighter_limits_hits_those() {
+    let rt = strict_runtime(GENEROUS);
+    let bomb = rt.load(&hostile_bytes("memory-bomb")).unwrap().with_limits(8 << 20, GENEROUS);
+    assert_eq!(bomb.limits().memory_bytes, 8 << 20);
+    let e = bomb.instance("{}").unwrap().score("x", "y").expect_err("the bomb");
+    assert!(matches!(e, CallError::MemoryExhausted { limit_bytes, .. } if limit_bytes == 8 << 20), "{e:?}");
+    // Asking for more than the runtime allows gets the runtime's.
+    assert_eq!(rt.load(&hostile_bytes("memory-bomb")).unwrap().with_limits(1 << 30, GENEROUS).limits().memory_bytes, 32 << 20);
+    let looper = rt.load(&hostile_bytes("infinite-loop")).unwrap().with_limits(32 << 20, Duration::from_millis(200));
+    let e = looper.instance("{}").unwrap().score("x", "y").expect_err("the loop");
+    assert!(matches!(e, CallError::Timeout { limit, .. } if limit == Duration::from_millis(200)), "{e:?}");
+    good_still_works(&rt);
+}
+
 #[test]
 fn unbounded_recursion_overflows_the_stack() {
     fails_with("recursion", |e| matches!(e, CallError::StackOverflow { .. }));
