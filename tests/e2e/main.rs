@@ -2,6 +2,7 @@
 
 mod cuda;
 mod generate;
+mod packs;
 mod plugin;
 mod service;
 mod web;

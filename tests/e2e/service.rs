@@ -81,7 +81,7 @@ impl Service {
         row["id"].as_str().unwrap().to_string()
     }
 
-    fn wait(&self, project: &str, job: &str, within: Duration) -> Value {
+    pub fn wait(&self, project: &str, job: &str, within: Duration) -> Value {
         let start = Instant::now();
         loop {
             let (_, row) = self.call("GET", &format!("/api/v1/projects/{project}/jobs/{job}"), None);

@@ -305,6 +305,23 @@ def main(p):
         page.locator("#members tr[data-member='Ana'] button:has-text('Remove')").click()
     expect(page.locator("#members")).not_to_contain_text("Ana")
 
+    # ---- an eval pack from the catalogue, installed into a new project --------------------
+    page.goto(f"{base}/projects")
+    page.fill("input[name=name]", "triage")
+    submit("form[action='/projects']")
+    triage = page.url.rstrip("/").split("/")[-1]
+    page.click("nav >> text=Eval packs")
+    card = page.locator("article.pack[data-pack='support-triage']")
+    expect(card).to_contain_text("network: none")
+    expect(card).to_contain_text("classification")
+    with page.expect_navigation():
+        card.locator("button").click()
+    expect(page.locator("#installed-support-triage")).to_contain_text("packs/support-triage/heldout")
+    expect(page.locator("article.pack[data-pack='support-triage']")).to_contain_text("Installed in this project")
+    shot("packs")
+    page.click("#installed-support-triage a:has-text('triage')")
+    expect(page.locator("#suite-triage")).to_contain_text("sha256")
+
     # ---- one form with the keyboard alone -------------------------------------------------
     page.goto(f"{base}/projects")
     shot("projects")
@@ -335,7 +352,7 @@ def main(p):
     # ---- another team sees none of it ---------------------------------------------------
     other, op = signed_in(browser, other_token)
     assert "invoices" not in op.locator("main").inner_text()
-    for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/jobs", "/jobs/table", "/models", f"/jobs/{train_job}",
+    for path in ["", "/datasets", "/datasets/invoices", "/plugins", "/suites", "/packs", "/jobs", "/jobs/table", "/models", f"/jobs/{train_job}",
                  f"/jobs/{train_job}/artifacts/adapter_model.safetensors", f"/jobs/{train_job}/events"]:
         r = op.request.get(f"{base}/projects/{project}{path}")
         assert r.status == 404, (path, r.status)
@@ -345,11 +362,11 @@ def main(p):
     # Writes too, with the other team's own valid CSRF token: the project is not theirs.
     op.goto(f"{base}/projects")
     theirs = op.locator("input[name=csrf]").first.get_attribute("value")
-    for path in [import_page, f"{plugin_page}/try", "/suites", "/suites/preview", "/jobs", f"/jobs/{train_job}/cancel",
+    for path in [import_page, f"{plugin_page}/try", "/suites", "/suites/preview", "/packs", "/jobs", f"/jobs/{train_job}/cancel",
                  "/deployments", "/deployments/prod/rollback", "/playground"]:
         r = op.request.post(f"{base}/projects/{project}{path}", form={"csrf": theirs, "input": "{}", "kind": "data_stats", "version": "invoices"}, max_redirects=0)
         assert r.status == 404, (path, r.status)
-    for path in ["/datasets", "/plugins"]:
+    for path in ["/datasets", "/plugins", "/packs/upload"]:
         r = op.request.post(f"{base}/projects/{project}{path}", multipart={"csrf": theirs, "file": {"name": "x.jsonl", "mimeType": "text/plain", "buffer": b"{}"}}, max_redirects=0)
         assert r.status == 404, (path, r.status)
     other.close()

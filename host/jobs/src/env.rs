@@ -18,6 +18,8 @@ pub struct Env {
     plugin_cache: Option<PathBuf>,
     /// A project's own plugins by declared name, looked up before the built-ins.
     project_plugins: HashMap<String, PathBuf>,
+    /// Every version of the project's plugins by sha256, for pinned references.
+    plugin_versions: HashMap<String, PathBuf>,
     /// Whether a plugin name may be a `.wasm` path (the CLI: yes; the server, whose
     /// names come from users: never).
     plugin_paths: bool,
@@ -33,6 +35,7 @@ impl Env {
             device,
             plugin_cache: default_plugin_cache(),
             project_plugins: HashMap::new(),
+            plugin_versions: HashMap::new(),
             plugin_paths: true,
             runtime: OnceLock::new(),
             models: Mutex::new(HashMap::new()),
@@ -45,6 +48,13 @@ impl Env {
     pub fn with_project_plugins(mut self, plugins: HashMap<String, PathBuf>) -> Self {
         self.project_plugins = plugins;
         self.plugin_paths = false;
+        self
+    }
+
+    /// Every version of the project's plugins (sha256 → `.wasm` file), so that a reference
+    /// pinned to an older upload still finds its bytes.
+    pub fn with_plugin_versions(mut self, versions: HashMap<String, PathBuf>) -> Self {
+        self.plugin_versions = versions;
         self
     }
 
@@ -86,23 +96,75 @@ impl Env {
         Ok(self.runtime.get_or_init(|| r))
     }
 
-    /// Loads a plugin by name (the project's, else a built-in such as `json-field-match`)
-    /// or `.wasm` path, and checks that it is the kind the caller needs.
+    /// Loads a plugin by name (the project's, one installed from a pack into this data
+    /// folder, else a built-in such as `json-field-match`) or `.wasm` path, and checks that
+    /// it is the kind the caller needs.
     pub fn plugin(&self, name: &str, expected: Kind) -> Result<Plugin> {
-        let plugin = self.load_plugin(name)?;
+        self.plugin_ref(name, None, None, expected)
+    }
+
+    /// [`Env::plugin`] for a reference that may be pinned to a sha256: the pinned bytes are
+    /// loaded (an older upload's, a pack's), and a plugin of that name with other bytes is
+    /// refused with both hashes named. `limits` holds its calls below the host's.
+    pub fn plugin_ref(&self, name: &str, pinned: Option<&str>, limits: Option<crate::eval::CallLimits>, expected: Kind) -> Result<Plugin> {
+        let plugin = match pinned.and_then(|sha| self.plugin_by_sha(sha)) {
+            Some(path) => {
+                let bytes = std::fs::read(&path).map_err(|e| JobError::io(&path, e))?;
+                self.runtime()?.load(&bytes).map_err(|e| JobError::plugin_load(name, e))?
+            }
+            None => self.load_plugin(name)?,
+        };
+        if let Some(sha) = pinned
+            && plugin.info().sha256 != sha
+        {
+            return Err(JobError::PluginLoad {
+                plugin: name.to_string(),
+                message: format!("the suite pins sha256 {sha}, but the plugin found under this name is {}", plugin.info().sha256),
+            });
+        }
+        if pinned.is_some() && plugin.info().name != name {
+            return Err(JobError::PluginLoad {
+                plugin: name.to_string(),
+                message: format!("the component pinned here declares the name `{}`", plugin.info().name),
+            });
+        }
         if plugin.kind() != expected {
             return Err(JobError::PluginLoad {
                 plugin: name.to_string(),
                 message: format!("it is a {}, but a {} is needed here", plugin.kind().name(), expected.name()),
             });
         }
-        Ok(plugin)
+        Ok(match limits {
+            Some(l) => plugin.with_limits((l.memory_mb as usize) << 20, std::time::Duration::from_millis(l.timeout_ms)),
+            None => plugin,
+        })
+    }
+
+    /// Where plugins installed from packs into this data folder are kept, by sha256.
+    pub fn installed_plugins_dir(&self) -> PathBuf {
+        self.root.join("plugins")
+    }
+
+    /// Installed plugins by name → sha256 (the CLI's data folder).
+    fn installed_names(&self) -> HashMap<String, String> {
+        let path = self.installed_plugins_dir().join("names.json");
+        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn plugin_by_sha(&self, sha: &str) -> Option<PathBuf> {
+        if let Some(p) = self.plugin_versions.get(sha) {
+            return Some(p.clone());
+        }
+        let valid = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+        let path = self.installed_plugins_dir().join(format!("{sha}.wasm"));
+        (self.plugin_paths && valid && path.is_file()).then_some(path)
     }
 
     /// Loads a plugin of any kind, found as [`Env::plugin`] finds it.
     pub fn load_plugin(&self, name: &str) -> Result<Plugin> {
-        let bytes: std::borrow::Cow<'static, [u8]> = match (self.project_plugins.get(name), lathe_sandbox::builtin(name)) {
-            (Some(path), _) => std::fs::read(path).map_err(|e| JobError::io(path, e))?.into(),
+        let installed = || self.plugin_paths.then(|| self.installed_names().get(name).and_then(|sha| self.plugin_by_sha(sha))).flatten();
+        let bytes: std::borrow::Cow<'static, [u8]> = match (self.project_plugins.get(name).cloned().or_else(installed), lathe_sandbox::builtin(name)) {
+            (Some(path), _) => std::fs::read(&path).map_err(|e| JobError::io(&path, e))?.into(),
             (None, Some(b)) => b.into(),
             (None, None) if !self.plugin_paths => {
                 return Err(JobError::Invalid(format!("`{name}` is neither a plugin of this project nor a built-in")));

@@ -164,14 +164,8 @@ pub fn invoice_suite() -> Suite {
                 user: "Return {\"vendor\": ..., \"invoice_number\": ..., \"date\": \"YYYY-MM-DD\", \"total\": <number>, \"currency\": \"<ISO code>\"} for this invoice:\n{{ input }}".into(),
             },
         ],
-        scorers: vec![PluginRef {
-            plugin: "json-field-match".into(),
-            config: json!({}),
-        }],
-        validator: Some(PluginRef {
-            plugin: "json-schema".into(),
-            config: json!({ "schema": invoice_schema() }),
-        }),
+        scorers: vec![PluginRef::new("json-field-match", json!({}))],
+        validator: Some(PluginRef::new("json-schema", json!({ "schema": invoice_schema() }))),
         judge: None,
         gate: Some(Gate {
             metric: "json-field-match".into(),

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod event;
 pub mod finetune;
 pub mod invoices;
+pub mod pack;
 pub mod pipeline;
 pub mod plugins;
 pub mod settings;

@@ -12,6 +12,8 @@ fn a_local_judge_answers_and_the_cache_replays_it() {
     let env = lathe_jobs::Env::new(dir.path(), lathe_engine::Device::flex());
     let spec = JudgeSpec {
         plugin: "llm-judge".into(),
+        sha256: None,
+        limits: None,
         config: serde_json::json!({}),
         model: JudgeModel::Local { path: tiny.gguf.clone() },
         seed: 3,

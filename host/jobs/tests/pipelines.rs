@@ -216,7 +216,7 @@ fn bad_specs_fail_with_the_kind_a_server_maps_to_a_status() {
     assert!(bad_template.to_string().contains("no template `fancy`; it has `plain`"), "{bad_template}");
     let formatter = ImportSpec {
         file: p.root.join("data.jsonl"),
-        formatter: Some(PluginRef { plugin: "exact-match".into(), config: serde_json::json!({}) }),
+        formatter: Some(PluginRef::new("exact-match", serde_json::json!({}))),
         ..ImportSpec::default()
     };
     let e = lathe_jobs::pipeline::data::import(&p.env, &formatter, &NullSink).unwrap_err();

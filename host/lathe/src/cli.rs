@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::render::Terminal;
-use crate::{bench, data, demo, eval, plugin, serve, train};
+use crate::{bench, data, demo, eval, pack, plugin, serve, train};
 use lathe_engine::device::parse_device;
 use lathe_engine::{LoadedModel, Message, SamplingParams};
 use lathe_jobs::Env;
@@ -32,6 +32,10 @@ enum Command {
     /// Write, build, inspect and try plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Build, inspect, install and export eval packs (plugins, suites and held-out data for
+    /// one task, as one verified file).
+    #[command(subcommand)]
+    Pack(pack::PackCommand),
     /// Import, curate, split and inspect datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -154,6 +158,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Bench(b) => bench::run(b),
         Command::Plugin(p) => plugin::run(p),
+        Command::Pack(p) => pack::run(p),
         Command::Data(d) => data::run(d),
         Command::Eval(e) => eval::run(e),
         Command::Train(t) => train::train(*t),

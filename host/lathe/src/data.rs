@@ -145,7 +145,7 @@ fn import(a: ImportArgs) -> Result<()> {
         _ => None,
     };
     let formatter = match &a.formatter {
-        Some(name) => Some(PluginRef { plugin: name.clone(), config: json_arg(&a.formatter_config)? }),
+        Some(name) => Some(PluginRef::new(name.clone(), json_arg(&a.formatter_config)?)),
         None => None,
     };
     let spec = ImportSpec { file: a.file, source_name: None, name: a.name, mapping, formatter };
@@ -172,7 +172,7 @@ fn curate(a: CurateArgs) -> Result<()> {
         Some(other) => anyhow::bail!("--pii {other}: expected report, redact or drop"),
     };
     let validator = match &a.validator {
-        Some(v) => Some(PluginRef { plugin: v.clone(), config: json_arg(&a.validator_config)? }),
+        Some(v) => Some(PluginRef::new(v.clone(), json_arg(&a.validator_config)?)),
         None => None,
     };
     let spec = CurateSpec { version: a.version, dedupe: a.dedupe, near: a.near, pii, validator, drop_invalid: a.drop_invalid, name: a.name };

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use lathe_jobs::eval::{EvalRun, Suite};
+use lathe_jobs::eval::EvalRun;
 use lathe_jobs::pipeline::{self, eval::{BaselineSpec, CompareSpec, EvalSpec, ForgettingSpec, RegressionSpec, ReportSpec}};
 
 use crate::cli::{Compute, DEFAULT_MODEL, DataDir, run_job};
@@ -49,8 +49,9 @@ pub struct RunArgs {
     /// A PEFT adapter folder.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// A suite file, or the name of a suite installed from a pack.
     #[arg(long)]
-    suite: PathBuf,
+    suite: String,
     /// The held-out version (id or name).
     #[arg(long)]
     data: String,
@@ -75,8 +76,9 @@ pub struct RunArgs {
 pub struct BaselineArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
+    /// A suite file, or the name of a suite installed from a pack.
     #[arg(long)]
-    suite: PathBuf,
+    suite: String,
     /// The held-out version.
     #[arg(long)]
     data: String,
@@ -157,7 +159,7 @@ fn run_one(a: RunArgs) -> Result<()> {
     let spec = EvalSpec {
         model: a.model,
         adapter: a.adapter,
-        suite: Suite::from_file(&a.suite)?,
+        suite: lathe_jobs::pack::LocalPacks::new(&a.dir.env()).suite(&a.suite)?,
         data: a.data,
         template: a.template,
         shots: a.shots,
@@ -171,7 +173,7 @@ fn run_one(a: RunArgs) -> Result<()> {
 }
 
 fn baseline(a: BaselineArgs) -> Result<()> {
-    let spec = BaselineSpec { model: a.model, suite: Suite::from_file(&a.suite)?, data: a.data, train: a.train, limit: a.limit };
+    let spec = BaselineSpec { model: a.model, suite: lathe_jobs::pack::LocalPacks::new(&a.dir.env()).suite(&a.suite)?, data: a.data, train: a.train, limit: a.limit };
     let out = run_job(&a.compute.env(&a.dir)?, &spec, pipeline::eval::baseline)?;
     print_run(&out.baseline.best);
     println!("run {}", out.path.display());

@@ -6,6 +6,7 @@ mod cli;
 mod data;
 mod demo;
 mod eval;
+mod pack;
 mod plugin;
 mod render;
 mod serve;

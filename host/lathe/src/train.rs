@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use lathe_jobs::eval::Suite;
 use lathe_jobs::pipeline::{self, train::{ExportSpec, TrainSpec}};
 use lathe_jobs::settings::Layers;
 use serde_json::{Map, Value};
@@ -22,10 +21,11 @@ pub struct TrainArgs {
     /// The training version (id or name, e.g. `invoices.train`).
     #[arg(long)]
     data: String,
-    /// The eval suite (JSON): its prompt template shapes the training examples and its
-    /// primary metric drives early stopping. Lathe does not train without one.
+    /// The eval suite (a JSON file, or the name of a suite installed from a pack): its prompt
+    /// template shapes the training examples and its primary metric drives early stopping.
+    /// Lathe does not train without one.
     #[arg(long)]
-    suite: PathBuf,
+    suite: String,
     /// Which of the suite's templates to train with (default: the first).
     #[arg(long)]
     template: Option<String>,
@@ -157,7 +157,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let spec = TrainSpec {
         model: a.model,
         data: a.data,
-        suite: Suite::from_file(&a.suite)?,
+        suite: lathe_jobs::pack::LocalPacks::new(&a.dir.env()).suite(&a.suite)?,
         template: a.template,
         out: Some(a.out),
         settings,

@@ -108,12 +108,13 @@ impl Serving {
             None => None,
             Some(r) => {
                 let env = s.job_env(&job).await?;
-                let name = r.plugin.clone();
-                let plugin = tokio::task::spawn_blocking(move || env.plugin(&name, lathe_sandbox::Kind::Validator))
+                // The suite's pin when it has one (a pack's suites do), else the job's.
+                let (name, pinned, limits) = (r.plugin.clone(), r.sha256.clone(), r.limits);
+                let plugin = tokio::task::spawn_blocking(move || env.plugin_ref(&name, pinned.as_deref(), limits, lathe_sandbox::Kind::Validator))
                     .await
                     .map_err(|e| ApiError::Internal(e.to_string()))?
                     .map_err(|e| ApiError::Internal(format!("the deployment's validator: {e}")))?;
-                Some(Arc::new(Validator { sha256: job.plugins.get(&r.plugin).cloned(), name: r.plugin, config: r.config.to_string(), plugin }))
+                Some(Arc::new(Validator { sha256: Some(plugin.info().sha256.clone()), name: r.plugin, config: r.config.to_string(), plugin }))
             }
         };
         Ok(v)

@@ -12,6 +12,7 @@ pub mod deployments;
 pub mod error;
 pub mod inference;
 pub mod openai;
+pub mod packs;
 pub mod state;
 pub mod web;
 pub mod worker;
@@ -35,7 +36,7 @@ struct ApiDoc;
 
 /// Every route, registered once for routing and for the OpenAPI document.
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes()).merge(inference::routes()).merge(deployments::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes()).merge(openai::routes()).merge(inference::routes()).merge(deployments::routes()).merge(packs::routes())
 }
 
 /// The application: routes, the OpenAPI document at `/api/v1/openapi.json`, metrics, and

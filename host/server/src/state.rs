@@ -96,7 +96,7 @@ impl AppState {
     /// upload of each name).
     pub async fn env(&self, project_id: &str) -> ApiResult<Env> {
         let pins = self.plugin_pins(project_id).await?;
-        self.env_pinned(project_id, &pins)
+        self.env_pinned(project_id, &pins).await
     }
 
     /// The environment a queued job runs in: the plugin hashes pinned when it was queued
@@ -104,7 +104,7 @@ impl AppState {
     pub async fn job_env(&self, job: &JobRow) -> ApiResult<Env> {
         match job.plugins.is_empty() {
             true => self.env(&job.project_id).await,
-            false => self.env_pinned(&job.project_id, &job.plugins),
+            false => self.env_pinned(&job.project_id, &job.plugins).await,
         }
     }
 
@@ -118,15 +118,21 @@ impl AppState {
         Ok(pins)
     }
 
-    /// A project's folder, the server's device, and the given plugins by name (no plugin
-    /// name reaches the filesystem).
-    fn env_pinned(&self, project_id: &str, pins: &BTreeMap<String, String>) -> ApiResult<Env> {
+    /// A project's folder, the server's device, the given plugins by name (no plugin name
+    /// reaches the filesystem), and every version of the project's plugins by sha256, for
+    /// suites that pin one (a pack's suites pin all theirs).
+    async fn env_pinned(&self, project_id: &str, pins: &BTreeMap<String, String>) -> ApiResult<Env> {
         let device = lathe_engine::device::parse_device(&self.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut plugins = HashMap::new();
         for (name, sha256) in pins {
             plugins.insert(name.clone(), self.artifacts.get_path(sha256)?);
         }
-        Ok(Env::new(self.project_dir(project_id), device).with_project_plugins(plugins))
+        let mut versions = HashMap::new();
+        for p in self.db.plugins(project_id).await? {
+            let path = self.artifacts.get_path(&p.sha256)?;
+            versions.insert(p.sha256, path);
+        }
+        Ok(Env::new(self.project_dir(project_id), device).with_project_plugins(plugins).with_plugin_versions(versions))
     }
 
     /// Text as a team may see it: the server's own paths are not theirs to know, so a

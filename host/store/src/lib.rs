@@ -18,6 +18,7 @@ mod deployments;
 mod error;
 mod jobs;
 mod members;
+mod packs;
 mod projects;
 mod sessions;
 
@@ -38,6 +39,7 @@ pub use deployments::{Deployment, NewDeployment, check_deploy_name};
 pub use error::{Result, StoreError};
 pub use jobs::{JobEvent, JobRow, JobState, JobTiming, Lease, NewJob};
 pub use members::{MEMBER, Member, OWNER, ROLES};
+pub use packs::{PackRow, ProjectPack};
 pub use projects::{FileRow, NewFile, NewPlugin, PluginRow, Project, SuiteRow};
 pub use sessions::{SESSION_TTL_MS, WebSession};
 

@@ -1,7 +1,8 @@
 //! classification: accuracy per example (labels compared trimmed, case-insensitively);
-//! over a set, accuracy, micro F1, macro F1 and each class's F1.
+//! over a set, accuracy, micro F1, macro F1, each class's F1, and the confusion matrix as
+//! `confusion/<reference>/<prediction>` counts (a prediction that is no class: `(other)`).
 
-use lathe_metrics::classification::{accuracy, report};
+use lathe_metrics::classification::{accuracy, confusion, report};
 use lathe_plugin_sdk::{PluginInfo, Score, Scorer, Value};
 
 struct Classification;
@@ -28,6 +29,7 @@ impl Scorer for Classification {
             ("macro_f1".to_string(), r.macro_f1),
         ];
         out.extend(r.per_class_f1.into_iter().map(|(class, f1)| (format!("f1/{class}"), f1)));
+        out.extend(confusion(pairs.iter().copied()).into_iter().map(|((reference, predicted), n)| (format!("confusion/{reference}/{predicted}"), n as f64)));
         out
     }
 }

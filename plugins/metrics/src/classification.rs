@@ -63,9 +63,36 @@ pub fn report<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Report
     }
 }
 
+/// What a prediction outside every reference class counts as in [`confusion`].
+pub const OTHER: &str = "(other)";
+
+/// The confusion matrix of a set: (reference class, predicted class) → count, labels
+/// normalised; a prediction that is no reference class counts as [`OTHER`], so the matrix
+/// stays square plus one column however a model rambles.
+pub fn confusion<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)> + Clone) -> BTreeMap<(String, String), u64> {
+    let classes: std::collections::BTreeSet<String> = pairs.clone().into_iter().map(|(_, r)| normalize_label(r)).collect();
+    let mut out = BTreeMap::new();
+    for (p, r) in pairs {
+        let p = normalize_label(p);
+        let p = if classes.contains(&p) { p } else { OTHER.to_string() };
+        *out.entry((normalize_label(r), p)).or_insert(0) += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_confusion_matrix_counts_pairs_and_buckets_unknown_predictions() {
+        let pairs = [("cat", "cat"), ("Cat ", "cat"), ("dog", "cat"), ("a long answer", "dog")];
+        let m = confusion(pairs);
+        assert_eq!(m[&("cat".to_string(), "cat".to_string())], 2);
+        assert_eq!(m[&("cat".to_string(), "dog".to_string())], 1);
+        assert_eq!(m[&("dog".to_string(), OTHER.to_string())], 1);
+        assert_eq!(m.values().sum::<u64>(), 4);
+    }
 
     #[test]
     fn micro_and_macro_f1_on_a_known_confusion() {

@@ -49,6 +49,12 @@ impl JudgeModel {
 #[serde(deny_unknown_fields)]
 pub struct JudgeSpec {
     pub plugin: String,
+    /// The judge plugin's pinned sha256, as [`PluginRef::sha256`](super::PluginRef::sha256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// As [`PluginRef::limits`](super::PluginRef::limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<super::CallLimits>,
     #[serde(default = "super::empty_object")]
     pub config: serde_json::Value,
     pub model: JudgeModel,
@@ -223,6 +229,8 @@ impl VerdictCache {
 /// A judge ready to score: plugin instance, backend, cache.
 pub struct Judge {
     pub spec: JudgeSpec,
+    /// The judge plugin's sha256, as the run records it.
+    pub plugin_sha256: String,
     plugin: lathe_sandbox::Instance,
     backend: Box<dyn JudgeBackend>,
     pub cache: VerdictCache,
@@ -230,10 +238,11 @@ pub struct Judge {
 
 impl Judge {
     pub fn new(env: &Env, spec: JudgeSpec, backend: Box<dyn JudgeBackend>, cache: VerdictCache) -> Result<Self> {
-        let plugin = env.plugin(&spec.plugin, lathe_sandbox::Kind::Judge)?;
+        let plugin = env.plugin_ref(&spec.plugin, spec.sha256.as_deref(), spec.limits, lathe_sandbox::Kind::Judge)?;
         let instance = plugin.instance(&spec.config.to_string()).map_err(|e| call_err(&spec.plugin, e))?;
         Ok(Self {
             spec,
+            plugin_sha256: plugin.info().sha256.clone(),
             plugin: instance,
             backend,
             cache,

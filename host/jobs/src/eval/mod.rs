@@ -50,6 +50,29 @@ pub struct PluginRef {
     pub plugin: String,
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
+    /// The component's sha256 this reference is pinned to: a plugin of that name with
+    /// other bytes is refused. Packs pin every reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Tighter limits than the host's for this plugin's calls (a pack's plugins run with
+    /// what they asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<CallLimits>,
+}
+
+impl PluginRef {
+    /// An unpinned reference.
+    pub fn new(plugin: impl Into<String>, config: serde_json::Value) -> Self {
+        Self { plugin: plugin.into(), config, sha256: None, limits: None }
+    }
+}
+
+/// The memory of one plugin instance and the time of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallLimits {
+    pub memory_mb: u64,
+    pub timeout_ms: u64,
 }
 
 pub(crate) fn empty_object() -> serde_json::Value {
@@ -203,13 +226,13 @@ impl Plugins {
             .scorers
             .iter()
             .map(|r| {
-                let p = env.plugin(&r.plugin, Kind::Scorer)?;
+                let p = env.plugin_ref(&r.plugin, r.sha256.as_deref(), r.limits, Kind::Scorer)?;
                 Ok((p.info().name.clone(), p, r.config.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
         let validator = match &suite.validator {
             Some(r) => {
-                let p = env.plugin(&r.plugin, Kind::Validator)?;
+                let p = env.plugin_ref(&r.plugin, r.sha256.as_deref(), r.limits, Kind::Validator)?;
                 Some((p.info().name.clone(), p, r.config.to_string()))
             }
             None => None,
@@ -246,6 +269,16 @@ impl Plugins {
     pub fn with_judge(mut self, judge: judge::Judge) -> Self {
         self.judge = Some(Mutex::new(judge));
         self
+    }
+
+    /// Plugin name → sha256 of every plugin loaded, the judge's included.
+    pub fn hashes(&self) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = self.scorers.iter().chain(self.validator.iter()).map(|(n, p, _)| (n.clone(), p.info().sha256.clone())).collect();
+        if let Some(j) = &self.judge {
+            let j = j.lock().expect("judge lock");
+            out.insert(j.spec.plugin.clone(), j.plugin_sha256.clone());
+        }
+        out
     }
 
     /// The metric that decides: the gate's, else the first scorer's.
@@ -318,6 +351,13 @@ pub struct EvalRun {
     pub gate: Option<Gate>,
     pub passed_gate: Option<bool>,
     pub examples_per_s: f64,
+    /// Plugin name → sha256 of the component that scored, validated or judged this run.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, String>,
+    /// Set-level values each scorer computes over all items (`<scorer>/<key>`: macro-F1,
+    /// per-class F1, `confusion/<reference>/<prediction>` counts, ...).
+    #[serde(default)]
+    pub aggregates: BTreeMap<String, f64>,
 }
 
 impl EvalRun {
@@ -481,6 +521,7 @@ pub fn run(
         let plugin = plugin.to_string();
         move |source| JobError::PluginCall { plugin, item, source }
     };
+    let mut aggregates = BTreeMap::new();
     for (name, plugin, config) in &plugins.scorers {
         let mut inst = plugin.instance(config).map_err(call_err(name, 0))?;
         for r in &mut results {
@@ -490,6 +531,11 @@ pub fn run(
             }
             r.scores.insert(name.clone(), s.value);
             r.details.insert(name.clone(), s.details);
+        }
+        // What only a whole set has (macro-F1, a confusion matrix), as the scorer computes it.
+        let (preds, refs): (Vec<&str>, Vec<&str>) = results.iter().map(|r| (r.output.as_str(), r.reference.as_str())).unzip();
+        for (key, value) in inst.aggregate(&preds, &refs).map_err(call_err(name, 0))? {
+            aggregates.insert(format!("{name}/{key}"), value);
         }
     }
     if let Some((name, plugin, config)) = &plugins.validator {
@@ -528,6 +574,8 @@ pub fn run(
         gate: suite.gate.clone(),
         passed_gate: None,
         examples_per_s: items.len() as f64 / elapsed.max(1e-9),
+        plugins: plugins.hashes(),
+        aggregates,
     };
     let names = plugins.metric_names(plugins.judge.is_some());
     for (k, name) in names.iter().enumerate() {
@@ -740,6 +788,8 @@ mod tests {
             gate: None,
             passed_gate: None,
             examples_per_s: 1.0,
+            plugins: BTreeMap::new(),
+            aggregates: BTreeMap::new(),
         }
     }
 

@@ -46,6 +46,12 @@ pub struct RunSummary {
     pub examples_per_s: f64,
     #[serde(default)]
     pub weights: Option<Weights>,
+    /// Plugin name → sha256 of what scored the run.
+    #[serde(default)]
+    pub plugins: std::collections::BTreeMap<String, String>,
+    /// The scorers' set-level values ([`EvalRun::aggregates`]).
+    #[serde(default)]
+    pub aggregates: std::collections::BTreeMap<String, f64>,
 }
 
 impl RunSummary {
@@ -61,6 +67,8 @@ impl RunSummary {
             passed_gate: run.passed_gate,
             examples_per_s: run.examples_per_s,
             weights: None,
+            plugins: run.plugins.clone(),
+            aggregates: run.aggregates.clone(),
         }
     }
 
@@ -89,6 +97,73 @@ pub struct Report {
     /// The regression pack's verdict on the fine-tune, when the report ran it.
     #[serde(default)]
     pub forgetting: Option<super::regression::Forgetting>,
+}
+
+/// A run's set-level values (macro-F1 and the like) and, where a scorer gave one, its
+/// confusion matrix: reference classes down, predictions across.
+fn set_metrics_html(r: &RunSummary) -> String {
+    let mut h = String::new();
+    let scalars: Vec<(&String, &f64)> = r.aggregates.iter().filter(|(k, _)| !k.contains("/confusion/") && !k.contains("/f1/")).collect();
+    if scalars.is_empty() {
+        return h;
+    }
+    let _ = write!(h, "<h3>{}: over the set</h3><p>", esc(&r.label));
+    for (k, v) in &scalars {
+        let _ = write!(h, "{} <b>{:.3}</b> · ", esc(k), v);
+    }
+    h.truncate(h.len() - " · ".len());
+    h.push_str("</p>");
+    // `<scorer>/confusion/<reference>/<prediction>` → count
+    let cells: Vec<(&str, &str, f64)> = r
+        .aggregates
+        .iter()
+        .filter_map(|(k, v)| {
+            let (_, rest) = k.split_once("/confusion/")?;
+            let (reference, predicted) = rest.split_once('/')?;
+            Some((reference, predicted, *v))
+        })
+        .collect();
+    if cells.is_empty() {
+        return h;
+    }
+    let mut rows: Vec<&str> = cells.iter().map(|c| c.0).collect();
+    rows.sort();
+    rows.dedup();
+    let extra: std::collections::BTreeSet<&str> = cells.iter().map(|c| c.1).filter(|p| !rows.contains(p)).collect();
+    let cols: Vec<&str> = rows.iter().copied().chain(extra).collect();
+    h.push_str("<table class=\"confusion\"><tr><th>reference ↓ / predicted →</th>");
+    for c in &cols {
+        let _ = write!(h, "<th>{}</th>", esc(c));
+    }
+    h.push_str("</tr>");
+    for row in &rows {
+        let _ = write!(h, "<tr><th>{}</th>", esc(row));
+        for col in &cols {
+            let n = cells.iter().find(|c| c.0 == *row && c.1 == *col).map_or(0.0, |c| c.2);
+            let class = if row == col { " class=\"hit\"" } else { "" };
+            let _ = write!(h, "<td{class}>{n}</td>");
+        }
+        h.push_str("</tr>");
+    }
+    h.push_str("</table>");
+    h
+}
+
+/// A note for each plugin that scored the runs with different bytes: their numbers are not
+/// comparable on that plugin's metric, and the report says so.
+pub fn plugin_mismatches(runs: &[RunSummary]) -> Vec<String> {
+    let mut names: Vec<&String> = runs.iter().flat_map(|r| r.plugins.keys()).collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let used: Vec<(&str, &str)> = runs.iter().filter_map(|r| r.plugins.get(name).map(|h| (r.label.as_str(), h.as_str()))).collect();
+        if used.windows(2).any(|w| w[0].1 != w[1].1) {
+            let list = used.iter().map(|(label, h)| format!("{label} {}", &h[..12.min(h.len())])).collect::<Vec<_>>().join(", ");
+            out.push(format!("Warning: plugin `{name}` is not the same component in every run ({list}); the runs were scored differently."));
+        }
+    }
+    out
 }
 
 impl Report {
@@ -184,6 +259,9 @@ impl Report {
                 let _ = write!(h, "<td>{gate}</td><td>{:.2}</td><td>{}</td></tr>", r.examples_per_s, r.weights.as_ref().map_or("—".into(), weights_text));
             }
             h.push_str("</table>");
+            for r in &self.runs {
+                h.push_str(&set_metrics_html(r));
+            }
         }
 
         if !self.baseline_trials.is_empty() {
@@ -456,5 +534,46 @@ mod tests {
         assert!(html.contains("a&amp;b · 0-shot"));
         assert!(html.contains("<polyline"));
         assert!(!html.contains("http://") || html.matches("http://").count() == html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(), "nothing is fetched");
+    }
+
+    fn summary(label: &str, plugins: &[(&str, &str)], aggregates: &[(&str, f64)]) -> RunSummary {
+        RunSummary {
+            label: label.into(),
+            id: label.into(),
+            model: "m".into(),
+            adapter: None,
+            template: "t".into(),
+            shots: 0,
+            metrics: Default::default(),
+            passed_gate: None,
+            examples_per_s: 1.0,
+            weights: None,
+            plugins: plugins.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            aggregates: aggregates.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_classification_run_shows_macro_f1_and_its_confusion_matrix() {
+        let r = summary(
+            "baseline",
+            &[],
+            &[("classification/macro_f1", 0.5), ("classification/confusion/bug/bug", 3.0), ("classification/confusion/bug/(other)", 1.0), ("classification/confusion/billing/bug", 2.0)],
+        );
+        let html = set_metrics_html(&r);
+        assert!(html.contains("classification/macro_f1 <b>0.500</b>"), "{html}");
+        assert!(html.contains("<th>reference ↓ / predicted →</th><th>billing</th><th>bug</th><th>(other)</th>"), "{html}");
+        assert!(html.contains("<tr><th>billing</th><td class=\"hit\">0</td><td>2</td><td>0</td></tr>"), "{html}");
+        assert!(html.contains("<tr><th>bug</th><td>0</td><td class=\"hit\">3</td><td>1</td></tr>"), "{html}");
+    }
+
+    #[test]
+    fn runs_scored_by_different_components_are_named_in_a_warning() {
+        let same = [summary("baseline", &[("exact-match", "aaaa")], &[]), summary("candidate", &[("exact-match", "aaaa")], &[])];
+        assert!(plugin_mismatches(&same).is_empty());
+        let differ = [summary("baseline", &[("exact-match", "aaaa")], &[]), summary("candidate", &[("exact-match", "bbbb")], &[])];
+        let notes = plugin_mismatches(&differ);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("`exact-match`") && notes[0].contains("baseline aaaa") && notes[0].contains("candidate bbbb"), "{}", notes[0]);
     }
 }

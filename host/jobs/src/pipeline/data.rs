@@ -51,7 +51,7 @@ pub fn import(env: &Env, spec: &ImportSpec, sink: &dyn Sink) -> Result<ImportOut
     let opts = ImportOptions { source_name: spec.source_name.clone(), mapping: spec.mapping.clone(), kind, ..ImportOptions::default() };
     let imported = match &spec.formatter {
         Some(f) => {
-            let plugin = env.plugin(&f.plugin, Kind::Formatter)?;
+            let plugin = env.plugin_ref(&f.plugin, f.sha256.as_deref(), f.limits, Kind::Formatter)?;
             let instance = plugin.instance(&f.config.to_string()).map_err(|e| JobError::PluginCall { plugin: f.plugin.clone(), item: 0, source: e })?;
             let mut formatter = PluginFormatter { name: f.plugin.clone(), instance };
             lathe_data::import_with(&store, &spec.file, &opts, &mut formatter)?
@@ -177,7 +177,7 @@ pub fn curate(env: &Env, spec: &CurateSpec, sink: &dyn Sink) -> Result<CurateOut
     if let Some(v) = &spec.validator {
         sink.check_cancelled()?;
         sink.started("data.validate", format!("check outputs with {}", v.plugin));
-        let plugin = env.plugin(&v.plugin, Kind::Validator)?;
+        let plugin = env.plugin_ref(&v.plugin, v.sha256.as_deref(), v.limits, Kind::Validator)?;
         let inst = Mutex::new(
             plugin.instance(&v.config.to_string()).map_err(|e| JobError::PluginCall { plugin: v.plugin.clone(), item: 0, source: e })?,
         );

@@ -272,6 +272,7 @@ pub fn report(env: &Env, spec: &ReportSpec, sink: &dyn Sink) -> Result<ReportOut
     let cand = load_run(env, &spec.candidate)?;
     let variants = spec.variants.iter().map(|v| load_run(env, v)).collect::<Result<Vec<_>>>()?;
     let ladder = ladder(("baseline", &base), ("candidate", &cand), &variants, spec.margin)?;
+    let notes = crate::eval::report::plugin_mismatches(&ladder.runs);
     let r = Report {
         title: format!("{}: fine-tune vs prompted baseline", base.suite),
         suite: base.suite.clone(),
@@ -284,8 +285,12 @@ pub fn report(env: &Env, spec: &ReportSpec, sink: &dyn Sink) -> Result<ReportOut
             Some(f) => Some(candidate_forgetting(env, &cand, f, sink)?),
             None => None,
         },
+        notes,
         ..Report::default()
     };
+    for n in &r.notes {
+        sink.warn(n.clone());
+    }
     let out = spec.out.clone().unwrap_or_else(|| env.runs_dir().join(format!("report-{}-{}", base.id, cand.id)));
     write_report(&r, &out, sink)
 }

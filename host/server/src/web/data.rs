@@ -86,7 +86,7 @@ fn lineage_graph(versions: &[Value]) -> Value {
 
 /// The first multipart field must be the form's CSRF token, so that nothing is stored for
 /// a forged form.
-async fn check_multipart_csrf(viewer: &Viewer, multipart: &mut Multipart) -> WebResult<()> {
+pub(super) async fn check_multipart_csrf(viewer: &Viewer, multipart: &mut Multipart) -> WebResult<()> {
     let field = multipart.next_field().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))?;
     let token = match field {
         Some(f) if f.name() == Some("csrf") => f.text().await.map_err(|e| WebError::bad(format!("malformed upload: {e}")))?,

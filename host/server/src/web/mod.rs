@@ -8,7 +8,8 @@
 //! exactly as the API does, and every form carries the session's CSRF token.
 //!
 //! One module per page family: `session` (sign in and out), `projects` (projects, the
-//! workflow checklist, settings), `data` (datasets and plugins), `eval` (suites), `jobs`
+//! workflow checklist, settings), `data` (datasets and plugins), `eval` (suites), `packs`
+//! (the pack catalogue, installs and upgrades), `jobs`
 //! (submit, watch, cancel, artifacts), `models` (adapters with their lineage, deploy
 //! aliases, the playground).
 
@@ -17,6 +18,7 @@ mod data;
 mod eval;
 mod jobs;
 mod models;
+mod packs;
 mod projects;
 mod session;
 
@@ -49,7 +51,7 @@ pub fn route_list() -> Vec<(&'static str, &'static str)> {
 }
 
 fn pages() -> Pages {
-    [session::routes, projects::routes, data::routes, eval::routes, jobs::routes, models::routes, assets::routes]
+    [session::routes, projects::routes, data::routes, eval::routes, packs::routes, jobs::routes, models::routes, assets::routes]
         .into_iter()
         .fold(Pages::default(), |all, module| module(all))
 }
@@ -215,7 +217,7 @@ macro_rules! templates {
 const TEMPLATES: &[(&str, &str)] = templates!(
     "base.html", "error.html", "login.html", "projects.html", "project.html", "settings.html", "datasets.html",
     "dataset.html", "import.html", "plugins.html", "plugin.html", "try_result.html", "suites.html", "suite_preview.html", "jobs.html",
-    "jobs_table.html", "job.html", "models.html", "playground_result.html", "report.html", "project_settings.html",
+    "jobs_table.html", "job.html", "models.html", "playground_result.html", "report.html", "project_settings.html", "packs.html",
 );
 
 fn embedded() -> &'static Environment<'static> {

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::{Server, team_with_project, words_jsonl, words_suite};
 
-crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles, jobs_pin_their_plugins);
+crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles, jobs_pin_their_plugins, packs_install_and_upgrade);
 
 async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (token, project) = team_with_project(&s, "acme").await;
@@ -368,6 +368,63 @@ async fn jobs_pin_their_plugins(s: Server) {
     assert_eq!(late["plugins"]["token-f1"], sha.as_str(), "{late}");
     let (_, early_now) = s.call(Method::GET, &format!("{base}/jobs/{}", early["id"].as_str().unwrap()), Some(&token), None).await;
     assert_eq!(early_now["plugins"], early["plugins"]);
+}
+
+/// A pack into the team's catalogue and a project: its plugins, pinned suites and data; a
+/// new version of it installs over the old with the diff; a version is immutable.
+async fn packs_install_and_upgrade(s: Server) {
+    let (token, project) = team_with_project(&s, "packs").await;
+    let rt = lathe_sandbox::Runtime::new(lathe_sandbox::RuntimeConfig { cache_dir: lathe_jobs::env::default_plugin_cache(), ..Default::default() }).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    lathe_jobs::pack::shipped::Template::Blank.write(&src, Some("quiz")).unwrap();
+    let v1 = lathe_jobs::pack::Pack::build(&src, &rt).unwrap();
+    let (status, described) = s.send(raw_post("/api/v1/packs", &token, v1.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{described}");
+    assert_eq!(described["origin"], "uploaded");
+    assert_eq!(described["asks"]["network"], false);
+    let sha1 = lathe_util::sha256_hex(&v1);
+    let (_, catalogue) = s.call(Method::GET, "/api/v1/packs", Some(&token), None).await;
+    let origins: Vec<(&str, &str)> = catalogue["data"].as_array().unwrap().iter().map(|p| (p["name"].as_str().unwrap(), p["origin"].as_str().unwrap())).collect();
+    for want in [("invoice-extraction", "shipped"), ("support-triage", "shipped"), ("grounded-qa", "shipped"), ("quiz", "uploaded")] {
+        assert!(origins.contains(&want), "{origins:?}");
+    }
+
+    let base = format!("/api/v1/projects/{project}");
+    let (status, out) = s.call(Method::POST, &format!("{base}/packs"), Some(&token), Some(json!({"sha256": sha1}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{out}");
+    assert_eq!(out["diff"], Value::Null);
+    let (_, suite) = s.call(Method::GET, &format!("{base}/suites/answers"), Some(&token), None).await;
+    let scorer = &suite["definition"]["scorers"][0];
+    assert_eq!(scorer["plugin"], "exact-match");
+    assert_eq!(scorer["limits"], json!({"memory_mb": 16, "timeout_ms": 500}), "{suite}");
+    let (_, plugins) = s.call(Method::GET, &format!("{base}/plugins"), Some(&token), None).await;
+    assert!(plugins["data"].as_array().unwrap().iter().any(|p| p["sha256"] == scorer["sha256"]), "{plugins}");
+    let (_, datasets) = s.call(Method::GET, &format!("{base}/datasets"), Some(&token), None).await;
+    assert!(datasets.to_string().contains("packs/quiz/heldout"), "{datasets}");
+
+    // Version 1.1.0 changes one held-out item: the diff says so, before and on install.
+    let heldout = src.join("data/heldout.jsonl");
+    std::fs::write(&heldout, std::fs::read_to_string(&heldout).unwrap().replace("Paris", "Paris, France")).unwrap();
+    let toml = src.join("pack.toml");
+    std::fs::write(&toml, std::fs::read_to_string(&toml).unwrap().replace("1.0.0", "1.1.0")).unwrap();
+    let v2 = lathe_jobs::pack::Pack::build(&src, &rt).unwrap();
+    let sha2 = lathe_util::sha256_hex(&v2);
+    assert_eq!(s.send(raw_post("/api/v1/packs", &token, v2)).await.0, StatusCode::CREATED);
+    let (status, preview) = s.call(Method::GET, &format!("{base}/packs/quiz/diff?to={sha2}"), Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["data"]["changed"][0]["name"], "heldout");
+    let (_, out) = s.call(Method::POST, &format!("{base}/packs"), Some(&token), Some(json!({"sha256": sha2}))).await;
+    assert_eq!(out["diff"], preview, "{out}");
+    let (_, installed) = s.call(Method::GET, &format!("{base}/packs"), Some(&token), None).await;
+    assert_eq!(installed["data"].as_array().unwrap().len(), 1);
+    assert_eq!(installed["data"][0]["version"], "1.1.0");
+
+    // Other bytes under a name and version already taken: refused.
+    std::fs::write(&toml, std::fs::read_to_string(&toml).unwrap().replace("A pack to start from", "Another pack")).unwrap();
+    let (status, body) = s.send(raw_post("/api/v1/packs", &token, lathe_jobs::pack::Pack::build(&src, &rt).unwrap())).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains("immutable"), "{body}");
 }
 
 fn raw_post(uri: &str, token: &str, body: Vec<u8>) -> Request<Body> {

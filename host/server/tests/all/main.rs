@@ -222,6 +222,13 @@ pub async fn two_teams(s: &mut Server) -> TwoTeams {
     s.call(Method::PUT, &format!("/api/v1/projects/{project}/suites/words"), Some(&a), Some(words_suite("exact-match"))).await;
     let (_, tokens) = s.call(Method::GET, "/api/v1/tokens", Some(&a), None).await;
     let (_, member) = s.call(Method::POST, "/api/v1/members", Some(&a), Some(json!({"name": "Ana"}))).await;
+    // A pack in alpha's catalogue.
+    let rt = lathe_sandbox::Runtime::new(lathe_sandbox::RuntimeConfig { cache_dir: lathe_jobs::env::default_plugin_cache(), ..Default::default() }).unwrap();
+    let pack = lathe_jobs::pack::shipped::Template::Blank.build(&rt).unwrap();
+    let upload = Request::builder().method(Method::POST).uri("/api/v1/packs").header("authorization", format!("Bearer {a}")).body(Body::from(pack.clone())).unwrap();
+    let (status, uploaded) = s.send(upload).await;
+    assert_eq!(status, StatusCode::CREATED, "{uploaded}");
+    let sha256 = lathe_util::sha256_hex(&pack);
     let (job, file) = (job["id"].as_str().unwrap().to_string(), file["id"].as_str().unwrap().to_string());
     let slots = vec![
         ("{project}", project),
@@ -237,6 +244,7 @@ pub async fn two_teams(s: &mut Server) -> TwoTeams {
         ("{member}", member["member"]["id"].as_str().unwrap().to_string()),
         ("{name}", "report.html".to_string()),
         ("{*path}", "lathe.css".to_string()),
+        ("{sha256}", sha256),
     ];
     TwoTeams { a, b, b_project, slots }
 }

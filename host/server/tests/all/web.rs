@@ -91,7 +91,7 @@ fn form_request(method: &Method, uri: &str, cookie: Option<&str>, csrf: &str) ->
     if method == Method::GET {
         return r.body(Body::empty()).unwrap();
     }
-    if uri.ends_with("/datasets") || uri.ends_with("/plugins") {
+    if uri.ends_with("/datasets") || uri.ends_with("/plugins") || uri.ends_with("/packs/upload") {
         let b = "lathe-boundary";
         let body = format!(
             "--{b}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
