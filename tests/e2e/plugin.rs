@@ -128,3 +128,68 @@ fn python_plugins_answer_as_their_rust_twins() {
         assert_eq!(answers[0].0["world"], format!("lathe:plugin/{kind}@0.1.0"), "{kind}");
     }
 }
+
+/// A Python scorer runs under the host's limits for scorers, set per world by the operator
+/// (`LATHE_PLUGIN_<WORLD>_*`): its size, memory and time are each refused past the
+/// scorer's limit with that limit and world in the error, while another world's limits
+/// leave it alone.
+#[test]
+fn a_python_scorer_is_held_to_the_scorer_worlds_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let componentize = repo_root().join(".venv/bin/componentize-py");
+    assert!(componentize.exists(), "{} is missing: run scripts/setup.sh", componentize.display());
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("LATHE_COMPONENTIZE_PY", &componentize)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&[], &["plugin", "new", "--kind", "scorer", "--lang", "python", "slow"]).status.success());
+    // A scorer that spins on one input, so the deadline can be hit on purpose.
+    let app = dir.path().join("slow/app.py");
+    let source = std::fs::read_to_string(&app).unwrap();
+    let spinning = source.replacen(
+        "    def score(self, prediction: str, reference: str) -> types.Score:\n",
+        "    def score(self, prediction: str, reference: str) -> types.Score:\n        while prediction == \"spin\":\n            pass\n",
+        1,
+    );
+    assert_ne!(spinning, source, "the scaffold's score method moved");
+    std::fs::write(&app, spinning).unwrap();
+    let built = run(&[], &["plugin", "build", "slow"]);
+    assert!(built.status.success(), "{}", stderr(&built));
+    let wasm = stdout(&built).lines().next().unwrap().trim().to_string();
+    let size_mb = std::fs::metadata(dir.path().join(&wasm)).unwrap().len() >> 20;
+    let pair = r#"[{"prediction": "Paris", "reference": "Paris"}]"#;
+    let spin = r#"[{"prediction": "spin", "reference": "Paris"}]"#;
+
+    let ok = run(&[], &["plugin", "test", &wasm, "--input", pair]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // Size: the scorer world's cap refuses it; the validator world's does not touch it.
+    let small = (size_mb / 2).to_string();
+    let e = run(&[("LATHE_PLUGIN_SCORER_MAX_COMPONENT_MB", &small)], &["plugin", "test", &wasm, "--input", pair]);
+    assert!(!e.status.success());
+    let msg = stderr(&e);
+    assert!(msg.contains(&format!("{}-byte cap for scorer plugins", (size_mb / 2) << 20)), "{msg}");
+    let other = run(&[("LATHE_PLUGIN_VALIDATOR_MAX_COMPONENT_MB", &small)], &["plugin", "test", &wasm, "--input", pair]);
+    assert!(other.status.success(), "{}", stderr(&other));
+
+    // Memory: the interpreter's heap does not fit in 4 MiB.
+    let e = run(&[("LATHE_PLUGIN_SCORER_MEMORY_MB", "4")], &["plugin", "test", &wasm, "--input", pair]);
+    assert!(!e.status.success());
+    let msg = stderr(&e);
+    assert!(msg.contains(&format!("{}-byte cap (the host's limit for scorer plugins)", 4 << 20)), "{msg}");
+
+    // Time: the spinning input runs into the scorer world's deadline.
+    let e = run(&[("LATHE_PLUGIN_SCORER_TIMEOUT_MS", "300")], &["plugin", "test", &wasm, "--input", spin]);
+    assert!(!e.status.success());
+    let msg = stderr(&e);
+    assert!(msg.contains("300ms time limit (the host's limit for scorer plugins)"), "{msg}");
+
+    // A setting that is not one is named, with the world's section.
+    let e = run(&[("LATHE_PLUGIN_SCORER_MEMORY", "4")], &["plugin", "test", &wasm, "--input", pair]);
+    assert!(stderr(&e).contains("LATHE_PLUGIN_SCORER_") && stderr(&e).contains("`memory`"), "{}", stderr(&e));
+}

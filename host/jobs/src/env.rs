@@ -91,7 +91,7 @@ impl Env {
         if let Some(r) = self.runtime.get() {
             return Ok(r);
         }
-        let r = Runtime::new(RuntimeConfig { cache_dir: self.plugin_cache.clone(), ..RuntimeConfig::default() })
+        let r = Runtime::new(runtime_config(self.plugin_cache.clone())?)
             .map_err(|e| JobError::PluginLoad { plugin: "(runtime)".into(), message: e.to_string() })?;
         Ok(self.runtime.get_or_init(|| r))
     }
@@ -199,6 +199,13 @@ impl Env {
         }
         Ok(lathe_engine::load(path, &self.device)?)
     }
+}
+
+/// The plugin runtime's configuration on this host: each world's limits from the
+/// operator's `LATHE_PLUGIN_<WORLD>_*` environment ([`crate::settings::PluginLimits`]),
+/// compiled plugins cached in `cache_dir`.
+pub fn runtime_config(cache_dir: Option<PathBuf>) -> Result<RuntimeConfig> {
+    crate::settings::plugin_runtime_config(&crate::settings::Layers::from_process(None)?, cache_dir)
 }
 
 /// Where compiled plugins are cached by default: `$XDG_CACHE_HOME/lathe/plugins`, else

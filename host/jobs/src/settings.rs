@@ -128,6 +128,57 @@ impl TrainSettings {
     }
 }
 
+/// The limits of one plugin world, as an operator sets them: section `plugin_<world>` of
+/// the environment (`LATHE_PLUGIN_SCORER_MEMORY_MB=128`, `LATHE_PLUGIN_JUDGE_TIMEOUT_MS=5000`).
+/// They are the host's, not a project's: no project TOML can raise them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginLimits {
+    /// The largest component of this world an upload may be.
+    pub max_component_mb: usize,
+    /// The memory one instance may grow to.
+    pub memory_mb: usize,
+    /// The CPU time of one call.
+    pub timeout_ms: u64,
+    /// The most one call may return.
+    pub max_output_mb: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        let l = lathe_sandbox::Limits::default();
+        Self {
+            max_component_mb: l.max_component_bytes >> 20,
+            memory_mb: l.memory_bytes >> 20,
+            timeout_ms: l.timeout.as_millis() as u64,
+            max_output_mb: l.max_output_bytes >> 20,
+        }
+    }
+}
+
+impl PluginLimits {
+    pub fn limits(&self) -> lathe_sandbox::Limits {
+        lathe_sandbox::Limits {
+            max_component_bytes: self.max_component_mb << 20,
+            memory_bytes: self.memory_mb << 20,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            max_output_bytes: self.max_output_mb << 20,
+            fuel: None,
+        }
+    }
+}
+
+/// The plugin runtime's configuration: each world's limits from `layers` (section
+/// `plugin_<world>`), compiled plugins cached in `cache_dir`.
+pub fn plugin_runtime_config(layers: &Layers, cache_dir: Option<std::path::PathBuf>) -> Result<lathe_sandbox::RuntimeConfig> {
+    let mut worlds = std::collections::BTreeMap::new();
+    for kind in lathe_sandbox::Kind::ALL {
+        let l: PluginLimits = layers.resolve(&format!("plugin_{kind}"))?;
+        worlds.insert(kind, l.limits());
+    }
+    Ok(lathe_sandbox::RuntimeConfig { cache_dir, worlds, ..Default::default() })
+}
+
 /// Where settings come from, lowest layer first after the built-in defaults.
 #[derive(Debug, Default, Clone)]
 pub struct Layers {
@@ -242,6 +293,28 @@ mod tests {
         let bad = Layers { env: vec![("LATHE_TRAIN_EPOCHS".into(), "three".into())], ..Layers::default() };
         let e = bad.resolve::<TrainSettings>("train").unwrap_err().to_string();
         assert!(e.contains("environment") && e.contains("`epochs`"), "{e}");
+    }
+
+    #[test]
+    fn plugin_limits_are_set_per_world() {
+        let layers = Layers {
+            // A project's TOML is not read for host limits (the caller passes none), but
+            // the layer works the same if an operator's file is given.
+            toml: Some(("host.toml".into(), "[plugin_judge]\ntimeout_ms = 9000\n".into())),
+            env: vec![("LATHE_PLUGIN_SCORER_MEMORY_MB".into(), "128".into()), ("LATHE_PLUGIN_SCORER_MAX_COMPONENT_MB".into(), "48".into())],
+            ..Layers::default()
+        };
+        let c = plugin_runtime_config(&layers, None).unwrap();
+        let scorer = c.limits_for(lathe_sandbox::Kind::Scorer);
+        assert_eq!((scorer.memory_bytes, scorer.max_component_bytes), (128 << 20, 48 << 20));
+        assert_eq!(c.limits_for(lathe_sandbox::Kind::Judge).timeout, std::time::Duration::from_secs(9));
+        let validator = c.limits_for(lathe_sandbox::Kind::Validator);
+        assert_eq!(validator.memory_bytes, lathe_sandbox::Limits::default().memory_bytes);
+        assert_eq!(c.max_upload_bytes(), 48 << 20);
+
+        let bad = Layers { env: vec![("LATHE_PLUGIN_VALIDATOR_MEMORY".into(), "1".into())], ..Layers::default() };
+        let e = plugin_runtime_config(&bad, None).unwrap_err().to_string();
+        assert!(e.contains("LATHE_PLUGIN_VALIDATOR_") && e.contains("`memory`"), "{e}");
     }
 
     #[test]

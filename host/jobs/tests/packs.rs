@@ -6,7 +6,7 @@ use std::path::Path;
 
 use lathe_jobs::eval::Plugins;
 use lathe_jobs::pack::shipped::Template;
-use lathe_jobs::pack::{LocalPacks, Pack, Policy};
+use lathe_jobs::pack::{LocalPacks, Pack};
 use lathe_jobs::{Env, NullSink};
 use lathe_sandbox::{Runtime, RuntimeConfig};
 
@@ -80,24 +80,25 @@ fn a_pack_with_any_byte_changed_is_refused() {
 fn plugins_that_ask_for_more_than_the_host_allows_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let policy = Policy::of(&rt);
+    let allowed = rt.config().limits_for(lathe_sandbox::Kind::Scorer);
+    let (memory_mb, timeout_ms) = (allowed.memory_bytes >> 20, allowed.timeout.as_millis());
     let src = source(dir.path(), Template::Blank);
     let ok = Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap();
-    assert_eq!(ok.check(&rt, policy).unwrap().len(), 1);
+    assert_eq!(ok.check(&rt).unwrap().len(), 1);
 
     edit(&src.join("pack.toml"), "memory_mb = 16", "memory_mb = 4096");
     let pack = Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap();
-    let e = err(pack.check(&rt, policy));
-    assert!(e.contains("plugin `exact-match`") && e.contains("4096 MiB") && e.contains(&format!("at most {} MiB", policy.memory_mb)), "{e}");
+    let e = err(pack.check(&rt));
+    assert!(e.contains("plugin `exact-match`") && e.contains("4096 MiB") && e.contains(&format!("scorer plugins at most {memory_mb} MiB")), "{e}");
 
     edit(&src.join("pack.toml"), "memory_mb = 4096", "memory_mb = 16\nnetwork = true");
     let pack = Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap();
-    let e = err(pack.check(&rt, policy));
+    let e = err(pack.check(&rt));
     assert!(e.contains("plugin `exact-match`") && e.contains("network"), "{e}");
 
     edit(&src.join("pack.toml"), "network = true\ntimeout_ms = 500", "timeout_ms = 600000");
-    let e = err(Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap().check(&rt, policy));
-    assert!(e.contains("600000 ms") && e.contains(&format!("at most {} ms", policy.timeout_ms)), "{e}");
+    let e = err(Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap().check(&rt));
+    assert!(e.contains("600000 ms") && e.contains(&format!("scorer plugins at most {timeout_ms} ms")), "{e}");
 }
 
 #[test]
@@ -128,7 +129,7 @@ fn an_installed_pack_runs_with_its_pinned_plugins_and_refuses_others() {
     let bytes = Pack::build(&source(dir.path(), Template::SupportTriage), &rt).unwrap();
     let env = Env::new(dir.path().join("data"), lathe_engine::Device::flex());
     let local = LocalPacks::new(&env);
-    let installed = local.install(&bytes, Policy::of(&rt), &NullSink).unwrap();
+    let installed = local.install(&bytes, &NullSink).unwrap();
     assert_eq!(installed.suites, ["triage"]);
     assert_eq!(local.list().unwrap()["support-triage"].sha256, lathe_util::sha256_hex(&bytes));
     assert_eq!(std::fs::read(local.file("support-triage").unwrap()).unwrap(), bytes, "export gives back the installed bytes");
@@ -157,7 +158,7 @@ fn an_installed_pack_runs_with_its_pinned_plugins_and_refuses_others() {
     assert!(e.contains(&"0".repeat(64)) && e.contains(&pinned), "{e}");
 
     // Installing the same pack again changes nothing.
-    let again = local.install(&bytes, Policy::of(&rt), &NullSink).unwrap();
+    let again = local.install(&bytes, &NullSink).unwrap();
     assert_eq!(again, installed);
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use lathe_jobs::pack::{LocalPacks, Pack, Policy, shipped::Template};
+use lathe_jobs::pack::{LocalPacks, Pack, shipped::Template};
 use serde_json::Value;
 
 use crate::cli::DataDir;
@@ -89,8 +89,7 @@ pub fn run(cmd: PackCommand) -> Result<()> {
         PackCommand::Install { pack, dir } => {
             let bytes = std::fs::read(&pack).with_context(|| format!("reading {}", pack.display()))?;
             let env = dir.env();
-            let policy = Policy::of(env.runtime()?);
-            let i = LocalPacks::new(&env).install(&bytes, policy, &Terminal::new())?;
+            let i = LocalPacks::new(&env).install(&bytes, &Terminal::new())?;
             let heldout = i.refs.get("heldout").map(String::as_str).unwrap_or("?");
             let train = i.refs.get("fewshot").map(String::as_str).unwrap_or("?");
             for suite in &i.suites {

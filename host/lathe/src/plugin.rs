@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use lathe_sandbox::{Plugin, Runtime, RuntimeConfig};
+use lathe_sandbox::{Plugin, Runtime};
 use serde_json::Value;
 
 #[derive(Subcommand)]
@@ -94,11 +94,11 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
     }
 }
 
-/// The CLI's runtime: compiled plugins are cached under `$XDG_CACHE_HOME/lathe/plugins`
-/// (or `~/.cache/lathe/plugins`), so only the first run of a plugin compiles it.
+/// The CLI's runtime: each world's limits from `LATHE_PLUGIN_<WORLD>_*`, compiled plugins
+/// cached under `$XDG_CACHE_HOME/lathe/plugins` (or `~/.cache/lathe/plugins`), so only the
+/// first run of a plugin compiles it.
 pub fn runtime() -> Result<Runtime> {
-    let cache_dir = lathe_jobs::env::default_plugin_cache();
-    Ok(Runtime::new(RuntimeConfig { cache_dir, ..RuntimeConfig::default() })?)
+    Ok(Runtime::new(lathe_jobs::env::runtime_config(lathe_jobs::env::default_plugin_cache())?)?)
 }
 
 fn load(spec: &str) -> Result<Plugin> {

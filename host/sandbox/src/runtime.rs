@@ -1,5 +1,6 @@
 //! The engine, the upload checks, the compile cache, and calls under limits.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::types::*;
 use crate::v0_1::{self, World, WorldPre};
 
-/// Per-call and per-upload limits.
+/// Per-call and per-upload limits: the runtime's default, and each world's own where it
+/// sets one ([`RuntimeConfig::worlds`]).
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Components larger than this are refused at upload.
+    pub max_component_bytes: usize,
     /// CPU deadline of one call (epoch interruption; it can slip by a tick or two when the
     /// machine is loaded).
     pub timeout: Duration,
@@ -29,6 +33,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            max_component_bytes: 32 << 20,
             timeout: Duration::from_secs(2),
             memory_bytes: 64 << 20,
             fuel: None,
@@ -42,23 +47,37 @@ pub struct RuntimeConfig {
     /// Where compiled plugins are cached (by sha256 of the upload and the engine's
     /// compatibility hash); None compiles every load.
     pub cache_dir: Option<PathBuf>,
-    /// Uploads larger than this are refused before parsing.
-    pub max_upload_bytes: usize,
     /// The wasm stack of a call.
     pub max_stack_bytes: usize,
     /// Compile with fuel metering (costs some speed; enables `Limits::fuel`).
     pub fuel: bool,
+    /// The limits of every world that has no entry in `worlds`.
     pub limits: Limits,
+    /// A world's own limits (a Python scorer carries an interpreter and may need more room
+    /// than a Rust formatter; a validator on the serving path may get less time).
+    pub worlds: BTreeMap<Kind, Limits>,
+}
+
+impl RuntimeConfig {
+    /// What plugins of `kind` run under.
+    pub fn limits_for(&self, kind: Kind) -> &Limits {
+        self.worlds.get(&kind).unwrap_or(&self.limits)
+    }
+
+    /// The largest component any world accepts: an upload over it is refused unparsed.
+    pub fn max_upload_bytes(&self) -> usize {
+        self.worlds.values().chain([&self.limits]).map(|l| l.max_component_bytes).max().unwrap_or(0)
+    }
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             cache_dir: None,
-            max_upload_bytes: 32 << 20,
             max_stack_bytes: 512 << 10,
             fuel: false,
             limits: Limits::default(),
+            worlds: BTreeMap::new(),
         }
     }
 }
@@ -66,8 +85,10 @@ impl Default for RuntimeConfig {
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("the upload is {bytes} bytes, over the {limit}-byte cap for plugins")]
+    #[error("the upload is {bytes} bytes, over the {limit}-byte cap for any plugin")]
     TooLarge { bytes: usize, limit: usize },
+    #[error("the {kind} component is {bytes} bytes, over the host's {limit}-byte cap for {kind} plugins")]
+    ComponentTooLarge { kind: Kind, bytes: usize, limit: usize },
     #[error("the upload is not WebAssembly (no `\\0asm` header)")]
     NotWasm,
     #[error(
@@ -187,7 +208,7 @@ impl Runtime {
     /// from the cache), imports only WASI, exports a known world whose `info` agrees.
     pub fn load(&self, bytes: &[u8]) -> Result<Plugin, LoadError> {
         let inner = &self.inner;
-        let limit = inner.config.max_upload_bytes;
+        let limit = inner.config.max_upload_bytes();
         if bytes.len() > limit {
             return Err(LoadError::TooLarge { bytes: bytes.len(), limit });
         }
@@ -213,8 +234,14 @@ impl Runtime {
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
+        let limits = inner.config.limits_for(world.kind()).clone();
+        if bytes.len() > limits.max_component_bytes {
+            return Err(LoadError::ComponentTooLarge { kind: world.kind(), bytes: bytes.len(), limit: limits.max_component_bytes });
+        }
         let mut plugin = Plugin {
-            limits: inner.config.limits.clone(),
+            limits,
+            memory_by: LimitSetBy::Host(world.kind()),
+            timeout_by: LimitSetBy::Host(world.kind()),
             inner: Arc::new(PluginInner {
                 runtime: inner.clone(),
                 info: Info {
@@ -321,8 +348,11 @@ struct PluginInner {
 #[derive(Clone)]
 pub struct Plugin {
     inner: Arc<PluginInner>,
-    /// What its calls run under: the runtime's, or tighter ([`Plugin::with_limits`]).
+    /// What its calls run under: its world's, or tighter ([`Plugin::with_limits`]).
     limits: Limits,
+    /// Who set the memory cap and the deadline, for the errors that hit them.
+    memory_by: LimitSetBy,
+    timeout_by: LimitSetBy,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -346,11 +376,17 @@ impl Plugin {
     }
 
     /// The same plugin, its calls held to `memory_bytes` and `timeout` where those are
-    /// below the runtime's (a pack's plugin runs with what it asked for, never more than
+    /// below its world's (a pack's plugin runs with what it asked for, never more than
     /// the host allows).
     pub fn with_limits(mut self, memory_bytes: usize, timeout: std::time::Duration) -> Self {
-        self.limits.memory_bytes = self.limits.memory_bytes.min(memory_bytes);
-        self.limits.timeout = self.limits.timeout.min(timeout);
+        if memory_bytes < self.limits.memory_bytes {
+            self.limits.memory_bytes = memory_bytes;
+            self.memory_by = LimitSetBy::Request;
+        }
+        if timeout < self.limits.timeout {
+            self.limits.timeout = timeout;
+            self.timeout_by = LimitSetBy::Request;
+        }
         self
     }
 
@@ -470,7 +506,8 @@ impl Instance {
                 let bytes = size(&r);
                 let limit_bytes = self.plugin.limits.max_output_bytes;
                 if bytes > limit_bytes {
-                    return Err(CallError::OutputTooLarge { plugin: self.name(), bytes, limit_bytes });
+                    let set_by = LimitSetBy::Host(self.plugin.kind());
+                    return Err(CallError::OutputTooLarge { plugin: self.name(), bytes, limit_bytes, set_by });
                 }
                 Ok(r)
             }
@@ -483,10 +520,10 @@ impl Instance {
         let plugin = self.name();
         let limits = &self.plugin.limits;
         if let Some(cap) = e.downcast_ref::<MemoryCapReached>() {
-            return CallError::MemoryExhausted { plugin, limit_bytes: cap.0 };
+            return CallError::MemoryExhausted { plugin, limit_bytes: cap.0, set_by: self.plugin.memory_by };
         }
         match e.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => CallError::Timeout { plugin, limit: limits.timeout },
+            Some(Trap::Interrupt) => CallError::Timeout { plugin, limit: limits.timeout, set_by: self.plugin.timeout_by },
             Some(Trap::OutOfFuel) => CallError::OutOfFuel { plugin, fuel: limits.fuel.unwrap_or(u64::MAX) },
             Some(Trap::StackOverflow) => CallError::StackOverflow { plugin },
             Some(Trap::UnreachableCodeReached) => {

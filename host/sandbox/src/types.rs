@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Formatter,
     Validator,
@@ -82,21 +82,40 @@ pub struct Judgment {
     pub reason: String,
 }
 
+/// Who set a limit a call ran into, named in its error so the fix is plain: raise the
+/// host's setting for that world, or the plugin's own request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSetBy {
+    /// The host, for every plugin of this world.
+    Host(Kind),
+    /// The plugin's own request, below the host's (what a pack asked for).
+    Request,
+}
+
+impl fmt::Display for LimitSetBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Host(kind) => write!(f, "the host's limit for {kind} plugins"),
+            Self::Request => f.write_str("the limit it asked for"),
+        }
+    }
+}
+
 /// Why one call into a plugin failed. The host and every other instance keep working.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CallError {
-    #[error("plugin `{plugin}` ran past its {limit:?} time limit")]
-    Timeout { plugin: String, limit: Duration },
+    #[error("plugin `{plugin}` ran past its {limit:?} time limit ({set_by})")]
+    Timeout { plugin: String, limit: Duration, set_by: LimitSetBy },
     #[error("plugin `{plugin}` ran out of fuel ({fuel} units)")]
     OutOfFuel { plugin: String, fuel: u64 },
-    #[error("plugin `{plugin}` tried to grow its memory past the {limit_bytes}-byte cap")]
-    MemoryExhausted { plugin: String, limit_bytes: usize },
+    #[error("plugin `{plugin}` tried to grow its memory past the {limit_bytes}-byte cap ({set_by})")]
+    MemoryExhausted { plugin: String, limit_bytes: usize, set_by: LimitSetBy },
     #[error("plugin `{plugin}` overflowed its stack (unbounded recursion?)")]
     StackOverflow { plugin: String },
     #[error("plugin `{plugin}` panicked: {message}")]
     Panic { plugin: String, message: String },
-    #[error("plugin `{plugin}` returned {bytes} bytes, more than the {limit_bytes}-byte cap")]
-    OutputTooLarge { plugin: String, bytes: usize, limit_bytes: usize },
+    #[error("plugin `{plugin}` returned {bytes} bytes, more than the {limit_bytes}-byte cap ({set_by})")]
+    OutputTooLarge { plugin: String, bytes: usize, limit_bytes: usize, set_by: LimitSetBy },
     #[error("plugin `{plugin}` rejected its configuration: {message}")]
     Config { plugin: String, message: String },
     #[error("plugin `{plugin}` trapped: {message}")]

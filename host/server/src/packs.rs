@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use lathe_jobs::pack::{Installed, Pack, Policy, shipped::Template};
+use lathe_jobs::pack::{Installed, Pack, shipped::Template};
 use lathe_store::NewPlugin;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -34,7 +34,8 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
 fn runtime() -> ApiResult<&'static lathe_sandbox::Runtime> {
     static RUNTIME: OnceLock<Result<lathe_sandbox::Runtime, String>> = OnceLock::new();
     let rt = RUNTIME.get_or_init(|| {
-        lathe_sandbox::Runtime::new(lathe_sandbox::RuntimeConfig { cache_dir: lathe_jobs::env::default_plugin_cache(), ..Default::default() }).map_err(|e| e.to_string())
+        let config = lathe_jobs::env::runtime_config(lathe_jobs::env::default_plugin_cache()).map_err(|e| e.to_string())?;
+        lathe_sandbox::Runtime::new(config).map_err(|e| e.to_string())
     });
     rt.as_ref().map_err(|e| ApiError::Internal(e.clone()))
 }
@@ -103,8 +104,7 @@ async fn upload_pack(State(s): State<Arc<AppState>>, caller: Caller, body: axum:
 pub async fn add_to_catalogue(s: &AppState, caller: &Caller, bytes: Vec<u8>) -> ApiResult<Value> {
     let (pack, bytes) = blocking(move || {
         let pack = Pack::read(&bytes)?;
-        let rt = runtime()?;
-        pack.check(rt, Policy::of(rt))?;
+        pack.check(runtime()?)?;
         Ok((pack, bytes))
     })
     .await?;
@@ -177,8 +177,7 @@ pub async fn install(s: &AppState, caller: &Caller, p: &lathe_store::Project, sh
     let env = s.env(&p.id).await?;
     let (pack, checked, data) = blocking(move || {
         let pack = Pack::read(&bytes)?;
-        let rt = env.runtime()?;
-        let checked = pack.check(rt, Policy::of(rt))?;
+        let checked = pack.check(env.runtime()?)?;
         let data = lathe_jobs::pack::install_data(&env, &pack, &lathe_jobs::NullSink)?;
         Ok((pack, checked, data))
     })

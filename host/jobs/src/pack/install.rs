@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use lathe_data::{DatasetRole, Operation};
 use serde::{Deserialize, Serialize};
 
-use super::{DataRole, Pack, Policy};
+use super::{DataRole, Pack};
 use crate::env::Env;
 use crate::error::{JobError, Result};
 use crate::eval::Suite;
@@ -116,13 +116,13 @@ impl<'a> LocalPacks<'a> {
         }
     }
 
-    /// Checks `pack` against `policy` (every plugin loaded as an upload is), then writes
+    /// Checks `pack` against the runtime's limits (every plugin loaded as an upload is), then writes
     /// its data, plugins and suites, and records it. Installing another version of a pack
     /// replaces the name's suites and refs; the old pack file and versions stay.
-    pub fn install(&self, bytes: &[u8], policy: Policy, sink: &dyn Sink) -> Result<Installed> {
+    pub fn install(&self, bytes: &[u8], sink: &dyn Sink) -> Result<Installed> {
         let pack = Pack::read(bytes)?;
         sink.started("pack.install", format!("install {} ({})", pack.id(), &pack.sha256[..12]));
-        let checked = pack.check(self.env.runtime()?, policy)?;
+        let checked = pack.check(self.env.runtime()?)?;
         let write = |path: PathBuf, bytes: &[u8]| lathe_util::write_atomic(&path, bytes).map_err(|e| JobError::io(&path, e));
         for dir in [self.dir(), self.suites_dir(), self.env.installed_plugins_dir()] {
             std::fs::create_dir_all(&dir).map_err(|e| JobError::io(&dir, e))?;

@@ -14,7 +14,7 @@
 //!   does not list, a suite naming a plugin the pack does not carry, few-shot examples that
 //!   leak into the held-out items.
 //! - [`Pack::check`] loads every plugin exactly as an upload is loaded and holds what
-//!   each asks for against what the host allows ([`Policy`]); [`install`] does that and
+//!   each asks for against what the host allows its world ([`Pack::check`]); [`install`] does that and
 //!   writes the data as dataset versions, for the CLI's data folder and the server's
 //!   project folders alike.
 
@@ -41,22 +41,6 @@ pub const EXTENSION: &str = "lathepack";
 pub const FORMAT: u32 = 1;
 /// The last member of a pack: the sha256 of `pack.toml`, which hashes everything else.
 const MANIFEST_SUM: &str = "pack.toml.sha256";
-
-/// What a pack's plugins may ask for, and what a host grants: the memory of one instance and
-/// the time of one call. Network and filesystem access are never granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    pub memory_mb: u64,
-    pub timeout_ms: u64,
-}
-
-impl Policy {
-    /// What the plugin runtime `runtime` enforces on every call.
-    pub fn of(runtime: &Runtime) -> Self {
-        let l = &runtime.config().limits;
-        Self { memory_mb: (l.memory_bytes >> 20) as u64, timeout_ms: l.timeout.as_millis() as u64 }
-    }
-}
 
 // ---- the source folder ----
 
@@ -540,10 +524,11 @@ impl Pack {
         self.data.get(&role).map_or(&[], Vec::as_slice)
     }
 
-    /// Holds every plugin's request against `policy`, then loads it exactly as an upload is
-    /// loaded, and requires it to be what the manifest says. The first refusal names the
-    /// plugin and the limit.
-    pub fn check(&self, runtime: &Runtime, policy: Policy) -> Result<Vec<(PluginEntry, Plugin)>> {
+    /// Holds every plugin's request against what `runtime` allows its world (memory per
+    /// instance, time per call; network and files never), then loads it exactly as an
+    /// upload is loaded, and requires it to be what the manifest says. The first refusal
+    /// names the plugin and the limit.
+    pub fn check(&self, runtime: &Runtime) -> Result<Vec<(PluginEntry, Plugin)>> {
         let id = self.id();
         let refuse = |p: &PluginEntry, why: String| Err(JobError::Invalid(format!("pack {id}: plugin `{}` {why}", p.name)));
         let mut out = Vec::new();
@@ -551,11 +536,16 @@ impl Pack {
             if p.asks.network {
                 return refuse(p, "asks for network access, which Lathe never grants to plugins".into());
             }
-            if p.asks.memory_mb > policy.memory_mb {
-                return refuse(p, format!("asks for {} MiB of memory per instance; this server allows at most {} MiB", p.asks.memory_mb, policy.memory_mb));
+            let Some(kind) = Kind::ALL.into_iter().find(|k| k.name() == p.world) else {
+                return refuse(p, format!("is a `{}`, a world this host does not know", p.world));
+            };
+            let allowed = runtime.config().limits_for(kind);
+            let (memory_mb, timeout_ms) = (allowed.memory_bytes as u64 >> 20, allowed.timeout.as_millis() as u64);
+            if p.asks.memory_mb > memory_mb {
+                return refuse(p, format!("asks for {} MiB of memory per instance; this server allows {kind} plugins at most {memory_mb} MiB", p.asks.memory_mb));
             }
-            if p.asks.timeout_ms > policy.timeout_ms {
-                return refuse(p, format!("asks for {} ms per call; this server allows at most {} ms", p.asks.timeout_ms, policy.timeout_ms));
+            if p.asks.timeout_ms > timeout_ms {
+                return refuse(p, format!("asks for {} ms per call; this server allows {kind} plugins at most {timeout_ms} ms", p.asks.timeout_ms));
             }
             let plugin = runtime.load(&self.plugins[&p.sha256]).map_err(|e| JobError::plugin_load(&p.name, e))?;
             let info = plugin.info();

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lathe_sandbox::{CallError, Limits, LoadError, Runtime, RuntimeConfig};
+use lathe_sandbox::{CallError, Kind, LimitSetBy, Limits, LoadError, Runtime, RuntimeConfig};
 
 use crate::*;
 
@@ -146,10 +146,38 @@ fn bad_uploads_are_refused_with_the_reason() {
     broken.extend_from_slice(&noise[..64]);
     assert!(matches!(rt.load(&broken), Err(LoadError::Invalid(_))), "{:?}", rt.load(&broken).err());
 
-    let small = Runtime::new(RuntimeConfig { max_upload_bytes: 1000, ..RuntimeConfig::default() }).unwrap();
+    let small = Runtime::new(RuntimeConfig { limits: Limits { max_component_bytes: 1000, ..Limits::default() }, ..RuntimeConfig::default() }).unwrap();
     let e = small.load(lathe_sandbox::builtin("exact-match").unwrap()).unwrap_err();
     assert!(matches!(e, LoadError::TooLarge { limit: 1000, .. }), "{e:?}");
     good_still_works(&rt);
+}
+
+/// Each world has its own limits: a scorer may be held to less (or given more) than a
+/// validator, and every error names the world whose limit it hit.
+#[test]
+fn limits_are_per_world_and_errors_name_the_world() {
+    let exact = lathe_sandbox::builtin("exact-match").unwrap();
+    let tight = Limits { max_component_bytes: exact.len() - 1, memory_bytes: 8 << 20, timeout: Duration::from_millis(200), ..Limits::default() };
+    let rt = Runtime::new(RuntimeConfig { worlds: [(Kind::Scorer, tight)].into(), ..RuntimeConfig::default() }).unwrap();
+    // A scorer one byte over its world's cap is refused after its world is known…
+    let e = rt.load(exact).unwrap_err();
+    assert!(matches!(e, LoadError::ComponentTooLarge { kind: Kind::Scorer, .. }), "{e:?}");
+    assert!(e.to_string().contains("for scorer plugins"), "{e}");
+    // …while a validator, under the default limits, loads.
+    assert_eq!(rt.load(lathe_sandbox::builtin("json-schema").unwrap()).unwrap().kind(), Kind::Validator);
+
+    let roomy = Limits { memory_bytes: 8 << 20, timeout: Duration::from_millis(200), ..Limits::default() };
+    let rt = Runtime::new(RuntimeConfig { worlds: [(Kind::Scorer, roomy)].into(), ..RuntimeConfig::default() }).unwrap();
+    let e = rt.load(&hostile_bytes("memory-bomb")).unwrap().instance("{}").unwrap().score("x", "y").unwrap_err();
+    assert!(matches!(e, CallError::MemoryExhausted { limit_bytes, set_by: LimitSetBy::Host(Kind::Scorer), .. } if limit_bytes == 8 << 20), "{e:?}");
+    assert!(e.to_string().contains("the host's limit for scorer plugins"), "{e}");
+    let e = rt.load(&hostile_bytes("infinite-loop")).unwrap().instance("{}").unwrap().score("x", "y").unwrap_err();
+    assert!(e.to_string().contains("200ms time limit (the host's limit for scorer plugins)"), "{e}");
+    // A plugin held below its world's limit says it hit its own.
+    let held = rt.load(&hostile_bytes("infinite-loop")).unwrap().with_limits(1 << 30, Duration::from_millis(100));
+    let e = held.instance("{}").unwrap().score("x", "y").unwrap_err();
+    assert!(matches!(e, CallError::Timeout { set_by: LimitSetBy::Request, .. }), "{e:?}");
+    assert_eq!(held.limits().memory_bytes, 8 << 20, "memory stays the world's");
 }
 
 #[test]
