@@ -139,3 +139,39 @@ fn packs_whose_plugins_ask_for_network_or_too_much_memory_are_refused_naming_plu
     // Nothing was installed.
     assert!(ok(&["pack", "list", "--data-dir", &d("cli")]).contains("no packs installed"));
 }
+
+/// The grounded-qa pack carries the judge's verdicts from its measured baseline: once
+/// installed, its judged suite's best prompt replays them on SmolLM2 (no judge endpoint, no
+/// API key), and the same run without them has to ask the judge, which is not there.
+#[test]
+fn the_grounded_qa_pack_replays_its_judged_baseline_from_its_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    ok(&["pack", "new", &d("src"), "--template", "grounded-qa"]);
+    build(&dir.path().join("src"), &dir.path().join("g.lathepack"));
+    let inspect = ok(&["pack", "inspect", &d("g.lathepack"), "--json"]);
+    let described: Value = serde_json::from_str(&inspect).unwrap();
+    let shipped = described["verdicts"]["rows"].as_u64().expect("the pack lists its verdicts");
+    let installed = ok(&["pack", "install", &d("g.lathepack"), "--data-dir", &d("home")]);
+    assert!(installed.contains(&format!("{shipped} of the pack's {shipped} added to the judge cache")), "{installed}");
+
+    let model = smollm2();
+    let judged = || {
+        let args = [
+            "eval", "run", "--model", model.to_str().unwrap(), "--suite", "grounded-qa-judged", "--data", "packs/grounded-qa/heldout",
+            "--train", "packs/grounded-qa/fewshot", "--template", "answer", "--shots", "2", "--limit", "6", "--data-dir", &d("home"),
+        ];
+        std::process::Command::new(env!("CARGO_BIN_EXE_lathe")).args(args).env_remove("LATHE_JUDGE_API_KEY").output().unwrap()
+    };
+    let o = judged();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("judge: 0 verdicts asked, 6 replayed from the cache"), "{}", stdout(&o));
+    let run_file = stdout(&o).lines().find_map(|l| l.strip_prefix("run ").map(String::from)).expect("the run prints its file");
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(run_file).unwrap()).unwrap();
+    assert!(run["metrics"]["judge"]["mean"].is_number(), "{}", run["metrics"]);
+
+    std::fs::remove_file(dir.path().join("home/judge-cache.jsonl")).unwrap();
+    let o = judged();
+    assert!(!o.status.success(), "without the verdicts the judge must be asked");
+    assert!(stderr(&o).contains("$LATHE_JUDGE_API_KEY is not set"), "{}", stderr(&o));
+}

@@ -314,6 +314,9 @@ def main(p):
     card = page.locator("article.pack[data-pack='support-triage']")
     expect(card).to_contain_text("network: none")
     expect(card).to_contain_text("classification")
+    grounded = page.locator("article.pack[data-pack='grounded-qa']")
+    expect(grounded).to_contain_text("structured output")
+    expect(grounded).to_contain_text(re.compile(r"judge verdicts: [1-9][0-9]* cached"))
     with page.expect_navigation():
         card.locator("button").click()
     expect(page.locator("#installed-support-triage")).to_contain_text("packs/support-triage/heldout")

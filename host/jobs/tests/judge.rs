@@ -18,6 +18,7 @@ fn a_local_judge_answers_and_the_cache_replays_it() {
         model: JudgeModel::Local { path: tiny.gguf.clone() },
         seed: 3,
         max_tokens: 8,
+        response_format: None,
     };
     let cache_path = dir.path().join("cache.jsonl");
     let mut judge = Judge::new(&env, spec.clone(), Box::new(LocalJudge { model }), VerdictCache::open(&cache_path).unwrap()).unwrap();
@@ -44,4 +45,26 @@ fn a_local_judge_answers_and_the_cache_replays_it() {
     assert_eq!(replay.score("say hi", "hi", Some("hi")).unwrap(), v);
     replay.score("say hi", "hello", Some("hi")).unwrap();
     assert_eq!((replay.cache.hits, replay.cache.misses), (2, 0));
+}
+
+/// A response format constrains an endpoint's answers, so its verdicts are cached apart from
+/// the same model's unconstrained ones; a local judge, which cannot be constrained, refuses it.
+#[test]
+fn a_response_format_keys_the_cache_and_needs_an_endpoint() {
+    let endpoint = JudgeSpec {
+        plugin: "llm-judge".into(),
+        sha256: None,
+        limits: None,
+        config: serde_json::json!({}),
+        model: JudgeModel::OpenAi { base_url: "http://127.0.0.1:9/v1".into(), model: "grader".into(), api_key_env: None },
+        seed: 0,
+        max_tokens: 8,
+        response_format: None,
+    };
+    let constrained = JudgeSpec { response_format: Some(serde_json::json!({"type": "json_object"})), ..endpoint.clone() };
+    assert_ne!(endpoint.cache_name(), constrained.cache_name());
+    assert!(Judge::backend_for(&constrained, &lathe_engine::Device::flex()).is_ok());
+    let local = JudgeSpec { model: JudgeModel::Local { path: "judge.gguf".into() }, ..constrained };
+    let e = Judge::backend_for(&local, &lathe_engine::Device::flex()).err().expect("refused").to_string();
+    assert!(e.contains("response_format") && e.contains("local judge"), "{e}");
 }

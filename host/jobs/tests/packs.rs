@@ -178,3 +178,43 @@ fn a_new_version_diffs_against_the_old() {
     assert_eq!(d["plugins"]["changed"].as_array().unwrap().len(), 0);
     assert_eq!(d["suites"]["changed"].as_array().unwrap().len(), 0);
 }
+
+/// A pack's cached judge verdicts are checked when built and read, land in the judge cache
+/// when installed (once: a second install adds none), and count as data in a diff.
+#[test]
+fn cached_verdicts_install_into_the_judge_cache_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let src = source(dir.path(), Template::GroundedQa);
+    let v1 = Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap();
+    let shipped = v1.verdicts().len();
+    assert!(shipped > 0 && v1.manifest.verdicts.as_ref().unwrap().rows == shipped as u64);
+
+    let env = Env::new(dir.path().join("data"), lathe_engine::Device::flex());
+    let local = LocalPacks::new(&env);
+    local.install(&Pack::build(&src, &rt).unwrap(), &NullSink).unwrap();
+    let mut cache = lathe_jobs::eval::judge::VerdictCache::open(&env.judge_cache()).unwrap();
+    assert_eq!(cache.add_all(v1.verdicts()).unwrap(), 0, "every verdict is in the cache");
+    local.install(&Pack::build(&src, &rt).unwrap(), &NullSink).unwrap();
+    let lines = std::fs::read_to_string(env.judge_cache()).unwrap().lines().count();
+    assert_eq!(lines, shipped, "a second install adds nothing");
+
+    // A changed verdict is other data: a new version's diff says so.
+    let path = src.join("data/verdicts.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(first).unwrap();
+    v["score"] = serde_json::json!(0.5);
+    std::fs::write(&path, format!("{v}\n{rest}")).unwrap();
+    edit(&src.join("pack.toml"), "version = \"1.0.0\"", "version = \"1.0.1\"");
+    let v2 = Pack::read(&Pack::build(&src, &rt).unwrap()).unwrap();
+    assert_eq!(v2.diff(&v1)["data"]["changed"][0]["name"], "verdicts");
+
+    // Not a verdict, or the same key twice with different verdicts: refused, with the line.
+    std::fs::write(&path, format!("{first}\n{{\"key\": \"x\"}}\n")).unwrap();
+    let e = err(Pack::build(&src, &rt));
+    assert!(e.contains("data/verdicts.jsonl line 2"), "{e}");
+    std::fs::write(&path, format!("{first}\n{v}\n")).unwrap();
+    let e = err(Pack::build(&src, &rt));
+    assert!(e.contains("line 2") && e.contains("two different verdicts"), "{e}");
+}

@@ -165,7 +165,18 @@ fn render(d: &Value) -> String {
             _ => "no gate".into(),
         };
         let judge = match &su["judge"] {
-            Value::Object(j) => format!("; judge {} on {}", j["plugin"].as_str().unwrap_or(""), j["model"]),
+            Value::Object(j) => {
+                let m = &j["model"];
+                let on = match m["kind"].as_str() {
+                    Some("openai") => {
+                        let key = m["api_key_env"].as_str().map(|k| format!(", key in ${k}")).unwrap_or_default();
+                        format!("{} at {}{key}", s(&m["model"]), s(&m["base_url"]))
+                    }
+                    _ => format!("local model {}", s(&m["path"])),
+                };
+                let structured = if j["structured_output"].as_bool() == Some(true) { ", structured output" } else { "" };
+                format!("\n  {:<18} judge {} on {on}{structured}", "", s(&j["plugin"]))
+            }
             _ => String::new(),
         };
         out += &format!("  {:<18} {gate}{judge}\n", s(&su["name"]));
@@ -173,6 +184,9 @@ fn render(d: &Value) -> String {
     out += "data\n";
     for da in d["data"].as_array().into_iter().flatten() {
         out += &format!("  {:<8} {:>5} items  {}\n", s(&da["role"]), da["rows"], s(&da["provenance"]));
+    }
+    if let Value::Object(v) = &d["verdicts"] {
+        out += &format!("  verdicts {:>5} cached  {}\n", v["rows"], v["provenance"].as_str().unwrap_or(""));
     }
     out
 }

@@ -62,6 +62,22 @@ pub struct JudgeSpec {
     pub seed: u64,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
+    /// OpenAI's `response_format`, sent as-is to an endpoint judge: with a JSON schema for
+    /// the verdict (structured outputs), even a small judge model answers in a shape the
+    /// plugin reads. A local judge decodes unconstrained and refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<serde_json::Value>,
+}
+
+impl JudgeSpec {
+    /// The name verdicts are cached under: the judge model, and the response format when
+    /// one constrains its answers (the same model answers differently under it).
+    pub fn cache_name(&self) -> String {
+        match &self.response_format {
+            Some(f) => format!("{}+format:{}", self.model.cache_name(), lathe_util::sha256_hex(f.to_string().as_bytes())),
+            None => self.model.cache_name(),
+        }
+    }
 }
 
 fn default_max_tokens() -> usize {
@@ -95,16 +111,21 @@ impl JudgeBackend for LocalJudge {
 pub struct OpenAiJudge {
     pub base_url: String,
     pub model: String,
-    pub api_key: Option<String>,
+    /// The environment variable holding the API key: read when the judge is first asked,
+    /// so a run whose verdicts are all cached needs no key.
+    pub api_key_env: Option<String>,
+    /// Sent as the request's `response_format` ([`JudgeSpec::response_format`]).
+    pub response_format: Option<serde_json::Value>,
     agent: ureq::Agent,
 }
 
 impl OpenAiJudge {
-    pub fn new(base_url: &str, model: &str, api_key: Option<String>) -> Self {
+    pub fn new(base_url: &str, model: &str, api_key_env: Option<String>, response_format: Option<serde_json::Value>) -> Self {
         Self {
             base_url: base_url.trim_end_matches('/').to_string(),
             model: model.to_string(),
-            api_key,
+            api_key_env,
+            response_format,
             agent: ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(120)).build(),
         }
     }
@@ -113,16 +134,20 @@ impl OpenAiJudge {
 impl JudgeBackend for OpenAiJudge {
     fn complete(&mut self, messages: &[Message], seed: u64, max_tokens: usize) -> Result<String> {
         let url = format!("{}/chat/completions", self.base_url);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.model,
             "messages": messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
             "temperature": 0,
             "seed": seed,
             "max_tokens": max_tokens,
         });
+        if let Some(f) = &self.response_format {
+            body["response_format"] = f.clone();
+        }
         let mut req = self.agent.post(&url).set("content-type", "application/json");
-        if let Some(k) = &self.api_key {
-            req = req.set("authorization", &format!("Bearer {k}"));
+        if let Some(var) = &self.api_key_env {
+            let key = std::env::var(var).map_err(|_| JobError::Invalid(format!("the judge's API key: ${var} is not set (a verdict is not in the cache, so the judge at {url} must be asked)")))?;
+            req = req.set("authorization", &format!("Bearer {key}"));
         }
         let fail = |m: String| JobError::Judge(format!("endpoint {url}: {m}"));
         let resp = match req.send_string(&body.to_string()) {
@@ -208,21 +233,27 @@ impl VerdictCache {
         v
     }
 
-    fn put(&mut self, v: Verdict) -> Result<()> {
-        if let Some(path) = &self.path {
+    /// Adds the verdicts whose keys it does not hold yet (a pack's, measured elsewhere) in
+    /// one append; returns how many were new.
+    pub fn add_all(&mut self, verdicts: &[Verdict]) -> Result<usize> {
+        let new: Vec<&Verdict> = verdicts.iter().filter(|v| !self.entries.contains_key(&v.key)).collect();
+        if let (Some(path), false) = (&self.path, new.is_empty()) {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).ok();
+                std::fs::create_dir_all(dir).map_err(|e| JobError::io(dir, e))?;
             }
-            let line = serde_json::to_string(&v).expect("verdicts serialise");
+            let lines: String = new.iter().map(|v| serde_json::to_string(v).expect("verdicts serialise") + "\n").collect();
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .and_then(|mut f| writeln!(f, "{line}"))
+                .and_then(|mut f| f.write_all(lines.as_bytes()))
                 .map_err(|e| JobError::io(path, e))?;
         }
-        self.entries.insert(v.key.clone(), v);
-        Ok(())
+        let added = new.len();
+        for v in new {
+            self.entries.insert(v.key.clone(), v.clone());
+        }
+        Ok(added)
     }
 }
 
@@ -252,6 +283,11 @@ impl Judge {
     /// Builds the backend the spec names: loads a local model, or reads the API key.
     pub fn backend_for(spec: &JudgeSpec, device: &lathe_engine::Device) -> Result<Box<dyn JudgeBackend>> {
         Ok(match &spec.model {
+            JudgeModel::Local { .. } if spec.response_format.is_some() => {
+                return Err(JobError::Invalid(
+                    "the judge's response_format needs an endpoint judge (model kind `openai`): a local judge decodes unconstrained".into(),
+                ));
+            }
             JudgeModel::Local { path } => Box::new(LocalJudge {
                 model: lathe_engine::load(path, device).map_err(|e| JobError::Judge(format!("loading the judge model: {e}")))?,
             }),
@@ -259,13 +295,7 @@ impl Judge {
                 base_url,
                 model,
                 api_key_env,
-            } => {
-                let key = match api_key_env {
-                    Some(var) => Some(std::env::var(var).map_err(|_| JobError::Invalid(format!("the judge's API key: ${var} is not set")))?),
-                    None => None,
-                };
-                Box::new(OpenAiJudge::new(base_url, model, key))
-            }
+            } => Box::new(OpenAiJudge::new(base_url, model, api_key_env.clone(), spec.response_format.clone())),
         })
     }
 
@@ -274,7 +304,7 @@ impl Judge {
     pub fn score(&mut self, input: &str, output: &str, reference: Option<&str>) -> Result<Verdict> {
         let prompt = self.plugin.build_prompt(input, output, reference).map_err(|e| call_err(&self.spec.plugin, e))?;
         let messages: Vec<Message> = prompt.into_iter().map(|m| Message::new(m.role, m.content)).collect();
-        let key = VerdictCache::key(&self.spec.model.cache_name(), &messages, output, self.spec.seed);
+        let key = VerdictCache::key(&self.spec.cache_name(), &messages, output, self.spec.seed);
         if let Some(v) = self.cache.get(&key) {
             return Ok(v);
         }
@@ -295,7 +325,7 @@ impl Judge {
                 answer,
             },
         };
-        self.cache.put(verdict.clone())?;
+        self.cache.add_all(std::slice::from_ref(&verdict))?;
         Ok(verdict)
     }
 }

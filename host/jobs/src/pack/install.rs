@@ -53,8 +53,9 @@ pub fn data_ref(pack: &str, role: DataRole) -> String {
 }
 
 /// Writes the pack's held-out items (role `heldout`) and few-shot pool (role `train`, so
-/// the baseline draws shots from it) as dataset versions named `packs/<name>/<role>`.
-/// Versions are content-addressed: installing the same data twice makes nothing new.
+/// the baseline draws shots from it) as dataset versions named `packs/<name>/<role>`, and
+/// adds its cached judge verdicts to the environment's judge cache. Versions are
+/// content-addressed and verdicts keyed: installing twice makes nothing new.
 pub fn install_data(env: &Env, pack: &Pack, sink: &dyn Sink) -> Result<InstalledData> {
     let store = env.datasets()?;
     let (mut ids, mut refs) = (BTreeMap::new(), BTreeMap::new());
@@ -78,6 +79,11 @@ pub fn install_data(env: &Env, pack: &Pack, sink: &dyn Sink) -> Result<Installed
         sink.info(format!("{}: {} items → version {} ({name})", entry.role.name(), m.rows, &m.id[..12]));
         ids.insert(entry.role.name().to_string(), m.id);
         refs.insert(entry.role.name().to_string(), name);
+    }
+    if !pack.verdicts().is_empty() {
+        let mut cache = crate::eval::judge::VerdictCache::open(&env.judge_cache())?;
+        let added = cache.add_all(pack.verdicts())?;
+        sink.info(format!("verdicts: {added} of the pack's {} added to the judge cache", pack.verdicts().len()));
     }
     Ok((ids, refs))
 }

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{JobError, Result};
+use crate::eval::judge::Verdict;
 use crate::eval::{CallLimits, Item, Suite};
 use archive::Member;
 
@@ -60,6 +61,11 @@ pub struct Source {
     pub heldout: SourceData,
     #[serde(default)]
     pub fewshot: Option<SourceData>,
+    /// Judge verdicts cached when the pack's baseline was measured (JSON lines of the
+    /// judge cache): installing adds them to the judge cache, so the judged baseline
+    /// reproduces without asking the judge again.
+    #[serde(default)]
+    pub verdicts: Option<SourceData>,
 }
 
 /// A plugin the pack carries: a component of its own (`component = "plugins/x.wasm"`) or a
@@ -123,6 +129,18 @@ pub struct Manifest {
     pub plugins: Vec<PluginEntry>,
     pub suites: Vec<SuiteEntry>,
     pub data: Vec<DataEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdicts: Option<VerdictsEntry>,
+}
+
+/// The judge's cached verdicts a pack carries (`data/verdicts.jsonl`), and for which judges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictsEntry {
+    pub file: String,
+    pub sha256: String,
+    pub rows: u64,
+    pub provenance: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,7 +174,8 @@ pub struct SuiteEntry {
     pub file: String,
     pub sha256: String,
     pub gate: Option<crate::eval::Gate>,
-    /// What the suite's judge needs, when it has one: its plugin and model.
+    /// What the suite's judge needs, when it has one: its plugin, its model, and whether
+    /// the model's endpoint must support structured output (`response_format`).
     pub judge: Option<Value>,
 }
 
@@ -201,6 +220,7 @@ pub struct Pack {
     plugins: BTreeMap<String, Vec<u8>>,
     pub suites: Vec<Suite>,
     data: BTreeMap<DataRole, Vec<lathe_data::Example>>,
+    verdicts: Vec<Verdict>,
 }
 
 fn invalid(pack: &str, why: impl std::fmt::Display) -> JobError {
@@ -242,6 +262,29 @@ fn parse_examples(label: &str, text: &str) -> Result<Vec<lathe_data::Example>> {
             Ok(e)
         })
         .collect()
+}
+
+/// Cached verdicts, one JSON object per line, in their canonical form: sorted by key, each
+/// key once.
+fn parse_verdicts(label: &str, text: &str) -> Result<Vec<Verdict>> {
+    let mut out: BTreeMap<String, Verdict> = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: Verdict = serde_json::from_str(line).map_err(|e| JobError::Invalid(format!("{label} line {}: not a judge verdict: {e}", i + 1)))?;
+        let hex = v.key.len() == 64 && v.key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex || !(0.0..=1.0).contains(&v.score) {
+            return Err(JobError::Invalid(format!("{label} line {}: a verdict needs a sha256 key and a score in [0, 1]", i + 1)));
+        }
+        if let Some(prev) = out.insert(v.key.clone(), v.clone())
+            && prev != v
+        {
+            return Err(JobError::Invalid(format!("{label} line {}: key {} has two different verdicts", i + 1, v.key)));
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+fn verdict_lines(verdicts: &[Verdict]) -> String {
+    verdicts.iter().map(|v| serde_json::to_string(v).expect("verdicts serialise") + "\n").collect()
 }
 
 /// The plugins a suite uses: (name, pinned sha256, limits, the world it must be).
@@ -355,6 +398,19 @@ impl Pack {
         }
         leakage(&inputs)?;
 
+        let verdicts = match &src.verdicts {
+            Some(d) => {
+                let label = d.file.display().to_string();
+                let text = String::from_utf8(read(&d.file)?).map_err(|_| JobError::Invalid(format!("{label}: not UTF-8")))?;
+                let verdicts = parse_verdicts(&label, &text)?;
+                let canonical = verdict_lines(&verdicts);
+                let file = "data/verdicts.jsonl".to_string();
+                members.push(Member { name: file.clone(), bytes: canonical.clone().into_bytes() });
+                Some(VerdictsEntry { file, sha256: sha256(canonical.as_bytes()), rows: verdicts.len() as u64, provenance: d.provenance.clone() })
+            }
+            None => None,
+        };
+
         let readme = match read_opt(Path::new("README.md"))? {
             Some(bytes) => {
                 let entry = FileEntry { file: "README.md".into(), sha256: sha256(&bytes) };
@@ -371,7 +427,7 @@ impl Pack {
                 file: file.clone(),
                 sha256: sha256(json.as_bytes()),
                 gate: suite.gate.clone(),
-                judge: suite.judge.as_ref().map(|j| json!({"plugin": j.plugin, "model": j.model})),
+                judge: suite.judge.as_ref().map(|j| json!({"plugin": j.plugin, "model": j.model, "structured_output": j.response_format.is_some()})),
             });
             members.push(Member { name: file, bytes: json.into_bytes() });
         }
@@ -386,6 +442,7 @@ impl Pack {
             plugins,
             suites: suite_entries,
             data,
+            verdicts,
         };
         let manifest_text = toml::to_string(&manifest).map_err(|e| JobError::Invalid(format!("the manifest does not serialise: {e}")))?;
         members.sort_by(|a, b| a.name.cmp(&b.name));
@@ -430,6 +487,7 @@ impl Pack {
             .map(|p| (p.file.as_str(), p.sha256.as_str()))
             .chain(manifest.suites.iter().map(|s| (s.file.as_str(), s.sha256.as_str())))
             .chain(manifest.data.iter().map(|d| (d.file.as_str(), d.sha256.as_str())))
+            .chain(manifest.verdicts.iter().map(|v| (v.file.as_str(), v.sha256.as_str())))
             .chain(manifest.readme.iter().map(|r| (r.file.as_str(), r.sha256.as_str())));
         for (file, hash) in entries {
             if listed.insert(file, hash).is_some() {
@@ -496,11 +554,22 @@ impl Pack {
             return Err(invalid(label, "no held-out items"));
         }
         leakage(&inputs).map_err(|e| invalid(label, e))?;
+        let verdicts = match &manifest.verdicts {
+            Some(v) => {
+                let text = std::str::from_utf8(contents[v.file.as_str()]).map_err(|_| invalid(label, format!("{}: not UTF-8", v.file)))?;
+                let verdicts = parse_verdicts(&v.file, text).map_err(|e| invalid(label, e))?;
+                if verdicts.len() as u64 != v.rows {
+                    return Err(invalid(label, format!("{}: {} verdicts, the manifest says {}", v.file, verdicts.len(), v.rows)));
+                }
+                verdicts
+            }
+            None => Vec::new(),
+        };
         let readme = match &manifest.readme {
             Some(r) => Some(String::from_utf8(contents[r.file.as_str()].to_vec()).map_err(|_| invalid(label, "README.md is not UTF-8"))?),
             None => None,
         };
-        Ok(Self { manifest, sha256: sha, size: bytes.len() as u64, readme, plugins, suites, data })
+        Ok(Self { manifest, sha256: sha, size: bytes.len() as u64, readme, plugins, suites, data, verdicts })
     }
 
     /// Reads and verifies a `.lathepack` file.
@@ -522,6 +591,11 @@ impl Pack {
     /// The examples of one part of the data.
     pub fn data(&self, role: DataRole) -> &[lathe_data::Example] {
         self.data.get(&role).map_or(&[], Vec::as_slice)
+    }
+
+    /// The judge verdicts the pack carries.
+    pub fn verdicts(&self) -> &[Verdict] {
+        &self.verdicts
     }
 
     /// Holds every plugin's request against what `runtime` allows its world (memory per
@@ -582,6 +656,7 @@ impl Pack {
             "plugins": m.plugins,
             "suites": m.suites,
             "data": m.data,
+            "verdicts": m.verdicts,
         })
     }
 
@@ -606,7 +681,10 @@ impl Pack {
             "to": {"version": n.version, "sha256": self.sha256},
             "plugins": compare(plugins(o), plugins(n)),
             "suites": compare(o.suites.iter().map(|s| (s.name.as_str(), s.sha256.as_str())).collect(), n.suites.iter().map(|s| (s.name.as_str(), s.sha256.as_str())).collect()),
-            "data": compare(o.data.iter().map(|d| (d.role.name(), d.sha256.as_str())).collect(), n.data.iter().map(|d| (d.role.name(), d.sha256.as_str())).collect()),
+            "data": compare(
+                o.data.iter().map(|d| (d.role.name(), d.sha256.as_str())).chain(o.verdicts.iter().map(|v| ("verdicts", v.sha256.as_str()))).collect(),
+                n.data.iter().map(|d| (d.role.name(), d.sha256.as_str())).chain(n.verdicts.iter().map(|v| ("verdicts", v.sha256.as_str()))).collect(),
+            ),
         })
     }
 }

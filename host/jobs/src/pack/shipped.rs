@@ -89,10 +89,14 @@ impl Template {
              # instance and the time of one call. `component = \"plugins/x.wasm\"` carries your own.\n\
              {plugins}\n\
              [heldout]\nfile = \"data/heldout.jsonl\"\nprovenance = \"{hp}\"\n\n\
-             [fewshot]\nfile = \"data/fewshot.jsonl\"\nprovenance = \"{fp}\"\n",
+             [fewshot]\nfile = \"data/fewshot.jsonl\"\nprovenance = \"{fp}\"\n{verdicts}",
             suite_files = suites.iter().map(|s| format!("\"suites/{}.json\"", s.name)).collect::<Vec<_>>().join(", "),
             hp = heldout.1,
             fp = fewshot.1,
+            verdicts = match self.verdicts() {
+                Some((_, provenance)) => format!("\n[verdicts]\nfile = \"data/verdicts.jsonl\"\nprovenance = \"{provenance}\"\n"),
+                None => String::new(),
+            },
         );
         let lines = |xs: &[Example]| xs.iter().map(|e| e.to_canonical() + "\n").collect::<String>().into_bytes();
         let mut files = vec![
@@ -104,7 +108,21 @@ impl Template {
         for suite in &suites {
             files.push((format!("suites/{}.json", suite.name), (serde_json::to_string_pretty(suite).expect("suites serialise") + "\n").into_bytes()));
         }
+        if let Some((lines, _)) = self.verdicts() {
+            files.push(("data/verdicts.jsonl".into(), lines.as_bytes().to_vec()));
+        }
         Ok(files)
+    }
+
+    /// The judge's verdicts cached when the pack's judged baseline was measured, and how.
+    fn verdicts(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::GroundedQa => Some((
+                include_str!("shipped/grounded-qa-verdicts.jsonl"),
+                "cached by `lathe eval baseline --suite grounded-qa-judged` on SmolLM2-135M-Instruct Q4_1 (greedy), judged by `lathe serve` (smollm2-135m-instruct at http://127.0.0.1:8080/v1, seed 7)",
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -284,7 +302,18 @@ pub fn grounded_examples(n: usize, seed: u64, avoid: &[Example]) -> Vec<Example>
 }
 
 /// The judge's rubric: grounded in the passage, and the reference's fact.
-const GROUNDED_RUBRIC: &str = "You grade an answer to a question about a passage.\n\n{{ input }}\n\nReference answer: {{ reference }}\nAnswer to grade: {{ output }}\n\nGive {{ max }} if the answer states the reference's fact and nothing the passage does not support, {{ min }} if it is wrong or unsupported, and a value between for a partly right answer. Reply with Score: <number> and one sentence why.";
+const GROUNDED_RUBRIC: &str = "You grade an answer to a question about a passage.\n\n{{ input }}\n\nReference answer: {{ reference }}\nAnswer to grade: {{ output }}\n\nGive {{ max }} if the answer states the reference's fact and nothing the passage does not support, {{ min }} if it is wrong or unsupported, and a value between for a partly right answer. Reply in JSON: {\"score\": <number>, \"reason\": \"<one short sentence>\"}.";
+
+/// The verdict's shape, sent as the judge's structured-output schema: a score in the
+/// rubric's range first, then a short reason.
+fn verdict_format(min: u32, max: u32) -> serde_json::Value {
+    json!({"type": "json_schema", "json_schema": {"name": "verdict", "schema": {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": min, "maximum": max}, "reason": {"type": "string", "maxLength": 100}},
+        "required": ["score", "reason"],
+        "additionalProperties": false,
+    }}})
+}
 
 fn grounded_qa() -> Parts {
     let templates = vec![
@@ -308,7 +337,8 @@ fn grounded_qa() -> Parts {
             api_key_env: Some("LATHE_JUDGE_API_KEY".into()),
         },
         seed: 7,
-        max_tokens: 48,
+        max_tokens: 64,
+        response_format: Some(verdict_format(1, 5)),
     });
     let heldout = grounded_examples(40, 5501, &[]);
     let fewshot = grounded_examples(12, 5502, &heldout);
