@@ -218,3 +218,31 @@ fn cached_verdicts_install_into_the_judge_cache_once() {
     let e = err(Pack::build(&src, &rt));
     assert!(e.contains("line 2") && e.contains("two different verdicts"), "{e}");
 }
+
+/// The data check runs the pack's pinned validator and its report names that exact
+/// component, as an eval run does.
+#[test]
+fn the_data_check_records_the_validators_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let env = Env::new(dir.path().join("data"), lathe_engine::Device::flex());
+    let local = LocalPacks::new(&env);
+    local.install(&Pack::build(&source(dir.path(), Template::InvoiceExtraction), &rt).unwrap(), &NullSink).unwrap();
+    let suite = local.suite("invoice-fields").unwrap();
+    let validator = suite.validator.clone().expect("the invoice suite validates outputs");
+    let sha = validator.sha256.clone().expect("pinned");
+    let spec = lathe_jobs::pipeline::data::CurateSpec {
+        version: "packs/invoice-extraction/heldout".into(),
+        dedupe: false,
+        near: None,
+        pii: None,
+        validator: Some(validator),
+        drop_invalid: false,
+        name: None,
+    };
+    let out = lathe_jobs::pipeline::data::curate(&env, &spec, &NullSink).unwrap();
+    let report = out.validation.unwrap();
+    assert_eq!(report.validator, format!("json-schema@sha256:{sha}"));
+    assert_eq!(report.checked, 40);
+    assert_eq!(report.passed, 40, "the pack's own references match its schema: {:?}", report.failures);
+}

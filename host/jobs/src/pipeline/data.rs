@@ -189,7 +189,9 @@ pub fn curate(env: &Env, spec: &CurateSpec, sink: &dyn Sink) -> Result<CurateOut
             }
         };
         let mode = if spec.drop_invalid { ValidateMode::Drop } else { ValidateMode::Report };
-        let r = lathe_data::curate::validate_outputs(&store, &current, &validator, &v.plugin, mode)?;
+        // The version's history names the exact component that checked it, as eval runs do.
+        let checked_by = format!("{}@sha256:{}", v.plugin, plugin.info().sha256);
+        let r = lathe_data::curate::validate_outputs(&store, &current, &validator, &checked_by, mode)?;
         for f in r.report.failures.iter().take(10) {
             sink.info(format!("example {}: {}", f.example, f.violations.join("; ")));
         }
