@@ -1,3 +1,5 @@
+use std::process::Command;
+
 use lathe_engine::config::Architecture;
 
 use crate::*;
@@ -20,6 +22,37 @@ fn chat_on_smollm2_streams_the_greedy_answer() {
     // transformers' greedy generate stops at <|im_end|> after this sentence.
     assert_eq!(stdout(&out), "The capital of France is Paris.\n");
     assert!(stderr(&out).contains("32 prompt tokens, 7 generated, Stop"), "{}", stderr(&out));
+}
+
+/// Every quantized kernel this CPU runs (AVX-512, AVX2, the portable loops) decodes the same
+/// greedy answer as transformers; a kernel the CPU cannot run is refused by name.
+#[test]
+fn every_cpu_kernel_decodes_the_greedy_answer() {
+    let model = smollm2();
+    let chat = |kernel: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--system", "You are a helpful assistant."])
+            .args(["--chat", "What is the capital of France? Answer in one sentence.", "--threads", "2"])
+            .env("LATHE_CPU_KERNEL", kernel)
+            .output()
+            .unwrap()
+    };
+    let has = |flag: &str| std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|w| w == flag));
+    let mut kernels = vec!["portable"];
+    if has("avx2") && has("fma") {
+        kernels.push("avx2");
+        if has("avx512f") {
+            kernels.push("avx512");
+        }
+    }
+    for kernel in kernels {
+        let out = chat(kernel);
+        assert!(out.status.success(), "{kernel}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "The capital of France is Paris.\n", "{kernel}");
+    }
+    let out = chat("sse9");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("LATHE_CPU_KERNEL=sse9: this CPU runs") && stderr(&out).contains("portable"), "{}", stderr(&out));
 }
 
 #[test]

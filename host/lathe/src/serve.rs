@@ -78,6 +78,7 @@ pub struct WorkerArgs {
 impl ServiceArgs {
     fn runtime(&self) -> Result<tokio::runtime::Runtime> {
         lathe_engine::quant::set_int8_activations(self.int8_activations);
+        lathe_engine::quant::cpu_kernel().map_err(anyhow::Error::msg)?;
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
         }

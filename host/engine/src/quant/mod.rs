@@ -8,8 +8,11 @@
 //! `x` straight from them. The activations stay f32, so the result equals the dense
 //! product up to summation order: `Σ (q·d + m)·x = d·Σ q·x + m·Σ x` per block.
 //!
-//! On x86-64 with AVX2 and FMA (checked at run time) the dot products run on explicit
-//! 256-bit code (`avx2.rs`); elsewhere on the portable loops below, which compute the same.
+//! On x86-64 the dot products run on explicit SIMD code chosen at run time: AVX-512
+//! (`avx512.rs`) where the CPU has it, else AVX2 and FMA (`avx2.rs`); elsewhere on the
+//! portable loops below, which compute the same. `LATHE_CPU_KERNEL=avx2|portable` picks a
+//! narrower kernel (to compare them, or to reproduce a run made on an older CPU): the
+//! kernels sum in different orders, so their f32 results differ by rounding.
 //!
 //! With [`set_int8_activations`] on, the activations are quantized too, per block of 32 to
 //! signed 8 bits with an f32 scale (as llama.cpp does), and each block's products are summed
@@ -36,6 +39,13 @@ pub fn int8_activations() -> bool {
     INT8_ACTIVATIONS.load(Ordering::Relaxed)
 }
 
+/// The quantized kernel this process runs: `avx512`, `avx2` or `portable`, the widest the
+/// CPU has unless `LATHE_CPU_KERNEL` names another; an error names the kernels there are
+/// when it names one this CPU cannot run.
+pub fn cpu_kernel() -> Result<&'static str, String> {
+    Kernel::choice().map(Kernel::name)
+}
+
 /// Rows of activations quantized per block of 32: `qs[i] = round(x[i] / d)` (to nearest,
 /// ties to even) with `d = max|x| / 127` of the block.
 struct Q8Rows {
@@ -44,18 +54,14 @@ struct Q8Rows {
 }
 
 impl Q8Rows {
-    fn quantize(x: &[f32]) -> Self {
-        Self::quantize_on(Kernel::detect(), x)
-    }
-
     fn quantize_on(kernel: Kernel, x: &[f32]) -> Self {
         let mut qs = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / 32);
         #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Avx2 {
+        if kernel != Kernel::Portable {
             for (block, out) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
-                // SAFETY: `Kernel::Avx2` comes from `detect`, which saw AVX2 and FMA; both
-                // chunks hold 32 values.
+                // SAFETY: the SIMD kernels come from `Kernel::available`, which saw AVX2 and
+                // FMA (AVX-512's includes them); both chunks hold 32 values.
                 #[allow(unsafe_code)]
                 scales.push(unsafe { avx2::quantize_block(block, out) });
             }
@@ -172,6 +178,10 @@ impl QMatrix {
     /// projections that read the same input (query, key and value; gate and up) cost one
     /// fork and join between the threads instead of one each.
     pub fn matmul_many(mats: &[&QMatrix], x: &[f32], n: usize, int8: bool) -> Vec<Vec<f32>> {
+        Self::matmul_many_on(Kernel::chosen(), mats, x, n, int8)
+    }
+
+    fn matmul_many_on(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize, int8: bool) -> Vec<Vec<f32>> {
         const ROWS_PER_TASK: usize = 64;
         let cols = mats.first().map_or(0, |m| m.cols);
         assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
@@ -179,8 +189,7 @@ impl QMatrix {
         let nb = cols / 32;
         // Σx per block of 32, for the offset term.
         let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        let kernel = Kernel::detect();
-        let q8 = int8.then(|| Q8Rows::quantize(x));
+        let q8 = int8.then(|| Q8Rows::quantize_on(kernel, x));
         // Each output `[rows, n]`; the tasks cut every one into runs of weight rows.
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
         let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
@@ -240,20 +249,22 @@ impl QMatrix {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
-
-/// Fills `out` in groups of up to four rows: `body` sees the group's first row `i` and its
-/// size as a constant `R`, and gives the group's `[f32; R]` (the AVX2 kernels take the rows
-/// a block is expanded for as a const generic).
 #[cfg(target_arch = "x86_64")]
-macro_rules! in_groups_of_four {
-    ($out:ident, |$i:ident, $r:ident| $body:expr) => {{
+mod avx512;
+
+/// Fills `out` in groups of up to `max` rows (one of the listed sizes, the largest last):
+/// `body` sees the group's first row `i` and its size as a constant `R`, and gives the
+/// group's `[f32; R]` (the SIMD kernels take the rows a block is expanded for as a const
+/// generic). AVX2 has registers for the accumulators of four rows, AVX-512 for eight.
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups {
+    ($out:ident, [$($n:literal)+], |$i:ident, $r:ident| $body:expr) => {{
+        let max = *[$($n),+].last().unwrap();
         let mut $i = 0;
         while $i < $out.len() {
-            match $out.len() - $i {
-                1 => in_groups_of_four!(@group 1, $out, $i, $r, $body),
-                2 => in_groups_of_four!(@group 2, $out, $i, $r, $body),
-                3 => in_groups_of_four!(@group 3, $out, $i, $r, $body),
-                _ => in_groups_of_four!(@group 4, $out, $i, $r, $body),
+            match ($out.len() - $i).min(max) {
+                $($n => in_groups!(@group $n, $out, $i, $r, $body),)+
+                _ => unreachable!("every size up to the largest is listed"),
             }
         }
     }};
@@ -276,20 +287,64 @@ struct Row<'a> {
 
 /// The dot products of one row of blocks with one row of `x`, on the best kernel the CPU
 /// has.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
+    /// AVX-512 F for f32 activations, AVX2 and FMA for 8-bit ones.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
 }
 
 impl Kernel {
-    fn detect() -> Self {
+    /// The kernels this CPU runs, widest first.
+    fn available() -> Vec<Kernel> {
+        let mut all = Vec::new();
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Kernel::Avx2;
+            if is_x86_feature_detected!("avx512f") {
+                all.push(Kernel::Avx512);
+            }
+            all.push(Kernel::Avx2);
         }
-        Kernel::Portable
+        all.push(Kernel::Portable);
+        all
+    }
+
+    /// The widest kernel the CPU runs, or the one `LATHE_CPU_KERNEL` names; chosen once per
+    /// process. Commands check the choice first with [`cpu_kernel`], so the panic is only
+    /// for a library caller that did not.
+    fn chosen() -> Kernel {
+        Self::choice().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn choice() -> Result<Kernel, String> {
+        static CHOSEN: std::sync::OnceLock<Result<Kernel, String>> = std::sync::OnceLock::new();
+        CHOSEN
+            .get_or_init(|| {
+                let available = Self::available();
+                let asked = std::env::var("LATHE_CPU_KERNEL").unwrap_or_default().to_ascii_lowercase();
+                if asked.is_empty() || asked == "auto" {
+                    return Ok(available[0]);
+                }
+                available.iter().copied().find(|k| k.name() == asked).ok_or_else(|| {
+                    let names: Vec<&str> = available.iter().map(|k| k.name()).collect();
+                    format!("LATHE_CPU_KERNEL={asked}: this CPU runs {} (or auto, the first)", names.join(", "))
+                })
+            })
+            .clone()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
     }
 
     /// One weight row's dot products with every activation row of `x` (`out.len()` rows
@@ -307,11 +362,24 @@ impl Kernel {
         let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length contract
+            // SAFETY: `available` saw AVX-512 F; the asserts above are the length contract
+            // (every row has `cols` = 32 · blocks floats).
+            #[allow(unsafe_code)]
+            Kernel::Avx512 => unsafe {
+                in_groups!(out, [1 2 3 4 5 6 7 8], |i, R| {
+                    let xs: [&[f32]; R] = std::array::from_fn(|k| row(i + k));
+                    match w.codes {
+                        Codes::Bytes => avx512::dot_bytes::<R>(w.qs, w.scales, xs),
+                        Codes::Nibbles => avx512::dot_nibbles::<R>(w.qs, w.scales, w.mins, xs),
+                    }
+                })
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available` saw AVX2 and FMA; the asserts above are the length contract
             // (every row has `cols` = 32 · blocks floats).
             #[allow(unsafe_code)]
             Kernel::Avx2 => unsafe {
-                in_groups_of_four!(out, |i, R| {
+                in_groups!(out, [1 2 3 4], |i, R| {
                     let xs: [&[f32]; R] = std::array::from_fn(|k| row(i + k));
                     match w.codes {
                         Codes::Bytes => avx2::dot_bytes::<R>(w.qs, w.scales, xs),
@@ -345,11 +413,11 @@ impl Kernel {
         let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` saw AVX2 and FMA; the asserts above are the length contract
-            // (every row has `cols` codes and `cols / 32` scales and sums).
+            // SAFETY: `available` saw AVX2 and FMA (for either kernel); the asserts above are
+            // the length contract (every row has `cols` codes and `cols / 32` scales and sums).
             #[allow(unsafe_code)]
-            Kernel::Avx2 => unsafe {
-                in_groups_of_four!(out, |i, R| {
+            Kernel::Avx512 | Kernel::Avx2 => unsafe {
+                in_groups!(out, [1 2 3 4], |i, R| {
                     let xs: [&[i8]; R] = std::array::from_fn(|k| row(i + k).0);
                     let xd: [&[f32]; R] = std::array::from_fn(|k| row(i + k).1);
                     match w.codes {
@@ -472,14 +540,16 @@ mod tests {
             let w = dequantize(ty, &bytes, rows * cols);
             let q = QMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
             assert_eq!(q.dequantize(), w, "{ty:?}");
-            for n in [1, 3, MAX_ROWS] {
-                let x = values(n * cols, 7);
-                let got = q.matmul(&x, n);
-                for i in 0..n {
-                    for r in 0..rows {
-                        let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
-                        let g = got[i * rows + r];
-                        assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} n={n} [{i},{r}]: {g} vs {want}");
+            for kernel in Kernel::available() {
+                for n in [1, 3, MAX_ROWS] {
+                    let x = values(n * cols, 7);
+                    let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, false).pop().unwrap();
+                    for i in 0..n {
+                        for r in 0..rows {
+                            let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
+                            let g = got[i * rows + r];
+                            assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} n={n} [{i},{r}]: {g} vs {want}");
+                        }
                     }
                 }
             }
@@ -498,7 +568,7 @@ mod tests {
             let q = QMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
             for n in [1, 2, 5] {
                 let x = values(n * cols, 11);
-                let xq = Q8Rows::quantize(&x);
+                let xq = Q8Rows::quantize_on(Kernel::chosen(), &x);
                 let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 32]).collect();
                 let nb = cols / 32;
                 let per_row = if ty == GgmlType::Q8_0 { 32 } else { 16 } * nb;
@@ -508,16 +578,15 @@ mod tests {
                         let mins = if q.codes == Codes::Nibbles { &q.mins[r * nb..(r + 1) * nb] } else { &[] };
                         let row = Row { codes: q.codes, qs: &q.qs[r * per_row..(r + 1) * per_row], scales: &q.scales[r * nb..(r + 1) * nb], mins };
                         let xsum: Vec<f32> = x[i * cols..(i + 1) * cols].chunks_exact(32).map(|c| c.iter().sum()).collect();
-                        let (mut out, mut portable) = ([0f32], [0f32]);
-                        Kernel::detect().dots_q8(&row, &x_i, &xsum, cols, &mut out);
-                        Kernel::Portable.dots_q8(&row, &x_i, &xsum, cols, &mut portable);
-                        let portable = portable[0];
                         // The codes times the rounded activations; the offsets (min per
                         // block) times the exact ones.
                         let offset = |c: usize| if q.codes == Codes::Nibbles { q.mins[r * nb + c / 32] } else { 0.0 };
                         let want: f32 = (0..cols).map(|c| (w[r * cols + c] - offset(c)) * rounded[i * cols + c] + offset(c) * x[i * cols + c]).sum();
-                        assert!((out[0] - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} n={n} [{i},{r}]: {} vs {want}", out[0]);
-                        assert!((portable - out[0]).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?}: portable {portable} vs {}", out[0]);
+                        for kernel in Kernel::available() {
+                            let mut out = [0f32];
+                            kernel.dots_q8(&row, &x_i, &xsum, cols, &mut out);
+                            assert!((out[0] - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} n={n} [{i},{r}]: {} vs {want}", out[0]);
+                        }
                     }
                 }
             }
@@ -526,12 +595,34 @@ mod tests {
             let x = values(n * cols, 5);
             let (got, exact) = (q.matmul_with(&x, n, true), q.matmul_with(&x, n, false));
             assert_ne!(got, exact, "{ty:?}: 8-bit activations take the other path");
-            let xq = Q8Rows::quantize(&x);
+            let xq = Q8Rows::quantize_on(Kernel::chosen(), &x);
             for i in 0..n {
                 for r in 0..rows {
                     let bound: f32 = (0..cols).map(|c| w[r * cols + c].abs() * xq.scales[(i * cols + c) / 32] / 2.0).sum();
                     let (g, e) = (got[i * rows + r], exact[i * rows + r]);
                     assert!((g - e).abs() <= bound + 1e-4, "{ty:?} [{i},{r}]: {g} vs {e} (bound {bound})");
+                }
+            }
+        }
+    }
+
+    /// Each kernel gives a row the same bits whether it comes alone or with others (the
+    /// serving scheduler's batches change every step; a stream's tokens must not).
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_batch_on_any_kernel() {
+        let (rows, cols) = (24, 160);
+        let kernels = Kernel::available();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 5)), rows, cols).unwrap();
+            let n = 11;
+            let x = values(n * cols, 9);
+            for int8 in [false, true] {
+                for &kernel in &kernels {
+                    let batch = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
+                    for i in 0..n {
+                        let alone = QMatrix::matmul_many_on(kernel, &[&q], &x[i * cols..(i + 1) * cols], 1, int8).pop().unwrap();
+                        assert_eq!(alone, batch[i * rows..(i + 1) * rows], "{ty:?} {kernel:?} int8={int8}: row {i} of {n}");
+                    }
                 }
             }
         }
@@ -546,7 +637,7 @@ mod tests {
             *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
         }
         x[64..96].fill(0.0);
-        let (avx, portable) = (Q8Rows::quantize(&x), Q8Rows::quantize_on(Kernel::Portable, &x));
+        let (avx, portable) = (Q8Rows::quantize_on(Kernel::chosen(), &x), Q8Rows::quantize_on(Kernel::Portable, &x));
         assert_eq!(avx.qs, portable.qs);
         assert_eq!(avx.scales, portable.scales);
         assert_eq!(&portable.qs[33..36], &[-14, -14, -12], "ties round to even");

@@ -245,7 +245,14 @@ fn eval(a: EvalBench) -> Result<()> {
         .collect::<lathe_jobs::Result<_>>()?;
     let subject = Subject::base(&m, a.model.display().to_string());
     let template = suite.templates[0].clone();
-    println!("{} invoice items, template `{}`, max {} new tokens, {} threads", a.items, template.name, suite.max_tokens, rayon::current_num_threads());
+    println!(
+        "{} invoice items, template `{}`, max {} new tokens, {} threads, {} kernel",
+        a.items,
+        template.name,
+        suite.max_tokens,
+        rayon::current_num_threads(),
+        lathe_engine::quant::cpu_kernel().unwrap_or("?")
+    );
     let mut first = None;
     for &b in &a.batch {
         suite.batch_size = b;
@@ -535,7 +542,7 @@ fn generate(a: GenerateBench) -> Result<()> {
     let ids = prompt_ids(&m.tokenizer, a.prompt_tokens)?;
     let threads = rayon::current_num_threads();
     if !a.json {
-        println!("model {} | {} threads | device {}", a.model.display(), threads, a.compute.device);
+        println!("model {} | {} threads | {} kernel | device {}", a.model.display(), threads, lathe_engine::quant::cpu_kernel().unwrap_or("?"), a.compute.device);
         println!("{:>5} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s");
     }
     for &b in &a.batch {
