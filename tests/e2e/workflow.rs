@@ -270,8 +270,8 @@ fn the_demo_on_smollm2_beats_the_prompted_baseline_and_writes_a_report() {
     assert!(metric(2) > metric(0), "int8 keeps the fine-tune's lead over the prompt: {} vs {}", metric(2), metric(0));
     let bytes = |i: usize| runs[i]["weights"]["bytes"].as_u64().unwrap();
     assert!(bytes(3) < bytes(2) && runs[1]["weights"]["adapter_bytes"].as_u64().unwrap() > 0, "{report}");
-    for i in 2..4 {
-        assert!(runs[i]["passed_gate"].is_boolean() && runs[i]["adapter"].is_null(), "{}", runs[i]);
+    for run in &runs[2..4] {
+        assert!(run["passed_gate"].is_boolean() && run["adapter"].is_null(), "{run}");
     }
     assert!(!report["training"].as_array().unwrap().is_empty());
     let html = std::fs::read_to_string(report_json.with_extension("html")).unwrap();

@@ -98,14 +98,9 @@ impl Env {
 
     /// Loads a plugin by name (the project's, one installed from a pack into this data
     /// folder, else a built-in such as `json-field-match`) or `.wasm` path, and checks that
-    /// it is the kind the caller needs.
-    pub fn plugin(&self, name: &str, expected: Kind) -> Result<Plugin> {
-        self.plugin_ref(name, None, None, expected)
-    }
-
-    /// [`Env::plugin`] for a reference that may be pinned to a sha256: the pinned bytes are
-    /// loaded (an older upload's, a pack's), and a plugin of that name with other bytes is
-    /// refused with both hashes named. `limits` holds its calls below the host's.
+    /// it is the kind the caller needs. A reference `pinned` to a sha256 loads those bytes
+    /// (an older upload's, a pack's), and a plugin of that name with other bytes is refused
+    /// with both hashes named. `limits` holds its calls below the host's.
     pub fn plugin_ref(&self, name: &str, pinned: Option<&str>, limits: Option<crate::eval::CallLimits>, expected: Kind) -> Result<Plugin> {
         let plugin = match pinned.and_then(|sha| self.plugin_by_sha(sha)) {
             Some(path) => {
@@ -160,7 +155,7 @@ impl Env {
         (self.plugin_paths && valid && path.is_file()).then_some(path)
     }
 
-    /// Loads a plugin of any kind, found as [`Env::plugin`] finds it.
+    /// Loads a plugin of any kind, found as [`Env::plugin_ref`] finds it.
     pub fn load_plugin(&self, name: &str) -> Result<Plugin> {
         let installed = || self.plugin_paths.then(|| self.installed_names().get(name).and_then(|sha| self.plugin_by_sha(sha))).flatten();
         let bytes: std::borrow::Cow<'static, [u8]> = match (self.project_plugins.get(name).cloned().or_else(installed), lathe_sandbox::builtin(name)) {

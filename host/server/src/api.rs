@@ -551,7 +551,7 @@ pub async fn save_suite(s: &AppState, project_id: &str, name: &str, body: Value)
 }
 
 /// What the server refuses that the CLI allows: a judge model named by a path.
-fn check_suite_for_server(suite: &Suite) -> ApiResult<()> {
+pub(crate) fn check_suite_for_server(suite: &Suite) -> ApiResult<()> {
     if let Some(j) = &suite.judge
         && matches!(j.model, lathe_jobs::eval::judge::JudgeModel::Local { .. })
     {

@@ -44,14 +44,18 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new().routes(routes!(chat_completions)).routes(routes!(completions))
 }
 
+/// Values by key, each made once on first use in a cell of its own, so that making one
+/// (loading a model) does not hold up the others.
+type Cells<T> = tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<T>>>>;
+
 /// The schedulers this server runs, by model (base name or export id), started on first use.
 pub struct Serving {
     config: ServeConfig,
     /// One cell per base model: a model loading does not hold up requests for another.
-    started: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Scheduler>>>>>,
+    started: Cells<Arc<Scheduler>>,
     /// Validators by the eval job that gated a deployment, loaded on first use (a cell
     /// each, as the schedulers).
-    validators: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Option<Arc<Validator>>>>>>,
+    validators: Cells<Option<Arc<Validator>>>,
 }
 
 /// The validator plugin of a deployment's gating eval suite, as that eval ran it.

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use lathe_jobs::pack::{Installed, Pack, shipped::Template};
-use lathe_store::NewPlugin;
+use lathe_store::{NewPlugin, PackInstall};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
@@ -40,12 +40,27 @@ fn runtime() -> ApiResult<&'static lathe_sandbox::Runtime> {
     rt.as_ref().map_err(|e| ApiError::Internal(e.clone()))
 }
 
-/// The packs this binary ships, built once: the same bytes (and sha256) on every server of
-/// this version.
-fn shipped() -> ApiResult<&'static [Vec<u8>]> {
-    static SHIPPED: OnceLock<Result<Vec<Vec<u8>>, String>> = OnceLock::new();
+/// A pack this binary ships: its file and what it holds.
+struct Shipped {
+    bytes: Vec<u8>,
+    pack: Pack,
+}
+
+/// The packs this binary ships, built and read once: the same bytes (and sha256) on every
+/// server of this version.
+fn shipped() -> ApiResult<&'static [Shipped]> {
+    static SHIPPED: OnceLock<Result<Vec<Shipped>, String>> = OnceLock::new();
     let rt = runtime()?;
-    let built = SHIPPED.get_or_init(|| Template::SHIPPED.iter().map(|t| t.build(rt).map_err(|e| format!("shipped pack {}: {e}", t.name()))).collect());
+    let built = SHIPPED.get_or_init(|| {
+        Template::SHIPPED
+            .iter()
+            .map(|t| {
+                let bytes = t.build(rt).map_err(|e| format!("shipped pack {}: {e}", t.name()))?;
+                let pack = Pack::read(&bytes).map_err(|e| format!("shipped pack {}: {e}", t.name()))?;
+                Ok(Shipped { bytes, pack })
+            })
+            .collect()
+    });
     built.as_deref().map_err(|e| ApiError::Internal(e.clone()))
 }
 
@@ -55,9 +70,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + '
 
 /// A pack's bytes by sha256: a shipped pack, or one in the caller's team's catalogue.
 async fn pack_bytes(s: &AppState, caller: &Caller, sha256: &str) -> ApiResult<(Vec<u8>, &'static str)> {
-    let shipped = blocking(shipped).await?;
-    if let Some(b) = shipped.iter().find(|b| lathe_util::sha256_hex(b) == sha256) {
-        return Ok((b.clone(), "shipped"));
+    if let Some(s) = blocking(shipped).await?.iter().find(|s| s.pack.sha256 == sha256) {
+        return Ok((s.bytes.clone(), "shipped"));
     }
     if s.db.pack_opt(&caller.team_id, sha256).await?.is_none() {
         return Err(ApiError::not_found("pack", sha256));
@@ -82,8 +96,8 @@ async fn catalogue(State(s): State<Arc<AppState>>, caller: Caller) -> ApiResult<
 /// Every pack the caller's team can install, described.
 pub async fn catalogue_of(s: &AppState, caller: &Caller) -> ApiResult<Vec<Value>> {
     let mut data = Vec::new();
-    for b in blocking(shipped).await? {
-        data.push(summary(&Pack::read(b)?, "shipped"));
+    for s in blocking(shipped).await? {
+        data.push(summary(&s.pack, "shipped"));
     }
     for row in s.db.packs(&caller.team_id).await? {
         let (bytes, origin) = pack_bytes(s, caller, &row.sha256).await?;
@@ -108,10 +122,9 @@ pub async fn add_to_catalogue(s: &AppState, caller: &Caller, bytes: Vec<u8>) -> 
         Ok((pack, bytes))
     })
     .await?;
-    for b in blocking(shipped).await? {
-        let shipped = Pack::read(b)?;
+    for Shipped { pack: shipped, .. } in blocking(shipped).await? {
         if shipped.sha256 == pack.sha256 {
-            return Ok(summary(&shipped, "shipped"));
+            return Ok(summary(shipped, "shipped"));
         }
         if shipped.id() == pack.id() {
             return Err(ApiError::Conflict(format!("{} ships with Lathe with other contents; give your pack another name or version", pack.id())));
@@ -163,7 +176,9 @@ pub struct InstallPack {
 /// within this server's limits), its suites (plugin references pinned to the pack's
 /// hashes), and its held-out items and few-shot pool as dataset versions named
 /// `packs/<name>/heldout` and `packs/<name>/fewshot`. Installing another version of a
-/// pack replaces its suites and data names; the answer says what changed.
+/// pack replaces its suites and data names; the answer says what changed. The plugins,
+/// suites and install record are written in one transaction: a failed or interrupted
+/// install lists none of them, and installing again succeeds.
 #[utoipa::path(post, path = "/api/v1/projects/{project}/packs", params(("project" = String, Path)), request_body = InstallPack, responses((status = 201, description = "what was installed, and the diff against the version it replaced"), (status = 400, description = "refused, and why")))]
 async fn install_pack(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Json(req): Json<InstallPack>) -> ApiResult<(StatusCode, Json<Value>)> {
     let p = s.project(&caller, &project).await?;
@@ -175,29 +190,28 @@ pub async fn install(s: &AppState, caller: &Caller, p: &lathe_store::Project, sh
     let (bytes, _) = pack_bytes(s, caller, sha256).await?;
     let previous = s.db.project_packs(&p.id).await?;
     let env = s.env(&p.id).await?;
-    let (pack, checked, data) = blocking(move || {
+    let artifacts = s.artifacts.clone();
+    // The checks, the plugins' bytes (content-addressed: unlisted until a row names them)
+    // and the data versions first; then every row in one transaction.
+    let (pack, plugins, data) = blocking(move || {
         let pack = Pack::read(&bytes)?;
-        let checked = pack.check(env.runtime()?)?;
+        for suite in &pack.suites {
+            crate::api::check_suite_for_server(suite)?;
+        }
+        let mut plugins = Vec::new();
+        for (entry, plugin) in pack.check(env.runtime()?)? {
+            let sha256 = artifacts.put_bytes(pack.plugin_bytes(&entry.sha256).expect("a read pack carries its plugins"))?;
+            let info = plugin.info();
+            plugins.push(NewPlugin { name: info.name.clone(), kind: info.kind.name().into(), version: info.version.clone(), sha256, size: info.size_bytes as i64, config_schema: info.config_schema.clone() });
+        }
         let data = lathe_jobs::pack::install_data(&env, &pack, &lathe_jobs::NullSink)?;
-        Ok((pack, checked, data))
+        Ok((pack, plugins, data))
     })
     .await?;
-    for (entry, plugin) in &checked {
-        let bytes = pack.plugin_bytes(&entry.sha256).expect("a read pack carries its plugins").to_vec();
-        let artifacts = s.artifacts.clone();
-        let sha = blocking(move || Ok(artifacts.put_bytes(&bytes)?)).await?;
-        let info = plugin.info();
-        s.db.add_plugin(
-            &p.id,
-            NewPlugin { name: info.name.clone(), kind: info.kind.name().into(), version: info.version.clone(), sha256: sha, size: info.size_bytes as i64, config_schema: info.config_schema.clone() },
-        )
-        .await?;
-    }
-    for suite in &pack.suites {
-        crate::api::save_suite(s, &p.id, &suite.name, serde_json::to_value(suite).expect("suites serialise")).await?;
-    }
     let installed = Installed::new(&pack, data);
-    let row = s.db.add_project_pack(&p.id, &installed.name, &installed.version, &installed.sha256, &json!(installed)).await?;
+    let suites = pack.suites.iter().map(|suite| (suite.name.clone(), serde_json::to_value(suite).expect("suites serialise"))).collect();
+    let install = PackInstall { name: installed.name.clone(), version: installed.version.clone(), sha256: installed.sha256.clone(), plugins, suites, installed: json!(installed) };
+    let row = s.db.install_pack(&p.id, &install).await?;
     let diff = match previous.iter().find(|r| r.name == pack.manifest.name && r.sha256 != pack.sha256) {
         Some(old) => Some(pack.diff(&Pack::read(&pack_bytes(s, caller, &old.sha256).await?.0)?)),
         None => None,

@@ -39,7 +39,7 @@ pub use deployments::{Deployment, NewDeployment, check_deploy_name};
 pub use error::{Result, StoreError};
 pub use jobs::{JobEvent, JobRow, JobState, JobTiming, Lease, NewJob};
 pub use members::{MEMBER, Member, OWNER, ROLES};
-pub use packs::{PackRow, ProjectPack};
+pub use packs::{PackInstall, PackRow, ProjectPack};
 pub use projects::{FileRow, NewFile, NewPlugin, PluginRow, Project, SuiteRow};
 pub use sessions::{SESSION_TTL_MS, WebSession};
 

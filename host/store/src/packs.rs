@@ -6,8 +6,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::types::Json;
 
-use crate::error::on_insert_error;
-use crate::{Db, Result, StoreError, now_ms, on_pool};
+use crate::error::{is_unique_violation, on_insert_error};
+use crate::projects::{PLUGIN_INSERT, SUITE_INSERT, SUITE_PUT_TRIES};
+use crate::{Db, NewPlugin, Result, StoreError, now_ms, on_pool};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct PackRow {
@@ -34,6 +35,21 @@ pub struct ProjectPack {
 
 const PACK_COLUMNS: &str = "team_id, sha256, name, version, bytes, created_at";
 const INSTALL_COLUMNS: &str = "project_id, name, version, sha256, installed, created_at";
+const INSTALL_INSERT: &str = "INSERT INTO project_packs (project_id, name, version, sha256, installed, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// What installing a pack writes into a project: its plugins, a new version of each of its
+/// suites, and the install record.
+#[derive(Clone, Debug)]
+pub struct PackInstall {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub plugins: Vec<NewPlugin>,
+    /// Each suite's name and definition.
+    pub suites: Vec<(String, Value)>,
+    /// What the install made (see [`ProjectPack::installed`]).
+    pub installed: Value,
+}
 
 impl Db {
     /// Adds a verified pack to a team's catalogue; adding the same bytes again returns the
@@ -74,28 +90,72 @@ impl Db {
         Ok(on_pool!(self, p => sqlx::query_as(&sql).bind(team_id).bind(sha256).fetch_optional(p).await)?)
     }
 
-    /// Records that a project installed a pack.
-    pub async fn add_project_pack(&self, project_id: &str, name: &str, version: &str, sha256: &str, installed: &Value) -> Result<ProjectPack> {
+    /// Installs a pack into a project in one transaction: its plugins (the same bytes again
+    /// are kept once), the next version of each of its suites, and the install record. An
+    /// error, or a crash, leaves none of them, so a project never lists half a pack and a
+    /// retry starts clean.
+    pub async fn install_pack(&self, project_id: &str, pack: &PackInstall) -> Result<ProjectPack> {
         let row = ProjectPack {
             project_id: project_id.into(),
-            name: name.into(),
-            version: version.into(),
-            sha256: sha256.into(),
-            installed: installed.clone(),
+            name: pack.name.clone(),
+            version: pack.version.clone(),
+            sha256: pack.sha256.clone(),
+            installed: pack.installed.clone(),
             created_at: now_ms(),
         };
-        let sql = "INSERT INTO project_packs (project_id, name, version, sha256, installed, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
-        on_pool!(self, p => sqlx::query(sql)
-            .bind(&row.project_id)
-            .bind(&row.name)
-            .bind(&row.version)
-            .bind(&row.sha256)
-            .bind(Json(&row.installed))
-            .bind(row.created_at)
-            .execute(p)
-            .await.map(|r| r.rows_affected()))
-        .map_err(|e| on_insert_error(e, || format!("pack `{name}` conflicts"), || StoreError::not_found("project", project_id)))?;
-        Ok(row)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let attempt = on_pool!(self, p => async {
+                let mut tx = p.begin().await?;
+                // A write first: takes SQLite's write lock at once, and PostgreSQL's row lock
+                // on the project, so two installs into one project run one after the other.
+                let project = sqlx::query("UPDATE projects SET name = name WHERE id = $1").bind(project_id).execute(&mut *tx).await?;
+                if project.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                for plugin in &pack.plugins {
+                    sqlx::query(PLUGIN_INSERT)
+                        .bind(project_id)
+                        .bind(&plugin.name)
+                        .bind(&plugin.kind)
+                        .bind(&plugin.version)
+                        .bind(&plugin.sha256)
+                        .bind(plugin.size)
+                        .bind(Json(&plugin.config_schema))
+                        .bind(row.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for (name, definition) in &pack.suites {
+                    sqlx::query(SUITE_INSERT).bind(project_id).bind(name).bind(Json(definition)).bind(row.created_at).execute(&mut *tx).await?;
+                }
+                sqlx::query(INSTALL_INSERT)
+                    .bind(&row.project_id)
+                    .bind(&row.name)
+                    .bind(&row.version)
+                    .bind(&row.sha256)
+                    .bind(Json(&row.installed))
+                    .bind(row.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(true)
+            }.await);
+            match attempt {
+                Ok(true) => return Ok(row),
+                Ok(false) => return Err(StoreError::not_found("project", project_id)),
+                // A suite put outside the project lock took the same version number.
+                Err(e) if is_unique_violation(&e) && tries < SUITE_PUT_TRIES => continue,
+                Err(e) => {
+                    return Err(on_insert_error(
+                        e,
+                        || format!("pack {}@{}: {SUITE_PUT_TRIES} concurrent suite puts raced the install for one version", pack.name, pack.version),
+                        || StoreError::not_found("project", project_id),
+                    ));
+                }
+            }
+        }
     }
 
     /// The packs a project has: the newest install of each name.

@@ -94,8 +94,20 @@ macro_rules! suite_columns {
     };
 }
 
-/// How often [`Db::put_suite`] retries when a concurrent put took the same version number.
-const SUITE_PUT_TRIES: usize = 5;
+/// How often [`Db::put_suite`] (and a pack install) retries when a concurrent put took the
+/// same version number.
+pub(crate) const SUITE_PUT_TRIES: usize = 5;
+
+/// Registers a plugin version: $1 project, $2 name, $3 kind, $4 version, $5 sha256, $6 size,
+/// $7 config schema, $8 created at. The same bytes again are a no-op.
+pub(crate) const PLUGIN_INSERT: &str = "INSERT INTO plugins (project_id, name, kind, version, sha256, size, config_schema, created_at) \
+                                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                                        ON CONFLICT (project_id, sha256) DO NOTHING";
+
+/// Adds the next version of a suite: $1 project, $2 name, $3 definition, $4 created at.
+pub(crate) const SUITE_INSERT: &str = "INSERT INTO eval_suites (project_id, name, version, definition, created_at) \
+                                       SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4 \
+                                       FROM eval_suites WHERE project_id = $1 AND name = $2";
 
 impl Db {
     /// A new project of a team; `Conflict` when the team already has one of that name.
@@ -213,10 +225,7 @@ impl Db {
     /// Registers a plugin version. Uploading the same component (same sha256) again returns
     /// the row already there instead of a duplicate.
     pub async fn add_plugin(&self, project_id: &str, plugin: NewPlugin) -> Result<PluginRow> {
-        let insert = "INSERT INTO plugins (project_id, name, kind, version, sha256, size, config_schema, created_at) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                      ON CONFLICT (project_id, sha256) DO NOTHING";
-        on_pool!(self, p => sqlx::query(insert)
+        on_pool!(self, p => sqlx::query(PLUGIN_INSERT)
             .bind(project_id)
             .bind(&plugin.name)
             .bind(&plugin.kind)
@@ -272,19 +281,13 @@ impl Db {
         name: &str,
         definition: Value,
     ) -> Result<SuiteRow> {
-        let sql = concat!(
-            "INSERT INTO eval_suites (project_id, name, version, definition, created_at) \
-             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4 \
-             FROM eval_suites WHERE project_id = $1 AND name = $2 \
-             RETURNING ",
-            suite_columns!()
-        );
+        let sql = format!("{SUITE_INSERT} RETURNING {}", suite_columns!());
         // Two concurrent puts on PostgreSQL can read the same MAX(version); the primary key
         // refuses the second, which then reads again.
         let mut tries = 0;
         loop {
             tries += 1;
-            let inserted = on_pool!(self, p => sqlx::query_as(sql)
+            let inserted = on_pool!(self, p => sqlx::query_as(&sql)
                 .bind(project_id)
                 .bind(name)
                 .bind(Json(&definition))

@@ -177,6 +177,13 @@ pub struct Verdict {
     pub answer: String,
 }
 
+impl Verdict {
+    /// Verdicts as the JSON lines a cache file (and a pack's `data/verdicts.jsonl`) holds.
+    pub fn jsonl<'a>(verdicts: impl IntoIterator<Item = &'a Verdict>) -> String {
+        verdicts.into_iter().map(|v| serde_json::to_string(v).expect("verdicts serialise") + "\n").collect()
+    }
+}
+
 /// Verdicts by key, persisted as JSON lines.
 pub struct VerdictCache {
     path: Option<PathBuf>,
@@ -241,7 +248,7 @@ impl VerdictCache {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| JobError::io(dir, e))?;
             }
-            let lines: String = new.iter().map(|v| serde_json::to_string(v).expect("verdicts serialise") + "\n").collect();
+            let lines = Verdict::jsonl(new.iter().copied());
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)

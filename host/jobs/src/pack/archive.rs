@@ -35,7 +35,7 @@ pub fn write(members: &[Member]) -> Result<Vec<u8>> {
 /// Reads an archive that [`write`] wrote, member by member.
 pub fn read(bytes: &[u8]) -> Result<Vec<Member>> {
     let bad = |at: usize, why: String| Err(JobError::Invalid(format!("not a Lathe pack: at byte {at}: {why}")));
-    if bytes.len() % BLOCK != 0 || bytes.len() < 2 * BLOCK {
+    if !bytes.len().is_multiple_of(BLOCK) || bytes.len() < 2 * BLOCK {
         return bad(0, format!("{} bytes is not a whole number of 512-byte tar blocks", bytes.len()));
     }
     let mut members = Vec::new();

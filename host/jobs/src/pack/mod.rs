@@ -283,10 +283,6 @@ fn parse_verdicts(label: &str, text: &str) -> Result<Vec<Verdict>> {
     Ok(out.into_values().collect())
 }
 
-fn verdict_lines(verdicts: &[Verdict]) -> String {
-    verdicts.iter().map(|v| serde_json::to_string(v).expect("verdicts serialise") + "\n").collect()
-}
-
 /// The plugins a suite uses: (name, pinned sha256, limits, the world it must be).
 fn suite_plugins(suite: &Suite) -> Vec<(&str, Option<&str>, Option<CallLimits>, Kind)> {
     let mut out: Vec<_> = suite.scorers.iter().map(|r| (r.plugin.as_str(), r.sha256.as_deref(), r.limits, Kind::Scorer)).collect();
@@ -403,7 +399,7 @@ impl Pack {
                 let label = d.file.display().to_string();
                 let text = String::from_utf8(read(&d.file)?).map_err(|_| JobError::Invalid(format!("{label}: not UTF-8")))?;
                 let verdicts = parse_verdicts(&label, &text)?;
-                let canonical = verdict_lines(&verdicts);
+                let canonical = Verdict::jsonl(&verdicts);
                 let file = "data/verdicts.jsonl".to_string();
                 members.push(Member { name: file.clone(), bytes: canonical.clone().into_bytes() });
                 Some(VerdictsEntry { file, sha256: sha256(canonical.as_bytes()), rows: verdicts.len() as u64, provenance: d.provenance.clone() })

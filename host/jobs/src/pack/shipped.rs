@@ -211,19 +211,30 @@ pub fn ticket(rng: &mut StdRng) -> (String, &'static str) {
     (text, QUEUES.iter().find(|q| **q == queue).expect("every problem's queue is a queue"))
 }
 
-/// `n` distinct tickets as examples (user: the ticket; assistant and label: the queue),
-/// none of whose text is in `avoid`.
-pub fn ticket_examples(n: usize, seed: u64, avoid: &[Example]) -> Vec<Example> {
+/// `n` examples drawn by `draw` from a generator seeded with `seed`, none with the same
+/// input (the last context message) as another or as any example in `avoid`: held-out
+/// items and few-shot pools that share no text.
+fn distinct_examples(n: usize, seed: u64, avoid: &[Example], mut draw: impl FnMut(&mut StdRng) -> Example) -> Vec<Example> {
+    let input = |e: &Example| e.context().last().map(|m| m.content.clone());
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut seen: std::collections::BTreeSet<String> = avoid.iter().filter_map(|e| e.context().last().map(|m| m.content.clone())).collect();
+    let mut seen: std::collections::BTreeSet<String> = avoid.iter().filter_map(input).collect();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let (text, queue) = ticket(&mut rng);
-        if seen.insert(text.clone()) {
-            out.push(Example::new(vec![Message::new(Role::User, text), Message::new(Role::Assistant, queue)]).with_label(queue));
+        let example = draw(&mut rng);
+        if input(&example).is_some_and(|text| seen.insert(text)) {
+            out.push(example);
         }
     }
     out
+}
+
+/// `n` distinct tickets as examples (user: the ticket; assistant and label: the queue),
+/// none of whose text is in `avoid`.
+pub fn ticket_examples(n: usize, seed: u64, avoid: &[Example]) -> Vec<Example> {
+    distinct_examples(n, seed, avoid, |rng| {
+        let (text, queue) = ticket(rng);
+        Example::new(vec![Message::new(Role::User, text), Message::new(Role::Assistant, queue)]).with_label(queue)
+    })
 }
 
 fn support_triage() -> Parts {
@@ -288,17 +299,10 @@ pub fn grounded_item(rng: &mut StdRng) -> (String, String, String) {
 /// `n` distinct grounded questions as examples (user: passage and question; assistant: the
 /// answer), none of whose text is in `avoid`.
 pub fn grounded_examples(n: usize, seed: u64, avoid: &[Example]) -> Vec<Example> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut seen: std::collections::BTreeSet<String> = avoid.iter().filter_map(|e| e.context().last().map(|m| m.content.clone())).collect();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let (passage, question, answer) = grounded_item(&mut rng);
-        let input = format!("Passage: {passage}\nQuestion: {question}");
-        if seen.insert(input.clone()) {
-            out.push(Example::new(vec![Message::new(Role::User, input), Message::new(Role::Assistant, answer)]));
-        }
-    }
-    out
+    distinct_examples(n, seed, avoid, |rng| {
+        let (passage, question, answer) = grounded_item(rng);
+        Example::new(vec![Message::new(Role::User, format!("Passage: {passage}\nQuestion: {question}")), Message::new(Role::Assistant, answer)])
+    })
 }
 
 /// The judge's rubric: grounded in the passage, and the reference's fact.

@@ -108,6 +108,23 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Runs SQL behind the store's back (several statements may be given), to put the
+    /// database in a state the store would never make: a fault to survive.
+    pub async fn exec(&self, sql: &str) {
+        match self.db.backend() {
+            Backend::Sqlite => {
+                let mut c = SqliteConnection::connect(&self.url).await.expect("raw SQLite connection");
+                c.execute(sql).await.expect("raw SQL");
+            }
+            Backend::Postgres => {
+                let mut c = PgConnection::connect(&self.url).await.expect("raw PostgreSQL connection");
+                c.execute(sql).await.expect("raw SQL");
+            }
+        }
+    }
+}
+
 impl Drop for TestDb {
     /// Drops the test's PostgreSQL database (on a thread of its own: `drop` cannot await).
     fn drop(&mut self) {

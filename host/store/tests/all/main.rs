@@ -34,6 +34,7 @@ mod auth;
 mod concurrency;
 mod deployments;
 mod jobs;
+mod packs;
 mod projects;
 
 use lathe_store::{Db, Project, Team};
