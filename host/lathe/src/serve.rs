@@ -38,6 +38,10 @@ pub struct ServiceArgs {
     /// died is given to another worker after this.
     #[arg(long, default_value_t = 30)]
     lease_secs: u64,
+    /// The memory this process's workers announce, in MiB (give the GPU's on a GPU
+    /// worker); they claim only jobs that need at most this much. Default: the host's.
+    #[arg(long)]
+    memory_mb: Option<i64>,
     /// Sequences a served model's running batch holds at most (`/v1/chat/completions`).
     #[arg(long, default_value_t = 32)]
     max_seqs: usize,
@@ -89,6 +93,7 @@ impl ServiceArgs {
         let mut config = ServerConfig::new(self.dir.path());
         config.device = self.device.clone();
         config.max_upload_bytes = self.max_upload_mib << 20;
+        config.memory_mb = self.memory_mb;
         config.lease = std::time::Duration::from_secs(self.lease_secs.max(1));
         config.serving = lathe_serving::ServeConfig {
             max_seqs: self.max_seqs.max(1),
@@ -127,7 +132,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         let mut handles = Vec::new();
         for i in 0..a.workers.max(1) {
             let (s, stop) = (state.clone(), stop.clone());
-            let id = format!("worker-{}-{}-{i}", hostname(), std::process::id());
+            let id = format!("worker-{}-{}-{i}", lathe_server::state::hostname(), std::process::id());
             println!("lathe worker: {id} waiting for jobs");
             handles.push(tokio::spawn(async move { lathe_server::worker::run(s, id, stop).await }));
         }
@@ -138,8 +143,4 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         }
         Ok(())
     })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
 }

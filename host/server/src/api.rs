@@ -22,7 +22,7 @@ use lathe_jobs::pipeline::data::{CurateSpec, ImportSpec, SplitSpec, StatsSpec};
 use lathe_jobs::pipeline::eval::{BaselineSpec, CompareSpec, EvalSpec, ForgettingSpec, RegressionSpec, ReportSpec};
 use lathe_jobs::pipeline::train::{ExportFormat, ExportSpec, TrainSpec};
 use lathe_jobs::settings::{Layers, TrainSettings};
-use lathe_store::{JobRow, NewFile, NewJob, NewPlugin};
+use lathe_store::{JobRow, Needs, NewFile, NewJob, NewPlugin};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
@@ -53,6 +53,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(try_plugin))
         .routes(routes!(list_suites))
         .routes(routes!(get_suite, put_suite))
+        .routes(routes!(list_workers))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
         .routes(routes!(cancel_job))
@@ -813,20 +814,73 @@ pub async fn save_project_settings(s: &AppState, project_id: &str, toml: String)
 
 /// Queues a pipeline job in a project; its id is chosen first so that output folders can
 /// be named after it.
-pub async fn enqueue(s: &AppState, project_id: &str, request: JobRequest, priority: i32) -> ApiResult<JobRow> {
+pub async fn enqueue(s: &AppState, project_id: &str, request: JobRequest, needs: Needs, priority: i32) -> ApiResult<JobRow> {
     let job_id = lathe_store::new_job_id();
     let job = request.into_job(s, project_id, &job_id).await?;
-    enqueue_job(s, project_id, job_id, &job, priority, 3).await
+    enqueue_job(s, project_id, job_id, &job, needs, priority, 3).await
 }
 
-/// Queues a pipeline job as the store keeps it: its kind, and its spec as JSON.
-pub async fn enqueue_job(s: &AppState, project_id: &str, job_id: String, job: &Job, priority: i32, max_attempts: i32) -> ApiResult<JobRow> {
+/// Queues a pipeline job as the store keeps it: its kind, its spec as JSON, and what it
+/// needs of the worker that runs it.
+pub async fn enqueue_job(s: &AppState, project_id: &str, job_id: String, job: &Job, needs: Needs, priority: i32, max_attempts: i32) -> ApiResult<JobRow> {
     let spec = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
     // The plugins it will run with are the ones there are now, whatever is uploaded later.
     let plugins = s.plugin_pins(project_id).await?;
-    let new = NewJob { id: Some(job_id), project_id: project_id.into(), kind: job.kind().into(), spec: spec["spec"].clone(), priority, max_attempts, plugins };
+    let new = NewJob { id: Some(job_id), project_id: project_id.into(), kind: job.kind().into(), spec: spec["spec"].clone(), priority, max_attempts, plugins, needs };
     Ok(s.db.enqueue(new).await?)
 }
+
+/// How long after its last announcement a worker is still listed: it announces with every
+/// heartbeat (a quarter of the lease) and every look for work (at most 2 s apart).
+fn worker_listed_for(lease: std::time::Duration) -> i64 {
+    (lease.as_millis() as i64).max(10_000) * 2
+}
+
+/// The workers sharing this server's database, as each last announced itself (device kind,
+/// memory, the job kinds it claims), with the caller's team's jobs each one runs; another
+/// team's jobs are only counted.
+#[utoipa::path(get, path = "/api/v1/workers", responses((status = 200, description = "the workers seen lately")))]
+async fn list_workers(State(s): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"data": workers(&s, &caller).await?})))
+}
+
+/// The workers seen lately, each with the caller's team's jobs it runs.
+pub async fn workers(s: &AppState, caller: &Caller) -> ApiResult<Vec<Value>> {
+    let since = lathe_store::now_ms() - worker_listed_for(s.config.lease);
+    let ours: std::collections::HashSet<String> = s.db.projects(&caller.team_id).await?.into_iter().map(|p| p.id).collect();
+    let mut out = Vec::new();
+    for w in s.db.workers(since).await? {
+        let mut running = Vec::new();
+        let mut others = 0;
+        for id in &w.running {
+            match s.db.job_any(id).await {
+                Ok(job) if ours.contains(&job.project_id) => running.push(json!({"id": job.id, "project_id": job.project_id, "kind": job.kind, "started_at": job.started_at})),
+                _ => others += 1,
+            }
+        }
+        out.push(json!({
+            "id": w.id, "host": w.host, "device": w.device, "memory_mb": w.memory_mb, "kinds": w.kinds,
+            "started_at": w.started_at, "seen_at": w.seen_at, "running": running, "running_for_other_teams": others,
+        }));
+    }
+    Ok(out)
+}
+
+/// A job's needs as a worker could meet them: a device kind Lathe knows, memory ≥ 0.
+fn check_needs(needs: &Needs) -> ApiResult<()> {
+    if let Some(d) = &needs.device
+        && !DEVICE_KINDS.contains(&d.as_str())
+    {
+        return Err(ApiError::bad(format!("job request: needs.device `{d}`: expected one of {}", DEVICE_KINDS.join(", "))));
+    }
+    if needs.memory_mb < 0 {
+        return Err(ApiError::bad(format!("job request: needs.memory_mb is {}; give 0 (or leave it out) for any", needs.memory_mb)));
+    }
+    Ok(())
+}
+
+/// The device kinds a worker can announce (`--device cuda:1` is kind `cuda`).
+pub const DEVICE_KINDS: [&str; 3] = ["cpu", "cuda", "wgpu"];
 
 #[derive(Deserialize, utoipa::IntoParams)]
 struct JobPage {
@@ -847,12 +901,21 @@ async fn list_jobs(State(s): State<Arc<AppState>>, caller: Caller, Path(project)
     Ok(Json(json!({"data": rows, "has_more": has_more})))
 }
 
-/// Queue a pipeline: `{"kind": "train", "model": …, "suite": …, "data": …, "settings": {…}}`.
+/// Queue a pipeline: `{"kind": "train", "model": …, "suite": …, "data": …, "settings": {…}}`,
+/// with `"needs": {"device": "cuda", "memory_mb": 40000}` to have it run only by a worker
+/// with that device kind and at least that much memory (it waits in the queue until one
+/// announces itself; `GET /api/v1/workers` lists them).
 #[utoipa::path(post, path = "/api/v1/projects/{project}/jobs", params(("project" = String, Path)), responses((status = 202, description = "the queued job"), (status = 400, description = "what is wrong with the request")))]
-async fn submit_job(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Json(body): Json<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn submit_job(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Json(mut body): Json<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
     let p = s.project(&caller, &project).await?;
+    let needs = body.as_object_mut().and_then(|o| o.remove("needs")).unwrap_or(Value::Null);
+    let needs: Needs = match needs {
+        Value::Null => Needs::default(),
+        v => serde_json::from_value(v).map_err(|e| ApiError::bad(format!("job request: needs: {e}")))?,
+    };
+    check_needs(&needs)?;
     let request: JobRequest = serde_json::from_value(body).map_err(|e| ApiError::bad(format!("job request: {e}")))?;
-    let row = enqueue(&s, &p.id, request, 0).await?;
+    let row = enqueue(&s, &p.id, request, needs, 0).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(s.public_job(row)))))
 }
 

@@ -37,7 +37,7 @@ pub async fn run(state: &Arc<AppState>, spec: DemoSpec, sink: &dyn Sink) -> ApiR
     let suite_json = serde_json::to_value(&suite).map_err(|e| ApiError::Internal(e.to_string()))?;
     crate::api::save_suite(state, &project.id, &suite.name, suite_json).await?;
 
-    let row = crate::api::enqueue_job(state, &project.id, lathe_store::new_job_id(), &Job::Demo(spec), 0, 1).await?;
+    let row = crate::api::enqueue_job(state, &project.id, lathe_store::new_job_id(), &Job::Demo(spec), Default::default(), 0, 1).await?;
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(crate::worker::run(state.clone(), format!("demo-{}", std::process::id()), stop));

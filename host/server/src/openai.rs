@@ -210,7 +210,7 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
         out: s.project_dir(&p.id).join("runs").join(&job_id),
         settings,
     };
-    let row = crate::api::enqueue_job(&s, &p.id, job_id, &Job::FineTune(spec), 0, 3).await?;
+    let row = crate::api::enqueue_job(&s, &p.id, job_id, &Job::FineTune(spec), Default::default(), 0, 3).await?;
     Ok(Json(job_object(&s, &p, &row)))
 }
 

@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub max_files_per_project: usize,
     /// How long a worker's claim on a job lasts without a heartbeat.
     pub lease: Duration,
+    /// The memory this process's workers announce, in MiB (a GPU's, on a GPU worker);
+    /// the host's total memory when not given.
+    pub memory_mb: Option<i64>,
     /// What each served model's scheduler takes on (`/v1/chat/completions`).
     pub serving: lathe_serving::ServeConfig,
 }
@@ -44,6 +47,7 @@ impl ServerConfig {
             max_upload_bytes: 512 << 20,
             max_files_per_project: 1000,
             lease: Duration::from_secs(30),
+            memory_mb: None,
             serving: lathe_serving::ServeConfig::default(),
         }
     }
@@ -62,7 +66,26 @@ pub struct AppState {
     redactions: Vec<(String, String)>,
 }
 
+/// This machine's name, as workers announce it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "host".into())
+}
+
+/// The host's total memory in MiB (Linux `MemTotal`), 0 when it cannot be read.
+fn host_memory_mb() -> i64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok());
+    kib.map_or(0, |k| k / 1024)
+}
+
 impl AppState {
+    /// What this process's workers can run: the device kind (`cuda:1` is `cuda`) and the
+    /// memory the configuration gives, else the host's.
+    pub fn capabilities(&self) -> lathe_store::Capabilities {
+        let kind = self.config.device.split(':').next().unwrap_or("cpu").to_string();
+        lathe_store::Capabilities { device: kind, memory_mb: self.config.memory_mb.unwrap_or_else(host_memory_mb) }
+    }
+
     /// Opens the store (`database_url`, or SQLite in the data folder) and the artifact
     /// folder, running migrations.
     pub async fn open(mut config: ServerConfig, database_url: Option<&str>) -> ApiResult<Arc<Self>> {

@@ -3,6 +3,10 @@
 //! the outcome. `lathe serve` runs workers in-process; `lathe worker` runs them alone
 //! against a shared database. A worker that loses its lease (it stalled past the lease
 //! and the job was given to another) stops writing: every write is fenced by the lease.
+//!
+//! A worker announces what it can run (its device kind and memory) when it looks for work
+//! and with every heartbeat, and claims only the jobs whose needs that meets: a job that
+//! needs `cuda` waits for a GPU worker however many CPU workers are idle.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,20 +14,38 @@ use std::time::Duration;
 
 use lathe_jobs::pipeline::Job;
 use lathe_jobs::{ErrorKind, Event, JobError, Sink};
-use lathe_store::{Lease, StoreError};
+use lathe_store::{Capabilities, Lease, StoreError};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::state::AppState;
 
+/// Who a worker is and what it can run, as it announces itself.
+struct Me {
+    id: String,
+    host: String,
+    can: Capabilities,
+}
+
+impl Me {
+    async fn announce(&self, state: &AppState) {
+        if let Err(e) = state.db.announce_worker(&self.id, &self.host, &self.can, &[]).await {
+            eprintln!("worker {}: announcing itself: {e}", self.id);
+        }
+    }
+}
+
 /// Runs until `stop` turns true.
 pub async fn run(state: Arc<AppState>, worker_id: String, mut stop: watch::Receiver<bool>) {
+    let me = Me { id: worker_id, host: crate::state::hostname(), can: state.capabilities() };
+    let worker_id = &me.id;
     while !*stop.borrow() {
+        me.announce(&state).await;
         if let Err(e) = state.db.reap_expired().await {
             eprintln!("worker {worker_id}: reaping expired leases: {e}");
         }
-        match state.db.claim(&worker_id, &[], state.config.lease).await {
-            Ok(Some(lease)) => run_one(&state, lease).await,
+        match state.db.claim_fitting(worker_id, &[], Some(&me.can), state.config.lease).await {
+            Ok(Some(lease)) => run_one(&state, &me, lease).await,
             Ok(None) => {
                 tokio::select! {
                     _ = state.db.wait_for_work(Duration::from_secs(2)) => {}
@@ -55,7 +77,7 @@ impl Sink for ChannelSink {
 }
 
 /// Runs one claimed job to its end (or until the lease is lost).
-pub async fn run_one(state: &AppState, lease: Lease) {
+async fn run_one(state: &AppState, me: &Me, lease: Lease) {
     let job: Job = match serde_json::from_value(json!({"kind": lease.job.kind, "spec": lease.job.spec})) {
         Ok(j) => j,
         Err(e) => {
@@ -86,15 +108,18 @@ pub async fn run_one(state: &AppState, lease: Lease) {
                     cancel.store(true, Ordering::SeqCst);
                 }
             }
-            _ = beat.tick() => match state.db.heartbeat(&lease, state.config.lease).await {
-                Ok(true) => cancel.store(true, Ordering::SeqCst),
-                Ok(false) => {}
-                Err(StoreError::LeaseLost { .. }) => {
-                    fenced = true;
-                    cancel.store(true, Ordering::SeqCst);
+            _ = beat.tick() => {
+                match state.db.heartbeat(&lease, state.config.lease).await {
+                    Ok(true) => cancel.store(true, Ordering::SeqCst),
+                    Ok(false) => {}
+                    Err(StoreError::LeaseLost { .. }) => {
+                        fenced = true;
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                    Err(e) => eprintln!("job {}: heartbeat: {e}", lease.job.id),
                 }
-                Err(e) => eprintln!("job {}: heartbeat: {e}", lease.job.id),
-            },
+                me.announce(state).await;
+            }
             r = &mut handle => break r,
         }
     };

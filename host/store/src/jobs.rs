@@ -102,6 +102,31 @@ pub struct NewJob {
     pub max_attempts: i32,
     /// The plugins it runs with: name → sha256, pinned when it is queued.
     pub plugins: BTreeMap<String, String>,
+    /// What it needs of the worker that runs it.
+    pub needs: Needs,
+}
+
+/// What a job needs of its worker: only a worker that has it claims the job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Needs {
+    /// The device kind (`cpu`, `cuda`, `wgpu`); any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Memory in MiB (the GPU's for a GPU worker, the host's otherwise); any when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_mb: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// What a worker can run, as it announces itself: its device kind and memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    pub device: String,
+    pub memory_mb: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
@@ -130,6 +155,10 @@ pub struct JobRow {
     /// The plugins it runs with: name → sha256, pinned when it was queued.
     #[sqlx(json)]
     pub plugins: BTreeMap<String, String>,
+    /// The device kind it needs, if any.
+    pub needs_device: Option<String>,
+    /// The memory it needs in MiB (0: any).
+    pub needs_memory_mb: i64,
     pub created_at: i64,
     /// When the latest attempt started.
     pub started_at: Option<i64>,
@@ -168,7 +197,8 @@ pub struct JobEvent {
 macro_rules! job_columns {
     () => {
         "id, project_id, kind, spec, state, priority, attempts, max_attempts, worker, lease_token, \
-         lease_expires_at, cancel_requested, error, outcome, plugins, created_at, started_at, finished_at"
+         lease_expires_at, cancel_requested, error, outcome, plugins, needs_device, needs_memory_mb, \
+         created_at, started_at, finished_at"
     };
 }
 
@@ -176,18 +206,24 @@ macro_rules! job_columns {
 /// holds the database's write lock from its first read to its commit, so two processes
 /// cannot pick the same row; on PostgreSQL the subquery locks the row it picks and skips
 /// rows other claimers have locked, so concurrent claimers take different jobs without
-/// waiting on each other. `$4…` are the kinds, if any.
-fn claim_sql(backend: Backend, kinds: usize) -> String {
-    let kind_filter = match kinds {
+/// waiting on each other. With `fits`, `$4` and `$5` are the worker's device kind and
+/// memory and only jobs whose needs they meet are picked; the kinds, if any, follow.
+fn claim_sql(backend: Backend, fits: bool, kinds: usize) -> String {
+    let first_kind = if fits { 6 } else { 4 };
+    let mut filter = match kinds {
         0 => String::new(),
         n => format!(
             " AND kind IN ({})",
-            (4..4 + n)
+            (first_kind..first_kind + n)
                 .map(|i| format!("${i}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
     };
+    if fits {
+        filter.push_str(" AND (needs_device IS NULL OR needs_device = $4) AND needs_memory_mb <= $5");
+    }
+    let kind_filter = filter;
     let lock = match backend {
         Backend::Sqlite => "",
         Backend::Postgres => " FOR UPDATE SKIP LOCKED",
@@ -211,9 +247,13 @@ impl Db {
                 job.max_attempts
             )));
         }
+        if job.needs.memory_mb < 0 {
+            return Err(StoreError::Invalid(format!("job: needs {} MiB of memory; give 0 for any", job.needs.memory_mb)));
+        }
         let sql = concat!(
-            "INSERT INTO jobs (id, project_id, kind, spec, state, priority, max_attempts, created_at, plugins) \
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) RETURNING ",
+            "INSERT INTO jobs (id, project_id, kind, spec, state, priority, max_attempts, created_at, plugins, \
+             needs_device, needs_memory_mb) \
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10) RETURNING ",
             job_columns!()
         );
         let id = job.id.clone().unwrap_or_else(|| new_id("job"));
@@ -226,6 +266,8 @@ impl Db {
             .bind(job.max_attempts)
             .bind(now_ms())
             .bind(Json(&job.plugins))
+            .bind(&job.needs.device)
+            .bind(job.needs.memory_mb)
             .fetch_one(p)
             .await)
         .map_err(|e| {
@@ -240,17 +282,33 @@ impl Db {
     }
 
     /// Claims the highest-priority, oldest queued job whose kind is one of `kinds` (any kind
-    /// when empty) for `worker`, leased for `lease`. `None` when there is nothing to do.
+    /// when empty) for `worker`, leased for `lease`, whatever the job needs. `None` when
+    /// there is nothing to do.
     pub async fn claim(
         &self,
         worker: &str,
         kinds: &[&str],
         lease: Duration,
     ) -> Result<Option<Lease>> {
-        let sql = claim_sql(self.backend(), kinds.len());
+        self.claim_fitting(worker, kinds, None, lease).await
+    }
+
+    /// [`claim`](Db::claim) of a job whose needs `fits` meets (its device kind, its memory),
+    /// when given: what a worker that announced its capabilities claims.
+    pub async fn claim_fitting(
+        &self,
+        worker: &str,
+        kinds: &[&str],
+        fits: Option<&Capabilities>,
+        lease: Duration,
+    ) -> Result<Option<Lease>> {
+        let sql = claim_sql(self.backend(), fits.is_some(), kinds.len());
         let now = now_ms();
         let row: Option<JobRow> = on_pool!(self, p => {
             let mut query = sqlx::query_as(&sql).bind(worker).bind(now.saturating_add(duration_ms(lease))).bind(now);
+            if let Some(c) = fits {
+                query = query.bind(&c.device).bind(c.memory_mb);
+            }
             for kind in kinds {
                 query = query.bind(*kind);
             }

@@ -21,6 +21,7 @@ mod members;
 mod packs;
 mod projects;
 mod sessions;
+mod workers;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -37,11 +38,12 @@ pub use artifacts::{ArtifactStore, LocalArtifacts};
 pub use auth::{Secret, Team, TokenInfo};
 pub use deployments::{Deployment, NewDeployment, check_deploy_name};
 pub use error::{Result, StoreError};
-pub use jobs::{JobEvent, JobRow, JobState, JobTiming, Lease, NewJob};
+pub use jobs::{Capabilities, JobEvent, JobRow, JobState, JobTiming, Lease, Needs, NewJob};
 pub use members::{MEMBER, Member, OWNER, ROLES};
 pub use packs::{PackInstall, PackRow, ProjectPack};
 pub use projects::{FileRow, NewFile, NewPlugin, PluginRow, Project, SuiteRow};
 pub use sessions::{SESSION_TTL_MS, WebSession};
+pub use workers::WorkerRow;
 
 /// How long a SQLite connection waits for another writer (another pool or process on the
 /// same file) before giving up with "database is locked".
@@ -204,7 +206,7 @@ fn lost_open_race(e: &StoreError) -> bool {
 }
 
 /// Milliseconds since the unix epoch, the one timestamp format of every table.
-pub(crate) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -190,6 +190,7 @@ async fn seed(
                 priority: 0,
                 max_attempts: 1,
                 plugins: Default::default(),
+        needs: Default::default(),
             })
             .await?;
         job = row.id;
@@ -413,7 +414,7 @@ pub fn claims(a: &ClaimsBench) -> Result<()> {
         let project = db.create_project(&team.id, "bench", "").await?;
         let start = Instant::now();
         for i in 0..a.jobs {
-            let job = NewJob { id: None, project_id: project.id.clone(), kind: kind.clone(), spec: serde_json::json!({"i": i}), priority: 0, max_attempts: 1, plugins: Default::default() };
+            let job = NewJob { id: None, project_id: project.id.clone(), kind: kind.clone(), spec: serde_json::json!({"i": i}), priority: 0, max_attempts: 1, plugins: Default::default(), needs: Default::default() };
             db.enqueue(job).await?;
         }
         let enqueue_s = start.elapsed().as_secs_f64();

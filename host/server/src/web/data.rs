@@ -131,7 +131,7 @@ async fn import(State(s): State<Arc<AppState>>, viewer: Viewer, Path((project, f
     let formatter = field("formatter").map(|name| json!({"plugin": name}));
     let request = json!({"kind": "data_import", "file_id": file, "name": field("name"), "mapping": mapping, "formatter": formatter});
     let request: JobRequest = serde_json::from_value(request).map_err(|e| WebError::bad(format!("import: {e}")))?;
-    let job = api::enqueue(&s, &p.id, request, 0).await?;
+    let job = api::enqueue(&s, &p.id, request, Default::default(), 0).await?;
     Ok(see_other(&format!("/projects/{}/jobs/{}", p.id, job.id)))
 }
 

@@ -1,6 +1,6 @@
 //! Jobs: submit any pipeline with the workflow's defaults filled in, watch one live (loss,
 //! learning rate, tokens/s and the watched metric as curves, the log, progress and ETA),
-//! cancel, and download what it wrote.
+//! cancel, and download what it wrote; and the workers that run them.
 
 use std::sync::Arc;
 
@@ -29,6 +29,13 @@ pub fn routes(pages: Pages) -> Pages {
         .post("/projects/{project}/jobs/{job}/retry", retry)
         .get("/projects/{project}/jobs/{job}/artifacts/{name}", artifact)
         .get("/projects/{project}/jobs/{job}/report", report)
+        .get("/workers", workers)
+}
+
+/// The workers sharing the database, with this team's jobs each runs.
+async fn workers(State(s): State<Arc<AppState>>, viewer: Viewer) -> WebResult<Html<String>> {
+    let workers = api::workers(&s, &viewer.caller).await?;
+    render("workers.html", page_ctx(frame(&viewer, None, "workers"), json!({"workers": workers})))
 }
 
 #[derive(Deserialize)]
@@ -156,7 +163,7 @@ async fn submit(State(s): State<Arc<AppState>>, viewer: Viewer, Path(project): P
     viewer.check_csrf(field(&f, "csrf").unwrap_or_default())?;
     let p = s.project(&viewer.caller, &project).await?;
     let request = request_from_form(&f)?;
-    let row = api::enqueue(&s, &p.id, request, 0).await?;
+    let row = api::enqueue(&s, &p.id, request, Default::default(), 0).await?;
     Ok(see_other(&format!("/projects/{}/jobs/{}", p.id, row.id)))
 }
 

@@ -9,9 +9,9 @@
 //!
 //! One module per page family: `session` (sign in and out), `projects` (projects, the
 //! workflow checklist, settings), `data` (datasets and plugins), `eval` (suites), `packs`
-//! (the pack catalogue, installs and upgrades), `jobs`
-//! (submit, watch, cancel, artifacts), `models` (adapters with their lineage, deploy
-//! aliases, the playground).
+//! (the pack catalogue, installs and upgrades), `jobs` (submit, watch, cancel, artifacts;
+//! the workers that run them), `models` (adapters with their lineage, deploy aliases, the
+//! playground).
 
 mod assets;
 mod data;
@@ -218,6 +218,7 @@ const TEMPLATES: &[(&str, &str)] = templates!(
     "base.html", "error.html", "login.html", "projects.html", "project.html", "settings.html", "datasets.html",
     "dataset.html", "import.html", "plugins.html", "plugin.html", "try_result.html", "suites.html", "suite_preview.html", "jobs.html",
     "jobs_table.html", "job.html", "models.html", "playground_result.html", "report.html", "project_settings.html", "packs.html",
+    "workers.html",
 );
 
 fn embedded() -> &'static Environment<'static> {

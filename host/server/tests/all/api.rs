@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::{Server, team_with_project, words_jsonl, words_suite};
 
-crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles, jobs_pin_their_plugins, packs_install_and_upgrade);
+crate::on_both_backends!(the_workflow_runs_through_the_api, tokens_and_limits_are_enforced, members_and_their_roles, jobs_pin_their_plugins, packs_install_and_upgrade, jobs_wait_for_a_worker_that_fits);
 
 async fn the_workflow_runs_through_the_api(mut s: Server) {
     let (token, project) = team_with_project(&s, "acme").await;
@@ -543,4 +543,50 @@ async fn deploy_and_roll_back(s: &Server, project: &str, token: &str, train_id: 
     assert_eq!(status, StatusCode::CONFLICT, "{none}");
     let (_, list) = s.call(Method::GET, &deployments, t, None).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+}
+
+/// A job that needs a GPU or more memory than the worker announced waits in the queue while
+/// a later job that fits runs; the workers route lists the worker with what it announced
+/// and the job it runs; needs it cannot meet by construction are refused with their name.
+async fn jobs_wait_for_a_worker_that_fits(mut s: Server) {
+    let (token, project) = team_with_project(&s, "fits").await;
+    let jobs = format!("/api/v1/projects/{project}/jobs");
+    let (status, gpu) = submit_needing(&s, &jobs, &token, json!({"device": "cuda", "memory_mb": 40000})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{gpu}");
+    assert_eq!((gpu["needs_device"].as_str(), gpu["needs_memory_mb"].as_i64()), (Some("cuda"), Some(40000)), "{gpu}");
+    let (_, huge) = submit_needing(&s, &jobs, &token, json!({"memory_mb": 1_000_000_000})).await;
+    let (_, cpu) = submit_needing(&s, &jobs, &token, json!({"device": "cpu"})).await;
+
+    s.start_worker();
+    // The CPU job, queued last, runs (and fails: there is no such version) while the two
+    // ahead of it wait.
+    let done = s.wait(&project, cpu["id"].as_str().unwrap(), &token).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["worker"], "test-worker");
+    for waiting in [&gpu, &huge] {
+        let (_, now) = s.call(Method::GET, &format!("{jobs}/{}", waiting["id"].as_str().unwrap()), Some(&token), None).await;
+        assert_eq!((now["state"].as_str(), now["attempts"].as_i64()), (Some("queued"), Some(0)), "{now}");
+    }
+
+    let (status, workers) = s.call(Method::GET, "/api/v1/workers", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK, "{workers}");
+    let w = workers["data"].as_array().unwrap().iter().find(|w| w["id"] == "test-worker").cloned().unwrap_or_else(|| panic!("{workers}"));
+    assert_eq!(w["device"], "cpu", "{w}");
+    assert!(w["memory_mb"].as_i64().unwrap() > 0, "the host's memory: {w}");
+    assert!(w["seen_at"].as_i64() >= w["started_at"].as_i64(), "{w}");
+
+    for (needs, names) in [
+        (json!({"device": "tpu"}), "needs.device `tpu`: expected one of cpu, cuda, wgpu"),
+        (json!({"memory_mb": -5}), "needs.memory_mb is -5"),
+        (json!({"gpus": 1}), "needs: unknown field `gpus`"),
+    ] {
+        let (status, body) = submit_needing(&s, &jobs, &token, needs).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.to_string().contains(names), "{body}");
+    }
+}
+
+/// A job that fails at once (no such version), queued with `needs`.
+async fn submit_needing(s: &Server, jobs: &str, token: &str, needs: Value) -> (StatusCode, Value) {
+    s.call(Method::POST, jobs, Some(token), Some(json!({"kind": "data_split", "version": "nope", "needs": needs}))).await
 }

@@ -27,6 +27,7 @@ async fn four_claimers_drain_500_jobs_exactly_once(t: &TestDb) {
             priority: 0,
             max_attempts: 1,
             plugins: Default::default(),
+        needs: Default::default(),
         };
         t.enqueue(job).await.unwrap();
     }

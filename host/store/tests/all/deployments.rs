@@ -16,6 +16,7 @@ async fn deploys_and_rollbacks_keep_the_whole_history(db: &Db) {
         priority: 0,
         max_attempts: 1,
         plugins: Default::default(),
+        needs: Default::default(),
     };
     let (train1, train2, eval) = (db.enqueue(job("train")).await.unwrap(), db.enqueue(job("train")).await.unwrap(), db.enqueue(job("eval_run")).await.unwrap());
     let new = |job_id: Option<&str>| NewDeployment {

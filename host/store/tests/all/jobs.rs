@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use lathe_store::{Backend, Db, JobState, NewJob, StoreError};
+use lathe_store::{Backend, Capabilities, Db, JobState, Needs, NewJob, StoreError};
 use serde_json::json;
 
 use crate::harness::TestDb;
@@ -15,6 +15,7 @@ on_both_backends!(
     jobs_listing_pages,
     wait_for_work_wakes_on_enqueue,
     failed_and_cancelled_jobs_are_retried,
+    workers_claim_only_the_jobs_that_fit_them,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -28,6 +29,7 @@ fn job(project_id: &str, kind: &str, priority: i32, max_attempts: i32) -> NewJob
         priority,
         max_attempts,
         plugins: Default::default(),
+        needs: Default::default(),
     }
 }
 
@@ -522,4 +524,57 @@ async fn failed_and_cancelled_jobs_are_retried(db: &Db) {
     let counts = db.succeeded_by_kind(&project.id).await.unwrap();
     assert_eq!(counts.into_iter().collect::<Vec<_>>(), [("train".to_string(), 1)]);
     assert!(db.succeeded_by_kind(&other.id).await.unwrap().is_empty());
+}
+
+/// A job's needs (device kind, memory) decide which workers may claim it: a CPU worker
+/// skips the GPU job queued before its own, a GPU worker with too little memory takes
+/// nothing, one with enough takes the GPU jobs in queue order. The workers' announcements
+/// list who holds what.
+async fn workers_claim_only_the_jobs_that_fit_them(db: &Db) {
+    let (_, project) = team_and_project(db, "fits").await;
+    let needing = |name: &str, device: Option<&str>, memory_mb: i64| NewJob {
+        spec: json!({"name": name}),
+        needs: Needs { device: device.map(Into::into), memory_mb },
+        ..job(&project.id, "train", 0, 1)
+    };
+    let gpu = db.enqueue(needing("gpu", Some("cuda"), 40_000)).await.unwrap();
+    assert_eq!((gpu.needs_device.as_deref(), gpu.needs_memory_mb), (Some("cuda"), 40_000));
+    let any = db.enqueue(needing("any", None, 0)).await.unwrap();
+    let cpu = db.enqueue(needing("cpu", Some("cpu"), 0)).await.unwrap();
+    let big = db.enqueue(needing("big", None, 64_000)).await.unwrap();
+    let negative = db.enqueue(needing("negative", None, -1)).await;
+    assert!(matches!(&negative, Err(StoreError::Invalid(m)) if m.contains("-1 MiB")), "{negative:?}");
+
+    let laptop = Capabilities { device: "cpu".into(), memory_mb: 16_000 };
+    let small_gpu = Capabilities { device: "cuda".into(), memory_mb: 24_000 };
+    let big_gpu = Capabilities { device: "cuda".into(), memory_mb: 80_000 };
+    assert_eq!(claim_as(db, "laptop", &laptop).await, Some(any.id.clone()), "the GPU job ahead of it is skipped");
+    assert_eq!(claim_as(db, "laptop", &laptop).await, Some(cpu.id.clone()));
+    assert_eq!(claim_as(db, "laptop", &laptop).await, None, "64 GB is more than it has");
+    assert_eq!(claim_as(db, "small-gpu", &small_gpu).await, None, "40 GB is more than it has; the CPU job is taken");
+    assert_eq!(claim_as(db, "big-gpu", &big_gpu).await, Some(gpu.id.clone()));
+    assert_eq!(claim_as(db, "big-gpu", &big_gpu).await, Some(big.id.clone()), "a job needing no device runs on any that fits");
+    assert_eq!(claim_as(db, "big-gpu", &big_gpu).await, None);
+
+    // The announcements: the first sets the start, each one the last sighting.
+    db.announce_worker("laptop", "host-a", &laptop, &[]).await.unwrap();
+    db.announce_worker("big-gpu", "host-b", &big_gpu, &["train", "eval_run"]).await.unwrap();
+    let first = db.workers(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    db.announce_worker("laptop", "host-a", &laptop, &[]).await.unwrap();
+    let workers = db.workers(0).await.unwrap();
+    let by_id = |ws: &[lathe_store::WorkerRow], id: &str| ws.iter().find(|w| w.id == id).cloned().unwrap();
+    let (before, after) = (by_id(&first, "laptop"), by_id(&workers, "laptop"));
+    assert_eq!(after.started_at, before.started_at);
+    assert!(after.seen_at > before.seen_at);
+    assert_eq!((after.host.as_str(), after.device.as_str(), after.memory_mb), ("host-a", "cpu", 16_000));
+    assert_eq!(after.running, [any.id.clone(), cpu.id.clone()]);
+    let gpu_worker = by_id(&workers, "big-gpu");
+    assert_eq!(gpu_worker.kinds, ["train", "eval_run"]);
+    assert_eq!(gpu_worker.running, [gpu.id.clone(), big.id.clone()]);
+    assert!(db.workers(after.seen_at + 1).await.unwrap().is_empty(), "none seen since");
+}
+
+async fn claim_as(db: &Db, worker: &str, can: &Capabilities) -> Option<String> {
+    db.claim_fitting(worker, &[], Some(can), LEASE).await.unwrap().map(|l| l.job.id)
 }
