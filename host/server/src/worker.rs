@@ -97,52 +97,121 @@ async fn run_one(state: &AppState, me: &Me, lease: Lease) {
     let sink = ChannelSink { tx, cancel: cancel.clone() };
     let mut handle = tokio::task::spawn_blocking(move || job.run(&env, &sink));
     let mut beat = tokio::time::interval((state.config.lease / 4).max(Duration::from_millis(250)));
-    // Set once the lease is lost: the job is stopped and nothing more is written.
-    let mut fenced = false;
+    let mut events = Outbox::default();
     let result = loop {
         tokio::select! {
             Some(event) = rx.recv() => {
-                if !fenced && let Err(e) = append(state, &lease, &event).await {
-                    eprintln!("job {}: {e}; stopping", lease.job.id);
-                    fenced = true;
-                    cancel.store(true, Ordering::SeqCst);
-                }
+                events.push(event);
+                events.flush(state, &lease).await;
             }
             _ = beat.tick() => {
                 match state.db.heartbeat(&lease, state.config.lease).await {
                     Ok(true) => cancel.store(true, Ordering::SeqCst),
                     Ok(false) => {}
-                    Err(StoreError::LeaseLost { .. }) => {
-                        fenced = true;
-                        cancel.store(true, Ordering::SeqCst);
-                    }
+                    Err(StoreError::LeaseLost { .. }) => events.fenced = true,
                     Err(e) => eprintln!("job {}: heartbeat: {e}", lease.job.id),
                 }
+                events.flush(state, &lease).await;
                 me.announce(state).await;
             }
             r = &mut handle => break r,
         }
+        if events.fenced {
+            cancel.store(true, Ordering::SeqCst);
+        }
     };
     while let Ok(event) = rx.try_recv() {
-        if !fenced && append(state, &lease, &event).await.is_err() {
-            fenced = true;
+        events.push(event);
+    }
+    if let Ok(Err(e)) = &result
+        && !matches!(e, JobError::Cancelled)
+    {
+        events.push(Event::Log { level: lathe_jobs::Level::Warn, message: e.to_string() });
+    }
+    // The events first, then the outcome, each retried while the database is away (a
+    // restart, a lost connection) for as long as the lease would last.
+    let deadline = tokio::time::Instant::now() + state.config.lease;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        events.flush(state, &lease).await;
+        if events.fenced {
+            // Another worker holds the job now; its outcome is that worker's to write.
+            return;
+        }
+        let written = if events.is_empty() {
+            match &result {
+                Ok(Ok(outcome)) => state.db.complete(&lease, outcome.clone()).await,
+                Ok(Err(JobError::Cancelled)) => state.db.mark_cancelled(&lease).await,
+                Ok(Err(e)) => state.db.fail(&lease, &e.to_string(), e.kind() == ErrorKind::Internal).await,
+                Err(panic) => state.db.fail(&lease, &format!("the job panicked: {panic}"), false).await,
+            }
+        } else {
+            Err(StoreError::Invalid(format!("{} events not written yet", events.len())))
+        };
+        match written {
+            Ok(()) | Err(StoreError::LeaseLost { .. }) => return,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                eprintln!("job {}: recording its end: {e}; the lease will run out and the job be retried", lease.job.id);
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
         }
     }
-    if fenced {
-        // Another worker holds the job now; its outcome is that worker's to write.
-        return;
-    }
-    let written = match result {
-        Ok(Ok(outcome)) => state.db.complete(&lease, outcome).await,
-        Ok(Err(JobError::Cancelled)) => state.db.mark_cancelled(&lease).await,
-        Ok(Err(e)) => {
-            let _ = append(state, &lease, &Event::Log { level: lathe_jobs::Level::Warn, message: e.to_string() }).await;
-            state.db.fail(&lease, &e.to_string(), e.kind() == ErrorKind::Internal).await
+}
+
+/// A job's events on their way to the database, in order. A write refused because the
+/// lease is lost fences the worker (nothing more is written); any other failure (the
+/// database restarting, a dropped connection) keeps the events for the next flush, so a
+/// short outage costs the job nothing.
+#[derive(Default)]
+struct Outbox {
+    pending: std::collections::VecDeque<Event>,
+    fenced: bool,
+    /// Whether the last flush failed, so an outage is reported once, not per event.
+    failing: bool,
+}
+
+impl Outbox {
+    fn push(&mut self, event: Event) {
+        if !self.fenced {
+            self.pending.push_back(event);
         }
-        Err(panic) => state.db.fail(&lease, &format!("the job panicked: {panic}"), false).await,
-    };
-    if let Err(e) = written {
-        eprintln!("job {}: recording its end: {e}", lease.job.id);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    async fn flush(&mut self, state: &AppState, lease: &Lease) {
+        while let Some(event) = self.pending.front() {
+            match append(state, lease, event).await {
+                Ok(_) => {
+                    self.pending.pop_front();
+                    if std::mem::take(&mut self.failing) {
+                        eprintln!("job {}: writing events again", lease.job.id);
+                    }
+                }
+                Err(e @ StoreError::LeaseLost { .. }) => {
+                    eprintln!("job {}: {e}; stopping", lease.job.id);
+                    self.fenced = true;
+                    self.pending.clear();
+                    return;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.failing, true) {
+                        eprintln!("job {}: writing an event: {e}; keeping {} events to retry", lease.job.id, self.pending.len());
+                    }
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -590,3 +590,54 @@ async fn jobs_wait_for_a_worker_that_fits(mut s: Server) {
 async fn submit_needing(s: &Server, jobs: &str, token: &str, needs: Value) -> (StatusCode, Value) {
     s.call(Method::POST, jobs, Some(token), Some(json!({"kind": "data_split", "version": "nope", "needs": needs}))).await
 }
+
+/// PostgreSQL stopped for a second and started again while a training job runs: the
+/// worker keeps the job's events while the database is away and carries on, so the job
+/// ends in its first attempt with every event, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_a_running_job_loses_nothing() {
+    let db = crate::harness::TestDb::postgres().await;
+    let mut s = Server::start(&db.url).await;
+    let (token, project) = team_with_project(&s, "restart").await;
+    let t = Some(token.as_str());
+    let base = format!("/api/v1/projects/{project}");
+    s.start_worker();
+    let (_, file) = s.upload(&format!("{base}/files"), &token, None, "words.jsonl", &words_jsonl(40)).await;
+    s.run_job(&project, &token, json!({"kind": "data_import", "file_id": file["id"], "name": "words"})).await;
+    s.run_job(&project, &token, json!({"kind": "data_split", "version": "words", "heldout": 0.2, "name": "words"})).await;
+    let (status, _) = s.call(Method::PUT, &format!("{base}/suites/words"), t, Some(words_suite("exact-match"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let epochs = 40;
+    let settings = json!({"learning_rate": 1e-3, "metric_items": 0, "epochs": epochs, "patience": 0});
+    let (status, job) = s.call(Method::POST, &format!("{base}/jobs"), t, Some(json!({"kind": "train", "model": "tiny", "suite": "words", "data": "words.train", "settings": settings}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Once it is training (its first loss is written), the database goes away for a second.
+    loop {
+        let (_, events) = s.call(Method::GET, &format!("{base}/jobs/{id}/events"), t, None).await;
+        if events["data"].as_array().unwrap().iter().any(|e| e["data"]["series"] == "train/loss") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let restarted = tokio::task::spawn_blocking(move || {
+        db.restart_postgres(std::time::Duration::from_secs(1));
+        (db, std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64)
+    });
+    let (_db, back_at) = restarted.await.unwrap();
+
+    let done = s.wait(&project, &id, &token).await;
+    assert_eq!(done["state"], "succeeded", "{}", done["error"]);
+    assert_eq!(done["attempts"], 1, "carried on, not retried");
+    assert!(done["finished_at"].as_i64().unwrap() > back_at, "the job was still running when the database came back");
+    let (_, events) = s.call(Method::GET, &format!("{base}/jobs/{id}/events"), t, None).await;
+    let events = events["data"].as_array().unwrap();
+    // The training loss at every logged step, none missing: the steps run 1, 2, 3 … (or
+    // by a constant stride) to the last.
+    let steps: Vec<f64> = events.iter().filter(|e| e["kind"] == "metric" && e["data"]["series"] == "train/loss").map(|e| e["data"]["x"].as_f64().unwrap()).collect();
+    assert!(steps.len() >= epochs, "{} losses for {epochs} epochs", steps.len());
+    let stride = steps[0];
+    assert!(steps.iter().enumerate().all(|(i, x)| *x == stride * (i + 1) as f64), "a loss is missing: {steps:?}");
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+}

@@ -109,6 +109,20 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// Restarts this test process's PostgreSQL cluster (a fast shutdown: every connection
+    /// is cut, as a database failover or an upgrade would) and waits until it accepts
+    /// connections again; `pause` is how long it stays down. Panics for a server this
+    /// process did not start.
+    pub fn restart_postgres(&self, pause: std::time::Duration) {
+        let cluster = server().cluster.as_ref().expect("a cluster this process started (unset LATHE_TEST_POSTGRES_URL)");
+        run(as_postgres(&cluster.pg_ctl, cluster.root).arg("-D").arg(&cluster.data).args(["-m", "fast", "-w", "stop"]), "pg_ctl stop").unwrap();
+        std::thread::sleep(pause);
+        let log = cluster.data.parent().unwrap().join("postgres.log");
+        let mut start = as_postgres(&cluster.pg_ctl, cluster.root);
+        start.arg("-D").arg(&cluster.data).arg("-l").arg(&log).args(["-w", "-t", "60", "-o"]).arg(&cluster.options).arg("start");
+        run(&mut start, "pg_ctl start").unwrap();
+    }
+
     /// Runs SQL behind the store's back (several statements may be given), to put the
     /// database in a state the store would never make: a fault to survive.
     pub async fn exec(&self, sql: &str) {
@@ -158,6 +172,17 @@ struct Server {
     /// `scheme://user@host:port`, to which `/<database>` and `query` are appended.
     base: String,
     query: String,
+    /// The cluster this process started (none for `LATHE_TEST_POSTGRES_URL`'s).
+    cluster: Option<Cluster>,
+}
+
+/// A throwaway cluster: its `pg_ctl`, data folder, server options (its port among them),
+/// and whether it runs as `postgres`.
+struct Cluster {
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    options: String,
+    root: bool,
 }
 
 impl Server {
@@ -191,6 +216,7 @@ fn external(url: &str) -> Server {
         admin_url: url.to_owned(),
         base: main[..path].to_owned(),
         query,
+        cluster: None,
     }
 }
 
@@ -316,7 +342,7 @@ fn start_cluster() -> Result<Server, String> {
                 .arg("-l")
                 .arg(&log)
                 .args(["-w", "-t", "60", "-o"])
-                .arg(options)
+                .arg(&options)
                 .arg("start"),
             "pg_ctl start",
         );
@@ -327,6 +353,7 @@ fn start_cluster() -> Result<Server, String> {
                     admin_url: format!("{base}/postgres"),
                     base,
                     query: String::new(),
+                    cluster: Some(Cluster { pg_ctl, data, options, root }),
                 });
             }
             Err(e) => {

@@ -578,3 +578,22 @@ async fn workers_claim_only_the_jobs_that_fit_them(db: &Db) {
 async fn claim_as(db: &Db, worker: &str, can: &Capabilities) -> Option<String> {
     db.claim_fitting(worker, &[], Some(can), LEASE).await.unwrap().map(|l| l.job.id)
 }
+
+/// PostgreSQL restarted under an open pool: the connections it held died with the server,
+/// and the next claim and completion simply open new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_reconnects_after_postgres_restarts() {
+    let t = TestDb::postgres().await;
+    let (_, project) = team_and_project(&t, "restart").await;
+    let queued = t.enqueue(job(&project.id, "train", 0, 1)).await.unwrap();
+    let t = tokio::task::spawn_blocking(move || {
+        t.restart_postgres(Duration::from_millis(200));
+        t
+    })
+    .await
+    .unwrap();
+    let lease = t.claim("after-restart", &[], LEASE).await.unwrap().expect("the queued job");
+    assert_eq!(lease.job.id, queued.id);
+    t.complete(&lease, json!({"ok": true})).await.unwrap();
+    assert_eq!(t.job(&project.id, &queued.id).await.unwrap().state, JobState::Succeeded);
+}
