@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 
 use crate::error::{is_unique_violation, on_insert_error};
-use crate::projects::{PLUGIN_INSERT, SUITE_INSERT, SUITE_PUT_TRIES};
+use crate::projects::{PLUGIN_INSERT, SUITE_INSERT, SUITE_PUT_TRIES, bind_plugin};
 use crate::{Db, NewPlugin, Result, StoreError, now_ms, on_pool};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -115,17 +115,7 @@ impl Db {
                     return Ok(false);
                 }
                 for plugin in &pack.plugins {
-                    sqlx::query(PLUGIN_INSERT)
-                        .bind(project_id)
-                        .bind(&plugin.name)
-                        .bind(&plugin.kind)
-                        .bind(&plugin.version)
-                        .bind(&plugin.sha256)
-                        .bind(plugin.size)
-                        .bind(Json(&plugin.config_schema))
-                        .bind(row.created_at)
-                        .execute(&mut *tx)
-                        .await?;
+                    bind_plugin!(sqlx::query(PLUGIN_INSERT), project_id, plugin, row.created_at).execute(&mut *tx).await?;
                 }
                 for (name, definition) in &pack.suites {
                     sqlx::query(SUITE_INSERT).bind(project_id).bind(name).bind(Json(definition)).bind(row.created_at).execute(&mut *tx).await?;

@@ -104,6 +104,22 @@ pub(crate) const PLUGIN_INSERT: &str = "INSERT INTO plugins (project_id, name, k
                                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                                         ON CONFLICT (project_id, sha256) DO NOTHING";
 
+/// [`PLUGIN_INSERT`] with its parameters bound, on either backend's query type.
+macro_rules! bind_plugin {
+    ($query:expr, $project_id:expr, $plugin:expr, $created_at:expr) => {
+        $query
+            .bind($project_id)
+            .bind(&$plugin.name)
+            .bind(&$plugin.kind)
+            .bind(&$plugin.version)
+            .bind(&$plugin.sha256)
+            .bind($plugin.size)
+            .bind(sqlx::types::Json(&$plugin.config_schema))
+            .bind($created_at)
+    };
+}
+pub(crate) use bind_plugin;
+
 /// Adds the next version of a suite: $1 project, $2 name, $3 definition, $4 created at.
 pub(crate) const SUITE_INSERT: &str = "INSERT INTO eval_suites (project_id, name, version, definition, created_at) \
                                        SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4 \
@@ -225,15 +241,7 @@ impl Db {
     /// Registers a plugin version. Uploading the same component (same sha256) again returns
     /// the row already there instead of a duplicate.
     pub async fn add_plugin(&self, project_id: &str, plugin: NewPlugin) -> Result<PluginRow> {
-        on_pool!(self, p => sqlx::query(PLUGIN_INSERT)
-            .bind(project_id)
-            .bind(&plugin.name)
-            .bind(&plugin.kind)
-            .bind(&plugin.version)
-            .bind(&plugin.sha256)
-            .bind(plugin.size)
-            .bind(Json(&plugin.config_schema))
-            .bind(now_ms())
+        on_pool!(self, p => bind_plugin!(sqlx::query(PLUGIN_INSERT), project_id, plugin, now_ms())
             .execute(p)
             .await.map(|r| r.rows_affected()))
         .map_err(|e| {
