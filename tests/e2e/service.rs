@@ -1,7 +1,8 @@
 //! `lathe serve` and `lathe worker` as processes: the official `openai` package fine-tunes
-//! SmolLM2 through the server and chats with the base and the fine-tune, and a worker
-//! killed with SIGKILL mid-training is replaced by another that resumes from the
-//! checkpoint to the same adapter as an uninterrupted run.
+//! SmolLM2 through the server and chats with the base and the fine-tune, a worker killed
+//! with SIGKILL mid-training is replaced by another that resumes from the checkpoint to
+//! the same adapter as an uninterrupted run, and a server killed mid-upload lists nothing
+//! partial.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,17 @@ pub struct Service {
 
 impl Service {
     pub fn start(data_dir: &Path, args: &[&str]) -> Service {
+        let (child, url, admin) = Self::spawn(data_dir, args);
+        Service { child, url, admin: admin.expect("the first start prints an admin token") }
+    }
+
+    /// A later start on the same data folder, whose admin token the first start printed.
+    fn start_again(data_dir: &Path, admin: String) -> Service {
+        let (child, url, _) = Self::spawn(data_dir, &[]);
+        Service { child, url, admin }
+    }
+
+    fn spawn(data_dir: &Path, args: &[&str]) -> (Child, String, Option<String>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
             .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
             .args(args)
@@ -46,7 +58,7 @@ impl Service {
                 admin = Some(line.trim().to_string());
             }
         }
-        Service { child, url: url.unwrap(), admin: admin.expect("the first start prints an admin token") }
+        (child, url.unwrap(), admin)
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -105,6 +117,61 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The server killed with SIGKILL while an upload streams in, half of it sent: after a
+/// restart no partial file or plugin is listed, and the client's retry succeeds.
+#[test]
+fn a_server_killed_mid_upload_lists_nothing_partial_and_the_retry_succeeds() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Service::start(dir.path(), &["--workers", "0"]);
+    let project = server.project();
+    let line = b"{\"messages\": [{\"role\": \"user\", \"content\": \"say the cat\"}, {\"role\": \"assistant\", \"content\": \"the cat\"}]}\n";
+    let data: Vec<u8> = line.iter().copied().cycle().take(line.len() * 60_000).collect();
+    let plugin = lathe_sandbox::builtin("exact-match").unwrap().to_vec();
+    let mut file_body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n".to_vec();
+    file_body.extend_from_slice(&data);
+    file_body.extend_from_slice(b"\r\n--b--\r\n");
+    for (path, content_type, body) in [
+        (format!("/api/v1/projects/{project}/files"), "multipart/form-data; boundary=b", &file_body),
+        (format!("/api/v1/projects/{project}/plugins"), "application/wasm", &plugin),
+    ] {
+        // Headers for the whole body, then half of it; the server is killed while it waits
+        // for the rest.
+        let addr = server.url.trim_start_matches("http://").to_string();
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+            server.admin,
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(&body[..body.len() / 2]).unwrap();
+        conn.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        server.child.kill().unwrap(); // SIGKILL
+        server.child.wait().unwrap();
+        drop(conn);
+        let admin = server.admin.clone();
+        server = Service::start_again(dir.path(), admin);
+        for list in ["files", "plugins"] {
+            let (status, rows) = server.call("GET", &format!("/api/v1/projects/{project}/{list}"), None);
+            assert_eq!(status, 200, "{rows}");
+            assert_eq!(rows["data"], json!([]), "nothing of the cut {path} is listed as a {list} row");
+        }
+    }
+    // The retries, whole.
+    let id = server.upload(&project, "big.jsonl", &data);
+    let (_, file) = server.call("GET", &format!("/api/v1/projects/{project}/files/{id}"), None);
+    assert_eq!(file["bytes"], data.len(), "{file}");
+    let resp = ureq::post(&format!("{}/api/v1/projects/{project}/plugins", server.url))
+        .set("authorization", &format!("Bearer {}", server.admin))
+        .send_bytes(&plugin)
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let (_, plugins) = server.call("GET", &format!("/api/v1/projects/{project}/plugins"), None);
+    assert_eq!(plugins["data"].as_array().unwrap().len(), 1, "{plugins}");
 }
 
 fn worker(data_dir: &Path, lease_secs: &str) -> Child {
