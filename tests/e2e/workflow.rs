@@ -125,6 +125,87 @@ fn train_args<'a>(p: &'a TinyProject, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// Bytes a folder's files take on tmpfs (whole 4 KiB pages each).
+fn pages_of(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096) * 4096).sum()
+}
+
+/// A run whose output folder is a filesystem the test makes (tmpfs, in a mount namespace of
+/// its own) with room for one checkpoint and a half: the second checkpoint fills it. The run
+/// stops with an error naming the file and the cause, the first checkpoint is whole, no
+/// partial one is listed, and the run resumed from it elsewhere ends on the unhindered
+/// run's adapter, bit for bit.
+#[test]
+fn a_disk_filling_up_mid_checkpoint_stops_the_run_clearly_and_keeps_the_last_checkpoint() {
+    let p = tiny_project(40);
+    let mut args = train_args(&p, "OUT");
+    for (flag, value) in [("--rank", "32"), ("--eval-every", "100000")] {
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = value;
+    }
+    let a = p.root.join("a");
+    let run = |out: &str, extra: &[&str]| {
+        let mut full: Vec<&str> = args.iter().map(|a| if *a == "OUT" { out } else { a }).collect();
+        full.extend_from_slice(extra);
+        full.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let out = lathe(&run(a.to_str().unwrap(), &[]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The run keeps only its newest checkpoints; they all have the same files and sizes.
+    let first = "checkpoints/step-00000020";
+    let newest = std::fs::read_dir(a.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+    let checkpoint = pages_of(&newest);
+    assert!(checkpoint > 256 << 10, "a checkpoint of {checkpoint} bytes is too small to size the disk by");
+    let size_kib = (checkpoint + checkpoint / 2 + (128 << 10)) / 1024;
+
+    // In a mount namespace of its own: a tmpfs of that size, the run into it, and a copy of
+    // what it left on the real disk.
+    let small = p.root.join("small");
+    let kept = p.root.join("kept");
+    std::fs::create_dir_all(&small).unwrap();
+    let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let mut unshare = Command::new("unshare");
+    if !root {
+        unshare.args(["--user", "--map-root-user"]);
+    }
+    let script = r#"set -e; mount -t tmpfs -o "size=$1k" tmpfs "$2"; shift 2; kept=$1; out=$2; shift 2
+        set +e; "$@"; echo $? > "$kept.status"; cp -a "$out" "$kept""#;
+    let b_args = run(small.join("b").to_str().unwrap(), &[]);
+    let out = unshare
+        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(size_kib.to_string())
+        .arg(&small)
+        .arg(&kept)
+        .arg(small.join("b"))
+        .arg(env!("CARGO_BIN_EXE_lathe"))
+        .args(&b_args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "the namespace and its tmpfs (`unshare`, `mount`): {err}");
+    let status = std::fs::read_to_string(kept.with_extension("status")).unwrap();
+    assert_eq!(status.trim(), "1", "the run fails with the disk full: {err}");
+    assert!(err.contains("No space left on device") && err.contains("checkpoints"), "the error names the cause and the place: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The first checkpoint is whole (its weights and optimizer state at their full size,
+    // the state readable; the resume below reads it all), the second absent.
+    for name in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        let copy = kept.join(first).join(name);
+        assert_eq!(std::fs::metadata(&copy).map(|m| m.len()).ok(), Some(std::fs::metadata(newest.join(name)).unwrap().len()), "{}", copy.display());
+    }
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept.join(first).join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 20, "{state}");
+    assert!(!kept.join("checkpoints/step-00000040").exists(), "no partial checkpoint is listed");
+    assert!(!kept.join("last").exists());
+
+    // With room again (the same files on the real disk), the run resumes to the end.
+    let out = lathe(&run(kept.to_str().unwrap(), &["--resume"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f = "last/adapter_model.safetensors";
+    assert_eq!(std::fs::read(kept.join(f)).unwrap(), std::fs::read(a.join(f)).unwrap(), "the resumed run ends elsewhere");
+}
+
 #[test]
 fn a_training_run_killed_with_sigkill_resumes_onto_the_same_curve_and_bits() {
     let p = tiny_project(40);
