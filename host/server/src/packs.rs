@@ -70,8 +70,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + '
 
 /// A pack's bytes by sha256: a shipped pack, or one in the caller's team's catalogue.
 async fn pack_bytes(s: &AppState, caller: &Caller, sha256: &str) -> ApiResult<(Vec<u8>, &'static str)> {
-    if let Some(s) = blocking(shipped).await?.iter().find(|s| s.pack.sha256 == sha256) {
-        return Ok((s.bytes.clone(), "shipped"));
+    if let Some(found) = blocking(shipped).await?.iter().find(|p| p.pack.sha256 == sha256) {
+        return Ok((found.bytes.clone(), "shipped"));
     }
     if s.db.pack_opt(&caller.team_id, sha256).await?.is_none() {
         return Err(ApiError::not_found("pack", sha256));
@@ -96,8 +96,8 @@ async fn catalogue(State(s): State<Arc<AppState>>, caller: Caller) -> ApiResult<
 /// Every pack the caller's team can install, described.
 pub async fn catalogue_of(s: &AppState, caller: &Caller) -> ApiResult<Vec<Value>> {
     let mut data = Vec::new();
-    for s in blocking(shipped).await? {
-        data.push(summary(&s.pack, "shipped"));
+    for p in blocking(shipped).await? {
+        data.push(summary(&p.pack, "shipped"));
     }
     for row in s.db.packs(&caller.team_id).await? {
         let (bytes, origin) = pack_bytes(s, caller, &row.sha256).await?;
