@@ -10,7 +10,7 @@ use crate::jobs::Capabilities;
 use crate::{Db, Result, now_ms, on_pool};
 
 /// A worker as it last announced itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct WorkerRow {
     pub id: String,
     /// The machine it runs on.
@@ -18,23 +18,14 @@ pub struct WorkerRow {
     pub device: String,
     pub memory_mb: i64,
     /// The job kinds it claims; empty for all.
+    #[sqlx(json)]
     pub kinds: Vec<String>,
     pub started_at: i64,
     pub seen_at: i64,
-    /// The jobs it holds now (running under its lease), by id.
+    /// The jobs it holds now (running under its lease), by id: from the job table, not
+    /// this one.
+    #[sqlx(skip)]
     pub running: Vec<String>,
-}
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    id: String,
-    host: String,
-    device: String,
-    memory_mb: i64,
-    #[sqlx(json)]
-    kinds: Vec<String>,
-    started_at: i64,
-    seen_at: i64,
 }
 
 impl Db {
@@ -62,21 +53,12 @@ impl Db {
     pub async fn workers(&self, since: i64) -> Result<Vec<WorkerRow>> {
         let sql = "SELECT id, host, device, memory_mb, kinds, started_at, seen_at FROM workers \
                    WHERE seen_at >= $1 ORDER BY started_at DESC, id";
-        let rows: Vec<Row> = on_pool!(self, p => sqlx::query_as(sql).bind(since).fetch_all(p).await)?;
+        let mut workers: Vec<WorkerRow> = on_pool!(self, p => sqlx::query_as(sql).bind(since).fetch_all(p).await)?;
         let running = "SELECT worker, id FROM jobs WHERE state = 'running' AND worker IS NOT NULL ORDER BY seq";
         let held: Vec<(String, String)> = on_pool!(self, p => sqlx::query_as(running).fetch_all(p).await)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| WorkerRow {
-                running: held.iter().filter(|(w, _)| *w == r.id).map(|(_, job)| job.clone()).collect(),
-                id: r.id,
-                host: r.host,
-                device: r.device,
-                memory_mb: r.memory_mb,
-                kinds: r.kinds,
-                started_at: r.started_at,
-                seen_at: r.seen_at,
-            })
-            .collect())
+        for w in &mut workers {
+            w.running = held.iter().filter(|(worker, _)| *worker == w.id).map(|(_, job)| job.clone()).collect();
+        }
+        Ok(workers)
     }
 }
