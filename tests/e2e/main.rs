@@ -4,6 +4,8 @@ mod cuda;
 mod generate;
 mod packs;
 mod plugin;
+#[path = "../../host/store/tests/all/s3_server.rs"]
+mod s3_server;
 mod service;
 mod web;
 mod workflow;

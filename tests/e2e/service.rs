@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::s3_server::S3Server;
 use crate::{repo_root, smollm2};
 
 /// A running `lathe serve`, killed on drop.
@@ -23,20 +24,26 @@ pub struct Service {
 
 impl Service {
     pub fn start(data_dir: &Path, args: &[&str]) -> Service {
-        let (child, url, admin) = Self::spawn(data_dir, args);
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// With environment variables (an object store's endpoint and keys).
+    fn start_with_env(data_dir: &Path, args: &[&str], env: &[(String, String)]) -> Service {
+        let (child, url, admin) = Self::spawn(data_dir, args, env);
         Service { child, url, admin: admin.expect("the first start prints an admin token") }
     }
 
     /// A later start on the same data folder, whose admin token the first start printed.
     fn start_again(data_dir: &Path, admin: String) -> Service {
-        let (child, url, _) = Self::spawn(data_dir, &[]);
+        let (child, url, _) = Self::spawn(data_dir, &[], &[]);
         Service { child, url, admin }
     }
 
-    fn spawn(data_dir: &Path, args: &[&str]) -> (Child, String, Option<String>) {
+    fn spawn(data_dir: &Path, args: &[&str], env: &[(String, String)]) -> (Child, String, Option<String>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
             .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
             .args(args)
+            .envs(env.iter().cloned())
             .current_dir(repo_root())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -174,9 +181,11 @@ fn a_server_killed_mid_upload_lists_nothing_partial_and_the_retry_succeeds() {
     assert_eq!(plugins["data"].as_array().unwrap().len(), 1, "{plugins}");
 }
 
-fn worker(data_dir: &Path, lease_secs: &str) -> Child {
+fn worker(data_dir: &Path, lease_secs: &str, args: &[&str], env: &[(String, String)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lathe"))
         .args(["worker", "--data-dir", data_dir.to_str().unwrap(), "--lease-secs", lease_secs, "--threads", "1"])
+        .args(args)
+        .envs(env.iter().cloned())
         .current_dir(repo_root())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -221,13 +230,29 @@ fn the_openai_package_fine_tunes_smollm2_through_lathe_serve_then_chats_with_it(
 
 #[test]
 fn a_worker_killed_mid_training_is_replaced_and_the_adapter_equals_an_uninterrupted_run() {
+    killed_worker_is_replaced(None);
+}
+
+/// The same with artifacts in an S3 bucket, and the dead worker's disk gone with it: the
+/// next worker restores the run folder from the bucket.
+#[test]
+fn a_worker_killed_mid_training_with_its_disk_is_resumed_from_the_object_store() {
+    let bucket = S3Server::start();
+    killed_worker_is_replaced(Some(&bucket));
+}
+
+fn killed_worker_is_replaced(bucket: Option<&S3Server>) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let tiny = lathe_engine::tiny::write_tiny(&dir.path().join("model"), lathe_engine::config::Architecture::Llama, 3).unwrap();
     let model = format!("tiny={}", tiny.gguf.display());
-    let s = Service::start(&data, &["--model", &model, "--workers", "0"]);
+    let (s3_args, env) = match bucket {
+        Some(b) => (vec!["--artifacts", "s3://lathe/team"], S3Server::env(&b.endpoint())),
+        None => (vec![], vec![]),
+    };
+    let s = Service::start_with_env(&data, &[&["--model", &model, "--workers", "0"][..], &s3_args].concat(), &env);
     let project = s.project();
-    let mut first = worker(&data, "2");
+    let mut first = worker(&data, "2", &s3_args, &env);
 
     let mut text = String::new();
     for i in 0..40 {
@@ -257,12 +282,24 @@ fn a_worker_killed_mid_training_is_replaced_and_the_adapter_equals_an_uninterrup
     assert!(!run_dir.join("last").exists(), "the run finished before the worker was killed; make it longer");
     let (_, row) = s.call("GET", &format!("/api/v1/projects/{project}/jobs/{killed}"), None);
     assert_eq!(row["state"], "running", "{row}");
+    if bucket.is_some() {
+        std::fs::remove_dir_all(&run_dir).unwrap(); // the dead worker's disk
+    }
 
     // Another worker claims the job once its lease has expired and resumes it.
-    let mut second = worker(&data, "2");
+    let mut second = worker(&data, "2", &s3_args, &env);
     let done = s.wait(&project, &killed, Duration::from_secs(300));
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 2, "{done}");
+    if bucket.is_some() {
+        let (_, events) = s.call("GET", &format!("/api/v1/projects/{project}/jobs/{killed}/events?limit=1000"), None);
+        let events = events["data"].as_array().unwrap();
+        let restored = events.iter().position(|e| e["data"]["message"].as_str().is_some_and(|m| m.starts_with("restored the last checkpoint from the artifact store")));
+        let restored = restored.unwrap_or_else(|| panic!("the second attempt did not restore from the bucket: {events:?}"));
+        // It went on from the checkpoint, not from step 1.
+        let next_step = events[restored..].iter().find(|e| e["data"]["series"] == "train/loss").map(|e| e["data"]["x"].as_u64().unwrap());
+        assert!(next_step.is_some_and(|x| x > 25), "after the restore, training went on at step {next_step:?}");
+    }
 
     let clean = s.submit(&project, train);
     assert_eq!(s.wait(&project, &clean, Duration::from_secs(300))["state"], "succeeded");

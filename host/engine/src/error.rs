@@ -45,6 +45,10 @@ pub enum EngineError {
     Device(String, String),
 
     /// Training was asked to stop; the checkpoint of this step is on disk.
+    /// A checkpoint was written but could not be kept where the caller keeps them (an
+    /// object store); the run stops, its local checkpoint intact.
+    #[error("checkpoint {}: {detail}", path.display())]
+    CheckpointKept { path: PathBuf, detail: String },
     #[error("training stopped at step {step}; its checkpoint is kept")]
     Interrupted { step: usize },
 }

@@ -284,7 +284,13 @@ pub struct Trainer<'a> {
     pub heldout: Vec<Encoded>,
     /// Where checkpoints, `metrics.jsonl` and the final adapter go.
     pub out_dir: PathBuf,
+    /// Called with each checkpoint folder once it is complete (to keep it beyond this
+    /// machine, say); an error stops the run with [`EngineError::CheckpointKept`].
+    pub on_checkpoint: Option<&'a CheckpointFn<'a>>,
 }
+
+/// See [`Trainer::on_checkpoint`].
+pub type CheckpointFn<'a> = dyn Fn(&Path) -> std::result::Result<(), String> + 'a;
 
 struct Optimizer {
     m: Vec<Tensor<2>>,
@@ -551,7 +557,10 @@ impl<'a> Trainer<'a> {
                 let _ = std::fs::remove_dir_all(old);
             }
         }
-        Ok(())
+        match self.on_checkpoint {
+            Some(keep) => keep(&dir).map_err(|detail| EngineError::CheckpointKept { path: dir, detail }),
+            None => Ok(()),
+        }
     }
 
     fn load_checkpoint(&self, dir: &Path, adapter: &mut Adapter, opt: &mut Optimizer) -> Result<State> {

@@ -101,7 +101,7 @@ impl JobError {
             },
             Self::Engine(e) => match e {
                 EngineError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotFound,
-                EngineError::Io { .. } | EngineError::Device(..) | EngineError::Generation(_) => ErrorKind::Internal,
+                EngineError::Io { .. } | EngineError::Device(..) | EngineError::Generation(_) | EngineError::CheckpointKept { .. } => ErrorKind::Internal,
                 _ => ErrorKind::Invalid,
             },
             Self::Judge(_) | Self::Io { .. } => ErrorKind::Internal,

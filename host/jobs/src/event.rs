@@ -43,6 +43,14 @@ pub trait Sink: Send + Sync {
     fn cancelled(&self) -> bool {
         false
     }
+
+    /// A training checkpoint folder was just completed. A sink that keeps checkpoints
+    /// beyond this machine (the server's worker, with an object store) stores it before
+    /// returning, so that a job resumed elsewhere continues from it; an error stops the
+    /// run. Nothing to do by default: the checkpoint stays in the run folder.
+    fn checkpoint(&self, _dir: &std::path::Path) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 impl dyn Sink + '_ {

@@ -89,6 +89,7 @@ pub fn train(spec: &Spec<'_>, train_items: &[Item], validation: &[Item], out_dir
         train_examples: train.len(),
         heldout_examples: heldout.len(),
     };
+    let keep = |dir: &Path| sink.checkpoint(dir);
     let trainer = Trainer {
         model: spec.model,
         tokenizer: spec.tokenizer,
@@ -96,6 +97,7 @@ pub fn train(spec: &Spec<'_>, train_items: &[Item], validation: &[Item], out_dir
         train,
         heldout,
         out_dir: out_dir.into(),
+        on_checkpoint: Some(&keep),
     };
     let metric_items: Vec<Item> = validation.iter().take(spec.metric_items).cloned().collect();
     let watched = format!("validation/{}", spec.plugins.primary_metric());

@@ -54,6 +54,16 @@ pub struct ServiceArgs {
     /// LoRA adapters each served model holds in memory at once.
     #[arg(long, default_value_t = 8)]
     max_loras: usize,
+    /// Keep artifacts (uploads, plugins, training checkpoints) in an S3-compatible bucket,
+    /// `s3://bucket[/prefix]`, cached in the data folder; endpoint, region and keys come
+    /// from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    /// Default: the data folder holds them.
+    #[arg(long, env = "LATHE_ARTIFACTS")]
+    artifacts: Option<String>,
+    /// Seconds a request to the bucket is retried while it does not answer before the
+    /// upload or job fails.
+    #[arg(long, default_value_t = 120)]
+    artifacts_patience_secs: u64,
     #[command(flatten)]
     dir: DataDir,
 }
@@ -95,6 +105,9 @@ impl ServiceArgs {
         config.max_upload_bytes = self.max_upload_mib << 20;
         config.memory_mb = self.memory_mb;
         config.lease = std::time::Duration::from_secs(self.lease_secs.max(1));
+        config.artifacts = self.artifacts.as_ref().map(|url| {
+            lathe_store::S3Config::new(url.clone()).patience(std::time::Duration::from_secs(self.artifacts_patience_secs.max(1)))
+        });
         config.serving = lathe_serving::ServeConfig {
             max_seqs: self.max_seqs.max(1),
             max_step_tokens: self.max_step_tokens.max(1),

@@ -362,7 +362,7 @@ async fn preview_file(State(s): State<Arc<AppState>>, caller: Caller, Path((proj
 
 /// Reads the first records of an uploaded file (by its name's extension).
 pub async fn file_preview(s: &AppState, f: &lathe_store::FileRow) -> ApiResult<lathe_data::Preview> {
-    let path = s.artifacts.get_path(&f.sha256)?;
+    let path = s.artifact_path(&f.sha256).await?;
     let name = f.filename.clone();
     tokio::task::spawn_blocking(move || {
         let kind = lathe_data::SourceKind::from_path(std::path::Path::new(&name));
@@ -703,7 +703,7 @@ impl JobRequest {
         Ok(match self {
             JobRequest::DataImport { file_id, name, mapping, formatter } => {
                 let f = s.db.file(project_id, &file_id).await?;
-                Job::DataImport(ImportSpec { file: s.artifacts.get_path(&f.sha256)?, source_name: Some(f.filename), name, mapping, formatter })
+                Job::DataImport(ImportSpec { file: s.artifact_path(&f.sha256).await?, source_name: Some(f.filename), name, mapping, formatter })
             }
             JobRequest::DataCurate(spec) => Job::DataCurate(spec),
             JobRequest::DataSplit(spec) => Job::DataSplit(spec),

@@ -26,6 +26,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error("internal error")]
     Internal(String),
+    /// A service the server depends on (the object store) does not answer; the request
+    /// may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// A request field at fault, named in the body's `param` (and `code`), as the OpenAI
     /// API names them.
     #[error("{message}")]
@@ -56,6 +60,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Field { status, .. } => *status,
         }
     }
@@ -68,7 +73,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found_error",
             Self::Conflict(_) => "conflict_error",
             Self::TooLarge(_) => "invalid_request_error",
-            Self::Internal(_) => "server_error",
+            Self::Internal(_) | Self::Unavailable(_) => "server_error",
             Self::Field { .. } => "invalid_request_error",
         }
     }
@@ -97,6 +102,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => Self::NotFound(e.to_string()),
             StoreError::Conflict(m) => Self::Conflict(m),
             StoreError::Invalid(_) => Self::BadRequest(e.to_string()),
+            StoreError::ObjectStore { .. } => Self::Unavailable(format!("the artifact store is unavailable, try again later: {e}")),
             other => Self::Internal(other.to_string()),
         }
     }

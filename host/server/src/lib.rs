@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod checkpoints;
 pub mod demo;
 pub mod deployments;
 pub mod error;

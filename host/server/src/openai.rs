@@ -200,7 +200,7 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
     let file = s.db.file(&p.id, &training_file).await?;
     let job_id = lathe_store::new_job_id();
     let spec = FineTuneSpec {
-        file: s.artifacts.get_path(&file.sha256)?,
+        file: s.artifact_path(&file.sha256).await?,
         source_name: Some(file.filename.clone()),
         training_file: Some(training_file),
         model: s.model(&model)?.to_path_buf(),

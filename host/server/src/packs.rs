@@ -18,7 +18,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::state::AppState;
+use crate::state::{AppState, blocking};
 
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
@@ -64,10 +64,6 @@ fn shipped() -> ApiResult<&'static [Shipped]> {
     built.as_deref().map_err(|e| ApiError::Internal(e.clone()))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
-}
-
 /// A pack's bytes by sha256: a shipped pack, or one in the caller's team's catalogue.
 async fn pack_bytes(s: &AppState, caller: &Caller, sha256: &str) -> ApiResult<(Vec<u8>, &'static str)> {
     if let Some(found) = blocking(shipped).await?.iter().find(|p| p.pack.sha256 == sha256) {
@@ -76,7 +72,7 @@ async fn pack_bytes(s: &AppState, caller: &Caller, sha256: &str) -> ApiResult<(V
     if s.db.pack_opt(&caller.team_id, sha256).await?.is_none() {
         return Err(ApiError::not_found("pack", sha256));
     }
-    let path = s.artifacts.get_path(sha256)?;
+    let path = s.artifact_path(sha256).await?;
     let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::Internal(format!("pack {sha256}: {e}")))?;
     Ok((bytes, "uploaded"))
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use lathe_jobs::Env;
-use lathe_store::{ArtifactStore, Db, JobRow, LocalArtifacts, Project};
+use lathe_store::{ArtifactStore, Db, JobRow, LocalArtifacts, Project, S3Artifacts};
 use serde_json::Value;
 
 use crate::auth::Caller;
@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub memory_mb: Option<i64>,
     /// What each served model's scheduler takes on (`/v1/chat/completions`).
     pub serving: lathe_serving::ServeConfig,
+    /// An S3-compatible bucket for artifacts (cached in the data folder); `None`: the data
+    /// folder holds them.
+    pub artifacts: Option<lathe_store::S3Config>,
 }
 
 impl ServerConfig {
@@ -49,6 +52,7 @@ impl ServerConfig {
             lease: Duration::from_secs(30),
             memory_mb: None,
             serving: lathe_serving::ServeConfig::default(),
+            artifacts: None,
         }
     }
 }
@@ -64,6 +68,11 @@ pub struct AppState {
     /// What [`AppState::redact`] replaces, and with what: made once, it runs on every
     /// event streamed.
     redactions: Vec<(String, String)>,
+}
+
+/// Runs blocking work (file and object-store I/O, parsing) off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 /// This machine's name, as workers announce it.
@@ -96,7 +105,12 @@ impl AppState {
             Some(url) => Db::connect(url).await?,
             None => Db::open_embedded(&config.data_dir).await?,
         };
-        let artifacts = Arc::new(LocalArtifacts::new(config.data_dir.join("artifacts"))?);
+        let local = LocalArtifacts::new(config.data_dir.join("artifacts"))?;
+        let artifacts: Arc<dyn ArtifactStore> = match config.artifacts.clone() {
+            None => Arc::new(local),
+            // Opening checks the bucket, waiting while it does not answer: off the runtime.
+            Some(s3) => Arc::new(blocking(move || Ok(S3Artifacts::open(&s3, local)?)).await?),
+        };
         // Model paths first: a model may live in the data folder.
         let models = config.models.iter().map(|(name, path)| (path.display().to_string(), name.clone()));
         let redactions = models.chain([(format!("{}/", config.data_dir.display()), String::new())]).filter(|(from, _)| !from.is_empty()).collect();
@@ -108,6 +122,13 @@ impl AppState {
     /// did not exist.
     pub async fn project(&self, caller: &Caller, id: &str) -> ApiResult<Project> {
         Ok(self.db.project(&caller.team_id, id).await?)
+    }
+
+    /// A local file with an artifact's bytes (downloaded first from an object store, off
+    /// the runtime).
+    pub async fn artifact_path(&self, sha256: &str) -> ApiResult<PathBuf> {
+        let (artifacts, sha256) = (self.artifacts.clone(), sha256.to_owned());
+        blocking(move || Ok(artifacts.get_path(&sha256)?)).await
     }
 
     /// A project's folder: its dataset versions, eval runs, training runs.
@@ -148,11 +169,11 @@ impl AppState {
         let device = lathe_engine::device::parse_device(&self.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut plugins = HashMap::new();
         for (name, sha256) in pins {
-            plugins.insert(name.clone(), self.artifacts.get_path(sha256)?);
+            plugins.insert(name.clone(), self.artifact_path(sha256).await?);
         }
         let mut versions = HashMap::new();
         for p in self.db.plugins(project_id).await? {
-            let path = self.artifacts.get_path(&p.sha256)?;
+            let path = self.artifact_path(&p.sha256).await?;
             versions.insert(p.sha256, path);
         }
         Ok(Env::new(self.project_dir(project_id), device).with_project_plugins(plugins).with_plugin_versions(versions))

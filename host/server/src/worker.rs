@@ -18,6 +18,7 @@ use lathe_store::{Capabilities, Lease, StoreError};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+use crate::checkpoints::{self, Mirror};
 use crate::state::AppState;
 
 /// Who a worker is and what it can run, as it announces itself.
@@ -60,10 +61,12 @@ pub async fn run(state: Arc<AppState>, worker_id: String, mut stop: watch::Recei
     }
 }
 
-/// Forwards a pipeline's events to the async side and reads the cancel flag.
+/// Forwards a pipeline's events to the async side, reads the cancel flag, and keeps
+/// training checkpoints in the object store when there is one.
 struct ChannelSink {
     tx: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
+    mirror: Option<Mirror>,
 }
 
 impl Sink for ChannelSink {
@@ -73,6 +76,13 @@ impl Sink for ChannelSink {
 
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn checkpoint(&self, _dir: &std::path::Path) -> Result<(), String> {
+        match &self.mirror {
+            Some(mirror) => mirror.keep().map_err(|e| format!("keeping it in the artifact store: {e}")),
+            None => Ok(()),
+        }
     }
 }
 
@@ -94,7 +104,29 @@ async fn run_one(state: &AppState, me: &Me, lease: Lease) {
     };
     let cancel = Arc::new(AtomicBool::new(lease.job.cancel_requested));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let sink = ChannelSink { tx, cancel: cancel.clone() };
+    // With an object store, a training job's checkpoints are kept there too, and a job
+    // claimed again gets back what its run folder lacks (another machine's disk, or none).
+    let run_dir = job.run_dir().filter(|_| state.config.artifacts.is_some()).map(std::path::Path::to_path_buf);
+    if let (Some(dir), Some(manifest)) = (&run_dir, lease.job.checkpoint.clone()) {
+        let (artifacts, dir) = (state.artifacts.clone(), dir.clone());
+        match tokio::task::spawn_blocking(move || checkpoints::restore(artifacts.as_ref(), &manifest, &dir)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                let message = format!("restored the last checkpoint from the artifact store ({n} files)");
+                let _ = tx.send(Event::Log { level: lathe_jobs::Level::Info, message });
+            }
+            Ok(Err(e)) => {
+                let _ = state.db.fail(&lease, &format!("restoring the last checkpoint from the artifact store: {e}"), true).await;
+                return;
+            }
+            Err(e) => {
+                let _ = state.db.fail(&lease, &format!("restoring the last checkpoint: {e}"), true).await;
+                return;
+            }
+        }
+    }
+    let mirror = run_dir.map(|dir| Mirror::new(state.artifacts.clone(), state.db.clone(), lease.clone(), dir));
+    let sink = ChannelSink { tx, cancel: cancel.clone(), mirror };
     let mut handle = tokio::task::spawn_blocking(move || job.run(&env, &sink));
     let mut beat = tokio::time::interval((state.config.lease / 4).max(Duration::from_millis(250)));
     let mut events = Outbox::default();

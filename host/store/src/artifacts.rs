@@ -16,6 +16,9 @@ use tempfile::NamedTempFile;
 
 use crate::{Result, StoreError};
 
+mod s3;
+pub use s3::{MULTIPART_THRESHOLD, S3Artifacts, S3Config};
+
 /// Folder under the root that holds writes in progress. It is on the same filesystem as the
 /// artifacts, so moving a finished write into place is an atomic rename.
 const TEMP_DIR: &str = ".tmp";

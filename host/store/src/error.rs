@@ -25,6 +25,10 @@ pub enum StoreError {
     Integrity { expected: String, actual: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The object store refused or failed a request, after retrying it for as long as the
+    /// store was configured to wait where the failure was transient (unreachable, 5xx).
+    #[error("object store {url}: {what}: {source}")]
+    ObjectStore { url: String, what: String, source: Box<object_store::Error> },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("applying migrations: {0}")]

@@ -159,6 +159,9 @@ pub struct JobRow {
     pub needs_device: Option<String>,
     /// The memory it needs in MiB (0: any).
     pub needs_memory_mb: i64,
+    /// The sha256 of the manifest of its latest checkpoint in the artifact store
+    /// ([`Db::record_checkpoint`]), for a worker that resumes it on another machine.
+    pub checkpoint: Option<String>,
     pub created_at: i64,
     /// When the latest attempt started.
     pub started_at: Option<i64>,
@@ -198,7 +201,7 @@ macro_rules! job_columns {
     () => {
         "id, project_id, kind, spec, state, priority, attempts, max_attempts, worker, lease_token, \
          lease_expires_at, cancel_requested, error, outcome, plugins, needs_device, needs_memory_mb, \
-         created_at, started_at, finished_at"
+         checkpoint, created_at, started_at, finished_at"
     };
 }
 
@@ -332,6 +335,15 @@ impl Db {
         let cancel: Option<bool> = on_pool!(self, p =>
             sqlx::query_scalar(sql).bind(&l.job.id).bind(l.token).bind(expires).fetch_optional(p).await)?;
         cancel.ok_or_else(|| lease_lost(l))
+    }
+
+    /// Records the manifest of the job's latest stored checkpoint (see
+    /// [`JobRow::checkpoint`]); fenced like every write of a worker.
+    pub async fn record_checkpoint(&self, l: &Lease, manifest_sha256: &str) -> Result<()> {
+        let sql = "UPDATE jobs SET checkpoint = $3 WHERE id = $1 AND lease_token = $2 AND state = 'running'";
+        let done = on_pool!(self, p =>
+            sqlx::query(sql).bind(&l.job.id).bind(l.token).bind(manifest_sha256).execute(p).await.map(|r| r.rows_affected()))?;
+        if done == 0 { Err(lease_lost(l)) } else { Ok(()) }
     }
 
     pub async fn complete(&self, l: &Lease, outcome: Value) -> Result<()> {

@@ -5,8 +5,9 @@
 //!   PostgreSQL (several servers and workers sharing one state). The SQL is written once
 //!   where both dialects agree, which is almost everywhere; the few places that differ (the
 //!   claim's `FOR UPDATE SKIP LOCKED`, LISTEN/NOTIFY) say so.
-//! - [`ArtifactStore`] / [`LocalArtifacts`]: content-addressed blobs (datasets, checkpoints,
-//!   adapters, plugins) named by their sha256; rows in the database point at them.
+//! - [`ArtifactStore`]: content-addressed blobs (datasets, checkpoints, adapters, plugins)
+//!   named by their sha256; rows in the database point at them. In a local folder
+//!   ([`LocalArtifacts`], the default) or an S3-compatible bucket ([`S3Artifacts`]).
 //!
 //! Timestamps are unix milliseconds (`i64`) on both backends, taken from the caller's clock:
 //! hosts that share a PostgreSQL database should keep their clocks synchronised (NTP), and
@@ -34,7 +35,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use artifacts::{ArtifactStore, LocalArtifacts};
+pub use artifacts::{ArtifactStore, LocalArtifacts, MULTIPART_THRESHOLD, S3Artifacts, S3Config};
 pub use auth::{Secret, Team, TokenInfo};
 pub use deployments::{Deployment, NewDeployment, check_deploy_name};
 pub use error::{Result, StoreError};

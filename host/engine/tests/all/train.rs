@@ -70,6 +70,7 @@ fn trainer<'a>(m: &'a LoadedModel, config: TrainConfig, train: &[Encoded], out_d
         train: train.to_vec(),
         heldout: Vec::new(),
         out_dir: out_dir.into(),
+        on_checkpoint: None,
     }
 }
 

@@ -54,6 +54,15 @@ impl Job {
         }
     }
 
+    /// The folder a training job writes its checkpoints into and resumes from.
+    pub fn run_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Job::Train(spec) => spec.out.as_deref(),
+            Job::FineTune(spec) => Some(&spec.out),
+            _ => None,
+        }
+    }
+
     /// Runs the pipeline; the outcome as JSON.
     pub fn run(&self, env: &Env, sink: &dyn Sink) -> Result<serde_json::Value> {
         fn json<T: Serialize>(r: Result<T>) -> Result<serde_json::Value> {

@@ -364,6 +364,7 @@ fn train(a: TrainBench) -> Result<()> {
         train: vec![example; a.batch * (a.steps + 1)],
         heldout: Vec::new(),
         out_dir: out.path().into(),
+        on_checkpoint: None,
     };
     let mut times = Vec::new();
     let mut last = Instant::now();

@@ -36,6 +36,8 @@ mod deployments;
 mod jobs;
 mod packs;
 mod projects;
+mod s3;
+mod s3_server;
 
 use lathe_store::{Db, Project, Team};
 
