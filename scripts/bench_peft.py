@@ -11,7 +11,10 @@ Prints one JSON object.
     python3 scripts/bench_peft.py --model DIR --device cuda --dtype bf16
 
 `--dtype bf16` keeps the frozen weights and activations in bf16 and the LoRA matrices in f32
-(peft's default cast of adapter weights), the usual mixed-precision LoRA set-up.
+(peft's default cast of adapter weights), the usual mixed-precision LoRA set-up. `--dtype
+tf32` keeps everything in f32 but lets CUDA matrix products run on tensor cores as TF32
+(`torch.backends.cuda.matmul.allow_tf32`), which is what Lathe's CUDA backend does with f32:
+the like-for-like anchor for `lathe bench train --device cuda`.
 
 Needs torch, transformers and peft (`pip install torch transformers peft`).
 """
@@ -33,7 +36,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a Hugging Face model folder")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "tf32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -49,7 +52,10 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    # PyTorch multiplies f32 in full f32 unless told otherwise.
+    torch.backends.cuda.matmul.allow_tf32 = a.dtype == "tf32"
+    torch.backends.cudnn.allow_tf32 = a.dtype == "tf32"
+    dtype = {"f32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     device = torch.device(a.device)
     model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=dtype).to(device)
     params = sum(p.numel() for p in model.parameters())

@@ -55,7 +55,7 @@ run)
     nproc >"$OUT/cpus.txt"
     # name: synthetic-model shape flags | training batch × seq | generate batches
     declare -A SHAPE=([smollm2]="" [llama-1b]="--hidden 2048 --heads 32 --kv-heads 8 --layers 16 --intermediate 8192")
-    declare -A TRAIN=([smollm2]="4 128" [llama-1b]="4 512")
+    declare -A TRAIN=([smollm2]="4 128" [llama-1b]="8 1024")
     declare -A GEN=([smollm2]="1,8,32" [llama-1b]="1,8")
     for name in ${MODELS:-smollm2 llama-1b}; do
         # shellcheck disable=SC2086 # the flags are words on purpose
@@ -64,11 +64,12 @@ run)
         # 1. The device computes what the CPU computes.
         step "parity-$name" "$L" bench parity --model "$OUT/$name" --device "$DEVICE" \
             --prompt-tokens 32 --new-tokens 16 --json
-        # 2. Training: Lathe (f32) against PyTorch + peft (f32, and bf16 with f32 LoRA weights).
+        # 2. Training: Lathe (f32 tensors; CUDA multiplies them in TF32) against PyTorch + peft
+        #    in f32, in f32 with TF32 matmuls (like for like), and in bf16 with f32 LoRA weights.
         read -r batch seq <<<"${TRAIN[$name]}"
         step "train-$name-lathe" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
             --batch "$batch" --seq "$seq" --steps 3 --json
-        for dtype in f32 bf16; do
+        for dtype in f32 tf32 bf16; do
             step "train-$name-peft-$dtype" "${PYTHON:-python3}" scripts/bench_peft.py --model "$OUT/$name" \
                 --device "$DEVICE" --dtype "$dtype" --batch "$batch" --seq "$seq" --steps 3
         done

@@ -9,14 +9,16 @@ MFU counts the FLOPs a LoRA step must do: the frozen projections forward (2 per 
 token) and backward to their inputs (2 more, no weight gradients), attention at full length
 (forward 4·layers·seq·heads·head_dim per token, backward twice that), and 6 per trainable
 LoRA weight. The peaks are NVIDIA's dense figures for the H100/H200 (SXM): 989 TFLOPS bf16
-on tensor cores, 67 TFLOPS f32 on CUDA cores.
+and 495 TFLOPS TF32 on tensor cores, 67 TFLOPS f32 on CUDA cores. Lathe's run is read
+against the peak of the precision its device multiplies in (`matmul` in its JSON: TF32 on
+CUDA), so its MFU and PyTorch's TF32 run's are comparable.
 """
 
 import json
 import pathlib
 import sys
 
-PEAK = {"bf16": 989.4e12, "f32": 66.9e12}
+PEAK = {"bf16": 989.4e12, "tf32": 494.7e12, "f32": 66.9e12}
 
 
 def read(out, name):
@@ -56,19 +58,19 @@ def main():
         print(f"| {name} | {same} ({len(p['greedy_cpu'])}) | {p['max_abs_logit_diff']:.2e} / {p['max_abs_logit']:.2f} "
               f"| {100 * p['argmax_agreement']:.1f} % |")
 
-    print("\n| model | batch × seq | Lathe f32 tok/s | peft f32 tok/s | peft bf16 tok/s | Lathe / peft f32 | Lathe / peft bf16 | MFU Lathe f32 | MFU peft bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | batch × seq | Lathe tok/s (matmul) | peft f32 | peft tf32 | peft bf16 | Lathe / peft tf32 "
+          "| Lathe / peft bf16 | MFU Lathe | MFU peft tf32 | MFU peft bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         cfg_path = out / name / "config.json"
         if not cfg_path.exists():
             continue
         cfg = json.loads(cfg_path.read_text())
         lathe = read(out, f"train-{name}-lathe")
-        f32 = read(out, f"train-{name}-peft-f32")
-        bf16 = read(out, f"train-{name}-peft-bf16")
-        any_run = lathe or f32 or bf16
+        peft = {d: read(out, f"train-{name}-peft-{d}") for d in ["f32", "tf32", "bf16"]}
+        any_run = lathe or next((r for r in peft.values() if r), None)
         if not any_run:
-            print(f"| {name} | failed | | | | | | | |")
+            print(f"| {name} | failed | | | | | | | | | |")
             continue
 
         def tps(r):
@@ -85,10 +87,13 @@ def main():
                 return None
             return tps(r) * flops_per_token(cfg, r["seq"], r["trainable_params"]) / PEAK[dtype]
 
+        matmul = (lathe or {}).get("matmul", "f32")
         batch, seq = any_run["batch"], any_run["seq"]
-        print(f"| {name} | {batch} × {seq} | {fmt(tps(lathe))} | {fmt(tps(f32))} | {fmt(tps(bf16))} "
-              f"| {fmt(ratio(tps(lathe), tps(f32)), '.2f')} | {fmt(ratio(tps(lathe), tps(bf16)), '.2f')} "
-              f"| {fmt(mfu(lathe, 'f32'), '.1%')} | {fmt(mfu(bf16, 'bf16'), '.1%')} |")
+        print(f"| {name} | {batch} × {seq} | {fmt(tps(lathe))} ({matmul}) | {fmt(tps(peft['f32']))} "
+              f"| {fmt(tps(peft['tf32']))} | {fmt(tps(peft['bf16']))} "
+              f"| {fmt(ratio(tps(lathe), tps(peft['tf32'])), '.2f')} | {fmt(ratio(tps(lathe), tps(peft['bf16'])), '.2f')} "
+              f"| {fmt(mfu(lathe, matmul), '.1%')} | {fmt(mfu(peft['tf32'], 'tf32'), '.1%')} "
+              f"| {fmt(mfu(peft['bf16'], 'bf16'), '.1%')} |")
 
     print("\n| model | batch | prompt tok/s | decode tok/s |")
     print("|---|---|---|---|")

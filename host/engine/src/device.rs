@@ -71,6 +71,46 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// How a device multiplies f32 matrices. burn-cubecl runs f32 matrix products on CUDA tensor
+/// cores as TF32 (a 10-bit mantissa, about 5e-4 relative rounding per product) on GPUs that
+/// have them (Ampere and later), as PyTorch does with `torch.backends.cuda.matmul.allow_tf32`;
+/// the CPU and wgpu backends multiply in f32. Parity tolerances and model-FLOPs utilisation
+/// are read against this, not against the tensors' storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    F32,
+    Tf32,
+}
+
+impl MatmulPrecision {
+    /// The precision of the device a `--device` value names (`cuda:1` → TF32).
+    pub fn of(device_name: &str) -> Self {
+        match device_name.split(':').next() {
+            Some("cuda") => Self::Tf32,
+            _ => Self::F32,
+        }
+    }
+
+    /// The largest logit difference from the CPU that a device of this precision may show, as
+    /// a fraction of the largest logit. f32 differs from the CPU only in summation order; TF32
+    /// rounds every product's inputs to 11 significant bits, which the H200 run measured at
+    /// 1.1e-3 (135M, 30 layers) to 2.5e-3 (1.1B, 16 layers) of the largest logit.
+    pub fn parity_tolerance(self) -> f32 {
+        match self {
+            Self::F32 => 1e-3,
+            Self::Tf32 => 1e-2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+        }
+    }
+}
+
 /// A CUDA device that has run a kernel. cubecl starts the CUDA runtime on first use and
 /// panics when the driver (`libcuda`), NVRTC (`libnvrtc`) or the CUDA headers it compiles
 /// kernels against are missing; starting it here, on a two-element sum, turns that into an
@@ -126,5 +166,13 @@ mod tests {
         assert!(err.contains("unknown device kind `tpu`"), "{err}");
         let err = parse_device("cuda:x").unwrap_err().to_string();
         assert!(err.contains("not a device index"), "{err}");
+    }
+
+    #[test]
+    fn cuda_multiplies_in_tf32_and_is_given_a_tolerance_for_it() {
+        assert_eq!(MatmulPrecision::of("cuda:1"), MatmulPrecision::Tf32);
+        assert_eq!(MatmulPrecision::of("cpu"), MatmulPrecision::F32);
+        assert_eq!(MatmulPrecision::of("vulkan"), MatmulPrecision::F32);
+        assert!(MatmulPrecision::Tf32.parity_tolerance() > MatmulPrecision::F32.parity_tolerance());
     }
 }

@@ -107,9 +107,10 @@ pub struct ParityBench {
     /// Greedy tokens decoded on each device after the prompt.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
-    /// The largest logit difference allowed, as a fraction of the largest logit.
-    #[arg(long, default_value_t = 1e-3)]
-    tolerance: f32,
+    /// The largest logit difference allowed, as a fraction of the largest logit (default:
+    /// 1e-3 where the device multiplies in f32, 1e-2 where it multiplies in TF32, as CUDA does).
+    #[arg(long)]
+    tolerance: Option<f32>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -407,6 +408,7 @@ fn train(a: TrainBench) -> Result<()> {
             serde_json::json!({
                 "model": a.model, "qlora": a.qlora, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
                 "threads": threads, "step_s": mean, "tokens_per_s": tokens_per_s,
+                "device": a.compute.device, "matmul": lathe_engine::device::MatmulPrecision::of(&a.compute.device),
                 "peak_rss_training_mib": peak, "rss_before_training_mib": loaded_mib,
                 "trainable_params": trainable_params,
                 "anchor": anchor,
@@ -459,12 +461,15 @@ fn parity(a: ParityBench) -> Result<()> {
     let other = load(&a.model, &device)?;
     let ids = prompt_ids(&cpu.tokenizer, a.prompt_tokens)?;
     let p = lathe_engine::parity::compare(&cpu.model, &other.model, &cpu.tokenizer, &ids, a.new_tokens)?;
-    let holds = p.holds(a.tolerance);
+    let matmul = lathe_engine::device::MatmulPrecision::of(&a.compute.device);
+    let tolerance = a.tolerance.unwrap_or(matmul.parity_tolerance());
+    let holds = p.holds(tolerance);
     if a.json {
         let mut v = serde_json::to_value(&p)?;
         v["model"] = serde_json::json!(a.model);
         v["device"] = serde_json::json!(a.compute.device);
-        v["tolerance"] = serde_json::json!(a.tolerance);
+        v["matmul"] = serde_json::json!(matmul);
+        v["tolerance"] = serde_json::json!(tolerance);
         v["holds"] = serde_json::json!(holds);
         println!("{v}");
     } else {
@@ -482,12 +487,13 @@ fn parity(a: ParityBench) -> Result<()> {
     }
     if !holds {
         anyhow::bail!(
-            "{} does not compute what the CPU computes on {}: greedy tokens {}, max |Δlogit| {:.3e} > {} × {:.2}",
+            "{} ({} matmuls) does not compute what the CPU computes on {}: greedy tokens {}, max |Δlogit| {:.3e} > {} × {:.2}",
             a.compute.device,
+            matmul.as_str(),
             a.model.display(),
             if p.greedy_cpu == p.greedy_device { "equal" } else { "differ" },
             p.max_abs_logit_diff,
-            a.tolerance,
+            tolerance,
             p.max_abs_logit
         );
     }
