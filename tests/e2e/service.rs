@@ -326,3 +326,26 @@ fn bench_api_loads_every_read_endpoint_without_an_error() {
     }
     assert!(stdout.contains("claim+complete"), "{stdout}");
 }
+
+/// `lathe bench artifacts` puts files through the store and reads them back on a store with
+/// an empty cache, so every read is a download from the bucket; against moto, the multipart
+/// path too (17 MiB is past the 16 MiB threshold). The bench fails if a download comes back
+/// another size.
+#[test]
+fn bench_artifacts_uploads_and_downloads_through_the_bucket() {
+    let bucket = S3Server::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(["bench", "artifacts", "--artifacts", "s3://lathe/bench", "--size-mib", "17", "--count", "2", "--json"])
+        .envs(S3Server::env(&bucket.endpoint()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let v: Value = serde_json::from_str(crate::stdout(&out).trim()).unwrap();
+    assert!(v["upload_mib_per_s"].as_f64().unwrap() > 0.0 && v["download_mib_per_s"].as_f64().unwrap() > 0.0, "{v}");
+
+    // The local folder has nothing to download.
+    let out = crate::lathe(&["bench", "artifacts", "--size-mib", "1", "--count", "1", "--json"]);
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let v: Value = serde_json::from_str(crate::stdout(&out).trim()).unwrap();
+    assert!(v["upload_mib_per_s"].as_f64().unwrap() > 0.0 && v["download_mib_per_s"].is_null(), "{v}");
+}

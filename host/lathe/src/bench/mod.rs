@@ -1,5 +1,6 @@
 //! `lathe bench ...`: throughput measurements whose numbers go into BENCHMARKS.md.
 
+mod artifacts;
 mod serve;
 mod service;
 
@@ -40,6 +41,8 @@ pub enum BenchCommand {
     /// The service: requests/s and latency percentiles on read endpoints of a real server,
     /// with a bounded load from a second process on loopback; then the job queue's claims/s.
     Api(service::ApiBench),
+    /// Artifact store upload and download MiB/s (local folder or S3-compatible bucket).
+    Artifacts(artifacts::ArtifactsBench),
     /// The load generator `bench api` starts in a second process.
     #[command(hide = true)]
     ApiLoad(service::ApiLoad),
@@ -179,6 +182,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Eval(a) => eval(a),
         BenchCommand::Serve(a) => serve::serve(a),
         BenchCommand::Claims(a) => service::claims(&a),
+        BenchCommand::Artifacts(a) => artifacts::artifacts(&a),
         BenchCommand::Api(a) => service::api(&a),
         BenchCommand::ApiLoad(a) => service::load(&a),
     }
