@@ -14,7 +14,8 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
-packages=(mesa-vulkan-drivers libvulkan1 postgresql chromium)
+# iproute2: `ip netns` makes the hosts of the several-workers test.
+packages=(mesa-vulkan-drivers libvulkan1 postgresql chromium iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,6 +2,11 @@
 
 mod cuda;
 mod generate;
+// PostgreSQL for the tests: the store's throwaway cluster (or LATHE_TEST_POSTGRES_URL's).
+#[allow(dead_code)]
+#[path = "../../host/store/tests/all/harness.rs"]
+mod harness;
+mod hosts;
 mod packs;
 mod plugin;
 #[path = "../../host/store/tests/all/s3_server.rs"]

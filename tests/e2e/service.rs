@@ -94,7 +94,7 @@ impl Service {
         serde_json::from_str::<Value>(&resp.into_string().unwrap()).unwrap()["id"].as_str().unwrap().to_string()
     }
 
-    fn submit(&self, project: &str, request: Value) -> String {
+    pub fn submit(&self, project: &str, request: Value) -> String {
         let (status, row) = self.call("POST", &format!("/api/v1/projects/{project}/jobs"), Some(request));
         assert_eq!(status, 202, "{row}");
         row["id"].as_str().unwrap().to_string()
@@ -112,7 +112,7 @@ impl Service {
         }
     }
 
-    fn project(&self) -> String {
+    pub fn project(&self) -> String {
         let (status, p) = self.call("POST", "/api/v1/projects", Some(json!({"name": "invoices"})));
         assert_eq!(status, 201, "{p}");
         p["id"].as_str().unwrap().to_string()

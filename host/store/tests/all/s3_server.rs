@@ -6,7 +6,7 @@
 #![allow(dead_code)] // each test crate uses its part
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -88,6 +88,9 @@ impl Drop for S3Server {
 /// unreachable.
 pub struct Relay {
     pub port: u16,
+    /// The address it listens on: loopback, or another interface's (a network namespace's
+    /// link, for clients on another "host").
+    bind: Ipv4Addr,
     shared: Arc<RelayShared>,
 }
 
@@ -101,8 +104,14 @@ struct RelayShared {
 
 impl Relay {
     pub fn to(target: u16) -> Relay {
+        Relay::on(Ipv4Addr::LOCALHOST, target)
+    }
+
+    /// Listening on `bind`, relaying to the loopback port `target`.
+    pub fn on(bind: Ipv4Addr, target: u16) -> Relay {
         let relay = Relay {
-            port: free_port(),
+            port: TcpListener::bind((bind, 0)).unwrap().local_addr().unwrap().port(),
+            bind,
             shared: Arc::new(RelayShared { target, cut: AtomicBool::new(false), budget: AtomicI64::new(-1), open: Mutex::new(Vec::new()) }),
         };
         relay.listen();
@@ -114,7 +123,7 @@ impl Relay {
     }
 
     fn listen(&self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("the relay's port");
+        let listener = TcpListener::bind((self.bind, self.port)).expect("the relay's port");
         listener.set_nonblocking(true).unwrap();
         let shared = self.shared.clone();
         std::thread::spawn(move || {
@@ -153,7 +162,7 @@ impl Relay {
     /// Listens again on the same port.
     pub fn restore(&self) {
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        while TcpStream::connect((self.bind, self.port)).is_ok() {
             assert!(start.elapsed() < Duration::from_secs(5), "the relay's old listener is still open");
             std::thread::sleep(Duration::from_millis(10));
         }
