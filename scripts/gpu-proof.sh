@@ -64,11 +64,14 @@ run)
         # 1. The device computes what the CPU computes.
         step "parity-$name" "$L" bench parity --model "$OUT/$name" --device "$DEVICE" \
             --prompt-tokens 32 --new-tokens 16 --json
-        # 2. Training: Lathe (f32 tensors; CUDA multiplies them in TF32) against PyTorch + peft
-        #    in f32, in f32 with TF32 matmuls (like for like), and in bf16 with f32 LoRA weights.
+        # 2. Training: Lathe (f32 tensors, which CUDA multiplies in TF32; and a bf16 base with
+        #    f32 LoRA weights) against PyTorch + peft in f32, in f32 with TF32 matmuls, and in
+        #    bf16 with f32 LoRA weights.
         read -r batch seq <<<"${TRAIN[$name]}"
         step "train-$name-lathe" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
             --batch "$batch" --seq "$seq" --steps 3 --json
+        step "train-$name-lathe-bf16" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
+            --batch "$batch" --seq "$seq" --steps 3 --bf16 --json
         for dtype in f32 tf32 bf16; do
             step "train-$name-peft-$dtype" "${PYTHON:-python3}" scripts/bench_peft.py --model "$OUT/$name" \
                 --device "$DEVICE" --dtype "$dtype" --batch "$batch" --seq "$seq" --steps 3

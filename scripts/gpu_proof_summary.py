@@ -58,19 +58,20 @@ def main():
         print(f"| {name} | {same} ({len(p['greedy_cpu'])}) | {p['max_abs_logit_diff']:.2e} / {p['max_abs_logit']:.2f} "
               f"| {100 * p['argmax_agreement']:.1f} % |")
 
-    print("\n| model | batch × seq | Lathe tok/s (matmul) | peft f32 | peft tf32 | peft bf16 | Lathe / peft tf32 "
-          "| Lathe / peft bf16 | MFU Lathe | MFU peft tf32 | MFU peft bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | batch × seq | Lathe tok/s (matmul) | Lathe bf16 | peft f32 | peft tf32 | peft bf16 "
+          "| Lathe / peft tf32 | Lathe bf16 / peft bf16 | MFU Lathe | MFU Lathe bf16 | MFU peft tf32 | MFU peft bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         cfg_path = out / name / "config.json"
         if not cfg_path.exists():
             continue
         cfg = json.loads(cfg_path.read_text())
         lathe = read(out, f"train-{name}-lathe")
+        lathe_bf16 = read(out, f"train-{name}-lathe-bf16")
         peft = {d: read(out, f"train-{name}-peft-{d}") for d in ["f32", "tf32", "bf16"]}
-        any_run = lathe or next((r for r in peft.values() if r), None)
+        any_run = lathe or lathe_bf16 or next((r for r in peft.values() if r), None)
         if not any_run:
-            print(f"| {name} | failed | | | | | | | | | |")
+            print(f"| {name} | failed |" + " |" * 11)
             continue
 
         def tps(r):
@@ -89,11 +90,12 @@ def main():
 
         matmul = (lathe or {}).get("matmul", "f32")
         batch, seq = any_run["batch"], any_run["seq"]
-        print(f"| {name} | {batch} × {seq} | {fmt(tps(lathe))} ({matmul}) | {fmt(tps(peft['f32']))} "
-              f"| {fmt(tps(peft['tf32']))} | {fmt(tps(peft['bf16']))} "
-              f"| {fmt(ratio(tps(lathe), tps(peft['tf32'])), '.2f')} | {fmt(ratio(tps(lathe), tps(peft['bf16'])), '.2f')} "
-              f"| {fmt(mfu(lathe, matmul), '.1%')} | {fmt(mfu(peft['tf32'], 'tf32'), '.1%')} "
-              f"| {fmt(mfu(peft['bf16'], 'bf16'), '.1%')} |")
+        print(f"| {name} | {batch} × {seq} | {fmt(tps(lathe))} ({matmul}) | {fmt(tps(lathe_bf16))} "
+              f"| {fmt(tps(peft['f32']))} | {fmt(tps(peft['tf32']))} | {fmt(tps(peft['bf16']))} "
+              f"| {fmt(ratio(tps(lathe), tps(peft['tf32'])), '.2f')} "
+              f"| {fmt(ratio(tps(lathe_bf16), tps(peft['bf16'])), '.2f')} "
+              f"| {fmt(mfu(lathe, matmul), '.1%')} | {fmt(mfu(lathe_bf16, 'bf16'), '.1%')} "
+              f"| {fmt(mfu(peft['tf32'], 'tf32'), '.1%')} | {fmt(mfu(peft['bf16'], 'bf16'), '.1%')} |")
 
     print("\n| model | batch | prompt tok/s | decode tok/s |")
     print("|---|---|---|---|")

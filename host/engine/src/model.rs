@@ -10,7 +10,7 @@
 use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use std::sync::Arc;
 
@@ -110,6 +110,28 @@ impl Linear {
         }
     }
 
+    /// `x · W` in the weight's precision, the product in f32: a bf16 weight
+    /// ([`CausalLm::bf16_base`]) multiplies bf16 inputs (on tensor cores, accumulating in
+    /// f32), as PyTorch's autocast does; an f32 one multiplies as the device does.
+    fn product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+        match w.dtype() {
+            DType::BF16 => x.cast(FloatDType::BF16).matmul(w).cast(FloatDType::F32),
+            _ => x.matmul(w),
+        }
+    }
+
+    /// Stores the dense weight in bf16 (half its bytes); returns the bytes saved.
+    fn to_bf16(&mut self) -> usize {
+        match &self.weight {
+            Some(w) if w.dtype() == DType::F32 => {
+                let [i, o] = w.dims();
+                self.weight = Some(w.clone().cast(FloatDType::BF16));
+                i * o * 2
+            }
+            _ => 0,
+        }
+    }
+
     /// `x · W` for each projection in `lins`, all reading the same `n` rows of `x` (`[n, in]`
     /// on the host): from the blocks for a few rows (every quantized one in one parallel
     /// loop), through the dense gemm otherwise.
@@ -123,7 +145,7 @@ impl Linear {
         lins.iter()
             .map(|l| {
                 let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, l.dims()[0]]), device);
-                to_host(x.matmul(l.dense(device)))
+                to_host(Self::product(x, l.dense(device)))
             })
             .collect()
     }
@@ -145,7 +167,7 @@ impl Linear {
             return Tensor::from_data(TensorData::new(y, [b, s, out]), &device);
         }
         let w = self.dense(&x.device().inner());
-        x.reshape([b * s, d]).matmul(w).reshape([b, s, out])
+        Self::product(x.reshape([b * s, d]), w).reshape([b, s, out])
     }
 }
 
@@ -584,6 +606,25 @@ impl CausalLm {
             }
         }
         Ok(freed)
+    }
+
+    /// Mixed precision for training on a GPU: the frozen projections and the output head
+    /// are stored in bf16 and multiply in bf16 (accumulating in f32); norms, attention,
+    /// the loss and the LoRA weights (the trainable master copies) stay f32. Returns the
+    /// bytes the projections' f32 copies took beyond their bf16 ones (a tied head's f32
+    /// copy stays, as the embedding). Projections kept only as quantized blocks (QLoRA)
+    /// are left as they are.
+    pub fn bf16_base(&mut self) -> usize {
+        let mut freed = 0;
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                freed += lin.to_bf16();
+            }
+        }
+        let head = self.lm_head.to_bf16();
+        freed + if self.config.tie_word_embeddings { 0 } else { head }
     }
 
     /// The masks and rotary tables of a fresh (uncached) step, for running layers one by

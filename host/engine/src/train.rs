@@ -76,6 +76,8 @@ pub struct TrainConfig {
     /// Back-propagate one decoder layer at a time (see [`layerwise_grads`]); with a
     /// 4-bit base ([`CausalLm::quantize_base`]) this is QLoRA.
     pub qlora: bool,
+    /// Train over a bf16 base ([`CausalLm::bf16_base`]): mixed precision for GPUs.
+    pub bf16: bool,
 }
 
 impl Default for TrainConfig {
@@ -101,6 +103,7 @@ impl Default for TrainConfig {
             patience: 0,
             keep_checkpoints: 2,
             qlora: false,
+            bf16: false,
         }
     }
 }

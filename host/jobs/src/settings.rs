@@ -34,6 +34,11 @@ pub struct TrainSettings {
     pub rslora: bool,
     /// Keep the frozen projections as 4-bit blocks and back-propagate layer by layer.
     pub qlora: bool,
+    /// Mixed precision: the frozen base in bf16, the LoRA weights in f32 (for GPUs with
+    /// bf16 tensor cores; on the CPU it is slower than f32). Left out of the settings'
+    /// JSON when off, so run folders named by the settings keep their names.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bf16: bool,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_len: usize,
@@ -69,6 +74,7 @@ impl Default for TrainSettings {
             targets: "all".into(),
             rslora: l.rslora,
             qlora: c.qlora,
+            bf16: c.bf16,
             batch_size: c.batch_size,
             grad_accum: c.grad_accum,
             max_len: c.max_len,
@@ -113,6 +119,7 @@ impl TrainSettings {
             save_every: self.save_every,
             patience: self.patience,
             qlora: self.qlora,
+            bf16: self.bf16,
             ..TrainConfig::default()
         };
         config.validate().map_err(|e| JobError::Invalid(e.to_string()))?;

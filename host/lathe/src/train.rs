@@ -63,6 +63,10 @@ pub struct TrainArgs {
     /// back-propagate one layer at a time.
     #[arg(long)]
     qlora: bool,
+    /// Mixed precision: the frozen base in bf16, the LoRA weights in f32. For GPUs with
+    /// bf16 tensor cores (`--device cuda`); on the CPU it is slower than f32.
+    #[arg(long)]
+    bf16: bool,
     /// [4]
     #[arg(long)]
     batch_size: Option<usize>,
@@ -133,6 +137,7 @@ impl TrainArgs {
         put("targets", self.targets.clone().map(Into::into));
         put("rslora", self.rslora.then_some(true.into()));
         put("qlora", self.qlora.then_some(true.into()));
+        put("bf16", self.bf16.then_some(true.into()));
         put("batch_size", self.batch_size.map(Into::into));
         put("grad_accum", self.grad_accum.map(Into::into));
         put("max_len", self.max_len.map(Into::into));

@@ -430,3 +430,53 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
         assert!(after.tensors[name].1 == *w, "{name} changed during QLoRA training");
     }
 }
+
+/// Mixed precision (`CausalLm::bf16_base`, for GPU training): the frozen projections and
+/// the head stored and multiplied in bf16, at half the projections' memory; the LoRA
+/// weights stay f32 and get f32 gradients. The loss is the f32 base's within bf16 rounding,
+/// and training over the bf16 base learns like training over the f32 one.
+#[test]
+fn a_bf16_base_halves_the_projections_and_trains_like_the_f32_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = tiny(dir.path());
+    let data = dataset(&m);
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let dev = m.model.device().clone();
+    let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, &dev);
+    give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
+    let loss_and_grads = |m: &LoadedModel| {
+        let mut tracked = adapter.clone();
+        for p in tracked.params_mut() {
+            *p = p.clone().autodiff().require_grad();
+        }
+        let (loss, _) = batch_loss(&m.model, &refs, &tracked, false).unwrap();
+        let value = f64::from(loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0]);
+        let mut g = loss.backward();
+        let grads: Vec<Vec<f32>> = tracked.params().iter().map(|(_, p)| p.grad_remove(&mut g).unwrap().into_data().try_to_vec::<f32>().unwrap()).collect();
+        (value, grads)
+    };
+    let (f32_loss, f32_grads) = loss_and_grads(&m);
+
+    let freed = m.model.bf16_base();
+    assert_eq!(freed, 2 * 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3), "two bytes saved per projection weight");
+    assert_eq!(m.model.bf16_base(), 0, "a second call has nothing left to convert");
+    let (bf16_loss, bf16_grads) = loss_and_grads(&m);
+    assert!(bf16_loss != f32_loss, "the bf16 base computes in bf16");
+    assert!((bf16_loss - f32_loss).abs() < 2e-2 * f32_loss.abs(), "loss {bf16_loss} over bf16, {f32_loss} over f32");
+    for ((name, _), (a, b)) in adapter.params().iter().zip(f32_grads.iter().zip(&bf16_grads)) {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        assert!(max_abs_diff(a, b) <= 0.1 * scale, "{name}: gradients {} apart (scale {scale})", max_abs_diff(a, b));
+    }
+
+    let config = TrainConfig {
+        lora: LoraConfig { rank: 8, dropout: 0.1, ..LoraConfig::default() },
+        learning_rate: 1e-2,
+        epochs: 30,
+        batch_size: 4,
+        bf16: true,
+        ..TrainConfig::default()
+    };
+    let out = trainer(&m, config, &data, &dir.path().join("bf16")).run(false, None, &mut |_| ControlFlow::Continue(())).unwrap();
+    let (first, last) = (out.history[0].loss, out.history.last().unwrap().loss);
+    assert!(last < 0.7 * first, "bf16 loss {first} → {last}");
+}

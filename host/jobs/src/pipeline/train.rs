@@ -70,10 +70,16 @@ pub fn train(env: &Env, spec: &TrainSpec, sink: &dyn Sink) -> Result<TrainJobOut
 
     let owned;
     let shared;
-    let m: &LoadedModel = if config.qlora {
+    let m: &LoadedModel = if config.qlora || config.bf16 {
         let mut m = env.load_model(&spec.model)?;
-        let freed = m.model.quantize_base(GgmlType::Q4_0)?;
-        sink.info(format!("QLoRA: the frozen projections are 4-bit blocks; {:.0} MiB of f32 copies dropped", freed as f64 / (1 << 20) as f64));
+        if config.qlora {
+            let freed = m.model.quantize_base(GgmlType::Q4_0)?;
+            sink.info(format!("QLoRA: the frozen projections are 4-bit blocks; {:.0} MiB of f32 copies dropped", freed as f64 / (1 << 20) as f64));
+        }
+        if config.bf16 {
+            let freed = m.model.bf16_base();
+            sink.info(format!("bf16: the frozen base multiplies in bf16, the LoRA weights stay f32; {:.0} MiB saved", freed as f64 / (1 << 20) as f64));
+        }
         owned = m;
         &owned
     } else {

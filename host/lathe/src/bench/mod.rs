@@ -88,6 +88,10 @@ pub struct TrainBench {
     /// QLoRA: 4-bit frozen projections, back-propagation one layer at a time.
     #[arg(long)]
     qlora: bool,
+    /// Mixed precision: the frozen base in bf16, the LoRA weights in f32 (the anchor then
+    /// runs peft in bf16 too).
+    #[arg(long)]
+    bf16: bool,
     /// Time the same step in PyTorch + peft (`scripts/bench_peft.py`, run by
     /// `$LATHE_ANCHOR_PYTHON`, else `.venv-anchors/bin/python`, else `python3`) on the same
     /// weights and thread count, and print the ratios. A GGUF model is first written as a
@@ -326,6 +330,9 @@ fn train(a: TrainBench) -> Result<()> {
     if a.qlora {
         m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0)?;
     }
+    if a.bf16 {
+        m.model.bf16_base();
+    }
     let loaded_mib = rss_mib();
     // Measure the training's own peak, not the loading's (Linux: `5` resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -350,6 +357,7 @@ fn train(a: TrainBench) -> Result<()> {
         epochs: 1,
         batch_size: a.batch,
         qlora: a.qlora,
+        bf16: a.bf16,
         ..TrainConfig::default()
     };
     let out = tempfile::tempdir()?;
@@ -398,6 +406,7 @@ fn train(a: TrainBench) -> Result<()> {
             arg("seq", a.seq.to_string()),
             arg("rank", a.rank.to_string()),
             arg("steps", a.steps.to_string()),
+            arg("dtype", if a.bf16 { "bf16" } else { "f32" }.into()),
         ]
         .concat();
         Some(peft_anchor(&args)?)
@@ -410,7 +419,7 @@ fn train(a: TrainBench) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": a.model, "qlora": a.qlora, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
+                "model": a.model, "qlora": a.qlora, "bf16": a.bf16, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
                 "threads": threads, "step_s": mean, "tokens_per_s": tokens_per_s,
                 "device": a.compute.device, "matmul": lathe_engine::device::MatmulPrecision::of(&a.compute.device),
                 "peak_rss_training_mib": peak, "rss_before_training_mib": loaded_mib,
