@@ -121,7 +121,7 @@ impl Linear {
     }
 
     /// Stores the dense weight in bf16 (half its bytes); returns the bytes saved.
-    fn to_bf16(&mut self) -> usize {
+    fn store_bf16(&mut self) -> usize {
         match &self.weight {
             Some(w) if w.dtype() == DType::F32 => {
                 let [i, o] = w.dims();
@@ -620,10 +620,10 @@ impl CausalLm {
             let a = &mut l.self_attn;
             let m = &mut l.mlp;
             for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                freed += lin.to_bf16();
+                freed += lin.store_bf16();
             }
         }
-        let head = self.lm_head.to_bf16();
+        let head = self.lm_head.store_bf16();
         freed + if self.config.tie_word_embeddings { 0 } else { head }
     }
 
