@@ -87,11 +87,22 @@ fn host_memory_mb() -> i64 {
     kib.map_or(0, |k| k / 1024)
 }
 
+/// The kind a `--device` value announces, one of [`crate::api::DEVICE_KINDS`] (what a job's
+/// `needs.device` names): `cuda:1` is `cuda`, `flex` is `cpu`, and `vulkan` (wgpu pinned to
+/// Vulkan) is `wgpu`.
+pub fn device_kind(device: &str) -> &str {
+    match device.split(':').next().unwrap_or("cpu") {
+        "flex" => "cpu",
+        "vulkan" => "wgpu",
+        kind => kind,
+    }
+}
+
 impl AppState {
-    /// What this process's workers can run: the device kind (`cuda:1` is `cuda`) and the
+    /// What this process's workers can run: the device kind ([`device_kind`]) and the
     /// memory the configuration gives, else the host's.
     pub fn capabilities(&self) -> lathe_store::Capabilities {
-        let kind = self.config.device.split(':').next().unwrap_or("cpu").to_string();
+        let kind = device_kind(&self.config.device).to_string();
         lathe_store::Capabilities { device: kind, memory_mb: self.config.memory_mb.unwrap_or_else(host_memory_mb) }
     }
 
@@ -227,5 +238,18 @@ impl AppState {
                 self.config.models.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_device_name_announces_a_kind_a_job_can_need() {
+        for (device, kind) in [("cpu", "cpu"), ("flex", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda"), ("wgpu", "wgpu"), ("vulkan", "wgpu")] {
+            assert_eq!(device_kind(device), kind, "{device}");
+            assert!(crate::api::DEVICE_KINDS.contains(&device_kind(device)), "{device}");
+        }
     }
 }
