@@ -381,25 +381,39 @@ fn learning_rate_schedules_warm_up_and_decay() {
     assert!((lin.lr_at(55, 100) - 0.5).abs() < 1e-12);
 }
 
-#[test]
-fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_bit_base() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut m = tiny(dir.path());
+/// The tiny model, its dataset, and a rank-4 adapter with nonzero B (so every LoRA weight
+/// gets a gradient), for the gradient comparisons.
+fn gradient_setup(dir: &Path) -> (LoadedModel, Vec<Encoded>, Adapter) {
+    let m = tiny(dir);
     let data = dataset(&m);
-    let refs: Vec<&Encoded> = data.iter().collect();
     let dev = m.model.device().clone();
     let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, &dev);
     give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
+    (m, data, adapter)
+}
 
-    // The whole graph at once...
+/// The loss over `refs` and the gradient of `scale` × loss for each LoRA weight, through
+/// the whole graph at once.
+fn whole_graph_grads(m: &LoadedModel, refs: &[&Encoded], adapter: &Adapter, scale: f32) -> (f64, Vec<Vec<f32>>) {
     let mut tracked = adapter.clone();
     for p in tracked.params_mut() {
         *p = p.clone().autodiff().require_grad();
     }
-    let (loss, _) = batch_loss(&m.model, &refs, &tracked, false).unwrap();
-    let whole_loss = f64::from(loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0]);
-    let mut g = loss.mul_scalar(0.5).backward();
-    let whole: Vec<Vec<f32>> = tracked.params().iter().map(|(_, p)| p.grad_remove(&mut g).unwrap().into_data().try_to_vec::<f32>().unwrap()).collect();
+    let (loss, _) = batch_loss(&m.model, refs, &tracked, false).unwrap();
+    let value = f64::from(loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0]);
+    let mut g = loss.mul_scalar(scale).backward();
+    let grads = tracked.params().iter().map(|(_, p)| p.grad_remove(&mut g).unwrap().into_data().try_to_vec::<f32>().unwrap()).collect();
+    (value, grads)
+}
+
+#[test]
+fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_bit_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, data, adapter) = gradient_setup(dir.path());
+    let refs: Vec<&Encoded> = data.iter().collect();
+
+    // The whole graph at once...
+    let (whole_loss, whole) = whole_graph_grads(&m, &refs, &adapter, 0.5);
     // ...and one layer at a time.
     let (layer_loss, layered) = lathe_engine::train::layerwise_grads(&m.model, &refs, &adapter, false, 1, 0.5).unwrap();
     assert!((layer_loss - whole_loss).abs() < 1e-4 * whole_loss.abs(), "{layer_loss} vs {whole_loss}");
@@ -438,29 +452,14 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
 #[test]
 fn a_bf16_base_halves_the_projections_and_trains_like_the_f32_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = tiny(dir.path());
-    let data = dataset(&m);
+    let (mut m, data, adapter) = gradient_setup(dir.path());
     let refs: Vec<&Encoded> = data.iter().collect();
-    let dev = m.model.device().clone();
-    let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, &dev);
-    give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
-    let loss_and_grads = |m: &LoadedModel| {
-        let mut tracked = adapter.clone();
-        for p in tracked.params_mut() {
-            *p = p.clone().autodiff().require_grad();
-        }
-        let (loss, _) = batch_loss(&m.model, &refs, &tracked, false).unwrap();
-        let value = f64::from(loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0]);
-        let mut g = loss.backward();
-        let grads: Vec<Vec<f32>> = tracked.params().iter().map(|(_, p)| p.grad_remove(&mut g).unwrap().into_data().try_to_vec::<f32>().unwrap()).collect();
-        (value, grads)
-    };
-    let (f32_loss, f32_grads) = loss_and_grads(&m);
+    let (f32_loss, f32_grads) = whole_graph_grads(&m, &refs, &adapter, 1.0);
 
     let freed = m.model.bf16_base();
     assert_eq!(freed, 2 * 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3), "two bytes saved per projection weight");
     assert_eq!(m.model.bf16_base(), 0, "a second call has nothing left to convert");
-    let (bf16_loss, bf16_grads) = loss_and_grads(&m);
+    let (bf16_loss, bf16_grads) = whole_graph_grads(&m, &refs, &adapter, 1.0);
     assert!(bf16_loss != f32_loss, "the bf16 base computes in bf16");
     assert!((bf16_loss - f32_loss).abs() < 2e-2 * f32_loss.abs(), "loss {bf16_loss} over bf16, {f32_loss} over f32");
     for ((name, _), (a, b)) in adapter.params().iter().zip(f32_grads.iter().zip(&bf16_grads)) {
