@@ -866,6 +866,16 @@ pub async fn workers(s: &AppState, caller: &Caller) -> ApiResult<Vec<Value>> {
     Ok(out)
 }
 
+/// A request's `needs` field (absent or null: none), read and checked.
+pub fn needs_from(value: Option<Value>) -> ApiResult<Needs> {
+    let needs: Needs = match value.unwrap_or(Value::Null) {
+        Value::Null => Needs::default(),
+        v => serde_json::from_value(v).map_err(|e| ApiError::bad(format!("job request: needs: {e}")))?,
+    };
+    check_needs(&needs)?;
+    Ok(needs)
+}
+
 /// A job's needs as a worker could meet them: a device kind Lathe knows, memory ≥ 0.
 fn check_needs(needs: &Needs) -> ApiResult<()> {
     if let Some(d) = &needs.device
@@ -908,12 +918,7 @@ async fn list_jobs(State(s): State<Arc<AppState>>, caller: Caller, Path(project)
 #[utoipa::path(post, path = "/api/v1/projects/{project}/jobs", params(("project" = String, Path)), responses((status = 202, description = "the queued job"), (status = 400, description = "what is wrong with the request")))]
 async fn submit_job(State(s): State<Arc<AppState>>, caller: Caller, Path(project): Path<String>, Json(mut body): Json<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
     let p = s.project(&caller, &project).await?;
-    let needs = body.as_object_mut().and_then(|o| o.remove("needs")).unwrap_or(Value::Null);
-    let needs: Needs = match needs {
-        Value::Null => Needs::default(),
-        v => serde_json::from_value(v).map_err(|e| ApiError::bad(format!("job request: needs: {e}")))?,
-    };
-    check_needs(&needs)?;
+    let needs = needs_from(body.as_object_mut().and_then(|o| o.remove("needs")))?;
     let request: JobRequest = serde_json::from_value(body).map_err(|e| ApiError::bad(format!("job request: {e}")))?;
     let row = enqueue(&s, &p.id, request, needs, 0).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(s.public_job(row)))))

@@ -167,6 +167,8 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
     for ignored in ["suffix", "validation_file", "metadata", "integrations", "method"] {
         body.remove(ignored);
     }
+    // Lathe's own, as on the native API: the device kind and memory the job needs.
+    let needs = crate::api::needs_from(body.remove("needs"))?;
     // The workflow: no fine-tune without an eval suite.
     let suites = s.db.suites(&p.id).await?;
     let suite_row = match &suite_name {
@@ -210,7 +212,7 @@ async fn create_job(State(s): State<Arc<AppState>>, caller: Caller, headers: Hea
         out: s.project_dir(&p.id).join("runs").join(&job_id),
         settings,
     };
-    let row = crate::api::enqueue_job(&s, &p.id, job_id, &Job::FineTune(spec), Default::default(), 0, 3).await?;
+    let row = crate::api::enqueue_job(&s, &p.id, job_id, &Job::FineTune(spec), needs, 0, 3).await?;
     Ok(Json(job_object(&s, &p, &row)))
 }
 

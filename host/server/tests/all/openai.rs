@@ -72,4 +72,18 @@ async fn a_fine_tuning_job_runs_through_the_openai_api(mut s: Server) {
     // Cancelling a finished job leaves it as it is.
     let (status, same) = s.call_in(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/cancel"), t, p, None).await;
     assert_eq!((status, same["status"].as_str()), (StatusCode::OK, Some("succeeded")));
+
+    // `needs` (extra_body in the client), as on the native API: a job that needs a GPU waits
+    // for one, and the test's CPU worker leaves it queued; a device no worker can be is refused.
+    let gpu = json!({"model": "tiny", "training_file": file["id"], "needs": {"device": "cuda", "memory_mb": 40000}});
+    let (status, queued) = s.call_in(Method::POST, "/v1/fine_tuning/jobs", t, p, Some(gpu)).await;
+    assert_eq!(status, StatusCode::OK, "{queued}");
+    let qid = queued["id"].as_str().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (_, row) = s.call(Method::GET, &format!("/api/v1/projects/{project}/jobs/{qid}"), t, None).await;
+    assert_eq!((row["state"].as_str(), row["needs_device"].as_str(), row["needs_memory_mb"].as_i64()), (Some("queued"), Some("cuda"), Some(40000)), "{row}");
+    let tpu = json!({"model": "tiny", "training_file": file["id"], "needs": {"device": "tpu"}});
+    let (status, refused) = s.call_in(Method::POST, "/v1/fine_tuning/jobs", t, p, Some(tpu)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("needs.device `tpu`"), "{refused}");
 }
