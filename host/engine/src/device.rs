@@ -71,6 +71,17 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The kind of device a `--device` value names, as workers announce it and jobs need it:
+/// `cpu` (also `flex`), `cuda` (`cuda:1` too) or `wgpu` (also `vulkan`, wgpu pinned to
+/// Vulkan). Unknown names pass through unchanged ([`parse_device`] refuses them).
+pub fn device_kind(name: &str) -> &str {
+    match name.split(':').next().unwrap_or("cpu") {
+        "flex" => "cpu",
+        "vulkan" => "wgpu",
+        kind => kind,
+    }
+}
+
 /// How a device multiplies f32 matrices. burn-cubecl runs f32 matrix products on CUDA tensor
 /// cores as TF32 (a 10-bit mantissa, about 5e-4 relative rounding per product) on GPUs that
 /// have them (Ampere and later), as PyTorch does with `torch.backends.cuda.matmul.allow_tf32`;
@@ -86,8 +97,8 @@ pub enum MatmulPrecision {
 impl MatmulPrecision {
     /// The precision of the device a `--device` value names (`cuda:1` → TF32).
     pub fn of(device_name: &str) -> Self {
-        match device_name.split(':').next() {
-            Some("cuda") => Self::Tf32,
+        match device_kind(device_name) {
+            "cuda" => Self::Tf32,
             _ => Self::F32,
         }
     }

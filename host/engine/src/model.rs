@@ -594,18 +594,22 @@ impl CausalLm {
     /// base. Returns the bytes the dense copies held.
     pub fn quantize_base(&mut self, ty: crate::gguf::GgmlType) -> Result<usize> {
         let mut freed = 0;
-        for l in &mut self.layers {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                if lin.weight.is_some() {
-                    let [i, o] = lin.dims();
-                    freed += i * o * 4;
-                }
-                lin.drop_dense(ty)?;
+        for lin in self.projections_mut() {
+            if lin.weight.is_some() {
+                let [i, o] = lin.dims();
+                freed += i * o * 4;
             }
+            lin.drop_dense(ty)?;
         }
         Ok(freed)
+    }
+
+    /// The seven frozen projections of every decoder layer (the head excluded).
+    fn projections_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|l| {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+        })
     }
 
     /// Mixed precision for training on a GPU: the frozen projections and the output head
@@ -615,14 +619,7 @@ impl CausalLm {
     /// copy stays, as the embedding). Projections kept only as quantized blocks (QLoRA)
     /// are left as they are.
     pub fn bf16_base(&mut self) -> usize {
-        let mut freed = 0;
-        for l in &mut self.layers {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                freed += lin.store_bf16();
-            }
-        }
+        let freed: usize = self.projections_mut().map(Linear::store_bf16).sum();
         let head = self.lm_head.store_bf16();
         freed + if self.config.tie_word_embeddings { 0 } else { head }
     }

@@ -88,15 +88,8 @@ fn host_memory_mb() -> i64 {
 }
 
 /// The kind a `--device` value announces, one of [`crate::api::DEVICE_KINDS`] (what a job's
-/// `needs.device` names): `cuda:1` is `cuda`, `flex` is `cpu`, and `vulkan` (wgpu pinned to
-/// Vulkan) is `wgpu`.
-pub fn device_kind(device: &str) -> &str {
-    match device.split(':').next().unwrap_or("cpu") {
-        "flex" => "cpu",
-        "vulkan" => "wgpu",
-        kind => kind,
-    }
-}
+/// `needs.device` names); the engine's device parser is the one place that knows the names.
+pub use lathe_engine::device::device_kind;
 
 impl AppState {
     /// What this process's workers can run: the device kind ([`device_kind`]) and the
