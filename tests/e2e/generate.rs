@@ -55,6 +55,30 @@ fn every_cpu_kernel_decodes_the_greedy_answer() {
     assert!(stderr(&out).contains("LATHE_CPU_KERNEL=sse9: this CPU runs") && stderr(&out).contains("portable"), "{}", stderr(&out));
 }
 
+/// The decode loops run on the spinning team by default and on rayon with
+/// `LATHE_SPIN_US=0`: the same greedy answer either way, and a value that is not a number of
+/// microseconds is refused by name.
+#[test]
+fn decode_on_the_spinning_team_or_on_rayon_gives_the_greedy_answer() {
+    let model = smollm2();
+    let chat = |spin: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--system", "You are a helpful assistant."])
+            .args(["--chat", "What is the capital of France? Answer in one sentence.", "--threads", "2"])
+            .env("LATHE_SPIN_US", spin)
+            .output()
+            .unwrap()
+    };
+    for spin in ["0", "50", "2000"] {
+        let out = chat(spin);
+        assert!(out.status.success(), "LATHE_SPIN_US={spin}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "The capital of France is Paris.\n", "LATHE_SPIN_US={spin}");
+    }
+    let out = chat("soon");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("LATHE_SPIN_US=\"soon\": expected whole microseconds"), "{}", stderr(&out));
+}
+
 #[test]
 fn sampling_flags_reach_the_sampler() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,7 @@ pub mod lora;
 pub mod model;
 pub mod parity;
 pub mod quant;
+pub mod team;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

@@ -104,6 +104,7 @@ impl Compute {
     pub fn setup(&self) -> Result<lathe_engine::Device> {
         lathe_engine::quant::set_int8_activations(self.int8_activations);
         lathe_engine::quant::cpu_kernel().map_err(anyhow::Error::msg)?;
+        lathe_engine::team::spin().map_err(anyhow::Error::msg)?;
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)

@@ -22,7 +22,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rayon::prelude::*;
 
 use crate::gguf::GgmlType;
 
@@ -196,7 +195,8 @@ impl QMatrix {
         for (m, out) in mats.iter().zip(&mut outs) {
             tasks.extend(out.chunks_mut(ROWS_PER_TASK * n).enumerate().map(|(t, o)| (*m, t * ROWS_PER_TASK, o)));
         }
-        tasks.into_par_iter().for_each(|(m, first, out)| {
+        crate::team::for_each(&mut tasks, |(m, first, out)| {
+            let (m, first) = (*m, *first);
             let per_row = if m.codes == Codes::Bytes { 32 } else { 16 } * nb;
             for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
                 let r = first + k;

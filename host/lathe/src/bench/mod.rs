@@ -10,13 +10,14 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lathe_engine::generate::{argmax, logits_to_host};
-use lathe_engine::{KvCache, Logits, Step};
+use lathe_engine::{CausalLm, KvCache, KvPool, Logits, SeqCache, SeqStep, Step};
 
 use crate::cli::{Compute, DEFAULT_MODEL, load};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Prompt-processing and decode tokens/s at several batch sizes.
+    /// Prompt-processing and decode tokens/s at several batch sizes, on the path generation
+    /// takes (on the CPU: paged caches and host buffers, as `generate`, `eval` and `serve`).
     Generate(GenerateBench),
     /// Whether a device computes what the CPU computes: logits at every prompt position and
     /// greedy continuations, for the same weights loaded on both. Fails when they differ.
@@ -568,32 +569,13 @@ fn generate(a: GenerateBench) -> Result<()> {
     for &b in &a.batch {
         let (mut best_pp, mut best_tg) = (0f64, 0f64);
         for _ in 0..a.repeat.max(1) {
-            let mut cache = KvCache::new(m.model.config.num_layers);
-            let step = Step {
-                batch: b,
-                seq: ids.len(),
-                tokens: ids.iter().copied().cycle().take(b * ids.len()).collect(),
-                positions: (0..b).flat_map(|_| 0..ids.len() as i64).collect(),
-                valid: vec![true; b * ids.len()],
+            let (pp, tg) = if m.model.on_host() {
+                time_paged(&m.model, &ids, b, a.decode_tokens)?
+            } else {
+                time_padded(&m.model, &ids, b, a.decode_tokens)?
             };
-            let t = Instant::now();
-            let logits = m.model.forward(&step, &mut cache, Logits::Last);
-            let mut host = logits_to_host(logits)?;
-            best_pp = best_pp.max((b * ids.len()) as f64 / t.elapsed().as_secs_f64());
-            let vocab = m.model.config.vocab_size;
-            let t = Instant::now();
-            for i in 0..a.decode_tokens {
-                let next: Vec<u32> = host.chunks(vocab).map(argmax).collect();
-                let step = Step {
-                    batch: b,
-                    seq: 1,
-                    tokens: next,
-                    positions: vec![(ids.len() + i) as i64; b],
-                    valid: vec![true; b],
-                };
-                host = logits_to_host(m.model.forward(&step, &mut cache, Logits::Last))?;
-            }
-            best_tg = best_tg.max((b * a.decode_tokens) as f64 / t.elapsed().as_secs_f64());
+            best_pp = best_pp.max((b * ids.len()) as f64 / pp);
+            best_tg = best_tg.max((b * a.decode_tokens) as f64 / tg);
         }
         if a.json {
             println!(
@@ -607,6 +589,61 @@ fn generate(a: GenerateBench) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Seconds to prefill `b` copies of the prompt and to decode `decode` tokens after it, as
+/// generation runs on the CPU: each row its own cache blocks, written in place, the steps
+/// on host buffers.
+fn time_paged(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<(f64, f64)> {
+    let c = &model.config;
+    let mut pool = KvPool::new(c, b * (ids.len() + decode).div_ceil(lathe_engine::model::paged::BLOCK_TOKENS));
+    let mut caches: Vec<SeqCache> = (0..b).map(|_| SeqCache::new(0)).collect();
+    let mut step = |tokens: &[&[u32]]| -> Result<Vec<f32>> {
+        let mut rows = Vec::with_capacity(b);
+        for (cache, t) in caches.iter_mut().zip(tokens) {
+            anyhow::ensure!(cache.reserve(&mut pool, t.len()), "the pool holds every row's tokens");
+            rows.push(SeqStep { tokens: t, cache, adapter: None });
+        }
+        Ok(model.forward_paged(&mut rows, &mut pool)?)
+    };
+    let t = Instant::now();
+    let mut host = step(&vec![ids; b])?;
+    let pp = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..decode {
+        let next: Vec<[u32; 1]> = host.chunks(c.vocab_size).map(|l| [argmax(l)]).collect();
+        host = step(&next.iter().map(|t| &t[..]).collect::<Vec<_>>())?;
+    }
+    Ok((pp, t.elapsed().as_secs_f64()))
+}
+
+/// The same on the model's device (a GPU): one padded batch, a cache that grows by
+/// concatenation.
+fn time_padded(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<(f64, f64)> {
+    let mut cache = KvCache::new(model.config.num_layers);
+    let step = Step {
+        batch: b,
+        seq: ids.len(),
+        tokens: ids.iter().copied().cycle().take(b * ids.len()).collect(),
+        positions: (0..b).flat_map(|_| 0..ids.len() as i64).collect(),
+        valid: vec![true; b * ids.len()],
+    };
+    let t = Instant::now();
+    let mut host = logits_to_host(model.forward(&step, &mut cache, Logits::Last))?;
+    let pp = t.elapsed().as_secs_f64();
+    let vocab = model.config.vocab_size;
+    let t = Instant::now();
+    for i in 0..decode {
+        let step = Step {
+            batch: b,
+            seq: 1,
+            tokens: host.chunks(vocab).map(argmax).collect(),
+            positions: vec![(ids.len() + i) as i64; b],
+            valid: vec![true; b],
+        };
+        host = logits_to_host(model.forward(&step, &mut cache, Logits::Last))?;
+    }
+    Ok((pp, t.elapsed().as_secs_f64()))
 }
 
 #[derive(Args)]
