@@ -3,7 +3,8 @@
 
 Needs `pip install llama-cpp-python` (it compiles llama.cpp from source; see BENCHMARKS.md
 for the flags used). Checks llama.cpp's last-position logits against the transformers
-fixture first, so a miscompiled kernel cannot pass for a fast one, then measures
+fixture first (on SmolLM2, whichever --model is measured), so a miscompiled kernel cannot
+pass for a fast one, then measures
 prompt processing (pp) and decode (tg) at batch 1, best of --repeat runs, and prints one
 JSON line per measurement like `lathe bench generate --json`.
 """
@@ -12,8 +13,9 @@ import argparse, json, os, sys, time
 import numpy as np
 from llama_cpp import Llama
 
+SMOLLM2 = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 ap = argparse.ArgumentParser()
-ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
+ap.add_argument("--model", default=SMOLLM2)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--prompt-tokens", type=int, default=128)
 ap.add_argument("--decode-tokens", type=int, default=64)
@@ -21,8 +23,13 @@ ap.add_argument("--repeat", type=int, default=3)
 ap.add_argument("--fixture", default="tests/fixtures/smollm2")
 a = ap.parse_args()
 
-llm = Llama(model_path=a.model, n_ctx=512, n_batch=512, n_threads=a.threads,
-            n_threads_batch=a.threads, logits_all=True, verbose=False)
+def load(path):
+    return Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=a.threads,
+                 n_threads_batch=a.threads, logits_all=True, verbose=False)
+
+# The build is checked on SmolLM2, whose transformers logits are a fixture, whatever model
+# is then measured.
+llm = load(SMOLLM2)
 ref = json.load(open(os.path.join(a.fixture, "reference.json")))
 ids = ref["cases"]["plain"]["input_ids"]
 llm.reset()
@@ -35,6 +42,9 @@ print(json.dumps({"engine": "llama.cpp", "check": "plain logits vs transformers"
                   "max_abs_diff": diff, "argmax_equal": top_ok}))
 if not top_ok:
     sys.exit("llama.cpp disagrees with transformers on the argmax: not a valid anchor")
+if a.model != SMOLLM2:
+    del llm
+    llm = load(a.model)
 
 text = "The quick brown fox jumps over the lazy dog while the sun sets behind the hills. "
 prompt = []

@@ -78,8 +78,21 @@ pub fn safetensors_f32(
     safetensors::serialize(views, meta).map_err(|e| e.to_string())
 }
 
+/// The type llama.cpp's Q4_K_M gives the 2-D weight `name` (Hugging Face naming): Q6_K for
+/// the output head (the embedding, when tied) and, in the first and last eighth of the
+/// layers and every third one between, for the value and down projections; Q4_K elsewhere.
+pub fn q4_k_m_type(name: &str, config: &ModelConfig) -> GgmlType {
+    let n = config.num_layers;
+    let more_bits = |i: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+    let layer = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()?.parse::<usize>().ok());
+    let head = name == "lm_head.weight" || (config.tie_word_embeddings && name == "model.embed_tokens.weight");
+    let widened = matches!(layer, Some(i) if more_bits(i)) && (name.ends_with("self_attn.v_proj.weight") || name.ends_with("mlp.down_proj.weight"));
+    if head || widened { GgmlType::Q6_K } else { GgmlType::Q4_K }
+}
+
 /// Writes a GGUF file: architecture metadata, `tokenizer_meta` (the `tokenizer.*` keys),
-/// and the weights, 2-D projections as `matrix_type`, norms as F32.
+/// and the weights, 2-D projections as `matrix_type`, norms as F32. `Q4_K` writes
+/// llama.cpp's Q4_K_M mix ([`q4_k_m_type`]).
 pub fn write_gguf(
     path: &Path,
     config: &ModelConfig,
@@ -141,7 +154,17 @@ pub fn write_gguf(
             Some(h) => permute_qk_rows(&data, shape[0], h, false),
             None => data,
         };
-        let ty = if shape.len() == 2 { matrix_type } else { GgmlType::F32 };
+        let ty = match (shape.len(), matrix_type) {
+            (2, GgmlType::Q4_K) => q4_k_m_type(&name, config),
+            (2, ty) => ty,
+            _ => GgmlType::F32,
+        };
+        // A K-quant needs rows of whole 256-value blocks; llama.cpp falls back to a 32-value
+        // type where they are not.
+        let ty = match ty {
+            GgmlType::Q4_K | GgmlType::Q6_K if !shape[1].is_multiple_of(256) => GgmlType::Q8_0,
+            ty => ty,
+        };
         w.tensor(gname, &shape, ty, &data);
     }
     w.write(path)

@@ -77,7 +77,7 @@ impl GgmlType {
     }
 
     /// (values per block, bytes per block)
-    fn block(self) -> (usize, usize) {
+    pub(crate) fn block(self) -> (usize, usize) {
         match self {
             Self::F32 => (1, 4),
             Self::F16 | Self::BF16 => (1, 2),
@@ -105,7 +105,7 @@ impl GgmlType {
     }
 
     /// Bytes needed for `n` values, or None when `n` is not a whole number of blocks.
-    fn byte_len(self, n: usize) -> Option<usize> {
+    pub(crate) fn byte_len(self, n: usize) -> Option<usize> {
         let (per, bytes) = self.block();
         n.is_multiple_of(per).then(|| n / per * bytes)
     }
@@ -437,6 +437,11 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
+    /// The `tokenizer.*` keys, to write a GGUF that tokenizes as this one does.
+    pub fn tokenizer_meta(&self) -> Vec<(String, Value)> {
+        self.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
@@ -473,6 +478,13 @@ impl GgufFile {
 /// Dequantizes `n` values of type `ty` from `bytes` (whose length the caller has checked).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
+    dequantize_into(ty, bytes, &mut out);
+    out
+}
+
+/// Appends the values of `bytes` (whole blocks of `ty`) to `out`: for kernels that expand
+/// one block at a time into a buffer they reuse.
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match ty {
         GgmlType::F32 => out.extend(
@@ -553,11 +565,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
             }
         }
     }
-    out
 }
 
 /// The 6-bit scale and min of sub-block `j` (0..8) from a K-quant's 12 packed bytes.
-fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -566,7 +577,8 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// Quantizes f32 values (a whole number of blocks) to `ty`, as llama.cpp's reference
-/// quantizers do. Lathe writes F32, F16, BF16, Q8_0, Q4_0 and Q4_1; K-quants are read only.
+/// quantizers do (the K-quants without their search for the best scales). Lathe writes
+/// every type it reads but Q5_K.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ty.byte_len(values.len()).unwrap_or(0));
     match ty {
@@ -613,11 +625,89 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
                 out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
             }
         }
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-            panic!("Lathe does not write {} tensors", ty.name())
-        }
+        GgmlType::Q4_K => values.chunks_exact(256).for_each(|b| quantize_q4_k(b, &mut out)),
+        GgmlType::Q6_K => values.chunks_exact(256).for_each(|b| quantize_q6_k(b, &mut out)),
+        GgmlType::Q5_K => panic!("Lathe does not write Q5_K tensors"),
     }
     out
+}
+
+/// One Q4_K super-block of 256 values: eight sub-blocks of 32, each `scale · q − min` with
+/// q in 0..16; the sub-blocks' scales and mins are 6-bit multiples of two f16 factors.
+/// Each sub-block spans its own range, as ggml's reference does before its refinement search.
+fn quantize_q4_k(block: &[f32], out: &mut Vec<u8>) {
+    let mut scale = [0f32; 8];
+    let mut min = [0f32; 8];
+    for (j, sub) in block.chunks_exact(32).enumerate() {
+        let lo = sub.iter().copied().fold(0f32, f32::min);
+        let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        scale[j] = (hi - lo) / 15.0;
+        min[j] = -lo;
+    }
+    let six = |v: &[f32; 8]| {
+        let d = v.iter().copied().fold(0f32, f32::max) / 63.0;
+        let d = f16::from_f32(d).to_f32();
+        let q: [u8; 8] = std::array::from_fn(|j| if d > 0.0 { (v[j] / d).round().clamp(0.0, 63.0) as u8 } else { 0 });
+        (d, q)
+    };
+    let (d, sc) = six(&scale);
+    let (dmin, m) = six(&min);
+    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+    out.extend_from_slice(&f16::from_f32(dmin).to_le_bytes());
+    // The packing `k_scale_min` reads back.
+    for j in 0..4 {
+        out.push(sc[j] | ((sc[j + 4] >> 4) << 6));
+    }
+    for j in 0..4 {
+        out.push(m[j] | ((m[j + 4] >> 4) << 6));
+    }
+    for j in 0..4 {
+        out.push((sc[j + 4] & 0x0f) | ((m[j + 4] & 0x0f) << 4));
+    }
+    let codes: Vec<u8> = block
+        .chunks_exact(32)
+        .enumerate()
+        .flat_map(|(j, sub)| {
+            let (s, mn) = (d * f32::from(sc[j]), dmin * f32::from(m[j]));
+            sub.iter().map(move |&v| if s > 0.0 { ((v + mn) / s).round().clamp(0.0, 15.0) as u8 } else { 0 })
+        })
+        .collect();
+    // Two sub-blocks share 32 bytes: the first in the low nibbles.
+    for pair in codes.chunks_exact(64) {
+        out.extend((0..32).map(|l| pair[l] | (pair[l + 32] << 4)));
+    }
+}
+
+/// One Q6_K super-block of 256 values: sixteen sub-blocks of 16, each `d · scale · (q − 32)`
+/// with q in 0..64 and a signed 8-bit scale per sub-block.
+fn quantize_q6_k(block: &[f32], out: &mut Vec<u8>) {
+    let scale: [f32; 16] = std::array::from_fn(|s| block[16 * s..16 * s + 16].iter().fold(0f32, |a, v| a.max(v.abs())) / 31.0);
+    let d = f16::from_f32(scale.iter().copied().fold(0f32, f32::max) / 127.0).to_f32();
+    let sc: [i8; 16] = std::array::from_fn(|s| if d > 0.0 { (scale[s] / d).round().clamp(-128.0, 127.0) as i8 } else { 0 });
+    let q: Vec<u8> = block
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let s = d * f32::from(sc[i / 16]);
+            if s != 0.0 { ((v / s).round() + 32.0).clamp(0.0, 63.0) as u8 } else { 32 }
+        })
+        .collect();
+    // Per half of 128: low 4 bits of values l and l+64 share byte l (l < 64), the high 2
+    // bits of l, l+32, l+64, l+96 share byte l (l < 32): the layout `dequantize` reads.
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for h in 0..2 {
+        let q = &q[128 * h..128 * h + 128];
+        for l in 0..32 {
+            ql[64 * h + l] = (q[l] & 0x0f) | ((q[l + 64] & 0x0f) << 4);
+            ql[64 * h + l + 32] = (q[l + 32] & 0x0f) | ((q[l + 96] & 0x0f) << 4);
+            qh[32 * h + l] = (q[l] >> 4) | ((q[l + 32] >> 4) << 2) | ((q[l + 64] >> 4) << 4) | ((q[l + 96] >> 4) << 6);
+        }
+    }
+    out.extend_from_slice(&ql);
+    out.extend_from_slice(&qh);
+    out.extend(sc.iter().map(|&s| s as u8));
+    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
 }
 
 /// Builds a GGUF file: metadata in insertion order, then tensors.
@@ -638,14 +728,12 @@ impl GgufWriter {
     }
 
     /// Adds a tensor given in PyTorch order (outermost first), quantizing it to `ty`.
-    /// Quantized types need the innermost dimension to be a multiple of 32.
+    /// Quantized types need the innermost dimension to be a whole number of blocks (32
+    /// values, 256 for K-quants); other tensors are written F32.
     pub fn tensor(&mut self, name: impl Into<String>, shape: &[usize], ty: GgmlType, values: &[f32]) {
         let name = name.into();
         let inner = shape.last().copied().unwrap_or(1);
-        assert!(
-            !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K),
-            "Lathe writes F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors"
-        );
+        assert!(ty != GgmlType::Q5_K, "Lathe writes F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K tensors");
         let ty = if ty.byte_len(inner).is_some() { ty } else { GgmlType::F32 };
         assert_eq!(shape.iter().product::<usize>(), values.len(), "tensor `{name}`");
         self.tensors
@@ -733,6 +821,10 @@ mod tests {
             (GgmlType::Q8_0, amax / 127.0),
             (GgmlType::Q4_0, amax / 8.0),
             (GgmlType::Q4_1, 2.0 * amax / 15.0),
+            // Half a sub-block's step (its range / 15), plus the 6-bit rounding of its
+            // scale and min: within one step.
+            (GgmlType::Q4_K, 2.0 * amax / 15.0),
+            (GgmlType::Q6_K, amax / 31.0),
         ] {
             let back = dequantize(ty, &quantize(ty, &v), v.len());
             let err = v.iter().zip(&back).fold(0f32, |a, (x, y)| a.max((x - y).abs()));

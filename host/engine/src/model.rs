@@ -23,11 +23,27 @@ use crate::weights::{HostTensor, WeightSource};
 
 pub mod paged;
 
+static DENSE_COPY_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1 << 30);
+
+/// The most bytes of f32 copies a model loaded on the CPU keeps beside its quantized blocks
+/// (for the prefill gemm and training): 1 GiB unless [`set_dense_copy_limit`] says otherwise.
+/// SmolLM2-135M (540 MB as f32) keeps them; a 7B model keeps its blocks alone.
+pub fn dense_copy_limit() -> usize {
+    DENSE_COPY_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets [`dense_copy_limit`] for models loaded from now on (process-wide).
+pub fn set_dense_copy_limit(bytes: usize) {
+    DENSE_COPY_LIMIT.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A frozen linear projection, `y = x · W` with `W` logically `[in, out]`.
 ///
 /// On the CPU, a weight that came in quantized blocks also keeps them: steps with at most
 /// [`quant::MAX_ROWS`] rows (decoding) multiply straight from the blocks, reading 4-8× fewer
-/// bytes than the f32 copy; longer steps (prefill) use the dense gemm.
+/// bytes than the f32 copy; longer steps (prefill) use the dense gemm. A model whose f32
+/// copies would pass [`dense_copy_limit`] keeps the blocks alone, and every step multiplies
+/// from them: resident memory stays near the file's size.
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// `[in, out]`; None when only the quantized blocks are kept (QLoRA's frozen base).
@@ -138,7 +154,7 @@ impl Linear {
     pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
         if let Some(mats) = packed
-            && n <= quant::MAX_ROWS
+            && (n <= quant::MAX_ROWS || lins.iter().any(|l| l.weight.is_none()))
         {
             return QMatrix::matmul_many(&mats, x, n, quant::int8_activations());
         }
@@ -155,7 +171,7 @@ impl Linear {
         let out = self.dims()[1];
         // The packed kernel runs on the host, outside any autodiff graph.
         if let Some(q) = &self.packed
-            && b * s <= quant::MAX_ROWS
+            && (b * s <= quant::MAX_ROWS || self.weight.is_none())
             && !x.is_autodiff()
         {
             let device = x.device();
@@ -423,6 +439,15 @@ pub enum Logits {
     All,
 }
 
+/// The token embedding, `[vocab, hidden]`: a tensor, or the GGUF's blocks alone (rows
+/// expanded as tokens are looked up).
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant, reason = "one per model")]
+enum Embedding {
+    Dense(Tensor<2>),
+    Packed(Arc<QMatrix>),
+}
+
 #[derive(Clone, Debug)]
 pub struct CausalLm {
     pub config: ModelConfig,
@@ -431,7 +456,7 @@ pub struct CausalLm {
     /// (burn's CPU backend does; the GPU kernels want one key/value head per query head).
     native_gqa: bool,
     inv_freq: Vec<f64>,
-    pub embed_tokens: Tensor<2>,
+    embed_tokens: Embedding,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `[hidden, vocab]`; the transposed embedding when the head is tied.
@@ -470,7 +495,27 @@ impl CausalLm {
         let packed = |name: &str| -> Result<Option<QMatrix>> {
             if on_cpu { src.packed(name) } else { Ok(None) }
         };
+        // Past the limit, a tensor that comes in blocks is never expanded, not even while
+        // loading.
+        let f32_bytes: usize = c.tensor_shapes().iter().map(|(_, shape)| 4 * shape.iter().product::<usize>()).sum();
+        let blocks_alone = |name: &str, out: usize, inp: usize| -> Result<Option<Arc<QMatrix>>> {
+            if f32_bytes <= dense_copy_limit() {
+                return Ok(None);
+            }
+            let Some(q) = packed(name)? else { return Ok(None) };
+            if [q.rows(), q.cols()] != [out, inp] {
+                return Err(EngineError::Unsupported {
+                    path: src.origin().into(),
+                    field: format!("tensor `{name}` shape"),
+                    detail: format!("{:?}, but the config implies {:?}", [q.rows(), q.cols()], [out, inp]),
+                });
+            }
+            Ok(Some(Arc::new(q)))
+        };
         let lin = |name: &str, out: usize, inp: usize| {
+            if let Some(q) = blocks_alone(name, out, inp)? {
+                return Ok(Linear { weight: None, packed: Some(q) });
+            }
             let (_, data) = tensor(name, &[out, inp])?;
             Ok(Linear::from_hf_host(&data, out, inp, device, packed(name)?))
         };
@@ -494,11 +539,17 @@ impl CausalLm {
                 },
             });
         }
-        let embed_tokens = t2("model.embed_tokens.weight", c.vocab_size, h)?;
-        let lm_head = if c.tie_word_embeddings {
-            Linear::from_hf(embed_tokens.clone(), packed("model.embed_tokens.weight")?)
-        } else {
-            lin("lm_head.weight", c.vocab_size, h)?
+        let embed_tokens = match blocks_alone("model.embed_tokens.weight", c.vocab_size, h)? {
+            Some(q) => Embedding::Packed(q),
+            None => Embedding::Dense(t2("model.embed_tokens.weight", c.vocab_size, h)?),
+        };
+        let lm_head = match (&embed_tokens, c.tie_word_embeddings) {
+            (_, false) => lin("lm_head.weight", c.vocab_size, h)?,
+            (Embedding::Packed(q), true) => Linear {
+                weight: None,
+                packed: Some(q.clone()),
+            },
+            (Embedding::Dense(t), true) => Linear::from_hf(t.clone(), packed("model.embed_tokens.weight")?),
         };
         Ok(Self {
             inv_freq: config.rope_inv_freq(),
@@ -551,7 +602,10 @@ impl CausalLm {
             }
         }
         tensors.insert("model.norm.weight".into(), (vec![c.hidden_size], host(&self.norm.weight)));
-        let embed = self.embed_tokens.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 weights");
+        let embed = match &self.embed_tokens {
+            Embedding::Dense(t) => t.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 weights"),
+            Embedding::Packed(q) => q.dequantize(),
+        };
         tensors.insert("model.embed_tokens.weight".into(), (vec![c.vocab_size, c.hidden_size], embed));
         MemoryWeights {
             tensors,
@@ -640,9 +694,17 @@ impl CausalLm {
 
     /// The token embeddings of a step, `[batch, seq, hidden]`.
     pub fn embed(&self, step: &Step) -> Tensor<3> {
-        let ids: Vec<i64> = step.tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [step.batch, step.seq]), &self.device);
-        embedding(self.embed_tokens.clone(), ids)
+        match &self.embed_tokens {
+            Embedding::Dense(t) => {
+                let ids: Vec<i64> = step.tokens.iter().map(|&t| i64::from(t)).collect();
+                let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [step.batch, step.seq]), &self.device);
+                embedding(t.clone(), ids)
+            }
+            Embedding::Packed(q) => {
+                let rows: Vec<f32> = step.tokens.iter().flat_map(|&t| q.row(t as usize)).collect();
+                Tensor::from_data(TensorData::new(rows, [step.batch, step.seq, q.cols()]), &self.device)
+            }
+        }
     }
 
     /// Decoder layer `i` on `x` without a KV cache (training, layer by layer).

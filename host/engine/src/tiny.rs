@@ -117,8 +117,12 @@ fn random_weights_within(config: &ModelConfig, seed: u64, bound: f32) -> MemoryW
 /// deviation 0.02 (Hugging Face's `initializer_range`), so activations stay finite through
 /// many layers. For benchmarks and device checks at sizes no fixture has.
 pub fn write_synthetic(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer, seed: u64) -> Result<()> {
-    let weights = random_weights_within(config, seed, 0.02 * 3f32.sqrt());
-    write_hf_folder(dir, config, &weights, tokenizer)
+    write_hf_folder(dir, config, &synthetic_weights(config, seed), tokenizer)
+}
+
+/// The weights [`write_synthetic`] writes: uniform with standard deviation 0.02.
+pub fn synthetic_weights(config: &ModelConfig, seed: u64) -> MemoryWeights {
+    random_weights_within(config, seed, 0.02 * 3f32.sqrt())
 }
 
 /// Paths of one tiny model written in both formats.

@@ -181,8 +181,8 @@ pub struct ExportArgs {
     /// A PEFT adapter folder (`best/`, `last/` or a checkpoint).
     #[arg(long)]
     adapter: PathBuf,
-    /// peft (copy of the adapter), hf (merged safetensors folder), gguf-f16, gguf-q8_0 or
-    /// gguf-q4_1 (merged, for llama.cpp).
+    /// peft (copy of the adapter), hf (merged safetensors folder), gguf-f16, gguf-q8_0,
+    /// gguf-q4_1 or gguf-q4_k_m (merged, for llama.cpp).
     #[arg(long, default_value = "peft")]
     format: String,
     #[arg(long)]

@@ -692,7 +692,7 @@ async fn merged_export(s: &AppState, project_id: &str, job_id: &str) -> ApiResul
     let job = s.db.job(project_id, job_id).await?;
     match crate::deployments::Servable::of(s, &job) {
         Some(crate::deployments::Servable::Merged { path, .. }) => Ok(path),
-        _ => Err(ApiError::bad(format!("job `{job_id}` is not a succeeded export job of a merged model (format gguf-q8_0, gguf-q4_1, gguf-f16 or hf)"))),
+        _ => Err(ApiError::bad(format!("job `{job_id}` is not a succeeded export job of a merged model (format gguf-q8_0, gguf-q4_1, gguf-q4_k_m, gguf-f16 or hf)"))),
     }
 }
 

@@ -89,6 +89,10 @@ enum Codes {
     Nibbles,
     /// Signed 8-bit codes, value `q·d`.
     Bytes,
+    /// A K-quant's super-blocks of 256 values as the GGUF stores them (`qs` holds whole
+    /// blocks; no scales or mins apart): each is expanded once into a buffer and multiplied
+    /// by every row of `x` in f32, whatever [`set_int8_activations`] says.
+    Super(GgmlType),
 }
 
 /// A `[rows, cols]` matrix (Hugging Face `[out, in]` layout) in blocks of 32 along `cols`.
@@ -106,9 +110,20 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
-    /// Repacks GGUF blocks (`Q4_0`, `Q4_1`, `Q8_0`) of a `[rows, cols]` matrix; None for
-    /// other types, which stay dense.
+    /// Repacks GGUF blocks (`Q4_0`, `Q4_1`, `Q8_0`) of a `[rows, cols]` matrix, or keeps a
+    /// K-quant's (`Q4_K`, `Q5_K`, `Q6_K`) as they are; None for other types, which stay
+    /// dense.
     pub fn from_ggml(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+            return (cols.is_multiple_of(256) && ty.byte_len(rows * cols) == Some(bytes.len())).then(|| QMatrix {
+                rows,
+                cols,
+                codes: Codes::Super(ty),
+                qs: bytes.to_vec(),
+                scales: Vec::new(),
+                mins: Vec::new(),
+            });
+        }
         if !cols.is_multiple_of(32) {
             return None;
         }
@@ -197,6 +212,9 @@ impl QMatrix {
         }
         crate::team::for_each(&mut tasks, |(m, first, out)| {
             let (m, first) = (*m, *first);
+            if let Codes::Super(ty) = m.codes {
+                return kquant::rows(kernel, ty, m, first, x, n, out);
+            }
             let per_row = if m.codes == Codes::Bytes { 32 } else { 16 } * nb;
             for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
                 let r = first + k;
@@ -230,11 +248,26 @@ impl QMatrix {
 
     /// The matrix expanded to f32 (for checks and dense fallbacks).
     pub fn dequantize(&self) -> Vec<f32> {
+        self.expand(0..self.rows)
+    }
+
+    /// Row `r` expanded to f32 (an embedding lookup).
+    pub fn row(&self, r: usize) -> Vec<f32> {
+        self.expand(r..r + 1)
+    }
+
+    fn expand(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows.len() * self.cols);
+        if let Codes::Super(ty) = self.codes {
+            let per_row = ty.byte_len(self.cols).expect("whole super-blocks per row");
+            crate::gguf::dequantize_into(ty, &self.qs[rows.start * per_row..rows.end * per_row], &mut out);
+            return out;
+        }
         let nb = self.cols / 32;
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for blk in 0..self.rows * nb {
+        for blk in rows.start * nb..rows.end * nb {
             let d = self.scales[blk];
             match self.codes {
+                Codes::Super(_) => unreachable!("expanded above"),
                 Codes::Bytes => out.extend(self.qs[blk * 32..blk * 32 + 32].iter().map(|&q| f32::from(q as i8) * d)),
                 Codes::Nibbles => {
                     let (qs, m) = (&self.qs[blk * 16..blk * 16 + 16], self.mins[blk]);
@@ -249,6 +282,7 @@ impl QMatrix {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+mod kquant;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -371,6 +405,7 @@ impl Kernel {
                     match w.codes {
                         Codes::Bytes => avx512::dot_bytes::<R>(w.qs, w.scales, xs),
                         Codes::Nibbles => avx512::dot_nibbles::<R>(w.qs, w.scales, w.mins, xs),
+                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
                     }
                 })
             },
@@ -384,6 +419,7 @@ impl Kernel {
                     match w.codes {
                         Codes::Bytes => avx2::dot_bytes::<R>(w.qs, w.scales, xs),
                         Codes::Nibbles => avx2::dot_nibbles::<R>(w.qs, w.scales, w.mins, xs),
+                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
                     }
                 })
             },
@@ -392,6 +428,7 @@ impl Kernel {
                     *o = match w.codes {
                         Codes::Bytes => dot_bytes(w.qs, w.scales, row(i)),
                         Codes::Nibbles => dot_nibbles(w.qs, w.scales, row(i)) + dot_f32(w.mins, sums(i)),
+                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
                     };
                 }
             }
@@ -423,6 +460,7 @@ impl Kernel {
                     match w.codes {
                         Codes::Bytes => avx2::dot_bytes_q8::<R>(w.qs, w.scales, xs, xd),
                         Codes::Nibbles => avx2::dot_nibbles_q8::<R>(w.qs, w.scales, w.mins, xs, xd, std::array::from_fn(|k| sums(i + k))),
+                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
                     }
                 })
             },
@@ -447,6 +485,7 @@ fn dot_q8(codes: Codes, qs: &[u8], scales: &[f32], xq: &[i8], xd: &[f32]) -> f32
                 let q = &qs[16 * b..16 * b + 16];
                 (0..16).map(|j| i32::from(q[j] & 15) * i32::from(x[j]) + i32::from(q[j] >> 4) * i32::from(x[j + 16])).sum()
             }
+            Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
         };
         total += d * dx * sum as f32;
     }
@@ -554,6 +593,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// K-quant blocks stay as the file has them, and the product from them equals the dense
+    /// product of their expansion (which matches gguf-py's, see `gguf::tests`) for any
+    /// number of rows, with 8-bit activations asked for or not.
+    #[test]
+    fn k_quant_products_equal_the_dense_product_of_their_expansion() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kquants");
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            // Q5_K is read, not written: the blocks gguf-py made, as rows of one block.
+            let (bytes, rows, cols) = match ty {
+                GgmlType::Q5_K => {
+                    let b = std::fs::read(fixtures.join("Q5_K.bin")).unwrap();
+                    let rows = b.len() / 176;
+                    (b, rows, 256)
+                }
+                _ => (quantize(ty, &values(24 * 512, 3)), 24, 512),
+            };
+            let w = dequantize(ty, &bytes, rows * cols);
+            let q = QMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
+            assert_eq!(q.bytes(), bytes.len(), "{ty:?} is kept packed");
+            assert_eq!(q.dequantize(), w, "{ty:?}");
+            assert_eq!(q.row(rows - 1), w[(rows - 1) * cols..], "{ty:?}");
+            for (n, kernel) in [1, 5, MAX_ROWS + 3].into_iter().flat_map(|n| Kernel::available().into_iter().map(move |k| (n, k))) {
+                let x = values(n * cols, 9);
+                for int8 in [false, true] {
+                    let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
+                    for i in 0..n {
+                        for r in 0..rows {
+                            let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
+                            let g = got[i * rows + r];
+                            assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} n={n} [{i},{r}]: {g} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(QMatrix::from_ggml(GgmlType::Q4_K, &[0; 144], 1, 128).is_none(), "a row must hold whole super-blocks");
     }
 
     /// With 8-bit activations the kernel computes, up to float summation order, the dense

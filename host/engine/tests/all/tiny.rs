@@ -166,3 +166,66 @@ fn the_test_device_computes_what_the_cpu_computes() {
         assert_eq!(p.argmax_agreement, 1.0, "{arch:?}: {p:?}");
     }
 }
+
+/// A model written as Q4_K_M (Q4_K, with Q6_K for the head and some value and down
+/// projections) loads with dense copies beside its blocks, or, past the dense-copy limit,
+/// with the blocks alone; both compute the same logits at every step, near the f32
+/// model's, and generate the same greedy tokens.
+#[test]
+fn a_q4_k_m_model_computes_alike_from_its_blocks_alone() {
+    use lathe_engine::export::{q4_k_m_type, write_gguf};
+    use lathe_engine::gguf::{GgmlType, GgufFile};
+    use lathe_engine::model::set_dense_copy_limit;
+    for arch in [Architecture::Llama, Architecture::Mistral] {
+        let dir = tempfile::tempdir().unwrap();
+        // K-quants need rows of whole 256-value blocks.
+        let config = lathe_engine::ModelConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            ..lathe_engine::tiny::tiny_config(arch)
+        };
+        let weights = lathe_engine::tiny::random_weights(&config, 21);
+        let path = dir.path().join("model.gguf");
+        write_gguf(&path, &config, &weights, &lathe_engine::tiny::tokenizer_meta(), GgmlType::Q4_K).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        let head = if config.tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
+        assert_eq!(file.tensor_info(head).unwrap().dtype, GgmlType::Q6_K, "{arch:?}");
+        assert_eq!(file.tensor_info("blk.0.attn_q.weight").unwrap().dtype, GgmlType::Q4_K, "{arch:?}");
+        // Of two layers, the last is in the widened eighth.
+        assert_eq!(q4_k_m_type("model.layers.1.mlp.down_proj.weight", &config), GgmlType::Q6_K);
+        assert_eq!(q4_k_m_type("model.layers.0.mlp.down_proj.weight", &config), GgmlType::Q4_K);
+
+        let device = device();
+        let f32_logits = logits(&CausalLm::load(config.clone(), &weights, &device).unwrap(), &TOKENS);
+        set_dense_copy_limit(usize::MAX);
+        let with_copies = lathe_engine::load(&path, &device).unwrap();
+        set_dense_copy_limit(0);
+        let blocks_alone = lathe_engine::load(&path, &device).unwrap();
+        set_dense_copy_limit(1 << 30);
+
+        let want = logits(&with_copies.model, &TOKENS);
+        let got = logits(&blocks_alone.model, &TOKENS);
+        assert!(max_abs_diff(&want, &got) < 1e-3, "{arch:?}: blocks alone vs dense copies {}", max_abs_diff(&want, &got));
+        // Near the f32 model as Q4_1 is (its 32-value blocks have exact f16 scales, where
+        // Q4_K rounds its sub-blocks' to 6 bits): a layout bug costs far more.
+        let q4_1 = dir.path().join("q4_1.gguf");
+        write_gguf(&q4_1, &config, &weights, &lathe_engine::tiny::tokenizer_meta(), GgmlType::Q4_1).unwrap();
+        let q4_1 = max_abs_diff(&f32_logits, &logits(&lathe_engine::load(&q4_1, &device).unwrap().model, &TOKENS));
+        let k = max_abs_diff(&f32_logits, &got);
+        assert!(k < 1.5 * q4_1, "{arch:?}: Q4_K_M {k} vs Q4_1 {q4_1}");
+        let vocab = config.vocab_size;
+        let mut cache = KvCache::new(config.num_layers);
+        for (i, &t) in TOKENS.iter().enumerate() {
+            let l = logits_to_host(blocks_alone.model.forward(&Step::single(&[t], i), &mut cache, Logits::Last)).unwrap();
+            let d = max_abs_diff(&l, &want[i * vocab..(i + 1) * vocab]);
+            assert!(d < 1e-3, "{arch:?} position {i}: decode from blocks vs prefill with copies {d}");
+        }
+        let prompt = with_copies.tokenizer.encode("the thin tin", false).unwrap();
+        let greedy = SamplingParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
+        let run = |m: &lathe_engine::LoadedModel| lathe_engine::generate(&m.model, &m.tokenizer, std::slice::from_ref(&prompt), &greedy, &mut |_, _| {}).unwrap().remove(0).token_ids;
+        assert_eq!(run(&blocks_alone), run(&with_copies), "{arch:?}");
+    }
+}

@@ -138,6 +138,10 @@ pub enum ExportFormat {
     GgufQ8_0,
     #[serde(rename = "gguf-q4_1")]
     GgufQ4_1,
+    /// llama.cpp's Q4_K_M: Q4_K blocks, Q6_K for the head and some value and down
+    /// projections (widths that are not whole 256-value blocks fall back to Q8_0).
+    #[serde(rename = "gguf-q4_k_m")]
+    GgufQ4KM,
 }
 
 impl ExportFormat {
@@ -149,6 +153,7 @@ impl ExportFormat {
             Self::GgufF16 => "gguf-f16",
             Self::GgufQ8_0 => "gguf-q8_0",
             Self::GgufQ4_1 => "gguf-q4_1",
+            Self::GgufQ4KM => "gguf-q4_k_m",
         }
     }
 }
@@ -158,7 +163,7 @@ impl std::str::FromStr for ExportFormat {
 
     fn from_str(s: &str) -> Result<Self> {
         serde_json::from_value(serde_json::Value::String(s.into()))
-            .map_err(|_| JobError::Invalid(format!("export format `{s}`: expected peft, hf, gguf-f16, gguf-q8_0 or gguf-q4_1")))
+            .map_err(|_| JobError::Invalid(format!("export format `{s}`: expected peft, hf, gguf-f16, gguf-q8_0, gguf-q4_1 or gguf-q4_k_m")))
     }
 }
 
@@ -193,6 +198,7 @@ pub fn export(env: &Env, spec: &ExportSpec, sink: &dyn Sink) -> Result<PathBuf> 
         ExportFormat::GgufF16 => Some(GgmlType::F16),
         ExportFormat::GgufQ8_0 => Some(GgmlType::Q8_0),
         ExportFormat::GgufQ4_1 => Some(GgmlType::Q4_1),
+        ExportFormat::GgufQ4KM => Some(GgmlType::Q4_K),
     };
     if let Some(t) = gguf_type {
         if !spec.model.is_file() {
@@ -202,10 +208,8 @@ pub fn export(env: &Env, spec: &ExportSpec, sink: &dyn Sink) -> Result<PathBuf> 
             )));
         }
         let base = GgufFile::open(&spec.model)?;
-        let tokenizer_meta: Vec<(String, lathe_engine::gguf::Value)> =
-            base.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
         let merged = adapter.merge(&m.model);
-        lathe_engine::export::write_gguf(&spec.out, &m.model.config, &merged, &tokenizer_meta, t)?;
+        lathe_engine::export::write_gguf(&spec.out, &m.model.config, &merged, &base.tokenizer_meta(), t)?;
     }
     sink.artifact("export", &spec.out);
     sink.finished("export", format!("{} written to {}", spec.format.name(), spec.out.display()));

@@ -149,6 +149,11 @@ pub struct SyntheticModel {
     /// machine, where `--like` that folder writes the weights.
     #[arg(long)]
     no_weights: bool,
+    /// Write one GGUF file at `--out` instead of a folder, its matrices as f32, f16, q8_0,
+    /// q4_0, q4_1 or q4_k_m (llama.cpp's mix of Q4_K and Q6_K); the tokenizer is copied
+    /// from `--like`, which must then be a GGUF.
+    #[arg(long, value_name = "TYPE")]
+    gguf: Option<String>,
     #[arg(long)]
     out: PathBuf,
 }
@@ -538,7 +543,22 @@ fn synthetic_model(a: SyntheticModel) -> Result<()> {
         config.num_kv_heads
     );
     let params: usize = config.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    if a.no_weights {
+    if let Some(ty) = &a.gguf {
+        use lathe_engine::gguf::GgmlType;
+        let ty = match ty.to_ascii_lowercase().as_str() {
+            "f32" => GgmlType::F32,
+            "f16" => GgmlType::F16,
+            "q8_0" => GgmlType::Q8_0,
+            "q4_0" => GgmlType::Q4_0,
+            "q4_1" => GgmlType::Q4_1,
+            "q4_k_m" => GgmlType::Q4_K,
+            other => anyhow::bail!("--gguf {other}: expected f32, f16, q8_0, q4_0, q4_1 or q4_k_m"),
+        };
+        anyhow::ensure!(a.like.is_file(), "--gguf copies the tokenizer from a GGUF; --like {} is a folder", a.like.display());
+        let like = lathe_engine::gguf::GgufFile::open(&a.like)?;
+        let weights = lathe_engine::tiny::synthetic_weights(&config, a.seed);
+        lathe_engine::export::write_gguf(&a.out, &config, &weights, &like.tokenizer_meta(), ty)?;
+    } else if a.no_weights {
         lathe_engine::export::write_hf_shape(&a.out, &config, &tokenizer)?;
     } else {
         lathe_engine::tiny::write_synthetic(&a.out, &config, &tokenizer, a.seed)?;
@@ -564,37 +584,58 @@ fn generate(a: GenerateBench) -> Result<()> {
     let threads = rayon::current_num_threads();
     if !a.json {
         println!("model {} | {} threads | {} kernel | device {}", a.model.display(), threads, lathe_engine::quant::cpu_kernel().unwrap_or("?"), a.compute.device);
-        println!("{:>5} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s");
+        println!("{:>5} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB");
     }
+    let file_mib = std::fs::metadata(&a.model).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(f64::NAN);
     for &b in &a.batch {
-        let (mut best_pp, mut best_tg) = (0f64, 0f64);
+        let (mut best_pp, mut best_tg, mut rss) = (0f64, 0f64, 0f64);
         for _ in 0..a.repeat.max(1) {
-            let (pp, tg) = if m.model.on_host() {
+            let run = if m.model.on_host() {
                 time_paged(&m.model, &ids, b, a.decode_tokens)?
             } else {
                 time_padded(&m.model, &ids, b, a.decode_tokens)?
             };
-            best_pp = best_pp.max((b * ids.len()) as f64 / pp);
-            best_tg = best_tg.max((b * a.decode_tokens) as f64 / tg);
+            best_pp = best_pp.max((b * ids.len()) as f64 / run.prefill_s);
+            best_tg = best_tg.max((b * a.decode_tokens) as f64 / run.decode_s);
+            rss = rss.max(run.rss_mib);
         }
         if a.json {
             println!(
                 "{}",
                 serde_json::json!({"engine": "lathe", "batch": b, "threads": threads,
                     "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
-                    "pp_tokens_per_s": best_pp, "tg_tokens_per_s": best_tg})
+                    "pp_tokens_per_s": best_pp, "tg_tokens_per_s": best_tg,
+                    "rss_mib": rss, "model_file_mib": file_mib})
             );
         } else {
-            println!("{b:>5} {best_pp:>14.1} {best_tg:>14.1}");
+            println!("{b:>5} {best_pp:>14.1} {best_tg:>14.1} {rss:>14.0}");
         }
     }
     Ok(())
 }
 
+/// One timed generation: seconds of prefill and of decode, and the resident MiB at the end
+/// of decoding (model and caches held).
+struct Timed {
+    prefill_s: f64,
+    decode_s: f64,
+    rss_mib: f64,
+}
+
+impl Timed {
+    fn end(prefill_s: f64, decode_s: f64) -> Timed {
+        Timed {
+            prefill_s,
+            decode_s,
+            rss_mib: rss_mib().unwrap_or(f64::NAN),
+        }
+    }
+}
+
 /// Seconds to prefill `b` copies of the prompt and to decode `decode` tokens after it, as
 /// generation runs on the CPU: each row its own cache blocks, written in place, the steps
 /// on host buffers.
-fn time_paged(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<(f64, f64)> {
+fn time_paged(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<Timed> {
     let c = &model.config;
     let mut pool = KvPool::new(c, b * (ids.len() + decode).div_ceil(lathe_engine::model::paged::BLOCK_TOKENS));
     let mut caches: Vec<SeqCache> = (0..b).map(|_| SeqCache::new(0)).collect();
@@ -614,12 +655,12 @@ fn time_paged(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<
         let next: Vec<[u32; 1]> = host.chunks(c.vocab_size).map(|l| [argmax(l)]).collect();
         host = step(&next.iter().map(|t| &t[..]).collect::<Vec<_>>())?;
     }
-    Ok((pp, t.elapsed().as_secs_f64()))
+    Ok(Timed::end(pp, t.elapsed().as_secs_f64()))
 }
 
 /// The same on the model's device (a GPU): one padded batch, a cache that grows by
 /// concatenation.
-fn time_padded(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<(f64, f64)> {
+fn time_padded(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<Timed> {
     let mut cache = KvCache::new(model.config.num_layers);
     let step = Step {
         batch: b,
@@ -643,7 +684,7 @@ fn time_padded(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result
         };
         host = logits_to_host(model.forward(&step, &mut cache, Logits::Last))?;
     }
-    Ok((pp, t.elapsed().as_secs_f64()))
+    Ok(Timed::end(pp, t.elapsed().as_secs_f64()))
 }
 
 #[derive(Args)]
