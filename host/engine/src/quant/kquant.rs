@@ -1,10 +1,11 @@
 //! Products from K-quant super-blocks (`Q4_K`, `Q5_K`, `Q6_K`) as the GGUF stores them.
 //!
-//! Each super-block of 256 weights is expanded once into a buffer on the stack, then
-//! multiplied by every row of `x`: the weights stay at their file's size in memory, and the
-//! expansion is paid once per step whatever the number of rows. The same loops are compiled
-//! three times, for AVX-512, for AVX2 with FMA, and for the baseline, and the widest the
-//! CPU runs is called (the loops are written so the compiler vectorizes them).
+//! The weights stay at their file's size in memory. For one row of `x` (decoding a single
+//! stream) each weight is rebuilt in a register and multiplied at once; for more rows each
+//! super-block of 256 is expanded once into a buffer on the stack, then multiplied by every
+//! row, so the expansion is paid once per step. The same loops are compiled three times,
+//! for AVX-512, for AVX2 with FMA, and for the baseline, and the widest the CPU runs is
+//! called (the loops are written so the compiler vectorizes them).
 #![allow(unsafe_code)]
 
 use super::{Kernel, QMatrix};
@@ -31,33 +32,63 @@ pub(super) fn rows(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Kernel::available` saw AVX2 and FMA on this CPU.
         Kernel::Avx2 => unsafe { rows_avx2(ty, m, first, x, n, out) },
-        Kernel::Portable => rows_body(ty, m, first, x, n, out),
+        Kernel::Portable => rows_body::<false>(ty, m, first, x, n, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 fn rows_avx512(ty: GgmlType, m: &QMatrix, first: usize, x: &[f32], n: usize, out: &mut [f32]) {
-    rows_body(ty, m, first, x, n, out)
+    rows_body::<true>(ty, m, first, x, n, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn rows_avx2(ty: GgmlType, m: &QMatrix, first: usize, x: &[f32], n: usize, out: &mut [f32]) {
-    rows_body(ty, m, first, x, n, out)
+    rows_body::<true>(ty, m, first, x, n, out)
 }
 
 #[inline(always)]
-fn rows_body(ty: GgmlType, m: &QMatrix, first: usize, x: &[f32], n: usize, out: &mut [f32]) {
+fn rows_body<const FMA: bool>(
+    ty: GgmlType,
+    m: &QMatrix,
+    first: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
     let (_, bytes) = ty.block();
     let per_row = m.cols / SUPER * bytes;
+    let row = |k: usize| &m.qs[(first + k) * per_row..][..per_row];
+    let x_block = |i: usize, b: usize| -> &[f32; SUPER] {
+        x[i * m.cols + b * SUPER..][..SUPER]
+            .try_into()
+            .expect("a super-block of x")
+    };
+    // Loops, not closures, around the arithmetic: a closure is not compiled with the
+    // enclosing function's target features, and its `mul_add` would be a libm call.
+    if n == 1 && matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+        for (k, o) in out.iter_mut().enumerate() {
+            // One set of lanes for the whole row, summed across once at its end.
+            let mut acc = [0f32; 16];
+            for (b, block) in row(k).chunks_exact(bytes).enumerate() {
+                match ty {
+                    GgmlType::Q4_K => dot_q4_k::<FMA>(block, x_block(0, b), &mut acc),
+                    _ => dot_q6_k::<FMA>(block, x_block(0, b), &mut acc),
+                }
+            }
+            *o = acc.iter().sum();
+        }
+        return;
+    }
     let mut w = [0f32; SUPER];
     let mut spill = Vec::new();
+    let mut accs = vec![[0f32; 16]; n];
     for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
-        let row = &m.qs[(first + k) * per_row..][..per_row];
-        for (b, block) in row.chunks_exact(bytes).enumerate() {
+        accs.fill([0.0; 16]);
+        for (b, block) in row(k).chunks_exact(bytes).enumerate() {
             match ty {
-                GgmlType::Q4_K => expand_q4_k(block, &mut w),
+                GgmlType::Q4_K => expand_q4_k::<FMA>(block, &mut w),
                 GgmlType::Q6_K => expand_q6_k(block, &mut w),
                 _ => {
                     spill.clear();
@@ -65,88 +96,149 @@ fn rows_body(ty: GgmlType, m: &QMatrix, first: usize, x: &[f32], n: usize, out: 
                     w.copy_from_slice(&spill);
                 }
             }
-            for (i, o) in out_row.iter_mut().enumerate() {
-                *o += dot(
-                    &w,
-                    x[i * m.cols + b * SUPER..][..SUPER]
-                        .try_into()
-                        .expect("a super-block of x"),
-                );
+            for (i, acc) in accs.iter_mut().enumerate() {
+                dot::<FMA>(&w, x_block(i, b), acc);
             }
+        }
+        for (o, acc) in out_row.iter_mut().zip(&accs) {
+            *o = acc.iter().sum();
         }
     }
 }
 
-/// Σ w·x over one super-block, in 16 lanes.
+/// `a·b + c`, fused where the CPU has FMA (a software fused multiply-add would be slow).
 #[inline(always)]
-fn dot(w: &[f32; SUPER], x: &[f32; SUPER]) -> f32 {
-    let mut acc = [0f32; 16];
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// Σ w·x over one super-block, added into 16 lanes.
+#[inline(always)]
+fn dot<const FMA: bool>(w: &[f32; SUPER], x: &[f32; SUPER], acc: &mut [f32; 16]) {
     for (w, x) in w.chunks_exact(16).zip(x.chunks_exact(16)) {
         for j in 0..16 {
-            acc[j] += w[j] * x[j];
+            acc[j] = madd::<FMA>(w[j], x[j], acc[j]);
         }
     }
-    acc.iter().sum()
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// A Q4_K super-block: `d·sc·q − dmin·m` per sub-block of 32, the layout of
-/// [`crate::gguf::dequantize`].
+/// A Q4_K sub-block pair: 32 code bytes (the first sub-block in the low nibbles), and
+/// each sub-block's scale and offset, `w = s·q − o`.
 #[inline(always)]
-fn expand_q4_k(b: &[u8], w: &mut [f32; SUPER]) {
+fn q4_k_pair(b: &[u8], pair: usize) -> (&[u8; 32], [f32; 4]) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (scales, qs) = (&b[4..16], &b[16..144]);
-    for pair in 0..4 {
-        let q: &[u8; 32] = qs[32 * pair..32 * pair + 32]
-            .try_into()
-            .expect("32 code bytes");
-        let (sc0, m0) = k_scale_min(2 * pair, scales);
-        let (sc1, m1) = k_scale_min(2 * pair + 1, scales);
-        let (s0, o0, s1, o1) = (
+    let scales = &b[4..16];
+    let q = b[16 + 32 * pair..16 + 32 * pair + 32]
+        .try_into()
+        .expect("32 code bytes");
+    let (sc0, m0) = k_scale_min(2 * pair, scales);
+    let (sc1, m1) = k_scale_min(2 * pair + 1, scales);
+    (
+        q,
+        [
             d * f32::from(sc0),
             dmin * f32::from(m0),
             d * f32::from(sc1),
             dmin * f32::from(m1),
-        );
+        ],
+    )
+}
+
+/// A Q4_K super-block expanded: `d·sc·q − dmin·m` per sub-block of 32, the layout of
+/// [`crate::gguf::dequantize`].
+#[inline(always)]
+fn expand_q4_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
+    for pair in 0..4 {
+        let (q, [s0, o0, s1, o1]) = q4_k_pair(b, pair);
         let (lo, hi) = w[64 * pair..64 * pair + 64].split_at_mut(32);
         for l in 0..32 {
-            lo[l] = s0 * f32::from(q[l] & 0x0f) - o0;
-            hi[l] = s1 * f32::from(q[l] >> 4) - o1;
+            lo[l] = madd::<FMA>(s0, f32::from(q[l] & 0x0f), -o0);
+            hi[l] = madd::<FMA>(s1, f32::from(q[l] >> 4), -o1);
         }
     }
 }
 
-/// A Q6_K super-block: `d·sc·(q − 32)` per sub-block of 16, the layout of
+/// Σ w·x over one Q4_K super-block, added into 16 lanes, each weight rebuilt in a
+/// register as it is used.
+#[inline(always)]
+fn dot_q4_k<const FMA: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
+    for pair in 0..4 {
+        let (q, [s0, o0, s1, o1]) = q4_k_pair(b, pair);
+        let (x0, x1) = x[64 * pair..64 * pair + 64].split_at(32);
+        for h in 0..2 {
+            for j in 0..16 {
+                let (l, c) = (16 * h + j, q[16 * h + j]);
+                let w0 = madd::<FMA>(s0, f32::from(c & 0x0f), -o0);
+                let w1 = madd::<FMA>(s1, f32::from(c >> 4), -o1);
+                acc[j] = madd::<FMA>(w1, x1[l], madd::<FMA>(w0, x0[l], acc[j]));
+            }
+        }
+    }
+}
+
+/// The Q6_K code of value `32·g + l` (group `g` of four, `l` < 32) in one half of a block:
+/// low nibbles of `ql` for groups 0 and 1, high for 2 and 3, two bits of `qh` on top; as a
+/// signed value, `q − 32`.
+#[inline(always)]
+fn q6_k_code(ql: &[u8; 64], qh: &[u8; 32], g: usize, l: usize) -> i8 {
+    let low = ql[32 * (g % 2) + l];
+    let nibble = if g < 2 { low & 0x0f } else { low >> 4 };
+    (nibble | (((qh[l] >> (2 * g)) & 3) << 4)) as i8 - 32
+}
+
+/// A Q6_K super-block's halves: 64 low bytes, 32 high-bit bytes, 8 signed scales.
+#[inline(always)]
+fn q6_k_half(b: &[u8], half: usize) -> (&[u8; 64], &[u8; 32], &[u8]) {
+    (
+        b[64 * half..64 * half + 64]
+            .try_into()
+            .expect("64 low bytes"),
+        b[128 + 32 * half..128 + 32 * half + 32]
+            .try_into()
+            .expect("32 high bytes"),
+        &b[192 + 8 * half..192 + 8 * half + 8],
+    )
+}
+
+/// A Q6_K super-block expanded: `d·sc·(q − 32)` per sub-block of 16, the layout of
 /// [`crate::gguf::dequantize`].
 #[inline(always)]
 fn expand_q6_k(b: &[u8], w: &mut [f32; SUPER]) {
-    let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
+    let d = f16_at(b, 208);
     for half in 0..2 {
-        let ql: &[u8; 64] = ql[64 * half..64 * half + 64]
-            .try_into()
-            .expect("64 low bytes");
-        let qh: &[u8; 32] = qh[32 * half..32 * half + 32]
-            .try_into()
-            .expect("32 high bytes");
-        let y = &mut w[128 * half..128 * half + 128];
-        for (g, (low, shift)) in [(0usize, 0u32), (32, 2), (0, 4), (32, 6)]
-            .into_iter()
-            .enumerate()
-        {
-            // Group g holds values 32g..32g+32: low nibbles of ql[low..] for g < 2, high
-            // for g ≥ 2, with bits `shift` of qh on top.
+        let (ql, qh, sc) = q6_k_half(b, half);
+        for g in 0..4 {
             for l in 0..32 {
-                let nibble = if g < 2 {
-                    ql[low + l] & 0x0f
-                } else {
-                    ql[low + l] >> 4
-                };
-                let q = (nibble | (((qh[l] >> shift) & 3) << 4)) as i8 - 32;
-                let s = d * f32::from(sc[8 * half + 2 * g + l / 16] as i8);
-                y[32 * g + l] = s * f32::from(q);
+                let s = d * f32::from(sc[2 * g + l / 16] as i8);
+                w[128 * half + 32 * g + l] = s * f32::from(q6_k_code(ql, qh, g, l));
+            }
+        }
+    }
+}
+
+/// Σ w·x over one Q6_K super-block, added into 16 lanes, each weight rebuilt in a
+/// register as it is used.
+#[inline(always)]
+fn dot_q6_k<const FMA: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
+    let d = f16_at(b, 208);
+    for half in 0..2 {
+        let (ql, qh, sc) = q6_k_half(b, half);
+        for g in 0..4 {
+            for h in 0..2 {
+                // Sixteen values of one sub-block share a scale.
+                let s = d * f32::from(sc[2 * g + h] as i8);
+                for j in 0..16 {
+                    let l = 16 * h + j;
+                    acc[j] = madd::<FMA>(
+                        s * f32::from(q6_k_code(ql, qh, g, l)),
+                        x[128 * half + 32 * g + l],
+                        acc[j],
+                    );
+                }
             }
         }
     }
