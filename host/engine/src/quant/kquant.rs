@@ -231,13 +231,9 @@ fn dot_q6_k<const FMA: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
             for h in 0..2 {
                 // Sixteen values of one sub-block share a scale.
                 let s = d * f32::from(sc[2 * g + h] as i8);
-                for j in 0..16 {
+                for (j, a) in acc.iter_mut().enumerate() {
                     let l = 16 * h + j;
-                    acc[j] = madd::<FMA>(
-                        s * f32::from(q6_k_code(ql, qh, g, l)),
-                        x[128 * half + 32 * g + l],
-                        acc[j],
-                    );
+                    *a = madd::<FMA>(s * f32::from(q6_k_code(ql, qh, g, l)), x[128 * half + 32 * g + l], *a);
                 }
             }
         }
