@@ -97,7 +97,10 @@ def main():
     if cuda:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t) / a.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_peak_mib()
+    # On a GPU, what the caching allocator reserved from the driver: the like of the pool
+    # pages Lathe reports (`gpu_reserved_mib`); what tensors held at most is beside it.
+    peak = torch.cuda.max_memory_reserved() / 2**20 if cuda else rss_peak_mib()
+    allocated = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     print(json.dumps({
         "anchor": f"torch {torch.__version__} + peft",
         "model": a.model,
@@ -112,7 +115,8 @@ def main():
         "step_s": step_s,
         "tokens_per_s": a.batch * a.seq / step_s,
         "peak_mib": peak,
-        "peak_kind": "cuda max_memory_allocated" if cuda else "VmHWM while training",
+        "peak_kind": "cuda max_memory_reserved" if cuda else "VmHWM while training",
+        "peak_allocated_mib": allocated,
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
     }))
 

@@ -122,6 +122,21 @@ impl MatmulPrecision {
     }
 }
 
+/// Bytes the memory pools of the GPU a `--device` value names hold now, reserved from the
+/// driver (cubecl's pools keep the pages they grew to, so after a step this is that step's
+/// high-water mark, as PyTorch's `max_memory_reserved` is). `None` where the device is not a
+/// CUDA GPU: the CPU's memory is the process's resident set, and wgpu reports none.
+pub fn gpu_reserved_bytes(device_name: &str) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device_kind(device_name) == "cuda" {
+        let index = device_name.split_once(':').and_then(|(_, i)| i.parse().ok()).unwrap_or(0);
+        let client = cubecl::Device::cuda(index).ok()?.client();
+        return Some(client.memory_report(cubecl::MemoryScope::Device).usage().bytes_reserved);
+    }
+    let _ = device_name;
+    None
+}
+
 /// A CUDA device that has run a kernel. cubecl starts the CUDA runtime on first use and
 /// panics when the driver (`libcuda`), NVRTC (`libnvrtc`) or the CUDA headers it compiles
 /// kernels against are missing; starting it here, on a two-element sum, turns that into an
