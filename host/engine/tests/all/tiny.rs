@@ -229,3 +229,46 @@ fn a_q4_k_m_model_computes_alike_from_its_blocks_alone() {
         assert_eq!(run(&blocks_alone), run(&with_copies), "{arch:?}");
     }
 }
+
+/// A LoRA training step's loss and gradients on the test device equal the CPU's: the GPU
+/// pass of scripts/test.sh runs the autodiff graph (and burn's kernel fusion, which the GPU
+/// builds turn on) through wgpu; on the CPU pass this compares the CPU with itself.
+#[test]
+fn lora_gradients_on_the_test_device_equal_the_cpus() {
+    use lathe_engine::train::{Encoded, batch_loss};
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = write_tiny(dir.path(), Architecture::Llama, 13).unwrap();
+    // Two rows of different lengths, so padding is masked too.
+    let examples = [
+        Encoded { tokens: TOKENS.to_vec(), target: (0..TOKENS.len()).map(|i| i >= 4).collect() },
+        Encoded { tokens: TOKENS[3..15].to_vec(), target: vec![true; 12] },
+    ];
+    let refs: Vec<&Encoded> = examples.iter().collect();
+    let run = |device: &lathe_engine::Device| {
+        let m = lathe_engine::load(&tiny.gguf, device).unwrap();
+        let mut adapter = lathe_engine::tiny::random_adapter(&m.model.config, 4, 5, device);
+        for p in adapter.params_mut() {
+            *p = p.clone().autodiff().require_grad();
+        }
+        let (loss, n) = batch_loss(&m.model, &refs, &adapter, false).unwrap();
+        let value = loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0];
+        let mut g = loss.backward();
+        let grads: Vec<(String, Vec<f32>)> = adapter
+            .params()
+            .into_iter()
+            .map(|(name, p)| (name, p.grad_remove(&mut g).unwrap().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()))
+            .collect();
+        (value, n, grads)
+    };
+    let (cpu_loss, cpu_n, cpu) = run(&lathe_engine::Device::flex());
+    let (loss, n, other) = run(&device());
+    assert_eq!(n, cpu_n);
+    assert!((loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs(), "loss {loss} vs the CPU's {cpu_loss}");
+    assert_eq!(other.len(), cpu.len());
+    for ((name, want), (_, got)) in cpu.iter().zip(&other) {
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0, "{name} got no gradient");
+        let d = max_abs_diff(want, got);
+        assert!(d <= 1e-3 * scale, "{name}: {d} against a largest gradient of {scale}");
+    }
+}
