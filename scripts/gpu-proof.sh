@@ -14,7 +14,8 @@
 # too small to show. Lathe and PyTorch load the same folders. Each step has a time limit
 # (STEP_TIMEOUT, seconds) and a failed step does not stop the others; OUT/summary.md holds the
 # table for BENCHMARKS.md. DEVICE (default cuda) and MODELS (default "smollm2 llama-1b")
-# narrow a rehearsal, PYTHON picks the anchor's interpreter: `DEVICE=cpu MODELS=smollm2
+# narrow a rehearsal, PEFT_DTYPES (default "f32 tf32 bf16") the anchor's runs, PYTHON picks
+# the anchor's interpreter: `DEVICE=cpu MODELS=smollm2
 # PYTHON=.venv-anchors/bin/python scripts/gpu-proof.sh run` runs it here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,9 @@ prepare)
 run)
     OUT="${2:-gpu-proof-out}"
     mkdir -p "$OUT"
-    L="$P/lathe"
+    OUT="$(cd "$OUT" && pwd)"
+    # Unpacked beside the results, so target/gpu-proof/ stays small enough to carry.
+    L="$OUT/lathe"
     # Python's lzma, since the GPU machine may lack the xz tool.
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
         "$P/lathe.xz" "$L"
@@ -72,13 +75,26 @@ run)
             --batch "$batch" --seq "$seq" --steps 3 --json
         step "train-$name-lathe-bf16" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
             --batch "$batch" --seq "$seq" --steps 3 --bf16 --json
-        for dtype in f32 tf32 bf16; do
+        for dtype in ${PEFT_DTYPES-f32 tf32 bf16}; do
             step "train-$name-peft-$dtype" "${PYTHON:-python3}" scripts/bench_peft.py --model "$OUT/$name" \
                 --device "$DEVICE" --dtype "$dtype" --batch "$batch" --seq "$seq" --steps 3
         done
         # 3. Generation: prompt processing and decode tokens/s.
         step "generate-$name" "$L" bench generate --model "$OUT/$name" --device "$DEVICE" \
             --batch "${GEN[$name]}" --repeat 2 --json
+        # 4. Where a training step's GPU time goes: a warm-up and two steps with cubecl's
+        #    per-kernel profile on (it times each kernel alone), the last step summed by kernel.
+        if [ "$DEVICE" != cpu ] && [ "${PROFILE:-1}" = 1 ]; then
+            prof="$OUT/profile-$name"
+            mkdir -p "$prof"
+            printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$prof/kernels.log" >"$prof/cubecl.toml"
+            step "profile-$name" env -C "$prof" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
+                --batch "$batch" --seq "$seq" --steps 2 --json
+            wall=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step_s"])' \
+                "$OUT/train-$name-lathe.json" 2>/dev/null || true)
+            python3 scripts/kernel_profile.py "$prof/kernels.log" --last-step ${wall:+--wall "$wall"} \
+                >"$OUT/kernels-$name.md" 2>&1 || true
+        fi
     done
     python3 scripts/gpu_proof_summary.py "$OUT" | tee "$OUT/summary.md"
     ;;

@@ -97,6 +97,21 @@ def main():
               f"| {fmt(mfu(lathe, matmul), '.1%')} | {fmt(mfu(lathe_bf16, 'bf16'), '.1%')} "
               f"| {fmt(mfu(peft['tf32'], 'tf32'), '.1%')} | {fmt(mfu(peft['bf16'], 'bf16'), '.1%')} |")
 
+    print("\n| model | GPU memory, MiB: Lathe (tf32) | Lathe bf16 | peft tf32 | peft bf16 | Lathe / peft tf32 | Lathe bf16 / peft bf16 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        lathe, lathe_bf16 = read(out, f"train-{name}-lathe"), read(out, f"train-{name}-lathe-bf16")
+        tf32, bf16 = read(out, f"train-{name}-peft-tf32"), read(out, f"train-{name}-peft-bf16")
+
+        def mib(r, key):
+            return (r or {}).get(key)
+
+        cells = [mib(lathe, "gpu_reserved_mib"), mib(lathe_bf16, "gpu_reserved_mib"), mib(tf32, "peak_mib"), mib(bf16, "peak_mib")]
+        ratios = [None if a is None or b is None else a / b for a, b in [(cells[0], cells[2]), (cells[1], cells[3])]]
+        print(f"| {name} | " + " | ".join("—" if c is None else f"{c:.0f}" for c in cells) + " | "
+              + " | ".join("—" if r is None else f"{r:.2f}" for r in ratios) + " |")
+    print("\n(Lathe: what cubecl's pools reserved after the timed steps; PyTorch: `max_memory_reserved`.)")
+
     print("\n| model | batch | prompt tok/s | decode tok/s |")
     print("|---|---|---|---|")
     for name in names:
@@ -106,6 +121,12 @@ def main():
             print(f"| {name} | failed | | |")
         for r in rows:
             print(f"| {name} | {r['batch']} | {r['pp_tokens_per_s']:.0f} | {r['tg_tokens_per_s']:.0f} |")
+
+    for name in names:
+        kernels = out / f"kernels-{name}.md"
+        if kernels.exists():
+            print(f"\nOne training step of {name}, kernel by kernel (`scripts/kernel_profile.py`):\n")
+            print("\n".join(kernels.read_text().splitlines()[:20]))
 
 
 if __name__ == "__main__":
