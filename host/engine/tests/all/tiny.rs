@@ -231,8 +231,8 @@ fn a_q4_k_m_model_computes_alike_from_its_blocks_alone() {
 }
 
 /// A LoRA training step's loss and gradients on the test device equal the CPU's: the GPU
-/// pass of scripts/test.sh runs the autodiff graph (and burn's kernel fusion, which the GPU
-/// builds turn on) through wgpu; on the CPU pass this compares the CPU with itself.
+/// pass of scripts/test.sh runs the autodiff graph through wgpu; on the CPU pass this
+/// compares the CPU with itself.
 #[test]
 fn lora_gradients_on_the_test_device_equal_the_cpus() {
     use lathe_engine::train::{Encoded, batch_loss};
