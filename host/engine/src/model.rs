@@ -76,6 +76,11 @@ impl Linear {
         }
     }
 
+    /// The dense `[in, out]` weight and the quantized blocks, whichever are kept.
+    pub(crate) fn parts(&self) -> (Option<&Tensor<2>>, Option<&QMatrix>) {
+        (self.weight.as_ref(), self.packed.as_deref())
+    }
+
     /// `[in, out]`.
     pub fn dims(&self) -> [usize; 2] {
         match (&self.weight, &self.packed) {
@@ -196,6 +201,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The weight on the host and epsilon.
+    pub(crate) fn host(&self) -> (&[f32], f32) {
+        (&self.host, self.eps as f32)
+    }
+
     /// Each row of `x` (rows of the weight's width, on the host) normalized and scaled.
     pub(crate) fn forward_host(&self, x: &[f32]) -> Vec<f32> {
         let d = self.host.len();
@@ -637,6 +647,11 @@ impl CausalLm {
     /// run on host buffers and the quantized kernels.
     pub fn on_host(&self) -> bool {
         self.device == Device::flex()
+    }
+
+    /// The output projection, `[hidden, vocab]`.
+    pub(crate) fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
 
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {

@@ -31,6 +31,9 @@ use crate::lora::{Adapter, HostParam, LoraConfig};
 use crate::model::{CausalLm, KvCache, Step};
 use crate::tokenizer::{Message, Tokenizer};
 
+mod backprop;
+pub use backprop::host_grads;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
@@ -364,7 +367,13 @@ impl<'a> Trainer<'a> {
                 let micro_seed = mix(c.seed, (state.step * c.grad_accum + k) as u64);
                 let examples: Vec<&Encoded> = batch.iter().map(|&i| &self.train[i]).collect();
                 let scale = 1.0 / targets.max(1) as f64;
-                let micro: Vec<Option<Tensor<2>>> = if c.qlora {
+                let micro: Vec<Option<Tensor<2>>> = if backprop::supports(self.model) {
+                    let Some((loss, g)) = backprop::host_grads(self.model, &examples, &adapter, true, micro_seed, scale) else {
+                        continue;
+                    };
+                    loss_sum += loss;
+                    g.into_iter().map(Some).collect()
+                } else if c.qlora {
                     let Some((loss, g)) = layerwise_grads(self.model, &examples, &adapter, true, micro_seed, scale) else {
                         continue;
                     };

@@ -1,0 +1,999 @@
+//! The LoRA training step on the CPU, written out by hand on host buffers.
+//!
+//! burn's autodiff records every small tensor op of the step and allocates each result;
+//! here the forward pass keeps only what the backward pass reads, the backward pass
+//! computes only what the adapters' gradients need (the frozen base gets none), and every
+//! product is one call to the `gemm` crate across the thread pool, reading the frozen
+//! weights where the model keeps them (no copy). A batch's examples are packed end to end
+//! instead of padded, each attending only to its own tokens.
+//!
+//! Attention keeps no probabilities: the forward pass stores each query's log-sum-exp and
+//! the backward pass recomputes the scores from the queries and keys (as FlashAttention
+//! does), so memory grows with the tokens, not with their square.
+//!
+//! Dropout masks come from a counter-based generator keyed by (step seed, layer, input)
+//! and are kept as bits for the backward pass.
+
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_flex::{Flex, FlexTensor};
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::{Encoded, mix};
+use crate::config::ModelConfig;
+use crate::lora::{Adapter, Target, host_vec};
+use crate::model::{CausalLm, Linear, RmsNorm, Step};
+
+/// A matrix in a borrowed buffer: element `(i, j)` at `off + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `[rows, cols]` matrix filling `data`.
+    fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "a dense matrix fills its buffer");
+        Self { data, off: 0, rs: cols, cs: 1, rows, cols }
+    }
+
+    /// `rows × cols` starting at `off`, rows `rs` apart, columns adjacent.
+    fn strided(data: &'a [f32], off: usize, rs: usize, rows: usize, cols: usize) -> Self {
+        Self { data, off, rs, cs: 1, rows, cols }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            rows: self.cols,
+            cols: self.rows,
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside the buffer (checked before each product).
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || self.off + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Products smaller than this (multiply-adds) run on the calling thread.
+const PARALLEL_MACS: usize = 1 << 16;
+
+/// `out = beta·a·b`, or `out += beta·a·b` with `accumulate`; `out` is row-major
+/// `[a.rows, b.cols]`. `parallel` spreads it over the thread pool (never from inside a task
+/// already running on it).
+fn matmul(out: &mut [f32], a: Mat<'_>, b: Mat<'_>, beta: f32, accumulate: bool, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "inner dimensions agree");
+    assert_eq!(out.len(), m * n, "the output holds [{m}, {n}]");
+    assert!(a.in_bounds() && b.in_bounds(), "operands lie inside their buffers");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    let par = if parallel && m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the product reads is inside `a.data` or `b.data` (checked above:
+    // the last element of each lies inside), and it writes the `m × n` elements of `out`,
+    // row-major, whose length is checked.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A frozen projection's weight `[in, out]` as the step reads it: a view of the CPU
+/// tensor's storage, or the quantized blocks expanded for this use (QLoRA).
+enum Frozen {
+    View(FlexTensor),
+    /// Hugging Face `[out, in]`, row-major.
+    Expanded(Vec<f32>),
+}
+
+impl Frozen {
+    fn of(lin: &Linear) -> Option<Self> {
+        match lin.parts() {
+            (Some(w), _) => {
+                let t = w.clone().try_into_primitive::<Flex>().ok()?;
+                (t.dtype() == DType::F32 && t.layout().num_dims() == 2).then_some(Self::View(t))
+            }
+            (None, Some(q)) => Some(Self::Expanded(q.dequantize())),
+            (None, None) => None,
+        }
+    }
+
+    /// The weight as `[in, out]`.
+    fn mat(&self, inp: usize, out: usize) -> Mat<'_> {
+        match self {
+            Self::View(t) => {
+                let l = t.layout();
+                let (s, st) = (l.shape(), l.strides());
+                assert_eq!([s[0], s[1]], [inp, out], "the projection's shape");
+                assert!(st[0] >= 0 && st[1] >= 0, "no flipped views");
+                Mat {
+                    data: t.storage::<f32>(),
+                    off: l.start_offset(),
+                    rs: st[0] as usize,
+                    cs: st[1] as usize,
+                    rows: inp,
+                    cols: out,
+                }
+            }
+            Self::Expanded(w) => Mat::dense(w, out, inp).t(),
+        }
+    }
+}
+
+/// One adapted projection's factors on the host.
+struct Pair {
+    target: Target,
+    /// `[in, rank]`
+    a: Vec<f32>,
+    /// `[rank, out]`
+    b: Vec<f32>,
+}
+
+/// The gradients of one pair, `[in, rank]` and `[rank, out]`.
+struct PairGrad {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+/// The step's shapes.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    d: usize,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    inter: usize,
+    rank: usize,
+    scale: f32,
+    dropout: f32,
+}
+
+/// A dropout mask over one input: bit `i` is set where element `i` survives. Drawn from
+/// a counter-based generator keyed by the input, so a run draws the same masks whatever
+/// its threads do; 16 bits of hash per element, so `p` is rounded to a multiple of 2⁻¹⁶.
+struct Mask {
+    bits: Vec<u64>,
+    /// `1 / (1 - p)`, the survivors' scale.
+    keep: f32,
+}
+
+impl Mask {
+    /// The mask of input `key` over `len` elements; None when `p` is zero.
+    fn draw(key: u64, p: f32, len: usize) -> Option<Self> {
+        if p <= 0.0 {
+            return None;
+        }
+        let threshold = (f64::from(p) * 65536.0).round() as u64;
+        let bits = (0..len.div_ceil(64))
+            .into_par_iter()
+            .map(|w| {
+                let mut word = 0u64;
+                for q in 0..16 {
+                    let h = mix(key, (w * 16 + q) as u64);
+                    for s in 0..4 {
+                        if (h >> (16 * s)) & 0xFFFF >= threshold {
+                            word |= 1 << (q * 4 + s);
+                        }
+                    }
+                }
+                word
+            })
+            .collect();
+        Some(Self { bits, keep: 1.0 / (1.0 - p) })
+    }
+
+    fn kept(&self, i: usize) -> bool {
+        (self.bits[i >> 6] >> (i & 63)) & 1 == 1
+    }
+
+    /// `x` with the mask applied and the survivors scaled; `x` itself without a mask.
+    fn apply<'a>(mask: &Option<Self>, x: &'a [f32]) -> Cow<'a, [f32]> {
+        let Some(m) = mask else { return Cow::Borrowed(x) };
+        Cow::Owned(rows_map(x, x.len(), |base, out: &mut [f32], src: &[f32]| {
+            for (j, (o, &v)) in out.iter_mut().zip(src).enumerate() {
+                *o = if m.kept(base + j) { v * m.keep } else { 0.0 };
+            }
+        }))
+    }
+
+    /// `dx += ∂apply/∂x · dxd`.
+    fn backward(mask: &Option<Self>, dx: &mut [f32], dxd: &[f32]) {
+        let Some(m) = mask else { return add(dx, dxd) };
+        par_rows(dx, CHUNK, |base, dx| {
+            for (j, (g, &v)) in dx.iter_mut().zip(&dxd[base..]).enumerate() {
+                if m.kept(base + j) {
+                    *g += v * m.keep;
+                }
+            }
+        });
+    }
+}
+
+/// Elements per task of the elementwise loops.
+const CHUNK: usize = 1 << 14;
+
+/// Runs `f(offset, chunk)` over chunks of `x` in parallel.
+fn par_rows(x: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    x.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
+}
+
+/// A new buffer of `len` elements filled chunk by chunk from `src` by `f(offset, out, src)`.
+fn rows_map(src: &[f32], len: usize, f: impl Fn(usize, &mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0.0; len];
+    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(i, (o, s))| f(i * CHUNK, o, s));
+    out
+}
+
+/// RMSNorm over rows of width `w.len()`: the normalized, scaled rows and each row's
+/// inverse root mean square.
+fn rms_forward(x: &[f32], norm: &RmsNorm) -> (Vec<f32>, Vec<f32>) {
+    let (w, eps) = norm.host();
+    let d = w.len();
+    let inv: Vec<f32> = x.par_chunks(d).map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt()).collect();
+    (rms_apply(x, &inv, w), inv)
+}
+
+/// `x · inv · w`, row by row.
+fn rms_apply(x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0.0; x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).zip(inv).for_each(|((o, r), &s)| {
+        for ((o, &v), &w) in o.iter_mut().zip(r).zip(w) {
+            *o = v * s * w;
+        }
+    });
+    out
+}
+
+/// `dx += ∂(x·inv·w)/∂x · dy`: with `g = dy·w`, `dx = inv·g − x·inv³·(g·x)/d`.
+fn rms_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32]) {
+    let d = w.len();
+    dx.par_chunks_mut(d).zip(dy.par_chunks(d).zip(x.par_chunks(d))).zip(inv).for_each(|((dx, (dy, x)), &s)| {
+        let gx: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+        let c = s * s * s * gx / d as f32;
+        for (((o, &g), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+            *o += s * g * w - x * c;
+        }
+    });
+}
+
+/// Rotary tables for every packed token: `[tokens, half]` cosines and sines.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    fn new(config: &ModelConfig, positions: &[usize]) -> Self {
+        let inv = config.rope_inv_freq();
+        let half = inv.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+        for &p in positions {
+            for &f in &inv {
+                // The f32 angle, as Hugging Face computes it.
+                let angle = (p as f32) * (f as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    /// Rotates each head of each token of `x` (`[tokens, heads, 2·half]`) by its angle, or
+    /// back by it (`inverse`, the backward pass: the rotation's transpose).
+    fn rotate(&self, x: &mut [f32], heads: usize, inverse: bool) {
+        let (half, hd) = (self.half, 2 * self.half);
+        let sign = if inverse { -1.0 } else { 1.0 };
+        x.par_chunks_mut(heads * hd).enumerate().for_each(|(t, row)| {
+            let (cos, sin) = (&self.cos[t * half..][..half], &self.sin[t * half..][..half]);
+            for head in row.chunks_exact_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, s) = (x1[i], x2[i], sign * sin[i]);
+                    x1[i] = a * cos[i] - b * s;
+                    x2[i] = b * cos[i] + a * s;
+                }
+            }
+        });
+    }
+}
+
+/// Where each packed example's tokens lie.
+struct Packing {
+    /// `(first token, length)` per example.
+    spans: Vec<(usize, usize)>,
+    window: Option<usize>,
+}
+
+impl Packing {
+    /// Whether query `i` sees key `j` of the same example (`j ≤ i`).
+    fn visible(&self, i: usize, j: usize) -> bool {
+        j <= i && self.window.is_none_or(|w| i - j < w)
+    }
+}
+
+/// One attention task: the query heads of key/value head `g` over one example.
+#[derive(Clone, Copy)]
+struct Task {
+    span: (usize, usize),
+    g: usize,
+}
+
+fn tasks(pack: &Packing, kv: usize) -> Vec<Task> {
+    // Longest examples first, so the pool does not wait on one at the end.
+    let mut spans = pack.spans.clone();
+    spans.sort_by_key(|s| std::cmp::Reverse(s.1));
+    spans.iter().flat_map(|&span| (0..kv).map(move |g| Task { span, g })).collect()
+}
+
+/// `scores[i][j] = scale · q_i · k_j` for one head over one example, masked keys at −∞.
+fn scores(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], task: Task, h: usize) -> Vec<f32> {
+    let (a, l) = task.span;
+    let (qw, kw) = (dm.heads * dm.hd, dm.kv * dm.hd);
+    let mut s = vec![0.0; l * l];
+    let qm = Mat::strided(q, a * qw + h * dm.hd, qw, l, dm.hd);
+    let km = Mat::strided(k, a * kw + task.g * dm.hd, kw, l, dm.hd);
+    matmul(&mut s, qm, km.t(), 1.0 / (dm.hd as f32).sqrt(), false, false);
+    for (i, row) in s.chunks_exact_mut(l).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            if !pack.visible(i, j) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    s
+}
+
+/// One query head's attention over one example: `[len, hd]` outputs and each query's
+/// log-sum-exp.
+struct HeadOut {
+    o: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// One task's gradients: `[len, hd]` for each of its query heads, its keys and values.
+struct TaskGrads {
+    task: Task,
+    dq: Vec<Vec<f32>>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// Attention's forward pass: `[tokens, heads·hd]` outputs and each query's log-sum-exp
+/// (`[tokens, heads]`).
+fn attention_forward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let group = dm.heads / dm.kv;
+    let (qw, kw) = (dm.heads * dm.hd, dm.kv * dm.hd);
+    let parts: Vec<(Task, Vec<HeadOut>)> = tasks(pack, dm.kv)
+        .into_par_iter()
+        .map(|task| {
+            let (a, l) = task.span;
+            let per_head = (task.g * group..(task.g + 1) * group)
+                .map(|h| {
+                    let mut p = scores(dm, pack, q, k, task, h);
+                    let mut lse = vec![0.0; l];
+                    for (row, out) in p.chunks_exact_mut(l).zip(&mut lse) {
+                        let (top, sum) = softmax(row);
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                        *out = top + sum.ln();
+                    }
+                    let mut o = vec![0.0; l * dm.hd];
+                    matmul(&mut o, Mat::dense(&p, l, l), Mat::strided(v, a * kw + task.g * dm.hd, kw, l, dm.hd), 1.0, false, false);
+                    HeadOut { o, lse }
+                })
+                .collect();
+            (task, per_head)
+        })
+        .collect();
+    let mut out = vec![0.0; dm.n * qw];
+    let mut lse = vec![0.0; dm.n * dm.heads];
+    for (task, per_head) in parts {
+        let (a, l) = task.span;
+        for (k, HeadOut { o, lse: s }) in per_head.into_iter().enumerate() {
+            let h = task.g * group + k;
+            for i in 0..l {
+                out[(a + i) * qw + h * dm.hd..][..dm.hd].copy_from_slice(&o[i * dm.hd..][..dm.hd]);
+                lse[(a + i) * dm.heads + h] = s[i];
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// Attention's backward pass from the output gradient `dout` (`[tokens, heads·hd]`):
+/// the gradients of the (rotated) queries, keys and values.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32], lse: &[f32], dout: &[f32]) -> [Vec<f32>; 3] {
+    let group = dm.heads / dm.kv;
+    let (qw, kw) = (dm.heads * dm.hd, dm.kv * dm.hd);
+    let scale = 1.0 / (dm.hd as f32).sqrt();
+    let parts: Vec<TaskGrads> = tasks(pack, dm.kv)
+        .into_par_iter()
+        .map(|task| {
+            let (a, l) = task.span;
+            let km = Mat::strided(k, a * kw + task.g * dm.hd, kw, l, dm.hd);
+            let vm = Mat::strided(v, a * kw + task.g * dm.hd, kw, l, dm.hd);
+            let (mut dk, mut dv) = (vec![0.0; l * dm.hd], vec![0.0; l * dm.hd]);
+            let dqs = (task.g * group..(task.g + 1) * group)
+                .map(|h| {
+                    // P from the stored log-sum-exp.
+                    let mut p = scores(dm, pack, q, k, task, h);
+                    for (i, row) in p.chunks_exact_mut(l).enumerate() {
+                        let m = lse[(a + i) * dm.heads + h];
+                        row.iter_mut().for_each(|x| *x = exp(*x - m));
+                    }
+                    let dom = Mat::strided(dout, a * qw + h * dm.hd, qw, l, dm.hd);
+                    // dV += Pᵀ·dO
+                    matmul(&mut dv, Mat::dense(&p, l, l).t(), dom, 1.0, true, false);
+                    // dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ))
+                    let mut ds = vec![0.0; l * l];
+                    matmul(&mut ds, dom, vm.t(), 1.0, false, false);
+                    for (dsr, pr) in ds.chunks_exact_mut(l).zip(p.chunks_exact(l)) {
+                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (x, &pv) in dsr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot);
+                        }
+                    }
+                    let dsm = Mat::dense(&ds, l, l);
+                    // dQ = scale·dS·K, dK += scale·dSᵀ·Q
+                    let mut dq = vec![0.0; l * dm.hd];
+                    matmul(&mut dq, dsm, km, scale, false, false);
+                    matmul(&mut dk, dsm.t(), Mat::strided(q, a * qw + h * dm.hd, qw, l, dm.hd), scale, true, false);
+                    dq
+                })
+                .collect();
+            TaskGrads { task, dq: dqs, dk, dv }
+        })
+        .collect();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; dm.n * qw], vec![0.0; dm.n * kw], vec![0.0; dm.n * kw]);
+    for TaskGrads { task, dq: dqs, dk: dkt, dv: dvt } in parts {
+        let (a, l) = task.span;
+        for (j, part) in dqs.iter().enumerate() {
+            let h = task.g * group + j;
+            for i in 0..l {
+                dq[(a + i) * qw + h * dm.hd..][..dm.hd].copy_from_slice(&part[i * dm.hd..][..dm.hd]);
+            }
+        }
+        for i in 0..l {
+            let at = (a + i) * kw + task.g * dm.hd;
+            dk[at..at + dm.hd].copy_from_slice(&dkt[i * dm.hd..][..dm.hd]);
+            dv[at..at + dm.hd].copy_from_slice(&dvt[i * dm.hd..][..dm.hd]);
+        }
+    }
+    [dq, dk, dv]
+}
+
+/// `y = x·W + scale·(xd·A)·B` for each projection reading `x`; returns the outputs and
+/// each adapted projection's `xd·A` (`[n, rank]`), kept for the backward pass.
+fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&Pair>)]) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
+    let inp = x.len() / dm.n;
+    let mut ys = Vec::with_capacity(projs.len());
+    let mut us = Vec::with_capacity(projs.len());
+    for &(w, out, pair) in projs {
+        let mut y = vec![0.0; dm.n * out];
+        matmul(&mut y, Mat::dense(x, dm.n, inp), w.mat(inp, out), 1.0, false, true);
+        us.push(pair.map(|p| {
+            let mut u = vec![0.0; dm.n * dm.rank];
+            matmul(&mut u, Mat::dense(xd, dm.n, inp), Mat::dense(&p.a, inp, dm.rank), 1.0, false, true);
+            matmul(&mut y, Mat::dense(&u, dm.n, dm.rank), Mat::dense(&p.b, dm.rank, out), dm.scale, true, true);
+            u
+        }));
+        ys.push(y);
+    }
+    (ys, us)
+}
+
+/// The backward pass of [`project`] for one projection: from `dy`, adds `dy·Wᵀ` to `dx`
+/// and the adapter's share to `dxd` (the gradient of its dropped-out input), and returns
+/// the pair's gradients.
+#[allow(clippy::too_many_arguments)]
+fn project_backward(dm: &Dims, dy: &[f32], w: &Frozen, xd: &[f32], u: Option<&[f32]>, pair: Option<&Pair>, dx: &mut [f32], dxd: &mut [f32]) -> Option<PairGrad> {
+    let (inp, out) = (dx.len() / dm.n, dy.len() / dm.n);
+    let dym = Mat::dense(dy, dm.n, out);
+    matmul(dx, dym, w.mat(inp, out).t(), 1.0, true, true);
+    let (pair, u) = (pair?, u.expect("an adapted projection kept xd·A"));
+    let r = dm.rank;
+    // dB = s·uᵀ·dy, du = s·dy·Bᵀ, dA = xdᵀ·du, dxd += du·Aᵀ
+    let mut db = vec![0.0; r * out];
+    matmul(&mut db, Mat::dense(u, dm.n, r).t(), dym, dm.scale, false, true);
+    let mut du = vec![0.0; dm.n * r];
+    matmul(&mut du, dym, Mat::dense(&pair.b, r, out).t(), dm.scale, false, true);
+    let mut da = vec![0.0; inp * r];
+    matmul(&mut da, Mat::dense(xd, dm.n, inp).t(), Mat::dense(&du, dm.n, r), 1.0, false, true);
+    matmul(dxd, Mat::dense(&du, dm.n, r), Mat::dense(&pair.a, inp, r).t(), 1.0, true, true);
+    Some(PairGrad { a: da, b: db })
+}
+
+/// What one decoder layer's forward pass keeps for its backward pass.
+struct Saved {
+    /// The layer's input and its residual stream after attention, `[n, d]`.
+    x: Vec<f32>,
+    x2: Vec<f32>,
+    inv1: Vec<f32>,
+    inv2: Vec<f32>,
+    /// Rotated queries and keys, values.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    lse: Vec<f32>,
+    /// Attention's output, the input of `o_proj`.
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// `xd·A` per target, in [`Target::ALL`] order.
+    u: [Option<Vec<f32>>; 7],
+    /// The dropout masks of the adapters' four inputs.
+    masks: [Option<Mask>; 4],
+}
+
+/// One decoder layer's frozen weights and adapter, ready for the step.
+struct LayerWeights<'m> {
+    norm1: &'m RmsNorm,
+    norm2: &'m RmsNorm,
+    /// In [`Target::ALL`] order.
+    frozen: [Frozen; 7],
+    pairs: [Option<Pair>; 7],
+}
+
+impl<'m> LayerWeights<'m> {
+    fn new(model: &'m CausalLm, l: usize, pairs: [Option<Pair>; 7]) -> Option<Self> {
+        let layer = &model.layers[l];
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        let frozen = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(Frozen::of);
+        let [q, k, v, o, g, u, d] = frozen;
+        Some(Self {
+            norm1: &layer.input_layernorm,
+            norm2: &layer.post_attention_layernorm,
+            frozen: [q?, k?, v?, o?, g?, u?, d?],
+            pairs,
+        })
+    }
+
+    fn pair(&self, t: Target) -> Option<&Pair> {
+        self.pairs[t as usize].as_ref()
+    }
+}
+
+/// Output widths in [`Target::ALL`] order.
+fn widths(dm: &Dims) -> [usize; 7] {
+    let (q, kv) = (dm.heads * dm.hd, dm.kv * dm.hd);
+    [q, kv, kv, dm.d, dm.inter, dm.inter, dm.d]
+}
+
+/// The dropout masks of each adapter input of layer `l`: attention's, `o_proj`'s, the MLP's and
+/// `down_proj`'s.
+fn draw_masks(dm: &Dims, seed: u64, l: usize) -> [Option<Mask>; 4] {
+    let widths = [dm.d, dm.heads * dm.hd, dm.d, dm.inter];
+    [0, 1, 2, 3].map(|i| Mask::draw(mix(seed, (l * 4 + i) as u64), dm.dropout, dm.n * widths[i]))
+}
+
+fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, seed: u64, l: usize, x: Vec<f32>) -> (Vec<f32>, Saved) {
+    let masks = draw_masks(dm, seed, l);
+    use Target::*;
+    let wd = widths(dm);
+    let f = &lw.frozen;
+    let (h1, inv1) = rms_forward(&x, lw.norm1);
+    let xd1 = Mask::apply(&masks[0], &h1);
+    let (mut qkv, mut us) = project(
+        dm,
+        &h1,
+        &xd1,
+        &[(&f[0], wd[0], lw.pair(Q)), (&f[1], wd[1], lw.pair(K)), (&f[2], wd[2], lw.pair(V))],
+    );
+    drop(xd1);
+    drop(h1);
+    let v = qkv.pop().expect("three projections");
+    let mut k = qkv.pop().expect("three projections");
+    let mut q = qkv.pop().expect("three projections");
+    rope.rotate(&mut q, dm.heads, false);
+    rope.rotate(&mut k, dm.kv, false);
+    let (attn, lse) = attention_forward(dm, pack, &q, &k, &v);
+    let xdo = Mask::apply(&masks[1], &attn);
+    let (mut o, uo) = project(dm, &attn, &xdo, &[(&f[3], wd[3], lw.pair(O))]);
+    drop(xdo);
+    let mut x2 = o.pop().expect("one projection");
+    add(&mut x2, &x);
+    let (h2, inv2) = rms_forward(&x2, lw.norm2);
+    let xd2 = Mask::apply(&masks[2], &h2);
+    let (mut gu, ugu) = project(dm, &h2, &xd2, &[(&f[4], wd[4], lw.pair(Gate)), (&f[5], wd[5], lw.pair(Up))]);
+    drop(xd2);
+    drop(h2);
+    let up = gu.pop().expect("two projections");
+    let gate = gu.pop().expect("two projections");
+    let act = silu_mul(&gate, &up);
+    let xda = Mask::apply(&masks[3], &act);
+    let (mut dn, ud) = project(dm, &act, &xda, &[(&f[6], wd[6], lw.pair(Down))]);
+    drop(xda);
+    drop(act);
+    let mut out = dn.pop().expect("one projection");
+    add(&mut out, &x2);
+
+    let mut u: [Option<Vec<f32>>; 7] = Default::default();
+    us.extend(uo);
+    us.extend(ugu);
+    us.extend(ud);
+    for (slot, v) in u.iter_mut().zip(us) {
+        *slot = v;
+    }
+    let saved = Saved { x, x2, inv1, inv2, q, k, v, lse, attn, gate, up, u, masks };
+    (out, saved)
+}
+
+/// The layer's backward pass: from the gradient of its output, the gradient of its input
+/// and of each adapted projection's pair (in [`Target::ALL`] order).
+fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, s: Saved, dout: Vec<f32>) -> (Vec<f32>, [Option<PairGrad>; 7]) {
+    use Target::*;
+    let wd = widths(dm);
+    let f = &lw.frozen;
+    let mut grads: [Option<PairGrad>; 7] = Default::default();
+    let u = |t: Target| s.u[t as usize].as_deref();
+
+    // The MLP: out = x2 + down(silu(gate)·up).
+    let act = silu_mul(&s.gate, &s.up);
+    let xda = Mask::apply(&s.masks[3], &act);
+    let mut dact = vec![0.0; dm.n * dm.inter];
+    let mut dxda = vec![0.0; dm.n * dm.inter];
+    grads[Down as usize] = project_backward(dm, &dout, &f[6], &xda, u(Down), lw.pair(Down), &mut dact, &mut dxda);
+    drop(xda);
+    drop(act);
+    Mask::backward(&s.masks[3], &mut dact, &dxda);
+    drop(dxda);
+    let (dgate, dup) = silu_mul_backward(&s.gate, &s.up, &dact);
+    drop(dact);
+    let (w2, _) = lw.norm2.host();
+    let h2 = rms_apply(&s.x2, &s.inv2, w2);
+    let xd2 = Mask::apply(&s.masks[2], &h2);
+    let xin2 = &xd2;
+    let mut dh2 = vec![0.0; dm.n * dm.d];
+    let mut dxd2 = vec![0.0; dm.n * dm.d];
+    grads[Gate as usize] = project_backward(dm, &dgate, &f[4], xin2, u(Gate), lw.pair(Gate), &mut dh2, &mut dxd2);
+    grads[Up as usize] = project_backward(dm, &dup, &f[5], xin2, u(Up), lw.pair(Up), &mut dh2, &mut dxd2);
+    drop((dgate, dup));
+    drop(xd2);
+    drop(h2);
+    Mask::backward(&s.masks[2], &mut dh2, &dxd2);
+    let mut dx2 = dout;
+    rms_backward(&mut dx2, &dh2, &s.x2, &s.inv2, w2);
+    drop((dh2, dxd2));
+
+    // Attention: x2 = x + o_proj(attention(rope(q), rope(k), v)).
+    let xdo = Mask::apply(&s.masks[1], &s.attn);
+    let mut dattn = vec![0.0; dm.n * wd[0]];
+    let mut dxdo = vec![0.0; dm.n * wd[0]];
+    grads[O as usize] = project_backward(dm, &dx2, &f[3], &xdo, u(O), lw.pair(O), &mut dattn, &mut dxdo);
+    drop(xdo);
+    Mask::backward(&s.masks[1], &mut dattn, &dxdo);
+    drop(dxdo);
+    let [mut dq, mut dk, dv] = attention_backward(dm, pack, &s.q, &s.k, &s.v, &s.lse, &dattn);
+    drop(dattn);
+    rope.rotate(&mut dq, dm.heads, true);
+    rope.rotate(&mut dk, dm.kv, true);
+    let (w1, _) = lw.norm1.host();
+    let h1 = rms_apply(&s.x, &s.inv1, w1);
+    let xd1 = Mask::apply(&s.masks[0], &h1);
+    let xin1 = &xd1;
+    let mut dh1 = vec![0.0; dm.n * dm.d];
+    let mut dxd1 = vec![0.0; dm.n * dm.d];
+    for (i, (t, dy)) in [(Q, &dq), (K, &dk), (V, &dv)].into_iter().enumerate() {
+        grads[t as usize] = project_backward(dm, dy, &f[i], xin1, u(t), lw.pair(t), &mut dh1, &mut dxd1);
+    }
+    drop((dq, dk, dv));
+    drop(xd1);
+    drop(h1);
+    Mask::backward(&s.masks[0], &mut dh1, &dxd1);
+    let mut dx = dx2;
+    rms_backward(&mut dx, &dh1, &s.x, &s.inv1, w1);
+    (dx, grads)
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    par_rows(x, CHUNK, |base, x| {
+        for (a, &b) in x.iter_mut().zip(&y[base..]) {
+            *a += b;
+        }
+    });
+}
+
+/// `e^x` to a few parts in 10⁷, written so that loops over slices vectorize (libm's `expf`
+/// is a call per element): `2ⁿ · e^r` with `r` in ±ln2/2 and a degree-7 polynomial for
+/// `e^r`. Below −87 it is 0 (masked scores are −∞); NaN stays NaN.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // ln 2 split so that n·LN2_HI is exact (Cephes' constants); adding 1.5·2²³ rounds.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+/// Replaces `row` with `exp(row - max)`; returns the max and the new sum.
+fn softmax(row: &mut [f32]) -> (f32, f32) {
+    let top = lanes(row, f32::NEG_INFINITY, f32::max);
+    for x in row.iter_mut() {
+        *x = exp(*x - top);
+    }
+    (top, lanes(row, 0.0, |a, b| a + b))
+}
+
+/// A reduction over eight interleaved lanes, so it vectorizes.
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    rest.iter().fold(acc.into_iter().fold(init, &f), |a, &x| f(a, x))
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `silu(gate) · up`, elementwise.
+fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    rows_map(gate, gate.len(), |base, out, g| {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(&up[base..]) {
+            *o = g * sigmoid(g) * u;
+        }
+    })
+}
+
+/// The gradients of `gate` and `up` from that of `silu(gate) · up`.
+fn silu_mul_backward(gate: &[f32], up: &[f32], dact: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut dgate, mut dup) = (vec![0.0; gate.len()], vec![0.0; gate.len()]);
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dg, du))| {
+        let r = i * CHUNK..i * CHUNK + dg.len();
+        for ((((dg, du), &g), &u), &da) in dg.iter_mut().zip(du).zip(&gate[r.clone()]).zip(&up[r.clone()]).zip(&dact[r]) {
+            let s = sigmoid(g);
+            *dg = da * u * s * (1.0 + g * (1.0 - s));
+            *du = da * g * s;
+        }
+    });
+    (dgate, dup)
+}
+
+/// Target rows per chunk of the output head (a chunk's logits are `rows × vocab`).
+const HEAD_ROWS: usize = 64;
+
+/// The summed negative log-likelihood of `labels` (each `(row, token)`) under the output
+/// head on `x` (`[n, d]`, before the final norm), and the gradient of `scale ×` it with
+/// respect to `x`.
+fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)], scale: f32) -> Option<(f64, Vec<f32>)> {
+    let vocab = model.config.vocab_size;
+    let head = Frozen::of(model.lm_head())?;
+    let w = head.mat(d, vocab);
+    let (hf, inv) = rms_forward(x, &model.norm);
+    let mut dhf = vec![0.0; x.len()];
+    let mut nll = 0.0f64;
+    for chunk in labels.chunks(HEAD_ROWS) {
+        let rows: Vec<f32> = chunk.iter().flat_map(|&(r, _)| hf[r * d..(r + 1) * d].iter().copied()).collect();
+        let t = chunk.len();
+        let mut logits = vec![0.0; t * vocab];
+        matmul(&mut logits, Mat::dense(&rows, t, d), w, 1.0, false, true);
+        // Softmax minus the label, per row; the log-likelihood on the way.
+        let losses: Vec<f64> = logits
+            .par_chunks_mut(vocab)
+            .zip(chunk)
+            .map(|(row, &(_, label))| {
+                let label = label as usize;
+                let logit = row[label];
+                let (top, sum) = softmax(row);
+                let inv = scale / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                row[label] -= scale;
+                f64::from(top) + f64::from(sum).ln() - f64::from(logit)
+            })
+            .collect();
+        nll += losses.iter().sum::<f64>();
+        let mut drows = vec![0.0; t * d];
+        matmul(&mut drows, Mat::dense(&logits, t, vocab), w.t(), 1.0, false, true);
+        for (&(r, _), g) in chunk.iter().zip(drows.chunks_exact(d)) {
+            for (a, &b) in dhf[r * d..(r + 1) * d].iter_mut().zip(g) {
+                *a += b;
+            }
+        }
+    }
+    let mut dx = vec![0.0; x.len()];
+    let (w, _) = model.norm.host();
+    rms_backward(&mut dx, &dhf, x, &inv, w);
+    Some((nll, dx))
+}
+
+/// The loss of `examples` (summed over their target tokens) and the gradient of `scale ×`
+/// it for every adapter parameter, in [`Adapter::params`] order, computed on host buffers
+/// as [`super::layerwise_grads`] computes them through burn. `train` applies the adapter's
+/// dropout, drawn from `seed`. None when no example has a target token.
+///
+/// # Panics
+/// When [`supports`] does not hold for `model`.
+pub fn host_grads(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool, seed: u64, scale: f64) -> Option<(f64, Vec<Tensor<2>>)> {
+    assert!(supports(model), "the host training step needs a model on the CPU backend with f32 or quantized weights");
+    crate::model::in_pool(|| step(model, examples, adapter, train, seed, scale))
+}
+
+/// Whether [`host_grads`] can train `model`: its weights live on the CPU backend, as f32
+/// tensors or quantized blocks (not bf16).
+pub fn supports(model: &CausalLm) -> bool {
+    let readable = |lin: &Linear| match lin.parts() {
+        (Some(w), _) => w.dtype() == DType::F32,
+        (None, packed) => packed.is_some(),
+    };
+    model.on_host() && readable(model.lm_head()) && model.layers.iter().all(|l| {
+        let (a, m) = (&l.self_attn, &l.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].into_iter().all(readable)
+    })
+}
+
+fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool, seed: u64, scale: f64) -> Option<(f64, Vec<Tensor<2>>)> {
+    let c = &model.config;
+    // Pack the examples end to end; row t of an example predicts its token t + 1.
+    let mut tokens = Vec::new();
+    let mut positions = Vec::new();
+    let mut spans = Vec::new();
+    let mut labels = Vec::new();
+    for e in examples.iter().filter(|e| !e.tokens.is_empty()) {
+        let a = tokens.len();
+        for (t, &tok) in e.tokens.iter().enumerate() {
+            if t > 0 && e.target[t] {
+                labels.push((a + t - 1, tok));
+            }
+        }
+        tokens.extend_from_slice(&e.tokens);
+        positions.extend(0..e.tokens.len());
+        spans.push((a, e.tokens.len()));
+    }
+    if labels.is_empty() {
+        return None;
+    }
+    let n = tokens.len();
+    let dm = Dims {
+        n,
+        d: c.hidden_size,
+        heads: c.num_heads,
+        kv: c.num_kv_heads,
+        hd: c.head_dim,
+        inter: c.intermediate_size,
+        rank: adapter.config.rank,
+        scale: adapter.config.scale() as f32,
+        dropout: if train { adapter.config.dropout as f32 } else { 0.0 },
+    };
+    let pack = Packing { spans, window: c.sliding_window };
+    let rope = Rope::new(c, &positions);
+    let embedded = model.embed(&Step {
+        batch: 1,
+        seq: n,
+        positions: positions.iter().map(|&p| p as i64).collect(),
+        valid: vec![true; n],
+        tokens,
+    });
+    let mut x = host_vec(embedded);
+
+    let host_pairs = |l: usize| -> [Option<Pair>; 7] {
+        let mut pairs: [Option<Pair>; 7] = Default::default();
+        for (t, p) in &adapter.layers[l].pairs {
+            pairs[*t as usize] = Some(Pair {
+                target: *t,
+                a: host_vec(p.a.clone()),
+                b: host_vec(p.b.clone()),
+            });
+        }
+        pairs
+    };
+    let layers = model.layers.len();
+    let mut saved = Vec::with_capacity(layers);
+    for l in 0..layers {
+        // Expanded QLoRA blocks live for one layer's pass and are expanded again for its
+        // backward pass.
+        let lw = LayerWeights::new(model, l, host_pairs(l))?;
+        let (out, s) = layer_forward(&dm, &pack, &rope, &lw, seed, l, x);
+        saved.push(s);
+        x = out;
+    }
+    let (loss, mut dx) = head_backward(model, &x, dm.d, &labels, scale as f32)?;
+    drop(x);
+
+    let mut grads: Vec<Option<Tensor<2>>> = vec![None; adapter.params().len()];
+    let per_layer = adapter.layers.first().map_or(0, |l| l.pairs.len() * 2);
+    let device = model.device();
+    for l in (0..layers).rev() {
+        let lw = LayerWeights::new(model, l, host_pairs(l))?;
+        let s = saved.pop().expect("one saved pass per layer");
+        let (dxl, g) = layer_backward(&dm, &pack, &rope, &lw, s, dx);
+        dx = dxl;
+        for (k, (t, pair)) in adapter.layers[l].pairs.iter().enumerate() {
+            let g = g[*t as usize].as_ref().expect("every adapted projection has a gradient");
+            let [inp, r] = pair.a.dims();
+            let out = pair.b.dims()[1];
+            debug_assert_eq!(lw.pairs[*t as usize].as_ref().map(|p| p.target), Some(*t));
+            grads[l * per_layer + 2 * k] = Some(Tensor::from_data(TensorData::new(g.a.clone(), [inp, r]), device));
+            grads[l * per_layer + 2 * k + 1] = Some(Tensor::from_data(TensorData::new(g.b.clone(), [r, out]), device));
+        }
+    }
+    Some((loss, grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vectorizable_exp_is_libms_to_a_few_parts_in_ten_million() {
+        let mut worst = 0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (want, got) = (x.exp(), exp(x));
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn dropout_masks_drop_their_share_and_scale_the_rest() {
+        let len = 100_000;
+        let m = Mask::draw(42, 0.1, len).unwrap();
+        let kept = (0..len).filter(|&i| m.kept(i)).count();
+        assert!((kept as f64 / len as f64 - 0.9).abs() < 0.005, "{kept} of {len} kept");
+        let x = vec![1.0f32; len];
+        let y = Mask::apply(&Some(m), &x);
+        let mean = y.iter().map(|&v| f64::from(v)).sum::<f64>() / len as f64;
+        assert!((mean - 1.0).abs() < 0.01, "the mean survives: {mean}");
+        assert!(Mask::draw(42, 0.0, len).is_none());
+        let again = Mask::draw(42, 0.1, len).unwrap();
+        assert_eq!(again.bits, Mask::draw(42, 0.1, len).unwrap().bits, "a key draws one mask");
+        assert_ne!(again.bits, Mask::draw(43, 0.1, len).unwrap().bits);
+    }
+}
