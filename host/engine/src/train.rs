@@ -76,8 +76,9 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Checkpoints kept besides the best one.
     pub keep_checkpoints: usize,
-    /// Back-propagate one decoder layer at a time (see [`layerwise_grads`]); with a
-    /// 4-bit base ([`CausalLm::quantize_base`]) this is QLoRA.
+    /// Keep only each decoder layer's input and recompute the layer before its backward
+    /// pass ([`host_grads`] on the CPU, [`layerwise_grads`] elsewhere); with a 4-bit base
+    /// ([`CausalLm::quantize_base`]) this is QLoRA.
     pub qlora: bool,
     /// Train over a bf16 base ([`CausalLm::bf16_base`]): mixed precision for GPUs.
     pub bf16: bool,
@@ -368,7 +369,7 @@ impl<'a> Trainer<'a> {
                 let examples: Vec<&Encoded> = batch.iter().map(|&i| &self.train[i]).collect();
                 let scale = 1.0 / targets.max(1) as f64;
                 let micro: Vec<Option<Tensor<2>>> = if backprop::supports(self.model) {
-                    let Some((loss, g)) = backprop::host_grads(self.model, &examples, &adapter, true, micro_seed, scale) else {
+                    let Some((loss, g)) = backprop::host_grads(self.model, &examples, &adapter, true, micro_seed, scale, c.qlora) else {
                         continue;
                     };
                     loss_sum += loss;

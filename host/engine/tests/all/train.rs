@@ -448,8 +448,8 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
 /// The CPU training step written out by hand (`train::host_grads`: packed examples, no
 /// autodiff graph) gives burn autodiff's loss and gradients, on Llama and on Mistral (whose
 /// tiny twin's sliding window of 8 is shorter than the examples), and over a 4-bit base.
-/// With dropout, its gradient is the derivative of its own loss: the backward pass draws
-/// the forward's masks.
+/// With dropout, its gradient is the derivative of its own loss: the backward pass uses
+/// the forward's masks, also when it recomputes a layer.
 #[test]
 fn the_host_training_step_gives_autodiffs_gradients() {
     let check = |what: &str, (la, a): (f64, Vec<Vec<f32>>), (lb, b): (f64, Vec<Vec<f32>>), names: &[String]| {
@@ -460,7 +460,7 @@ fn the_host_training_step_gives_autodiffs_gradients() {
         }
     };
     let host = |m: &LoadedModel, refs: &[&Encoded], adapter: &Adapter, train: bool, seed: u64, scale: f64| {
-        let (loss, grads) = lathe_engine::train::host_grads(&m.model, refs, adapter, train, seed, scale).unwrap();
+        let (loss, grads) = lathe_engine::train::host_grads(&m.model, refs, adapter, train, seed, scale, false).unwrap();
         (loss, grads.into_iter().map(|g| g.into_data().try_to_vec::<f32>().unwrap()).collect::<Vec<_>>())
     };
     for arch in [Architecture::Llama, Architecture::Mistral] {
@@ -483,6 +483,15 @@ fn the_host_training_step_gives_autodiffs_gradients() {
     let layered = lathe_engine::train::layerwise_grads(&m.model, &refs, &adapter, false, 1, 0.5).unwrap();
     let layered = (layered.0, layered.1.into_iter().map(|g| g.into_data().try_to_vec::<f32>().unwrap()).collect());
     check("Q4_0 base", layered, host(&m, &refs, &adapter, false, 1, 0.5), &names);
+    // Recomputing each layer before its backward pass (QLoRA's memory) changes no bit.
+    let mut dropped = adapter.clone();
+    dropped.config.dropout = 0.3;
+    let kept = lathe_engine::train::host_grads(&m.model, &refs, &dropped, true, 3, 0.5, false).unwrap();
+    let recomputed = lathe_engine::train::host_grads(&m.model, &refs, &dropped, true, 3, 0.5, true).unwrap();
+    assert_eq!(kept.0, recomputed.0);
+    for (a, b) in kept.1.into_iter().zip(recomputed.1) {
+        assert_eq!(a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+    }
 
     // Dropout: the same seed gives the same bits, another seed other masks, and the loss
     // moves along the gradient as the gradient says.
