@@ -826,8 +826,10 @@ fn silu_mul_backward(gate: &[f32], up: &[f32], dact: &[f32]) -> (Vec<f32>, Vec<f
     (dgate, dup)
 }
 
-/// Target rows per chunk of the output head (a chunk's logits are `rows × vocab`).
-const HEAD_ROWS: usize = 64;
+/// Target rows per chunk of the output head (a chunk's logits are `rows × vocab`, 48 MiB
+/// for SmolLM2). Each thread re-packs the whole head weight for its rows of a chunk, so
+/// fewer, larger chunks: 256 rows made the step ~8 % faster than 64 did.
+const HEAD_ROWS: usize = 256;
 
 /// The summed negative log-likelihood of `labels` (each `(row, token)`) under the output
 /// head on `x` (`[n, d]`, before the final norm), and the gradient of `scale ×` it with
