@@ -395,15 +395,16 @@ fn add(x: &mut [f32], y: &[f32]) {
 }
 
 /// Rotary embedding tables for a step's tokens: per token, the cosine and sine of each
-/// frequency's angle (computed in f32 as Hugging Face does).
-struct Rope {
+/// frequency's angle (computed in f32 as Hugging Face does). Serving and the CPU training
+/// step (`train/backprop.rs`) rotate with these.
+pub(crate) struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
 }
 
 impl Rope {
-    fn new(inv_freq: &[f64], positions: &[i64]) -> Self {
+    pub(crate) fn new(inv_freq: &[f64], positions: &[i64]) -> Self {
         let half = inv_freq.len();
         let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
         for &p in positions {
@@ -418,7 +419,17 @@ impl Rope {
 
     /// Rotates every head of every token in `x` (`[tokens, heads, hd]`): the first half of
     /// each head against the second, `x·cos + rotate_half(x)·sin`.
-    fn apply(&self, x: &mut [f32], hd: usize) {
+    pub(crate) fn apply(&self, x: &mut [f32], hd: usize) {
+        self.rotate(x, hd, 1.0);
+    }
+
+    /// The rotation's transpose (its inverse): from the gradient of [`Rope::apply`]'s output
+    /// to that of its input.
+    pub(crate) fn apply_transposed(&self, x: &mut [f32], hd: usize) {
+        self.rotate(x, hd, -1.0);
+    }
+
+    fn rotate(&self, x: &mut [f32], hd: usize, sign: f32) {
         assert_eq!(hd, 2 * self.half, "rotary tables for this head size");
         let tokens = self.cos.len() / self.half;
         for (t, row) in x.chunks_exact_mut(x.len() / tokens).enumerate() {
@@ -426,9 +437,9 @@ impl Rope {
             for head in row.chunks_exact_mut(hd) {
                 let (x1, x2) = head.split_at_mut(self.half);
                 for i in 0..self.half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] + (-b) * sin[i];
-                    x2[i] = b * cos[i] + a * sin[i];
+                    let (a, b, s) = (x1[i], x2[i], sign * sin[i]);
+                    x1[i] = a * cos[i] - b * s;
+                    x2[i] = b * cos[i] + a * s;
                 }
             }
         }

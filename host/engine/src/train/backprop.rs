@@ -21,8 +21,8 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::{Encoded, mix};
-use crate::config::ModelConfig;
 use crate::lora::{Adapter, Target, host_vec};
+use crate::model::paged::Rope;
 use crate::model::{CausalLm, Linear, RmsNorm, Step};
 
 /// A matrix in a borrowed buffer: element `(i, j)` at `off + i·rs + j·cs`.
@@ -321,48 +321,6 @@ fn rms_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32]) {
     });
 }
 
-/// Rotary tables for every packed token: `[tokens, half]` cosines and sines.
-struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
-}
-
-impl Rope {
-    fn new(config: &ModelConfig, positions: &[usize]) -> Self {
-        let inv = config.rope_inv_freq();
-        let half = inv.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
-        for &p in positions {
-            for &f in &inv {
-                // The f32 angle, as Hugging Face computes it.
-                let angle = (p as f32) * (f as f32);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Self { cos, sin, half }
-    }
-
-    /// Rotates each head of each token of `x` (`[tokens, heads, 2·half]`) by its angle, or
-    /// back by it (`inverse`, the backward pass: the rotation's transpose).
-    fn rotate(&self, x: &mut [f32], heads: usize, inverse: bool) {
-        let (half, hd) = (self.half, 2 * self.half);
-        let sign = if inverse { -1.0 } else { 1.0 };
-        x.par_chunks_mut(heads * hd).enumerate().for_each(|(t, row)| {
-            let (cos, sin) = (&self.cos[t * half..][..half], &self.sin[t * half..][..half]);
-            for head in row.chunks_exact_mut(hd) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b, s) = (x1[i], x2[i], sign * sin[i]);
-                    x1[i] = a * cos[i] - b * s;
-                    x2[i] = b * cos[i] + a * s;
-                }
-            }
-        });
-    }
-}
-
 /// Where each packed example's tokens lie.
 struct Packing {
     /// `(first token, length)` per example.
@@ -651,8 +609,8 @@ fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, 
     let v = qkv.pop().expect("three projections");
     let mut k = qkv.pop().expect("three projections");
     let mut q = qkv.pop().expect("three projections");
-    rope.rotate(&mut q, dm.heads, false);
-    rope.rotate(&mut k, dm.kv, false);
+    rope.apply(&mut q, dm.hd);
+    rope.apply(&mut k, dm.hd);
     let (attn, lse) = attention_forward(dm, pack, &q, &k, &v);
     let xdo = Mask::apply(&masks[1], &attn);
     let (mut o, uo) = project(dm, &attn, &xdo, &[(&f[3], wd[3], lw.pair(O))]);
@@ -732,8 +690,8 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     drop(dxdo);
     let [mut dq, mut dk, dv] = attention_backward(dm, pack, &s.q, &s.k, &s.v, &s.lse, &dattn);
     drop(dattn);
-    rope.rotate(&mut dq, dm.heads, true);
-    rope.rotate(&mut dk, dm.kv, true);
+    rope.apply_transposed(&mut dq, dm.hd);
+    rope.apply_transposed(&mut dk, dm.hd);
     let (w1, _) = lw.norm1.host();
     let h1 = rms_apply(&s.x, &s.inv1, w1);
     let xd1 = Mask::apply(&s.masks[0], &h1);
@@ -917,7 +875,7 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
             }
         }
         tokens.extend_from_slice(&e.tokens);
-        positions.extend(0..e.tokens.len());
+        positions.extend(0..e.tokens.len() as i64);
         spans.push((a, e.tokens.len()));
     }
     if labels.is_empty() {
@@ -936,11 +894,11 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
         dropout: if train { adapter.config.dropout as f32 } else { 0.0 },
     };
     let pack = Packing { spans, window: c.sliding_window };
-    let rope = Rope::new(c, &positions);
+    let rope = Rope::new(&c.rope_inv_freq(), &positions);
     let embedded = model.embed(&Step {
         batch: 1,
         seq: n,
-        positions: positions.iter().map(|&p| p as i64).collect(),
+        positions,
         valid: vec![true; n],
         tokens,
     });
