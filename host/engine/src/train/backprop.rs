@@ -185,7 +185,6 @@ impl Frozen {
 
 /// One adapted projection's factors on the host.
 struct Pair {
-    target: Target,
     /// `[in, rank]`
     a: Vec<f32>,
     /// `[rank, out]`
@@ -792,9 +791,9 @@ const HEAD_ROWS: usize = 256;
 /// The summed negative log-likelihood of `labels` (each `(row, token)`) under the output
 /// head on `x` (`[n, d]`, before the final norm), and the gradient of `scale ×` it with
 /// respect to `x`.
-fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)], scale: f32) -> Option<(f64, Vec<f32>)> {
+fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)], scale: f32) -> (f64, Vec<f32>) {
     let vocab = model.config.vocab_size;
-    let head = Frozen::of(model.lm_head())?;
+    let head = Frozen::of(model.lm_head()).expect(SUPPORTED);
     let w = head.mat(d, vocab);
     let (hf, inv) = rms_forward(x, &model.norm);
     let mut dhf = vec![0.0; x.len()];
@@ -830,7 +829,7 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
     let mut dx = vec![0.0; x.len()];
     let (w, _) = model.norm.host();
     rms_backward(&mut dx, &dhf, x, &inv, w);
-    Some((nll, dx))
+    (nll, dx)
 }
 
 /// The loss of `examples` (summed over their target tokens) and the gradient of `scale ×`
@@ -846,6 +845,8 @@ pub fn host_grads(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, tr
     assert!(supports(model), "the host training step needs a model on the CPU backend with f32 or quantized weights");
     crate::model::in_pool(|| step(model, examples, adapter, train, seed, scale, recompute))
 }
+
+const SUPPORTED: &str = "`supports` checked that every weight is readable on the host";
 
 /// Whether [`host_grads`] can train `model`: its weights live on the CPU backend, as f32
 /// tensors or quantized blocks (not bf16).
@@ -908,7 +909,6 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
         let mut pairs: [Option<Pair>; 7] = Default::default();
         for (t, p) in &adapter.layers[l].pairs {
             pairs[*t as usize] = Some(Pair {
-                target: *t,
                 a: host_vec(p.a.clone()),
                 b: host_vec(p.b.clone()),
             });
@@ -921,7 +921,7 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
     for l in 0..layers {
         // Expanded QLoRA blocks live for one layer's pass and are expanded again for its
         // backward pass.
-        let lw = LayerWeights::new(model, l, host_pairs(l))?;
+        let lw = LayerWeights::new(model, l, host_pairs(l)).expect(SUPPORTED);
         let input = recompute.then(|| x.clone());
         let (out, s) = layer_forward(&dm, &pack, &rope, &lw, seed, l, x);
         saved.push(match input {
@@ -930,27 +930,26 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
         });
         x = out;
     }
-    let (loss, mut dx) = head_backward(model, &x, dm.d, &labels, scale as f32)?;
+    let (loss, mut dx) = head_backward(model, &x, dm.d, &labels, scale as f32);
     drop(x);
 
     let mut grads: Vec<Option<Tensor<2>>> = vec![None; adapter.params().len()];
     let per_layer = adapter.layers.first().map_or(0, |l| l.pairs.len() * 2);
     let device = model.device();
     for l in (0..layers).rev() {
-        let lw = LayerWeights::new(model, l, host_pairs(l))?;
+        let lw = LayerWeights::new(model, l, host_pairs(l)).expect(SUPPORTED);
         let s = match saved.pop().expect("one saved pass per layer") {
             Ok(s) => s,
             Err(input) => layer_forward(&dm, &pack, &rope, &lw, seed, l, input).1,
         };
-        let (dxl, g) = layer_backward(&dm, &pack, &rope, &lw, s, dx);
+        let (dxl, mut g) = layer_backward(&dm, &pack, &rope, &lw, s, dx);
         dx = dxl;
         for (k, (t, pair)) in adapter.layers[l].pairs.iter().enumerate() {
-            let g = g[*t as usize].as_ref().expect("every adapted projection has a gradient");
+            let g = g[*t as usize].take().expect("every adapted projection has a gradient");
             let [inp, r] = pair.a.dims();
             let out = pair.b.dims()[1];
-            debug_assert_eq!(lw.pairs[*t as usize].as_ref().map(|p| p.target), Some(*t));
-            grads[l * per_layer + 2 * k] = Some(Tensor::from_data(TensorData::new(g.a.clone(), [inp, r]), device));
-            grads[l * per_layer + 2 * k + 1] = Some(Tensor::from_data(TensorData::new(g.b.clone(), [r, out]), device));
+            grads[l * per_layer + 2 * k] = Some(Tensor::from_data(TensorData::new(g.a, [inp, r]), device));
+            grads[l * per_layer + 2 * k + 1] = Some(Tensor::from_data(TensorData::new(g.b, [r, out]), device));
         }
     }
     Some((loss, grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect()))
