@@ -262,7 +262,7 @@ impl Mask {
     /// `dx += ∂apply/∂x · dxd`.
     fn backward(mask: &Option<Self>, dx: &mut [f32], dxd: &[f32]) {
         let Some(m) = mask else { return add(dx, dxd) };
-        par_rows(dx, CHUNK, |base, dx| {
+        par_rows(dx, |base, dx| {
             for (j, (g, &v)) in dx.iter_mut().zip(&dxd[base..]).enumerate() {
                 if m.kept(base + j) {
                     *g += v * m.keep;
@@ -275,9 +275,9 @@ impl Mask {
 /// Elements per task of the elementwise loops.
 const CHUNK: usize = 1 << 14;
 
-/// Runs `f(offset, chunk)` over chunks of `x` in parallel.
-fn par_rows(x: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    x.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
+/// Runs `f(offset, chunk)` over [`CHUNK`]-element chunks of `x` in parallel.
+fn par_rows(x: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i * CHUNK, c));
 }
 
 /// A new buffer of `len` elements filled chunk by chunk from `src` by `f(offset, out, src)`.
@@ -555,11 +555,11 @@ struct LayerWeights<'m> {
     norm2: &'m RmsNorm,
     /// In [`Target::ALL`] order.
     frozen: [Frozen; 7],
-    pairs: [Option<Pair>; 7],
+    pairs: &'m [Option<Pair>; 7],
 }
 
 impl<'m> LayerWeights<'m> {
-    fn new(model: &'m CausalLm, l: usize, pairs: [Option<Pair>; 7]) -> Option<Self> {
+    fn new(model: &'m CausalLm, l: usize, pairs: &'m [Option<Pair>; 7]) -> Option<Self> {
         let layer = &model.layers[l];
         let (a, m) = (&layer.self_attn, &layer.mlp);
         let frozen = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(Frozen::of);
@@ -666,11 +666,10 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     let (w2, _) = lw.norm2.host();
     let h2 = rms_apply(&s.x2, &s.inv2, w2);
     let xd2 = Mask::apply(&s.masks[2], &h2);
-    let xin2 = &xd2;
     let mut dh2 = vec![0.0; dm.n * dm.d];
     let mut dxd2 = vec![0.0; dm.n * dm.d];
-    grads[Gate as usize] = project_backward(dm, &dgate, &f[4], xin2, u(Gate), lw.pair(Gate), &mut dh2, &mut dxd2);
-    grads[Up as usize] = project_backward(dm, &dup, &f[5], xin2, u(Up), lw.pair(Up), &mut dh2, &mut dxd2);
+    grads[Gate as usize] = project_backward(dm, &dgate, &f[4], &xd2, u(Gate), lw.pair(Gate), &mut dh2, &mut dxd2);
+    grads[Up as usize] = project_backward(dm, &dup, &f[5], &xd2, u(Up), lw.pair(Up), &mut dh2, &mut dxd2);
     drop((dgate, dup));
     drop(xd2);
     drop(h2);
@@ -694,11 +693,10 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     let (w1, _) = lw.norm1.host();
     let h1 = rms_apply(&s.x, &s.inv1, w1);
     let xd1 = Mask::apply(&s.masks[0], &h1);
-    let xin1 = &xd1;
     let mut dh1 = vec![0.0; dm.n * dm.d];
     let mut dxd1 = vec![0.0; dm.n * dm.d];
     for (i, (t, dy)) in [(Q, &dq), (K, &dk), (V, &dv)].into_iter().enumerate() {
-        grads[t as usize] = project_backward(dm, dy, &f[i], xin1, u(t), lw.pair(t), &mut dh1, &mut dxd1);
+        grads[t as usize] = project_backward(dm, dy, &f[i], &xd1, u(t), lw.pair(t), &mut dh1, &mut dxd1);
     }
     drop((dq, dk, dv));
     drop(xd1);
@@ -710,7 +708,7 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
-    par_rows(x, CHUNK, |base, x| {
+    par_rows(x, |base, x| {
         for (a, &b) in x.iter_mut().zip(&y[base..]) {
             *a += b;
         }
@@ -905,23 +903,28 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
     });
     let mut x = host_vec(embedded);
 
-    let host_pairs = |l: usize| -> [Option<Pair>; 7] {
-        let mut pairs: [Option<Pair>; 7] = Default::default();
-        for (t, p) in &adapter.layers[l].pairs {
-            pairs[*t as usize] = Some(Pair {
-                a: host_vec(p.a.clone()),
-                b: host_vec(p.b.clone()),
-            });
-        }
-        pairs
-    };
+    // Every layer's adapter on the host, once for both passes.
+    let pairs: Vec<[Option<Pair>; 7]> = adapter
+        .layers
+        .iter()
+        .map(|layer| {
+            let mut pairs: [Option<Pair>; 7] = Default::default();
+            for (t, p) in &layer.pairs {
+                pairs[*t as usize] = Some(Pair {
+                    a: host_vec(p.a.clone()),
+                    b: host_vec(p.b.clone()),
+                });
+            }
+            pairs
+        })
+        .collect();
     let layers = model.layers.len();
     // What each layer keeps for the backward pass: all it needs, or its input alone.
     let mut saved = Vec::with_capacity(layers);
-    for l in 0..layers {
+    for (l, layer_pairs) in pairs.iter().enumerate() {
         // Expanded QLoRA blocks live for one layer's pass and are expanded again for its
         // backward pass.
-        let lw = LayerWeights::new(model, l, host_pairs(l)).expect(SUPPORTED);
+        let lw = LayerWeights::new(model, l, layer_pairs).expect(SUPPORTED);
         let input = recompute.then(|| x.clone());
         let (out, s) = layer_forward(&dm, &pack, &rope, &lw, seed, l, x);
         saved.push(match input {
@@ -937,7 +940,7 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
     let per_layer = adapter.layers.first().map_or(0, |l| l.pairs.len() * 2);
     let device = model.device();
     for l in (0..layers).rev() {
-        let lw = LayerWeights::new(model, l, host_pairs(l)).expect(SUPPORTED);
+        let lw = LayerWeights::new(model, l, &pairs[l]).expect(SUPPORTED);
         let s = match saved.pop().expect("one saved pass per layer") {
             Ok(s) => s,
             Err(input) => layer_forward(&dm, &pack, &rope, &lw, seed, l, input).1,
