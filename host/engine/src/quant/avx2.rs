@@ -9,26 +9,13 @@
 
 use std::arch::x86_64::*;
 
-/// The horizontal sum of each accumulator (a loop, not `array::map`, whose closure would
-/// not inherit AVX2).
-#[inline(always)]
-fn sums<const R: usize>(acc: &[__m256; R]) -> [f32; R] {
-    let mut out = [0.0; R];
-    for i in 0..R {
-        out[i] = hsum256(acc[i]);
-    }
-    out
-}
-
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx")]
 fn hsum256(v: __m256) -> f32 {
-    // SAFETY: only reached from the AVX2 functions below.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
 }
 
 /// One block's 32 weights (already scaled) times one row's 32 activations, added into the
@@ -47,12 +34,12 @@ unsafe fn block_fma(w: &[__m256; 4], p: *const f32, acc: &mut [__m256; 2]) {
 }
 
 /// The horizontal sum of each row's two accumulators.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx")]
 fn row_sums<const R: usize>(acc: &[[__m256; 2]; R]) -> [f32; R] {
     let mut out = [0.0; R];
     for i in 0..R {
-        // SAFETY: only reached from the AVX2 functions below.
-        out[i] = hsum256(unsafe { _mm256_add_ps(acc[i][0], acc[i][1]) });
+        out[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
     }
     out
 }
@@ -91,14 +78,6 @@ pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32
     row_sums(&acc)
 }
 
-#[inline(always)]
-fn with_offsets<const R: usize>(mut dots: [f32; R], offsets: [f32; R]) -> [f32; R] {
-    for i in 0..R {
-        dots[i] += offsets[i];
-    }
-    dots
-}
-
 /// For each of `R` activation rows, the dot product with one weight row of signed 8-bit
 /// codes (32 bytes per block, each `q·d`), each block expanded once for all rows.
 ///
@@ -128,62 +107,143 @@ pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; 
     row_sums(&acc)
 }
 
-/// For each of `R` rows of 8-bit activations, Σ_blocks (d·dx · Σ q·qx + m · Σx) over
-/// 4-bit codes: `vpmaddubsw` multiplies the unsigned codes by the signed activations in
-/// pairs, and `vpmaddwd` sums the pairs to 32 bits, exactly (15·127·2 fits in 16 bits).
-/// The offsets use the exact f32 sums of the activations (`xsums`).
+/// How far ahead of the block being multiplied the 8-bit kernels ask for the weight codes
+/// (`prefetcht0`), in bytes. Decoding one token reads each weight once, straight from
+/// memory: without the hint the loads wait on DRAM (the samples of a profile sit on the
+/// instructions after them) and more work per block makes it slower, not the arithmetic.
+/// Measured on SmolLM2 Q4_1, one thread: 1024 bytes gave 1.12x, 2048 1.17x, 4096 no more
+/// (BENCHMARKS.md). The f32-activation kernels are bound by expanding the blocks instead,
+/// and gained nothing from it.
+const AHEAD: usize = 2048;
+
+/// `Σ_b m_b · s_b`: the offset term of 4-bit blocks (each block's min times the exact sum of
+/// its activations), eight blocks at a time and then the tail in order. A function of the
+/// two slices alone, so a row's offset is the same whichever rows share its call.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn offset_dot(mins: &[f32], sums: &[f32]) -> f32 {
+    debug_assert_eq!(mins.len(), sums.len());
+    let (m, s) = (mins.chunks_exact(8), sums.chunks_exact(8));
+    let (m_tail, s_tail) = (m.remainder(), s.remainder());
+    let mut acc = _mm256_setzero_ps();
+    for (m, s) in m.zip(s) {
+        // SAFETY: both chunks hold 8 floats.
+        acc = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(s.as_ptr()), acc) };
+    }
+    let mut total = hsum256(acc);
+    for (m, s) in m_tail.iter().zip(s_tail) {
+        total = m.mul_add(*s, total);
+    }
+    total
+}
+
+/// For `W` weight rows of 4-bit codes and each of `R` rows of 8-bit activations,
+/// Σ_blocks (d·dx · Σ q·qx + m · Σx): `vpmaddubsw` multiplies the unsigned codes by the
+/// signed activations in pairs, and `vpmaddwd` sums the pairs to 32 bits, exactly
+/// (15·127·2 fits in 16 bits). The offsets use the exact f32 sums of the activations
+/// (`xsums`).
+///
+/// Decoding one token asks for `R = 1` and `W = 4`: four independent accumulator chains,
+/// one activation load per block for four weight rows. Every output is the same
+/// operations in the same order whatever `W` and `R` are, so a row's result does not
+/// depend on what shares its call.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()`, `mins`, every
-/// `xd[i]` and `xsums[i]` as long as `scales`, and every `xs[i].len() == 32 · scales.len()`.
+/// The CPU must support AVX2 and FMA. (The lengths are checked: with `nb = xd[0].len()`
+/// blocks, every `qs[w]` holds `16·nb` bytes, every `xs[r]` `32·nb` codes, and the scales,
+/// mins and sums `nb` values each.)
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles_q8<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
-    let mask = _mm_set1_epi8(0x0f);
+pub unsafe fn dot_nibbles_q8<const W: usize, const R: usize>(
+    qs: [&[u8]; W],
+    scales: [&[f32]; W],
+    mins: [&[f32]; W],
+    xs: [&[i8]; R],
+    xd: [&[f32]; R],
+    xsums: [&[f32]; R],
+) -> [[f32; R]; W] {
+    let nb = xd[0].len();
+    for w in 0..W {
+        assert!(qs[w].len() == 16 * nb && scales[w].len() == nb && mins[w].len() == nb);
+    }
+    for r in 0..R {
+        assert!(xs[r].len() == 32 * nb && xd[r].len() == nb && xsums[r].len() == nb);
+    }
+    let mask = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut offsets = [0f32; R];
-    for (b, ((q, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
-        // SAFETY: q holds 16 bytes and each row 32 codes from 32·b on (the contract above).
+    let mut acc = [[_mm256_setzero_ps(); R]; W];
+    for b in 0..nb {
+        // SAFETY: b < nb, so every read is inside the lengths asserted above.
         unsafe {
-            let v = _mm_loadu_si128(q.as_ptr().cast());
-            let lo = _mm_and_si128(v, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-            // Values 0..16 in the low lane, 16..32 in the high one, as the activations lie.
-            let w = _mm256_set_m128i(hi, lo);
-            for i in 0..R {
-                let x = _mm256_loadu_si256(xs[i].as_ptr().add(32 * b).cast());
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[i].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[i]);
-                offsets[i] = m.mul_add(*xsums[i].get_unchecked(b), offsets[i]);
+            let mut x = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                x[r] = _mm256_loadu_si256(xs[r].as_ptr().add(32 * b).cast());
+            }
+            for w in 0..W {
+                _mm_prefetch::<_MM_HINT_T0>(qs[w].as_ptr().wrapping_add(16 * b + AHEAD).cast());
+                let v = _mm_loadu_si128(qs[w].as_ptr().add(16 * b).cast());
+                // Values 0..16 in the low lane, 16..32 in the high one, as the activations lie.
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), mask);
+                let d = *scales[w].get_unchecked(b);
+                for r in 0..R {
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x[r]), ones);
+                    acc[w][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[r].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[w][r]);
+                }
             }
         }
     }
-    with_offsets(sums(&acc), offsets)
+    let mut out = [[0f32; R]; W];
+    for w in 0..W {
+        for r in 0..R {
+            // SAFETY: AVX2 and FMA are this function's own requirement.
+            out[w][r] = hsum256(acc[w][r]) + unsafe { offset_dot(mins[w], xsums[r]) };
+        }
+    }
+    out
 }
 
 /// As [`dot_nibbles_q8`] over signed 8-bit codes (no offsets): `vpmaddubsw` takes one
 /// unsigned operand, so the codes lend their sign to the activations (|q| · sign(q)·x = q·x).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qs.len() == 32 · scales.len()`, and every
-/// `xs[i].len() == 32 · scales.len() == 32 · xd[i].len()`.
+/// The CPU must support AVX2 and FMA. (The lengths are checked: with `nb = xd[0].len()`,
+/// every `qs[w]` and `xs[r]` holds `32·nb` values and every scale row `nb`.)
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bytes_q8<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[i8]; R], xd: [&[f32]; R]) -> [f32; R] {
+pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
+    let nb = xd[0].len();
+    for w in 0..W {
+        assert!(qs[w].len() == 32 * nb && scales[w].len() == nb);
+    }
+    for r in 0..R {
+        assert!(xs[r].len() == 32 * nb && xd[r].len() == nb);
+    }
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (b, (q, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
-        // SAFETY: q holds 32 bytes and each row 32 codes from 32·b on.
+    let mut acc = [[_mm256_setzero_ps(); R]; W];
+    for b in 0..nb {
+        // SAFETY: b < nb, so every read is inside the lengths asserted above.
         unsafe {
-            let w = _mm256_loadu_si256(q.as_ptr().cast());
-            let magnitude = _mm256_sign_epi8(w, w);
-            for i in 0..R {
-                let x = _mm256_loadu_si256(xs[i].as_ptr().add(32 * b).cast());
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w)), ones);
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[i].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[i]);
+            let mut x = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                x[r] = _mm256_loadu_si256(xs[r].as_ptr().add(32 * b).cast());
+            }
+            for w in 0..W {
+                _mm_prefetch::<_MM_HINT_T0>(qs[w].as_ptr().wrapping_add(32 * b + AHEAD).cast());
+                let q = _mm256_loadu_si256(qs[w].as_ptr().add(32 * b).cast());
+                let magnitude = _mm256_sign_epi8(q, q);
+                let d = *scales[w].get_unchecked(b);
+                for r in 0..R {
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[r], q)), ones);
+                    acc[w][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[r].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[w][r]);
+                }
             }
         }
     }
-    sums(&acc)
+    let mut out = [[0f32; R]; W];
+    for w in 0..W {
+        for r in 0..R {
+            out[w][r] = hsum256(acc[w][r]);
+        }
+    }
+    out
 }
 
 /// `Σ a·b` over two equal-length f32 slices, in two 8-wide accumulators (attention's

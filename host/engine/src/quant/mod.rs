@@ -200,7 +200,6 @@ impl QMatrix {
         let cols = mats.first().map_or(0, |m| m.cols);
         assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
         assert_eq!(x.len(), n * cols, "x must be n × cols");
-        let nb = cols / 32;
         // Σx per block of 32, for the offset term.
         let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
         let q8 = int8.then(|| Q8Rows::quantize_on(kernel, x));
@@ -215,16 +214,18 @@ impl QMatrix {
             if let Codes::Super(ty) = m.codes {
                 return kquant::rows(kernel, ty, m, first, x, n, out);
             }
-            let per_row = if m.codes == Codes::Bytes { 32 } else { 16 } * nb;
-            for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
-                let r = first + k;
-                let qs = &m.qs[r * per_row..(r + 1) * per_row];
-                let scales = &m.scales[r * nb..(r + 1) * nb];
-                let mins = if m.codes == Codes::Nibbles { &m.mins[r * nb..(r + 1) * nb] } else { &[] };
-                let w = Row { codes: m.codes, qs, scales, mins };
-                match &q8 {
-                    Some(xq) => kernel.dots_q8(&w, xq, &xsum, cols, out_row),
-                    None => kernel.dots(&w, x, &xsum, cols, out_row),
+            match &q8 {
+                // One token: each weight row gives one output, several rows per pass.
+                Some(xq) if n == 1 => kernel.dots_q8_one(|k| m.row_blocks(first + k), xq, &xsum, out),
+                Some(xq) => {
+                    for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
+                        kernel.dots_q8(&m.row_blocks(first + k), xq, &xsum, cols, out_row);
+                    }
+                }
+                None => {
+                    for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
+                        kernel.dots(&m.row_blocks(first + k), x, &xsum, cols, out_row);
+                    }
                 }
             }
         });
@@ -244,6 +245,19 @@ impl QMatrix {
                 out
             })
             .collect()
+    }
+
+    /// Weight row `r`'s blocks (not for K-quants, whose blocks stay whole).
+    #[inline]
+    fn row_blocks(&self, r: usize) -> Row<'_> {
+        let nb = self.cols / 32;
+        let per_row = if self.codes == Codes::Bytes { 32 } else { 16 } * nb;
+        Row {
+            codes: self.codes,
+            qs: &self.qs[r * per_row..(r + 1) * per_row],
+            scales: &self.scales[r * nb..(r + 1) * nb],
+            mins: if self.codes == Codes::Nibbles { &self.mins[r * nb..(r + 1) * nb] } else { &[] },
+        }
     }
 
     /// The matrix expanded to f32 (for checks and dense fallbacks).
@@ -458,8 +472,8 @@ impl Kernel {
                     let xs: [&[i8]; R] = std::array::from_fn(|k| row(i + k).0);
                     let xd: [&[f32]; R] = std::array::from_fn(|k| row(i + k).1);
                     match w.codes {
-                        Codes::Bytes => avx2::dot_bytes_q8::<R>(w.qs, w.scales, xs, xd),
-                        Codes::Nibbles => avx2::dot_nibbles_q8::<R>(w.qs, w.scales, w.mins, xs, xd, std::array::from_fn(|k| sums(i + k))),
+                        Codes::Bytes => avx2::dot_bytes_q8::<1, R>([w.qs], [w.scales], xs, xd)[0],
+                        Codes::Nibbles => avx2::dot_nibbles_q8::<1, R>([w.qs], [w.scales], [w.mins], xs, xd, std::array::from_fn(|k| sums(i + k)))[0],
                         Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
                     }
                 })
@@ -468,6 +482,44 @@ impl Kernel {
                 for (i, o) in out.iter_mut().enumerate() {
                     let (xq, xd) = row(i);
                     *o = dot_q8(w.codes, w.qs, w.scales, xq, xd) + dot_f32(w.mins, sums(i));
+                }
+            }
+        }
+    }
+
+    /// One row of 8-bit activations (`x`, with its block sums `xsum`) times each weight row
+    /// `row(k)` into `out[k]`: the SIMD kernel takes four weight rows a pass, for four
+    /// independent sums and one activation load per block. Each output is what
+    /// [`Kernel::dots_q8`] gives the same row.
+    #[inline(always)]
+    fn dots_q8_one<'w>(self, row: impl Fn(usize) -> Row<'w>, x: &Q8Rows, xsum: &[f32], out: &mut [f32]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available` saw AVX2 and FMA (for either kernel); the kernels check the
+            // lengths.
+            #[allow(unsafe_code)]
+            Kernel::Avx512 | Kernel::Avx2 => unsafe {
+                in_groups!(out, [1 2 3 4], |k, W| {
+                    let ws: [Row<'w>; W] = std::array::from_fn(|j| row(k + j));
+                    let got = match ws[0].codes {
+                        Codes::Bytes => avx2::dot_bytes_q8::<W, 1>(ws.each_ref().map(|w| w.qs), ws.each_ref().map(|w| w.scales), [&x.qs], [&x.scales]),
+                        Codes::Nibbles => avx2::dot_nibbles_q8::<W, 1>(
+                            ws.each_ref().map(|w| w.qs),
+                            ws.each_ref().map(|w| w.scales),
+                            ws.each_ref().map(|w| w.mins),
+                            [&x.qs],
+                            [&x.scales],
+                            [xsum],
+                        ),
+                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
+                    };
+                    got.map(|o| o[0])
+                })
+            },
+            Kernel::Portable => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let w = row(k);
+                    *o = dot_q8(w.codes, w.qs, w.scales, &x.qs, &x.scales) + dot_f32(w.mins, xsum);
                 }
             }
         }
@@ -687,7 +739,7 @@ mod tests {
     /// serving scheduler's batches change every step; a stream's tokens must not).
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch_on_any_kernel() {
-        let (rows, cols) = (24, 160);
+        let (rows, cols) = (23, 416);
         let kernels = Kernel::available();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 5)), rows, cols).unwrap();
