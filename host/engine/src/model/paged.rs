@@ -372,8 +372,10 @@ impl CausalLm {
         // handing out (measured: 0.95x on the team); more goes to the team, whose threads are
         // spinning between the products around this (rayon's would wake beside them).
         let work: usize = tasks.iter().map(|(_, _, ts)| ts.len() * geometry.group * (owner[ts.end - 1].1 + 1) * hd).sum();
-        let mut results: Vec<((usize, usize, Range<usize>), Vec<f32>)> = tasks.into_iter().map(|t| (t, Vec::new())).collect();
-        let run = |((r, g, ts), out): &mut ((usize, usize, Range<usize>), Vec<f32>)| *out = attend(pool, layer, &rows[*r].cache.blocks, *g, ts.clone(), owner, &q, &geometry);
+        // Each task (row, key/value head, its tokens) with the place for its output.
+        type Task = ((usize, usize, Range<usize>), Vec<f32>);
+        let mut results: Vec<Task> = tasks.into_iter().map(|t| (t, Vec::new())).collect();
+        let run = |((r, g, ts), out): &mut Task| *out = attend(pool, layer, &rows[*r].cache.blocks, *g, ts.clone(), owner, &q, &geometry);
         if work < 1 << 18 {
             results.iter_mut().for_each(run);
         } else {
