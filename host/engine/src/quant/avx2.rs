@@ -246,6 +246,140 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
     out
 }
 
+/// A half float at byte `i` of a block.
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// For each of `R` rows of 8-bit activations, the dot product with one row of Q4_K
+/// super-blocks (144 bytes each: `d`, `dmin`, twelve bytes of 6-bit scales and mins, 128
+/// bytes of nibbles; each sub-block of 32 is `d·sc·q − dmin·m`), without expanding them:
+/// per sub-block, `vpmaddubsw`/`vpmaddwd` sum `q·qx` exactly and one fused multiply-add
+/// scales it by `d·sc·dx`; the mins meet the exact sums of the activations, eight
+/// sub-blocks to a register. Sub-blocks alternate between two accumulators, so one row's
+/// chain does not wait on itself.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. (The lengths are checked: `w` holds whole
+/// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` and `xsums[r]`
+/// eight values per super-block.)
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q4_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
+    const BYTES: usize = 144;
+    let supers = w.len() / BYTES;
+    assert_eq!(w.len(), BYTES * supers);
+    for r in 0..R {
+        assert!(xs[r].len() == 256 * supers && xd[r].len() == 8 * supers && xsums[r].len() == 8 * supers);
+    }
+    let mask = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut offsets = [_mm256_setzero_ps(); R];
+    for (s, b) in w.chunks_exact(BYTES).enumerate() {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (mut sc, mut mn) = ([0f32; 8], [0f32; 8]);
+        for j in 0..8 {
+            let (a, m) = crate::gguf::k_scale_min(j, &b[4..16]);
+            sc[j] = d * f32::from(a);
+            mn[j] = dmin * f32::from(m);
+        }
+        // SAFETY: `b` holds 144 bytes, and each row 256 codes and 8 sums from super-block
+        // `s` on (the lengths asserted above); prefetches may point anywhere.
+        unsafe {
+            for line in [0, 64, 128] {
+                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
+            }
+            let mins = _mm256_loadu_ps(mn.as_ptr());
+            for r in 0..R {
+                offsets[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsums[r].as_ptr().add(8 * s)), offsets[r]);
+            }
+            for p in 0..4 {
+                let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * p).cast());
+                // Sub-block 2p in the low nibbles, 2p + 1 in the high ones.
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for r in 0..R {
+                    let x = xs[r].as_ptr().add(256 * s + 64 * p);
+                    let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())), ones);
+                    let s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())), ones);
+                    let xb = xd[r].get_unchecked(8 * s + 2 * p..);
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * p] * xb[0]), _mm256_cvtepi32_ps(s0), acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * p + 1] * xb[1]), _mm256_cvtepi32_ps(s1), acc[r][1]);
+                }
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) - hsum256(offsets[r]);
+    }
+    out
+}
+
+/// As [`dot_q4_k_q8`] over Q6_K super-blocks (210 bytes: 128 of low nibbles, 64 of high
+/// bit pairs, sixteen signed 8-bit scales, `d`; each value `d·sc·(q − 32)`, a scale per
+/// sixteen). The codes are rebuilt as signed bytes, lend their sign to the activations
+/// (`vpmaddubsw` takes one unsigned operand), and `vpmaddwd` multiplies each sixteen's
+/// sums by its own scale, all exact in 32 bits.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. (The lengths are checked as for [`dot_q4_k_q8`].)
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R]) -> [f32; R] {
+    const BYTES: usize = 210;
+    let supers = w.len() / BYTES;
+    assert_eq!(w.len(), BYTES * supers);
+    for r in 0..R {
+        assert!(xs[r].len() == 256 * supers && xd[r].len() == 8 * supers);
+    }
+    let (m4, m2, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (s, b) in w.chunks_exact(BYTES).enumerate() {
+        let d = f16_at(b, 208);
+        // SAFETY: `b` holds 210 bytes, and each row 256 codes and 8 scales from super-block
+        // `s` on (the lengths asserted above); prefetches may point anywhere.
+        unsafe {
+            for line in [0, 64, 128, 192] {
+                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
+            }
+            for h in 0..2 {
+                let bp = b.as_ptr();
+                let ql0 = _mm256_loadu_si256(bp.add(64 * h).cast());
+                let ql1 = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
+                let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
+                let sc = &b[192 + 8 * h..200 + 8 * h];
+                // Group g of 32 values: low nibbles of ql0, ql1, then their high nibbles;
+                // bits 2g and 2g + 1 of qh on top.
+                let groups = [
+                    (_mm256_and_si256(ql0, m4), _mm256_and_si256(qh, m2)),
+                    (_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
+                    (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2)),
+                    (_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2)),
+                ];
+                for (g, &(low, high)) in groups.iter().enumerate() {
+                    let q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), k32);
+                    let magnitude = _mm256_sign_epi8(q, q);
+                    // Sixteen 16-bit pair sums: the first eight of values 0..16 (scale
+                    // 2g), the rest of 16..32 (scale 2g + 1).
+                    let scales = _mm256_set_m128i(_mm_set1_epi16(i16::from(sc[2 * g + 1] as i8)), _mm_set1_epi16(i16::from(sc[2 * g] as i8)));
+                    for r in 0..R {
+                        let x = _mm256_loadu_si256(xs[r].as_ptr().add(256 * s + 128 * h + 32 * g).cast());
+                        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, q)), scales);
+                        let dx = d * *xd[r].get_unchecked(8 * s + 4 * h + g);
+                        acc[r][g % 2] = _mm256_fmadd_ps(_mm256_set1_ps(dx), _mm256_cvtepi32_ps(sums), acc[r][g % 2]);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+    }
+    out
+}
+
 /// `Σ a·b` over two equal-length f32 slices, in two 8-wide accumulators (attention's
 /// query-key scores: the portable loop leaves LLVM to pair lanes into 128-bit halves).
 ///

@@ -164,18 +164,21 @@ fn expand_q4_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
 }
 
 /// Σ w·x over one Q4_K super-block, added into 16 lanes, each weight rebuilt in a
-/// register as it is used.
+/// register as it is used. The values go in their order, as [`expand_q4_k`] and [`dot`]
+/// take them (the low nibbles' sub-block, then the high ones'), so a row's result does not
+/// depend on how many rows share its step.
 #[inline(always)]
 fn dot_q4_k<const FMA: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
     for pair in 0..4 {
         let (q, [s0, o0, s1, o1]) = q4_k_pair(b, pair);
-        let (x0, x1) = x[64 * pair..64 * pair + 64].split_at(32);
-        for h in 0..2 {
-            for j in 0..16 {
-                let (l, c) = (16 * h + j, q[16 * h + j]);
-                let w0 = madd::<FMA>(s0, f32::from(c & 0x0f), -o0);
-                let w1 = madd::<FMA>(s1, f32::from(c >> 4), -o1);
-                acc[j] = madd::<FMA>(w1, x1[l], madd::<FMA>(w0, x0[l], acc[j]));
+        for sub in 0..2 {
+            let (s, o, shift) = if sub == 0 { (s0, o0, 0) } else { (s1, o1, 4) };
+            let xs = &x[64 * pair + 32 * sub..64 * pair + 32 * sub + 32];
+            for h in 0..2 {
+                for j in 0..16 {
+                    let w = madd::<FMA>(s, f32::from((q[16 * h + j] >> shift) & 0x0f), -o);
+                    acc[j] = madd::<FMA>(w, xs[16 * h + j], acc[j]);
+                }
             }
         }
     }

@@ -90,8 +90,10 @@ enum Codes {
     /// Signed 8-bit codes, value `q·d`.
     Bytes,
     /// A K-quant's super-blocks of 256 values as the GGUF stores them (`qs` holds whole
-    /// blocks; no scales or mins apart): each is expanded once into a buffer and multiplied
-    /// by every row of `x` in f32, whatever [`set_int8_activations`] says.
+    /// blocks; no scales or mins apart). With 8-bit activations, Q4_K and Q6_K blocks are
+    /// multiplied in integers straight from their codes on the SIMD kernels
+    /// ([`Kernel::k_quant_q8`]); otherwise each block is expanded to f32 once per step
+    /// (`kquant.rs`).
     Super(GgmlType),
 }
 
@@ -212,7 +214,10 @@ impl QMatrix {
         crate::team::for_each(&mut tasks, |(m, first, out)| {
             let (m, first) = (*m, *first);
             if let Codes::Super(ty) = m.codes {
-                return kquant::rows(kernel, ty, m, first, x, n, out);
+                return match &q8 {
+                    Some(xq) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, &xsum, n, out),
+                    _ => kquant::rows(kernel, ty, m, first, x, n, out),
+                };
             }
             match &q8 {
                 // One token: each weight row gives one output, several rows per pass.
@@ -526,6 +531,50 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Whether this kernel multiplies `ty`'s super-blocks by 8-bit activations in integers:
+    /// the SIMD kernels for Q4_K and Q6_K (what Q4_K_M files hold). Q5_K, and every type on
+    /// the portable kernel, expand to f32 whatever [`set_int8_activations`] says.
+    fn k_quant_q8(self, ty: GgmlType) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 | Kernel::Avx2 => matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K),
+            Kernel::Portable => false,
+        }
+    }
+
+    /// Rows `first..` of a K-quant matrix (`out` is `[rows, n]`) times the `n` rows of 8-bit
+    /// activations `x` (with their exact block sums `xsum`), up to four activation rows per
+    /// pass over a weight row. Only where [`Kernel::k_quant_q8`] says so.
+    #[allow(clippy::too_many_arguments)]
+    fn dots_k_q8(self, ty: GgmlType, m: &QMatrix, first: usize, x: &Q8Rows, xsum: &[f32], n: usize, out: &mut [f32]) {
+        assert!(self.k_quant_q8(ty), "{ty:?} on the {} kernel has no 8-bit product", self.name());
+        let (cols, nb) = (m.cols, m.cols / 32);
+        let per_row = ty.byte_len(cols).expect("whole super-blocks per row");
+        let xs = |i: usize| &x.qs[i * cols..(i + 1) * cols];
+        let xd = |i: usize| &x.scales[i * nb..(i + 1) * nb];
+        let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
+        for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
+            let w = &m.qs[(first + k) * per_row..(first + k + 1) * per_row];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `k_quant_q8` (asserted) holds only for the SIMD kernels, which
+            // `available` gave after seeing AVX2 and FMA; the kernels check the lengths.
+            #[allow(unsafe_code)]
+            unsafe {
+                in_groups!(out_row, [1 2 3 4], |i, R| {
+                    let (x8, d8): ([&[i8]; R], [&[f32]; R]) = (std::array::from_fn(|j| xs(i + j)), std::array::from_fn(|j| xd(i + j)));
+                    match ty {
+                        GgmlType::Q4_K => avx2::dot_q4_k_q8::<R>(w, x8, d8, std::array::from_fn(|j| sums(i + j))),
+                        _ => avx2::dot_q6_k_q8::<R>(w, x8, d8),
+                    }
+                })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (w, out_row, xs, xd, sums);
+        }
+    }
+}
+
 /// Σ_blocks d·dx · Σ q·qx with each block's products summed exactly in integers.
 fn dot_q8(codes: Codes, qs: &[u8], scales: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
     let mut total = 0f32;
@@ -668,17 +717,38 @@ mod tests {
             assert_eq!(q.bytes(), bytes.len(), "{ty:?} is kept packed");
             assert_eq!(q.dequantize(), w, "{ty:?}");
             assert_eq!(q.row(rows - 1), w[(rows - 1) * cols..], "{ty:?}");
+            // Q4_K's offset of each value (`−dmin·m` of its sub-block), which the 8-bit
+            // kernel multiplies by the exact activations.
+            let offset = |r: usize, c: usize| match ty {
+                GgmlType::Q4_K => {
+                    let b = &bytes[(r * cols + c) / 256 * 144..][..144];
+                    let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+                    -dmin * f32::from(crate::gguf::k_scale_min(c % 256 / 32, &b[4..16]).1)
+                }
+                _ => 0.0,
+            };
             for (n, kernel) in [1, 5, MAX_ROWS + 3].into_iter().flat_map(|n| Kernel::available().into_iter().map(move |k| (n, k))) {
                 let x = values(n * cols, 9);
+                let xq = Q8Rows::quantize_on(kernel, &x);
+                let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 32]).collect();
                 for int8 in [false, true] {
+                    let integer = int8 && kernel.k_quant_q8(ty);
                     let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
                     for i in 0..n {
                         for r in 0..rows {
-                            let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
+                            let want: f32 = (0..cols)
+                                .map(|c| {
+                                    let (w, x, o) = (w[r * cols + c], x[i * cols + c], offset(r, c));
+                                    // The codes times the rounded activations; the offsets
+                                    // times the exact ones.
+                                    if integer { (w - o) * rounded[i * cols + c] + o * x } else { w * x }
+                                })
+                                .sum();
                             let g = got[i * rows + r];
-                            assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} n={n} [{i},{r}]: {g} vs {want}");
+                            assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} int8={int8} n={n} [{i},{r}]: {g} vs {want}");
                         }
                     }
+                    assert_eq!(integer, int8 && kernel != Kernel::Portable && ty != GgmlType::Q5_K);
                 }
             }
         }
@@ -739,9 +809,11 @@ mod tests {
     /// serving scheduler's batches change every step; a stream's tokens must not).
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch_on_any_kernel() {
-        let (rows, cols) = (23, 416);
+        let rows = 23;
         let kernels = Kernel::available();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+            // A tail of blocks past a multiple of eight; K-quants take whole super-blocks.
+            let cols = if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) { 512 } else { 416 };
             let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 5)), rows, cols).unwrap();
             let n = 11;
             let x = values(n * cols, 9);
