@@ -137,81 +137,82 @@ unsafe fn offset_dot(mins: &[f32], sums: &[f32]) -> f32 {
     total
 }
 
-/// For `W` weight rows of 4-bit codes and each of `R` rows of 8-bit activations,
-/// Σ_blocks (d·dx · Σ q·qx + m · Σx): `vpmaddubsw` multiplies the unsigned codes by the
-/// signed activations in pairs, and `vpmaddwd` sums the pairs to 32 bits, exactly
-/// (15·127·2 fits in 16 bits). The offsets use the exact f32 sums of the activations
-/// (`xsums`).
+/// How a block's 32 codes meet 32 activations in 8 bits: the codes as a register of bytes
+/// (`load`), and their products with the activations summed in adjacent pairs to 16 bits
+/// (`pairs`, exact: `vpmaddubsw` never saturates for these ranges).
+trait Codes8 {
+    /// Code bytes per block.
+    const BYTES: usize;
+    /// # Safety
+    /// `BYTES` readable bytes at `p`; AVX2.
+    unsafe fn load(p: *const u8) -> __m256i;
+    /// # Safety
+    /// AVX2.
+    unsafe fn pairs(q: __m256i, x: __m256i) -> __m256i;
+}
+
+/// Unsigned 4-bit codes, 16 bytes a block: low nibbles are values 0..16, high 16..32.
+struct Nibbles;
+
+impl Codes8 for Nibbles {
+    const BYTES: usize = 16;
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        // SAFETY: the caller's promise.
+        unsafe {
+            let v = _mm_loadu_si128(p.cast());
+            // Values 0..16 in the low lane, 16..32 in the high one, as the activations lie.
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0f))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pairs(q: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the caller's promise.
+        unsafe { _mm256_maddubs_epi16(q, x) }
+    }
+}
+
+/// Signed 8-bit codes, 32 bytes a block. `vpmaddubsw` takes one unsigned operand, so the
+/// codes lend their sign to the activations (|q| · sign(q)·x = q·x).
+struct Bytes;
+
+impl Codes8 for Bytes {
+    const BYTES: usize = 32;
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        // SAFETY: the caller's promise.
+        unsafe { _mm256_loadu_si256(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn pairs(q: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the caller's promise.
+        unsafe { _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)) }
+    }
+}
+
+/// For `W` weight rows and each of `R` rows of 8-bit activations, Σ_blocks d·dx · Σ q·qx:
+/// each block's products summed exactly in integers (`vpmaddubsw`, then `vpmaddwd` to 32
+/// bits), then one fused multiply-add by `d·dx`.
 ///
 /// Decoding one token asks for `R = 1` and `W = 4`: four independent accumulator chains,
-/// one activation load per block for four weight rows. Every output is the same
-/// operations in the same order whatever `W` and `R` are, so a row's result does not
-/// depend on what shares its call.
+/// one activation load per block for four weight rows, and the codes asked for [`AHEAD`]
+/// bytes in advance. Every output is the same operations in the same order whatever `W`
+/// and `R` are, so a row's result does not depend on what shares its call.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked: with `nb = xd[0].len()`
-/// blocks, every `qs[w]` holds `16·nb` bytes, every `xs[r]` `32·nb` codes, and the scales,
-/// mins and sums `nb` values each.)
+/// blocks, every `qs[w]` holds `C::BYTES·nb` bytes, every `xs[r]` `32·nb` codes, and the
+/// scales `nb` values each.)
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles_q8<const W: usize, const R: usize>(
-    qs: [&[u8]; W],
-    scales: [&[f32]; W],
-    mins: [&[f32]; W],
-    xs: [&[i8]; R],
-    xd: [&[f32]; R],
-    xsums: [&[f32]; R],
-) -> [[f32; R]; W] {
+unsafe fn dot_codes_q8<C: Codes8, const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
     let nb = xd[0].len();
     for w in 0..W {
-        assert!(qs[w].len() == 16 * nb && scales[w].len() == nb && mins[w].len() == nb);
-    }
-    for r in 0..R {
-        assert!(xs[r].len() == 32 * nb && xd[r].len() == nb && xsums[r].len() == nb);
-    }
-    let mask = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); R]; W];
-    for b in 0..nb {
-        // SAFETY: b < nb, so every read is inside the lengths asserted above.
-        unsafe {
-            let mut x = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                x[r] = _mm256_loadu_si256(xs[r].as_ptr().add(32 * b).cast());
-            }
-            for w in 0..W {
-                _mm_prefetch::<_MM_HINT_T0>(qs[w].as_ptr().wrapping_add(16 * b + AHEAD).cast());
-                let v = _mm_loadu_si128(qs[w].as_ptr().add(16 * b).cast());
-                // Values 0..16 in the low lane, 16..32 in the high one, as the activations lie.
-                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), mask);
-                let d = *scales[w].get_unchecked(b);
-                for r in 0..R {
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x[r]), ones);
-                    acc[w][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[r].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[w][r]);
-                }
-            }
-        }
-    }
-    let mut out = [[0f32; R]; W];
-    for w in 0..W {
-        for r in 0..R {
-            // SAFETY: AVX2 and FMA are this function's own requirement.
-            out[w][r] = hsum256(acc[w][r]) + unsafe { offset_dot(mins[w], xsums[r]) };
-        }
-    }
-    out
-}
-
-/// As [`dot_nibbles_q8`] over signed 8-bit codes (no offsets): `vpmaddubsw` takes one
-/// unsigned operand, so the codes lend their sign to the activations (|q| · sign(q)·x = q·x).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA. (The lengths are checked: with `nb = xd[0].len()`,
-/// every `qs[w]` and `xs[r]` holds `32·nb` values and every scale row `nb`.)
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
-    let nb = xd[0].len();
-    for w in 0..W {
-        assert!(qs[w].len() == 32 * nb && scales[w].len() == nb);
+        assert!(qs[w].len() == C::BYTES * nb && scales[w].len() == nb);
     }
     for r in 0..R {
         assert!(xs[r].len() == 32 * nb && xd[r].len() == nb);
@@ -219,19 +220,20 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); R]; W];
     for b in 0..nb {
-        // SAFETY: b < nb, so every read is inside the lengths asserted above.
+        // SAFETY: b < nb, so every read is inside the lengths asserted above; a prefetch may
+        // point anywhere.
         unsafe {
             let mut x = [_mm256_setzero_si256(); R];
             for r in 0..R {
                 x[r] = _mm256_loadu_si256(xs[r].as_ptr().add(32 * b).cast());
             }
             for w in 0..W {
-                _mm_prefetch::<_MM_HINT_T0>(qs[w].as_ptr().wrapping_add(32 * b + AHEAD).cast());
-                let q = _mm256_loadu_si256(qs[w].as_ptr().add(32 * b).cast());
-                let magnitude = _mm256_sign_epi8(q, q);
+                let p = qs[w].as_ptr();
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(C::BYTES * b + AHEAD).cast());
+                let q = C::load(p.add(C::BYTES * b));
                 let d = *scales[w].get_unchecked(b);
                 for r in 0..R {
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[r], q)), ones);
+                    let sums = _mm256_madd_epi16(C::pairs(q, x[r]), ones);
                     acc[w][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[r].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[w][r]);
                 }
             }
@@ -244,6 +246,43 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
         }
     }
     out
+}
+
+/// [`dot_codes_q8`] over 4-bit codes, each value `q·d + m`: Σ_blocks (d·dx · Σ q·qx + m ·
+/// Σx), the offsets with the exact f32 sums of the activations (`xsums`).
+///
+/// # Safety
+/// As [`dot_codes_q8`]; `mins[w]` and `xsums[r]` hold `nb` values each (checked).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_nibbles_q8<const W: usize, const R: usize>(
+    qs: [&[u8]; W],
+    scales: [&[f32]; W],
+    mins: [&[f32]; W],
+    xs: [&[i8]; R],
+    xd: [&[f32]; R],
+    xsums: [&[f32]; R],
+) -> [[f32; R]; W] {
+    let nb = xd[0].len();
+    assert!(mins.iter().all(|m| m.len() == nb) && xsums.iter().all(|s| s.len() == nb));
+    // SAFETY: this function's own requirements.
+    let mut out = unsafe { dot_codes_q8::<Nibbles, W, R>(qs, scales, xs, xd) };
+    for w in 0..W {
+        for r in 0..R {
+            // SAFETY: AVX2 and FMA are this function's own requirement.
+            out[w][r] += unsafe { offset_dot(mins[w], xsums[r]) };
+        }
+    }
+    out
+}
+
+/// [`dot_codes_q8`] over signed 8-bit codes, each value `q·d`.
+///
+/// # Safety
+/// As [`dot_codes_q8`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
+    // SAFETY: this function's own requirements.
+    unsafe { dot_codes_q8::<Bytes, W, R>(qs, scales, xs, xd) }
 }
 
 /// A half float at byte `i` of a block.
