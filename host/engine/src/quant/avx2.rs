@@ -293,7 +293,9 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// For each of `R` rows of 8-bit activations, the dot product with one row of Q4_K
 /// super-blocks (144 bytes each: `d`, `dmin`, twelve bytes of 6-bit scales and mins, 128
-/// bytes of nibbles; each sub-block of 32 is `d·sc·q − dmin·m`), without expanding them:
+/// bytes of nibbles; each sub-block of 32 is `d·sc·q − dmin·m`), or with `FIVE` of Q5_K
+/// ones (176 bytes: 32 bytes of fifth bits before the nibbles, bit `j` of byte `l` on top
+/// of value `l` of sub-block `j`), without expanding them:
 /// per sub-block, `vpmaddubsw`/`vpmaddwd` sum `q·qx` exactly and one fused multiply-add
 /// scales it by `d·sc·dx`; the mins meet the exact sums of the activations, eight
 /// sub-blocks to a register. Sub-blocks alternate between two accumulators, so one row's
@@ -304,18 +306,18 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` and `xsums[r]`
 /// eight values per super-block.)
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_q4_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
-    const BYTES: usize = 144;
-    let supers = w.len() / BYTES;
-    assert_eq!(w.len(), BYTES * supers);
+pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
+    let (bytes, codes) = if FIVE { (176, 48) } else { (144, 16) };
+    let supers = w.len() / bytes;
+    assert_eq!(w.len(), bytes * supers);
     for r in 0..R {
         assert!(xs[r].len() == 256 * supers && xd[r].len() == 8 * supers && xsums[r].len() == 8 * supers);
     }
-    let mask = _mm256_set1_epi8(0x0f);
+    let (mask, bit) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let mut offsets = [_mm256_setzero_ps(); R];
-    for (s, b) in w.chunks_exact(BYTES).enumerate() {
+    for (s, b) in w.chunks_exact(bytes).enumerate() {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (mut sc, mut mn) = ([0f32; 8], [0f32; 8]);
         for j in 0..8 {
@@ -323,21 +325,29 @@ pub unsafe fn dot_q4_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32];
             sc[j] = d * f32::from(a);
             mn[j] = dmin * f32::from(m);
         }
-        // SAFETY: `b` holds 144 bytes, and each row 256 codes and 8 sums from super-block
-        // `s` on (the lengths asserted above); prefetches may point anywhere.
+        // SAFETY: `b` holds a whole super-block, and each row 256 codes and 8 sums from
+        // super-block `s` on (the lengths asserted above); prefetches may point anywhere.
         unsafe {
             for line in [0, 64, 128] {
                 _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
             }
+            // Q5_K's fifth bits, shifted down two sub-blocks a pair (16-bit shifts: the
+            // mask keeps each byte's own bit).
+            let mut fifth = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16).cast()) } else { _mm256_setzero_si256() };
             let mins = _mm256_loadu_ps(mn.as_ptr());
             for r in 0..R {
                 offsets[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsums[r].as_ptr().add(8 * s)), offsets[r]);
             }
             for p in 0..4 {
-                let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * p).cast());
+                let v = _mm256_loadu_si256(b.as_ptr().add(codes + 32 * p).cast());
                 // Sub-block 2p in the low nibbles, 2p + 1 in the high ones.
-                let lo = _mm256_and_si256(v, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                let mut lo = _mm256_and_si256(v, mask);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                if FIVE {
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(fifth, bit), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(fifth, 1), bit), 4));
+                    fifth = _mm256_srli_epi16(fifth, 2);
+                }
                 for r in 0..R {
                     let x = xs[r].as_ptr().add(256 * s + 64 * p);
                     let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())), ones);

@@ -90,7 +90,7 @@ enum Codes {
     /// Signed 8-bit codes, value `q·d`.
     Bytes,
     /// A K-quant's super-blocks of 256 values as the GGUF stores them (`qs` holds whole
-    /// blocks; no scales or mins apart). With 8-bit activations, Q4_K and Q6_K blocks are
+    /// blocks; no scales or mins apart). With 8-bit activations, their blocks are
     /// multiplied in integers straight from their codes on the SIMD kernels
     /// ([`Kernel::k_quant_q8`]); otherwise each block is expanded to f32 once per step
     /// (`kquant.rs`).
@@ -533,12 +533,12 @@ impl Kernel {
 
 impl Kernel {
     /// Whether this kernel multiplies `ty`'s super-blocks by 8-bit activations in integers:
-    /// the SIMD kernels for Q4_K and Q6_K (what Q4_K_M files hold). Q5_K, and every type on
-    /// the portable kernel, expand to f32 whatever [`set_int8_activations`] says.
+    /// the SIMD kernels for Q4_K, Q5_K and Q6_K (what Q4_K_M and Q5_K_M files hold). On the
+    /// portable kernel they expand to f32 whatever [`set_int8_activations`] says.
     fn k_quant_q8(self, ty: GgmlType) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 | Kernel::Avx2 => matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K),
+            Kernel::Avx512 | Kernel::Avx2 => matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K),
             Kernel::Portable => false,
         }
     }
@@ -564,7 +564,8 @@ impl Kernel {
                 in_groups!(out_row, [1 2 3 4], |i, R| {
                     let (x8, d8): ([&[i8]; R], [&[f32]; R]) = (std::array::from_fn(|j| xs(i + j)), std::array::from_fn(|j| xd(i + j)));
                     match ty {
-                        GgmlType::Q4_K => avx2::dot_q4_k_q8::<R>(w, x8, d8, std::array::from_fn(|j| sums(i + j))),
+                        GgmlType::Q4_K => avx2::dot_q4_k_q8::<false, R>(w, x8, d8, std::array::from_fn(|j| sums(i + j))),
+                        GgmlType::Q5_K => avx2::dot_q4_k_q8::<true, R>(w, x8, d8, std::array::from_fn(|j| sums(i + j))),
                         _ => avx2::dot_q6_k_q8::<R>(w, x8, d8),
                     }
                 })
@@ -717,11 +718,12 @@ mod tests {
             assert_eq!(q.bytes(), bytes.len(), "{ty:?} is kept packed");
             assert_eq!(q.dequantize(), w, "{ty:?}");
             assert_eq!(q.row(rows - 1), w[(rows - 1) * cols..], "{ty:?}");
-            // Q4_K's offset of each value (`−dmin·m` of its sub-block), which the 8-bit
+            // Q4_K's and Q5_K's offset of each value (`−dmin·m` of its sub-block), which the 8-bit
             // kernel multiplies by the exact activations.
             let offset = |r: usize, c: usize| match ty {
-                GgmlType::Q4_K => {
-                    let b = &bytes[(r * cols + c) / 256 * 144..][..144];
+                GgmlType::Q4_K | GgmlType::Q5_K => {
+                    let len = if ty == GgmlType::Q4_K { 144 } else { 176 };
+                    let b = &bytes[(r * cols + c) / 256 * len..][..len];
                     let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
                     -dmin * f32::from(crate::gguf::k_scale_min(c % 256 / 32, &b[4..16]).1)
                 }
@@ -748,7 +750,7 @@ mod tests {
                             assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} int8={int8} n={n} [{i},{r}]: {g} vs {want}");
                         }
                     }
-                    assert_eq!(integer, int8 && kernel != Kernel::Portable && ty != GgmlType::Q5_K);
+                    assert_eq!(integer, int8 && kernel != Kernel::Portable);
                 }
             }
         }
