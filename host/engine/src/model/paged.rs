@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
 
-
 use super::{CausalLm, Linear, Lora, LoraGroup, Step};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};

@@ -9,6 +9,8 @@
 
 use std::arch::x86_64::*;
 
+use super::kquant::f16_at;
+
 #[inline]
 #[target_feature(enable = "avx")]
 fn hsum256(v: __m256) -> f32 {
@@ -283,12 +285,6 @@ pub unsafe fn dot_nibbles_q8<const W: usize, const R: usize>(
 pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
     // SAFETY: this function's own requirements.
     unsafe { dot_codes_q8::<Bytes, W, R>(qs, scales, xs, xd) }
-}
-
-/// A half float at byte `i` of a block.
-#[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// For each of `R` rows of 8-bit activations, the dot product with one row of Q4_K

@@ -529,9 +529,7 @@ impl Kernel {
             }
         }
     }
-}
 
-impl Kernel {
     /// Whether this kernel multiplies `ty`'s super-blocks by 8-bit activations in integers:
     /// the SIMD kernels for Q4_K, Q5_K and Q6_K (what Q4_K_M and Q5_K_M files hold). On the
     /// portable kernel they expand to f32 whatever [`set_int8_activations`] says.
