@@ -287,42 +287,41 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
     unsafe { dot_codes_q8::<Bytes, W, R>(qs, scales, xs, xd) }
 }
 
-/// For each of `R` rows of 8-bit activations, the dot product with one row of Q4_K
+/// For each of `R` rows of 8-bit activations in blocks of 256 (one scale `dx` per
+/// super-block, the sum of each 32 codes), the dot product with one row of Q4_K
 /// super-blocks (144 bytes each: `d`, `dmin`, twelve bytes of 6-bit scales and mins, 128
 /// bytes of nibbles; each sub-block of 32 is `d·sc·q − dmin·m`), or with `FIVE` of Q5_K
 /// ones (176 bytes: 32 bytes of fifth bits before the nibbles, bit `j` of byte `l` on top
-/// of value `l` of sub-block `j`), without expanding them:
-/// per sub-block, `vpmaddubsw`/`vpmaddwd` sum `q·qx` exactly and one fused multiply-add
-/// scales it by `d·sc·dx`; the mins meet the exact sums of the activations, eight
-/// sub-blocks to a register. Sub-blocks alternate between two accumulators, so one row's
-/// chain does not wait on itself.
+/// of value `l` of sub-block `j`), without expanding them. Per super-block, in integers:
+/// `vpmaddubsw` sums `q·qx` in pairs and `vpmaddwd` multiplies them by each sub-block's
+/// scale, eight sub-blocks into one register; then one fused multiply-add by `d·dx`. The
+/// mins meet the activations' code sums (`Σ m·Σqx`, exact), times `dmin·dx`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked: `w` holds whole
-/// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` and `xsums[r]`
-/// eight values per super-block.)
+/// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` one scale and
+/// every `xsums[r]` eight sums per super-block.)
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [f32; R] {
+pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[i16]; R]) -> [f32; R] {
     let (bytes, codes) = if FIVE { (176, 48) } else { (144, 16) };
     let supers = w.len() / bytes;
     assert_eq!(w.len(), bytes * supers);
     for r in 0..R {
-        assert!(xs[r].len() == 256 * supers && xd[r].len() == 8 * supers && xsums[r].len() == 8 * supers);
+        assert!(xs[r].len() == 256 * supers && xd[r].len() == supers && xsums[r].len() == 8 * supers);
     }
     let (mask, bit) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut offsets = [_mm256_setzero_ps(); R];
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offsets = [0f32; R];
     for (s, b) in w.chunks_exact(bytes).enumerate() {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-        let (mut sc, mut mn) = ([0f32; 8], [0f32; 8]);
+        let (mut sc, mut mn) = ([0i16; 8], [0i32; 8]);
         for j in 0..8 {
             let (a, m) = crate::gguf::k_scale_min(j, &b[4..16]);
-            sc[j] = d * f32::from(a);
-            mn[j] = dmin * f32::from(m);
+            sc[j] = i16::from(a);
+            mn[j] = i32::from(m);
         }
-        // SAFETY: `b` holds a whole super-block, and each row 256 codes and 8 sums from
-        // super-block `s` on (the lengths asserted above); prefetches may point anywhere.
+        // SAFETY: `b` holds a whole super-block, and each row 256 codes, a scale and 8 sums
+        // from super-block `s` on (the lengths asserted above); prefetches may point anywhere.
         unsafe {
             for line in [0, 64, 128] {
                 _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
@@ -330,10 +329,7 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
             // Q5_K's fifth bits, shifted down two sub-blocks a pair (16-bit shifts: the
             // mask keeps each byte's own bit).
             let mut fifth = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16).cast()) } else { _mm256_setzero_si256() };
-            let mins = _mm256_loadu_ps(mn.as_ptr());
-            for r in 0..R {
-                offsets[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsums[r].as_ptr().add(8 * s)), offsets[r]);
-            }
+            let mut sums = [_mm256_setzero_si256(); R];
             for p in 0..4 {
                 let v = _mm256_loadu_si256(b.as_ptr().add(codes + 32 * p).cast());
                 // Sub-block 2p in the low nibbles, 2p + 1 in the high ones.
@@ -344,20 +340,26 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(fifth, 1), bit), 4));
                     fifth = _mm256_srli_epi16(fifth, 2);
                 }
+                let (s0, s1) = (_mm256_set1_epi16(sc[2 * p]), _mm256_set1_epi16(sc[2 * p + 1]));
                 for r in 0..R {
                     let x = xs[r].as_ptr().add(256 * s + 64 * p);
-                    let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())), ones);
-                    let s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())), ones);
-                    let xb = xd[r].get_unchecked(8 * s + 2 * p..);
-                    acc[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * p] * xb[0]), _mm256_cvtepi32_ps(s0), acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * p + 1] * xb[1]), _mm256_cvtepi32_ps(s1), acc[r][1]);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())), s0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())), s1);
+                    sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(p0, p1));
                 }
+            }
+            for r in 0..R {
+                let dx = *xd[r].get_unchecked(s);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
+                let qx = xsums[r].get_unchecked(8 * s..8 * s + 8);
+                let m: i32 = (0..8).map(|j| mn[j] * i32::from(qx[j])).sum();
+                offsets[r] = (dmin * dx).mul_add(m as f32, offsets[r]);
             }
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) - hsum256(offsets[r]);
+        out[r] = hsum256(acc[r]) - offsets[r];
     }
     out
 }
@@ -366,7 +368,8 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
 /// bit pairs, sixteen signed 8-bit scales, `d`; each value `d·sc·(q − 32)`, a scale per
 /// sixteen). The codes are rebuilt as signed bytes, lend their sign to the activations
 /// (`vpmaddubsw` takes one unsigned operand), and `vpmaddwd` multiplies each sixteen's
-/// sums by its own scale, all exact in 32 bits.
+/// sums by its own scale, the whole super-block summed exactly in 32 bits before one
+/// multiply by `d·dx`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked as for [`dot_q4_k_q8`].)
@@ -376,18 +379,19 @@ pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32];
     let supers = w.len() / BYTES;
     assert_eq!(w.len(), BYTES * supers);
     for r in 0..R {
-        assert!(xs[r].len() == 256 * supers && xd[r].len() == 8 * supers);
+        assert!(xs[r].len() == 256 * supers && xd[r].len() == supers);
     }
     let (m4, m2, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut acc = [_mm256_setzero_ps(); R];
     for (s, b) in w.chunks_exact(BYTES).enumerate() {
         let d = f16_at(b, 208);
-        // SAFETY: `b` holds 210 bytes, and each row 256 codes and 8 scales from super-block
+        // SAFETY: `b` holds 210 bytes, and each row 256 codes and a scale from super-block
         // `s` on (the lengths asserted above); prefetches may point anywhere.
         unsafe {
             for line in [0, 64, 128, 192] {
                 _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
             }
+            let mut sums = [_mm256_setzero_si256(); R];
             for h in 0..2 {
                 let bp = b.as_ptr();
                 let ql0 = _mm256_loadu_si256(bp.add(64 * h).cast());
@@ -410,17 +414,19 @@ pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32];
                     let scales = _mm256_set_m128i(_mm_set1_epi16(i16::from(sc[2 * g + 1] as i8)), _mm_set1_epi16(i16::from(sc[2 * g] as i8)));
                     for r in 0..R {
                         let x = _mm256_loadu_si256(xs[r].as_ptr().add(256 * s + 128 * h + 32 * g).cast());
-                        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, q)), scales);
-                        let dx = d * *xd[r].get_unchecked(8 * s + 4 * h + g);
-                        acc[r][g % 2] = _mm256_fmadd_ps(_mm256_set1_ps(dx), _mm256_cvtepi32_ps(sums), acc[r][g % 2]);
+                        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, q)), scales));
                     }
                 }
+            }
+            for r in 0..R {
+                let dx = *xd[r].get_unchecked(s);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
             }
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+        out[r] = hsum256(acc[r]);
     }
     out
 }
@@ -447,39 +453,48 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     hsum256(_mm256_add_ps(acc[0], acc[1])) + tail
 }
 
-/// Rounds a block of 32 activations to signed 8 bits with one scale, `d = max|x| / 127`,
-/// as [`super::Q8Rows::quantize`] does (to nearest, ties to even); returns `d`.
+/// `max |x|` of a block of 32 activations.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `x` and `out` hold 32 values.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> f32 {
-    assert!(x.len() == 32 && out.len() == 32);
-    // SAFETY: 32 floats at x and 32 bytes at out (asserted).
+/// The CPU must support AVX2; `x` holds 32 values.
+#[target_feature(enable = "avx2")]
+pub unsafe fn amax32(x: &[f32]) -> f32 {
+    assert!(x.len() == 32);
+    // SAFETY: 32 floats at x (asserted).
     unsafe {
         let p = x.as_ptr();
-        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
         let sign = _mm256_set1_ps(-0.0);
         let a = _mm256_max_ps(
-            _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+            _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p)), _mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8)))),
+            _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(16))), _mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(24)))),
         );
         let m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        let d = amax / 127.0;
-        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+    }
+}
+
+/// Rounds 32 activations times `inv` (one over their block's step) to signed 8 bits, as
+/// [`super::Q8Rows`]'s portable loop does: to nearest, ties to even, saturating.
+///
+/// # Safety
+/// The CPU must support AVX2; `x` and `out` hold 32 values.
+#[target_feature(enable = "avx2")]
+pub unsafe fn round32(x: &[f32], inv: f32, out: &mut [i8]) {
+    assert!(x.len() == 32 && out.len() == 32);
+    // SAFETY: 32 floats at x and 32 bytes at out (asserted).
+    unsafe {
+        let (p, inv) = (x.as_ptr(), _mm256_set1_ps(inv));
         // cvtps rounds to nearest even (the default rounding mode); the packs saturate.
         let q = [
-            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)),
-            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)),
-            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)),
-            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p), inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(8)), inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(16)), inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(24)), inv)),
         ];
         let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         // The packs interleave the 128-bit lanes: put the groups of four back in order.
         let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(out.as_mut_ptr().cast(), ordered);
-        d
     }
 }

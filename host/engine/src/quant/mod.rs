@@ -16,7 +16,10 @@
 //!
 //! With [`set_int8_activations`] on, the activations are quantized too, per block of 32 to
 //! signed 8 bits with an f32 scale (as llama.cpp does), and each block's products are summed
-//! in integers: a few instructions per 32 products instead of a dozen. The result then
+//! in integers: a few instructions per 32 products instead of a dozen. Against K-quant
+//! super-blocks the activations take one scale per 256 values (llama.cpp's Q8_K), so a
+//! super-block's eight sub-blocks are summed in integers, their scales applied there too,
+//! before one float multiply. The result then
 //! differs from the dense product by the activations' rounding (within half a step per
 //! value); the f32 path stays the default, for parity with the reference.
 
@@ -45,37 +48,62 @@ pub fn cpu_kernel() -> Result<&'static str, String> {
     Kernel::choice().map(Kernel::name)
 }
 
-/// Rows of activations quantized per block of 32: `qs[i] = round(x[i] / d)` (to nearest,
-/// ties to even) with `d = max|x| / 127` of the block.
+/// Rows of activations quantized per block: `qs[i] = round(x[i] / d)` (to nearest, ties to
+/// even) with `d = max|x| / 127` of the block. Blocks of 32 meet the 32-value weight blocks;
+/// the K-quants' super-blocks meet blocks of 256 (llama.cpp's Q8_K), whose one scale lets a
+/// super-block's eight sub-blocks be summed in integers before a single float multiply.
 struct Q8Rows {
     qs: Vec<i8>,
+    /// Per block.
     scales: Vec<f32>,
+    /// For blocks of 256: the sum of each 32 codes (a K-quant's offsets meet them).
+    sums: Vec<i16>,
 }
 
 impl Q8Rows {
+    /// Blocks of 32.
     fn quantize_on(kernel: Kernel, x: &[f32]) -> Self {
+        Self::quantize_blocks(kernel, x, 32)
+    }
+
+    /// Blocks of 256, with the sum of each 32 codes; `x` holds whole blocks.
+    fn quantize_super_on(kernel: Kernel, x: &[f32]) -> Self {
+        let mut q = Self::quantize_blocks(kernel, x, 256);
+        q.sums = q.qs.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect();
+        q
+    }
+
+    fn quantize_blocks(kernel: Kernel, x: &[f32], block: usize) -> Self {
+        assert!(x.len().is_multiple_of(block), "whole blocks of {block}");
         let mut qs = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(x.len() / 32);
-        #[cfg(target_arch = "x86_64")]
-        if kernel != Kernel::Portable {
-            for (block, out) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
+        let mut scales = Vec::with_capacity(x.len() / block);
+        for (xb, out) in x.chunks_exact(block).zip(qs.chunks_exact_mut(block)) {
+            let amax = match kernel {
+                #[cfg(target_arch = "x86_64")]
                 // SAFETY: the SIMD kernels come from `Kernel::available`, which saw AVX2 and
-                // FMA (AVX-512's includes them); both chunks hold 32 values.
+                // FMA (AVX-512's includes them); the chunks hold whole blocks of 32.
                 #[allow(unsafe_code)]
-                scales.push(unsafe { avx2::quantize_block(block, out) });
-            }
-            return Self { qs, scales };
-        }
-        for (block, out) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                Kernel::Avx512 | Kernel::Avx2 => xb.chunks_exact(32).map(|c| unsafe { avx2::amax32(c) }).fold(0f32, f32::max),
+                _ => xb.iter().fold(0f32, |m, v| m.max(v.abs())),
+            };
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (o, v) in out.iter_mut().zip(block) {
-                *o = (v * inv).round_ties_even() as i8;
+            for (c, o) in xb.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    #[allow(unsafe_code)]
+                    Kernel::Avx512 | Kernel::Avx2 => unsafe { avx2::round32(c, inv, o) },
+                    _ => {
+                        for (o, v) in o.iter_mut().zip(c) {
+                            *o = (v * inv).round_ties_even() as i8;
+                        }
+                    }
+                }
             }
             scales.push(d);
         }
-        Self { qs, scales }
+        Self { qs, scales, sums: Vec::new() }
     }
 }
 
@@ -204,7 +232,18 @@ impl QMatrix {
         assert_eq!(x.len(), n * cols, "x must be n × cols");
         // Σx per block of 32, for the offset term.
         let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        let q8 = int8.then(|| Q8Rows::quantize_on(kernel, x));
+        // 8-bit activations in blocks of 32 for the 32-value weight blocks, of 256 for the
+        // K-quants' super-blocks: each only when a matrix here meets it.
+        let (mut blocks32, mut blocks256) = (false, false);
+        for m in mats {
+            match m.codes {
+                Codes::Super(ty) if kernel.k_quant_q8(ty) => blocks256 = true,
+                Codes::Super(_) => {}
+                _ => blocks32 = true,
+            }
+        }
+        let q8 = (int8 && blocks32).then(|| Q8Rows::quantize_on(kernel, x));
+        let q8k = (int8 && blocks256).then(|| Q8Rows::quantize_super_on(kernel, x));
         // Each output `[rows, n]`; the tasks cut every one into runs of weight rows.
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
         let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
@@ -214,8 +253,8 @@ impl QMatrix {
         crate::team::for_each(&mut tasks, |(m, first, out)| {
             let (m, first) = (*m, *first);
             if let Codes::Super(ty) = m.codes {
-                return match &q8 {
-                    Some(xq) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, &xsum, n, out),
+                return match &q8k {
+                    Some(xq) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, n, out),
                     _ => kquant::rows(kernel, ty, m, first, x, n, out),
                 };
             }
@@ -542,16 +581,15 @@ impl Kernel {
     }
 
     /// Rows `first..` of a K-quant matrix (`out` is `[rows, n]`) times the `n` rows of 8-bit
-    /// activations `x` (with their exact block sums `xsum`), up to four activation rows per
-    /// pass over a weight row. Only where [`Kernel::k_quant_q8`] says so.
-    #[allow(clippy::too_many_arguments)]
-    fn dots_k_q8(self, ty: GgmlType, m: &QMatrix, first: usize, x: &Q8Rows, xsum: &[f32], n: usize, out: &mut [f32]) {
+    /// activations `x` in blocks of 256 ([`Q8Rows::quantize_super_on`]), up to four
+    /// activation rows per pass over a weight row. Only where [`Kernel::k_quant_q8`] says so.
+    fn dots_k_q8(self, ty: GgmlType, m: &QMatrix, first: usize, x: &Q8Rows, n: usize, out: &mut [f32]) {
         assert!(self.k_quant_q8(ty), "{ty:?} on the {} kernel has no 8-bit product", self.name());
-        let (cols, nb) = (m.cols, m.cols / 32);
+        let (cols, supers) = (m.cols, m.cols / 256);
         let per_row = ty.byte_len(cols).expect("whole super-blocks per row");
         let xs = |i: usize| &x.qs[i * cols..(i + 1) * cols];
-        let xd = |i: usize| &x.scales[i * nb..(i + 1) * nb];
-        let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
+        let xd = |i: usize| &x.scales[i * supers..(i + 1) * supers];
+        let sums = |i: usize| &x.sums[i * cols / 32..(i + 1) * cols / 32];
         for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
             let w = &m.qs[(first + k) * per_row..(first + k + 1) * per_row];
             #[cfg(target_arch = "x86_64")]
@@ -716,34 +754,19 @@ mod tests {
             assert_eq!(q.bytes(), bytes.len(), "{ty:?} is kept packed");
             assert_eq!(q.dequantize(), w, "{ty:?}");
             assert_eq!(q.row(rows - 1), w[(rows - 1) * cols..], "{ty:?}");
-            // Q4_K's and Q5_K's offset of each value (`−dmin·m` of its sub-block), which the 8-bit
-            // kernel multiplies by the exact activations.
-            let offset = |r: usize, c: usize| match ty {
-                GgmlType::Q4_K | GgmlType::Q5_K => {
-                    let len = if ty == GgmlType::Q4_K { 144 } else { 176 };
-                    let b = &bytes[(r * cols + c) / 256 * len..][..len];
-                    let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
-                    -dmin * f32::from(crate::gguf::k_scale_min(c % 256 / 32, &b[4..16]).1)
-                }
-                _ => 0.0,
-            };
             for (n, kernel) in [1, 5, MAX_ROWS + 3].into_iter().flat_map(|n| Kernel::available().into_iter().map(move |k| (n, k))) {
                 let x = values(n * cols, 9);
-                let xq = Q8Rows::quantize_on(kernel, &x);
-                let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 32]).collect();
+                // The activations as the 8-bit kernel sees them: rounded per block of 256.
+                let xq = Q8Rows::quantize_super_on(kernel, &x);
+                let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 256]).collect();
+                assert_eq!(xq.sums, xq.qs.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect::<Vec<i16>>());
                 for int8 in [false, true] {
                     let integer = int8 && kernel.k_quant_q8(ty);
                     let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
                     for i in 0..n {
                         for r in 0..rows {
-                            let want: f32 = (0..cols)
-                                .map(|c| {
-                                    let (w, x, o) = (w[r * cols + c], x[i * cols + c], offset(r, c));
-                                    // The codes times the rounded activations; the offsets
-                                    // times the exact ones.
-                                    if integer { (w - o) * rounded[i * cols + c] + o * x } else { w * x }
-                                })
-                                .sum();
+                            let xs = if integer { &rounded } else { &x };
+                            let want: f32 = (0..cols).map(|c| w[r * cols + c] * xs[i * cols + c]).sum();
                             let g = got[i * rows + r];
                             assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} int8={int8} n={n} [{i},{r}]: {g} vs {want}");
                         }
@@ -772,7 +795,7 @@ mod tests {
                 let nb = cols / 32;
                 let per_row = if ty == GgmlType::Q8_0 { 32 } else { 16 } * nb;
                 for i in 0..n {
-                    let x_i = Q8Rows { qs: xq.qs[i * cols..(i + 1) * cols].to_vec(), scales: xq.scales[i * nb..(i + 1) * nb].to_vec() };
+                    let x_i = Q8Rows { qs: xq.qs[i * cols..(i + 1) * cols].to_vec(), scales: xq.scales[i * nb..(i + 1) * nb].to_vec(), sums: Vec::new() };
                     for r in 0..rows {
                         let mins = if q.codes == Codes::Nibbles { &q.mins[r * nb..(r + 1) * nb] } else { &[] };
                         let row = Row { codes: q.codes, qs: &q.qs[r * per_row..(r + 1) * per_row], scales: &q.scales[r * nb..(r + 1) * nb], mins };
@@ -842,6 +865,13 @@ mod tests {
         assert_eq!(avx.qs, portable.qs);
         assert_eq!(avx.scales, portable.scales);
         assert_eq!(&portable.qs[33..36], &[-14, -14, -12], "ties round to even");
+        // Blocks of 256 (the K-quants'): one step for all eight blocks of 32.
+        let mut x = values(256 * 2, 17);
+        x[300] = 40.0;
+        let (avx, portable) = (Q8Rows::quantize_super_on(Kernel::chosen(), &x), Q8Rows::quantize_super_on(Kernel::Portable, &x));
+        assert_eq!((&avx.qs, &avx.scales, &avx.sums), (&portable.qs, &portable.scales, &portable.sums));
+        assert_eq!(portable.scales[1], 40.0 / 127.0);
+        assert_eq!(portable.qs[300], 127);
     }
 
     #[test]
