@@ -173,7 +173,13 @@ pub fn generate_all(
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<Generation>, ServeError> {
     let mut lp = Loop::new(model, tokenizer, config.clone(), Arc::new(Metrics::default()));
-    let max_tokens = max_request_tokens(model, config);
+    run_all(&mut lp, adapter, prompts, params, on_done, cancelled)
+}
+
+/// [`generate_all`] on a loop the caller made.
+fn run_all(lp: &mut Loop<'_>, adapter: Option<&Adapter>, prompts: &[Vec<u32>], params: &SamplingParams, on_done: &mut dyn FnMut(usize), cancelled: &dyn Fn() -> bool) -> Result<Vec<Generation>, ServeError> {
+    let model = lp.model;
+    let max_tokens = max_request_tokens(model, &lp.config);
     // The adapter is already loaded: it goes with each sequence, outside the LRU.
     let adapter = adapter.map(|a| InUse { key: String::new(), adapter: Arc::new(a.clone()), salt: 1 });
     let mut streams = Vec::with_capacity(prompts.len());
@@ -391,6 +397,10 @@ impl<'m> Loop<'m> {
         // Rows through the same adapter next to each other (stable: admission order kept).
         self.running.sort_by_key(Seq::salt);
         let mut budget = self.config.max_step_tokens.max(1);
+        // Blocks the prompts planned so far fill this step: a prompt that would fill one of
+        // them too (prompts admitted together behind one system prompt) waits a step and
+        // then takes the first one's from the prefix cache instead of computing it again.
+        let mut filling = std::collections::HashSet::new();
         // Decoding sequences first: one token each keeps every stream moving.
         for decode in [true, false] {
             let mut i = 0;
@@ -400,6 +410,22 @@ impl<'m> Loop<'m> {
                     i += 1;
                     continue;
                 }
+                if !decode {
+                    let s = &mut self.running[i];
+                    let before = s.cache.len();
+                    let cached = s.cache.attach_prefix(&mut self.pool, &s.tokens) - before;
+                    if s.out.generated.is_empty() && cached > 0 {
+                        s.cached_tokens += cached;
+                        self.metrics.prefix_hits.fetch_add(cached as u64, Ordering::Relaxed);
+                    }
+                    let fills = s.cache.blocks_filled_by(&s.tokens, s.pending().min(budget));
+                    if fills.iter().any(|h| filling.contains(h)) {
+                        i += 1;
+                        continue;
+                    }
+                    filling.extend(fills);
+                }
+                let s = &self.running[i];
                 let n = s.pending().min(budget);
                 if self.running[i].cache.reserve(&mut self.pool, n) {
                     self.running[i].planned = n;
@@ -593,5 +619,41 @@ fn logprobs(logits: &[f32], k: usize, chosen: u32) -> TokenLogprob {
         token: chosen,
         logprob: logits[chosen as usize] - lse,
         top,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use lathe_engine::config::Architecture;
+
+    use super::*;
+
+    /// Evaluation hands the loop all its prompts at once, and they share the suite's system
+    /// prompt: its full blocks are computed by the first and taken from the cache by the
+    /// others, not computed by each in the same step.
+    #[test]
+    fn prompts_admitted_together_compute_their_shared_prefix_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = lathe_engine::tiny::write_tiny(dir.path(), Architecture::Llama, 21).unwrap();
+        let model = lathe_engine::load(&t.gguf, &lathe_engine::Device::flex()).unwrap();
+        let shared: Vec<u32> = (0..3 * BLOCK_TOKENS as u32 + 5).map(|i| 3 + i * 37 % 240).collect();
+        let prompts: Vec<Vec<u32>> = (0..4u32).map(|k| shared.iter().copied().chain((0..6 + k).map(|i| 3 + (i * 11 + k * 29) % 240)).collect()).collect();
+        let params = SamplingParams { max_tokens: 4, ignore_eos: true, ..SamplingParams::default() };
+        let config = ServeConfig { max_seqs: 4, ..ServeConfig::default() };
+        let run = |prompts: &[Vec<u32>]| {
+            let metrics = Arc::new(Metrics::default());
+            let mut lp = Loop::new(&model.model, &model.tokenizer, config.clone(), metrics.clone());
+            (run_all(&mut lp, None, prompts, &params, &mut |_| {}, &|| false).unwrap(), metrics)
+        };
+        let (together, metrics) = run(&prompts);
+        let shared_blocks = 3 * BLOCK_TOKENS;
+        assert_eq!(metrics.prefix_hits.load(Relaxed), 3 * shared_blocks as u64, "three prompts take the first one's blocks");
+        let total: usize = prompts.iter().map(Vec::len).sum();
+        assert_eq!(metrics.prompt_tokens.load(Relaxed), (total - 3 * shared_blocks) as u64, "prompt tokens computed");
+        for (p, g) in prompts.iter().zip(&together) {
+            assert_eq!(g.token_ids, run(std::slice::from_ref(p)).0[0].token_ids, "a prompt's answer is its answer alone");
+        }
     }
 }

@@ -171,12 +171,18 @@ impl SeqCache {
         self.tokens.is_empty()
     }
 
-    /// Takes the cached blocks that `prompt` starts with, leaving at least its last token
-    /// to compute (its logits are needed). Returns how many tokens are now cached.
+    /// Takes the cached blocks that continue this sequence along `prompt` (which starts with
+    /// the tokens it holds), leaving at least the prompt's last token to compute (its logits
+    /// are needed). Only a sequence holding whole blocks and nothing reserved past them can
+    /// take more; others are left as they are. Returns how many tokens are now cached.
     pub fn attach_prefix(&mut self, pool: &mut KvPool, prompt: &[u32]) -> usize {
-        assert!(self.is_empty(), "a prefix attaches to an empty sequence");
-        let mut prev = self.salt as BlockHash;
-        for chunk in prompt[..prompt.len().saturating_sub(1)].chunks_exact(BLOCK_TOKENS) {
+        debug_assert!(prompt.starts_with(&self.tokens), "the prompt continues the cached tokens");
+        if self.blocks.len() != self.chain.len() || self.tokens.len() != self.chain.len() * BLOCK_TOKENS {
+            return self.len();
+        }
+        let mut prev = self.chain.last().copied().unwrap_or(self.salt as BlockHash);
+        let rest = &prompt[self.len()..prompt.len().saturating_sub(1).max(self.len())];
+        for chunk in rest.chunks_exact(BLOCK_TOKENS) {
             let h = chain_hash(prev, chunk);
             let Some(&block) = pool.cached.get(&h) else { break };
             pool.hold(block);
@@ -187,6 +193,22 @@ impl SeqCache {
             prev = h;
         }
         self.len()
+    }
+
+    /// The hashes of the full blocks that computing the next `n` tokens of `prompt` (which
+    /// continues the cached tokens) would fill: two sequences that would fill the same block
+    /// in one step compute it twice, so a scheduler lets the second wait a step and then
+    /// [`attach_prefix`](Self::attach_prefix) the first one's.
+    pub fn blocks_filled_by(&self, prompt: &[u32], n: usize) -> Vec<u128> {
+        let end = (self.len() + n).min(prompt.len());
+        let full = end / BLOCK_TOKENS;
+        let mut prev = self.chain.last().copied().unwrap_or(self.salt as BlockHash);
+        let mut out = Vec::new();
+        for i in self.chain.len()..full {
+            prev = chain_hash(prev, &prompt[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
+            out.push(prev);
+        }
+        out
     }
 
     /// Blocks still needed to add `n` tokens.
