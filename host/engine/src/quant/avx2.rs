@@ -2,14 +2,13 @@
 //! compute the same sums; LLVM does not vectorize them well (it packs the unrolled block
 //! into 128-bit pairs), so the hot path spells out the 256-bit version here.
 //!
-//! Every function requires AVX2 and FMA, which the caller checks once with
-//! `is_x86_feature_detected!`; every load reads inside a slice whose length the
-//! `chunks_exact` iterators fix.
+//! Every function requires AVX2 and FMA (the K-quant ones F16C too), which the caller
+//! checks once with `is_x86_feature_detected!`; every load reads inside a slice whose
+//! length the `chunks_exact` iterators fix.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
-use super::kquant::f16_at;
 
 #[inline]
 #[target_feature(enable = "avx")]
@@ -287,6 +286,19 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
     unsafe { dot_codes_q8::<Bytes, W, R>(qs, scales, xs, xd) }
 }
 
+/// The half floats at bytes `i` and `i + 2` of a block (the second 0 past its end), by
+/// F16C: the `half` crate's conversion is a call that asks the CPU for F16C each time.
+#[inline(always)]
+fn halves(b: &[u8], i: usize) -> (f32, f32) {
+    let lo = u32::from(u16::from_le_bytes([b[i], b[i + 1]]));
+    let hi = b.get(i + 2..i + 4).map_or(0, |h| u32::from(u16::from_le_bytes([h[0], h[1]])));
+    // SAFETY: called only from kernels compiled for (and run on) CPUs with F16C.
+    unsafe {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((lo | hi << 16) as i32));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+}
+
 /// For each of `R` rows of 8-bit activations in blocks of 256 (one scale `dx` per
 /// super-block, the sum of each 32 codes), the dot product with one row of Q4_K
 /// super-blocks (144 bytes each: `d`, `dmin`, twelve bytes of 6-bit scales and mins, 128
@@ -301,7 +313,7 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
 /// The CPU must support AVX2 and FMA. (The lengths are checked: `w` holds whole
 /// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` one scale and
 /// every `xsums[r]` eight sums per super-block.)
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[i16]; R]) -> [f32; R] {
     let (bytes, codes) = if FIVE { (176, 48) } else { (144, 16) };
     let supers = w.len() / bytes;
@@ -313,7 +325,7 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
     let mut acc = [_mm256_setzero_ps(); R];
     let mut offsets = [0f32; R];
     for (s, b) in w.chunks_exact(bytes).enumerate() {
-        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (d, dmin) = halves(b, 0);
         let (mut sc, mut mn) = ([0i16; 8], [0i32; 8]);
         for j in 0..8 {
             let (a, m) = crate::gguf::k_scale_min(j, &b[4..16]);
@@ -373,7 +385,7 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked as for [`dot_q4_k_q8`].)
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R]) -> [f32; R] {
     const BYTES: usize = 210;
     let supers = w.len() / BYTES;
@@ -384,7 +396,7 @@ pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32];
     let (m4, m2, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
     let mut acc = [_mm256_setzero_ps(); R];
     for (s, b) in w.chunks_exact(BYTES).enumerate() {
-        let d = f16_at(b, 208);
+        let d = halves(b, 208).0;
         // SAFETY: `b` holds 210 bytes, and each row 256 codes and a scale from super-block
         // `s` on (the lengths asserted above); prefetches may point anywhere.
         unsafe {

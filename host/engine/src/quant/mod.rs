@@ -384,7 +384,7 @@ enum Kernel {
     /// AVX-512 F for f32 activations, AVX2 and FMA for 8-bit ones.
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// AVX2 and FMA.
+    /// AVX2, FMA and F16C (every CPU with AVX2 has F16C).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
@@ -395,7 +395,7 @@ impl Kernel {
     fn available() -> Vec<Kernel> {
         let mut all = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
             if is_x86_feature_detected!("avx512f") {
                 all.push(Kernel::Avx512);
             }
