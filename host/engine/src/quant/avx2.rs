@@ -9,7 +9,6 @@
 
 use std::arch::x86_64::*;
 
-
 #[inline]
 #[target_feature(enable = "avx")]
 fn hsum256(v: __m256) -> f32 {
@@ -288,11 +287,14 @@ pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scale
 
 /// The half floats at bytes `i` and `i + 2` of a block (the second 0 past its end), by
 /// F16C: the `half` crate's conversion is a call that asks the CPU for F16C each time.
+///
+/// # Safety
+/// The CPU must support F16C (inlined into the kernels compiled for it).
 #[inline(always)]
-fn halves(b: &[u8], i: usize) -> (f32, f32) {
+unsafe fn halves(b: &[u8], i: usize) -> (f32, f32) {
     let lo = u32::from(u16::from_le_bytes([b[i], b[i + 1]]));
     let hi = b.get(i + 2..i + 4).map_or(0, |h| u32::from(u16::from_le_bytes([h[0], h[1]])));
-    // SAFETY: called only from kernels compiled for (and run on) CPUs with F16C.
+    // SAFETY: the caller's promise.
     unsafe {
         let v = _mm_cvtph_ps(_mm_cvtsi32_si128((lo | hi << 16) as i32));
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
@@ -310,7 +312,7 @@ fn halves(b: &[u8], i: usize) -> (f32, f32) {
 /// mins meet the activations' code sums (`Σ m·Σqx`, exact), times `dmin·dx`.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA. (The lengths are checked: `w` holds whole
+/// The CPU must support AVX2, FMA and F16C. (The lengths are checked: `w` holds whole
 /// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` one scale and
 /// every `xsums[r]` eight sums per super-block.)
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -325,7 +327,8 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
     let mut acc = [_mm256_setzero_ps(); R];
     let mut offsets = [0f32; R];
     for (s, b) in w.chunks_exact(bytes).enumerate() {
-        let (d, dmin) = halves(b, 0);
+        // SAFETY: this kernel runs where F16C is.
+        let (d, dmin) = unsafe { halves(b, 0) };
         let (mut sc, mut mn) = ([0i16; 8], [0i32; 8]);
         for j in 0..8 {
             let (a, m) = crate::gguf::k_scale_min(j, &b[4..16]);
@@ -384,7 +387,8 @@ pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]
 /// multiply by `d·dx`.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA. (The lengths are checked as for [`dot_q4_k_q8`].)
+/// The CPU must support AVX2, FMA and F16C. (The lengths are checked as for
+/// [`dot_q4_k_q8`].)
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R]) -> [f32; R] {
     const BYTES: usize = 210;
@@ -396,7 +400,8 @@ pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32];
     let (m4, m2, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
     let mut acc = [_mm256_setzero_ps(); R];
     for (s, b) in w.chunks_exact(BYTES).enumerate() {
-        let d = halves(b, 208).0;
+        // SAFETY: this kernel runs where F16C is.
+        let d = unsafe { halves(b, 208) }.0;
         // SAFETY: `b` holds 210 bytes, and each row 256 codes and a scale from super-block
         // `s` on (the lengths asserted above); prefetches may point anywhere.
         unsafe {

@@ -125,7 +125,7 @@ fn dot<const FMA: bool>(w: &[f32; SUPER], x: &[f32; SUPER], acc: &mut [f32; 16])
 
 /// The half float at byte `i` of a block.
 #[inline]
-pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
+fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 

@@ -19,9 +19,9 @@
 //! in integers: a few instructions per 32 products instead of a dozen. Against K-quant
 //! super-blocks the activations take one scale per 256 values (llama.cpp's Q8_K), so a
 //! super-block's eight sub-blocks are summed in integers, their scales applied there too,
-//! before one float multiply. The result then
-//! differs from the dense product by the activations' rounding (within half a step per
-//! value); the f32 path stays the default, for parity with the reference.
+//! before one float multiply. The result then differs from the dense product by the
+//! activations' rounding (within half a step per value); the f32 path stays the default,
+//! for parity with the reference.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
