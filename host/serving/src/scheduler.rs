@@ -271,6 +271,17 @@ impl Seq {
         self.tokens.len() - self.cache.len()
     }
 
+    /// Takes the blocks the prefix cache holds of this sequence's tokens; a first run (not
+    /// a recompute after preemption) counts them in its usage and the metrics.
+    fn attach_cached(&mut self, pool: &mut KvPool, metrics: &Metrics) {
+        let before = self.cache.len();
+        let cached = self.cache.attach_prefix(pool, &self.tokens) - before;
+        if self.out.generated.is_empty() {
+            self.cached_tokens += cached;
+            metrics.prefix_hits.fetch_add(cached as u64, Ordering::Relaxed);
+        }
+    }
+
     fn salt(&self) -> u64 {
         self.adapter.as_ref().map_or(0, |a| a.salt)
     }
@@ -380,12 +391,11 @@ impl<'m> Loop<'m> {
             }
             let mut s = self.waiting.pop_front().expect("front exists");
             s.cache = SeqCache::new(s.salt());
-            let cached = s.cache.attach_prefix(&mut self.pool, &s.tokens);
             if s.out.generated.is_empty() {
-                s.cached_tokens = cached;
+                s.cached_tokens = 0;
                 self.metrics.prefix_queries.fetch_add(s.tokens.len() as u64, Ordering::Relaxed);
-                self.metrics.prefix_hits.fetch_add(cached as u64, Ordering::Relaxed);
             }
+            s.attach_cached(&mut self.pool, &self.metrics);
             self.admitted += 1;
             s.admitted = self.admitted;
             self.running.push(s);
@@ -412,12 +422,7 @@ impl<'m> Loop<'m> {
                 }
                 if !decode {
                     let s = &mut self.running[i];
-                    let before = s.cache.len();
-                    let cached = s.cache.attach_prefix(&mut self.pool, &s.tokens) - before;
-                    if s.out.generated.is_empty() && cached > 0 {
-                        s.cached_tokens += cached;
-                        self.metrics.prefix_hits.fetch_add(cached as u64, Ordering::Relaxed);
-                    }
+                    s.attach_cached(&mut self.pool, &self.metrics);
                     let fills = s.cache.blocks_filled_by(&s.tokens, s.pending().min(budget));
                     if fills.iter().any(|h| filling.contains(h)) {
                         i += 1;

@@ -230,10 +230,9 @@ impl QMatrix {
         let cols = mats.first().map_or(0, |m| m.cols);
         assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
         assert_eq!(x.len(), n * cols, "x must be n × cols");
-        // Σx per block of 32, for the offset term.
-        let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        // 8-bit activations in blocks of 32 for the 32-value weight blocks, of 256 for the
-        // K-quants' super-blocks: each only when a matrix here meets it.
+        // What the matrices here meet, each only when one of them needs it: Σx per block of
+        // 32 (the 32-value blocks' offset term), 8-bit activations in blocks of 32 for those
+        // blocks and of 256 for the K-quants' super-blocks.
         let (mut blocks32, mut blocks256) = (false, false);
         for m in mats {
             match m.codes {
@@ -242,6 +241,7 @@ impl QMatrix {
                 _ => blocks32 = true,
             }
         }
+        let xsum: Vec<f32> = if blocks32 { x.chunks_exact(32).map(|c| c.iter().sum()).collect() } else { Vec::new() };
         let q8 = (int8 && blocks32).then(|| Q8Rows::quantize_on(kernel, x));
         let q8k = (int8 && blocks256).then(|| Q8Rows::quantize_super_on(kernel, x));
         // Each output `[rows, n]`; the tasks cut every one into runs of weight rows.
@@ -594,7 +594,7 @@ impl Kernel {
             let w = &m.qs[(first + k) * per_row..(first + k + 1) * per_row];
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `k_quant_q8` (asserted) holds only for the SIMD kernels, which
-            // `available` gave after seeing AVX2 and FMA; the kernels check the lengths.
+            // `available` gave after seeing AVX2, FMA and F16C; the kernels check the lengths.
             #[allow(unsafe_code)]
             unsafe {
                 in_groups!(out_row, [1 2 3 4], |i, R| {
