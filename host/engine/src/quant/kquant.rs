@@ -48,6 +48,52 @@ fn rows_avx2(ty: GgmlType, m: &QMatrix, first: usize, x: &[f32], n: usize, out: 
     rows_body::<true>(ty, m, first, x, n, out)
 }
 
+/// Whole super-blocks (`blocks`, rows after one another) expanded to f32 into `out`, as
+/// [`crate::gguf::dequantize`] expands them.
+pub(super) fn expand(kernel: Kernel, ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernel::available` saw AVX-512 F (and AVX2, FMA) on this CPU.
+        Kernel::Avx512 => unsafe { expand_avx512(ty, blocks, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernel::available` saw AVX2 and FMA on this CPU.
+        Kernel::Avx2 => unsafe { expand_avx2(ty, blocks, out) },
+        Kernel::Portable => expand_body(ty, blocks, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn expand_avx512(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
+    expand_body(ty, blocks, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn expand_avx2(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
+    expand_body(ty, blocks, out)
+}
+
+/// Unfused multiply-adds, so every value equals the GGUF reader's.
+#[inline(always)]
+fn expand_body(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
+    let (_, bytes) = ty.block();
+    assert_eq!(blocks.len() / bytes * SUPER, out.len(), "out holds the blocks' values");
+    let mut spill = Vec::new();
+    for (block, w) in blocks.chunks_exact(bytes).zip(out.chunks_exact_mut(SUPER)) {
+        let w: &mut [f32; SUPER] = w.try_into().expect("a super-block of values");
+        match ty {
+            GgmlType::Q4_K => expand_q4_k::<false>(block, w),
+            GgmlType::Q6_K => expand_q6_k(block, w),
+            _ => {
+                spill.clear();
+                dequantize_into(ty, block, &mut spill);
+                w.copy_from_slice(&spill);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn rows_body<const FMA: bool>(
     ty: GgmlType,

@@ -241,6 +241,9 @@ impl QMatrix {
                 _ => blocks32 = true,
             }
         }
+        if n > MAX_ROWS {
+            return Self::matmul_panels(kernel, mats, x, n);
+        }
         let xsum: Vec<f32> = if blocks32 { x.chunks_exact(32).map(|c| c.iter().sum()).collect() } else { Vec::new() };
         let q8 = (int8 && blocks32).then(|| Q8Rows::quantize_on(kernel, x));
         let q8k = (int8 && blocks256).then(|| Q8Rows::quantize_super_on(kernel, x));
@@ -291,6 +294,58 @@ impl QMatrix {
             .collect()
     }
 
+    /// `x · Wᵀ` for every matrix in `mats` and more than [`MAX_ROWS`] rows of `x` (a prompt):
+    /// each task expands a panel of weight rows to f32 once and multiplies it by every row
+    /// through the gemm crate, whose register tiles reuse each load many times where the
+    /// block kernels are bound by their arithmetic per row. Always f32 activations, as
+    /// the dense copies' prefill is. Written straight into the `[n, rows]` outputs.
+    fn matmul_panels(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        /// Weight rows a task expands: the panel (about 150 KB at 576 columns) stays in L2
+        /// while the gemm runs over it.
+        const PANEL_ROWS: usize = 64;
+        let cols = mats[0].cols;
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
+        let dst: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
+        let mut tasks: Vec<(usize, usize)> = Vec::new();
+        for (k, m) in mats.iter().enumerate() {
+            tasks.extend((0..m.rows).step_by(PANEL_ROWS).map(|first| (k, first)));
+        }
+        crate::team::for_each(&mut tasks, |&mut (k, first)| {
+            let m = mats[k];
+            let rows = PANEL_ROWS.min(m.rows - first);
+            let mut w = vec![0f32; rows * cols];
+            m.expand_on(kernel, first..first + rows, &mut w);
+            // SAFETY: the product reads `x` (`n × cols`, checked by the caller) and `w`
+            // (`rows × cols`), and writes columns `first..first + rows` of the `n × m.rows`
+            // output: inside its buffer, and no other task writes those columns.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rows,
+                    cols,
+                    dst[k].0.add(first),
+                    1,
+                    m.rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        outs
+    }
+
     /// Weight row `r`'s blocks (not for K-quants, whose blocks stay whole).
     #[inline]
     fn row_blocks(&self, r: usize) -> Row<'_> {
@@ -315,28 +370,48 @@ impl QMatrix {
     }
 
     fn expand(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows.len() * self.cols);
+        let mut out = vec![0f32; rows.len() * self.cols];
+        self.expand_on(Kernel::chosen(), rows, &mut out);
+        out
+    }
+
+    /// Rows `rows` expanded to f32 into `out` (`[rows, cols]`), as
+    /// [`crate::gguf::dequantize`] expands them.
+    fn expand_on(&self, kernel: Kernel, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        assert_eq!(out.len(), rows.len() * self.cols, "out holds the rows");
         if let Codes::Super(ty) = self.codes {
             let per_row = ty.byte_len(self.cols).expect("whole super-blocks per row");
-            crate::gguf::dequantize_into(ty, &self.qs[rows.start * per_row..rows.end * per_row], &mut out);
-            return out;
+            return kquant::expand(kernel, ty, &self.qs[rows.start * per_row..rows.end * per_row], out);
         }
         let nb = self.cols / 32;
-        for blk in rows.start * nb..rows.end * nb {
+        for (blk, out) in (rows.start * nb..rows.end * nb).zip(out.chunks_exact_mut(32)) {
             let d = self.scales[blk];
             match self.codes {
                 Codes::Super(_) => unreachable!("expanded above"),
-                Codes::Bytes => out.extend(self.qs[blk * 32..blk * 32 + 32].iter().map(|&q| f32::from(q as i8) * d)),
+                Codes::Bytes => {
+                    for (o, &q) in out.iter_mut().zip(&self.qs[blk * 32..blk * 32 + 32]) {
+                        *o = f32::from(q as i8) * d;
+                    }
+                }
                 Codes::Nibbles => {
                     let (qs, m) = (&self.qs[blk * 16..blk * 16 + 16], self.mins[blk]);
-                    out.extend(qs.iter().map(|&q| f32::from(q & 15) * d + m));
-                    out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+                    let (lo, hi) = out.split_at_mut(16);
+                    for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(qs) {
+                        *lo = f32::from(q & 15) * d + m;
+                        *hi = f32::from(q >> 4) * d + m;
+                    }
                 }
             }
         }
-        out
     }
 }
+
+/// The output of a task of [`QMatrix::matmul_panels`]: each task writes its own columns.
+struct Dst(*mut f32);
+
+// SAFETY: tasks write disjoint elements through it, and the buffer outlives them.
+#[allow(unsafe_code)]
+unsafe impl Sync for Dst {}
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -718,7 +793,7 @@ mod tests {
             let q = QMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
             assert_eq!(q.dequantize(), w, "{ty:?}");
             for kernel in Kernel::available() {
-                for n in [1, 3, MAX_ROWS] {
+                for n in [1, 3, MAX_ROWS, MAX_ROWS + 5] {
                     let x = values(n * cols, 7);
                     let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, false).pop().unwrap();
                     for i in 0..n {
@@ -735,7 +810,8 @@ mod tests {
 
     /// K-quant blocks stay as the file has them, and the product from them equals the dense
     /// product of their expansion (which matches gguf-py's, see `gguf::tests`) for any
-    /// number of rows, with 8-bit activations asked for or not.
+    /// number of rows, with 8-bit activations asked for or not (past [`MAX_ROWS`] rows the
+    /// panels multiply in f32 whatever is asked).
     #[test]
     fn k_quant_products_equal_the_dense_product_of_their_expansion() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kquants");
@@ -761,7 +837,7 @@ mod tests {
                 let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 256]).collect();
                 assert_eq!(xq.sums, xq.qs.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect::<Vec<i16>>());
                 for int8 in [false, true] {
-                    let integer = int8 && kernel.k_quant_q8(ty);
+                    let integer = int8 && kernel.k_quant_q8(ty) && n <= MAX_ROWS;
                     let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
                     for i in 0..n {
                         for r in 0..rows {
@@ -771,7 +847,7 @@ mod tests {
                             assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} int8={int8} n={n} [{i},{r}]: {g} vs {want}");
                         }
                     }
-                    assert_eq!(integer, int8 && kernel != Kernel::Portable);
+                    assert_eq!(integer, int8 && kernel != Kernel::Portable && n <= MAX_ROWS);
                 }
             }
         }
