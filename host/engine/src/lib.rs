@@ -49,19 +49,32 @@ pub struct LoadedModel {
 }
 
 /// Loads a `.gguf` file or a Hugging Face folder (`config.json`, `*.safetensors`,
-/// `tokenizer.json`).
+/// `tokenizer.json`). Quantized weights keep f32 copies beside their blocks up to
+/// [`model::dense_copy_limit`]: training reads them.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_within(path, device, model::dense_copy_limit())
+}
+
+/// [`load`] for inference alone: weights that come in quantized blocks keep the blocks
+/// alone, so resident memory stays near the file's size (SmolLM2 Q4_1: 150 MiB instead of
+/// 665). Decoding multiplies from the blocks either way, and a prompt through panels
+/// expanded per step as fast as through the copies (BENCHMARKS.md).
+pub fn load_blocks(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_within(path, device, 0)
+}
+
+fn load_within(path: &Path, device: &Device, dense_limit: usize) -> Result<LoadedModel> {
     let (config, tokenizer) = load_shape(path)?;
     let (model, format) = if path.is_dir() {
         let weights = weights::SafetensorsWeights::open(path)?;
-        (CausalLm::load(config, &weights, device)?, Format::HuggingFace)
+        (CausalLm::load_within(config, &weights, device, dense_limit)?, Format::HuggingFace)
     } else {
         let file = gguf::GgufFile::open(path)?;
         let weights = weights::GgufWeights {
             file: &file,
             config: &config,
         };
-        (CausalLm::load(config.clone(), &weights, device)?, Format::Gguf)
+        (CausalLm::load_within(config.clone(), &weights, device, dense_limit)?, Format::Gguf)
     };
     Ok(LoadedModel {
         model,

@@ -476,6 +476,12 @@ pub struct CausalLm {
 impl CausalLm {
     /// Builds the model from any weight source, checking every tensor's shape.
     pub fn load(config: ModelConfig, src: &dyn WeightSource, device: &Device) -> Result<Self> {
+        Self::load_within(config, src, device, dense_copy_limit())
+    }
+
+    /// [`CausalLm::load`], keeping f32 copies beside quantized blocks only while they take
+    /// at most `dense_limit` bytes (0: the blocks alone).
+    pub fn load_within(config: ModelConfig, src: &dyn WeightSource, device: &Device, dense_limit: usize) -> Result<Self> {
         let c = &config;
         let tensor = |name: &str, expect: &[usize]| -> Result<HostTensor> {
             let (shape, data) = src.require(name)?;
@@ -509,7 +515,7 @@ impl CausalLm {
         // loading.
         let f32_bytes: usize = c.tensor_shapes().iter().map(|(_, shape)| 4 * shape.iter().product::<usize>()).sum();
         let blocks_alone = |name: &str, out: usize, inp: usize| -> Result<Option<Arc<QMatrix>>> {
-            if f32_bytes <= dense_copy_limit() {
+            if f32_bytes <= dense_limit {
                 return Ok(None);
             }
             let Some(q) = packed(name)? else { return Ok(None) };
@@ -575,6 +581,21 @@ impl CausalLm {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes of dense projection weights held (f32 copies beside quantized blocks, or
+    /// weights that came dense): 0 for a model loaded with its blocks alone.
+    pub fn dense_projection_bytes(&self) -> usize {
+        let dense = |l: &Linear| l.weight.as_ref().map_or(0, |w| w.shape().num_elements() * w.dtype().size());
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].into_iter().map(dense).sum::<usize>()
+            })
+            .sum();
+        layers + dense(&self.lm_head)
     }
 
     /// Every weight copied to the host under its Hugging Face name (`[out, in]`

@@ -170,12 +170,23 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The model at `path`, as training and evaluation read it (`lathe_engine::load`).
 pub fn load(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
+    load_by(path, device, lathe_engine::load)
+}
+
+/// The model at `path` for generation alone: quantized weights keep their blocks alone
+/// (`lathe_engine::load_blocks`), as the server's.
+pub fn load_blocks(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
+    load_by(path, device, lathe_engine::load_blocks)
+}
+
+fn load_by(path: &Path, device: &lathe_engine::Device, loader: fn(&Path, &lathe_engine::Device) -> lathe_engine::Result<LoadedModel>) -> Result<LoadedModel> {
     if !path.exists() && path == Path::new(DEFAULT_MODEL) {
         anyhow::bail!("{} is missing: run scripts/setup.sh (it fetches the model)", path.display());
     }
     let start = Instant::now();
-    let m = lathe_engine::load(path, device)?;
+    let m = loader(path, device)?;
     let c = &m.model.config;
     eprintln!(
         "loaded {} ({:?}, {} layers, hidden {}, vocab {}) in {:.1} s",
@@ -191,7 +202,7 @@ pub fn load(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let device = a.compute.setup()?;
-    let m = load(&a.model, &device)?;
+    let m = load_blocks(&a.model, &device)?;
     let adapter = match &a.adapter {
         Some(p) => Some(lathe_engine::Adapter::load_peft(p, &m.model.config, &device)?),
         None => None,

@@ -125,7 +125,7 @@ impl Serving {
     }
 
     /// The scheduler of a model (a configured base or a merged export), loading it the
-    /// first time.
+    /// first time, quantized weights as their blocks alone (serving needs no f32 copies).
     async fn scheduler(&self, s: &AppState, model: &Weights) -> ApiResult<Arc<Scheduler>> {
         let cell = self.started.lock().await.entry(model.name.clone()).or_default().clone();
         let sch = cell
@@ -133,7 +133,7 @@ impl Serving {
                 let device = lathe_engine::device::parse_device(&s.config.device).map_err(|e| ApiError::Internal(e.to_string()))?;
                 let config = self.config.clone();
                 let path = model.path.clone();
-                let sch = tokio::task::spawn_blocking(move || lathe_engine::load(&path, &device).map(|m| Scheduler::start(Arc::new(m), config)))
+                let sch = tokio::task::spawn_blocking(move || lathe_engine::load_blocks(&path, &device).map(|m| Scheduler::start(Arc::new(m), config)))
                     .await
                     .map_err(|e| ApiError::Internal(e.to_string()))?
                     .map_err(|e| ApiError::Internal(format!("loading model `{}`: {e}", model.name)))?;

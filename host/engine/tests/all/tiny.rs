@@ -168,9 +168,10 @@ fn the_test_device_computes_what_the_cpu_computes() {
 }
 
 /// A model written as Q4_K_M (Q4_K, with Q6_K for the head and some value and down
-/// projections) loads with dense copies beside its blocks, or, past the dense-copy limit,
-/// with the blocks alone; both compute the same logits at every step, near the f32
-/// model's, and generate the same greedy tokens.
+/// projections) loads with dense copies beside its blocks, or, for inference
+/// (`load_blocks`), with the blocks alone; both compute the same logits at every step (a
+/// 20-token prompt through the expanded panels), near the f32 model's, and generate the
+/// same greedy tokens.
 #[test]
 fn a_q4_k_m_model_computes_alike_from_its_blocks_alone() {
     use lathe_engine::export::{q4_k_m_type, write_gguf};
@@ -202,9 +203,10 @@ fn a_q4_k_m_model_computes_alike_from_its_blocks_alone() {
         let f32_logits = logits(&CausalLm::load(config.clone(), &weights, &device).unwrap(), &TOKENS);
         set_dense_copy_limit(usize::MAX);
         let with_copies = lathe_engine::load(&path, &device).unwrap();
-        set_dense_copy_limit(0);
-        let blocks_alone = lathe_engine::load(&path, &device).unwrap();
         set_dense_copy_limit(1 << 30);
+        let blocks_alone = lathe_engine::load_blocks(&path, &device).unwrap();
+        assert!(with_copies.model.dense_projection_bytes() > 0, "{arch:?}");
+        assert_eq!(blocks_alone.model.dense_projection_bytes(), 0, "{arch:?}");
 
         let want = logits(&with_copies.model, &TOKENS);
         let got = logits(&blocks_alone.model, &TOKENS);

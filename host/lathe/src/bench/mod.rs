@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use lathe_engine::generate::{argmax, logits_to_host};
 use lathe_engine::{CausalLm, KvCache, KvPool, Logits, SeqCache, SeqStep, Step};
 
-use crate::cli::{Compute, DEFAULT_MODEL, load};
+use crate::cli::{Compute, DEFAULT_MODEL, load, load_blocks};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -586,7 +586,7 @@ fn synthetic_model(a: SyntheticModel) -> Result<()> {
 
 fn generate(a: GenerateBench) -> Result<()> {
     let device = a.compute.setup()?;
-    let m = load(&a.model, &device)?;
+    let m = load_blocks(&a.model, &device)?;
     let ids = prompt_ids(&m.tokenizer, a.prompt_tokens)?;
     let threads = rayon::current_num_threads();
     if !a.json {

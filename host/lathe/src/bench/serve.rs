@@ -17,7 +17,7 @@ use lathe_engine::{SamplingParams, generate};
 use lathe_serving::{AdapterRef, Event, Request, Scheduler, ServeConfig};
 use serde_json::json;
 
-use crate::cli::{Compute, DEFAULT_MODEL, load};
+use crate::cli::{Compute, DEFAULT_MODEL, load_blocks};
 
 #[derive(Args)]
 pub struct ServeBench {
@@ -154,7 +154,7 @@ fn replay_http(url: &str, texts: &[String], max_tokens: usize, c: usize) -> Resu
 pub fn serve(a: ServeBench) -> Result<()> {
     use lathe_jobs::eval::{Item, render_messages};
     let device = a.compute.setup()?;
-    let m = Arc::new(load(&a.model, &device)?);
+    let m = Arc::new(load_blocks(&a.model, &device)?);
     let suite = lathe_jobs::invoices::invoice_suite();
     let template = &suite.templates[0];
     let prompts: Vec<Vec<u32>> = lathe_jobs::invoices::invoice_examples(a.prompts, 99)
