@@ -55,8 +55,8 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     load_within(path, device, model::dense_copy_limit())
 }
 
-/// [`load`] for inference alone: weights that come in quantized blocks keep the blocks
-/// alone, so resident memory stays near the file's size (SmolLM2 Q4_1: 150 MiB instead of
+/// [`load`] for inference alone: on the CPU, weights that come in quantized blocks keep
+/// the blocks alone, so resident memory stays near the file's size (SmolLM2 Q4_1: 150 MiB instead of
 /// 665). Decoding multiplies from the blocks either way, and a prompt through panels
 /// expanded per step as fast as through the copies (BENCHMARKS.md).
 pub fn load_blocks(path: &Path, device: &Device) -> Result<LoadedModel> {

@@ -206,7 +206,10 @@ fn a_q4_k_m_model_computes_alike_from_its_blocks_alone() {
         set_dense_copy_limit(1 << 30);
         let blocks_alone = lathe_engine::load_blocks(&path, &device).unwrap();
         assert!(with_copies.model.dense_projection_bytes() > 0, "{arch:?}");
-        assert_eq!(blocks_alone.model.dense_projection_bytes(), 0, "{arch:?}");
+        // Blocks are kept on the CPU only (a GPU holds the expanded weights).
+        if blocks_alone.model.on_host() {
+            assert_eq!(blocks_alone.model.dense_projection_bytes(), 0, "{arch:?}");
+        }
 
         let want = logits(&with_copies.model, &TOKENS);
         let got = logits(&blocks_alone.model, &TOKENS);
