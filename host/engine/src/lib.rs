@@ -56,9 +56,9 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
 }
 
 /// [`load`] for inference alone: on the CPU, weights that come in quantized blocks keep
-/// the blocks alone, so resident memory stays near the file's size (SmolLM2 Q4_1: 150 MiB instead of
-/// 665). Decoding multiplies from the blocks either way, and a prompt through panels
-/// expanded per step as fast as through the copies (BENCHMARKS.md).
+/// the blocks alone, so resident memory stays near the file's size (SmolLM2 Q4_1: 152 MiB
+/// instead of 662). Decoding multiplies from the blocks either way, and a prompt goes
+/// through panels expanded per step as fast as through the copies (BENCHMARKS.md).
 pub fn load_blocks(path: &Path, device: &Device) -> Result<LoadedModel> {
     load_within(path, device, 0)
 }

@@ -230,6 +230,9 @@ impl QMatrix {
         let cols = mats.first().map_or(0, |m| m.cols);
         assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
         assert_eq!(x.len(), n * cols, "x must be n × cols");
+        if n > MAX_ROWS {
+            return Self::matmul_panels(kernel, mats, x, n, cols);
+        }
         // What the matrices here meet, each only when one of them needs it: Σx per block of
         // 32 (the 32-value blocks' offset term), 8-bit activations in blocks of 32 for those
         // blocks and of 256 for the K-quants' super-blocks.
@@ -240,9 +243,6 @@ impl QMatrix {
                 Codes::Super(_) => {}
                 _ => blocks32 = true,
             }
-        }
-        if n > MAX_ROWS {
-            return Self::matmul_panels(kernel, mats, x, n);
         }
         let xsum: Vec<f32> = if blocks32 { x.chunks_exact(32).map(|c| c.iter().sum()).collect() } else { Vec::new() };
         let q8 = (int8 && blocks32).then(|| Q8Rows::quantize_on(kernel, x));
@@ -299,11 +299,14 @@ impl QMatrix {
     /// through the gemm crate, whose register tiles reuse each load many times where the
     /// block kernels are bound by their arithmetic per row. Always f32 activations, as
     /// the dense copies' prefill is. Written straight into the `[n, rows]` outputs.
-    fn matmul_panels(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
-        /// Weight rows a task expands: the panel (about 150 KB at 576 columns) stays in L2
-        /// while the gemm runs over it.
+    fn matmul_panels(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize, cols: usize) -> Vec<Vec<f32>> {
+        /// Weight rows a task expands (150 KB of f32 at SmolLM2's 576 columns): output
+        /// columns enough for the gemm's register tiles, and tasks enough for every thread.
         const PANEL_ROWS: usize = 64;
-        let cols = mats[0].cols;
+        thread_local! {
+            /// Each thread's panel, kept between tasks and steps (not allocated per task).
+            static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
         let dst: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
         let mut tasks: Vec<(usize, usize)> = Vec::new();
@@ -313,35 +316,40 @@ impl QMatrix {
         crate::team::for_each(&mut tasks, |&mut (k, first)| {
             let m = mats[k];
             let rows = PANEL_ROWS.min(m.rows - first);
-            let mut w = vec![0f32; rows * cols];
-            m.expand_on(kernel, first..first + rows, &mut w);
-            // SAFETY: the product reads `x` (`n × cols`, checked by the caller) and `w`
-            // (`rows × cols`), and writes columns `first..first + rows` of the `n × m.rows`
-            // output: inside its buffer, and no other task writes those columns.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm::gemm(
-                    n,
-                    rows,
-                    cols,
-                    dst[k].0.add(first),
-                    1,
-                    m.rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    w.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
+            PANEL.with_borrow_mut(|panel| {
+                if panel.len() < rows * cols {
+                    panel.resize(rows * cols, 0.0);
+                }
+                let w = &mut panel[..rows * cols];
+                m.expand_on(kernel, first..first + rows, w);
+                // SAFETY: the product reads `x` (`n × cols`, checked by the caller) and `w`
+                // (`rows × cols`), and writes columns `first..first + rows` of the
+                // `n × m.rows` output: inside its buffer, and no other task writes them.
+                #[allow(unsafe_code)]
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        rows,
+                        cols,
+                        dst[k].0.add(first),
+                        1,
+                        m.rows as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        w.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            })
         });
         outs
     }
