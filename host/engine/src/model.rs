@@ -587,15 +587,7 @@ impl CausalLm {
     /// weights that came dense): 0 for a model loaded with its blocks alone.
     pub fn dense_projection_bytes(&self) -> usize {
         let dense = |l: &Linear| l.weight.as_ref().map_or(0, |w| w.shape().num_elements() * w.dtype().size());
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].into_iter().map(dense).sum::<usize>()
-            })
-            .sum();
-        layers + dense(&self.lm_head)
+        self.projections().chain([&self.lm_head]).map(dense).sum()
     }
 
     /// Every weight copied to the host under its Hugging Face name (`[out, in]`
@@ -695,6 +687,14 @@ impl CausalLm {
     }
 
     /// The seven frozen projections of every decoder layer (the head excluded).
+    fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        })
+    }
+
+    /// [`CausalLm::projections`], to change them.
     fn projections_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers.iter_mut().flat_map(|l| {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);

@@ -81,15 +81,21 @@ fn expand_body(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
     assert_eq!(blocks.len() / bytes * SUPER, out.len(), "out holds the blocks' values");
     let mut spill = Vec::new();
     for (block, w) in blocks.chunks_exact(bytes).zip(out.chunks_exact_mut(SUPER)) {
-        let w: &mut [f32; SUPER] = w.try_into().expect("a super-block of values");
-        match ty {
-            GgmlType::Q4_K => expand_q4_k::<false>(block, w),
-            GgmlType::Q6_K => expand_q6_k(block, w),
-            _ => {
-                spill.clear();
-                dequantize_into(ty, block, &mut spill);
-                w.copy_from_slice(&spill);
-            }
+        expand_super::<false>(ty, block, w.try_into().expect("a super-block of values"), &mut spill);
+    }
+}
+
+/// One super-block expanded into `w` (`spill`: room for the types without an expansion of
+/// their own here, read through the GGUF reader).
+#[inline(always)]
+fn expand_super<const FMA: bool>(ty: GgmlType, block: &[u8], w: &mut [f32; SUPER], spill: &mut Vec<f32>) {
+    match ty {
+        GgmlType::Q4_K => expand_q4_k::<FMA>(block, w),
+        GgmlType::Q6_K => expand_q6_k(block, w),
+        _ => {
+            spill.clear();
+            dequantize_into(ty, block, spill);
+            w.copy_from_slice(spill);
         }
     }
 }
@@ -134,15 +140,7 @@ fn rows_body<const FMA: bool>(
     for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
         accs.fill([0.0; 16]);
         for (b, block) in row(k).chunks_exact(bytes).enumerate() {
-            match ty {
-                GgmlType::Q4_K => expand_q4_k::<FMA>(block, &mut w),
-                GgmlType::Q6_K => expand_q6_k(block, &mut w),
-                _ => {
-                    spill.clear();
-                    dequantize_into(ty, block, &mut spill);
-                    w.copy_from_slice(&spill);
-                }
-            }
+            expand_super::<FMA>(ty, block, &mut w, &mut spill);
             for (i, acc) in accs.iter_mut().enumerate() {
                 dot::<FMA>(&w, x_block(i, b), acc);
             }
