@@ -154,14 +154,16 @@ impl Linear {
     }
 
     /// `x · W` for each projection in `lins`, all reading the same `n` rows of `x` (`[n, in]`
-    /// on the host): from the blocks for a few rows (every quantized one in one parallel
-    /// loop), through the dense gemm otherwise.
+    /// on the host): from the blocks (every quantized one in one parallel loop) for a few
+    /// rows, for any number with 8-bit activations (so a row's result does not depend on
+    /// its step), or where no dense copy is kept; through the dense gemm otherwise.
     pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
+        let int8 = quant::int8_activations();
         if let Some(mats) = packed
-            && (n <= quant::MAX_ROWS || lins.iter().any(|l| l.weight.is_none()))
+            && (n <= quant::MAX_ROWS || int8 || lins.iter().any(|l| l.weight.is_none()))
         {
-            return QMatrix::matmul_many(&mats, x, n, quant::int8_activations());
+            return QMatrix::matmul_many(&mats, x, n, int8);
         }
         lins.iter()
             .map(|l| {
@@ -176,7 +178,7 @@ impl Linear {
         let out = self.dims()[1];
         // The packed kernel runs on the host, outside any autodiff graph.
         if let Some(q) = &self.packed
-            && (b * s <= quant::MAX_ROWS || self.weight.is_none())
+            && (b * s <= quant::MAX_ROWS || quant::int8_activations() || self.weight.is_none())
             && !x.is_autodiff()
         {
             let device = x.device();

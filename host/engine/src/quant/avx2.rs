@@ -9,6 +9,8 @@
 
 use std::arch::x86_64::*;
 
+use super::Meta;
+
 #[inline]
 #[target_feature(enable = "avx")]
 fn hsum256(v: __m256) -> f32 {
@@ -53,10 +55,10 @@ fn row_sums<const R: usize>(acc: &[[__m256; 2]; R]) -> [f32; R] {
 /// The CPU must support AVX2 and FMA; `qs.len() == 16 · scales.len()`, `mins` as long as
 /// `scales`, and every `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+pub(super) unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: Meta<'_>, mins: Meta<'_>, xs: [&[f32]; R]) -> [f32; R] {
     let mask = _mm_set1_epi8(0x0f);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for (b, ((q, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
+    for (b, ((q, d), m)) in qs.chunks_exact(16).zip(scales.iter()).zip(mins.iter()).enumerate() {
         // SAFETY: q holds 16 bytes (chunks_exact) and each row 32 floats from 32·b on (the
         // length contract above), so every load is in bounds.
         unsafe {
@@ -85,9 +87,9 @@ pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32
 /// The CPU must support AVX2 and FMA; `qs.len() == 32 · scales.len()` and every
 /// `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+pub(super) unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: Meta<'_>, xs: [&[f32]; R]) -> [f32; R] {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for (b, (q, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
+    for (b, (q, d)) in qs.chunks_exact(32).zip(scales.iter()).enumerate() {
         // SAFETY: q holds 32 bytes (chunks_exact) and each row 32 floats from 32·b on.
         unsafe {
             // No closures here: they would not inherit AVX2 and every intrinsic would become a call.
@@ -107,182 +109,155 @@ pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; 
     row_sums(&acc)
 }
 
-/// How far ahead of the block being multiplied the 8-bit kernels ask for the weight codes
-/// (`prefetcht0`), in bytes. Decoding one token reads each weight once, straight from
+/// How far ahead of the block being multiplied the K-quant 8-bit kernels ask for the
+/// weight codes (`prefetcht0`), in bytes. Decoding one token reads each weight once, straight from
 /// memory: without the hint the loads wait on DRAM (the samples of a profile sit on the
 /// instructions after them) and more work per block makes it slower, not the arithmetic.
 /// Measured on SmolLM2 Q4_1, one thread: 1024 bytes gave 1.12x, 2048 1.17x, 4096 no more
 /// (BENCHMARKS.md). The f32-activation kernels are bound by expanding the blocks instead,
-/// and gained nothing from it.
+/// and gained nothing from it. The eight-row kernels ask for the next group's codes
+/// instead, which lie right after the group's.
 const AHEAD: usize = 2048;
 
-/// `Σ_b m_b · s_b`: the offset term of 4-bit blocks (each block's min times the exact sum of
-/// its activations), eight blocks at a time and then the tail in order. A function of the
-/// two slices alone, so a row's offset is the same whichever rows share its call.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn offset_dot(mins: &[f32], sums: &[f32]) -> f32 {
-    debug_assert_eq!(mins.len(), sums.len());
-    let (m, s) = (mins.chunks_exact(8), sums.chunks_exact(8));
-    let (m_tail, s_tail) = (m.remainder(), s.remainder());
-    let mut acc = _mm256_setzero_ps();
-    for (m, s) in m.zip(s) {
-        // SAFETY: both chunks hold 8 floats.
-        acc = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(s.as_ptr()), acc) };
-    }
-    let mut total = hsum256(acc);
-    for (m, s) in m_tail.iter().zip(s_tail) {
-        total = m.mul_add(*s, total);
-    }
-    total
-}
-
-/// How a block's 32 codes meet 32 activations in 8 bits: the codes as a register of bytes
-/// (`load`), and their products with the activations summed in adjacent pairs to 16 bits
-/// (`pairs`, exact: `vpmaddubsw` never saturates for these ranges).
-trait Codes8 {
-    /// Code bytes per block.
-    const BYTES: usize;
-    /// # Safety
-    /// `BYTES` readable bytes at `p`; AVX2.
-    unsafe fn load(p: *const u8) -> __m256i;
-    /// # Safety
-    /// AVX2.
-    unsafe fn pairs(q: __m256i, x: __m256i) -> __m256i;
-}
-
-/// Unsigned 4-bit codes, 16 bytes a block: low nibbles are values 0..16, high 16..32.
-struct Nibbles;
-
-impl Codes8 for Nibbles {
-    const BYTES: usize = 16;
-
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        // SAFETY: the caller's promise.
-        unsafe {
-            let v = _mm_loadu_si128(p.cast());
-            // Values 0..16 in the low lane, 16..32 in the high one, as the activations lie.
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0f))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn pairs(q: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: the caller's promise.
-        unsafe { _mm256_maddubs_epi16(q, x) }
-    }
-}
-
-/// Signed 8-bit codes, 32 bytes a block. `vpmaddubsw` takes one unsigned operand, so the
-/// codes lend their sign to the activations (|q| · sign(q)·x = q·x).
-struct Bytes;
-
-impl Codes8 for Bytes {
-    const BYTES: usize = 32;
-
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        // SAFETY: the caller's promise.
-        unsafe { _mm256_loadu_si256(p.cast()) }
-    }
-
-    #[inline(always)]
-    unsafe fn pairs(q: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: the caller's promise.
-        unsafe { _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)) }
-    }
-}
-
-/// For `W` weight rows and each of `R` rows of 8-bit activations, Σ_blocks d·dx · Σ q·qx:
-/// each block's products summed exactly in integers (`vpmaddubsw`, then `vpmaddwd` to 32
-/// bits), then one fused multiply-add by `d·dx`.
+/// The 4-byte chunks of eight weight rows' 16 code bytes (row `i` at `p[i]`), turned so
+/// that register `c` holds chunk `c` of every row, row `i` in lane `i`: a 4 × 4 transpose of
+/// 32-bit words in each 128-bit half (rows 0-3 in the low half, 4-7 in the high).
 ///
-/// Decoding one token asks for `R = 1` and `W = 4`: four independent accumulator chains,
-/// one activation load per block for four weight rows, and the codes asked for [`AHEAD`]
-/// bytes in advance. Every output is the same operations in the same order whatever `W`
-/// and `R` are, so a row's result does not depend on what shares its call.
+/// # Safety
+/// AVX2; 16 readable bytes at each `p[i]`.
+#[inline(always)]
+unsafe fn chunks8(p: [*const u8; 8]) -> [__m256i; 4] {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let pair = |a: *const u8, b: *const u8| _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(a.cast())), _mm_loadu_si128(b.cast()));
+        let (r0, r1, r2, r3) = (pair(p[0], p[4]), pair(p[1], p[5]), pair(p[2], p[6]), pair(p[3], p[7]));
+        // Rows 0 and 1 (4 and 5), chunks 0-1 and 2-3; rows 2 and 3 (6 and 7) likewise.
+        let (t0, t1) = (_mm256_unpacklo_epi32(r0, r1), _mm256_unpackhi_epi32(r0, r1));
+        let (t2, t3) = (_mm256_unpacklo_epi32(r2, r3), _mm256_unpackhi_epi32(r2, r3));
+        [_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)]
+    }
+}
+
+/// Four activation codes at `p` in every 32-bit lane.
+///
+/// # Safety
+/// AVX2; 4 readable bytes at `p`.
+#[inline(always)]
+unsafe fn spread4(p: *const i8) -> __m256i {
+    // SAFETY: the caller's promise.
+    unsafe { _mm256_set1_epi32(p.cast::<i32>().read_unaligned()) }
+}
+
+/// For a group of eight weight rows of 4-bit codes (16 bytes a block: low nibbles are values
+/// 0..16, high nibbles 16..32, each `q·d + m`) and each of `R` rows of 8-bit activations, the
+/// dot products, weight row `i` in lane `i` of the result. Per block, each row's 32
+/// products are summed exactly in integers (`vpmaddubsw` in 16 bits, where eight pair sums
+/// of at most 2·15·127 cannot overflow, then `vpmaddwd` to 32 bits); then, per row, one
+/// fused multiply-add by `d·dx` and one by `m·Σx` (the exact f32 sum of the block's
+/// activations). That is [`super::dot_q8`]'s arithmetic, lane by lane: the result is the
+/// same bits whatever `R`, whichever rows share the call, and on the portable kernel.
+///
+/// The group's scales and offsets come interleaved (`d[8·b + i]` is row `i`'s scale of
+/// block `b`), so a block's eight are one load; the codes of eight rows are turned into
+/// lanes by [`chunks8`], once for all `R` rows.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked: with `nb = xd[0].len()`
-/// blocks, every `qs[w]` holds `C::BYTES·nb` bytes, every `xs[r]` `32·nb` codes, and the
-/// scales `nb` values each.)
-#[inline]
+/// blocks, every `qs[i]` holds `16·nb` bytes, `d` and `m` `8·nb` values, every `xs[r]`
+/// `32·nb` codes and every `xsums[r]` `nb` sums.)
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_codes_q8<C: Codes8, const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
+pub unsafe fn dot8_nibbles_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], m: &[f32], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [[f32; 8]; R] {
     let nb = xd[0].len();
-    for w in 0..W {
-        assert!(qs[w].len() == C::BYTES * nb && scales[w].len() == nb);
-    }
-    for r in 0..R {
-        assert!(xs[r].len() == 32 * nb && xd[r].len() == nb);
-    }
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); R]; W];
+    assert!(qs.iter().all(|q| q.len() == 16 * nb) && d.len() == 8 * nb && m.len() == 8 * nb);
+    assert!((0..R).all(|r| xs[r].len() == 32 * nb && xd[r].len() == nb && xsums[r].len() == nb));
+    let (mask, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
+    let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         // SAFETY: b < nb, so every read is inside the lengths asserted above; a prefetch may
         // point anywhere.
         unsafe {
-            let mut x = [_mm256_setzero_si256(); R];
+            // The group's rows lie one after another: ask for the next group's codes, two
+            // lines a block, as this group's are read.
+            let next = qs[7].as_ptr().wrapping_add(16 * nb + 128 * b);
+            _mm_prefetch::<_MM_HINT_T0>(next.cast());
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64).cast());
+            let c = chunks8(qs.map(|q| q.as_ptr().add(16 * b)));
+            // Register j holds values 4j..4j+4 of each row: the low nibbles of chunks 0-3,
+            // then their high nibbles (values 16..32).
+            let w = [
+                _mm256_and_si256(c[0], mask),
+                _mm256_and_si256(c[1], mask),
+                _mm256_and_si256(c[2], mask),
+                _mm256_and_si256(c[3], mask),
+                _mm256_and_si256(_mm256_srli_epi16(c[0], 4), mask),
+                _mm256_and_si256(_mm256_srli_epi16(c[1], 4), mask),
+                _mm256_and_si256(_mm256_srli_epi16(c[2], 4), mask),
+                _mm256_and_si256(_mm256_srli_epi16(c[3], 4), mask),
+            ];
+            let (dv, mv) = (_mm256_loadu_ps(d.as_ptr().add(8 * b)), _mm256_loadu_ps(m.as_ptr().add(8 * b)));
             for r in 0..R {
-                x[r] = _mm256_loadu_si256(xs[r].as_ptr().add(32 * b).cast());
-            }
-            for w in 0..W {
-                let p = qs[w].as_ptr();
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(C::BYTES * b + AHEAD).cast());
-                let q = C::load(p.add(C::BYTES * b));
-                let d = *scales[w].get_unchecked(b);
-                for r in 0..R {
-                    let sums = _mm256_madd_epi16(C::pairs(q, x[r]), ones);
-                    acc[w][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[r].get_unchecked(b)), _mm256_cvtepi32_ps(sums), acc[w][r]);
+                let x = xs[r].as_ptr().add(32 * b);
+                let mut s = _mm256_maddubs_epi16(w[0], spread4(x));
+                for (j, &wj) in w.iter().enumerate().skip(1) {
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wj, spread4(x.add(4 * j))));
                 }
+                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(*xd[r].get_unchecked(b))), sum, acc[r]);
+                acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*xsums[r].get_unchecked(b)), acc[r]);
             }
         }
     }
-    let mut out = [[0f32; R]; W];
-    for w in 0..W {
-        for r in 0..R {
-            out[w][r] = hsum256(acc[w][r]);
-        }
+    let mut out = [[0f32; 8]; R];
+    for r in 0..R {
+        // SAFETY: 8 floats into an array of 8.
+        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
     }
     out
 }
 
-/// [`dot_codes_q8`] over 4-bit codes, each value `q·d + m`: Σ_blocks (d·dx · Σ q·qx + m ·
-/// Σx), the offsets with the exact f32 sums of the activations (`xsums`).
+/// As [`dot8_nibbles_q8`] for a group of eight weight rows of signed 8-bit codes (32 bytes a
+/// block, each `q·d`). `vpmaddubsw` takes one unsigned operand, so the codes lend their
+/// sign to the activations (|q| · sign(q)·x = q·x); a pair sum may reach 2·128·127, so each
+/// goes to 32 bits before the next is added.
 ///
 /// # Safety
-/// As [`dot_codes_q8`]; `mins[w]` and `xsums[r]` hold `nb` values each (checked).
+/// The CPU must support AVX2 and FMA. (The lengths are checked: every `qs[i]` holds `32·nb`
+/// bytes, `d` `8·nb` values, every `xs[r]` `32·nb` codes.)
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nibbles_q8<const W: usize, const R: usize>(
-    qs: [&[u8]; W],
-    scales: [&[f32]; W],
-    mins: [&[f32]; W],
-    xs: [&[i8]; R],
-    xd: [&[f32]; R],
-    xsums: [&[f32]; R],
-) -> [[f32; R]; W] {
+pub unsafe fn dot8_bytes_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; 8]; R] {
     let nb = xd[0].len();
-    assert!(mins.iter().all(|m| m.len() == nb) && xsums.iter().all(|s| s.len() == nb));
-    // SAFETY: this function's own requirements.
-    let mut out = unsafe { dot_codes_q8::<Nibbles, W, R>(qs, scales, xs, xd) };
-    for w in 0..W {
-        for r in 0..R {
-            // SAFETY: AVX2 and FMA are this function's own requirement.
-            out[w][r] += unsafe { offset_dot(mins[w], xsums[r]) };
+    assert!(qs.iter().all(|q| q.len() == 32 * nb) && d.len() == 8 * nb);
+    assert!((0..R).all(|r| xs[r].len() == 32 * nb && xd[r].len() == nb));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        // SAFETY: as in `dot8_nibbles_q8`.
+        unsafe {
+            let next = qs[7].as_ptr().wrapping_add(32 * nb + 256 * b);
+            for line in [0, 64, 128, 192] {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast());
+            }
+            let (lo, hi) = (chunks8(qs.map(|q| q.as_ptr().add(32 * b))), chunks8(qs.map(|q| q.as_ptr().add(32 * b + 16))));
+            let w = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+            let magnitude = w.map(|q| _mm256_sign_epi8(q, q));
+            let dv = _mm256_loadu_ps(d.as_ptr().add(8 * b));
+            for r in 0..R {
+                let x = xs[r].as_ptr().add(32 * b);
+                let mut s = _mm256_setzero_si256();
+                for j in 0..8 {
+                    let p = _mm256_maddubs_epi16(magnitude[j], _mm256_sign_epi8(spread4(x.add(4 * j)), w[j]));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(*xd[r].get_unchecked(b))), _mm256_cvtepi32_ps(s), acc[r]);
+            }
         }
     }
+    let mut out = [[0f32; 8]; R];
+    for r in 0..R {
+        // SAFETY: 8 floats into an array of 8.
+        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
     out
-}
-
-/// [`dot_codes_q8`] over signed 8-bit codes, each value `q·d`.
-///
-/// # Safety
-/// As [`dot_codes_q8`].
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bytes_q8<const W: usize, const R: usize>(qs: [&[u8]; W], scales: [&[f32]; W], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; R]; W] {
-    // SAFETY: this function's own requirements.
-    unsafe { dot_codes_q8::<Bytes, W, R>(qs, scales, xs, xd) }
 }
 
 /// The half floats at bytes `i` and `i + 2` of a block (the second 0 past its end), by

@@ -15,6 +15,8 @@
 
 use std::arch::x86_64::*;
 
+use super::Meta;
+
 /// One block's 32 weights (two registers) times one row's 32 activations, into the row's
 /// two accumulators.
 #[inline(always)]
@@ -46,10 +48,10 @@ fn row_sums<const R: usize>(acc: &[[__m512; 2]; R]) -> [f32; R] {
 /// The CPU must support AVX-512 F; `qs.len() == 16 · scales.len()`, `mins` as long as
 /// `scales`, and every `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+pub(super) unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: Meta<'_>, mins: Meta<'_>, xs: [&[f32]; R]) -> [f32; R] {
     let mask = _mm_set1_epi8(0x0f);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for (b, ((q, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
+    for (b, ((q, d), m)) in qs.chunks_exact(16).zip(scales.iter()).zip(mins.iter()).enumerate() {
         // SAFETY: q holds 16 bytes (chunks_exact) and each row 32 floats from 32·b on (the
         // length contract above), so every load is in bounds.
         unsafe {
@@ -76,9 +78,9 @@ pub unsafe fn dot_nibbles<const R: usize>(qs: &[u8], scales: &[f32], mins: &[f32
 /// The CPU must support AVX-512 F; `qs.len() == 32 · scales.len()` and every
 /// `xs[i].len() == 32 · scales.len()`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+pub(super) unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: Meta<'_>, xs: [&[f32]; R]) -> [f32; R] {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for (b, (q, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
+    for (b, (q, d)) in qs.chunks_exact(32).zip(scales.iter()).enumerate() {
         // SAFETY: q holds 32 bytes (chunks_exact) and each row 32 floats from 32·b on.
         unsafe {
             let qp = q.as_ptr();

@@ -22,6 +22,14 @@
 //! before one float multiply. The result then differs from the dense product by the
 //! activations' rounding (within half a step per value); the f32 path stays the default,
 //! for parity with the reference.
+//!
+//! The 8-bit product of the 32-value blocks takes eight weight rows at a time, one per lane
+//! of a register ([`GROUP`]; their scales and offsets are stored side by side for that):
+//! each block's integer sums are turned into lanes, so the float work per block (scale,
+//! offset) is one vector operation for eight rows instead of one per row. Every number of
+//! activation rows multiplies this way, a prompt's as a token's, so with 8-bit activations
+//! a row's result does not depend on what shares its step, and the portable kernel gives
+//! the same bits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -125,6 +133,30 @@ enum Codes {
     Super(GgmlType),
 }
 
+/// Weight rows whose per-block scales and offsets are stored together, a block's eight
+/// side by side: the 8-bit kernel multiplies a group's rows in the eight lanes of one
+/// register and loads a block's scales for all of them at once.
+const GROUP: usize = 8;
+
+/// One weight row's per-block values (scales or offsets) inside its group's interleaved
+/// storage: block `b` at `GROUP · b`.
+#[derive(Debug, Clone, Copy)]
+struct Meta<'a>(&'a [f32]);
+
+impl<'a> Meta<'a> {
+    const EMPTY: Meta<'static> = Meta(&[]);
+
+    /// The values, block by block.
+    #[inline(always)]
+    fn iter(self) -> impl Iterator<Item = f32> + 'a {
+        self.0.iter().step_by(GROUP).copied()
+    }
+
+    fn len(self) -> usize {
+        self.0.len().div_ceil(GROUP)
+    }
+}
+
 /// A `[rows, cols]` matrix (Hugging Face `[out, in]` layout) in blocks of 32 along `cols`.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
@@ -133,9 +165,10 @@ pub struct QMatrix {
     codes: Codes,
     /// Per row: `cols / 32` blocks of 16 (nibbles) or 32 (bytes) code bytes.
     qs: Vec<u8>,
-    /// Per block.
+    /// Per block, interleaved by groups of [`GROUP`] rows ([`QMatrix::meta`]); the last
+    /// group padded with zeros.
     scales: Vec<f32>,
-    /// Per block; empty for `Bytes`.
+    /// As `scales`; empty for `Bytes`.
     mins: Vec<f32>,
 }
 
@@ -168,24 +201,26 @@ impl QMatrix {
         if bytes.len() != blocks * block_len {
             return None;
         }
+        let padded = rows.next_multiple_of(GROUP) * cols / 32;
         let mut m = QMatrix {
             rows,
             cols,
             codes,
             qs: Vec::with_capacity(blocks * if codes == Codes::Bytes { 32 } else { 16 }),
-            scales: Vec::with_capacity(blocks),
-            mins: Vec::with_capacity(if codes == Codes::Nibbles { blocks } else { 0 }),
+            scales: vec![0.0; padded],
+            mins: vec![0.0; if codes == Codes::Nibbles { padded } else { 0 }],
         };
-        for b in bytes.chunks_exact(block_len) {
+        for (i, b) in bytes.chunks_exact(block_len).enumerate() {
             let d = f16(b, 0);
-            m.scales.push(d);
+            let at = m.meta(i / (cols / 32), i % (cols / 32));
+            m.scales[at] = d;
             match ty {
                 GgmlType::Q4_0 => {
-                    m.mins.push(-8.0 * d);
+                    m.mins[at] = -8.0 * d;
                     m.qs.extend_from_slice(&b[2..18]);
                 }
                 GgmlType::Q4_1 => {
-                    m.mins.push(f16(b, 2));
+                    m.mins[at] = f16(b, 2);
                     m.qs.extend_from_slice(&b[4..20]);
                 }
                 _ => m.qs.extend_from_slice(&b[2..34]),
@@ -230,7 +265,10 @@ impl QMatrix {
         let cols = mats.first().map_or(0, |m| m.cols);
         assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
         assert_eq!(x.len(), n * cols, "x must be n × cols");
-        if n > MAX_ROWS {
+        // With 8-bit activations every row count multiplies in 8 bits, so a row's result is
+        // the same bits whatever shares its step; f32 activations past MAX_ROWS go through
+        // the panels.
+        if n > MAX_ROWS && !(int8 && mats.iter().all(|m| kernel.q8(m.codes))) {
             return Self::matmul_panels(kernel, mats, x, n, cols);
         }
         // What the matrices here meet, each only when one of them needs it: Σx per block of
@@ -262,13 +300,7 @@ impl QMatrix {
                 };
             }
             match &q8 {
-                // One token: each weight row gives one output, several rows per pass.
-                Some(xq) if n == 1 => kernel.dots_q8_one(|k| m.row_blocks(first + k), xq, &xsum, out),
-                Some(xq) => {
-                    for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
-                        kernel.dots_q8(&m.row_blocks(first + k), xq, &xsum, cols, out_row);
-                    }
-                }
+                Some(xq) => kernel.dots_q8(m, first, xq, &xsum, n, out),
                 None => {
                     for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
                         kernel.dots(&m.row_blocks(first + k), x, &xsum, cols, out_row);
@@ -354,17 +386,34 @@ impl QMatrix {
         outs
     }
 
+    /// Where row `r`'s scale (and offset) of block `b` is: a group's rows side by side.
+    #[inline]
+    fn meta(&self, r: usize, b: usize) -> usize {
+        ((r / GROUP) * (self.cols / 32) + b) * GROUP + r % GROUP
+    }
+
     /// Weight row `r`'s blocks (not for K-quants, whose blocks stay whole).
     #[inline]
-    fn row_blocks(&self, r: usize) -> Row<'_> {
+    fn row_blocks<'a>(&'a self, r: usize) -> Row<'a> {
         let nb = self.cols / 32;
         let per_row = if self.codes == Codes::Bytes { 32 } else { 16 } * nb;
+        let at = self.meta(r, 0);
+        let meta = |v: &'a [f32]| Meta(&v[at..at + (nb - 1) * GROUP + 1]);
         Row {
             codes: self.codes,
             qs: &self.qs[r * per_row..(r + 1) * per_row],
-            scales: &self.scales[r * nb..(r + 1) * nb],
-            mins: if self.codes == Codes::Nibbles { &self.mins[r * nb..(r + 1) * nb] } else { &[] },
+            scales: meta(&self.scales),
+            mins: if self.codes == Codes::Nibbles { meta(&self.mins) } else { Meta::EMPTY },
         }
+    }
+
+    /// The interleaved scales and offsets (empty for 8-bit codes) of the group of rows
+    /// from `first` (a multiple of [`GROUP`]): `8 · blocks` values each.
+    fn group_meta(&self, first: usize) -> (&[f32], &[f32]) {
+        debug_assert!(first.is_multiple_of(GROUP));
+        let span = GROUP * (self.cols / 32);
+        let at = first / GROUP * span;
+        (&self.scales[at..at + span], if self.codes == Codes::Nibbles { &self.mins[at..at + span] } else { &[] })
     }
 
     /// The matrix expanded to f32 (for checks and dense fallbacks).
@@ -393,7 +442,8 @@ impl QMatrix {
         }
         let nb = self.cols / 32;
         for (blk, out) in (rows.start * nb..rows.end * nb).zip(out.chunks_exact_mut(32)) {
-            let d = self.scales[blk];
+            let at = self.meta(blk / nb, blk % nb);
+            let d = self.scales[at];
             match self.codes {
                 Codes::Super(_) => unreachable!("expanded above"),
                 Codes::Bytes => {
@@ -402,7 +452,7 @@ impl QMatrix {
                     }
                 }
                 Codes::Nibbles => {
-                    let (qs, m) = (&self.qs[blk * 16..blk * 16 + 16], self.mins[blk]);
+                    let (qs, m) = (&self.qs[blk * 16..blk * 16 + 16], self.mins[at]);
                     let (lo, hi) = out.split_at_mut(16);
                     for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(qs) {
                         *lo = f32::from(q & 15) * d + m;
@@ -455,9 +505,9 @@ macro_rules! in_groups {
 struct Row<'a> {
     codes: Codes,
     qs: &'a [u8],
-    scales: &'a [f32],
+    scales: Meta<'a>,
     /// Empty for 8-bit codes.
-    mins: &'a [f32],
+    mins: Meta<'a>,
 }
 
 /// The dot products of one row of blocks with one row of `x`, on the best kernel the CPU
@@ -568,7 +618,7 @@ impl Kernel {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = match w.codes {
                         Codes::Bytes => dot_bytes(w.qs, w.scales, row(i)),
-                        Codes::Nibbles => dot_nibbles(w.qs, w.scales, row(i)) + dot_f32(w.mins, sums(i)),
+                        Codes::Nibbles => dot_nibbles(w.qs, w.scales, row(i)) + w.mins.iter().zip(sums(i)).map(|(m, s)| m * s).sum::<f32>(),
                         Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
                     };
                 }
@@ -576,79 +626,77 @@ impl Kernel {
         }
     }
 
-    /// As [`Kernel::dots`] with activations in 8 bits ([`Q8Rows`]); the offsets still use
-    /// the exact sums.
-    #[inline(always)]
-    fn dots_q8(self, w: &Row<'_>, x: &Q8Rows, xsum: &[f32], cols: usize, out: &mut [f32]) {
-        let nb = w.scales.len();
-        assert_eq!(cols, 32 * nb);
-        assert_eq!(x.qs.len(), cols * out.len());
-        assert_eq!(x.scales.len(), nb * out.len());
-        assert_eq!(xsum.len(), nb * out.len());
-        assert_eq!(w.qs.len(), nb * if w.codes == Codes::Bytes { 32 } else { 16 });
-        assert_eq!(w.mins.len(), if w.codes == Codes::Bytes { 0 } else { nb });
-        let row = |i: usize| (&x.qs[i * cols..(i + 1) * cols], &x.scales[i * nb..(i + 1) * nb]);
+    /// Weight rows `first..` of `m` (`first` a multiple of [`GROUP`]; `out` is `[rows, n]`)
+    /// times the `n` rows of 8-bit activations `x` ([`Q8Rows`], with the exact sums of each
+    /// block of the activations in `xsum` for the offsets). The SIMD kernels take a group of
+    /// eight weight rows a pass, in the lanes of a register, for up to four activation rows
+    /// ([`avx2::dot8_nibbles_q8`]); every output is [`dot_q8`]'s arithmetic whatever `n`,
+    /// so the portable kernel gives the same bits.
+    fn dots_q8(self, m: &QMatrix, first: usize, x: &Q8Rows, xsum: &[f32], n: usize, out: &mut [f32]) {
+        let (cols, nb) = (m.cols, m.cols / 32);
+        let rows = out.len() / n;
+        assert!(first.is_multiple_of(GROUP) && first + rows <= m.rows && out.len() == rows * n);
+        assert_eq!((x.qs.len(), x.scales.len(), xsum.len()), (n * cols, n * nb, n * nb));
+        let xs = |i: usize| &x.qs[i * cols..(i + 1) * cols];
+        let xd = |i: usize| &x.scales[i * nb..(i + 1) * nb];
         let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available` saw AVX2 and FMA (for either kernel); the asserts above are
-            // the length contract (every row has `cols` codes and `cols / 32` scales and sums).
-            #[allow(unsafe_code)]
-            Kernel::Avx512 | Kernel::Avx2 => unsafe {
-                in_groups!(out, [1 2 3 4], |i, R| {
-                    let xs: [&[i8]; R] = std::array::from_fn(|k| row(i + k).0);
-                    let xd: [&[f32]; R] = std::array::from_fn(|k| row(i + k).1);
-                    match w.codes {
-                        Codes::Bytes => avx2::dot_bytes_q8::<1, R>([w.qs], [w.scales], xs, xd)[0],
-                        Codes::Nibbles => avx2::dot_nibbles_q8::<1, R>([w.qs], [w.scales], [w.mins], xs, xd, std::array::from_fn(|k| sums(i + k)))[0],
-                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
+        for g in (0..rows).step_by(GROUP) {
+            let live = GROUP.min(rows - g);
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 | Kernel::Avx2 => {
+                    // A last group of fewer rows repeats its last row in the spare lanes.
+                    let qs: [&[u8]; GROUP] = std::array::from_fn(|k| m.row_blocks(first + g + k.min(live - 1)).qs);
+                    let (d, mins) = m.group_meta(first + g);
+                    let mut i = 0;
+                    // Activation rows `i..i + R` through the group, into its outputs.
+                    macro_rules! pass {
+                        ($r:literal) => {{
+                            let (x8, d8) = (std::array::from_fn::<_, $r, _>(|j| xs(i + j)), std::array::from_fn::<_, $r, _>(|j| xd(i + j)));
+                            // SAFETY: `available` saw AVX2 and FMA (for either kernel); the
+                            // kernels check the lengths.
+                            #[allow(unsafe_code)]
+                            let got = unsafe {
+                                match m.codes {
+                                    Codes::Nibbles => avx2::dot8_nibbles_q8::<$r>(qs, d, mins, x8, d8, std::array::from_fn(|j| sums(i + j))),
+                                    _ => avx2::dot8_bytes_q8::<$r>(qs, d, x8, d8),
+                                }
+                            };
+                            for (r, got) in got.iter().enumerate() {
+                                for k in 0..live {
+                                    out[(g + k) * n + i + r] = got[k];
+                                }
+                            }
+                            i += $r;
+                        }};
                     }
-                })
-            },
-            Kernel::Portable => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let (xq, xd) = row(i);
-                    *o = dot_q8(w.codes, w.qs, w.scales, xq, xd) + dot_f32(w.mins, sums(i));
+                    while i < n {
+                        match n - i {
+                            1 => pass!(1),
+                            2 => pass!(2),
+                            3 => pass!(3),
+                            _ => pass!(4),
+                        }
+                    }
+                }
+                Kernel::Portable => {
+                    for k in 0..live {
+                        let w = m.row_blocks(first + g + k);
+                        for i in 0..n {
+                            out[(g + k) * n + i] = dot_q8(&w, xs(i), xd(i), sums(i));
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// One row of 8-bit activations (`x`, with its block sums `xsum`) times each weight row
-    /// `row(k)` into `out[k]`: the SIMD kernel takes four weight rows a pass, for four
-    /// independent sums and one activation load per block. Each output is what
-    /// [`Kernel::dots_q8`] gives the same row.
-    #[inline(always)]
-    fn dots_q8_one<'w>(self, row: impl Fn(usize) -> Row<'w>, x: &Q8Rows, xsum: &[f32], out: &mut [f32]) {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available` saw AVX2 and FMA (for either kernel); the kernels check the
-            // lengths.
-            #[allow(unsafe_code)]
-            Kernel::Avx512 | Kernel::Avx2 => unsafe {
-                in_groups!(out, [1 2 3 4], |k, W| {
-                    let ws: [Row<'w>; W] = std::array::from_fn(|j| row(k + j));
-                    let got = match ws[0].codes {
-                        Codes::Bytes => avx2::dot_bytes_q8::<W, 1>(ws.each_ref().map(|w| w.qs), ws.each_ref().map(|w| w.scales), [&x.qs], [&x.scales]),
-                        Codes::Nibbles => avx2::dot_nibbles_q8::<W, 1>(
-                            ws.each_ref().map(|w| w.qs),
-                            ws.each_ref().map(|w| w.scales),
-                            ws.each_ref().map(|w| w.mins),
-                            [&x.qs],
-                            [&x.scales],
-                            [xsum],
-                        ),
-                        Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
-                    };
-                    got.map(|o| o[0])
-                })
-            },
-            Kernel::Portable => {
-                for (k, o) in out.iter_mut().enumerate() {
-                    let w = row(k);
-                    *o = dot_q8(w.codes, w.qs, w.scales, &x.qs, &x.scales) + dot_f32(w.mins, xsum);
-                }
-            }
+    /// Whether this kernel multiplies weights of these codes by 8-bit activations in
+    /// integers: the 32-value blocks on every kernel, K-quants where [`Kernel::k_quant_q8`].
+    fn q8(self, codes: Codes) -> bool {
+        match codes {
+            Codes::Super(ty) => self.k_quant_q8(ty),
+            _ => true,
         }
     }
 
@@ -695,20 +743,26 @@ impl Kernel {
     }
 }
 
-/// Σ_blocks d·dx · Σ q·qx with each block's products summed exactly in integers.
-fn dot_q8(codes: Codes, qs: &[u8], scales: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+/// The 8-bit product of every kernel: block by block, `d·dx` times the block's `Σ q·qx`
+/// (summed exactly in integers) and, for 4-bit codes, the offset `m` times the exact `Σ x`,
+/// each added by one fused multiply-add. The SIMD kernels do the same in lanes, so they
+/// give these bits.
+fn dot_q8(w: &Row<'_>, xq: &[i8], xd: &[f32], xsum: &[f32]) -> f32 {
     let mut total = 0f32;
-    for (b, (&d, &dx)) in scales.iter().zip(xd).enumerate() {
+    for (b, (d, &dx)) in w.scales.iter().zip(xd).enumerate() {
         let x = &xq[32 * b..32 * b + 32];
-        let sum: i32 = match codes {
-            Codes::Bytes => qs[32 * b..32 * b + 32].iter().zip(x).map(|(&q, &v)| i32::from(q as i8) * i32::from(v)).sum(),
+        let sum: i32 = match w.codes {
+            Codes::Bytes => w.qs[32 * b..32 * b + 32].iter().zip(x).map(|(&q, &v)| i32::from(q as i8) * i32::from(v)).sum(),
             Codes::Nibbles => {
-                let q = &qs[16 * b..16 * b + 16];
+                let q = &w.qs[16 * b..16 * b + 16];
                 (0..16).map(|j| i32::from(q[j] & 15) * i32::from(x[j]) + i32::from(q[j] >> 4) * i32::from(x[j + 16])).sum()
             }
             Codes::Super(_) => unreachable!("K-quant rows go to kquant::rows"),
         };
-        total += d * dx * sum as f32;
+        total = (d * dx).mul_add(sum as f32, total);
+        if w.codes == Codes::Nibbles {
+            total = w.mins.0[GROUP * b].mul_add(xsum[b], total);
+        }
     }
     total
 }
@@ -716,9 +770,9 @@ fn dot_q8(codes: Codes, qs: &[u8], scales: &[f32], xq: &[i8], xd: &[f32]) -> f32
 /// Σ_blocks d · Σ q·x over signed bytes, accumulated in 32 lanes with fused multiply-adds
 /// (vectorizes; one horizontal sum at the end).
 #[inline(always)]
-fn dot_bytes(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+fn dot_bytes(qs: &[u8], scales: Meta<'_>, x: &[f32]) -> f32 {
     let mut acc = [0f32; 32];
-    for ((q, &d), xb) in qs.chunks_exact(32).zip(scales).zip(x.chunks_exact(32)) {
+    for ((q, d), xb) in qs.chunks_exact(32).zip(scales.iter()).zip(x.chunks_exact(32)) {
         let q: &[u8; 32] = q.try_into().unwrap();
         let xb: &[f32; 32] = xb.try_into().unwrap();
         let mut w = [0f32; 32];
@@ -734,9 +788,9 @@ fn dot_bytes(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 
 /// Σ_blocks d · Σ q·x over nibbles (low nibble: value j, high nibble: value j + 16).
 #[inline(always)]
-fn dot_nibbles(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+fn dot_nibbles(qs: &[u8], scales: Meta<'_>, x: &[f32]) -> f32 {
     let mut acc = [0f32; 32];
-    for ((q, &d), xb) in qs.chunks_exact(16).zip(scales).zip(x.chunks_exact(32)) {
+    for ((q, d), xb) in qs.chunks_exact(16).zip(scales.iter()).zip(x.chunks_exact(32)) {
         let q: &[u8; 16] = q.try_into().unwrap();
         let xb: &[f32; 32] = xb.try_into().unwrap();
         let mut w = [0f32; 32];
@@ -818,8 +872,8 @@ mod tests {
 
     /// K-quant blocks stay as the file has them, and the product from them equals the dense
     /// product of their expansion (which matches gguf-py's, see `gguf::tests`) for any
-    /// number of rows, with 8-bit activations asked for or not (past [`MAX_ROWS`] rows the
-    /// panels multiply in f32 whatever is asked).
+    /// number of rows, with 8-bit activations asked for or not (on the portable kernel
+    /// they multiply in f32 whatever is asked).
     #[test]
     fn k_quant_products_equal_the_dense_product_of_their_expansion() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kquants");
@@ -845,7 +899,7 @@ mod tests {
                 let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 256]).collect();
                 assert_eq!(xq.sums, xq.qs.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect::<Vec<i16>>());
                 for int8 in [false, true] {
-                    let integer = int8 && kernel.k_quant_q8(ty) && n <= MAX_ROWS;
+                    let integer = int8 && kernel.k_quant_q8(ty);
                     let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
                     for i in 0..n {
                         for r in 0..rows {
@@ -855,7 +909,7 @@ mod tests {
                             assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} int8={int8} n={n} [{i},{r}]: {g} vs {want}");
                         }
                     }
-                    assert_eq!(integer, int8 && kernel != Kernel::Portable && n <= MAX_ROWS);
+                    assert_eq!(integer, int8 && kernel != Kernel::Portable);
                 }
             }
         }
@@ -864,35 +918,33 @@ mod tests {
 
     /// With 8-bit activations the kernel computes, up to float summation order, the dense
     /// product of the dequantized weights with the rounded activations; and so it stays
-    /// within the activations' rounding (half a step per value) of the exact product.
+    /// within the activations' rounding (half a step per value) of the exact product. Every
+    /// kernel gives the same bits ([`dot_q8`]'s arithmetic), for any number of rows and a
+    /// last group of fewer than eight weight rows.
     #[test]
     fn int8_activations_multiply_the_rounded_activations_exactly() {
-        let (rows, cols) = (40, 128);
+        let (rows, cols) = (45, 128);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let bytes = quantize(ty, &values(rows * cols, 3));
             let w = dequantize(ty, &bytes, rows * cols);
             let q = QMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
-            for n in [1, 2, 5] {
+            for n in [1, 2, 5, MAX_ROWS + 3] {
                 let x = values(n * cols, 11);
                 let xq = Q8Rows::quantize_on(Kernel::chosen(), &x);
                 let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 32]).collect();
-                let nb = cols / 32;
-                let per_row = if ty == GgmlType::Q8_0 { 32 } else { 16 } * nb;
+                let portable = QMatrix::matmul_many_on(Kernel::Portable, &[&q], &x, n, true).pop().unwrap();
+                for kernel in Kernel::available() {
+                    let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, true).pop().unwrap();
+                    assert_eq!(got, portable, "{ty:?} {kernel:?} n={n}: the same bits as the portable kernel");
+                }
                 for i in 0..n {
-                    let x_i = Q8Rows { qs: xq.qs[i * cols..(i + 1) * cols].to_vec(), scales: xq.scales[i * nb..(i + 1) * nb].to_vec(), sums: Vec::new() };
                     for r in 0..rows {
-                        let mins = if q.codes == Codes::Nibbles { &q.mins[r * nb..(r + 1) * nb] } else { &[] };
-                        let row = Row { codes: q.codes, qs: &q.qs[r * per_row..(r + 1) * per_row], scales: &q.scales[r * nb..(r + 1) * nb], mins };
-                        let xsum: Vec<f32> = x[i * cols..(i + 1) * cols].chunks_exact(32).map(|c| c.iter().sum()).collect();
                         // The codes times the rounded activations; the offsets (min per
                         // block) times the exact ones.
-                        let offset = |c: usize| if q.codes == Codes::Nibbles { q.mins[r * nb + c / 32] } else { 0.0 };
+                        let offset = |c: usize| if q.codes == Codes::Nibbles { q.mins[q.meta(r, c / 32)] } else { 0.0 };
                         let want: f32 = (0..cols).map(|c| (w[r * cols + c] - offset(c)) * rounded[i * cols + c] + offset(c) * x[i * cols + c]).sum();
-                        for kernel in Kernel::available() {
-                            let mut out = [0f32];
-                            kernel.dots_q8(&row, &x_i, &xsum, cols, &mut out);
-                            assert!((out[0] - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} {kernel:?} n={n} [{i},{r}]: {} vs {want}", out[0]);
-                        }
+                        let g = portable[i * rows + r];
+                        assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} n={n} [{i},{r}]: {g} vs {want}");
                     }
                 }
             }
@@ -913,7 +965,9 @@ mod tests {
     }
 
     /// Each kernel gives a row the same bits whether it comes alone or with others (the
-    /// serving scheduler's batches change every step; a stream's tokens must not).
+    /// serving scheduler's batches change every step; a stream's tokens must not): with f32
+    /// activations up to [`MAX_ROWS`] rows (past them the panels take over), with 8-bit ones
+    /// for any number.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch_on_any_kernel() {
         let rows = 23;
@@ -922,10 +976,12 @@ mod tests {
             // A tail of blocks past a multiple of eight; K-quants take whole super-blocks.
             let cols = if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) { 512 } else { 416 };
             let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 5)), rows, cols).unwrap();
-            let n = 11;
-            let x = values(n * cols, 9);
-            for int8 in [false, true] {
+            for (int8, n) in [(false, 11), (true, 11), (true, MAX_ROWS + 5)] {
+                let x = values(n * cols, 9);
                 for &kernel in &kernels {
+                    if int8 && n > MAX_ROWS && !kernel.q8(q.codes) {
+                        continue; // f32 panels: see above
+                    }
                     let batch = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
                     for i in 0..n {
                         let alone = QMatrix::matmul_many_on(kernel, &[&q], &x[i * cols..(i + 1) * cols], 1, int8).pop().unwrap();
