@@ -282,48 +282,59 @@ impl QMatrix {
                 _ => blocks32 = true,
             }
         }
-        let xsum: Vec<f32> = if blocks32 { x.chunks_exact(32).map(|c| c.iter().sum()).collect() } else { Vec::new() };
+        let xsum: Vec<f32> = if blocks32 { x.chunks_exact(32).map(block_sum).collect() } else { Vec::new() };
         let q8 = (int8 && blocks32).then(|| Q8Rows::quantize_on(kernel, x));
         let q8k = (int8 && blocks256).then(|| Q8Rows::quantize_super_on(kernel, x));
-        // Each output `[rows, n]`; the tasks cut every one into runs of weight rows.
-        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
-        let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
-        for (m, out) in mats.iter().zip(&mut outs) {
-            tasks.extend(out.chunks_mut(ROWS_PER_TASK * n).enumerate().map(|(t, o)| (*m, t * ROWS_PER_TASK, o)));
+        thread_local! {
+            /// Each thread's `[rows, n]` results of a task, kept between tasks.
+            static TASK_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        crate::team::for_each(&mut tasks, |(m, first, out)| {
-            let (m, first) = (*m, *first);
-            if let Codes::Super(ty) = m.codes {
-                return match &q8k {
-                    Some(xq) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, n, out),
-                    _ => kquant::rows(kernel, ty, m, first, x, n, out),
-                };
-            }
-            match &q8 {
-                Some(xq) => kernel.dots_q8(m, first, xq, &xsum, n, out),
-                None => {
-                    for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
-                        kernel.dots(&m.row_blocks(first + k), x, &xsum, cols, out_row);
+        // Each task takes a run of one matrix's weight rows, works out their `[rows, n]`
+        // results, and writes them as its columns of the `[n, rows]` output.
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
+        let dst: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
+        let mut tasks: Vec<(usize, usize)> = Vec::new();
+        for (k, m) in mats.iter().enumerate() {
+            tasks.extend((0..m.rows).step_by(ROWS_PER_TASK).map(|first| (k, first)));
+        }
+        crate::team::for_each(&mut tasks, |&mut (k, first)| {
+            let m = mats[k];
+            let rows = ROWS_PER_TASK.min(m.rows - first);
+            let run = |out: &mut [f32]| match (m.codes, &q8, &q8k) {
+                (Codes::Super(ty), _, Some(xq)) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, n, out),
+                (Codes::Super(ty), _, _) => kquant::rows(kernel, ty, m, first, x, n, out),
+                (_, Some(xq), _) => kernel.dots_q8(m, first, xq, &xsum, n, out),
+                _ => {
+                    for (r, out_row) in out.chunks_exact_mut(n).enumerate() {
+                        kernel.dots(&m.row_blocks(first + r), x, &xsum, cols, out_row);
                     }
                 }
+            };
+            if n == 1 {
+                // One row: `[rows, 1]` is the output's own layout.
+                // SAFETY: elements `first..first + rows` of the `m.rows` output: inside its
+                // buffer, and no other task touches them.
+                #[allow(unsafe_code)]
+                return run(unsafe { std::slice::from_raw_parts_mut(dst[k].0.add(first), rows) });
             }
-        });
-        if n == 1 {
-            return outs;
-        }
-        // `[rows, n]` to the `[n, rows]` callers want.
-        outs.into_iter()
-            .zip(mats)
-            .map(|(t, m)| {
-                let mut out = vec![0f32; n * m.rows];
-                for r in 0..m.rows {
-                    for i in 0..n {
-                        out[i * m.rows + r] = t[r * n + i];
+            TASK_OUT.with_borrow_mut(|out| {
+                out.clear();
+                out.resize(rows * n, 0.0);
+                run(out);
+                for i in 0..n {
+                    for r in 0..rows {
+                        // SAFETY: row `i` and column `first + r` of the `n × m.rows` output:
+                        // inside its buffer, and no other task writes columns
+                        // `first..first + rows` of it.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            *dst[k].0.add(i * m.rows + first + r) = out[r * n + i];
+                        }
                     }
                 }
-                out
             })
-            .collect()
+        });
+        outs
     }
 
     /// `x · Wᵀ` for every matrix in `mats` and more than [`MAX_ROWS`] rows of `x` (a prompt):
@@ -464,7 +475,8 @@ impl QMatrix {
     }
 }
 
-/// The output of a task of [`QMatrix::matmul_panels`]: each task writes its own columns.
+/// The output of a task of [`QMatrix::matmul_many`] or [`QMatrix::matmul_panels`]: each
+/// task writes its own columns.
 struct Dst(*mut f32);
 
 // SAFETY: tasks write disjoint elements through it, and the buffer outlives them.
@@ -765,6 +777,17 @@ fn dot_q8(w: &Row<'_>, xq: &[i8], xd: &[f32], xsum: &[f32]) -> f32 {
         }
     }
     total
+}
+
+/// The sum of a block of 32 activations, in eight lanes (so it vectorizes), then pairwise.
+fn block_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for j in 0..8 {
+            acc[j] += c[j];
+        }
+    }
+    hsum(acc)
 }
 
 /// Σ_blocks d · Σ q·x over signed bytes, accumulated in 32 lanes with fused multiply-adds
