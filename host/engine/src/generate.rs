@@ -325,14 +325,16 @@ pub fn generate_with(
         .collect())
 }
 
-/// Where a batch's keys and values live while it generates.
+/// Where a batch's keys and values live while it generates (one per generation call, so
+/// the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 enum Batch {
     /// On the model's device: prompts left-padded to one length, a cache that grows by
     /// concatenation.
     Padded(KvCache),
     /// On the host (CPU models): each row its own blocks, written in place, and the step
     /// on host buffers ([`CausalLm::forward_paged`]); no padding.
-    Paged { pool: KvPool, caches: Vec<SeqCache> },
+    Paged { pool: KvPool, caches: Vec<SeqCache>, prompt_lens: Vec<usize> },
 }
 
 impl Batch {
@@ -341,6 +343,7 @@ impl Batch {
         Batch::Paged {
             pool: KvPool::new(&model.config, blocks),
             caches: prompts.iter().map(|_| SeqCache::new(0)).collect(),
+            prompt_lens: prompts.iter().map(Vec::len).collect(),
         }
     }
 
@@ -364,9 +367,9 @@ impl Batch {
                 }
                 logits_to_host(model.forward_with(&step, cache, Logits::Last, adapter))
             }
-            Batch::Paged { pool, caches } => {
+            Batch::Paged { pool, caches, prompt_lens } => {
                 let live = vec![true; prompts.len()];
-                Self::paged_step(model, adapter, pool, caches, prompts.iter().map(Vec::as_slice).collect(), &live, model.config.vocab_size)
+                Self::paged_step(model, adapter, pool, caches, prompt_lens, prompts.iter().map(Vec::as_slice).collect(), &live, model.config.vocab_size)
             }
         }
     }
@@ -385,20 +388,21 @@ impl Batch {
                 };
                 logits_to_host(model.forward_with(&step, cache, Logits::Last, adapter))
             }
-            Batch::Paged { pool, caches } => {
+            Batch::Paged { pool, caches, prompt_lens } => {
                 let tokens: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
-                Self::paged_step(model, adapter, pool, caches, tokens, live, model.config.vocab_size)
+                Self::paged_step(model, adapter, pool, caches, prompt_lens, tokens, live, model.config.vocab_size)
             }
         }
     }
 
     /// The live rows' `tokens` as one packed step.
-    fn paged_step(model: &CausalLm, adapter: Option<&Adapter>, pool: &mut KvPool, caches: &mut [SeqCache], tokens: Vec<&[u32]>, live: &[bool], vocab: usize) -> Result<Vec<f32>> {
+    #[allow(clippy::too_many_arguments)]
+    fn paged_step(model: &CausalLm, adapter: Option<&Adapter>, pool: &mut KvPool, caches: &mut [SeqCache], prompt_lens: &[usize], tokens: Vec<&[u32]>, live: &[bool], vocab: usize) -> Result<Vec<f32>> {
         let mut steps = Vec::new();
-        for ((cache, t), &l) in caches.iter_mut().zip(&tokens).zip(live) {
+        for (((cache, t), &l), &prompt_len) in caches.iter_mut().zip(&tokens).zip(live).zip(prompt_lens) {
             if l {
                 assert!(cache.reserve(pool, t.len()), "the pool holds every row's prompt and budget");
-                steps.push(SeqStep { tokens: t, cache, adapter });
+                steps.push(SeqStep { tokens: t, cache, adapter, prompt_len });
             }
         }
         let got = model.forward_paged(&mut steps, pool)?;

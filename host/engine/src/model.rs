@@ -154,16 +154,45 @@ impl Linear {
     }
 
     /// `x · W` for each projection in `lins`, all reading the same `n` rows of `x` (`[n, in]`
-    /// on the host): from the blocks (every quantized one in one parallel loop) for a few
-    /// rows, for any number with 8-bit activations (so a row's result does not depend on
-    /// its step), or where no dense copy is kept; through the dense gemm otherwise.
-    pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
+    /// on the host). The rows marked in `int8` (sampled tokens, see
+    /// [`crate::model::paged::SeqStep::prompt_len`]; empty for none) multiply from the blocks
+    /// with 8-bit activations, whatever their number, so each one's result is the same
+    /// whatever shares its step; the others in f32, from the blocks (every quantized
+    /// projection in one parallel loop) for a few rows or where no dense copy is kept,
+    /// through the dense gemm otherwise.
+    pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
-        let int8 = quant::int8_activations();
+        let eight = int8.iter().filter(|&&b| b).count();
+        let Some(mats) = packed.filter(|_| eight > 0) else {
+            return Self::forward_host_f32(lins, x, n, device);
+        };
+        if eight == n {
+            return QMatrix::matmul_many(&mats, x, n, true);
+        }
+        // Both kinds in one step: each apart, then back in the step's order.
+        let d = x.len() / n;
+        let (mut x8, mut xf) = (Vec::with_capacity(eight * d), Vec::with_capacity((n - eight) * d));
+        for (row, &b) in x.chunks_exact(d).zip(int8) {
+            if b { &mut x8 } else { &mut xf }.extend_from_slice(row);
+        }
+        let (y8, yf) = (QMatrix::matmul_many(&mats, &x8, eight, true), Self::forward_host_f32(lins, &xf, n - eight, device));
+        y8.iter()
+            .zip(&yf)
+            .map(|(y8, yf)| {
+                let out = (y8.len() + yf.len()) / n;
+                let (mut a, mut b) = (y8.chunks_exact(out), yf.chunks_exact(out));
+                int8.iter().flat_map(|&is8| if is8 { a.next() } else { b.next() }.expect("a row of its kind")).copied().collect()
+            })
+            .collect()
+    }
+
+    /// [`Linear::forward_host`] with f32 activations for every row.
+    fn forward_host_f32(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
+        let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
         if let Some(mats) = packed
-            && (n <= quant::MAX_ROWS || int8 || lins.iter().any(|l| l.weight.is_none()))
+            && (n <= quant::MAX_ROWS || lins.iter().any(|l| l.weight.is_none()))
         {
-            return QMatrix::matmul_many(&mats, x, n, int8);
+            return QMatrix::matmul_many(&mats, x, n, false);
         }
         lins.iter()
             .map(|l| {
@@ -178,7 +207,7 @@ impl Linear {
         let out = self.dims()[1];
         // The packed kernel runs on the host, outside any autodiff graph.
         if let Some(q) = &self.packed
-            && (b * s <= quant::MAX_ROWS || quant::int8_activations() || self.weight.is_none())
+            && (b * s <= quant::MAX_ROWS || self.weight.is_none())
             && !x.is_autodiff()
         {
             let device = x.device();
@@ -243,11 +272,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `down(silu(gate(x)) · up(x))` for `n` rows on the host.
-    fn forward_host(&self, x: &[f32], n: usize, lora: &Lora<'_>, device: &Device) -> Vec<f32> {
-        let [gate, up]: [Vec<f32>; 2] = lora.apply_host(&[(&self.gate_proj, Target::Gate), (&self.up_proj, Target::Up)], x, n, device).try_into().expect("two projections");
+    /// `down(silu(gate(x)) · up(x))` for `n` rows on the host (those marked in `int8` with
+    /// 8-bit activations).
+    fn forward_host(&self, x: &[f32], n: usize, int8: &[bool], lora: &Lora<'_>, device: &Device) -> Vec<f32> {
+        let [gate, up]: [Vec<f32>; 2] = lora.apply_host(&[(&self.gate_proj, Target::Gate), (&self.up_proj, Target::Up)], x, n, int8, device).try_into().expect("two projections");
         let h: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-        lora.apply_host_one(&self.down_proj, Target::Down, &h, n, device)
+        lora.apply_host_one(&self.down_proj, Target::Down, &h, n, int8, device)
     }
 
     fn forward(&self, x: Tensor<3>, lora: &Lora<'_>) -> Tensor<3> {
@@ -311,11 +341,12 @@ impl<'a> Lora<'a> {
     }
 
     /// As [`Lora::apply`] for each `(projection, target)` reading the same `n` rows on the
-    /// host (inference: no dropout).
-    fn apply_host(&self, projections: &[(&Linear, Target)], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
+    /// host (inference: no dropout), the base's product with 8-bit activations for the rows
+    /// marked in `int8` ([`Linear::forward_host`]).
+    fn apply_host(&self, projections: &[(&Linear, Target)], x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<Vec<f32>> {
         debug_assert!(self.dropout <= 0.0, "the host path runs inference only");
         let lins: Vec<&Linear> = projections.iter().map(|(l, _)| *l).collect();
-        let mut ys = Linear::forward_host(&lins, x, n, device);
+        let mut ys = Linear::forward_host(&lins, x, n, int8, device);
         let d = x.len() / n;
         for (&(_, target), y) in projections.iter().zip(&mut ys) {
             let out = y.len() / n;
@@ -333,8 +364,8 @@ impl<'a> Lora<'a> {
     }
 
     /// [`Lora::apply_host`] for one projection.
-    fn apply_host_one(&self, base: &Linear, target: Target, x: &[f32], n: usize, device: &Device) -> Vec<f32> {
-        self.apply_host(&[(base, target)], x, n, device).pop().expect("one output per projection")
+    fn apply_host_one(&self, base: &Linear, target: Target, x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<f32> {
+        self.apply_host(&[(base, target)], x, n, int8, device).pop().expect("one output per projection")
     }
 
     fn apply(&self, base: &Linear, target: Target, x: Tensor<3>, xd: &Option<Tensor<3>>) -> Tensor<3> {

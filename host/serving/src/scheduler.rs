@@ -462,6 +462,7 @@ impl<'m> Loop<'m> {
                 tokens: &s.tokens[start..start + s.planned],
                 cache: &mut s.cache,
                 adapter: s.adapter.as_ref().map(|a| &*a.adapter),
+                prompt_len: s.request.prompt.len(),
             });
             if let (true, Some(m)) = (samples, s.matcher.as_mut()) {
                 masks.push((m, &mut s.mask));

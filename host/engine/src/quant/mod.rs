@@ -20,8 +20,9 @@
 //! super-blocks the activations take one scale per 256 values (llama.cpp's Q8_K), so a
 //! super-block's eight sub-blocks are summed in integers, their scales applied there too,
 //! before one float multiply. The result then differs from the dense product by the
-//! activations' rounding (within half a step per value); the f32 path stays the default,
-//! for parity with the reference.
+//! activations' rounding (within half a step per value). The f32 path is kept for parity
+//! with the reference (`--f32-activations`; this library's default); the commands use 8
+//! bits, as llama.cpp does.
 //!
 //! The 8-bit product of the 32-value blocks takes eight weight rows at a time, one per lane
 //! of a register ([`GROUP`]; their scales and offsets are stored side by side for that):
@@ -39,8 +40,9 @@ use crate::gguf::GgmlType;
 static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
 
 /// Whether the quantized kernel rounds activations to 8 bits and multiplies in integers
-/// (faster, llama.cpp's precision) or keeps them f32 (the default: results within float
-/// rounding of the dense product). Process-wide.
+/// (faster, llama.cpp's precision: what the `lathe` commands do unless given
+/// `--f32-activations`) or keeps them f32 (this library's default, for the parity checks:
+/// results within float rounding of the dense product). Process-wide.
 pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
 }
@@ -300,39 +302,30 @@ impl QMatrix {
         crate::team::for_each(&mut tasks, |&mut (k, first)| {
             let m = mats[k];
             let rows = ROWS_PER_TASK.min(m.rows - first);
-            let run = |out: &mut [f32]| match (m.codes, &q8, &q8k) {
-                (Codes::Super(ty), _, Some(xq)) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, n, out),
-                (Codes::Super(ty), _, _) => kquant::rows(kernel, ty, m, first, x, n, out),
-                (_, Some(xq), _) => kernel.dots_q8(m, first, xq, &xsum, n, out),
+            // SAFETY: `outs[k]` holds `n × m.rows` floats and outlives the loop; the tasks'
+            // runs of rows are disjoint, so no other task writes these columns.
+            #[allow(unsafe_code)]
+            let mut out = unsafe { Cols::new(&dst[k], m.rows, first, rows, n) };
+            let run = |res: &mut [f32]| match (m.codes, &q8k) {
+                (Codes::Super(ty), Some(xq)) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, n, res),
+                (Codes::Super(ty), _) => kquant::rows(kernel, ty, m, first, x, n, res),
                 _ => {
-                    for (r, out_row) in out.chunks_exact_mut(n).enumerate() {
-                        kernel.dots(&m.row_blocks(first + r), x, &xsum, cols, out_row);
+                    for (r, res_row) in res.chunks_exact_mut(n).enumerate() {
+                        kernel.dots(&m.row_blocks(first + r), x, &xsum, cols, res_row);
                     }
                 }
             };
-            if n == 1 {
+            match &q8 {
+                Some(xq) if !matches!(m.codes, Codes::Super(_)) => kernel.dots_q8(m, first, xq, &xsum, &mut out),
                 // One row: `[rows, 1]` is the output's own layout.
-                // SAFETY: elements `first..first + rows` of the `m.rows` output: inside its
-                // buffer, and no other task touches them.
-                #[allow(unsafe_code)]
-                return run(unsafe { std::slice::from_raw_parts_mut(dst[k].0.add(first), rows) });
+                _ if n == 1 => run(out.row(0)),
+                _ => TASK_OUT.with_borrow_mut(|res| {
+                    res.clear();
+                    res.resize(rows * n, 0.0);
+                    run(res);
+                    out.put_transposed(res);
+                }),
             }
-            TASK_OUT.with_borrow_mut(|out| {
-                out.clear();
-                out.resize(rows * n, 0.0);
-                run(out);
-                for i in 0..n {
-                    for r in 0..rows {
-                        // SAFETY: row `i` and column `first + r` of the `n × m.rows` output:
-                        // inside its buffer, and no other task writes columns
-                        // `first..first + rows` of it.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            *dst[k].0.add(i * m.rows + first + r) = out[r * n + i];
-                        }
-                    }
-                }
-            })
         });
         outs
     }
@@ -482,6 +475,54 @@ struct Dst(*mut f32);
 // SAFETY: tasks write disjoint elements through it, and the buffer outlives them.
 #[allow(unsafe_code)]
 unsafe impl Sync for Dst {}
+
+/// One task's columns `first..first + rows` of an `[n, width]` output.
+struct Cols {
+    /// Row 0, column `first`.
+    at: *mut f32,
+    width: usize,
+    rows: usize,
+    n: usize,
+}
+
+#[allow(unsafe_code)]
+impl Cols {
+    /// # Safety
+    /// `dst` points to `n × width` floats that outlive the `Cols`, `first + rows <= width`,
+    /// and nothing else writes or reads those columns meanwhile.
+    unsafe fn new(dst: &Dst, width: usize, first: usize, rows: usize, n: usize) -> Cols {
+        assert!(first + rows <= width);
+        // SAFETY: inside the buffer (the caller's promise).
+        Cols { at: unsafe { dst.0.add(first) }, width, rows, n }
+    }
+
+    /// `vals` into output row `i`, from the task's column `r` on.
+    #[inline]
+    fn put(&mut self, i: usize, r: usize, vals: &[f32]) {
+        assert!(i < self.n && r + vals.len() <= self.rows, "inside the task's columns");
+        // SAFETY: row `i`, columns `first + r..first + r + len` (asserted inside the task's
+        // own, which `new`'s promise gives it alone).
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.at.add(i * self.width + r), vals.len()) }
+    }
+
+    /// The task's columns of output row `i`.
+    fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.n);
+        // SAFETY: as in `put`; the borrow of `self` keeps it the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.at.add(i * self.width), self.rows) }
+    }
+
+    /// Results worked out as `[rows, n]` (weight row by weight row), into their places.
+    fn put_transposed(&mut self, res: &[f32]) {
+        assert_eq!(res.len(), self.rows * self.n);
+        for i in 0..self.n {
+            let (n, row) = (self.n, self.row(i));
+            for (r, o) in row.iter_mut().enumerate() {
+                *o = res[r * n + i];
+            }
+        }
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -638,16 +679,15 @@ impl Kernel {
         }
     }
 
-    /// Weight rows `first..` of `m` (`first` a multiple of [`GROUP`]; `out` is `[rows, n]`)
-    /// times the `n` rows of 8-bit activations `x` ([`Q8Rows`], with the exact sums of each
+    /// Weight rows `first..` of `m` (`first` a multiple of [`GROUP`], as many as `out` has
+    /// columns) times the `n` rows of 8-bit activations `x` ([`Q8Rows`], with the exact sums of each
     /// block of the activations in `xsum` for the offsets). The SIMD kernels take a group of
     /// eight weight rows a pass, in the lanes of a register, for up to four activation rows
     /// ([`avx2::dot8_nibbles_q8`]); every output is [`dot_q8`]'s arithmetic whatever `n`,
     /// so the portable kernel gives the same bits.
-    fn dots_q8(self, m: &QMatrix, first: usize, x: &Q8Rows, xsum: &[f32], n: usize, out: &mut [f32]) {
-        let (cols, nb) = (m.cols, m.cols / 32);
-        let rows = out.len() / n;
-        assert!(first.is_multiple_of(GROUP) && first + rows <= m.rows && out.len() == rows * n);
+    fn dots_q8(self, m: &QMatrix, first: usize, x: &Q8Rows, xsum: &[f32], out: &mut Cols) {
+        let (cols, nb, rows, n) = (m.cols, m.cols / 32, out.rows, out.n);
+        assert!(first.is_multiple_of(GROUP) && first + rows <= m.rows);
         assert_eq!((x.qs.len(), x.scales.len(), xsum.len()), (n * cols, n * nb, n * nb));
         let xs = |i: usize| &x.qs[i * cols..(i + 1) * cols];
         let xd = |i: usize| &x.scales[i * nb..(i + 1) * nb];
@@ -675,9 +715,7 @@ impl Kernel {
                                 }
                             };
                             for (r, got) in got.iter().enumerate() {
-                                for k in 0..live {
-                                    out[(g + k) * n + i + r] = got[k];
-                                }
+                                out.put(i + r, g, &got[..live]);
                             }
                             i += $r;
                         }};
@@ -695,7 +733,7 @@ impl Kernel {
                     for k in 0..live {
                         let w = m.row_blocks(first + g + k);
                         for i in 0..n {
-                            out[(g + k) * n + i] = dot_q8(&w, xs(i), xd(i), sums(i));
+                            out.put(i, g + k, &[dot_q8(&w, xs(i), xd(i), sums(i))]);
                         }
                     }
                 }

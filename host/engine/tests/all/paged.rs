@@ -58,7 +58,7 @@ fn packed_rows_with_their_own_adapters_match_each_row_alone() {
                 rest = tail;
                 base = r + 1;
                 assert!(cache.reserve(&mut pool, n));
-                rows.push(SeqStep { tokens: &seqs[r][at..at + n], cache, adapter: adapters[r] });
+                rows.push(SeqStep { tokens: &seqs[r][at..at + n], cache, adapter: adapters[r], prompt_len: 5 + r });
             }
             let logits = m.forward_paged(&mut rows, &mut pool).unwrap();
             for (k, &(r, at, n)) in spans.iter().enumerate() {
@@ -87,7 +87,7 @@ fn a_shared_prefix_is_computed_once_and_gives_the_same_logits() {
         let mut cache = SeqCache::new(salt);
         let cached = cache.attach_prefix(pool, tokens);
         assert!(cache.reserve(pool, tokens.len() - cached));
-        let logits = m.forward_paged(&mut [SeqStep { tokens: &tokens[cached..], cache: &mut cache, adapter: None }], pool).unwrap();
+        let logits = m.forward_paged(&mut [SeqStep { tokens: &tokens[cached..], cache: &mut cache, adapter: None, prompt_len: tokens.len() }], pool).unwrap();
         (cache, cached, logits)
     };
     let (mut c1, cached, _) = run(&mut pool, &first, 0);

@@ -169,3 +169,48 @@ fn decode_with_int8_activations_stays_near_transformers() {
     eprintln!("greedy with 8-bit activations: the first {same} of 32 tokens equal transformers'");
     assert!(same >= 16, "{:?} vs {want:?}", out[0].token_ids);
 }
+
+/// With 8-bit activations a token's numerics go by its position, not by its step: the
+/// prompt's rows multiply in f32 (its logits are the f32 path's bits), the sampled tokens'
+/// in 8 bits, and a sampled token decoded beside another sequence's 20-token prompt (a step
+/// past `quant::MAX_ROWS` rows, where f32 rows would go through the gemm) gives the same
+/// bits as decoded alone.
+#[test]
+fn int8_rows_go_by_position_not_by_step() {
+    use lathe_engine::{KvPool, SeqCache, SeqStep};
+    let m = load_smollm2();
+    let r = reference();
+    let prompt = ids(&r["cases"]["chat"]["input_ids"]);
+    let sampled = ids(&r["cases"]["chat"]["greedy32_ids"])[..4].to_vec();
+    let other = ids(&r["cases"]["plain"]["input_ids"]);
+    assert!(other.len() > lathe_engine::quant::MAX_ROWS);
+    let vocab = m.model.config.vocab_size;
+    // The prompt, then each sampled token in a step of its own or beside `other`'s prompt;
+    // the logits of every step of the first sequence.
+    let run = |beside: bool| -> Vec<Vec<f32>> {
+        let mut pool = KvPool::new(&m.model.config, 64);
+        let (mut a, mut b) = (SeqCache::new(0), SeqCache::new(0));
+        let mut out = Vec::new();
+        let all: Vec<u32> = prompt.iter().chain(&sampled).copied().collect();
+        let mut at = 0;
+        for (k, end) in std::iter::once(prompt.len()).chain((1..=sampled.len()).map(|i| prompt.len() + i)).enumerate() {
+            assert!(a.reserve(&mut pool, end - at));
+            let mut rows = vec![SeqStep { tokens: &all[at..end], cache: &mut a, adapter: None, prompt_len: prompt.len() }];
+            if beside && k == 1 {
+                assert!(b.reserve(&mut pool, other.len()));
+                rows.push(SeqStep { tokens: &other, cache: &mut b, adapter: None, prompt_len: other.len() });
+            }
+            let logits = m.model.forward_paged(&mut rows, &mut pool).unwrap();
+            out.push(logits[..vocab].to_vec());
+            at = end;
+        }
+        out
+    };
+    lathe_engine::quant::set_int8_activations(false);
+    let exact = run(false);
+    lathe_engine::quant::set_int8_activations(true);
+    let (alone, beside) = (run(false), run(true));
+    assert_eq!(alone[0], exact[0], "the prompt multiplies in f32 whatever is asked");
+    assert!(alone[1..].iter().zip(&exact[1..]).all(|(a, e)| a != e), "sampled tokens multiply in 8 bits");
+    assert_eq!(beside, alone, "a sampled token's logits do not depend on its step");
+}

@@ -261,12 +261,13 @@ fn eval(a: EvalBench) -> Result<()> {
     let subject = Subject::base(&m, a.model.display().to_string());
     let template = suite.templates[0].clone();
     println!(
-        "{} invoice items, template `{}`, max {} new tokens, {} threads, {} kernel",
+        "{} invoice items, template `{}`, max {} new tokens, {} threads, {} kernel, {} activations",
         a.items,
         template.name,
         suite.max_tokens,
         rayon::current_num_threads(),
-        lathe_engine::quant::cpu_kernel().unwrap_or("?")
+        lathe_engine::quant::cpu_kernel().unwrap_or("?"),
+        if lathe_engine::quant::int8_activations() { "8-bit" } else { "f32" }
     );
     let mut first = None;
     for &b in &a.batch {
@@ -590,7 +591,14 @@ fn generate(a: GenerateBench) -> Result<()> {
     let ids = prompt_ids(&m.tokenizer, a.prompt_tokens)?;
     let threads = rayon::current_num_threads();
     if !a.json {
-        println!("model {} | {} threads | {} kernel | device {}", a.model.display(), threads, lathe_engine::quant::cpu_kernel().unwrap_or("?"), a.compute.device);
+        println!(
+            "model {} | {} threads | {} kernel, {} activations | device {}",
+            a.model.display(),
+            threads,
+            lathe_engine::quant::cpu_kernel().unwrap_or("?"),
+            if lathe_engine::quant::int8_activations() { "8-bit" } else { "f32" },
+            a.compute.device
+        );
         println!("{:>5} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB");
     }
     let file_mib = std::fs::metadata(&a.model).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(f64::NAN);
@@ -610,6 +618,7 @@ fn generate(a: GenerateBench) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"engine": "lathe", "batch": b, "threads": threads,
+                    "activations": if lathe_engine::quant::int8_activations() { "int8" } else { "f32" },
                     "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
                     "pp_tokens_per_s": best_pp, "tg_tokens_per_s": best_tg,
                     "rss_mib": rss, "model_file_mib": file_mib})
@@ -650,7 +659,7 @@ fn time_paged(model: &CausalLm, ids: &[u32], b: usize, decode: usize) -> Result<
         let mut rows = Vec::with_capacity(b);
         for (cache, t) in caches.iter_mut().zip(tokens) {
             anyhow::ensure!(cache.reserve(&mut pool, t.len()), "the pool holds every row's tokens");
-            rows.push(SeqStep { tokens: t, cache, adapter: None });
+            rows.push(SeqStep { tokens: t, cache, adapter: None, prompt_len: ids.len() });
         }
         Ok(model.forward_paged(&mut rows, &mut pool)?)
     };
