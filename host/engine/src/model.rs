@@ -154,12 +154,13 @@ impl Linear {
     }
 
     /// `x · W` for each projection in `lins`, all reading the same `n` rows of `x` (`[n, in]`
-    /// on the host). The rows marked in `int8` (sampled tokens, see
-    /// [`crate::model::paged::SeqStep::prompt_len`]; empty for none) multiply from the blocks
-    /// with 8-bit activations, whatever their number, so each one's result is the same
-    /// whatever shares its step; the others in f32, from the blocks (every quantized
-    /// projection in one parallel loop) for a few rows or where no dense copy is kept,
-    /// through the dense gemm otherwise.
+    /// on the host), every quantized projection in one parallel loop on the team. The rows
+    /// marked in `int8` (sampled tokens, see [`crate::model::paged::SeqStep::prompt_len`];
+    /// empty for none) multiply with 8-bit activations, whatever their number, so each
+    /// one's result is the same whatever shares its step; the others in f32, past
+    /// [`quant::MAX_ROWS`] through expanded panels even where a dense copy is kept (burn's
+    /// gemm forks onto rayon beside the team's spinning threads: the panels measured 1.08x
+    /// on `lathe bench eval`). Dense weights go through the dense gemm.
     pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
         let eight = int8.iter().filter(|&&b| b).count();
@@ -189,9 +190,7 @@ impl Linear {
     /// [`Linear::forward_host`] with f32 activations for every row.
     fn forward_host_f32(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
-        if let Some(mats) = packed
-            && (n <= quant::MAX_ROWS || lins.iter().any(|l| l.weight.is_none()))
-        {
+        if let Some(mats) = packed {
             return QMatrix::matmul_many(&mats, x, n, false);
         }
         lins.iter()

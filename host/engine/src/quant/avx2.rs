@@ -109,6 +109,30 @@ pub(super) unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: Meta<'_>, xs: 
     row_sums(&acc)
 }
 
+/// One block of 4-bit codes (16 bytes: low nibbles are values 0..16, high ones 16..32)
+/// expanded to its 32 weights `q·d + m`, a multiply and then an add as the GGUF reader
+/// rounds them (a prompt's panels, `QMatrix::matmul_panels`).
+///
+/// # Safety
+/// The CPU must support AVX2. (The lengths are checked.)
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn expand_nibbles(q: &[u8], d: f32, m: f32, out: &mut [f32]) {
+    assert!(q.len() == 16 && out.len() == 32);
+    // SAFETY: 16 bytes at q and 32 floats at out (asserted).
+    unsafe {
+        let v = _mm_loadu_si128(q.as_ptr().cast());
+        let mask = _mm_set1_epi8(0x0f);
+        let (lo, hi) = (_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+        let o = out.as_mut_ptr();
+        // No closure: it would not inherit AVX2.
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d), m));
+        _mm256_storeu_ps(o.add(8), _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d), m));
+        _mm256_storeu_ps(o.add(16), _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d), m));
+        _mm256_storeu_ps(o.add(24), _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d), m));
+    }
+}
+
 /// How far ahead of the block being multiplied the K-quant 8-bit kernels ask for the
 /// weight codes (`prefetcht0`), in bytes. Decoding one token reads each weight once, straight from
 /// memory: without the hint the loads wait on DRAM (the samples of a profile sit on the

@@ -455,6 +455,11 @@ impl QMatrix {
                         *o = f32::from(q as i8) * d;
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the SIMD kernels come from `Kernel::available`, which saw AVX2; the
+                // function checks the lengths.
+                #[allow(unsafe_code)]
+                Codes::Nibbles if kernel != Kernel::Portable => unsafe { avx2::expand_nibbles(&self.qs[blk * 16..blk * 16 + 16], d, self.mins[at], out) },
                 Codes::Nibbles => {
                     let (qs, m) = (&self.qs[blk * 16..blk * 16 + 16], self.mins[at]);
                     let (lo, hi) = out.split_at_mut(16);
