@@ -157,10 +157,12 @@ impl Linear {
     /// on the host), every quantized projection in one parallel loop on the team. The rows
     /// marked in `int8` (sampled tokens, see [`crate::model::paged::SeqStep::prompt_len`];
     /// empty for none) multiply with 8-bit activations, whatever their number, so each
-    /// one's result is the same whatever shares its step; the others in f32, past
-    /// [`quant::MAX_ROWS`] through expanded panels even where a dense copy is kept (burn's
-    /// gemm forks onto rayon beside the team's spinning threads: the panels measured 1.08x
-    /// on `lathe bench eval`). Dense weights go through the dense gemm.
+    /// one's result is the same whatever shares its step; the others in f32. Past
+    /// [`quant::MAX_ROWS`] f32 rows go through the dense copy where one is kept (the f32
+    /// default's numerics, which the shipped baselines were measured with), else through
+    /// expanded panels; with 8-bit activations always through the panels, on the team
+    /// (burn's gemm forks onto rayon beside the team's spinning threads: the panels
+    /// measured 1.08x on `lathe bench eval`). Dense weights go through the dense gemm.
     pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
         let eight = int8.iter().filter(|&&b| b).count();
@@ -190,7 +192,9 @@ impl Linear {
     /// [`Linear::forward_host`] with f32 activations for every row.
     fn forward_host_f32(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
-        if let Some(mats) = packed {
+        if let Some(mats) = packed
+            && (n <= quant::MAX_ROWS || quant::int8_activations() || lins.iter().any(|l| l.weight.is_none()))
+        {
             return QMatrix::matmul_many(&mats, x, n, false);
         }
         lins.iter()

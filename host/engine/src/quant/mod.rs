@@ -20,9 +20,8 @@
 //! super-blocks the activations take one scale per 256 values (llama.cpp's Q8_K), so a
 //! super-block's eight sub-blocks are summed in integers, their scales applied there too,
 //! before one float multiply. The result then differs from the dense product by the
-//! activations' rounding (within half a step per value). The f32 path is kept for parity
-//! with the reference (`--f32-activations`; this library's default); the commands use 8
-//! bits, as llama.cpp does.
+//! activations' rounding (within half a step per value); the f32 path stays the default,
+//! for parity with the reference (`--int8-activations` asks for 8 bits).
 //!
 //! The 8-bit product of the 32-value blocks takes eight weight rows at a time, one per lane
 //! of a register ([`GROUP`]; their scales and offsets are stored side by side for that):
@@ -40,9 +39,8 @@ use crate::gguf::GgmlType;
 static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
 
 /// Whether the quantized kernel rounds activations to 8 bits and multiplies in integers
-/// (faster, llama.cpp's precision: what the `lathe` commands do unless given
-/// `--f32-activations`) or keeps them f32 (this library's default, for the parity checks:
-/// results within float rounding of the dense product). Process-wide.
+/// (faster, llama.cpp's precision: the commands' `--int8-activations`) or keeps them f32
+/// (the default: results within float rounding of the dense product). Process-wide.
 pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
 }

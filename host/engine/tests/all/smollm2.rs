@@ -171,10 +171,11 @@ fn decode_with_int8_activations_stays_near_transformers() {
 }
 
 /// With 8-bit activations a token's numerics go by its position, not by its step: the
-/// prompt's rows multiply in f32 (its logits are the f32 path's bits), the sampled tokens'
-/// in 8 bits, and a sampled token decoded beside another sequence's 20-token prompt (a step
-/// past `quant::MAX_ROWS` rows, where f32 rows would go through the gemm) gives the same
-/// bits as decoded alone.
+/// prompt's rows multiply in f32 (its logits are the f32 path's within float rounding:
+/// they go through the panels instead of the dense copy), the sampled tokens' in 8 bits,
+/// and a sampled token decoded beside another sequence's 20-token prompt (a step past
+/// `quant::MAX_ROWS` rows, where f32 rows would go through the gemm) gives the same bits
+/// as decoded alone.
 #[test]
 fn int8_rows_go_by_position_not_by_step() {
     use lathe_engine::{KvPool, SeqCache, SeqStep};
@@ -210,7 +211,8 @@ fn int8_rows_go_by_position_not_by_step() {
     let exact = run(false);
     lathe_engine::quant::set_int8_activations(true);
     let (alone, beside) = (run(false), run(true));
-    assert_eq!(alone[0], exact[0], "the prompt multiplies in f32 whatever is asked");
-    assert!(alone[1..].iter().zip(&exact[1..]).all(|(a, e)| a != e), "sampled tokens multiply in 8 bits");
+    let diff = max_abs_diff(&alone[0], &exact[0]);
+    assert!(diff < LOGIT_TOLERANCE, "the prompt multiplies in f32 whatever is asked: max |Δlogit| {diff}");
+    assert!(alone[1..].iter().zip(&exact[1..]).all(|(a, e)| max_abs_diff(a, e) > LOGIT_TOLERANCE), "sampled tokens multiply in 8 bits");
     assert_eq!(beside, alone, "a sampled token's logits do not depend on its step");
 }
