@@ -279,11 +279,13 @@ pub struct SeqStep<'a> {
     pub cache: &'a mut SeqCache,
     pub adapter: Option<&'a Adapter>,
     /// The sequence's prompt length: tokens at later positions were sampled. With 8-bit
-    /// activations ([`crate::quant::set_int8_activations`]) their rows multiply in 8 bits,
-    /// a prompt's always in f32: rounding a prompt's activations costs answers more than a
-    /// sampled token's (a grounded-QA suite lost 0.13 ROUGE-L), and prompts are where the
-    /// dense gemm is fast anyway. The split goes by position, so a token's numerics do not
-    /// depend on how its sequence was cut into steps or what shared them.
+    /// activations ([`crate::quant::set_int8_activations`]) the sampled tokens' rows
+    /// multiply in 8 bits whatever their number, so a sampled token's bits do not depend on
+    /// what shares its step, and a prompt's rows in f32: rounding a prompt's activations
+    /// cost the grounded-QA pack's baseline 0.13 ROUGE-L. A prompt's f32 rows are not the
+    /// same bits in every step (the block kernel up to `quant::MAX_ROWS` rows, the panels
+    /// past them, a prefix-cache tail alone), and 8-bit decoding can turn those rounding
+    /// differences into another token: why f32 stays the default.
     pub prompt_len: usize,
 }
 

@@ -289,21 +289,10 @@ impl QMatrix {
             /// Each thread's `[rows, n]` results of a task, kept between tasks.
             static TASK_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        // Each task takes a run of one matrix's weight rows, works out their `[rows, n]`
-        // results, and writes them as its columns of the `[n, rows]` output.
-        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
-        let dst: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
-        let mut tasks: Vec<(usize, usize)> = Vec::new();
-        for (k, m) in mats.iter().enumerate() {
-            tasks.extend((0..m.rows).step_by(ROWS_PER_TASK).map(|first| (k, first)));
-        }
-        crate::team::for_each(&mut tasks, |&mut (k, first)| {
-            let m = mats[k];
-            let rows = ROWS_PER_TASK.min(m.rows - first);
-            // SAFETY: `outs[k]` holds `n × m.rows` floats and outlives the loop; the tasks'
-            // runs of rows are disjoint, so no other task writes these columns.
-            #[allow(unsafe_code)]
-            let mut out = unsafe { Cols::new(&dst[k], m.rows, first, rows, n) };
+        // Each task works out a run of one matrix's weight rows and writes them as its
+        // columns of the `[n, rows]` output.
+        Self::by_runs_of_rows(mats, n, ROWS_PER_TASK, |m, first, out| {
+            let rows = out.rows;
             let run = |res: &mut [f32]| match (m.codes, &q8k) {
                 (Codes::Super(ty), Some(xq)) if kernel.k_quant_q8(ty) => kernel.dots_k_q8(ty, m, first, xq, n, res),
                 (Codes::Super(ty), _) => kquant::rows(kernel, ty, m, first, x, n, res),
@@ -314,7 +303,7 @@ impl QMatrix {
                 }
             };
             match &q8 {
-                Some(xq) if !matches!(m.codes, Codes::Super(_)) => kernel.dots_q8(m, first, xq, &xsum, &mut out),
+                Some(xq) if !matches!(m.codes, Codes::Super(_)) => kernel.dots_q8(m, first, xq, &xsum, out),
                 // One row: `[rows, 1]` is the output's own layout.
                 _ if n == 1 => run(out.row(0)),
                 _ => TASK_OUT.with_borrow_mut(|res| {
@@ -324,6 +313,26 @@ impl QMatrix {
                     out.put_transposed(res);
                 }),
             }
+        })
+    }
+
+    /// The `[n, rows]` product of every matrix in `mats`, each cut into runs of `per_task`
+    /// weight rows: `task` gets the matrix, the run's first row, and the run's columns of
+    /// the matrix's output (zeros) to fill, on the team.
+    fn by_runs_of_rows(mats: &[&QMatrix], n: usize, per_task: usize, task: impl Fn(&QMatrix, usize, &mut Cols) + Sync) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
+        let dst: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
+        let mut tasks: Vec<(usize, usize)> = Vec::new();
+        for (k, m) in mats.iter().enumerate() {
+            tasks.extend((0..m.rows).step_by(per_task).map(|first| (k, first)));
+        }
+        crate::team::for_each(&mut tasks, |&mut (k, first)| {
+            let m = mats[k];
+            // SAFETY: `outs[k]` holds `n × m.rows` floats and outlives the loop; the runs of
+            // rows are disjoint, so no other task touches these columns.
+            #[allow(unsafe_code)]
+            let mut cols = unsafe { Cols::new(&dst[k], m.rows, first, per_task.min(m.rows - first), n) };
+            task(m, first, &mut cols);
         });
         outs
     }
@@ -341,15 +350,8 @@ impl QMatrix {
             /// Each thread's panel, kept between tasks and steps (not allocated per task).
             static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
-        let dst: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
-        let mut tasks: Vec<(usize, usize)> = Vec::new();
-        for (k, m) in mats.iter().enumerate() {
-            tasks.extend((0..m.rows).step_by(PANEL_ROWS).map(|first| (k, first)));
-        }
-        crate::team::for_each(&mut tasks, |&mut (k, first)| {
-            let m = mats[k];
-            let rows = PANEL_ROWS.min(m.rows - first);
+        Self::by_runs_of_rows(mats, n, PANEL_ROWS, |m, first, out| {
+            let rows = out.rows;
             PANEL.with_borrow_mut(|panel| {
                 if panel.len() < rows * cols {
                     panel.resize(rows * cols, 0.0);
@@ -357,17 +359,17 @@ impl QMatrix {
                 let w = &mut panel[..rows * cols];
                 m.expand_on(kernel, first..first + rows, w);
                 // SAFETY: the product reads `x` (`n × cols`, checked by the caller) and `w`
-                // (`rows × cols`), and writes columns `first..first + rows` of the
-                // `n × m.rows` output: inside its buffer, and no other task writes them.
+                // (`rows × cols`), and writes the task's `n × rows` columns of the output
+                // (`Cols`: inside its buffer, and no other task's).
                 #[allow(unsafe_code)]
                 unsafe {
                     gemm::gemm(
                         n,
                         rows,
                         cols,
-                        dst[k].0.add(first),
+                        out.at,
                         1,
-                        m.rows as isize,
+                        out.width as isize,
                         false,
                         x.as_ptr(),
                         1,
@@ -384,8 +386,7 @@ impl QMatrix {
                     )
                 }
             })
-        });
-        outs
+        })
     }
 
     /// Where row `r`'s scale (and offset) of block `b` is: a group's rows side by side.
