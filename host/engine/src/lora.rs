@@ -154,12 +154,34 @@ impl LoraConfig {
 }
 
 /// One adapted projection's factors.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LoraPair {
     /// `[in, rank]`
     pub a: Tensor<2>,
     /// `[rank, out]`
     pub b: Tensor<2>,
+    /// `a` and `b` on the host, copied by the first host forward pass (serving) that needs
+    /// them. A clone starts without, and [`Adapter::params_mut`] drops them: change the
+    /// factors of an adapter that served only through it.
+    host: std::sync::OnceLock<(Vec<f32>, Vec<f32>)>,
+}
+
+impl LoraPair {
+    pub fn new(a: Tensor<2>, b: Tensor<2>) -> Self {
+        Self { a, b, host: std::sync::OnceLock::new() }
+    }
+
+    /// `a` (`[in, rank]`) and `b` (`[rank, out]`) row-major on the host.
+    pub(crate) fn host(&self) -> (&[f32], &[f32]) {
+        let (a, b) = self.host.get_or_init(|| (host_vec(self.a.clone()), host_vec(self.b.clone())));
+        (a, b)
+    }
+}
+
+impl Clone for LoraPair {
+    fn clone(&self) -> Self {
+        Self::new(self.a.clone(), self.b.clone())
+    }
 }
 
 /// The adapted projections of one decoder layer.
@@ -198,10 +220,7 @@ impl Adapter {
                         let (fan_in, out) = t.dims(model);
                         let bound = 1.0 / (fan_in as f32).sqrt();
                         let a: Vec<f32> = (0..fan_in * r).map(|_| rng.random_range(-bound..bound)).collect();
-                        let pair = LoraPair {
-                            a: Tensor::from_data(TensorData::new(a, [fan_in, r]), device),
-                            b: Tensor::zeros([r, out], device),
-                        };
+                        let pair = LoraPair::new(Tensor::from_data(TensorData::new(a, [fan_in, r]), device), Tensor::zeros([r, out], device));
                         (t, pair)
                     })
                     .collect(),
@@ -226,7 +245,12 @@ impl Adapter {
     pub fn params_mut(&mut self) -> Vec<&mut Tensor<2>> {
         self.layers
             .iter_mut()
-            .flat_map(|l| l.pairs.iter_mut().flat_map(|(_, p)| [&mut p.a, &mut p.b]))
+            .flat_map(|l| {
+                l.pairs.iter_mut().flat_map(|(_, p)| {
+                    p.host.take();
+                    [&mut p.a, &mut p.b]
+                })
+            })
             .collect()
     }
 

@@ -157,12 +157,12 @@ impl Linear {
     /// on the host), every quantized projection in one parallel loop on the team. The rows
     /// marked in `int8` (sampled tokens, see [`crate::model::paged::SeqStep::prompt_len`];
     /// empty for none) multiply with 8-bit activations, whatever their number, so each
-    /// one's result is the same whatever shares its step; the others in f32. Past
-    /// [`quant::MAX_ROWS`] f32 rows go through the dense copy where one is kept (the f32
-    /// default's numerics, which the shipped baselines were measured with), else through
-    /// expanded panels; with 8-bit activations always through the panels, on the team
-    /// (burn's gemm forks onto rayon beside the team's spinning threads: the panels
-    /// measured 1.08x on `lathe bench eval`). Dense weights go through the dense gemm.
+    /// one's result is the same whatever shares its step; the others in f32. With 8-bit
+    /// activations on, the f32 rows (prompts) go through [`QMatrix::matmul_exact`], whose
+    /// rows are also the same bits in any step. With them off, up to [`quant::MAX_ROWS`]
+    /// rows take the block kernel and more the dense copy where one is kept (the f32
+    /// path's numerics since the packs' first baselines), else the panels. Dense weights go
+    /// through the dense gemm.
     pub(crate) fn forward_host(lins: &[&Linear], x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
         let eight = int8.iter().filter(|&&b| b).count();
@@ -192,10 +192,13 @@ impl Linear {
     /// [`Linear::forward_host`] with f32 activations for every row.
     fn forward_host_f32(lins: &[&Linear], x: &[f32], n: usize, device: &Device) -> Vec<Vec<f32>> {
         let packed: Option<Vec<&QMatrix>> = lins.iter().map(|l| l.packed.as_deref()).collect();
-        if let Some(mats) = packed
-            && (n <= quant::MAX_ROWS || quant::int8_activations() || lins.iter().any(|l| l.weight.is_none()))
-        {
-            return QMatrix::matmul_many(&mats, x, n, false);
+        if let Some(mats) = &packed {
+            if quant::int8_activations() {
+                return QMatrix::matmul_exact(mats, x, n);
+            }
+            if n <= quant::MAX_ROWS || lins.iter().any(|l| l.weight.is_none()) {
+                return QMatrix::matmul_many(mats, x, n, false);
+            }
         }
         lins.iter()
             .map(|l| {
@@ -345,7 +348,8 @@ impl<'a> Lora<'a> {
 
     /// As [`Lora::apply`] for each `(projection, target)` reading the same `n` rows on the
     /// host (inference: no dropout), the base's product with 8-bit activations for the rows
-    /// marked in `int8` ([`Linear::forward_host`]).
+    /// marked in `int8` ([`Linear::forward_host`]). The adapters' products go through
+    /// [`exact_product`], so a row's bits do not depend on how many share its adapter.
     fn apply_host(&self, projections: &[(&Linear, Target)], x: &[f32], n: usize, int8: &[bool], device: &Device) -> Vec<Vec<f32>> {
         debug_assert!(self.dropout <= 0.0, "the host path runs inference only");
         let lins: Vec<&Linear> = projections.iter().map(|(l, _)| *l).collect();
@@ -356,10 +360,11 @@ impl<'a> Lora<'a> {
             for g in &self.groups {
                 let Some(p) = g.layer.get(target) else { continue };
                 let r = g.rows.clone().unwrap_or(0..n);
-                let xr = Tensor::<2>::from_data(TensorData::new(x[r.start * d..r.end * d].to_vec(), [r.len(), d]), device);
-                let delta = to_host(xr.matmul(p.a.clone()).matmul(p.b.clone()).mul_scalar(g.scale));
-                for (y, dl) in y[r.start * out..r.end * out].iter_mut().zip(delta) {
-                    *y += dl;
+                let (a, b) = p.host();
+                let xa = exact_product(&x[r.start * d..r.end * d], a, a.len() / d);
+                let scale = g.scale as f32;
+                for (y, dl) in y[r.start * out..r.end * out].iter_mut().zip(exact_product(&xa, b, out)) {
+                    *y += dl * scale;
                 }
             }
         }
@@ -932,6 +937,40 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
+}
+
+/// `x · m` on the host for rows of `x` (`[n, k]`) and `m` (`[k, w]`): each output one chain
+/// of fused multiply-adds over `k` in order, so a row's bits do not depend on the rows
+/// beside it (the adapters' factors, as [`QMatrix::matmul_exact`] is for the base: burn's
+/// gemm sums a row differently by the number of rows).
+fn exact_product(x: &[f32], m: &[f32], w: usize) -> Vec<f32> {
+    #[inline(always)]
+    fn body(x: &[f32], m: &[f32], w: usize) -> Vec<f32> {
+        let k = m.len() / w;
+        let mut out = vec![0f32; x.len() / k * w];
+        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(w)) {
+            for (&xv, m) in x.iter().zip(m.chunks_exact(w)) {
+                for (o, &mv) in out.iter_mut().zip(m) {
+                    *o = xv.mul_add(mv, *o);
+                }
+            }
+        }
+        out
+    }
+    /// `body` with the fused multiply-add instruction, eight lanes at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn fma(x: &[f32], m: &[f32], w: usize) -> Vec<f32> {
+        body(x, m, w)
+    }
+    assert!(w > 0 && m.len().is_multiple_of(w) && x.len().is_multiple_of(m.len() / w), "x is [n, k] and m [k, w]");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `fma` is compiled for.
+        #[allow(unsafe_code)]
+        return unsafe { fma(x, m, w) };
+    }
+    body(x, m, w)
 }
 
 /// A CPU tensor's values, row-major.

@@ -282,10 +282,10 @@ pub struct SeqStep<'a> {
     /// activations ([`crate::quant::set_int8_activations`]) the sampled tokens' rows
     /// multiply in 8 bits whatever their number, so a sampled token's bits do not depend on
     /// what shares its step, and a prompt's rows in f32: rounding a prompt's activations
-    /// cost the grounded-QA pack's baseline 0.13 ROUGE-L. A prompt's f32 rows are not the
-    /// same bits in every step (the block kernel up to `quant::MAX_ROWS` rows, the panels
-    /// past them, a prefix-cache tail alone), and 8-bit decoding can turn those rounding
-    /// differences into another token: why f32 stays the default.
+    /// cost the grounded-QA pack's baseline 0.13 ROUGE-L. The prompt's rows then go through
+    /// `QMatrix::matmul_exact`, the same bits however the prompt is cut (whole, a
+    /// prefix-cache tail alone, in pieces, beside others): 8-bit rounding downstream would
+    /// turn a one-ulp difference into another code, sometimes another token.
     pub prompt_len: usize,
 }
 

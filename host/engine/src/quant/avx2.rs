@@ -133,6 +133,47 @@ pub(super) unsafe fn expand_nibbles(q: &[u8], d: f32, m: f32, out: &mut [f32]) {
     }
 }
 
+/// `V` tiles of eight activation rows (`xs[v]`: `[cols, 8]`, a column's eight values side
+/// by side, as `super::pack_rows8` lays them) times `R` expanded weight rows (`ws[j]`,
+/// `cols` floats each): `out[j][v][l] = Σ_k ws[j][k] · xs[v][8k + l]`, each output one
+/// chain of fused multiply-adds in column order from zero. That is the arithmetic of
+/// `super::panel_tile_portable`, so both give the same bits, and an activation row's result
+/// does not depend on its tile or on what else the call multiplies.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. (The lengths are checked.)
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut [[[f32; 8]; V]; R]) {
+    let cols = ws[0].len();
+    for w in ws {
+        assert_eq!(w.len(), cols);
+    }
+    for x in xs {
+        assert_eq!(x.len(), 8 * cols);
+    }
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    // SAFETY: every weight row holds `cols` floats and every tile `8 · cols` (asserted).
+    unsafe {
+        for k in 0..cols {
+            let mut x = [_mm256_setzero_ps(); V];
+            for v in 0..V {
+                x[v] = _mm256_loadu_ps(xs[v].as_ptr().add(8 * k));
+            }
+            for j in 0..R {
+                let w = _mm256_set1_ps(*ws[j].get_unchecked(k));
+                for v in 0..V {
+                    acc[j][v] = _mm256_fmadd_ps(w, x[v], acc[j][v]);
+                }
+            }
+        }
+        for j in 0..R {
+            for v in 0..V {
+                _mm256_storeu_ps(out[j][v].as_mut_ptr(), acc[j][v]);
+            }
+        }
+    }
+}
+
 /// How far ahead of the block being multiplied the K-quant 8-bit kernels ask for the
 /// weight codes (`prefetcht0`), in bytes. Decoding one token reads each weight once, straight from
 /// memory: without the hint the loads wait on DRAM (the samples of a profile sit on the

@@ -115,8 +115,9 @@ impl Q8Rows {
     }
 }
 
-/// How many rows of `x` the quantized path handles; more rows amortize the weight reads
-/// and the dense gemm (which has far better arithmetic intensity) wins.
+/// How many rows of f32 activations the block kernels take; past them a weight row's
+/// expansion is worth making once for all rows, and the panels' register tiles (or the
+/// dense gemm, where a dense copy is kept) win.
 pub const MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,19 +338,36 @@ impl QMatrix {
         outs
     }
 
-    /// `x · Wᵀ` for every matrix in `mats` and more than [`MAX_ROWS`] rows of `x` (a prompt):
-    /// each task expands a panel of weight rows to f32 once and multiplies it by every row
-    /// through the gemm crate, whose register tiles reuse each load many times where the
-    /// block kernels are bound by their arithmetic per row. Always f32 activations, as
-    /// the dense copies' prefill is. Written straight into the `[n, rows]` outputs.
+    /// `x · Wᵀ` for every matrix in `mats` with f32 activations, every output one chain of
+    /// fused multiply-adds in column order: a row's result is the same bits whatever else
+    /// the call multiplies, on every kernel. A prompt's rows beside 8-bit sampled tokens take
+    /// this (`Linear::forward_host`): with the prefix cache a prompt may be computed whole or
+    /// from any block on, and an 8-bit rounding downstream would turn a difference of one
+    /// ulp into another code, sometimes another token.
+    pub fn matmul_exact(mats: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let cols = mats.first().map_or(0, |m| m.cols);
+        assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
+        assert_eq!(x.len(), n * cols, "x must be n × cols");
+        Self::matmul_panels(Kernel::chosen(), mats, x, n, cols)
+    }
+
+    /// `x · Wᵀ` for every matrix in `mats` with f32 activations through expanded panels:
+    /// each task expands a panel of weight rows to f32 once, then multiplies it by every
+    /// row of `x` in register tiles (six weight rows by sixteen activation rows, the
+    /// activation rows in the lanes), where the block kernels are bound by their
+    /// arithmetic per row. Every output is one chain of fused multiply-adds in column order
+    /// ([`panel_tile_portable`]), so its bits depend on neither `n` nor the kernel. Written
+    /// straight into the `[n, rows]` outputs.
     fn matmul_panels(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize, cols: usize) -> Vec<Vec<f32>> {
-        /// Weight rows a task expands (150 KB of f32 at SmolLM2's 576 columns): output
-        /// columns enough for the gemm's register tiles, and tasks enough for every thread.
-        const PANEL_ROWS: usize = 64;
+        /// Weight rows a task expands (110 KB of f32 at SmolLM2's 576 columns): a few
+        /// register tiles' worth, and tasks enough for every thread.
+        const PANEL_ROWS: usize = 48;
         thread_local! {
             /// Each thread's panel, kept between tasks and steps (not allocated per task).
             static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let xp = pack_rows8(x, n, cols);
+        let tiles = n.div_ceil(8);
         Self::by_runs_of_rows(mats, n, PANEL_ROWS, |m, first, out| {
             let rows = out.rows;
             PANEL.with_borrow_mut(|panel| {
@@ -358,32 +376,15 @@ impl QMatrix {
                 }
                 let w = &mut panel[..rows * cols];
                 m.expand_on(kernel, first..first + rows, w);
-                // SAFETY: the product reads `x` (`n × cols`, checked by the caller) and `w`
-                // (`rows × cols`), and writes the task's `n × rows` columns of the output
-                // (`Cols`: inside its buffer, and no other task's).
-                #[allow(unsafe_code)]
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        rows,
-                        cols,
-                        out.at,
-                        1,
-                        out.width as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        cols as isize,
-                        w.as_ptr(),
-                        cols as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
+                let w = &*w;
+                for t in (0..tiles).step_by(2) {
+                    for j in (0..rows).step_by(TILE_ROWS) {
+                        let tile = Tile { kernel, w, xp: &xp, cols, t, j };
+                        match (TILE_ROWS.min(rows - j), t + 1 < tiles) {
+                            (r, true) => tile.rows::<2>(r, out),
+                            (r, false) => tile.rows::<1>(r, out),
+                        }
+                    }
                 }
             })
         })
@@ -465,6 +466,93 @@ impl QMatrix {
                     for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(qs) {
                         *lo = f32::from(q & 15) * d + m;
                         *hi = f32::from(q >> 4) * d + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Weight rows a register tile of [`QMatrix::matmul_panels`] takes: six by two vectors
+/// of eight activation rows is twelve accumulators, the loads and a broadcast in the
+/// sixteen AVX2 registers.
+const TILE_ROWS: usize = 6;
+
+/// `x` (`[n, cols]`) in tiles of eight rows, each `[cols, 8]` (a column's eight values side
+/// by side, one load for [`avx2::panel_tile`]); rows past `n` are zeros.
+fn pack_rows8(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
+    let mut xp = vec![0f32; n.div_ceil(8) * 8 * cols];
+    for (i, row) in x.chunks_exact(cols).enumerate() {
+        let tile = &mut xp[(i / 8) * 8 * cols..][..8 * cols];
+        for (k, &v) in row.iter().enumerate() {
+            tile[8 * k + i % 8] = v;
+        }
+    }
+    xp
+}
+
+/// [`avx2::panel_tile`]'s arithmetic on any CPU: `out[j][v][l] = Σ_k ws[j][k] · xs[v][8k + l]`,
+/// one fused multiply-add per term in column order from zero (`mul_add` rounds once, as the
+/// SIMD instruction does, so the bits are the same).
+fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut [[[f32; 8]; V]; R]) {
+    *out = [[[0.0; 8]; V]; R];
+    for k in 0..ws[0].len() {
+        for (w, out) in ws.iter().zip(out.iter_mut()) {
+            for (x, out) in xs.iter().zip(out.iter_mut()) {
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = w[k].mul_add(x[8 * k + l], *o);
+                }
+            }
+        }
+    }
+}
+
+/// One register tile of [`QMatrix::matmul_panels`]: the expanded panel `w` (`[rows, cols]`),
+/// the packed activations `xp` ([`pack_rows8`]), the first tile of eight activation rows
+/// `t` and the first weight row `j`.
+struct Tile<'a> {
+    kernel: Kernel,
+    w: &'a [f32],
+    xp: &'a [f32],
+    cols: usize,
+    t: usize,
+    j: usize,
+}
+
+impl Tile<'_> {
+    /// `r` weight rows (up to [`TILE_ROWS`]) by `V` tiles of activation rows.
+    fn rows<const V: usize>(&self, r: usize, out: &mut Cols) {
+        match r {
+            1 => self.product::<1, V>(out),
+            2 => self.product::<2, V>(out),
+            3 => self.product::<3, V>(out),
+            4 => self.product::<4, V>(out),
+            5 => self.product::<5, V>(out),
+            6 => self.product::<6, V>(out),
+            _ => unreachable!("a tile has 1 to {TILE_ROWS} weight rows"),
+        }
+    }
+
+    fn product<const R: usize, const V: usize>(&self, out: &mut Cols) {
+        let cols = self.cols;
+        let ws: [&[f32]; R] = std::array::from_fn(|j| &self.w[(self.j + j) * cols..][..cols]);
+        let xs: [&[f32]; V] = std::array::from_fn(|v| &self.xp[(self.t + v) * 8 * cols..][..8 * cols]);
+        let mut res = [[[0f32; 8]; V]; R];
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::available` saw AVX2 and FMA for both SIMD kernels; the function
+            // checks the lengths.
+            #[allow(unsafe_code)]
+            Kernel::Avx512 | Kernel::Avx2 => unsafe { avx2::panel_tile(ws, xs, &mut res) },
+            Kernel::Portable => panel_tile_portable(ws, xs, &mut res),
+        }
+        for (v, _) in xs.iter().enumerate() {
+            for l in 0..8 {
+                let i = 8 * (self.t + v) + l;
+                if i < out.n {
+                    let row = out.row(i);
+                    for (jj, res) in res.iter().enumerate() {
+                        row[self.j + jj] = res[v][l];
                     }
                 }
             }
@@ -1051,6 +1139,32 @@ mod tests {
                     for i in 0..n {
                         let alone = QMatrix::matmul_many_on(kernel, &[&q], &x[i * cols..(i + 1) * cols], 1, int8).pop().unwrap();
                         assert_eq!(alone, batch[i * rows..(i + 1) * rows], "{ty:?} {kernel:?} int8={int8}: row {i} of {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The exact product (a prompt's rows beside 8-bit tokens) is, on every kernel and for
+    /// any number of rows, the same bits as one fused multiply-add per term in column order
+    /// over the expanded weights: the same whatever shares the call, and the same on the
+    /// portable kernel as on the SIMD ones. Row counts cross the tiles' edges (8, 16) and the
+    /// weight rows the register tiles' and panels' (6, 48).
+    #[test]
+    fn the_exact_product_is_one_fused_chain_per_output_for_any_rows_on_any_kernel() {
+        for (ty, rows, cols) in [(GgmlType::Q4_1, 101, 96), (GgmlType::Q8_0, 50, 64), (GgmlType::Q4_K, 13, 256)] {
+            let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 21)), rows, cols).unwrap();
+            let w = q.dequantize();
+            let x = values(40 * cols, 4);
+            let want = |i: usize, r: usize| (0..cols).fold(0f32, |acc, c| w[r * cols + c].mul_add(x[i * cols + c], acc));
+            for kernel in Kernel::available() {
+                for n in [1, 7, 8, 9, 16, 17, 40] {
+                    let got = QMatrix::matmul_panels(kernel, &[&q, &q], &x[..n * cols], n, cols);
+                    assert_eq!(got[0], got[1]);
+                    for i in 0..n {
+                        for r in 0..rows {
+                            assert_eq!(got[0][i * rows + r].to_bits(), want(i, r).to_bits(), "{ty:?} {kernel:?} n={n} [{i},{r}]");
+                        }
                     }
                 }
             }

@@ -216,3 +216,71 @@ fn int8_rows_go_by_position_not_by_step() {
     assert!(alone[1..].iter().zip(&exact[1..]).all(|(a, e)| max_abs_diff(a, e) > LOGIT_TOLERANCE), "sampled tokens multiply in 8 bits");
     assert_eq!(beside, alone, "a sampled token's logits do not depend on its step");
 }
+
+/// With 8-bit sampled tokens, a prompt's rows are the same bits however its step is cut:
+/// computed whole, from the prefix cache on (only the tail), in uneven pieces, or beside
+/// another prompt. So are the sampled tokens after it: a repeated request answers the same
+/// (8-bit rounding would turn a prompt's one-ulp difference into another code, and under a
+/// JSON grammar a near tie into another token). With an adapter too, whose rows beside
+/// another sequence's through the same adapter are one product.
+#[test]
+fn with_8_bit_tokens_a_prompt_gives_the_same_bits_however_its_step_is_cut() {
+    use lathe_engine::model::paged::BLOCK_TOKENS;
+    use lathe_engine::{KvPool, SeqCache, SeqStep};
+    lathe_engine::quant::set_int8_activations(true);
+    let m = load_smollm2();
+    let r = reference();
+    let prompt: Vec<u32> = ids(&r["cases"]["plain"]["input_ids"]).into_iter().chain(ids(&r["cases"]["chat"]["input_ids"])).collect();
+    let other = ids(&r["cases"]["plain"]["input_ids"]);
+    assert!(prompt.len() > 2 * BLOCK_TOKENS + 1);
+    let vocab = m.model.config.vocab_size;
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    // The prompt in pieces ending at `cuts` (from the pool's prefix cache on when `cached`,
+    // beside `other`'s prompt in the first step when `beside`), then six greedy tokens one
+    // a step: the logits after the prompt and after each token.
+    let run = |pool: &mut KvPool, cuts: &[usize], cached: bool, beside: bool, adapter: Option<&lathe_engine::Adapter>| -> Vec<Vec<f32>> {
+        let mut cache = SeqCache::new(u64::from(adapter.is_some()));
+        let mut at = if cached { cache.attach_prefix(pool, &prompt) } else { 0 };
+        assert_eq!(at > 0, cached);
+        let mut tokens = prompt.clone();
+        let mut out = Vec::new();
+        let mut ends: Vec<usize> = cuts.iter().copied().filter(|&c| c > at).collect();
+        ends.push(prompt.len());
+        for (k, end) in ends.into_iter().enumerate() {
+            assert!(cache.reserve(pool, end - at));
+            let mut b = SeqCache::new(0);
+            let mut rows = vec![SeqStep { tokens: &tokens[at..end], cache: &mut cache, adapter, prompt_len: prompt.len() }];
+            if beside && k == 0 {
+                assert!(b.reserve(pool, other.len()));
+                rows.push(SeqStep { tokens: &other, cache: &mut b, adapter, prompt_len: other.len() });
+            }
+            let logits = m.model.forward_paged(&mut rows, pool).unwrap();
+            b.release(pool);
+            if end == prompt.len() {
+                out.push(logits[..vocab].to_vec());
+            }
+            at = end;
+        }
+        for _ in 0..6 {
+            tokens.push(argmax(out.last().unwrap()));
+            assert!(cache.reserve(pool, 1));
+            let logits = m.model.forward_paged(&mut [SeqStep { tokens: &tokens[at..], cache: &mut cache, adapter, prompt_len: prompt.len() }], pool).unwrap();
+            out.push(logits);
+            at += 1;
+        }
+        cache.release(pool);
+        out
+    };
+    let adapter = lathe_engine::tiny::random_adapter(&m.model.config, 8, 3, &crate::common::device());
+    for adapter in [None, Some(&adapter)] {
+        let mut pool = KvPool::new(&m.model.config, 64);
+        let whole = run(&mut pool, &[], false, false, adapter);
+        let from_cache = run(&mut pool, &[], true, false, adapter);
+        assert!(pool.prefix_hits() >= 2, "the second request reused the first's blocks");
+        assert_eq!(from_cache, whole, "the prompt's tail alone, after its cached blocks");
+        let mut fresh = KvPool::new(&m.model.config, 64);
+        assert_eq!(run(&mut fresh, &[1, 6, 23], false, false, adapter), whole, "the prompt in pieces of 1, 5, 17 and the rest");
+        let mut fresh = KvPool::new(&m.model.config, 64);
+        assert_eq!(run(&mut fresh, &[], false, true, adapter), whole, "beside another prompt");
+    }
+}
