@@ -88,12 +88,13 @@ pub struct Compute {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Multiply sampled tokens with activations rounded to 8 bits and integer dot products
-    /// against the quantized weights, as llama.cpp decodes (prompts stay f32): faster, with
-    /// logits a few tenths from the f32 path's (the default, which matches the reference
-    /// within float rounding).
-    #[arg(long, env = "LATHE_INT8_ACTIVATIONS")]
-    pub int8_activations: bool,
+    /// Multiply every token with f32 activations, which matches the reference
+    /// (transformers) within float rounding, instead of the default: sampled tokens with
+    /// activations rounded to 8 bits and integer dot products against the quantized
+    /// weights, as llama.cpp decodes (prompts stay f32), faster and with logits a few
+    /// tenths from the f32 path's.
+    #[arg(long, env = "LATHE_F32_ACTIVATIONS")]
+    pub f32_activations: bool,
 }
 
 impl Compute {
@@ -103,7 +104,7 @@ impl Compute {
     }
 
     pub fn setup(&self) -> Result<lathe_engine::Device> {
-        lathe_engine::quant::set_int8_activations(self.int8_activations);
+        lathe_engine::quant::set_int8_activations(!self.f32_activations);
         lathe_engine::quant::cpu_kernel().map_err(anyhow::Error::msg)?;
         lathe_engine::team::spin().map_err(anyhow::Error::msg)?;
         if let Some(n) = self.threads {

@@ -27,10 +27,12 @@ pub struct ServiceArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Decode (sampled tokens; prompts stay f32) with 8-bit activations and integer dot
-    /// products, as llama.cpp does: faster, logits a few tenths from the f32 default's.
-    #[arg(long, env = "LATHE_INT8_ACTIVATIONS")]
-    int8_activations: bool,
+    /// Multiply every token with f32 activations (the reference's numerics) instead of the
+    /// default: sampled tokens with 8-bit activations and integer dot products (llama.cpp's;
+    /// faster, logits a few tenths away), prompts in f32. Serving and the eval jobs use the
+    /// same, so the gate measures what is served.
+    #[arg(long, env = "LATHE_F32_ACTIVATIONS")]
+    f32_activations: bool,
     /// Largest upload, in MiB.
     #[arg(long, default_value_t = 512)]
     max_upload_mib: usize,
@@ -91,7 +93,7 @@ pub struct WorkerArgs {
 
 impl ServiceArgs {
     fn runtime(&self) -> Result<tokio::runtime::Runtime> {
-        lathe_engine::quant::set_int8_activations(self.int8_activations);
+        lathe_engine::quant::set_int8_activations(!self.f32_activations);
         lathe_engine::quant::cpu_kernel().map_err(anyhow::Error::msg)?;
         lathe_engine::team::spin().map_err(anyhow::Error::msg)?;
         if let Some(n) = self.threads {

@@ -20,8 +20,10 @@
 //! super-blocks the activations take one scale per 256 values (llama.cpp's Q8_K), so a
 //! super-block's eight sub-blocks are summed in integers, their scales applied there too,
 //! before one float multiply. The result then differs from the dense product by the
-//! activations' rounding (within half a step per value); the f32 path stays the default,
-//! for parity with the reference (`--int8-activations` asks for 8 bits).
+//! activations' rounding (within half a step per value). The library's default is f32,
+//! for parity with the reference; the commands round the sampled tokens' activations
+//! (`--f32-activations` keeps them f32), and their prompts go through
+//! [`QMatrix::matmul_exact`].
 //!
 //! The 8-bit product of the 32-value blocks takes eight weight rows at a time, one per lane
 //! of a register ([`GROUP`]; their scales and offsets are stored side by side for that):
@@ -39,8 +41,9 @@ use crate::gguf::GgmlType;
 static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
 
 /// Whether the quantized kernel rounds activations to 8 bits and multiplies in integers
-/// (faster, llama.cpp's precision: the commands' `--int8-activations`) or keeps them f32
-/// (the default: results within float rounding of the dense product). Process-wide.
+/// (faster, llama.cpp's precision: the commands' default for sampled tokens) or keeps them
+/// f32 (the library's default and the commands' `--f32-activations`: results within float
+/// rounding of the dense product). Process-wide.
 pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
 }

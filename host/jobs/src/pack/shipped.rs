@@ -119,7 +119,7 @@ impl Template {
         match self {
             Self::GroundedQa => Some((
                 include_str!("shipped/grounded-qa-verdicts.jsonl"),
-                "cached by `lathe eval baseline --suite grounded-qa-judged` on SmolLM2-135M-Instruct Q4_1 (greedy), judged by `lathe serve` (smollm2-135m-instruct at http://127.0.0.1:8080/v1, seed 7)",
+                "cached by `lathe eval baseline --suite grounded-qa-judged` on SmolLM2-135M-Instruct Q4_1 (greedy, 8-bit sampled tokens), judged by `lathe serve` (smollm2-135m-instruct at http://127.0.0.1:8080/v1, seed 7)",
             )),
             _ => None,
         }

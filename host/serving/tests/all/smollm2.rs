@@ -17,6 +17,19 @@ pub(crate) fn smollm2() -> Arc<lathe_engine::LoadedModel> {
 
 #[test]
 fn concurrent_streams_each_equal_their_greedy_single_request_output() {
+    streams_equal_their_single_request_outputs();
+}
+
+/// The same with 8-bit activations for the sampled tokens (the commands' default): their
+/// rows multiply the same way whatever shares the step, and the prompts' f32 rows through
+/// the exact product, so streams still equal their answers alone.
+#[test]
+fn with_8_bit_activations_concurrent_streams_each_equal_their_single_request_output() {
+    lathe_engine::quant::set_int8_activations(true);
+    streams_equal_their_single_request_outputs();
+}
+
+fn streams_equal_their_single_request_outputs() {
     let model = smollm2();
     let s = Scheduler::start(model.clone(), ServeConfig::default());
     let questions = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about invoices.", "What is 12 times 12?", "Say hello in Spanish.", "Why is the sky blue? Answer in one sentence."];
