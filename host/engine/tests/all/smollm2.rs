@@ -234,7 +234,6 @@ fn with_8_bit_tokens_a_prompt_gives_the_same_bits_however_its_step_is_cut() {
     let other = ids(&r["cases"]["plain"]["input_ids"]);
     assert!(prompt.len() > 2 * BLOCK_TOKENS + 1);
     let vocab = m.model.config.vocab_size;
-    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
     // The prompt in pieces ending at `cuts` (from the pool's prefix cache on when `cached`,
     // beside `other`'s prompt in the first step when `beside`), then six greedy tokens one
     // a step: the logits after the prompt and after each token.
