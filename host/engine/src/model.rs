@@ -949,13 +949,32 @@ fn exact_product(x: &[f32], m: &[f32], w: usize) -> Vec<f32> {
         let k = m.len() / w;
         let mut out = vec![0f32; x.len() / k * w];
         for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(w)) {
-            for (&xv, m) in x.iter().zip(m.chunks_exact(w)) {
-                for (o, &mv) in out.iter_mut().zip(m) {
-                    *o = xv.mul_add(mv, *o);
-                }
+            let mut j = 0;
+            while j < w {
+                j += match w - j {
+                    r if r >= 64 => outputs::<64>(x, m, w, j, out),
+                    r if r >= 16 => outputs::<16>(x, m, w, j, out),
+                    r if r >= 8 => outputs::<8>(x, m, w, j, out),
+                    _ => outputs::<1>(x, m, w, j, out),
+                };
             }
         }
         out
+    }
+    /// One row's outputs `j..j + J`, their sums kept in registers over `k` (a sum carried
+    /// through memory waits on a store at every term), the widest `J` that fits: several
+    /// chains in flight where the outputs allow.
+    #[inline(always)]
+    fn outputs<const J: usize>(x: &[f32], m: &[f32], w: usize, j: usize, out: &mut [f32]) -> usize {
+        let mut acc = [0f32; J];
+        for (kk, &xv) in x.iter().enumerate() {
+            let row: &[f32; J] = m[kk * w + j..][..J].try_into().expect("J columns");
+            for (a, &mv) in acc.iter_mut().zip(row) {
+                *a = xv.mul_add(mv, *a);
+            }
+        }
+        out[j..j + J].copy_from_slice(&acc);
+        J
     }
     /// `body` with the fused multiply-add instruction, eight lanes at a time.
     #[cfg(target_arch = "x86_64")]
@@ -984,4 +1003,26 @@ fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// cost more than the arithmetic. From inside, the caller's thread takes part in each loop.
 pub(crate) fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every output of the adapters' product is one fused multiply-add per term in `k`'s
+    /// order, whatever the width's chunks (64, 16, 8, 1) and the number of rows.
+    #[test]
+    fn the_exact_product_is_one_fused_chain_per_output() {
+        let vals = |n: usize, seed: u32| -> Vec<f32> { (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2000) as f32 / 1000.0 - 1.0).collect() };
+        for (n, k, w) in [(1, 576, 16), (3, 576, 8), (5, 16, 576), (2, 40, 93), (1, 7, 1)] {
+            let (x, m) = (vals(n * k, 1), vals(k * w, 2));
+            let got = super::exact_product(&x, &m, w);
+            for i in 0..n {
+                for j in 0..w {
+                    let want = (0..k).fold(0f32, |acc, kk| x[i * k + kk].mul_add(m[kk * w + j], acc));
+                    assert_eq!(got[i * w + j].to_bits(), want.to_bits(), "n={n} k={k} w={w} [{i},{j}]");
+                }
+            }
+            let alone = super::exact_product(&x[..k], &m, w);
+            assert_eq!(alone, got[..w], "a row alone");
+        }
+    }
 }
