@@ -211,7 +211,10 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let out = self.dims()[1];
-        // The packed kernel runs on the host, outside any autodiff graph.
+        // The packed kernel runs on the host, outside any autodiff graph, with f32
+        // activations whatever `quant::set_int8_activations` says: on the CPU this path
+        // multiplies given tokens only (a continuation scored by likelihood, parity's
+        // reference), never sampled ones, which generation runs through `forward_paged`.
         if let Some(q) = &self.packed
             && (b * s <= quant::MAX_ROWS || self.weight.is_none())
             && !x.is_autodiff()
@@ -221,7 +224,7 @@ impl Linear {
                 .into_data()
                 .try_to_vec::<f32>()
                 .expect("activations on the CPU backend are f32");
-            let y = q.matmul(&host, b * s);
+            let y = q.matmul_with(&host, b * s, false);
             return Tensor::from_data(TensorData::new(y, [b, s, out]), &device);
         }
         let w = self.dense(&x.device().inner());

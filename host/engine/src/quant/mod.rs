@@ -4,7 +4,7 @@
 //! Decoding a token reads every weight once, so its speed is set by how many bytes the
 //! weights take: SmolLM2 is 540 MB as f32 but 97 MB as its GGUF's Q4_1/Q8_0 blocks.
 //! [`QMatrix`] keeps those blocks (4- or 8-bit codes plus an f32 scale and, for Q4_1, an
-//! f32 offset per 32 values) and [`QMatrix::matmul`] computes `x · Wᵀ` for a few rows of
+//! f32 offset per 32 values) and [`QMatrix::matmul_with`] computes `x · Wᵀ` for a few rows of
 //! `x` straight from them. The activations stay f32, so the result equals the dense
 //! product up to summation order: `Σ (q·d + m)·x = d·Σ q·x + m·Σ x` per block.
 //!
@@ -246,13 +246,8 @@ impl QMatrix {
         self.qs.len() + 4 * (self.scales.len() + self.mins.len())
     }
 
-    /// `x · Wᵀ` for `n` rows of `x` (`[n, cols]`, row-major): `[n, rows]`, with f32 or
-    /// 8-bit activations as [`set_int8_activations`] says.
-    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        self.matmul_with(x, n, int8_activations())
-    }
-
-    /// `x · Wᵀ`, the activations rounded to 8 bits when `int8`.
+    /// `x · Wᵀ` for `n` rows of `x` (`[n, cols]`, row-major): `[n, rows]`, the activations
+    /// rounded to 8 bits when `int8`.
     pub fn matmul_with(&self, x: &[f32], n: usize, int8: bool) -> Vec<f32> {
         Self::matmul_many(&[self], x, n, int8).pop().expect("one product per matrix")
     }

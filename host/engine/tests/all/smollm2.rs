@@ -150,7 +150,17 @@ fn decode_with_int8_activations_stays_near_transformers() {
     lathe_engine::quant::set_int8_activations(true);
     let m = load_smollm2();
     let r = reference();
-    let ours = decode_last_seven(&m, &ids(&r["cases"]["plain"]["input_ids"]));
+    // The last seven tokens as sampled ones (past the prompt) through the paged path, as
+    // generation decodes; the tensor path (`forward`) multiplies given tokens in f32.
+    let input = ids(&r["cases"]["plain"]["input_ids"]);
+    let split = input.len() - 7;
+    let mut pool = lathe_engine::KvPool::new(&m.model.config, 16);
+    let mut cache = lathe_engine::SeqCache::new(0);
+    let mut ours = Vec::new();
+    for (at, end) in std::iter::once((0, split)).chain((split..input.len()).map(|i| (i, i + 1))) {
+        assert!(cache.reserve(&mut pool, end - at));
+        ours = m.model.forward_paged(&mut [lathe_engine::SeqStep { tokens: &input[at..end], cache: &mut cache, adapter: None, prompt_len: split }], &mut pool).unwrap();
+    }
     let theirs = read_npy_f32(&fixture_dir().join("plain_last_logits.npy"));
     let diff = max_abs_diff(&ours, &theirs);
     eprintln!("decode with 8-bit activations: max |Δlogit| = {diff:e}");
