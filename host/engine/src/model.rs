@@ -26,7 +26,8 @@ pub mod paged;
 static DENSE_COPY_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1 << 30);
 
 /// The most bytes of f32 copies a model loaded on the CPU keeps beside its quantized blocks
-/// (for the prefill gemm and training): 1 GiB unless [`set_dense_copy_limit`] says otherwise.
+/// (for training, and the prefill gemm with f32 activations): 1 GiB unless
+/// [`set_dense_copy_limit`] says otherwise.
 /// SmolLM2-135M (540 MB as f32) keeps them; a 7B model keeps its blocks alone.
 pub fn dense_copy_limit() -> usize {
     DENSE_COPY_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
@@ -39,9 +40,10 @@ pub fn set_dense_copy_limit(bytes: usize) {
 
 /// A frozen linear projection, `y = x · W` with `W` logically `[in, out]`.
 ///
-/// On the CPU, a weight that came in quantized blocks also keeps them: steps with at most
-/// [`quant::MAX_ROWS`] rows (decoding) multiply straight from the blocks, reading 4-8× fewer
-/// bytes than the f32 copy; longer steps (prefill) use the dense gemm. A model whose f32
+/// On the CPU, a weight that came in quantized blocks also keeps them: decoding multiplies
+/// straight from the blocks, reading 4-8× fewer bytes than the f32 copy, and so does a
+/// prompt with 8-bit sampled tokens ([`QMatrix::matmul_exact`]); with f32 activations
+/// steps past [`quant::MAX_ROWS`] rows (prefill) use the dense gemm. A model whose f32
 /// copies would pass [`dense_copy_limit`] keeps the blocks alone, and every step multiplies
 /// from them: resident memory stays near the file's size.
 #[derive(Clone, Debug)]
