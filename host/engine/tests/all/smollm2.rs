@@ -144,6 +144,13 @@ fn decode_steps_on_quantized_blocks_match_transformers() {
     assert!(diff < LOGIT_TOLERANCE, "decode path: max |Δlogit| = {diff}");
 }
 
+/// One sequence's `tokens` as a paged step of its own (room reserved first), as generation
+/// runs it: the last token's logits.
+fn one_paged_step(m: &lathe_engine::LoadedModel, pool: &mut lathe_engine::KvPool, cache: &mut lathe_engine::SeqCache, tokens: &[u32], adapter: Option<&lathe_engine::Adapter>, prompt_len: usize) -> Vec<f32> {
+    assert!(cache.reserve(pool, tokens.len()));
+    m.model.forward_paged(&mut [lathe_engine::SeqStep { tokens, cache, adapter, prompt_len }], pool).unwrap()
+}
+
 #[test]
 fn decode_with_int8_activations_stays_near_transformers() {
     // The switch is process-wide; nextest runs each test in a process of its own.
@@ -158,8 +165,7 @@ fn decode_with_int8_activations_stays_near_transformers() {
     let mut cache = lathe_engine::SeqCache::new(0);
     let mut ours = Vec::new();
     for (at, end) in std::iter::once((0, split)).chain((split..input.len()).map(|i| (i, i + 1))) {
-        assert!(cache.reserve(&mut pool, end - at));
-        ours = m.model.forward_paged(&mut [lathe_engine::SeqStep { tokens: &input[at..end], cache: &mut cache, adapter: None, prompt_len: split }], &mut pool).unwrap();
+        ours = one_paged_step(&m, &mut pool, &mut cache, &input[at..end], None, split);
     }
     let theirs = read_npy_f32(&fixture_dir().join("plain_last_logits.npy"));
     let diff = max_abs_diff(&ours, &theirs);
@@ -272,8 +278,7 @@ fn with_8_bit_tokens_a_prompt_gives_the_same_bits_however_its_step_is_cut() {
         }
         for _ in 0..6 {
             tokens.push(argmax(out.last().unwrap()));
-            assert!(cache.reserve(pool, 1));
-            let logits = m.model.forward_paged(&mut [SeqStep { tokens: &tokens[at..], cache: &mut cache, adapter, prompt_len: prompt.len() }], pool).unwrap();
+            let logits = one_paged_step(&m, pool, &mut cache, &tokens[at..], adapter, prompt.len());
             out.push(logits);
             at += 1;
         }

@@ -267,7 +267,7 @@ fn eval(a: EvalBench) -> Result<()> {
         suite.max_tokens,
         rayon::current_num_threads(),
         lathe_engine::quant::cpu_kernel().unwrap_or("?"),
-        if lathe_engine::quant::int8_activations() { "8-bit" } else { "f32" }
+        activations()
     );
     let mut first = None;
     for &b in &a.batch {
@@ -596,7 +596,7 @@ fn generate(a: GenerateBench) -> Result<()> {
             a.model.display(),
             threads,
             lathe_engine::quant::cpu_kernel().unwrap_or("?"),
-            if lathe_engine::quant::int8_activations() { "8-bit" } else { "f32" },
+            activations(),
             a.compute.device
         );
         println!("{:>5} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB");
@@ -854,4 +854,9 @@ fn plugins(a: PluginBench) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The activations the quantized products take, for the benches' headers.
+fn activations() -> &'static str {
+    if lathe_engine::quant::int8_activations() { "8-bit" } else { "f32" }
 }
