@@ -175,7 +175,14 @@ impl Runtime {
         cfg.epoch_interruption(true)
             .consume_fuel(config.fuel)
             .max_wasm_stack(config.max_stack_bytes)
-            .parallel_compilation(true);
+            .parallel_compilation(true)
+            // Copy-on-write memory images put a plugin's data segments in a sealed memfd.
+            // Linux refuses the write seal (EBUSY) while another CPU's page batch still holds
+            // a page just written, so a large image (a Python plugin's ~30 MB heap snapshot)
+            // failed its first instantiation now and then under load: CI saw `info` trap
+            // with "Device or resource busy". Copying the segments at instantiation cannot
+            // fail that way; an instance lives for a whole run, so the copy is paid once.
+            .memory_init_cow(false);
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
         v0_1::add_to_linker(&mut linker)?;
