@@ -195,10 +195,15 @@ fn compiled_plugins_are_cached_by_hash() {
     assert_eq!(entries.len(), 1);
     let name = entries[0].file_name().unwrap().to_str().unwrap().to_string();
     assert!(name.starts_with(&first.info().sha256) && name.ends_with(".cwasm"), "{name}");
-    // A fresh runtime loads from the cache; a damaged entry is recompiled, not trusted.
-    let mut again = lathe_sandbox::Runtime::new(config()).unwrap().load(bytes).unwrap().instance("{}").unwrap();
-    assert_eq!(again.score("a", "a").unwrap().value, 1.0);
-    std::fs::write(&entries[0], b"garbage").unwrap();
+    // A fresh runtime loads from the cache by mapping the entry; replacing the entry (as
+    // a rewrite does, by a rename) leaves a plugin that maps it working.
+    let cached = lathe_sandbox::Runtime::new(config()).unwrap().load(bytes).unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"garbage").unwrap();
+    std::fs::rename(&junk, &entries[0]).unwrap();
+    assert_eq!(cached.instance("{}").unwrap().score("a", "a").unwrap().value, 1.0);
+    drop(cached);
+    // A damaged entry is recompiled, not trusted.
     let mut healed = lathe_sandbox::Runtime::new(config()).unwrap().load(bytes).unwrap().instance("{}").unwrap();
     assert_eq!(healed.score("a", "b").unwrap().value, 0.0);
     assert!(std::fs::metadata(&entries[0]).unwrap().len() > 1000, "rewritten");
