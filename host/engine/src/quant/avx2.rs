@@ -2,8 +2,8 @@
 //! compute the same sums; LLVM does not vectorize them well (it packs the unrolled block
 //! into 128-bit pairs), so the hot path spells out the 256-bit version here.
 //!
-//! Every function requires AVX2 and FMA (the K-quant ones F16C too), which the caller
-//! checks once with `is_x86_feature_detected!`; every load reads inside a slice whose
+//! Every function requires AVX2 and FMA (the K-quant ones F16C too, the `_vnni` ones
+//! AVX-VNNI), which the caller checks once with `is_x86_feature_detected!`; every load reads inside a slice whose
 //! length the `chunks_exact` iterators fix.
 #![allow(unsafe_code)]
 
@@ -232,11 +232,33 @@ unsafe fn spread4(p: *const i8) -> __m256i {
 /// `32·nb` codes and every `xsums[r]` `nb` sums.)
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot8_nibbles_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], m: &[f32], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [[f32; 8]; R] {
+    // SAFETY: the caller's promise.
+    unsafe { nibbles_q8::<R, false>(qs, d, m, xs, xd, xsums) }
+}
+
+/// [`dot8_nibbles_q8`] with AVX-VNNI: one `vpdpbusd` sums four products of a lane into 32
+/// bits where AVX2 takes `vpmaddubsw`, an add and, per block, `vpmaddwd`. The integer sums
+/// are the same, so the results are the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and AVX-VNNI. (The lengths are checked.)
+#[target_feature(enable = "avx2,fma,avxvnni")]
+pub unsafe fn dot8_nibbles_q8_vnni<const R: usize>(qs: [&[u8]; 8], d: &[f32], m: &[f32], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [[f32; 8]; R] {
+    // SAFETY: the caller's promise.
+    unsafe { nibbles_q8::<R, true>(qs, d, m, xs, xd, xsums) }
+}
+
+/// The body of [`dot8_nibbles_q8`] and [`dot8_nibbles_q8_vnni`], inlined into each.
+///
+/// # Safety
+/// As theirs.
+#[inline(always)]
+unsafe fn nibbles_q8<const R: usize, const VNNI: bool>(qs: [&[u8]; 8], d: &[f32], m: &[f32], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[f32]; R]) -> [[f32; 8]; R] {
     let nb = xd[0].len();
     assert!(qs.iter().all(|q| q.len() == 16 * nb) && d.len() == 8 * nb && m.len() == 8 * nb);
     assert!((0..R).all(|r| xs[r].len() == 32 * nb && xd[r].len() == nb && xsums[r].len() == nb));
-    let (mask, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
-    let mut acc = [_mm256_setzero_ps(); R];
+    // SAFETY: AVX, by the caller's promise.
+    let (mask, ones, mut acc) = unsafe { (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1), [_mm256_setzero_ps(); R]) };
     for b in 0..nb {
         // SAFETY: b < nb, so every read is inside the lengths asserted above; a prefetch may
         // point anywhere.
@@ -262,11 +284,20 @@ pub unsafe fn dot8_nibbles_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], m: &[f3
             let (dv, mv) = (_mm256_loadu_ps(d.as_ptr().add(8 * b)), _mm256_loadu_ps(m.as_ptr().add(8 * b)));
             for r in 0..R {
                 let x = xs[r].as_ptr().add(32 * b);
-                let mut s = _mm256_maddubs_epi16(w[0], spread4(x));
-                for (j, &wj) in w.iter().enumerate().skip(1) {
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wj, spread4(x.add(4 * j))));
-                }
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                let s = if VNNI {
+                    let mut s = _mm256_setzero_si256();
+                    for (j, &wj) in w.iter().enumerate() {
+                        s = _mm256_dpbusd_avx_epi32(s, wj, spread4(x.add(4 * j)));
+                    }
+                    s
+                } else {
+                    let mut s = _mm256_maddubs_epi16(w[0], spread4(x));
+                    for (j, &wj) in w.iter().enumerate().skip(1) {
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wj, spread4(x.add(4 * j))));
+                    }
+                    _mm256_madd_epi16(s, ones)
+                };
+                let sum = _mm256_cvtepi32_ps(s);
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(*xd[r].get_unchecked(b))), sum, acc[r]);
                 acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*xsums[r].get_unchecked(b)), acc[r]);
             }
@@ -290,11 +321,32 @@ pub unsafe fn dot8_nibbles_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], m: &[f3
 /// bytes, `d` `8·nb` values, every `xs[r]` `32·nb` codes.)
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot8_bytes_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; 8]; R] {
+    // SAFETY: the caller's promise.
+    unsafe { bytes_q8::<R, false>(qs, d, xs, xd) }
+}
+
+/// [`dot8_bytes_q8`] with AVX-VNNI (`vpdpbusd` on the codes' magnitudes and the signed
+/// activations): the same integer sums, the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and AVX-VNNI. (The lengths are checked.)
+#[target_feature(enable = "avx2,fma,avxvnni")]
+pub unsafe fn dot8_bytes_q8_vnni<const R: usize>(qs: [&[u8]; 8], d: &[f32], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; 8]; R] {
+    // SAFETY: the caller's promise.
+    unsafe { bytes_q8::<R, true>(qs, d, xs, xd) }
+}
+
+/// The body of [`dot8_bytes_q8`] and [`dot8_bytes_q8_vnni`], inlined into each.
+///
+/// # Safety
+/// As theirs.
+#[inline(always)]
+unsafe fn bytes_q8<const R: usize, const VNNI: bool>(qs: [&[u8]; 8], d: &[f32], xs: [&[i8]; R], xd: [&[f32]; R]) -> [[f32; 8]; R] {
     let nb = xd[0].len();
     assert!(qs.iter().all(|q| q.len() == 32 * nb) && d.len() == 8 * nb);
     assert!((0..R).all(|r| xs[r].len() == 32 * nb && xd[r].len() == nb));
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
+    // SAFETY: AVX, by the caller's promise.
+    let (ones, mut acc) = unsafe { (_mm256_set1_epi16(1), [_mm256_setzero_ps(); R]) };
     for b in 0..nb {
         // SAFETY: as in `dot8_nibbles_q8`.
         unsafe {
@@ -310,8 +362,12 @@ pub unsafe fn dot8_bytes_q8<const R: usize>(qs: [&[u8]; 8], d: &[f32], xs: [&[i8
                 let x = xs[r].as_ptr().add(32 * b);
                 let mut s = _mm256_setzero_si256();
                 for j in 0..8 {
-                    let p = _mm256_maddubs_epi16(magnitude[j], _mm256_sign_epi8(spread4(x.add(4 * j)), w[j]));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    let signed = _mm256_sign_epi8(spread4(x.add(4 * j)), w[j]);
+                    s = if VNNI {
+                        _mm256_dpbusd_avx_epi32(s, magnitude[j], signed)
+                    } else {
+                        _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[j], signed), ones))
+                    };
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(*xd[r].get_unchecked(b))), _mm256_cvtepi32_ps(s), acc[r]);
             }

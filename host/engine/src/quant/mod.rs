@@ -59,6 +59,20 @@ pub fn cpu_kernel() -> Result<&'static str, String> {
     Kernel::choice().map(Kernel::name)
 }
 
+/// Whether the 8-bit products of 32-value blocks sum with AVX-VNNI's `vpdpbusd`: where the
+/// CPU has it, unless `LATHE_CPU_VNNI=0` (to compare). Its integer sums equal AVX2's, so the
+/// results are the same bits either way. Checked once per process.
+pub fn vnni() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avxvnni") {
+            return std::env::var("LATHE_CPU_VNNI").map_or(true, |v| v != "0");
+        }
+        false
+    })
+}
+
 /// Rows of activations quantized per block: `qs[i] = round(x[i] / d)` (to nearest, ties to
 /// even) with `d = max|x| / 127` of the block. Blocks of 32 meet the 32-value weight blocks;
 /// the K-quants' super-blocks meet blocks of 256 (llama.cpp's Q8_K), whose one scale lets a
@@ -795,13 +809,16 @@ impl Kernel {
                     macro_rules! pass {
                         ($r:literal) => {{
                             let (x8, d8) = (std::array::from_fn::<_, $r, _>(|j| xs(i + j)), std::array::from_fn::<_, $r, _>(|j| xd(i + j)));
-                            // SAFETY: `available` saw AVX2 and FMA (for either kernel); the
-                            // kernels check the lengths.
+                            // SAFETY: `available` saw AVX2 and FMA (for either kernel), and
+                            // `vnni` AVX-VNNI; the kernels check the lengths.
                             #[allow(unsafe_code)]
                             let got = unsafe {
-                                match m.codes {
-                                    Codes::Nibbles => avx2::dot8_nibbles_q8::<$r>(qs, d, mins, x8, d8, std::array::from_fn(|j| sums(i + j))),
-                                    _ => avx2::dot8_bytes_q8::<$r>(qs, d, x8, d8),
+                                let sums8 = || std::array::from_fn(|j| sums(i + j));
+                                match (m.codes, vnni()) {
+                                    (Codes::Nibbles, false) => avx2::dot8_nibbles_q8::<$r>(qs, d, mins, x8, d8, sums8()),
+                                    (Codes::Nibbles, true) => avx2::dot8_nibbles_q8_vnni::<$r>(qs, d, mins, x8, d8, sums8()),
+                                    (_, false) => avx2::dot8_bytes_q8::<$r>(qs, d, x8, d8),
+                                    (_, true) => avx2::dot8_bytes_q8_vnni::<$r>(qs, d, x8, d8),
                                 }
                             };
                             for (r, got) in got.iter().enumerate() {
@@ -1065,6 +1082,49 @@ mod tests {
             }
         }
         assert!(QMatrix::from_ggml(GgmlType::Q4_K, &[0; 144], 1, 128).is_none(), "a row must hold whole super-blocks");
+    }
+
+    /// AVX-VNNI's 8-bit products give AVX2's bits: random codes over their whole range
+    /// (signed bytes down to -128, activations at ±127), one to four activation rows.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_vnni_products_give_the_avx2_bits() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni")) {
+            eprintln!("skipped: this CPU has no AVX-VNNI");
+            return;
+        }
+        let nb = 6;
+        let byte = |i: usize, seed: usize| ((i * 2654435761 + seed * 40503) >> 7) as u8;
+        let codes: Vec<Vec<u8>> = (0..8).map(|r| (0..32 * nb).map(|i| byte(i, r + 1)).collect()).collect();
+        let d = values(8 * nb, 5);
+        let m = values(8 * nb, 6);
+        let xs: Vec<Vec<i8>> = (0..4)
+            .map(|r| (0..32 * nb).map(|i| if i % 7 == 0 { if i % 2 == 0 { 127 } else { -127 } } else { (i16::from(byte(i, r + 20) % 255) - 127) as i8 }).collect())
+            .collect();
+        let xd = values(4 * nb, 7);
+        let xsum = values(4 * nb, 8);
+        macro_rules! rows {
+            ($r:literal) => {{
+                let x: [&[i8]; $r] = std::array::from_fn(|k| &xs[k][..]);
+                let s: [&[f32]; $r] = std::array::from_fn(|k| &xd[k * nb..(k + 1) * nb]);
+                let sums: [&[f32]; $r] = std::array::from_fn(|k| &xsum[k * nb..(k + 1) * nb]);
+                let nibbles: [&[u8]; 8] = std::array::from_fn(|k| &codes[k][..16 * nb]);
+                let bytes: [&[u8]; 8] = std::array::from_fn(|k| &codes[k][..]);
+                // SAFETY: the CPU has AVX2, FMA and AVX-VNNI (checked above); the kernels
+                // check the lengths.
+                #[allow(unsafe_code)]
+                unsafe {
+                    let (a, b) = (avx2::dot8_nibbles_q8::<$r>(nibbles, &d, &m, x, s, sums), avx2::dot8_nibbles_q8_vnni::<$r>(nibbles, &d, &m, x, s, sums));
+                    assert_eq!(a.map(|r| r.map(f32::to_bits)), b.map(|r| r.map(f32::to_bits)), "nibbles, {} rows", $r);
+                    let (a, b) = (avx2::dot8_bytes_q8::<$r>(bytes, &d, x, s), avx2::dot8_bytes_q8_vnni::<$r>(bytes, &d, x, s));
+                    assert_eq!(a.map(|r| r.map(f32::to_bits)), b.map(|r| r.map(f32::to_bits)), "bytes, {} rows", $r);
+                }
+            }};
+        }
+        rows!(1);
+        rows!(2);
+        rows!(3);
+        rows!(4);
     }
 
     /// With 8-bit activations the kernel computes, up to float summation order, the dense
