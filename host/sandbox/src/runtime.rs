@@ -312,9 +312,6 @@ impl Runtime {
     /// The cache entry at `path`, mapped; None (and the entry removed) when it is missing,
     /// damaged or from another engine.
     fn map_cached(engine: &Engine, path: &Path) -> Option<Component> {
-        if !path.exists() {
-            return None;
-        }
         // SAFETY: the file is Lathe's own cache entry: written by `serialize` for exactly
         // these bytes (its name is their sha256) by an engine with the same compatibility
         // hash, and only ever replaced whole by a rename (`write_atomic`), never written in
@@ -325,7 +322,8 @@ impl Runtime {
         let loaded = unsafe { Component::deserialize_file(engine, path) };
         match loaded {
             Ok(c) => Some(c),
-            // A damaged cache entry is recompiled, not trusted.
+            // A damaged cache entry is recompiled, not trusted (removing a missing one is a
+            // no-op).
             Err(_) => {
                 let _ = std::fs::remove_file(path);
                 None

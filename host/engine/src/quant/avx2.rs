@@ -3,8 +3,8 @@
 //! into 128-bit pairs), so the hot path spells out the 256-bit version here.
 //!
 //! Every function requires AVX2 and FMA (the K-quant ones F16C too, the `_vnni` ones
-//! AVX-VNNI), which the caller checks once with `is_x86_feature_detected!`; every load reads inside a slice whose
-//! length the `chunks_exact` iterators fix.
+//! AVX-VNNI), which the caller checks once with `is_x86_feature_detected!`; every load
+//! reads inside a slice whose length the `chunks_exact` iterators fix.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;

@@ -62,15 +62,10 @@ pub fn cpu_kernel() -> Result<&'static str, String> {
 /// Whether the 8-bit products of 32-value blocks sum with AVX-VNNI's `vpdpbusd`: where the
 /// CPU has it, unless `LATHE_CPU_VNNI=0` (to compare). Its integer sums equal AVX2's, so the
 /// results are the same bits either way. Checked once per process.
-pub fn vnni() -> bool {
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avxvnni") {
-            return std::env::var("LATHE_CPU_VNNI").map_or(true, |v| v != "0");
-        }
-        false
-    })
+    *ON.get_or_init(|| is_x86_feature_detected!("avxvnni") && std::env::var("LATHE_CPU_VNNI").map_or(true, |v| v != "0"))
 }
 
 /// Rows of activations quantized per block: `qs[i] = round(x[i] / d)` (to nearest, ties to
@@ -796,6 +791,8 @@ impl Kernel {
         let xs = |i: usize| &x.qs[i * cols..(i + 1) * cols];
         let xd = |i: usize| &x.scales[i * nb..(i + 1) * nb];
         let sums = |i: usize| &xsum[i * nb..(i + 1) * nb];
+        #[cfg(target_arch = "x86_64")]
+        let vnni = vnni();
         for g in (0..rows).step_by(GROUP) {
             let live = GROUP.min(rows - g);
             match self {
@@ -814,7 +811,7 @@ impl Kernel {
                             #[allow(unsafe_code)]
                             let got = unsafe {
                                 let sums8 = || std::array::from_fn(|j| sums(i + j));
-                                match (m.codes, vnni()) {
+                                match (m.codes, vnni) {
                                     (Codes::Nibbles, false) => avx2::dot8_nibbles_q8::<$r>(qs, d, mins, x8, d8, sums8()),
                                     (Codes::Nibbles, true) => avx2::dot8_nibbles_q8_vnni::<$r>(qs, d, mins, x8, d8, sums8()),
                                     (_, false) => avx2::dot8_bytes_q8::<$r>(qs, d, x8, d8),
