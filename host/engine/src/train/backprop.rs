@@ -249,28 +249,65 @@ impl Mask {
         (self.bits[i >> 6] >> (i & 63)) & 1 == 1
     }
 
+    /// The multipliers of the eight elements from `i`, a multiple of 8: `keep` where an
+    /// element survives, else 0. Groups of eight keep the mask's loops vectorized.
+    #[inline(always)]
+    fn lanes(&self, i: usize) -> [f32; 8] {
+        let byte = (self.bits[i >> 6] >> (i & 63)) as u8;
+        let ones = &BYTE_LANES[usize::from(byte)];
+        std::array::from_fn(|j| ones[j] * self.keep)
+    }
+
+    /// `f(out, src, multiplier)` over the elements of `out` and `src`, which start at
+    /// element `base` (a multiple of 8) of the masked input.
+    #[inline(always)]
+    fn zip(&self, base: usize, out: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32, f32)) {
+        let mut os = out.chunks_exact_mut(8);
+        let mut ss = src.chunks_exact(8);
+        for (g, (o, s)) in (&mut os).zip(&mut ss).enumerate() {
+            let k = self.lanes(base + 8 * g);
+            for j in 0..8 {
+                f(&mut o[j], s[j], k[j]);
+            }
+        }
+        let tail = base + src.len() / 8 * 8;
+        for (j, (o, &v)) in os.into_remainder().iter_mut().zip(ss.remainder()).enumerate() {
+            f(o, v, if self.kept(tail + j) { self.keep } else { 0.0 });
+        }
+    }
+
     /// `x` with the mask applied and the survivors scaled; `x` itself without a mask.
     fn apply<'a>(mask: &Option<Self>, x: &'a [f32]) -> Cow<'a, [f32]> {
         let Some(m) = mask else { return Cow::Borrowed(x) };
         Cow::Owned(rows_map(x, x.len(), |base, out: &mut [f32], src: &[f32]| {
-            for (j, (o, &v)) in out.iter_mut().zip(src).enumerate() {
-                *o = if m.kept(base + j) { v * m.keep } else { 0.0 };
-            }
+            m.zip(base, out, src, |o, v, k| *o = v * k);
         }))
     }
 
     /// `dx += ∂apply/∂x · dxd`.
     fn backward(mask: &Option<Self>, dx: &mut [f32], dxd: &[f32]) {
         let Some(m) = mask else { return add(dx, dxd) };
-        par_rows(dx, |base, dx| {
-            for (j, (g, &v)) in dx.iter_mut().zip(&dxd[base..]).enumerate() {
-                if m.kept(base + j) {
-                    *g += v * m.keep;
-                }
-            }
-        });
+        par_rows(dx, |base, dx| m.zip(base, dx, &dxd[base..base + dx.len()], |g, v, k| *g += v * k));
     }
 }
+
+/// `BYTE_LANES[b][j]` is 1 where bit `j` of `b` is set, else 0: a mask byte as eight
+/// multipliers.
+static BYTE_LANES: [[f32; 8]; 256] = {
+    let mut t = [[0f32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if (b >> j) & 1 == 1 {
+                t[b][j] = 1.0;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
 
 /// Elements per task of the elementwise loops.
 const CHUNK: usize = 1 << 14;
@@ -292,7 +329,7 @@ fn rows_map(src: &[f32], len: usize, f: impl Fn(usize, &mut [f32], &[f32]) + Syn
 fn rms_forward(x: &[f32], norm: &RmsNorm) -> (Vec<f32>, Vec<f32>) {
     let (w, eps) = norm.host();
     let d = w.len();
-    let inv: Vec<f32> = x.par_chunks(d).map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt()).collect();
+    let inv: Vec<f32> = x.par_chunks(d).map(|r| 1.0 / (dot3(r, r, None) / d as f32 + eps).sqrt()).collect();
     (rms_apply(x, &inv, w), inv)
 }
 
@@ -312,7 +349,7 @@ fn rms_apply(x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32> {
 fn rms_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32]) {
     let d = w.len();
     dx.par_chunks_mut(d).zip(dy.par_chunks(d).zip(x.par_chunks(d))).zip(inv).for_each(|((dx, (dy, x)), &s)| {
-        let gx: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+        let gx = dot3(dy, w, Some(x));
         let c = s * s * s * gx / d as f32;
         for (((o, &g), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
             *o += s * g * w - x * c;
@@ -539,14 +576,15 @@ struct Saved {
     k: Vec<f32>,
     v: Vec<f32>,
     lse: Vec<f32>,
-    /// Attention's output, the input of `o_proj`.
-    attn: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     /// `xd·A` per target, in [`Target::ALL`] order.
     u: [Option<Vec<f32>>; 7],
     /// The dropout masks of the adapters' four inputs.
     masks: [Option<Mask>; 4],
+    /// Those inputs as the adapters read them (dropout applied), where an adapter reads
+    /// them: kept rather than recomputed, as memory is what the step has to spare.
+    xd: [Option<Vec<f32>>; 4],
 }
 
 /// One decoder layer's frozen weights and adapter, ready for the step.
@@ -596,14 +634,13 @@ fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, 
     let wd = widths(dm);
     let f = &lw.frozen;
     let (h1, inv1) = rms_forward(&x, lw.norm1);
-    let xd1 = Mask::apply(&masks[0], &h1);
+    let xd1 = Mask::apply(&masks[0], &h1).into_owned();
     let (mut qkv, mut us) = project(
         dm,
         &h1,
         &xd1,
         &[(&f[0], wd[0], lw.pair(Q)), (&f[1], wd[1], lw.pair(K)), (&f[2], wd[2], lw.pair(V))],
     );
-    drop(xd1);
     drop(h1);
     let v = qkv.pop().expect("three projections");
     let mut k = qkv.pop().expect("three projections");
@@ -611,22 +648,20 @@ fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, 
     rope.apply(&mut q, dm.hd);
     rope.apply(&mut k, dm.hd);
     let (attn, lse) = attention_forward(dm, pack, &q, &k, &v);
-    let xdo = Mask::apply(&masks[1], &attn);
+    let xdo = Mask::apply(&masks[1], &attn).into_owned();
     let (mut o, uo) = project(dm, &attn, &xdo, &[(&f[3], wd[3], lw.pair(O))]);
-    drop(xdo);
+    drop(attn);
     let mut x2 = o.pop().expect("one projection");
     add(&mut x2, &x);
     let (h2, inv2) = rms_forward(&x2, lw.norm2);
-    let xd2 = Mask::apply(&masks[2], &h2);
+    let xd2 = Mask::apply(&masks[2], &h2).into_owned();
     let (mut gu, ugu) = project(dm, &h2, &xd2, &[(&f[4], wd[4], lw.pair(Gate)), (&f[5], wd[5], lw.pair(Up))]);
-    drop(xd2);
     drop(h2);
     let up = gu.pop().expect("two projections");
     let gate = gu.pop().expect("two projections");
     let act = silu_mul(&gate, &up);
-    let xda = Mask::apply(&masks[3], &act);
+    let xda = Mask::apply(&masks[3], &act).into_owned();
     let (mut dn, ud) = project(dm, &act, &xda, &[(&f[6], wd[6], lw.pair(Down))]);
-    drop(xda);
     drop(act);
     let mut out = dn.pop().expect("one projection");
     add(&mut out, &x2);
@@ -638,7 +673,10 @@ fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, 
     for (slot, v) in u.iter_mut().zip(us) {
         *slot = v;
     }
-    let saved = Saved { x, x2, inv1, inv2, q, k, v, lse, attn, gate, up, u, masks };
+    // Each input kept where an adapter reads it.
+    let read = |ts: &[Target]| ts.iter().any(|&t| lw.pair(t).is_some());
+    let xd = [(xd1, read(&[Q, K, V])), (xdo, read(&[O])), (xd2, read(&[Gate, Up])), (xda, read(&[Down]))].map(|(v, read)| read.then_some(v));
+    let saved = Saved { x, x2, inv1, inv2, q, k, v, lse, gate, up, u, masks, xd };
     (out, saved)
 }
 
@@ -650,40 +688,32 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     let f = &lw.frozen;
     let mut grads: [Option<PairGrad>; 7] = Default::default();
     let u = |t: Target| s.u[t as usize].as_deref();
+    // An input no adapter reads is not kept, and only adapters read it here.
+    let xd = |i: usize| s.xd[i].as_deref().unwrap_or(&[]);
 
     // The MLP: out = x2 + down(silu(gate)·up).
-    let act = silu_mul(&s.gate, &s.up);
-    let xda = Mask::apply(&s.masks[3], &act);
     let mut dact = vec![0.0; dm.n * dm.inter];
     let mut dxda = vec![0.0; dm.n * dm.inter];
-    grads[Down as usize] = project_backward(dm, &dout, &f[6], &xda, u(Down), lw.pair(Down), &mut dact, &mut dxda);
-    drop(xda);
-    drop(act);
+    grads[Down as usize] = project_backward(dm, &dout, &f[6], xd(3), u(Down), lw.pair(Down), &mut dact, &mut dxda);
     Mask::backward(&s.masks[3], &mut dact, &dxda);
     drop(dxda);
     let (dgate, dup) = silu_mul_backward(&s.gate, &s.up, &dact);
     drop(dact);
     let (w2, _) = lw.norm2.host();
-    let h2 = rms_apply(&s.x2, &s.inv2, w2);
-    let xd2 = Mask::apply(&s.masks[2], &h2);
     let mut dh2 = vec![0.0; dm.n * dm.d];
     let mut dxd2 = vec![0.0; dm.n * dm.d];
-    grads[Gate as usize] = project_backward(dm, &dgate, &f[4], &xd2, u(Gate), lw.pair(Gate), &mut dh2, &mut dxd2);
-    grads[Up as usize] = project_backward(dm, &dup, &f[5], &xd2, u(Up), lw.pair(Up), &mut dh2, &mut dxd2);
+    grads[Gate as usize] = project_backward(dm, &dgate, &f[4], xd(2), u(Gate), lw.pair(Gate), &mut dh2, &mut dxd2);
+    grads[Up as usize] = project_backward(dm, &dup, &f[5], xd(2), u(Up), lw.pair(Up), &mut dh2, &mut dxd2);
     drop((dgate, dup));
-    drop(xd2);
-    drop(h2);
     Mask::backward(&s.masks[2], &mut dh2, &dxd2);
     let mut dx2 = dout;
     rms_backward(&mut dx2, &dh2, &s.x2, &s.inv2, w2);
     drop((dh2, dxd2));
 
     // Attention: x2 = x + o_proj(attention(rope(q), rope(k), v)).
-    let xdo = Mask::apply(&s.masks[1], &s.attn);
     let mut dattn = vec![0.0; dm.n * wd[0]];
     let mut dxdo = vec![0.0; dm.n * wd[0]];
-    grads[O as usize] = project_backward(dm, &dx2, &f[3], &xdo, u(O), lw.pair(O), &mut dattn, &mut dxdo);
-    drop(xdo);
+    grads[O as usize] = project_backward(dm, &dx2, &f[3], xd(1), u(O), lw.pair(O), &mut dattn, &mut dxdo);
     Mask::backward(&s.masks[1], &mut dattn, &dxdo);
     drop(dxdo);
     let [mut dq, mut dk, dv] = attention_backward(dm, pack, &s.q, &s.k, &s.v, &s.lse, &dattn);
@@ -691,16 +721,12 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     rope.apply_transposed(&mut dq, dm.hd);
     rope.apply_transposed(&mut dk, dm.hd);
     let (w1, _) = lw.norm1.host();
-    let h1 = rms_apply(&s.x, &s.inv1, w1);
-    let xd1 = Mask::apply(&s.masks[0], &h1);
     let mut dh1 = vec![0.0; dm.n * dm.d];
     let mut dxd1 = vec![0.0; dm.n * dm.d];
     for (i, (t, dy)) in [(Q, &dq), (K, &dk), (V, &dv)].into_iter().enumerate() {
-        grads[t as usize] = project_backward(dm, dy, &f[i], &xd1, u(t), lw.pair(t), &mut dh1, &mut dxd1);
+        grads[t as usize] = project_backward(dm, dy, &f[i], xd(0), u(t), lw.pair(t), &mut dh1, &mut dxd1);
     }
     drop((dq, dk, dv));
-    drop(xd1);
-    drop(h1);
     Mask::backward(&s.masks[0], &mut dh1, &dxd1);
     let mut dx = dx2;
     rms_backward(&mut dx, &dh1, &s.x, &s.inv1, w1);
@@ -739,6 +765,31 @@ fn softmax(row: &mut [f32]) -> (f32, f32) {
         *x = exp(*x - top);
     }
     (top, lanes(row, 0.0, |a, b| a + b))
+}
+
+/// `Σ a·b·c` (`c` all ones when None) over eight interleaved lanes, so it vectorizes (a
+/// sum in order waits on each add); the slices have one length.
+fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
+    let mut acc = [0f32; 8];
+    let tail = a.len() / 8 * 8;
+    match c {
+        Some(c) => {
+            for ((a, b), c) in a.chunks_exact(8).zip(b.chunks_exact(8)).zip(c.chunks_exact(8)) {
+                for j in 0..8 {
+                    acc[j] += a[j] * b[j] * c[j];
+                }
+            }
+        }
+        None => {
+            for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+                for j in 0..8 {
+                    acc[j] += a[j] * b[j];
+                }
+            }
+        }
+    }
+    let rest: f32 = (tail..a.len()).map(|i| a[i] * b[i] * c.map_or(1.0, |c| c[i])).sum();
+    acc.iter().sum::<f32>() + rest
 }
 
 /// A reduction over eight interleaved lanes, so it vectorizes.
@@ -796,11 +847,13 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
     let (hf, inv) = rms_forward(x, &model.norm);
     let mut dhf = vec![0.0; x.len()];
     let mut nll = 0.0f64;
+    // One buffer for every chunk's logits: the product overwrites it.
+    let mut buffer = vec![0.0; HEAD_ROWS.min(labels.len()) * vocab];
     for chunk in labels.chunks(HEAD_ROWS) {
         let rows: Vec<f32> = chunk.iter().flat_map(|&(r, _)| hf[r * d..(r + 1) * d].iter().copied()).collect();
         let t = chunk.len();
-        let mut logits = vec![0.0; t * vocab];
-        matmul(&mut logits, Mat::dense(&rows, t, d), w, 1.0, false, true);
+        let logits = &mut buffer[..t * vocab];
+        matmul(logits, Mat::dense(&rows, t, d), w, 1.0, false, true);
         // Softmax minus the label, per row; the log-likelihood on the way.
         let losses: Vec<f64> = logits
             .par_chunks_mut(vocab)
@@ -817,7 +870,7 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
             .collect();
         nll += losses.iter().sum::<f64>();
         let mut drows = vec![0.0; t * d];
-        matmul(&mut drows, Mat::dense(&logits, t, vocab), w.t(), 1.0, false, true);
+        matmul(&mut drows, Mat::dense(logits, t, vocab), w.t(), 1.0, false, true);
         for (&(r, _), g) in chunk.iter().zip(drows.chunks_exact(d)) {
             for (a, &b) in dhf[r * d..(r + 1) * d].iter_mut().zip(g) {
                 *a += b;
@@ -978,14 +1031,24 @@ mod tests {
 
     #[test]
     fn dropout_masks_drop_their_share_and_scale_the_rest() {
-        let len = 100_000;
-        let m = Mask::draw(42, 0.1, len).unwrap();
-        let kept = (0..len).filter(|&i| m.kept(i)).count();
+        // Not a multiple of 8: the tail past the last group of eight is masked too.
+        let len = 100_003;
+        let m = Some(Mask::draw(42, 0.1, len).unwrap());
+        let mk = m.as_ref().unwrap();
+        let kept = (0..len).filter(|&i| mk.kept(i)).count();
         assert!((kept as f64 / len as f64 - 0.9).abs() < 0.005, "{kept} of {len} kept");
-        let x = vec![1.0f32; len];
-        let y = Mask::apply(&Some(m), &x);
+        let ones = vec![1.0f32; len];
+        let y = Mask::apply(&m, &ones);
         let mean = y.iter().map(|&v| f64::from(v)).sum::<f64>() / len as f64;
         assert!((mean - 1.0).abs() < 0.01, "the mean survives: {mean}");
+        // Element by element: a survivor scaled, the rest zero; the backward pass adds the
+        // same to the gradient it is given.
+        let x: Vec<f32> = (0..len).map(|i| (i % 97) as f32 - 48.0).collect();
+        let want: Vec<f32> = (0..len).map(|i| if mk.kept(i) { x[i] * mk.keep } else { 0.0 }).collect();
+        assert_eq!(*Mask::apply(&m, &x), want[..]);
+        let mut dx = vec![1.0f32; len];
+        Mask::backward(&m, &mut dx, &x);
+        assert!(dx.iter().zip(&want).all(|(g, w)| *g == 1.0 + w));
         assert!(Mask::draw(42, 0.0, len).is_none());
         let again = Mask::draw(42, 0.1, len).unwrap();
         assert_eq!(again.bits, Mask::draw(42, 0.1, len).unwrap().bits, "a key draws one mask");
