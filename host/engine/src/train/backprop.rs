@@ -329,7 +329,7 @@ fn rows_map(src: &[f32], len: usize, f: impl Fn(usize, &mut [f32], &[f32]) + Syn
 fn rms_forward(x: &[f32], norm: &RmsNorm) -> (Vec<f32>, Vec<f32>) {
     let (w, eps) = norm.host();
     let d = w.len();
-    let inv: Vec<f32> = x.par_chunks(d).map(|r| 1.0 / (dot3(r, r, None) / d as f32 + eps).sqrt()).collect();
+    let inv: Vec<f32> = x.par_chunks(d).map(|r| 1.0 / (crate::quant::dot_f32(r, r) / d as f32 + eps).sqrt()).collect();
     (rms_apply(x, &inv, w), inv)
 }
 
@@ -349,7 +349,7 @@ fn rms_apply(x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32> {
 fn rms_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32]) {
     let d = w.len();
     dx.par_chunks_mut(d).zip(dy.par_chunks(d).zip(x.par_chunks(d))).zip(inv).for_each(|((dx, (dy, x)), &s)| {
-        let gx = dot3(dy, w, Some(x));
+        let gx = dot3(dy, w, x);
         let c = s * s * s * gx / d as f32;
         for (((o, &g), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
             *o += s * g * w - x * c;
@@ -628,41 +628,50 @@ fn draw_masks(dm: &Dims, seed: u64, l: usize) -> [Option<Mask>; 4] {
     [0, 1, 2, 3].map(|i| Mask::draw(mix(seed, (l * 4 + i) as u64), dm.dropout, dm.n * widths[i]))
 }
 
+/// The dropped-out copy of an adapter input; None without a mask, when the adapters read
+/// the input itself (and the backward pass keeps it rather than a copy).
+fn dropped(mask: &Option<Mask>, x: &[f32]) -> Option<Vec<f32>> {
+    match Mask::apply(mask, x) {
+        Cow::Owned(v) => Some(v),
+        Cow::Borrowed(_) => None,
+    }
+}
+
 fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, seed: u64, l: usize, x: Vec<f32>) -> (Vec<f32>, Saved) {
     let masks = draw_masks(dm, seed, l);
     use Target::*;
     let wd = widths(dm);
     let f = &lw.frozen;
     let (h1, inv1) = rms_forward(&x, lw.norm1);
-    let xd1 = Mask::apply(&masks[0], &h1).into_owned();
+    let xd1 = dropped(&masks[0], &h1);
     let (mut qkv, mut us) = project(
         dm,
         &h1,
-        &xd1,
+        xd1.as_deref().unwrap_or(&h1),
         &[(&f[0], wd[0], lw.pair(Q)), (&f[1], wd[1], lw.pair(K)), (&f[2], wd[2], lw.pair(V))],
     );
-    drop(h1);
+    let xd1 = xd1.unwrap_or(h1);
     let v = qkv.pop().expect("three projections");
     let mut k = qkv.pop().expect("three projections");
     let mut q = qkv.pop().expect("three projections");
     rope.apply(&mut q, dm.hd);
     rope.apply(&mut k, dm.hd);
     let (attn, lse) = attention_forward(dm, pack, &q, &k, &v);
-    let xdo = Mask::apply(&masks[1], &attn).into_owned();
-    let (mut o, uo) = project(dm, &attn, &xdo, &[(&f[3], wd[3], lw.pair(O))]);
-    drop(attn);
+    let xdo = dropped(&masks[1], &attn);
+    let (mut o, uo) = project(dm, &attn, xdo.as_deref().unwrap_or(&attn), &[(&f[3], wd[3], lw.pair(O))]);
+    let xdo = xdo.unwrap_or(attn);
     let mut x2 = o.pop().expect("one projection");
     add(&mut x2, &x);
     let (h2, inv2) = rms_forward(&x2, lw.norm2);
-    let xd2 = Mask::apply(&masks[2], &h2).into_owned();
-    let (mut gu, ugu) = project(dm, &h2, &xd2, &[(&f[4], wd[4], lw.pair(Gate)), (&f[5], wd[5], lw.pair(Up))]);
-    drop(h2);
+    let xd2 = dropped(&masks[2], &h2);
+    let (mut gu, ugu) = project(dm, &h2, xd2.as_deref().unwrap_or(&h2), &[(&f[4], wd[4], lw.pair(Gate)), (&f[5], wd[5], lw.pair(Up))]);
+    let xd2 = xd2.unwrap_or(h2);
     let up = gu.pop().expect("two projections");
     let gate = gu.pop().expect("two projections");
     let act = silu_mul(&gate, &up);
-    let xda = Mask::apply(&masks[3], &act).into_owned();
-    let (mut dn, ud) = project(dm, &act, &xda, &[(&f[6], wd[6], lw.pair(Down))]);
-    drop(act);
+    let xda = dropped(&masks[3], &act);
+    let (mut dn, ud) = project(dm, &act, xda.as_deref().unwrap_or(&act), &[(&f[6], wd[6], lw.pair(Down))]);
+    let xda = xda.unwrap_or(act);
     let mut out = dn.pop().expect("one projection");
     add(&mut out, &x2);
 
@@ -767,28 +776,17 @@ fn softmax(row: &mut [f32]) -> (f32, f32) {
     (top, lanes(row, 0.0, |a, b| a + b))
 }
 
-/// `Σ a·b·c` (`c` all ones when None) over eight interleaved lanes, so it vectorizes (a
-/// sum in order waits on each add); the slices have one length.
-fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
+/// `Σ a·b·c` over eight interleaved lanes, so it vectorizes (a sum in order waits on each
+/// add), as [`crate::quant::dot_f32`] does for two; the slices have one length.
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    let tail = a.len() / 8 * 8;
-    match c {
-        Some(c) => {
-            for ((a, b), c) in a.chunks_exact(8).zip(b.chunks_exact(8)).zip(c.chunks_exact(8)) {
-                for j in 0..8 {
-                    acc[j] += a[j] * b[j] * c[j];
-                }
-            }
-        }
-        None => {
-            for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-                for j in 0..8 {
-                    acc[j] += a[j] * b[j];
-                }
-            }
+    for ((a, b), c) in a.chunks_exact(8).zip(b.chunks_exact(8)).zip(c.chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += a[j] * b[j] * c[j];
         }
     }
-    let rest: f32 = (tail..a.len()).map(|i| a[i] * b[i] * c.map_or(1.0, |c| c[i])).sum();
+    let tail = a.len() / 8 * 8;
+    let rest: f32 = (tail..a.len()).map(|i| a[i] * b[i] * c[i]).sum();
     acc.iter().sum::<f32>() + rest
 }
 
