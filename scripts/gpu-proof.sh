@@ -2,8 +2,8 @@
 # Proves the `cuda` build on an NVIDIA machine in one short run: does it compute what the CPU
 # computes, and how fast does it generate and train against PyTorch + peft on the same GPU?
 #
-#   scripts/gpu-proof.sh prepare    # here: target/gpu-proof/ = the stripped cuda binary
-#                                   # (xz, ~20 MB) and SmolLM2's configuration and tokenizer
+#   scripts/gpu-proof.sh prepare    # here: target/gpu-proof/ = the stripped cuda + wgpu binary
+#                                   # (xz, ~24 MB) and SmolLM2's configuration and tokenizer
 #   scripts/gpu-proof.sh run [OUT]  # there, from the repository root, with target/gpu-proof/
 #                                   # copied along; writes OUT/ (default gpu-proof-out)
 #
@@ -16,14 +16,17 @@
 # table for BENCHMARKS.md. DEVICE (default cuda) and MODELS (default "smollm2 llama-1b")
 # narrow a rehearsal, PEFT_DTYPES (default "f32 tf32 bf16") the anchor's runs, PYTHON picks
 # the anchor's interpreter: `DEVICE=cpu MODELS=smollm2
-# PYTHON=.venv-anchors/bin/python scripts/gpu-proof.sh run` runs it here.
+# PYTHON=.venv-anchors/bin/python scripts/gpu-proof.sh run` runs it here. VULKAN=1 (the
+# default off the CPU; here it runs on Mesa's lavapipe) also runs the wgpu path through the NVIDIA Vulkan driver on SmolLM2's shape:
+# parity, generation and a training step (`vk-*` in OUT); it needs the Vulkan loader
+# (libvulkan1), which the GPU machine may lack: unpack its .deb there first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=target/gpu-proof
 
 case "${1:-}" in
 prepare)
-    cargo build --profile dist -p lathe --features cuda
+    cargo build --profile dist -p lathe --features cuda,wgpu
     rm -rf "$P" && mkdir -p "$P"
     xz -6 -T2 -c "${CARGO_TARGET_DIR:-target}/dist/lathe" >"$P/lathe.xz"
     "${CARGO_TARGET_DIR:-target}/dist/lathe" bench synthetic-model --like models/SmolLM2-135M-Instruct.Q4_1.gguf --no-weights \
@@ -75,6 +78,12 @@ run)
             --batch "$batch" --seq "$seq" --steps 3 --json
         step "train-$name-lathe-bf16" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
             --batch "$batch" --seq "$seq" --steps 3 --bf16 --json
+        # The same two with each layer recomputed in the backward pass (the whole graph of the
+        # 1.1B at 8 x 1024 did not fit an 80 GB H100).
+        step "train-$name-lathe-gc" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
+            --batch "$batch" --seq "$seq" --steps 3 --gradient-checkpointing --json
+        step "train-$name-lathe-bf16-gc" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
+            --batch "$batch" --seq "$seq" --steps 3 --bf16 --gradient-checkpointing --json
         for dtype in ${PEFT_DTYPES-f32 tf32 bf16}; do
             step "train-$name-peft-$dtype" "${PYTHON:-python3}" scripts/bench_peft.py --model "$OUT/$name" \
                 --device "$DEVICE" --dtype "$dtype" --batch "$batch" --seq "$seq" --steps 3
@@ -88,14 +97,25 @@ run)
             prof="$OUT/profile-$name"
             mkdir -p "$prof"
             printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$prof/kernels.log" >"$prof/cubecl.toml"
+            # The whole graph's step, or the checkpointed one where the whole graph did not fit.
+            run=train-$name-lathe gc=
+            [ -s "$OUT/$run.json" ] || { run=train-$name-lathe-gc gc=--gradient-checkpointing; }
             step "profile-$name" env -C "$prof" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
-                --batch "$batch" --seq "$seq" --steps 2 --json
+                --batch "$batch" --seq "$seq" --steps 2 $gc --json
             wall=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step_s"])' \
-                "$OUT/train-$name-lathe.json" 2>/dev/null || true)
+                "$OUT/$run.json" 2>/dev/null || true)
             python3 scripts/kernel_profile.py "$prof/kernels.log" --last-step ${wall:+--wall "$wall"} \
                 >"$OUT/kernels-$name.md" 2>&1 || true
         fi
     done
+    # The wgpu path on the same GPU, through Vulkan: the CPU's logits and greedy tokens, then
+    # generation and a training step.
+    if [ "${VULKAN:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}" = 1 ]; then
+        step model-vk "$L" bench synthetic-model --like "$P/smollm2-shape" --out "$OUT/smollm2-vk"
+        step vk-parity "$L" bench parity --model "$OUT/smollm2-vk" --device vulkan --prompt-tokens 32 --new-tokens 16 --json
+        step vk-generate "$L" bench generate --model "$OUT/smollm2-vk" --device vulkan --batch 1,8 --repeat 2 --json
+        step vk-train "$L" bench train --model "$OUT/smollm2-vk" --device vulkan --batch 4 --seq 128 --steps 3 --json
+    fi
     python3 scripts/gpu_proof_summary.py "$OUT" | tee "$OUT/summary.md"
     ;;
 *)

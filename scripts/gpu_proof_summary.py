@@ -112,6 +112,27 @@ def main():
               + " | ".join("—" if r is None else f"{r:.2f}" for r in ratios) + " |")
     print("\n(Lathe: what cubecl's pools reserved after the timed steps; PyTorch: `max_memory_reserved`.)")
 
+    print("\n| model | gradient checkpointing: Lathe tok/s | Lathe bf16 | Lathe / peft tf32 | Lathe bf16 / peft bf16 "
+          "| GPU MiB Lathe | GPU MiB Lathe bf16 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        gc, gc_bf16 = read(out, f"train-{name}-lathe-gc"), read(out, f"train-{name}-lathe-bf16-gc")
+        tf32, bf16 = read(out, f"train-{name}-peft-tf32"), read(out, f"train-{name}-peft-bf16")
+
+        def get(r, key):
+            return (r or {}).get(key)
+
+        def cell(x, spec):
+            return "—" if x is None else format(x, spec)
+
+        def over(a, b):
+            return None if a is None or b is None else a / b
+
+        print(f"| {name} | {cell(get(gc, 'tokens_per_s'), '.0f')} | {cell(get(gc_bf16, 'tokens_per_s'), '.0f')} "
+              f"| {cell(over(get(gc, 'tokens_per_s'), get(tf32, 'tokens_per_s')), '.2f')} "
+              f"| {cell(over(get(gc_bf16, 'tokens_per_s'), get(bf16, 'tokens_per_s')), '.2f')} "
+              f"| {cell(get(gc, 'gpu_reserved_mib'), '.0f')} | {cell(get(gc_bf16, 'gpu_reserved_mib'), '.0f')} |")
+
     print("\n| model | batch | prompt tok/s | decode tok/s |")
     print("|---|---|---|---|")
     for name in names:
@@ -121,6 +142,21 @@ def main():
             print(f"| {name} | failed | | |")
         for r in rows:
             print(f"| {name} | {r['batch']} | {r['pp_tokens_per_s']:.0f} | {r['tg_tokens_per_s']:.0f} |")
+
+    vk = read(out, "vk-parity")
+    if vk or (out / "vk-parity.err").exists():
+        print("\nVulkan (the wgpu build; on the GPU machine, through its NVIDIA driver), SmolLM2's shape:\n")
+        if vk:
+            same = "equal" if vk["greedy_cpu"] == vk["greedy_device"] else "DIFFER"
+            print(f"- parity: greedy tokens {same}, max abs logit diff {vk['max_abs_logit_diff']:.2e} "
+                  f"of {vk['max_abs_logit']:.2f}, argmax agreement {100 * vk['argmax_agreement']:.1f} %")
+        else:
+            print("- parity: failed, see vk-parity.err")
+        rows = read(out, "vk-generate")
+        for r in [rows] if isinstance(rows, dict) else rows or []:
+            print(f"- generation, batch {r['batch']}: prompt {r['pp_tokens_per_s']:.0f} tok/s, decode {r['tg_tokens_per_s']:.0f} tok/s")
+        t = read(out, "vk-train")
+        print(f"- training, {t['batch']} × {t['seq']}: {t['tokens_per_s']:.0f} tok/s" if t else "- training: failed, see vk-train.err")
 
     for name in names:
         kernels = out / f"kernels-{name}.md"

@@ -11,10 +11,11 @@ cargo test --release --manifest-path plugins/Cargo.toml -p lathe-metrics
 # Vulkan driver, lavapipe. Needs its own build of the engine with the `wgpu` feature.
 XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}" LATHE_TEST_DEVICE=vulkan \
     cargo nextest run --release -p lathe-engine --features wgpu --no-fail-fast -E 'test(/^tiny::/)'
-# The NVIDIA build, stripped for copying to a GPU machine (target/dist/lathe). It builds from
-# crates.io alone (no LLVM download, no CUDA toolkit: see patches/cubecl-llvm); the e2e tests
-# run it here, where there is no GPU, and expect an error naming what is missing.
-cargo build --profile dist -p lathe --features cuda
+# The GPU build, stripped for copying to a GPU machine (target/dist/lathe; CUDA and, through
+# wgpu, Vulkan), as `scripts/gpu-proof.sh prepare` makes it. It builds from crates.io alone
+# (no LLVM download, no CUDA toolkit: see patches/cubecl-llvm); the e2e tests run it here,
+# where there is no GPU, and expect an error naming what is missing.
+cargo build --profile dist -p lathe --features cuda,wgpu
 LATHE_CUDA_BINARY="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/dist/lathe"
 export LATHE_CUDA_BINARY
 # Everything, on the CPU (with the AVX-512 kernels where the CPU has them, as the demo).

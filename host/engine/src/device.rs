@@ -9,6 +9,8 @@ use crate::error::{EngineError, Result};
 /// `cuda[:N]` (builds with the `cuda` feature), or `wgpu` / `vulkan` (builds with the `wgpu`
 /// feature; `vulkan` pins that API, `wgpu` lets wgpu pick Vulkan, Metal, DX12 or GL).
 pub fn parse_device(name: &str) -> Result<Device> {
+    // Unused in a build with every GPU feature.
+    #[cfg_attr(all(feature = "cuda", feature = "wgpu"), allow(unused_variables))]
     let unavailable = |feature: &str| {
         EngineError::Device(
             name.into(),

@@ -44,6 +44,10 @@ pub enum EngineError {
     #[error("device `{0}`: {1}")]
     Device(String, String),
 
+    /// A training step could not be computed (the device failed mid-step: out of memory).
+    #[error("training step: {0}")]
+    Step(String),
+
     /// Training was asked to stop; the checkpoint of this step is on disk.
     /// A checkpoint was written but could not be kept where the caller keeps them (an
     /// object store); the run stops, its local checkpoint intact.

@@ -254,6 +254,16 @@ impl Adapter {
             .collect()
     }
 
+    /// A copy whose weights require gradients, for a training step through burn's autodiff
+    /// graph (GPUs; the CPU step is [`crate::train::host_grads`]).
+    pub fn tracked(&self) -> Self {
+        let mut out = self.clone();
+        for p in out.params_mut() {
+            *p = p.clone().inner().autodiff().require_grad();
+        }
+        out
+    }
+
     /// A copy outside any autodiff graph, for inference between training steps.
     pub fn detached(&self) -> Self {
         let mut out = self.clone();

@@ -76,12 +76,17 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Checkpoints kept besides the best one.
     pub keep_checkpoints: usize,
-    /// Keep only each decoder layer's input and recompute the layer before its backward
-    /// pass ([`host_grads`] on the CPU, [`layerwise_grads`] elsewhere); with a 4-bit base
-    /// ([`CausalLm::quantize_base`]) this is QLoRA.
+    /// QLoRA: the caller keeps the frozen projections as 4-bit blocks
+    /// ([`CausalLm::quantize_base`]), and each layer is recomputed as with
+    /// `gradient_checkpointing`.
     pub qlora: bool,
     /// Train over a bf16 base ([`CausalLm::bf16_base`]): mixed precision for GPUs.
     pub bf16: bool,
+    /// Keep only each decoder layer's input and recompute the layer before its backward pass
+    /// ([`host_grads`] on the CPU, [`layerwise_grads`] elsewhere), over any base. One layer's
+    /// activations are alive at a time instead of all of them, for one more forward pass:
+    /// without it a 1.1B Llama at batch 8 × 1024 did not fit an 80 GB H100 (BENCHMARKS.md).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -108,11 +113,17 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             qlora: false,
             bf16: false,
+            gradient_checkpointing: false,
         }
     }
 }
 
 impl TrainConfig {
+    /// Whether the backward pass recomputes each layer from its input.
+    pub fn recompute_layers(&self) -> bool {
+        self.qlora || self.gradient_checkpointing
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(EngineError::Generation(format!("training config: {m}")));
         if self.lora.rank == 0 {
@@ -346,9 +357,7 @@ impl<'a> Trainer<'a> {
         if resume && let Some(dir) = latest_checkpoint(&ckpt_root)? {
             state = self.load_checkpoint(&dir, &mut adapter, &mut opt)?;
         }
-        for p in adapter.params_mut() {
-            *p = p.clone().autodiff().require_grad();
-        }
+        let mut adapter = adapter.tracked();
         // The metrics log holds exactly the steps the state knows of.
         self.rewrite_metrics(&state)?;
 
@@ -369,13 +378,13 @@ impl<'a> Trainer<'a> {
                 let examples: Vec<&Encoded> = batch.iter().map(|&i| &self.train[i]).collect();
                 let scale = 1.0 / targets.max(1) as f64;
                 let micro: Vec<Option<Tensor<2>>> = if backprop::supports(self.model) {
-                    let Some((loss, g)) = backprop::host_grads(self.model, &examples, &adapter, true, micro_seed, scale, c.qlora) else {
+                    let Some((loss, g)) = backprop::host_grads(self.model, &examples, &adapter, true, micro_seed, scale, c.recompute_layers()) else {
                         continue;
                     };
                     loss_sum += loss;
                     g.into_iter().map(Some).collect()
-                } else if c.qlora {
-                    let Some((loss, g)) = layerwise_grads(self.model, &examples, &adapter, true, micro_seed, scale) else {
+                } else if c.recompute_layers() {
+                    let Some((loss, g)) = layerwise_grads(self.model, &examples, &adapter, true, micro_seed, scale)? else {
                         continue;
                     };
                     loss_sum += loss;
@@ -386,7 +395,7 @@ impl<'a> Trainer<'a> {
                         continue;
                     };
                     let scaled = loss.clone().mul_scalar(scale);
-                    loss_sum += scalar(loss);
+                    loss_sum += scalar(loss)?;
                     let mut g = scaled.backward();
                     adapter.params().iter().map(|(_, p)| p.grad_remove(&mut g)).collect()
                 };
@@ -406,7 +415,7 @@ impl<'a> Trainer<'a> {
                 .map(|(g, m)| g.unwrap_or_else(|| m.zeros_like()))
                 .collect();
             let lr = c.lr_at(state.step, total);
-            let grad_norm = self.apply_adamw(&mut adapter, &mut opt, grads, lr, state.step + 1);
+            let grad_norm = self.apply_adamw(&mut adapter, &mut opt, grads, lr, state.step + 1)?;
             let record = StepRecord {
                 step: state.step + 1,
                 epoch,
@@ -465,27 +474,27 @@ impl<'a> Trainer<'a> {
     }
 
     /// Mean held-out loss per target token, without dropout or gradients.
-    pub fn heldout_loss(&self, adapter: &Adapter) -> Option<f64> {
+    pub fn heldout_loss(&self, adapter: &Adapter) -> Result<Option<f64>> {
         let c = &self.info.config;
         let adapter = adapter.detached();
         let (mut sum, mut n) = (0.0, 0usize);
         for chunk in self.heldout.chunks(c.batch_size) {
             let examples: Vec<&Encoded> = chunk.iter().collect();
             if let Some((loss, k)) = self.loss(&examples, &adapter, false) {
-                sum += scalar(loss);
+                sum += scalar(loss)?;
                 n += k;
             }
         }
-        (n > 0).then(|| sum / n as f64)
+        Ok((n > 0).then(|| sum / n as f64))
     }
 
     /// Clips, then applies one AdamW update; returns the gradient norm before clipping.
-    fn apply_adamw(&self, adapter: &mut Adapter, opt: &mut Optimizer, grads: Vec<Tensor<2>>, lr: f64, t: usize) -> f64 {
+    fn apply_adamw(&self, adapter: &mut Adapter, opt: &mut Optimizer, grads: Vec<Tensor<2>>, lr: f64, t: usize) -> Result<f64> {
         let c = &self.info.config;
         // One read for all the parameters: a read per parameter waits on the device each
         // time (some 200 waits a step on a GPU).
         let squares: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().powi_scalar(2).sum()).collect();
-        let norm = if squares.is_empty() { 0.0 } else { scalar(Tensor::cat(squares, 0).sum()).sqrt() };
+        let norm = if squares.is_empty() { 0.0 } else { scalar(Tensor::cat(squares, 0).sum())?.sqrt() };
         let clip = if c.max_grad_norm > 0.0 && norm > c.max_grad_norm { c.max_grad_norm / (norm + 1e-6) } else { 1.0 };
         let (b1, b2) = (c.beta1, c.beta2);
         let bc1 = 1.0 - b1.powi(t as i32);
@@ -495,17 +504,16 @@ impl<'a> Trainer<'a> {
             *m = m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
             *v = v.clone().mul_scalar(b2) + g.powi_scalar(2).mul_scalar(1.0 - b2);
             let update = m.clone().div_scalar(bc1) / v.clone().div_scalar(bc2).sqrt().add_scalar(c.eps);
-            let w = p.clone().inner();
-            let w = w.clone().mul_scalar(1.0 - lr * c.weight_decay) - update.mul_scalar(lr);
-            *p = w.autodiff().require_grad();
+            *p = p.clone().inner().mul_scalar(1.0 - lr * c.weight_decay) - update.mul_scalar(lr);
         }
-        norm
+        *adapter = adapter.tracked();
+        Ok(norm)
     }
 
     fn evaluate(&self, adapter: &Adapter, metric: &mut Option<&mut MetricFn<'_>>, state: &mut State) -> Result<()> {
         let c = &self.info.config;
         let per_epoch = self.steps_per_epoch();
-        let heldout_loss = self.heldout_loss(adapter);
+        let heldout_loss = self.heldout_loss(adapter)?;
         let value = match metric {
             Some(f) => Some(f(self.model, &adapter.detached())?),
             None => None,
@@ -735,8 +743,10 @@ pub fn layerwise_grads(
     train: bool,
     seed: u64,
     scale: f64,
-) -> Option<(f64, Vec<Tensor<2>>)> {
-    let batch = make_batch(examples)?;
+) -> Result<Option<(f64, Vec<Tensor<2>>)>> {
+    let Some(batch) = make_batch(examples) else {
+        return Ok(None);
+    };
     let device = model.device();
     let ctx = model.layer_context(&batch.step);
     let frozen = adapter.detached();
@@ -750,7 +760,7 @@ pub fn layerwise_grads(
     }
     let top = x.autodiff().require_grad();
     let nll = head_nll(model, &batch, top.clone());
-    let loss = scalar(nll.clone());
+    let loss = scalar(nll.clone())?;
     let mut g = nll.mul_scalar(scale).backward();
     let mut upstream = top.grad(&g).expect("the last hidden state takes part in the loss");
     drop(g);
@@ -779,7 +789,7 @@ pub fn layerwise_grads(
             upstream = xin.grad(&g).expect("the layer input takes part in its output");
         }
     }
-    Some((loss, grads))
+    Ok(Some((loss, grads)))
 }
 
 /// The newest complete checkpoint under `root` (`step-N` folders; temporaries ignored).
@@ -823,8 +833,25 @@ fn host(t: &Tensor<2>) -> HostParam {
     (t.dims().to_vec(), crate::lora::host_vec(t.clone()))
 }
 
-fn scalar(t: Tensor<1>) -> f64 {
-    f64::from(crate::lora::host_vec(t)[0])
+/// The first value of `t`, read back from the device. This read is where a GPU's failures
+/// in the work queued before it surface (cubecl runs kernels asynchronously), so they come
+/// back as an error that says what happened, not as a panic.
+fn scalar(t: Tensor<1>) -> Result<f64> {
+    let data = t.inner().try_into_data().map_err(|e| {
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            why = format!("{why}: {c}");
+            cause = c.source();
+        }
+        let hint = if why.contains("out of device memory") {
+            ". The GPU ran out of memory: lower batch_size or max_len, or turn on gradient_checkpointing (each layer recomputed in the backward pass) or qlora"
+        } else {
+            ""
+        };
+        EngineError::Step(format!("it failed on the device: {why}{hint}"))
+    })?;
+    Ok(f64::from(data.convert::<f32>().try_to_vec::<f32>().map_err(|e| EngineError::Step(format!("reading a loss: {e:?}")))?[0]))
 }
 
 /// SplitMix64 of `a` and `b`: independent seeds for each (run, step).

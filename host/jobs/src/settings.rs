@@ -35,10 +35,12 @@ pub struct TrainSettings {
     /// Keep the frozen projections as 4-bit blocks and back-propagate layer by layer.
     pub qlora: bool,
     /// Mixed precision: the frozen base in bf16, the LoRA weights in f32 (for GPUs with
-    /// bf16 tensor cores; on the CPU it is slower than f32). Left out of the settings'
-    /// JSON when off, so run folders named by the settings keep their names.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    /// bf16 tensor cores; on the CPU it is slower than f32).
     pub bf16: bool,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations:
+    /// one layer's alive at a time, for one more forward pass (long sequences or large
+    /// batches on a GPU).
+    pub gradient_checkpointing: bool,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_len: usize,
@@ -75,6 +77,7 @@ impl Default for TrainSettings {
             rslora: l.rslora,
             qlora: c.qlora,
             bf16: c.bf16,
+            gradient_checkpointing: c.gradient_checkpointing,
             batch_size: c.batch_size,
             grad_accum: c.grad_accum,
             max_len: c.max_len,
@@ -94,6 +97,19 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
+    /// Settings added after run folders were first named from the settings, left out of
+    /// [`folder_key`](Self::folder_key) while off so that those folders keep their names.
+    const ADDED_OFF_BY_DEFAULT: [&str; 2] = ["bf16", "gradient_checkpointing"];
+
+    /// What names a run's folder: the settings, less the later flags that are off.
+    pub fn folder_key(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("settings serialise");
+        if let Value::Object(map) = &mut v {
+            map.retain(|k, flag| !(Self::ADDED_OFF_BY_DEFAULT.contains(&k.as_str()) && *flag == Value::Bool(false)));
+        }
+        v
+    }
+
     /// The engine's configuration, checked.
     pub fn config(&self) -> Result<TrainConfig> {
         let config = TrainConfig {
@@ -120,6 +136,7 @@ impl TrainSettings {
             patience: self.patience,
             qlora: self.qlora,
             bf16: self.bf16,
+            gradient_checkpointing: self.gradient_checkpointing,
             ..TrainConfig::default()
         };
         config.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
@@ -329,5 +346,28 @@ mod tests {
         let s = TrainSettings::default();
         assert_eq!((s.rank, s.alpha, s.dropout, s.learning_rate, s.epochs, s.patience), (16, 32.0, 0.1, 1e-4, 3, 2));
         assert!(s.config().is_ok());
+    }
+
+    /// Gradient checkpointing reaches the engine, over a full-precision base as under QLoRA,
+    /// and names a run folder only when it is on (folders named before it existed keep
+    /// their names).
+    #[test]
+    fn gradient_checkpointing_recomputes_layers_and_is_named_only_when_on() {
+        let off = TrainSettings::default();
+        assert!(!off.config().unwrap().recompute_layers());
+        // The key is the settings' JSON as it was before these flags: the same folder names.
+        let full = serde_json::to_string(&off).unwrap();
+        assert_eq!(off.folder_key().to_string(), full.replace(",\"bf16\":false,\"gradient_checkpointing\":false", ""));
+        assert_ne!(off.folder_key().to_string(), full);
+        let layers = Layers { env: vec![("LATHE_TRAIN_GRADIENT_CHECKPOINTING".into(), "true".into())], ..Layers::default() };
+        let on: TrainSettings = layers.resolve("train").unwrap();
+        let c = on.config().unwrap();
+        assert!(c.gradient_checkpointing && !c.qlora && c.recompute_layers());
+        assert!(on.folder_key().to_string().contains("\"gradient_checkpointing\":true"));
+        // bf16 too is a setting a layer can turn on, not only a field.
+        let layers = Layers { toml: Some(("lathe.toml".into(), "[train]\nbf16 = true\n".into())), ..Layers::default() };
+        assert!(layers.resolve::<TrainSettings>("train").unwrap().config().unwrap().bf16);
+        let qlora = TrainSettings { qlora: true, ..TrainSettings::default() };
+        assert!(qlora.config().unwrap().recompute_layers());
     }
 }

@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// bf16 tensor cores (`--device cuda`); on the CPU it is slower than f32.
     #[arg(long)]
     bf16: bool,
+    /// Gradient checkpointing: recompute each decoder layer in the backward pass instead of
+    /// keeping its activations (less memory, one more forward pass).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// [4]
     #[arg(long)]
     batch_size: Option<usize>,
@@ -138,6 +142,7 @@ impl TrainArgs {
         put("rslora", self.rslora.then_some(true.into()));
         put("qlora", self.qlora.then_some(true.into()));
         put("bf16", self.bf16.then_some(true.into()));
+        put("gradient_checkpointing", self.gradient_checkpointing.then_some(true.into()));
         put("batch_size", self.batch_size.map(Into::into));
         put("grad_accum", self.grad_accum.map(Into::into));
         put("max_len", self.max_len.map(Into::into));

@@ -251,10 +251,7 @@ fn lora_gradients_on_the_test_device_equal_the_cpus() {
     let refs: Vec<&Encoded> = examples.iter().collect();
     let run = |device: &lathe_engine::Device| {
         let m = lathe_engine::load(&tiny.gguf, device).unwrap();
-        let mut adapter = lathe_engine::tiny::random_adapter(&m.model.config, 4, 5, device);
-        for p in adapter.params_mut() {
-            *p = p.clone().autodiff().require_grad();
-        }
+        let adapter = lathe_engine::tiny::random_adapter(&m.model.config, 4, 5, device).tracked();
         let (loss, n) = batch_loss(&m.model, &refs, &adapter, false).unwrap();
         let value = loss.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0];
         let mut g = loss.backward();

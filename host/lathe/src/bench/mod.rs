@@ -93,6 +93,10 @@ pub struct TrainBench {
     /// runs peft in bf16 too).
     #[arg(long)]
     bf16: bool,
+    /// Gradient checkpointing: keep only each decoder layer's input and recompute the layer
+    /// before its backward pass, as QLoRA does, over the full-precision base.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Time the same step in PyTorch + peft (`scripts/bench_peft.py`, run by
     /// `$LATHE_ANCHOR_PYTHON`, else `.venv-anchors/bin/python`, else `python3`) on the same
     /// weights and thread count, and print the ratios. A GGUF model is first written as a
@@ -365,6 +369,7 @@ fn train(a: TrainBench) -> Result<()> {
         batch_size: a.batch,
         qlora: a.qlora,
         bf16: a.bf16,
+        gradient_checkpointing: a.gradient_checkpointing,
         ..TrainConfig::default()
     };
     let out = tempfile::tempdir()?;
@@ -430,7 +435,7 @@ fn train(a: TrainBench) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": a.model, "qlora": a.qlora, "bf16": a.bf16, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
+                "model": a.model, "qlora": a.qlora, "bf16": a.bf16, "gradient_checkpointing": a.gradient_checkpointing, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
                 "threads": threads, "step_s": mean, "tokens_per_s": tokens_per_s, "first_step_s": times[0],
                 "device": a.compute.device, "matmul": lathe_engine::device::MatmulPrecision::of(&a.compute.device),
                 "peak_rss_training_mib": peak, "rss_before_training_mib": loaded_mib, "gpu_reserved_mib": gpu_mib,
