@@ -101,7 +101,7 @@ run)
             run=train-$name-lathe gc=
             [ -s "$OUT/$run.json" ] || { run=train-$name-lathe-gc gc=--gradient-checkpointing; }
             step "profile-$name" env -C "$prof" "$L" bench train --model "$OUT/$name" --device "$DEVICE" \
-                --batch "$batch" --seq "$seq" --steps 2 $gc --json
+                --batch "$batch" --seq "$seq" --steps 2 ${gc:+"$gc"} --json
             wall=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step_s"])' \
                 "$OUT/$run.json" 2>/dev/null || true)
             python3 scripts/kernel_profile.py "$prof/kernels.log" --last-step ${wall:+--wall "$wall"} \

@@ -1,4 +1,4 @@
-//! The `cuda` build (`cargo build --profile dist -p lathe --features cuda`, which
+//! The GPU build (`cargo build --profile dist -p lathe --features cuda,wgpu`, which
 //! `scripts/test.sh` runs before the tests): it starts anywhere and, on a machine without an
 //! NVIDIA driver, refuses `--device cuda` with an error naming what is missing.
 
@@ -16,7 +16,7 @@ fn cuda_binary() -> PathBuf {
     });
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build --profile dist -p lathe --features cuda` (scripts/test.sh does)",
+        "{} is missing: build it with `cargo build --profile dist -p lathe --features cuda,wgpu` (scripts/test.sh does)",
         path.display()
     );
     path

@@ -84,8 +84,10 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Keep only each decoder layer's input and recompute the layer before its backward pass
     /// ([`host_grads`] on the CPU, [`layerwise_grads`] elsewhere), over any base. One layer's
-    /// activations are alive at a time instead of all of them, for one more forward pass:
-    /// without it a 1.1B Llama at batch 8 × 1024 did not fit an 80 GB H100 (BENCHMARKS.md).
+    /// activations are alive at a time instead of all of them, for one more forward pass
+    /// (the whole graph of a 1.1B Llama at batch 8 × 1024 did not fit an 80 GB H100,
+    /// BENCHMARKS.md). Left out of `run.json` when off, as binaries before it wrote it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
 }
 
@@ -845,7 +847,7 @@ fn scalar(t: Tensor<1>) -> Result<f64> {
             cause = c.source();
         }
         let hint = if why.contains("out of device memory") {
-            ". The GPU ran out of memory: lower batch_size or max_len, or turn on gradient_checkpointing (each layer recomputed in the backward pass) or qlora"
+            ". The GPU ran out of memory: start the run again with a lower batch_size or max_len, or with gradient_checkpointing (each layer recomputed in the backward pass) or qlora"
         } else {
             ""
         };

@@ -102,6 +102,8 @@ impl JobError {
             Self::Engine(e) => match e {
                 EngineError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotFound,
                 EngineError::Io { .. } | EngineError::Device(..) | EngineError::Generation(_) | EngineError::CheckpointKept { .. } => ErrorKind::Internal,
+                // A step the device could not compute (out of memory) needs other settings.
+                EngineError::Step(_) => ErrorKind::Invalid,
                 _ => ErrorKind::Invalid,
             },
             Self::Judge(_) | Self::Io { .. } => ErrorKind::Internal,

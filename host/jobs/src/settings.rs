@@ -35,11 +35,14 @@ pub struct TrainSettings {
     /// Keep the frozen projections as 4-bit blocks and back-propagate layer by layer.
     pub qlora: bool,
     /// Mixed precision: the frozen base in bf16, the LoRA weights in f32 (for GPUs with
-    /// bf16 tensor cores; on the CPU it is slower than f32).
+    /// bf16 tensor cores; on the CPU it is slower than f32). Left out of the settings'
+    /// JSON when off, so run folders named by the settings keep their names.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub bf16: bool,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations:
     /// one layer's alive at a time, for one more forward pass (long sequences or large
-    /// batches on a GPU).
+    /// batches on a GPU). Left out of the settings' JSON when off, as `bf16`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -97,19 +100,6 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
-    /// Settings added after run folders were first named from the settings, left out of
-    /// [`folder_key`](Self::folder_key) while off so that those folders keep their names.
-    const ADDED_OFF_BY_DEFAULT: [&str; 2] = ["bf16", "gradient_checkpointing"];
-
-    /// What names a run's folder: the settings, less the later flags that are off.
-    pub fn folder_key(&self) -> Value {
-        let mut v = serde_json::to_value(self).expect("settings serialise");
-        if let Value::Object(map) = &mut v {
-            map.retain(|k, flag| !(Self::ADDED_OFF_BY_DEFAULT.contains(&k.as_str()) && *flag == Value::Bool(false)));
-        }
-        v
-    }
-
     /// The engine's configuration, checked.
     pub fn config(&self) -> Result<TrainConfig> {
         let config = TrainConfig {
@@ -264,7 +254,13 @@ impl Layers {
 
 fn apply<T: DeserializeOwned>(merged: &mut Map<String, Value>, layer: Map<String, Value>, known: &[String], name: &str) -> Result<()> {
     for (k, v) in layer {
-        if !known.contains(&k) {
+        // A field left out of the defaults' JSON (`bf16` while off) is still a setting: the
+        // settings type itself knows it.
+        let known_to_type = || match serde_json::from_value::<T>(serde_json::json!({ k.as_str(): v })) {
+            Ok(_) => true,
+            Err(e) => !e.to_string().contains("unknown field"),
+        };
+        if !known.contains(&k) && !known_to_type() {
             return Err(JobError::Invalid(format!("{name}: unknown setting `{k}`; the settings are {}", known.join(", "))));
         }
         let before = merged.insert(k.clone(), v.clone());
@@ -355,18 +351,18 @@ mod tests {
     fn gradient_checkpointing_recomputes_layers_and_is_named_only_when_on() {
         let off = TrainSettings::default();
         assert!(!off.config().unwrap().recompute_layers());
-        // The key is the settings' JSON as it was before these flags: the same folder names.
-        let full = serde_json::to_string(&off).unwrap();
-        assert_eq!(off.folder_key().to_string(), full.replace(",\"bf16\":false,\"gradient_checkpointing\":false", ""));
-        assert_ne!(off.folder_key().to_string(), full);
+        assert!(!serde_json::to_string(&off).unwrap().contains("gradient_checkpointing"));
         let layers = Layers { env: vec![("LATHE_TRAIN_GRADIENT_CHECKPOINTING".into(), "true".into())], ..Layers::default() };
         let on: TrainSettings = layers.resolve("train").unwrap();
         let c = on.config().unwrap();
         assert!(c.gradient_checkpointing && !c.qlora && c.recompute_layers());
-        assert!(on.folder_key().to_string().contains("\"gradient_checkpointing\":true"));
+        assert!(serde_json::to_string(&on).unwrap().contains("\"gradient_checkpointing\":true"));
         // bf16 too is a setting a layer can turn on, not only a field.
         let layers = Layers { toml: Some(("lathe.toml".into(), "[train]\nbf16 = true\n".into())), ..Layers::default() };
         assert!(layers.resolve::<TrainSettings>("train").unwrap().config().unwrap().bf16);
+        let bad = Layers { env: vec![("LATHE_TRAIN_BF16".into(), "maybe".into())], ..Layers::default() };
+        let e = bad.resolve::<TrainSettings>("train").unwrap_err().to_string();
+        assert!(e.contains("`bf16`") && !e.contains("unknown setting"), "{e}");
         let qlora = TrainSettings { qlora: true, ..TrainSettings::default() };
         assert!(qlora.config().unwrap().recompute_layers());
     }

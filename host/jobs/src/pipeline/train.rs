@@ -89,7 +89,7 @@ pub fn train(env: &Env, spec: &TrainSpec, sink: &dyn Sink) -> Result<TrainJobOut
     let out_dir = match &spec.out {
         Some(o) => o.clone(),
         None => {
-            let key = serde_json::to_string(&(spec.settings.folder_key(), &template.name, &spec.suite.name)).expect("settings serialise");
+            let key = serde_json::to_string(&(&spec.settings, &template.name, &spec.suite.name)).expect("settings serialise");
             env.train_dir().join(format!("{}-{}", &data_id[..12], &lathe_util::sha256_hex(key.as_bytes())[..8]))
         }
     };

@@ -448,7 +448,11 @@ fn train(a: TrainBench) -> Result<()> {
     } else {
         println!(
             "{} r{} ({}) | batch {} × {} | {} threads: {:.2} s/step, {:.1} training tokens/s, peak RSS while training {:.0} MiB (before training {:.0})",
-            if a.qlora { "QLoRA" } else { "LoRA" },
+            match (a.qlora, a.gradient_checkpointing) {
+                (true, _) => "QLoRA",
+                (false, true) => "LoRA (gradient checkpointing)",
+                (false, false) => "LoRA",
+            },
             a.rank,
             a.targets,
             a.batch,
