@@ -29,6 +29,18 @@ def read(out, name):
     return lines if len(lines) > 1 else (lines[0] if lines else None)
 
 
+def get(run, key):
+    return (run or {}).get(key)
+
+
+def cell(x, spec=".0f"):
+    return "—" if x is None else format(x, spec)
+
+
+def over(a, b):
+    return None if a is None or b is None else a / b
+
+
 def flops_per_token(cfg, seq, trainable):
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -75,13 +87,7 @@ def main():
             continue
 
         def tps(r):
-            return r["tokens_per_s"] if r else None
-
-        def fmt(x, spec=".0f"):
-            return "—" if x is None else format(x, spec)
-
-        def ratio(a, b):
-            return None if a is None or b is None else a / b
+            return get(r, "tokens_per_s")
 
         def mfu(r, dtype):
             if not r or not hopper:
@@ -90,12 +96,12 @@ def main():
 
         matmul = (lathe or {}).get("matmul", "f32")
         batch, seq = any_run["batch"], any_run["seq"]
-        print(f"| {name} | {batch} × {seq} | {fmt(tps(lathe))} ({matmul}) | {fmt(tps(lathe_bf16))} "
-              f"| {fmt(tps(peft['f32']))} | {fmt(tps(peft['tf32']))} | {fmt(tps(peft['bf16']))} "
-              f"| {fmt(ratio(tps(lathe), tps(peft['tf32'])), '.2f')} "
-              f"| {fmt(ratio(tps(lathe_bf16), tps(peft['bf16'])), '.2f')} "
-              f"| {fmt(mfu(lathe, matmul), '.1%')} | {fmt(mfu(lathe_bf16, 'bf16'), '.1%')} "
-              f"| {fmt(mfu(peft['tf32'], 'tf32'), '.1%')} | {fmt(mfu(peft['bf16'], 'bf16'), '.1%')} |")
+        print(f"| {name} | {batch} × {seq} | {cell(tps(lathe))} ({matmul}) | {cell(tps(lathe_bf16))} "
+              f"| {cell(tps(peft['f32']))} | {cell(tps(peft['tf32']))} | {cell(tps(peft['bf16']))} "
+              f"| {cell(over(tps(lathe), tps(peft['tf32'])), '.2f')} "
+              f"| {cell(over(tps(lathe_bf16), tps(peft['bf16'])), '.2f')} "
+              f"| {cell(mfu(lathe, matmul), '.1%')} | {cell(mfu(lathe_bf16, 'bf16'), '.1%')} "
+              f"| {cell(mfu(peft['tf32'], 'tf32'), '.1%')} | {cell(mfu(peft['bf16'], 'bf16'), '.1%')} |")
 
     print("\n| model | GPU memory, MiB: Lathe (tf32) | Lathe bf16 | peft tf32 | peft bf16 | Lathe / peft tf32 | Lathe bf16 / peft bf16 |")
     print("|---|---|---|---|---|---|---|")
@@ -103,13 +109,9 @@ def main():
         lathe, lathe_bf16 = read(out, f"train-{name}-lathe"), read(out, f"train-{name}-lathe-bf16")
         tf32, bf16 = read(out, f"train-{name}-peft-tf32"), read(out, f"train-{name}-peft-bf16")
 
-        def mib(r, key):
-            return (r or {}).get(key)
-
-        cells = [mib(lathe, "gpu_reserved_mib"), mib(lathe_bf16, "gpu_reserved_mib"), mib(tf32, "peak_mib"), mib(bf16, "peak_mib")]
-        ratios = [None if a is None or b is None else a / b for a, b in [(cells[0], cells[2]), (cells[1], cells[3])]]
-        print(f"| {name} | " + " | ".join("—" if c is None else f"{c:.0f}" for c in cells) + " | "
-              + " | ".join("—" if r is None else f"{r:.2f}" for r in ratios) + " |")
+        cells = [get(lathe, "gpu_reserved_mib"), get(lathe_bf16, "gpu_reserved_mib"), get(tf32, "peak_mib"), get(bf16, "peak_mib")]
+        ratios = [over(cells[0], cells[2]), over(cells[1], cells[3])]
+        print(f"| {name} | " + " | ".join(cell(c) for c in cells) + " | " + " | ".join(cell(r, ".2f") for r in ratios) + " |")
     print("\n(Lathe: what cubecl's pools reserved after the timed steps; PyTorch: `max_memory_reserved`.)")
 
     print("\n| model | gradient checkpointing: Lathe tok/s | Lathe bf16 | Lathe / peft tf32 | Lathe bf16 / peft bf16 "
@@ -118,20 +120,10 @@ def main():
     for name in names:
         gc, gc_bf16 = read(out, f"train-{name}-lathe-gc"), read(out, f"train-{name}-lathe-bf16-gc")
         tf32, bf16 = read(out, f"train-{name}-peft-tf32"), read(out, f"train-{name}-peft-bf16")
-
-        def get(r, key):
-            return (r or {}).get(key)
-
-        def cell(x, spec):
-            return "—" if x is None else format(x, spec)
-
-        def over(a, b):
-            return None if a is None or b is None else a / b
-
-        print(f"| {name} | {cell(get(gc, 'tokens_per_s'), '.0f')} | {cell(get(gc_bf16, 'tokens_per_s'), '.0f')} "
+        print(f"| {name} | {cell(get(gc, 'tokens_per_s'))} | {cell(get(gc_bf16, 'tokens_per_s'))} "
               f"| {cell(over(get(gc, 'tokens_per_s'), get(tf32, 'tokens_per_s')), '.2f')} "
               f"| {cell(over(get(gc_bf16, 'tokens_per_s'), get(bf16, 'tokens_per_s')), '.2f')} "
-              f"| {cell(get(gc, 'gpu_reserved_mib'), '.0f')} | {cell(get(gc_bf16, 'gpu_reserved_mib'), '.0f')} |")
+              f"| {cell(get(gc, 'gpu_reserved_mib'))} | {cell(get(gc_bf16, 'gpu_reserved_mib'))} |")
 
     print("\n| model | batch | prompt tok/s | decode tok/s |")
     print("|---|---|---|---|")
