@@ -254,19 +254,16 @@ impl Layers {
 
 fn apply<T: DeserializeOwned>(merged: &mut Map<String, Value>, layer: Map<String, Value>, known: &[String], name: &str) -> Result<()> {
     for (k, v) in layer {
-        // A field left out of the defaults' JSON (`bf16` while off) is still a setting: the
-        // settings type itself knows it.
-        let known_to_type = || match serde_json::from_value::<T>(serde_json::json!({ k.as_str(): v })) {
-            Ok(_) => true,
-            Err(e) => !e.to_string().contains("unknown field"),
-        };
-        if !known.contains(&k) && !known_to_type() {
-            return Err(JobError::Invalid(format!("{name}: unknown setting `{k}`; the settings are {}", known.join(", "))));
-        }
+        // The settings type decides what a setting is (its fields deny unknown ones), so a
+        // field left out of the defaults' JSON, `bf16` while off, is one too.
         let before = merged.insert(k.clone(), v.clone());
         if let Err(e) = serde_json::from_value::<T>(Value::Object(merged.clone())) {
-            if let Some(b) = before {
-                merged.insert(k.clone(), b);
+            match before {
+                Some(b) => merged.insert(k.clone(), b),
+                None => merged.remove(&k),
+            };
+            if e.to_string().contains("unknown field") {
+                return Err(JobError::Invalid(format!("{name}: unknown setting `{k}`; the settings are {}", known.join(", "))));
             }
             return Err(JobError::Invalid(format!("{name}: `{k}` = {v}: {e}")));
         }
