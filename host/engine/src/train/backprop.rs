@@ -523,45 +523,91 @@ fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]
     [dq, dk, dv]
 }
 
-/// `y = x·W + scale·(xd·A)·B` for each projection reading `x`; returns the outputs and
-/// each adapted projection's `xd·A` (`[n, rank]`), kept for the backward pass.
-fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&Pair>)]) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
-    let inp = x.len() / dm.n;
-    let mut ys = Vec::with_capacity(projs.len());
-    let mut us = Vec::with_capacity(projs.len());
-    for &(w, out, pair) in projs {
-        let mut y = vec![0.0; dm.n * out];
-        matmul(&mut y, Mat::dense(x, dm.n, inp), w.mat(inp, out), 1.0, false, true);
-        us.push(pair.map(|p| {
-            let mut u = vec![0.0; dm.n * dm.rank];
-            matmul(&mut u, Mat::dense(xd, dm.n, inp), Mat::dense(&p.a, inp, dm.rank), 1.0, false, true);
-            matmul(&mut y, Mat::dense(&u, dm.n, dm.rank), Mat::dense(&p.b, dm.rank, out), dm.scale, true, true);
-            u
-        }));
-        ys.push(y);
+/// The adapters' `A` factors of projections that read one input, side by side:
+/// `[in, rank × adapted]` (borrowed when only one is adapted).
+fn a_side_by_side<'p>(inp: usize, rank: usize, pairs: &[&'p Pair]) -> Cow<'p, [f32]> {
+    if let [one] = pairs {
+        return Cow::Borrowed(&one.a);
     }
-    (ys, us)
+    let width = rank * pairs.len();
+    let mut a = vec![0.0; inp * width];
+    for (row, out) in a.chunks_exact_mut(width).enumerate() {
+        for (p, o) in pairs.iter().zip(out.chunks_exact_mut(rank)) {
+            o.copy_from_slice(&p.a[row * rank..][..rank]);
+        }
+    }
+    Cow::Owned(a)
 }
 
-/// The backward pass of [`project`] for one projection: from `dy`, adds `dy·Wᵀ` to `dx`
-/// and the adapter's share to `dxd` (the gradient of its dropped-out input), and returns
-/// the pair's gradients.
-#[allow(clippy::too_many_arguments)]
-fn project_backward(dm: &Dims, dy: &[f32], w: &Frozen, xd: &[f32], u: Option<&[f32]>, pair: Option<&Pair>, dx: &mut [f32], dxd: &mut [f32]) -> Option<PairGrad> {
-    let (inp, out) = (dx.len() / dm.n, dy.len() / dm.n);
-    let dym = Mat::dense(dy, dm.n, out);
-    matmul(dx, dym, w.mat(inp, out).t(), 1.0, true, true);
-    let (pair, u) = (pair?, u.expect("an adapted projection kept xd·A"));
-    let r = dm.rank;
-    // dB = s·uᵀ·dy, du = s·dy·Bᵀ, dA = xdᵀ·du, dxd += du·Aᵀ
-    let mut db = vec![0.0; r * out];
-    matmul(&mut db, Mat::dense(u, dm.n, r).t(), dym, dm.scale, false, true);
-    let mut du = vec![0.0; dm.n * r];
-    matmul(&mut du, dym, Mat::dense(&pair.b, r, out).t(), dm.scale, false, true);
-    let mut da = vec![0.0; inp * r];
-    matmul(&mut da, Mat::dense(xd, dm.n, inp).t(), Mat::dense(&du, dm.n, r), 1.0, false, true);
-    matmul(dxd, Mat::dense(&du, dm.n, r), Mat::dense(&pair.a, inp, r).t(), 1.0, true, true);
-    Some(PairGrad { a: da, b: db })
+/// `y = x·W + scale·(xd·A)·B` for each projection reading `x`; returns the outputs and,
+/// where any is adapted, `xd·[A₁ A₂ …]` (`[n, rank × adapted]`, the adapted projections'
+/// `xd·A` side by side in `projs` order), kept for the backward pass. Projections that
+/// share an input share one product for their `A`s: a rank-16 product alone runs the gemm
+/// crate's narrow tiles.
+fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&Pair>)]) -> (Vec<Vec<f32>>, Option<Vec<f32>>) {
+    let inp = x.len() / dm.n;
+    let mut ys: Vec<Vec<f32>> = projs
+        .iter()
+        .map(|&(w, out, _)| {
+            let mut y = vec![0.0; dm.n * out];
+            matmul(&mut y, Mat::dense(x, dm.n, inp), w.mat(inp, out), 1.0, false, true);
+            y
+        })
+        .collect();
+    let pairs: Vec<&Pair> = projs.iter().filter_map(|p| p.2).collect();
+    if pairs.is_empty() {
+        return (ys, None);
+    }
+    let (r, width) = (dm.rank, dm.rank * pairs.len());
+    let mut u = vec![0.0; dm.n * width];
+    matmul(&mut u, Mat::dense(xd, dm.n, inp), Mat::dense(&a_side_by_side(inp, r, &pairs), inp, width), 1.0, false, true);
+    let adapted = projs.iter().zip(&mut ys).filter_map(|(p, y)| p.2.map(|pair| (p.1, pair, y)));
+    for (j, (out, pair, y)) in adapted.enumerate() {
+        matmul(y, Mat::strided(&u, j * r, width, dm.n, r), Mat::dense(&pair.b, r, out), dm.scale, true, true);
+    }
+    (ys, Some(u))
+}
+
+/// The backward pass of [`project`] over projections that read one input: from each
+/// projection's `dy`, adds `dy·Wᵀ` to `dx` and the adapters' share to `dxd` (the gradient
+/// of their dropped-out input), and returns each pair's gradients in `projs` order. `u`
+/// is what [`project`] kept.
+fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], &Frozen, Option<&Pair>)], dx: &mut [f32], dxd: &mut [f32]) -> Vec<Option<PairGrad>> {
+    let inp = dx.len() / dm.n;
+    for &(dy, w, _) in projs {
+        let out = dy.len() / dm.n;
+        matmul(dx, Mat::dense(dy, dm.n, out), w.mat(inp, out).t(), 1.0, true, true);
+    }
+    let pairs: Vec<&Pair> = projs.iter().filter_map(|p| p.2).collect();
+    if pairs.is_empty() {
+        return projs.iter().map(|_| None).collect();
+    }
+    let u = u.expect("adapted projections kept xd·A");
+    let (r, width) = (dm.rank, dm.rank * pairs.len());
+    // Per pair: dB = s·uᵀ·dy, du = s·dy·Bᵀ; then for all at once: dA = xdᵀ·du, dxd += du·Aᵀ.
+    let mut db = Vec::with_capacity(pairs.len());
+    let mut du = vec![0.0; dm.n * width];
+    let mut du_one = vec![0.0; dm.n * r];
+    for (j, &(dy, _, pair)) in projs.iter().filter(|p| p.2.is_some()).enumerate() {
+        let pair = pair.expect("filtered to adapted projections");
+        let out = dy.len() / dm.n;
+        let dym = Mat::dense(dy, dm.n, out);
+        let mut g = vec![0.0; r * out];
+        matmul(&mut g, Mat::strided(u, j * r, width, dm.n, r).t(), dym, dm.scale, false, true);
+        db.push(g);
+        matmul(&mut du_one, dym, Mat::dense(&pair.b, r, out).t(), dm.scale, false, true);
+        for (row, src) in du.chunks_exact_mut(width).zip(du_one.chunks_exact(r)) {
+            row[j * r..][..r].copy_from_slice(src);
+        }
+    }
+    let mut da = vec![0.0; inp * width];
+    matmul(&mut da, Mat::dense(xd, dm.n, inp).t(), Mat::dense(&du, dm.n, width), 1.0, false, true);
+    matmul(dxd, Mat::dense(&du, dm.n, width), Mat::dense(&a_side_by_side(inp, r, &pairs), inp, width).t(), 1.0, true, true);
+    let mut grads = db.into_iter().enumerate().map(|(j, b)| PairGrad {
+        a: da.chunks_exact(width).flat_map(|row| &row[j * r..][..r]).copied().collect(),
+        b,
+    });
+    projs.iter().map(|p| p.2.map(|_| grads.next().expect("one gradient per pair"))).collect()
 }
 
 /// What one decoder layer's forward pass keeps for its backward pass.
@@ -578,8 +624,9 @@ struct Saved {
     lse: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// `xd·A` per target, in [`Target::ALL`] order.
-    u: [Option<Vec<f32>>; 7],
+    /// Per adapter input (as `masks`), what [`project`] kept: its adapted projections'
+    /// `xd·A` side by side.
+    u: [Option<Vec<f32>>; 4],
     /// The dropout masks of the adapters' four inputs.
     masks: [Option<Mask>; 4],
     /// Those inputs as the adapters read them (dropout applied), where an adapter reads
@@ -644,7 +691,7 @@ fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, 
     let f = &lw.frozen;
     let (h1, inv1) = rms_forward(&x, lw.norm1);
     let xd1 = dropped(&masks[0], &h1);
-    let (mut qkv, mut us) = project(
+    let (mut qkv, u1) = project(
         dm,
         &h1,
         xd1.as_deref().unwrap_or(&h1),
@@ -664,24 +711,17 @@ fn layer_forward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>, 
     add(&mut x2, &x);
     let (h2, inv2) = rms_forward(&x2, lw.norm2);
     let xd2 = dropped(&masks[2], &h2);
-    let (mut gu, ugu) = project(dm, &h2, xd2.as_deref().unwrap_or(&h2), &[(&f[4], wd[4], lw.pair(Gate)), (&f[5], wd[5], lw.pair(Up))]);
+    let (mut gu, u2) = project(dm, &h2, xd2.as_deref().unwrap_or(&h2), &[(&f[4], wd[4], lw.pair(Gate)), (&f[5], wd[5], lw.pair(Up))]);
     let xd2 = xd2.unwrap_or(h2);
     let up = gu.pop().expect("two projections");
     let gate = gu.pop().expect("two projections");
     let act = silu_mul(&gate, &up);
     let xda = dropped(&masks[3], &act);
-    let (mut dn, ud) = project(dm, &act, xda.as_deref().unwrap_or(&act), &[(&f[6], wd[6], lw.pair(Down))]);
+    let (mut dn, ua) = project(dm, &act, xda.as_deref().unwrap_or(&act), &[(&f[6], wd[6], lw.pair(Down))]);
     let xda = xda.unwrap_or(act);
     let mut out = dn.pop().expect("one projection");
     add(&mut out, &x2);
-
-    let mut u: [Option<Vec<f32>>; 7] = Default::default();
-    us.extend(uo);
-    us.extend(ugu);
-    us.extend(ud);
-    for (slot, v) in u.iter_mut().zip(us) {
-        *slot = v;
-    }
+    let u = [u1, uo, u2, ua];
     // Each input kept where an adapter reads it.
     let read = |ts: &[Target]| ts.iter().any(|&t| lw.pair(t).is_some());
     let xd = [(xd1, read(&[Q, K, V])), (xdo, read(&[O])), (xd2, read(&[Gate, Up])), (xda, read(&[Down]))].map(|(v, read)| read.then_some(v));
@@ -696,14 +736,14 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     let wd = widths(dm);
     let f = &lw.frozen;
     let mut grads: [Option<PairGrad>; 7] = Default::default();
-    let u = |t: Target| s.u[t as usize].as_deref();
+    let u = |i: usize| s.u[i].as_deref();
     // An input no adapter reads is not kept, and only adapters read it here.
     let xd = |i: usize| s.xd[i].as_deref().unwrap_or(&[]);
 
     // The MLP: out = x2 + down(silu(gate)·up).
     let mut dact = vec![0.0; dm.n * dm.inter];
     let mut dxda = vec![0.0; dm.n * dm.inter];
-    grads[Down as usize] = project_backward(dm, &dout, &f[6], xd(3), u(Down), lw.pair(Down), &mut dact, &mut dxda);
+    [grads[Down as usize]] = grads_of(project_backward(dm, xd(3), u(3), &[(&dout, &f[6], lw.pair(Down))], &mut dact, &mut dxda));
     Mask::backward(&s.masks[3], &mut dact, &dxda);
     drop(dxda);
     let (dgate, dup) = silu_mul_backward(&s.gate, &s.up, &dact);
@@ -711,8 +751,14 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     let (w2, _) = lw.norm2.host();
     let mut dh2 = vec![0.0; dm.n * dm.d];
     let mut dxd2 = vec![0.0; dm.n * dm.d];
-    grads[Gate as usize] = project_backward(dm, &dgate, &f[4], xd(2), u(Gate), lw.pair(Gate), &mut dh2, &mut dxd2);
-    grads[Up as usize] = project_backward(dm, &dup, &f[5], xd(2), u(Up), lw.pair(Up), &mut dh2, &mut dxd2);
+    [grads[Gate as usize], grads[Up as usize]] = grads_of(project_backward(
+        dm,
+        xd(2),
+        u(2),
+        &[(&dgate, &f[4], lw.pair(Gate)), (&dup, &f[5], lw.pair(Up))],
+        &mut dh2,
+        &mut dxd2,
+    ));
     drop((dgate, dup));
     Mask::backward(&s.masks[2], &mut dh2, &dxd2);
     let mut dx2 = dout;
@@ -722,7 +768,7 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     // Attention: x2 = x + o_proj(attention(rope(q), rope(k), v)).
     let mut dattn = vec![0.0; dm.n * wd[0]];
     let mut dxdo = vec![0.0; dm.n * wd[0]];
-    grads[O as usize] = project_backward(dm, &dx2, &f[3], xd(1), u(O), lw.pair(O), &mut dattn, &mut dxdo);
+    [grads[O as usize]] = grads_of(project_backward(dm, xd(1), u(1), &[(&dx2, &f[3], lw.pair(O))], &mut dattn, &mut dxdo));
     Mask::backward(&s.masks[1], &mut dattn, &dxdo);
     drop(dxdo);
     let [mut dq, mut dk, dv] = attention_backward(dm, pack, &s.q, &s.k, &s.v, &s.lse, &dattn);
@@ -732,14 +778,24 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
     let (w1, _) = lw.norm1.host();
     let mut dh1 = vec![0.0; dm.n * dm.d];
     let mut dxd1 = vec![0.0; dm.n * dm.d];
-    for (i, (t, dy)) in [(Q, &dq), (K, &dk), (V, &dv)].into_iter().enumerate() {
-        grads[t as usize] = project_backward(dm, dy, &f[i], xd(0), u(t), lw.pair(t), &mut dh1, &mut dxd1);
-    }
+    [grads[Q as usize], grads[K as usize], grads[V as usize]] = grads_of(project_backward(
+        dm,
+        xd(0),
+        u(0),
+        &[(&dq, &f[0], lw.pair(Q)), (&dk, &f[1], lw.pair(K)), (&dv, &f[2], lw.pair(V))],
+        &mut dh1,
+        &mut dxd1,
+    ));
     drop((dq, dk, dv));
     Mask::backward(&s.masks[0], &mut dh1, &dxd1);
     let mut dx = dx2;
     rms_backward(&mut dx, &dh1, &s.x, &s.inv1, w1);
     (dx, grads)
+}
+
+/// `N` gradients from [`project_backward`] over `N` projections.
+fn grads_of<const N: usize>(grads: Vec<Option<PairGrad>>) -> [Option<PairGrad>; N] {
+    grads.try_into().unwrap_or_else(|_| unreachable!("one gradient per projection"))
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

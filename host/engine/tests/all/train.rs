@@ -467,6 +467,13 @@ fn the_host_training_step_gives_autodiffs_gradients() {
         give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
         let names: Vec<String> = adapter.params().into_iter().map(|(n, _)| n).collect();
         check(&format!("{arch:?}"), whole_graph_grads(&m, &refs, &adapter, 0.5), host(&m, &refs, &adapter, false, 1, 0.5), &names);
+        // Projections that share an input share one product for their `A`s: also when
+        // only some of them are adapted.
+        let targets = vec![Target::Q, Target::V, Target::Up, Target::Down];
+        let mut some = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, targets, ..LoraConfig::default() }, &m.model.config, 4, m.model.device());
+        give_b_values(&mut some, |i| ((i % 7) as f32 - 3.0) * 0.02);
+        let names: Vec<String> = some.params().into_iter().map(|(n, _)| n).collect();
+        check(&format!("{arch:?}, some targets"), whole_graph_grads(&m, &refs, &some, 0.5), host(&m, &refs, &some, false, 1, 0.5), &names);
     }
 
     let dir = tempfile::tempdir().unwrap();
