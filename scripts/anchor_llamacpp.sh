@@ -13,8 +13,11 @@ if ! "$VENV/bin/python" -c "import llama_cpp.server" >/dev/null 2>&1; then
     python3 -m venv "$VENV"
     # AVX2 kernels, as on every machine this project runs on; no OpenMP (its threads
     # would fight the given thread count).
+    # --no-cache-dir: pip's wheel cache is keyed by the package, not by CMAKE_ARGS, so a
+    # wheel built earlier with other flags (a native build with AMX, say) would be reused
+    # and die of an illegal instruction.
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF" \
-        "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36" numpy
+        "$VENV/bin/pip" install -q --no-cache-dir "llama-cpp-python[server]==0.3.36" numpy
 fi
 if [ "${1:-}" = serve ]; then
     # One slot, as its server has: requests are answered one after another.

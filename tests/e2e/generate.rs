@@ -111,6 +111,34 @@ fn bad_input_exits_non_zero_with_a_message_naming_it() {
     assert!(stderr(&out).contains("--prompt"), "{}", stderr(&out));
 }
 
+/// `bench generate --vs-llamacpp` measures Lathe, then runs the llama.cpp anchor with the
+/// same settings; where the anchor's package is missing, the error names the script and
+/// the command that installs it, after Lathe's own figures. A GPU cannot be anchored by a
+/// CPU build of llama.cpp, and is refused before anything loads.
+#[test]
+fn bench_generate_against_llamacpp_names_the_missing_anchor() {
+    let args = ["bench", "generate", "--batch", "1", "--prompt-tokens", "16", "--decode-tokens", "4", "--repeat", "1", "--threads", "2", "--vs-llamacpp"];
+    let python = std::env::temp_dir().join("lathe-no-such-python");
+    let out = Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(args)
+        .env("LATHE_ANCHOR_PYTHON", "python3")
+        .current_dir(crate::repo_root())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).lines().any(|l| l.trim_start().starts_with("1 ")), "Lathe's batch 1 first: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("scripts/bench_llamacpp.py failed") && err.contains("scripts/anchor_llamacpp.sh") && err.contains("No module named"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_lathe")).args(args).env("LATHE_ANCHOR_PYTHON", &python).current_dir(crate::repo_root()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("running {} scripts/bench_llamacpp.py", python.display())), "{}", stderr(&out));
+
+    let out = lathe(&[&args[..], &["--device", "wgpu"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--vs-llamacpp measures llama.cpp on the CPU; it cannot anchor --device wgpu"), "{}", stderr(&out));
+}
+
 #[test]
 fn synthetic_models_take_the_asked_shape_and_pass_parity() {
     let dir = tempfile::tempdir().unwrap();

@@ -181,6 +181,12 @@ pub struct GenerateBench {
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     json: bool,
+    /// Then measure llama.cpp on the same GGUF, prompt length, decode length and thread count
+    /// (`scripts/bench_llamacpp.py`, run by `$LATHE_ANCHOR_PYTHON`, else
+    /// `.venv-anchors/bin/python`, else `python3`; `scripts/anchor_llamacpp.sh` installs it),
+    /// and print the ratios at batch 1, the batch it measures. CPU only.
+    #[arg(long)]
+    vs_llamacpp: bool,
     #[command(flatten)]
     compute: Compute,
 }
@@ -308,21 +314,31 @@ fn anchor_python() -> PathBuf {
     })
 }
 
-/// Runs `scripts/bench_peft.py` with `args` and returns its JSON line.
-fn peft_anchor(args: &[String]) -> Result<serde_json::Value> {
+/// Runs the anchor `script` (a path under the repository root) with `args` and returns the
+/// last JSON line it prints, its measurement. `install` says how to install it, for the
+/// error when it fails.
+fn run_anchor(script: &str, args: &[String], install: &str) -> Result<serde_json::Value> {
     let python = anchor_python();
     let out = std::process::Command::new(&python)
-        .arg("scripts/bench_peft.py")
+        .arg(script)
         .args(args)
         .output()
-        .with_context(|| format!("running {} scripts/bench_peft.py (from the repository root)", python.display()))?;
+        .with_context(|| format!("running {} {script} (from the repository root)", python.display()))?;
     anyhow::ensure!(
         out.status.success(),
-        "the PyTorch + peft anchor failed ({}; it needs `pip install torch transformers peft`): {}",
+        "the anchor {script} failed under {} ({}; install it with {install}): {}",
         python.display(),
+        out.status,
         String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
     );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).with_context(|| format!("{script} printed nothing"))?;
+    serde_json::from_str(last).with_context(|| format!("{script}'s last line is not JSON: {last}"))
+}
+
+/// `--flag value` pairs for an anchor's command line.
+fn anchor_args(pairs: &[(&str, String)]) -> Vec<String> {
+    pairs.iter().flat_map(|(k, v)| [format!("--{k}"), v.clone()]).collect()
 }
 
 fn train(a: TrainBench) -> Result<()> {
@@ -410,19 +426,17 @@ fn train(a: TrainBench) -> Result<()> {
     drop(trainer);
     drop(m);
     let anchor = if a.vs_peft {
-        let arg = |k: &str, v: String| [format!("--{k}"), v];
-        let args: Vec<String> = [
-            arg("model", model.display().to_string()),
-            arg("device", a.compute.device.clone()),
-            arg("threads", threads.to_string()),
-            arg("batch", a.batch.to_string()),
-            arg("seq", a.seq.to_string()),
-            arg("rank", a.rank.to_string()),
-            arg("steps", a.steps.to_string()),
-            arg("dtype", if a.bf16 { "bf16" } else { "f32" }.into()),
-        ]
-        .concat();
-        Some(peft_anchor(&args)?)
+        let args = anchor_args(&[
+            ("model", model.display().to_string()),
+            ("device", a.compute.device.clone()),
+            ("threads", threads.to_string()),
+            ("batch", a.batch.to_string()),
+            ("seq", a.seq.to_string()),
+            ("rank", a.rank.to_string()),
+            ("steps", a.steps.to_string()),
+            ("dtype", if a.bf16 { "bf16" } else { "f32" }.into()),
+        ]);
+        Some(run_anchor("scripts/bench_peft.py", &args, "scripts/anchor_peft.sh")?)
     } else {
         None
     };
@@ -595,6 +609,11 @@ fn synthetic_model(a: SyntheticModel) -> Result<()> {
 }
 
 fn generate(a: GenerateBench) -> Result<()> {
+    anyhow::ensure!(
+        !a.vs_llamacpp || a.compute.device == "cpu",
+        "--vs-llamacpp measures llama.cpp on the CPU; it cannot anchor --device {}",
+        a.compute.device
+    );
     let device = a.compute.setup()?;
     let m = load_blocks(&a.model, &device)?;
     let ids = prompt_ids(&m.tokenizer, a.prompt_tokens)?;
@@ -611,6 +630,8 @@ fn generate(a: GenerateBench) -> Result<()> {
         println!("{:>5} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB");
     }
     let file_mib = std::fs::metadata(&a.model).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(f64::NAN);
+    // Batch 1's tokens/s (prefill, decode), for the anchor's ratios.
+    let mut single = None;
     for &b in &a.batch {
         let (mut best_pp, mut best_tg, mut rss) = (0f64, 0f64, 0f64);
         for _ in 0..a.repeat.max(1) {
@@ -623,6 +644,9 @@ fn generate(a: GenerateBench) -> Result<()> {
             best_tg = best_tg.max((b * a.decode_tokens) as f64 / run.decode_s);
             rss = rss.max(run.rss_mib);
         }
+        if b == 1 {
+            single = Some((best_pp, best_tg));
+        }
         if a.json {
             println!(
                 "{}",
@@ -634,6 +658,32 @@ fn generate(a: GenerateBench) -> Result<()> {
             );
         } else {
             println!("{b:>5} {best_pp:>14.1} {best_tg:>14.1} {rss:>14.0}");
+        }
+    }
+    if a.vs_llamacpp {
+        // The anchor runs while this process waits, on the same cores: free the model first.
+        drop(m);
+        let args = anchor_args(&[
+            ("model", a.model.display().to_string()),
+            ("threads", threads.to_string()),
+            ("prompt-tokens", a.prompt_tokens.to_string()),
+            ("decode-tokens", a.decode_tokens.to_string()),
+            ("repeat", a.repeat.max(1).to_string()),
+        ]);
+        let anchor = run_anchor("scripts/bench_llamacpp.py", &args, "scripts/anchor_llamacpp.sh")?;
+        let theirs = |k: &str| anchor[k].as_f64().with_context(|| format!("the llama.cpp anchor reported no {k}: {anchor}"));
+        let (pp, tg) = (theirs("pp_tokens_per_s")?, theirs("tg_tokens_per_s")?);
+        let ratios = single.map(|(ours_pp, ours_tg)| (ours_pp / pp, ours_tg / tg));
+        if a.json {
+            let (pp_ratio, tg_ratio) = (ratios.map(|r| r.0), ratios.map(|r| r.1));
+            println!("{}", serde_json::json!({"anchor": anchor, "pp_vs_anchor": pp_ratio, "tg_vs_anchor": tg_ratio}));
+        } else {
+            println!("{:>5} {pp:>14.1} {tg:>14.1}   llama.cpp (same GGUF and threads)", 1);
+            if let Some((pp_ratio, tg_ratio)) = ratios {
+                println!("Lathe / llama.cpp at batch 1: prefill {pp_ratio:.2}x, decode {tg_ratio:.2}x");
+            } else {
+                println!("(no batch 1 in --batch: no ratio)");
+            }
         }
     }
     Ok(())
