@@ -8,7 +8,7 @@
 //! batch (left-padded) and give the same logits as they would alone.
 
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, embedding};
+use burn::tensor::module::embedding;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
@@ -21,6 +21,7 @@ use crate::quant::{self, QMatrix};
 use crate::error::{EngineError, Result};
 use crate::weights::{HostTensor, WeightSource};
 
+pub mod attention;
 pub mod paged;
 
 static DENSE_COPY_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1 << 30);
@@ -878,7 +879,13 @@ impl CausalLm {
             let [_, _, s_q, total] = mask.dims();
             (repeat_kv(k, rep), repeat_kv(v, rep), mask.clone().expand([b, c.num_heads, s_q, total]))
         };
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        // Through autodiff, attention keeps its inputs rather than every layer's
+        // probabilities, and recomputes them in the backward pass.
+        let out = if q.is_autodiff() {
+            attention::attention(q, k, v, mask)
+        } else {
+            burn::tensor::module::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        };
         let out = out.swap_dims(1, 2).reshape([b, s, c.num_heads * c.head_dim]);
         let od = lora.input(&out);
         lora.apply(&attn.o_proj, Target::O, out, &od)
