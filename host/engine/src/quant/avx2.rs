@@ -134,16 +134,16 @@ pub(super) unsafe fn expand_nibbles(q: &[u8], d: f32, m: f32, out: &mut [f32]) {
 }
 
 /// `V` tiles of eight activation rows (`xs[v]`: `[cols, 8]`, a column's eight values side
-/// by side, as `super::pack_rows8` lays them) times `R` expanded weight rows (`ws[j]`,
-/// `cols` floats each): `out[j][v][l] = Σ_k ws[j][k] · xs[v][8k + l]`, each output one
-/// chain of fused multiply-adds in column order from zero. That is the arithmetic of
-/// `super::panel_tile_portable`, so both give the same bits, and an activation row's result
-/// does not depend on its tile or on what else the call multiplies.
+/// by side, as `super::pack_rows` lays them) times `R` expanded weight rows (`ws[j]`,
+/// `cols` floats each): `out[j][v][l] = Σ_k ws[j][k] · xs[v][8k + l]` for the first eight
+/// lanes, each output one chain of fused multiply-adds in column order from zero. That is
+/// the arithmetic of `super::panel_tile_portable`, so both give the same bits, and an
+/// activation row's result does not depend on its tile or on what else the call multiplies.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked.)
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut [[[f32; 8]; V]; R]) {
+pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut super::TileOut<R, V>) {
     let cols = ws[0].len();
     for w in ws {
         assert_eq!(w.len(), cols);

@@ -360,9 +360,9 @@ impl QMatrix {
 
     /// `x · Wᵀ` for every matrix in `mats` with f32 activations through expanded panels:
     /// each task expands a panel of weight rows to f32 once, then multiplies it by every
-    /// row of `x` in register tiles (six weight rows by sixteen activation rows, the
-    /// activation rows in the lanes), where the block kernels are bound by their
-    /// arithmetic per row. Every output is one chain of fused multiply-adds in column order
+    /// row of `x` in register tiles (six weight rows by two vectors of activation rows,
+    /// the rows in the lanes: sixteen a vector on AVX-512, eight on AVX2), where the block
+    /// kernels are bound by their arithmetic per row. Every output is one chain of fused multiply-adds in column order
     /// ([`panel_tile_portable`]), so its bits depend on neither `n` nor the kernel. Written
     /// straight into the `[n, rows]` outputs.
     fn matmul_panels(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize, cols: usize) -> Vec<Vec<f32>> {
@@ -373,8 +373,9 @@ impl QMatrix {
             /// Each thread's panel, kept between tasks and steps (not allocated per task).
             static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let xp = pack_rows8(x, n, cols);
-        let tiles = n.div_ceil(8);
+        let lanes = kernel.panel_lanes();
+        let xp = pack_rows(x, n, cols, lanes);
+        let tiles = n.div_ceil(lanes);
         Self::by_runs_of_rows(mats, n, PANEL_ROWS, |m, first, out| {
             let rows = out.rows;
             PANEL.with_borrow_mut(|panel| {
@@ -386,7 +387,7 @@ impl QMatrix {
                 let w = &*w;
                 for t in (0..tiles).step_by(2) {
                     for j in (0..rows).step_by(TILE_ROWS) {
-                        let tile = Tile { kernel, w, xp: &xp, cols, t, j };
+                        let tile = Tile { kernel, lanes, w, xp: &xp, cols, t, j };
                         match (TILE_ROWS.min(rows - j), t + 1 < tiles) {
                             (r, true) => tile.rows::<2>(r, out),
                             (r, false) => tile.rows::<1>(r, out),
@@ -481,32 +482,40 @@ impl QMatrix {
 }
 
 /// Weight rows a register tile of [`QMatrix::matmul_panels`] takes: six by two vectors
-/// of eight activation rows is twelve accumulators, the loads and a broadcast in the
-/// sixteen AVX2 registers.
+/// of activation rows is twelve accumulators, the loads and a broadcast in the sixteen
+/// AVX2 registers (and in half of AVX-512's thirty-two).
 const TILE_ROWS: usize = 6;
 
-/// `x` (`[n, cols]`) in tiles of eight rows, each `[cols, 8]` (a column's eight values side
-/// by side, one load for [`avx2::panel_tile`]); rows past `n` are zeros.
-fn pack_rows8(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
-    let mut xp = vec![0f32; n.div_ceil(8) * 8 * cols];
+/// Activation rows in one vector of a register tile: 16 on AVX-512, 8 otherwise.
+const MAX_LANES: usize = 16;
+
+/// A register tile's results, `[weight row][vector][lane]`; a kernel of eight lanes fills
+/// the first eight of each vector.
+type TileOut<const R: usize, const V: usize> = [[[f32; MAX_LANES]; V]; R];
+
+/// `x` (`[n, cols]`) in tiles of `lanes` rows, each `[cols, lanes]` (a column's values side
+/// by side, one load for the panel kernels); rows past `n` are zeros.
+fn pack_rows(x: &[f32], n: usize, cols: usize, lanes: usize) -> Vec<f32> {
+    let mut xp = vec![0f32; n.div_ceil(lanes) * lanes * cols];
     for (i, row) in x.chunks_exact(cols).enumerate() {
-        let tile = &mut xp[(i / 8) * 8 * cols..][..8 * cols];
+        let tile = &mut xp[(i / lanes) * lanes * cols..][..lanes * cols];
         for (k, &v) in row.iter().enumerate() {
-            tile[8 * k + i % 8] = v;
+            tile[lanes * k + i % lanes] = v;
         }
     }
     xp
 }
 
-/// [`avx2::panel_tile`]'s arithmetic on any CPU: `out[j][v][l] = Σ_k ws[j][k] · xs[v][8k + l]`,
-/// one fused multiply-add per term in column order from zero (`mul_add` rounds once, as the
-/// SIMD instruction does, so the bits are the same).
-fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut [[[f32; 8]; V]; R]) {
-    *out = [[[0.0; 8]; V]; R];
+/// The panel kernels' arithmetic on any CPU, on eight lanes: `out[j][v][l] = Σ_k ws[j][k] ·
+/// xs[v][8k + l]`, one fused multiply-add per term in column order from zero (`mul_add`
+/// rounds once, as the SIMD instruction does, so the bits are the same as
+/// [`avx2::panel_tile`]'s and [`avx512::panel_tile`]'s, whose lanes are such chains too).
+fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut TileOut<R, V>) {
+    *out = [[[0.0; MAX_LANES]; V]; R];
     for k in 0..ws[0].len() {
         for (w, out) in ws.iter().zip(out.iter_mut()) {
             for (x, out) in xs.iter().zip(out.iter_mut()) {
-                for (l, o) in out.iter_mut().enumerate() {
+                for (l, o) in out[..8].iter_mut().enumerate() {
                     *o = w[k].mul_add(x[8 * k + l], *o);
                 }
             }
@@ -515,10 +524,11 @@ fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f
 }
 
 /// One register tile of [`QMatrix::matmul_panels`]: the expanded panel `w` (`[rows, cols]`),
-/// the packed activations `xp` ([`pack_rows8`]), the first tile of eight activation rows
-/// `t` and the first weight row `j`.
+/// the packed activations `xp` ([`pack_rows`], `lanes` rows a tile), the first tile of
+/// activation rows `t` and the first weight row `j`.
 struct Tile<'a> {
     kernel: Kernel,
+    lanes: usize,
     w: &'a [f32],
     xp: &'a [f32],
     cols: usize,
@@ -543,19 +553,25 @@ impl Tile<'_> {
     fn product<const R: usize, const V: usize>(&self, out: &mut Cols) {
         let cols = self.cols;
         let ws: [&[f32]; R] = std::array::from_fn(|j| &self.w[(self.j + j) * cols..][..cols]);
-        let xs: [&[f32]; V] = std::array::from_fn(|v| &self.xp[(self.t + v) * 8 * cols..][..8 * cols]);
-        let mut res = [[[0f32; 8]; V]; R];
+        let lanes = self.lanes;
+        debug_assert_eq!(lanes, self.kernel.panel_lanes());
+        let xs: [&[f32]; V] = std::array::from_fn(|v| &self.xp[(self.t + v) * lanes * cols..][..lanes * cols]);
+        let mut res = [[[0f32; MAX_LANES]; V]; R];
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::available` saw AVX2 and FMA for both SIMD kernels; the function
-            // checks the lengths.
+            // SAFETY: `Kernel::available` saw AVX-512 F (and AVX2, FMA); the function checks
+            // the lengths.
             #[allow(unsafe_code)]
-            Kernel::Avx512 | Kernel::Avx2 => unsafe { avx2::panel_tile(ws, xs, &mut res) },
+            Kernel::Avx512 => unsafe { avx512::panel_tile(ws, xs, &mut res) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::available` saw AVX2 and FMA; the function checks the lengths.
+            #[allow(unsafe_code)]
+            Kernel::Avx2 => unsafe { avx2::panel_tile(ws, xs, &mut res) },
             Kernel::Portable => panel_tile_portable(ws, xs, &mut res),
         }
         for (v, _) in xs.iter().enumerate() {
-            for l in 0..8 {
-                let i = 8 * (self.t + v) + l;
+            for l in 0..lanes {
+                let i = lanes * (self.t + v) + l;
                 if i < out.n {
                     let row = out.row(i);
                     for (jj, res) in res.iter().enumerate() {
@@ -676,6 +692,15 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Activation rows in one vector of the panels' register tiles.
+    fn panel_lanes(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => 16,
+            _ => 8,
+        }
+    }
+
     /// The kernels this CPU runs, widest first.
     fn available() -> Vec<Kernel> {
         let mut all = Vec::new();
