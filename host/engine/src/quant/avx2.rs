@@ -135,15 +135,16 @@ pub(super) unsafe fn expand_nibbles(q: &[u8], d: f32, m: f32, out: &mut [f32]) {
 
 /// `V` tiles of eight activation rows (`xs[v]`: `[cols, 8]`, a column's eight values side
 /// by side, as `super::pack_rows` lays them) times `R` expanded weight rows (`ws[j]`,
-/// `cols` floats each): `out[j][v][l] = Σ_k ws[j][k] · xs[v][8k + l]` for the first eight
-/// lanes, each output one chain of fused multiply-adds in column order from zero. That is
-/// the arithmetic of `super::panel_tile_portable`, so both give the same bits, and an
-/// activation row's result does not depend on its tile or on what else the call multiplies.
+/// `cols` floats each): `acc[j][v][l] += Σ_k ws[j][k] · xs[v][8k + l]` for the first eight
+/// lanes (from zero when `start`), each output one chain of fused multiply-adds in column
+/// order, continued across calls over successive blocks of columns. That is the arithmetic
+/// of `super::panel_tile_portable`, so both give the same bits, and an activation row's
+/// result does not depend on its tile or on what else the call multiplies.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. (The lengths are checked.)
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut super::TileOut<R, V>) {
+pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], acc: &mut super::TileAcc, start: bool) {
     let cols = ws[0].len();
     for w in ws {
         assert_eq!(w.len(), cols);
@@ -151,9 +152,16 @@ pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R],
     for x in xs {
         assert_eq!(x.len(), 8 * cols);
     }
-    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    let mut sums = [[_mm256_setzero_ps(); V]; R];
     // SAFETY: every weight row holds `cols` floats and every tile `8 · cols` (asserted).
     unsafe {
+        if !start {
+            for j in 0..R {
+                for v in 0..V {
+                    sums[j][v] = _mm256_loadu_ps(acc[j][v].as_ptr());
+                }
+            }
+        }
         for k in 0..cols {
             let mut x = [_mm256_setzero_ps(); V];
             for v in 0..V {
@@ -162,13 +170,13 @@ pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R],
             for j in 0..R {
                 let w = _mm256_set1_ps(*ws[j].get_unchecked(k));
                 for v in 0..V {
-                    acc[j][v] = _mm256_fmadd_ps(w, x[v], acc[j][v]);
+                    sums[j][v] = _mm256_fmadd_ps(w, x[v], sums[j][v]);
                 }
             }
         }
         for j in 0..R {
             for v in 0..V {
-                _mm256_storeu_ps(out[j][v].as_mut_ptr(), acc[j][v]);
+                _mm256_storeu_ps(acc[j][v].as_mut_ptr(), sums[j][v]);
             }
         }
     }

@@ -98,14 +98,14 @@ pub(super) unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: Meta<'_>, xs: 
 }
 
 /// [`super::avx2::panel_tile`] on sixteen activation rows a register: `xs[v]` is
-/// `[cols, 16]`, and `out[j][v][l] = Σ_k ws[j][k] · xs[v][16k + l]`. Each lane is the same
+/// `[cols, 16]`, and `acc[j][v][l] += Σ_k ws[j][k] · xs[v][16k + l]`. Each lane is the same
 /// chain of fused multiply-adds in column order from zero as on eight lanes, so the bits are
 /// the AVX2 and portable kernels' (tested); each instruction does twice the work.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. (The lengths are checked.)
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut super::TileOut<R, V>) {
+pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], acc: &mut super::TileAcc, start: bool) {
     let cols = ws[0].len();
     for w in ws {
         assert_eq!(w.len(), cols);
@@ -113,9 +113,16 @@ pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R],
     for x in xs {
         assert_eq!(x.len(), 16 * cols);
     }
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let mut sums = [[_mm512_setzero_ps(); V]; R];
     // SAFETY: every weight row holds `cols` floats and every tile `16 · cols` (asserted).
     unsafe {
+        if !start {
+            for j in 0..R {
+                for v in 0..V {
+                    sums[j][v] = _mm512_loadu_ps(acc[j][v].as_ptr());
+                }
+            }
+        }
         for k in 0..cols {
             let mut x = [_mm512_setzero_ps(); V];
             for v in 0..V {
@@ -124,13 +131,13 @@ pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R],
             for j in 0..R {
                 let w = _mm512_set1_ps(*ws[j].get_unchecked(k));
                 for v in 0..V {
-                    acc[j][v] = _mm512_fmadd_ps(w, x[v], acc[j][v]);
+                    sums[j][v] = _mm512_fmadd_ps(w, x[v], sums[j][v]);
                 }
             }
         }
         for j in 0..R {
             for v in 0..V {
-                _mm512_storeu_ps(out[j][v].as_mut_ptr(), acc[j][v]);
+                _mm512_storeu_ps(acc[j][v].as_mut_ptr(), sums[j][v]);
             }
         }
     }

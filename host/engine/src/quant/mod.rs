@@ -385,12 +385,32 @@ impl QMatrix {
                 let w = &mut panel[..rows * cols];
                 m.expand_on(kernel, first..first + rows, w);
                 let w = &*w;
-                for t in (0..tiles).step_by(2) {
-                    for j in (0..rows).step_by(TILE_ROWS) {
-                        let tile = Tile { kernel, lanes, w, xp: &xp, cols, t, j };
-                        match (TILE_ROWS.min(rows - j), t + 1 < tiles) {
-                            (r, true) => tile.rows::<2>(r, out),
-                            (r, false) => tile.rows::<1>(r, out),
+                // Every register tile's accumulators, kept while the columns go by in
+                // blocks: a block of two vectors' activation rows (K_BLOCK × 32 floats on
+                // AVX-512) stays in L1 across the panel's weight rows, where whole rows of
+                // a wide matrix came from L2 once per six weight rows.
+                let (groups, pairs) = (rows.div_ceil(TILE_ROWS), tiles.div_ceil(2));
+                let mut accs = vec![[[[0f32; MAX_LANES]; 2]; TILE_ROWS]; groups * pairs];
+                for k0 in (0..cols).step_by(K_BLOCK) {
+                    let ks = k0..(k0 + K_BLOCK).min(cols);
+                    for p in 0..pairs {
+                        for g in 0..groups {
+                            let tile = Tile { kernel, lanes, w, xp: &xp, cols, t: 2 * p, j: g * TILE_ROWS, ks: ks.clone() };
+                            tile.rows(TILE_ROWS.min(rows - g * TILE_ROWS), 2.min(tiles - 2 * p), &mut accs[g * pairs + p]);
+                        }
+                    }
+                }
+                for (i, acc) in accs.iter().enumerate() {
+                    let (g, p) = (i / pairs, i % pairs);
+                    for v in 0..2.min(tiles - 2 * p) {
+                        for l in 0..lanes {
+                            let row = lanes * (2 * p + v) + l;
+                            if row < n {
+                                let o = out.row(row);
+                                for (jj, acc) in acc.iter().enumerate().take(rows - g * TILE_ROWS) {
+                                    o[g * TILE_ROWS + jj] = acc[v][l];
+                                }
+                            }
                         }
                     }
                 }
@@ -489,9 +509,13 @@ const TILE_ROWS: usize = 6;
 /// Activation rows in one vector of a register tile: 16 on AVX-512, 8 otherwise.
 const MAX_LANES: usize = 16;
 
-/// A register tile's results, `[weight row][vector][lane]`; a kernel of eight lanes fills
-/// the first eight of each vector.
-type TileOut<const R: usize, const V: usize> = [[[f32; MAX_LANES]; V]; R];
+/// Columns a register tile multiplies before the next tile's turn (see
+/// [`QMatrix::matmul_panels`]).
+const K_BLOCK: usize = 256;
+
+/// A register tile's accumulators, `[weight row][vector][lane]`: a tile of `R` weight rows
+/// and `V` vectors uses the first `R` and `V`, and a kernel of eight lanes the first eight.
+type TileAcc = [[[f32; MAX_LANES]; 2]; TILE_ROWS];
 
 /// `x` (`[n, cols]`) in tiles of `lanes` rows, each `[cols, lanes]` (a column's values side
 /// by side, one load for the panel kernels); rows past `n` are zeros.
@@ -506,26 +530,29 @@ fn pack_rows(x: &[f32], n: usize, cols: usize, lanes: usize) -> Vec<f32> {
     xp
 }
 
-/// The panel kernels' arithmetic on any CPU, on eight lanes: `out[j][v][l] = Σ_k ws[j][k] ·
-/// xs[v][8k + l]`, one fused multiply-add per term in column order from zero (`mul_add`
-/// rounds once, as the SIMD instruction does, so the bits are the same as
-/// [`avx2::panel_tile`]'s and [`avx512::panel_tile`]'s, whose lanes are such chains too).
-fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], out: &mut TileOut<R, V>) {
-    *out = [[[0.0; MAX_LANES]; V]; R];
+/// The panel kernels' arithmetic on any CPU, on eight lanes: `acc[j][v][l] += Σ_k ws[j][k] ·
+/// xs[v][8k + l]` (from zero when `start`), one fused multiply-add per term in column order
+/// (`mul_add` rounds once, as the SIMD instruction does, so the bits are the same as
+/// [`avx2::panel_tile`]'s and [`avx512::panel_tile`]'s, whose lanes are such chains too;
+/// a chain cut into blocks of columns is the same chain).
+fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f32]; V], acc: &mut TileAcc, start: bool) {
+    if start {
+        *acc = [[[0.0; MAX_LANES]; 2]; TILE_ROWS];
+    }
     for k in 0..ws[0].len() {
-        for (w, out) in ws.iter().zip(out.iter_mut()) {
-            for (x, out) in xs.iter().zip(out.iter_mut()) {
-                for (l, o) in out[..8].iter_mut().enumerate() {
-                    *o = w[k].mul_add(x[8 * k + l], *o);
+        for (w, acc) in ws.iter().zip(acc.iter_mut()) {
+            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                for (l, a) in acc[..8].iter_mut().enumerate() {
+                    *a = w[k].mul_add(x[8 * k + l], *a);
                 }
             }
         }
     }
 }
 
-/// One register tile of [`QMatrix::matmul_panels`]: the expanded panel `w` (`[rows, cols]`),
-/// the packed activations `xp` ([`pack_rows`], `lanes` rows a tile), the first tile of
-/// activation rows `t` and the first weight row `j`.
+/// One register tile of [`QMatrix::matmul_panels`] over the columns `ks`: the expanded
+/// panel `w` (`[rows, cols]`), the packed activations `xp` ([`pack_rows`], `lanes` rows a
+/// tile), the first tile of activation rows `t` and the first weight row `j`.
 struct Tile<'a> {
     kernel: Kernel,
     lanes: usize,
@@ -534,51 +561,47 @@ struct Tile<'a> {
     cols: usize,
     t: usize,
     j: usize,
+    ks: std::ops::Range<usize>,
 }
 
 impl Tile<'_> {
-    /// `r` weight rows (up to [`TILE_ROWS`]) by `V` tiles of activation rows.
-    fn rows<const V: usize>(&self, r: usize, out: &mut Cols) {
-        match r {
-            1 => self.product::<1, V>(out),
-            2 => self.product::<2, V>(out),
-            3 => self.product::<3, V>(out),
-            4 => self.product::<4, V>(out),
-            5 => self.product::<5, V>(out),
-            6 => self.product::<6, V>(out),
-            _ => unreachable!("a tile has 1 to {TILE_ROWS} weight rows"),
+    /// `r` weight rows (up to [`TILE_ROWS`]) by `v` vectors of activation rows (1 or 2),
+    /// added to `acc` (from zero on the first columns).
+    fn rows(&self, r: usize, v: usize, acc: &mut TileAcc) {
+        match (r, v) {
+            (1, 1) => self.product::<1, 1>(acc),
+            (2, 1) => self.product::<2, 1>(acc),
+            (3, 1) => self.product::<3, 1>(acc),
+            (4, 1) => self.product::<4, 1>(acc),
+            (5, 1) => self.product::<5, 1>(acc),
+            (6, 1) => self.product::<6, 1>(acc),
+            (1, 2) => self.product::<1, 2>(acc),
+            (2, 2) => self.product::<2, 2>(acc),
+            (3, 2) => self.product::<3, 2>(acc),
+            (4, 2) => self.product::<4, 2>(acc),
+            (5, 2) => self.product::<5, 2>(acc),
+            (6, 2) => self.product::<6, 2>(acc),
+            _ => unreachable!("a tile has 1 to {TILE_ROWS} weight rows and 1 or 2 vectors"),
         }
     }
 
-    fn product<const R: usize, const V: usize>(&self, out: &mut Cols) {
-        let cols = self.cols;
-        let ws: [&[f32]; R] = std::array::from_fn(|j| &self.w[(self.j + j) * cols..][..cols]);
-        let lanes = self.lanes;
+    fn product<const R: usize, const V: usize>(&self, acc: &mut TileAcc) {
+        let (cols, lanes, ks) = (self.cols, self.lanes, &self.ks);
         debug_assert_eq!(lanes, self.kernel.panel_lanes());
-        let xs: [&[f32]; V] = std::array::from_fn(|v| &self.xp[(self.t + v) * lanes * cols..][..lanes * cols]);
-        let mut res = [[[0f32; MAX_LANES]; V]; R];
+        let ws: [&[f32]; R] = std::array::from_fn(|j| &self.w[(self.j + j) * cols + ks.start..][..ks.len()]);
+        let xs: [&[f32]; V] = std::array::from_fn(|v| &self.xp[(self.t + v) * lanes * cols + lanes * ks.start..][..lanes * ks.len()]);
+        let start = ks.start == 0;
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::available` saw AVX-512 F (and AVX2, FMA); the function checks
             // the lengths.
             #[allow(unsafe_code)]
-            Kernel::Avx512 => unsafe { avx512::panel_tile(ws, xs, &mut res) },
+            Kernel::Avx512 => unsafe { avx512::panel_tile(ws, xs, acc, start) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::available` saw AVX2 and FMA; the function checks the lengths.
             #[allow(unsafe_code)]
-            Kernel::Avx2 => unsafe { avx2::panel_tile(ws, xs, &mut res) },
-            Kernel::Portable => panel_tile_portable(ws, xs, &mut res),
-        }
-        for (v, _) in xs.iter().enumerate() {
-            for l in 0..lanes {
-                let i = lanes * (self.t + v) + l;
-                if i < out.n {
-                    let row = out.row(i);
-                    for (jj, res) in res.iter().enumerate() {
-                        row[self.j + jj] = res[v][l];
-                    }
-                }
-            }
+            Kernel::Avx2 => unsafe { avx2::panel_tile(ws, xs, acc, start) },
+            Kernel::Portable => panel_tile_portable(ws, xs, acc, start),
         }
     }
 }
@@ -1228,11 +1251,12 @@ mod tests {
     /// The exact product (a prompt's rows beside 8-bit tokens) is, on every kernel and for
     /// any number of rows, the same bits as one fused multiply-add per term in column order
     /// over the expanded weights: the same whatever shares the call, and the same on the
-    /// portable kernel as on the SIMD ones. Row counts cross the tiles' edges (8, 16) and the
-    /// weight rows the register tiles' and panels' (6, 48).
+    /// portable kernel as on the SIMD ones. Row counts cross the tiles' edges (8, 16), the
+    /// weight rows the register tiles' and panels' (6, 48), and the columns the blocks a tile
+    /// multiplies at a time (256, one block partly filled).
     #[test]
     fn the_exact_product_is_one_fused_chain_per_output_for_any_rows_on_any_kernel() {
-        for (ty, rows, cols) in [(GgmlType::Q4_1, 101, 96), (GgmlType::Q8_0, 50, 64), (GgmlType::Q4_K, 13, 256)] {
+        for (ty, rows, cols) in [(GgmlType::Q4_1, 101, 96), (GgmlType::Q8_0, 50, 64), (GgmlType::Q4_K, 13, 256), (GgmlType::Q4_1, 19, 608), (GgmlType::Q4_K, 8, 768)] {
             let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 21)), rows, cols).unwrap();
             let w = q.dequantize();
             let x = values(40 * cols, 4);
