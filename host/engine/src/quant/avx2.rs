@@ -153,7 +153,8 @@ pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R],
         assert_eq!(x.len(), 8 * cols);
     }
     let mut sums = [[_mm256_setzero_ps(); V]; R];
-    // SAFETY: every weight row holds `cols` floats and every tile `8 · cols` (asserted).
+    // SAFETY: every weight row holds `cols` floats and every tile `8 · cols` (asserted);
+    // `acc[j][v]` is a `[f32; 16]` (indexing checked), room for the lanes loaded and stored.
     unsafe {
         if !start {
             for j in 0..R {

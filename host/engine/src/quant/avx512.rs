@@ -98,9 +98,10 @@ pub(super) unsafe fn dot_bytes<const R: usize>(qs: &[u8], scales: Meta<'_>, xs: 
 }
 
 /// [`super::avx2::panel_tile`] on sixteen activation rows a register: `xs[v]` is
-/// `[cols, 16]`, and `acc[j][v][l] += Σ_k ws[j][k] · xs[v][16k + l]`. Each lane is the same
-/// chain of fused multiply-adds in column order from zero as on eight lanes, so the bits are
-/// the AVX2 and portable kernels' (tested); each instruction does twice the work.
+/// `[cols, 16]`, and `acc[j][v][l] += Σ_k ws[j][k] · xs[v][16k + l]` (from zero when
+/// `start`). Each lane is the same chain of fused multiply-adds in column order as on eight
+/// lanes, continued across calls over successive blocks of columns, so the bits are the
+/// AVX2 and portable kernels' (tested); each instruction does twice the work.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. (The lengths are checked.)
@@ -114,7 +115,8 @@ pub(super) unsafe fn panel_tile<const R: usize, const V: usize>(ws: [&[f32]; R],
         assert_eq!(x.len(), 16 * cols);
     }
     let mut sums = [[_mm512_setzero_ps(); V]; R];
-    // SAFETY: every weight row holds `cols` floats and every tile `16 · cols` (asserted).
+    // SAFETY: every weight row holds `cols` floats and every tile `16 · cols` (asserted);
+    // `acc[j][v]` is a `[f32; 16]` (indexing checked), room for the lanes loaded and stored.
     unsafe {
         if !start {
             for j in 0..R {

@@ -395,7 +395,7 @@ impl QMatrix {
                     let ks = k0..(k0 + K_BLOCK).min(cols);
                     for p in 0..pairs {
                         for g in 0..groups {
-                            let tile = Tile { kernel, lanes, w, xp: &xp, cols, t: 2 * p, j: g * TILE_ROWS, ks: ks.clone() };
+                            let tile = Tile { kernel, w, xp: &xp, cols, t: 2 * p, j: g * TILE_ROWS, ks: ks.clone() };
                             tile.rows(TILE_ROWS.min(rows - g * TILE_ROWS), 2.min(tiles - 2 * p), &mut accs[g * pairs + p]);
                         }
                     }
@@ -551,11 +551,11 @@ fn panel_tile_portable<const R: usize, const V: usize>(ws: [&[f32]; R], xs: [&[f
 }
 
 /// One register tile of [`QMatrix::matmul_panels`] over the columns `ks`: the expanded
-/// panel `w` (`[rows, cols]`), the packed activations `xp` ([`pack_rows`], `lanes` rows a
-/// tile), the first tile of activation rows `t` and the first weight row `j`.
+/// panel `w` (`[rows, cols]`), the packed activations `xp` ([`pack_rows`], the kernel's
+/// [`Kernel::panel_lanes`] rows a tile), the first tile of activation rows `t` and the
+/// first weight row `j`.
 struct Tile<'a> {
     kernel: Kernel,
-    lanes: usize,
     w: &'a [f32],
     xp: &'a [f32],
     cols: usize,
@@ -586,8 +586,7 @@ impl Tile<'_> {
     }
 
     fn product<const R: usize, const V: usize>(&self, acc: &mut TileAcc) {
-        let (cols, lanes, ks) = (self.cols, self.lanes, &self.ks);
-        debug_assert_eq!(lanes, self.kernel.panel_lanes());
+        let (cols, lanes, ks) = (self.cols, self.kernel.panel_lanes(), &self.ks);
         let ws: [&[f32]; R] = std::array::from_fn(|j| &self.w[(self.j + j) * cols + ks.start..][..ks.len()]);
         let xs: [&[f32]; V] = std::array::from_fn(|v| &self.xp[(self.t + v) * lanes * cols + lanes * ks.start..][..lanes * ks.len()]);
         let start = ks.start == 0;
@@ -1253,7 +1252,8 @@ mod tests {
     /// over the expanded weights: the same whatever shares the call, and the same on the
     /// portable kernel as on the SIMD ones. Row counts cross the tiles' edges (8, 16), the
     /// weight rows the register tiles' and panels' (6, 48), and the columns the blocks a tile
-    /// multiplies at a time (256, one block partly filled).
+    /// multiplies at a time (256, one block partly filled). Each kernel runs only where the
+    /// CPU has it: the AVX-512 one is checked on AVX-512 machines alone.
     #[test]
     fn the_exact_product_is_one_fused_chain_per_output_for_any_rows_on_any_kernel() {
         for (ty, rows, cols) in [(GgmlType::Q4_1, 101, 96), (GgmlType::Q8_0, 50, 64), (GgmlType::Q4_K, 13, 256), (GgmlType::Q4_1, 19, 608), (GgmlType::Q4_K, 8, 768)] {

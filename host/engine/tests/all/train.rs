@@ -448,6 +448,7 @@ fn layer_by_layer_backprop_gives_the_same_gradients_and_qlora_trains_a_frozen_4_
 fn the_host_training_step_gives_autodiffs_gradients() {
     let check = |what: &str, (la, a): (f64, Vec<Vec<f32>>), (lb, b): (f64, Vec<Vec<f32>>), names: &[String]| {
         assert!((la - lb).abs() < 1e-4 * la.abs(), "{what}: loss {la} vs {lb}");
+        assert!(a.len() == names.len() && b.len() == names.len(), "{what}: {} and {} gradients for {} parameters", a.len(), b.len(), names.len());
         for (name, (a, b)) in names.iter().zip(a.iter().zip(&b)) {
             let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
             assert!(max_abs_diff(a, b) <= 2e-4 * scale + 1e-7, "{what} {name}: {} (scale {scale})", max_abs_diff(a, b));
