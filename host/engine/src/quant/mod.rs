@@ -372,6 +372,8 @@ impl QMatrix {
         thread_local! {
             /// Each thread's panel, kept between tasks and steps (not allocated per task).
             static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            /// Each thread's register tiles' accumulators, likewise kept.
+            static ACCS: std::cell::RefCell<Vec<TileAcc>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let lanes = kernel.panel_lanes();
         let xp = pack_rows(x, n, cols, lanes);
@@ -390,30 +392,33 @@ impl QMatrix {
                 // AVX-512) stays in L1 across the panel's weight rows, where whole rows of
                 // a wide matrix came from L2 once per six weight rows.
                 let (groups, pairs) = (rows.div_ceil(TILE_ROWS), tiles.div_ceil(2));
-                let mut accs = vec![[[[0f32; MAX_LANES]; 2]; TILE_ROWS]; groups * pairs];
-                for k0 in (0..cols).step_by(K_BLOCK) {
-                    let ks = k0..(k0 + K_BLOCK).min(cols);
-                    for p in 0..pairs {
-                        for g in 0..groups {
-                            let tile = Tile { kernel, w, xp: &xp, cols, t: 2 * p, j: g * TILE_ROWS, ks: ks.clone() };
-                            tile.rows(TILE_ROWS.min(rows - g * TILE_ROWS), 2.min(tiles - 2 * p), &mut accs[g * pairs + p]);
+                ACCS.with_borrow_mut(|accs| {
+                    accs.clear();
+                    accs.resize(groups * pairs, [[[0f32; MAX_LANES]; 2]; TILE_ROWS]);
+                    for k0 in (0..cols).step_by(K_BLOCK) {
+                        let ks = k0..(k0 + K_BLOCK).min(cols);
+                        for p in 0..pairs {
+                            for g in 0..groups {
+                                let tile = Tile { kernel, w, xp: &xp, cols, t: 2 * p, j: g * TILE_ROWS, ks: ks.clone() };
+                                tile.rows(TILE_ROWS.min(rows - g * TILE_ROWS), 2.min(tiles - 2 * p), &mut accs[g * pairs + p]);
+                            }
                         }
                     }
-                }
-                for (i, acc) in accs.iter().enumerate() {
-                    let (g, p) = (i / pairs, i % pairs);
-                    for v in 0..2.min(tiles - 2 * p) {
-                        for l in 0..lanes {
-                            let row = lanes * (2 * p + v) + l;
-                            if row < n {
-                                let o = out.row(row);
-                                for (jj, acc) in acc.iter().enumerate().take(rows - g * TILE_ROWS) {
-                                    o[g * TILE_ROWS + jj] = acc[v][l];
+                    for (i, acc) in accs.iter().enumerate() {
+                        let (g, p) = (i / pairs, i % pairs);
+                        for v in 0..2.min(tiles - 2 * p) {
+                            for l in 0..lanes {
+                                let row = lanes * (2 * p + v) + l;
+                                if row < n {
+                                    let o = out.row(row);
+                                    for (jj, acc) in acc.iter().enumerate().take(rows - g * TILE_ROWS) {
+                                        o[g * TILE_ROWS + jj] = acc[v][l];
+                                    }
                                 }
                             }
                         }
                     }
-                }
+                })
             })
         })
     }

@@ -588,8 +588,7 @@ fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], 
     let mut db = Vec::with_capacity(pairs.len());
     let mut du = vec![0.0; dm.n * width];
     let mut du_one = vec![0.0; dm.n * r];
-    for (j, &(dy, _, pair)) in projs.iter().filter(|p| p.2.is_some()).enumerate() {
-        let pair = pair.expect("filtered to adapted projections");
+    for (j, (dy, pair)) in projs.iter().filter_map(|&(dy, _, pair)| Some((dy, pair?))).enumerate() {
         let out = dy.len() / dm.n;
         let dym = Mat::dense(dy, dm.n, out);
         let mut g = vec![0.0; r * out];
