@@ -977,6 +977,13 @@ mod tests {
                 }
                 tensors = next;
             }
+            // A checkpoint stores the moments per parameter and loads them back into runs.
+            for moments in [&opt.m, &opt.v] {
+                let back = opt.flat(opt.split(moments));
+                for (a, b) in back.into_iter().zip(moments) {
+                    assert_eq!(crate::lora::host_vec(a), crate::lora::host_vec(b.clone()));
+                }
+            }
         }
     }
 }
