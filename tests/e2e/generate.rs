@@ -197,3 +197,23 @@ fn a_q4_k_m_llama_decodes_within_1_3_times_its_file_size() {
     assert!(rss < 1.3 * size, "resident {rss:.0} MiB while decoding a {size:.0} MiB file");
     assert!(run["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `lathe generate ... | head -c 10`: when the reader of its output goes away, the command
+/// ends with status 0 and no panic message (Rust ignores SIGPIPE, so printing to the closed
+/// pipe panicked).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let model = smollm2();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--chat", "Name three colours.", "--max-tokens", "8", "--threads", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The read end closes before the model has loaded, so every write meets a closed pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
