@@ -24,7 +24,7 @@ fn chat_on_smollm2_streams_the_greedy_answer() {
     assert!(stderr(&out).contains("32 prompt tokens, 7 generated, Stop"), "{}", stderr(&out));
 }
 
-/// Every quantized kernel this CPU runs (AVX-512, AVX2, the portable loops) decodes the same
+/// Every quantized kernel this CPU runs (AMX, AVX-512, AVX2, the portable loops) decodes the same
 /// greedy answer as transformers; a kernel the CPU cannot run is refused by name.
 #[test]
 fn every_cpu_kernel_decodes_the_greedy_answer() {
@@ -43,6 +43,9 @@ fn every_cpu_kernel_decodes_the_greedy_answer() {
         kernels.push("avx2");
         if has("avx512f") {
             kernels.push("avx512");
+            if has("amx_bf16") && has("amx_tile") && has("avx512_bf16") {
+                kernels.push("amx");
+            }
         }
     }
     for kernel in kernels {

@@ -52,11 +52,25 @@ pub fn int8_activations() -> bool {
     INT8_ACTIVATIONS.load(Ordering::Relaxed)
 }
 
-/// The quantized kernel this process runs: `avx512`, `avx2` or `portable`, the widest the
-/// CPU has unless `LATHE_CPU_KERNEL` names another; an error names the kernels there are
-/// when it names one this CPU cannot run.
+/// The quantized kernel this process runs: `amx`, `avx512`, `avx2` or `portable`, the
+/// widest the CPU has unless `LATHE_CPU_KERNEL` names another; an error names the kernels
+/// there are when it names one this CPU cannot run. `amx` is `avx512` with a prompt's
+/// products on AMX tiles (`amx.rs`).
 pub fn cpu_kernel() -> Result<&'static str, String> {
-    Kernel::choice().map(Kernel::name)
+    let kernel = Kernel::choice()?;
+    #[cfg(target_arch = "x86_64")]
+    if tiles() {
+        return Ok("amx");
+    }
+    Ok(kernel.name())
+}
+
+/// Whether a prompt's products run on AMX tiles: where the CPU and the OS allow them and
+/// `LATHE_CPU_KERNEL` is unset, `auto` or `amx`.
+#[cfg(target_arch = "x86_64")]
+fn tiles() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && amx::available())
 }
 
 /// Whether the 8-bit products of 32-value blocks sum with AVX-VNNI's `vpdpbusd`: where the
@@ -345,17 +359,23 @@ impl QMatrix {
         outs
     }
 
-    /// `x · Wᵀ` for every matrix in `mats` with f32 activations, every output one chain of
-    /// fused multiply-adds in column order: a row's result is the same bits whatever else
-    /// the call multiplies, on every kernel. A prompt's rows beside 8-bit sampled tokens take
+    /// `x · Wᵀ` for every matrix in `mats` with f32 activations, a row's result the same bits
+    /// whatever else the call multiplies. A prompt's rows beside 8-bit sampled tokens take
     /// this (`Linear::forward_host`): with the prefix cache a prompt may be computed whole or
     /// from any block on, and an 8-bit rounding downstream would turn a difference of one
-    /// ulp into another code, sometimes another token.
+    /// ulp into another code, sometimes another token. On the FMA kernels every output is one
+    /// chain of fused multiply-adds in column order, the same bits on each; on AMX tiles
+    /// (`amx.rs`) a fixed chain of split-bf16 products, within about 1e-5 of them.
     pub fn matmul_exact(mats: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         let cols = mats.first().map_or(0, |m| m.cols);
         assert!(mats.iter().all(|m| m.cols == cols), "the matrices share their width");
         assert_eq!(x.len(), n * cols, "x must be n × cols");
-        Self::matmul_panels(Kernel::chosen(), mats, x, n, cols)
+        let kernel = Kernel::chosen();
+        #[cfg(target_arch = "x86_64")]
+        if tiles() {
+            return amx::matmul(kernel, mats, x, n, cols);
+        }
+        Self::matmul_panels(kernel, mats, x, n, cols)
     }
 
     /// `x · Wᵀ` for every matrix in `mats` with f32 activations through expanded panels:
@@ -671,6 +691,8 @@ pub(crate) mod avx2;
 mod kquant;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Fills `out` in groups of up to `max` rows (one of the listed sizes, the largest last):
 /// `body` sees the group's first row `i` and its size as a constant `R`, and gives the
@@ -754,16 +776,28 @@ impl Kernel {
         CHOSEN
             .get_or_init(|| {
                 let available = Self::available();
-                let asked = std::env::var("LATHE_CPU_KERNEL").unwrap_or_default().to_ascii_lowercase();
+                let asked = Self::asked();
                 if asked.is_empty() || asked == "auto" {
                     return Ok(available[0]);
                 }
+                #[cfg(target_arch = "x86_64")]
+                let tiles = available[0] == Kernel::Avx512 && amx::available();
+                #[cfg(not(target_arch = "x86_64"))]
+                let tiles = false;
+                if asked == "amx" && tiles {
+                    return Ok(Kernel::Avx512);
+                }
                 available.iter().copied().find(|k| k.name() == asked).ok_or_else(|| {
-                    let names: Vec<&str> = available.iter().map(|k| k.name()).collect();
+                    let names: Vec<&str> = tiles.then_some("amx").into_iter().chain(available.iter().map(|k| k.name())).collect();
                     format!("LATHE_CPU_KERNEL={asked}: this CPU runs {} (or auto, the first)", names.join(", "))
                 })
             })
             .clone()
+    }
+
+    /// `LATHE_CPU_KERNEL`, lower case (empty when unset).
+    fn asked() -> String {
+        std::env::var("LATHE_CPU_KERNEL").unwrap_or_default().to_ascii_lowercase()
     }
 
     fn name(self) -> &'static str {
@@ -1275,6 +1309,43 @@ mod tests {
                             assert_eq!(got[0][i * rows + r].to_bits(), want(i, r).to_bits(), "{ty:?} {kernel:?} n={n} [{i},{r}]");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// On AMX tiles the exact product is within 2⁻¹⁶ of Σ|w·x| of the f64 product of the
+    /// expanded weights (keeping only the bf16 high halves is some fifty times further off),
+    /// and a row's result is the same bits alone as beside 1 to 39 others. Row counts cross
+    /// the tiles' edges (16, 32), weight rows the tiles' and panels' (16, 48). Runs where the
+    /// CPU has AMX-BF16 only.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_exact_product_on_tiles_is_within_split_bf16_of_f64_and_the_same_for_any_rows() {
+        if !amx::available() {
+            eprintln!("this CPU has no AMX-BF16 (or Linux did not grant it): nothing to check");
+            return;
+        }
+        let kernel = Kernel::chosen();
+        for (ty, rows, cols) in [(GgmlType::Q4_1, 101, 96), (GgmlType::Q8_0, 50, 64), (GgmlType::Q4_K, 13, 256), (GgmlType::Q4_1, 19, 608), (GgmlType::Q6_K, 40, 512)] {
+            let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 21)), rows, cols).unwrap();
+            let w = q.dequantize();
+            let x = values(40 * cols, 4);
+            let alone: Vec<Vec<f32>> = (0..40).map(|i| amx::matmul(kernel, &[&q], &x[i * cols..(i + 1) * cols], 1, cols).pop().unwrap()).collect();
+            let mut worst = 0f64;
+            for i in 0..40 {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| f64::from(w[r * cols + c]) * f64::from(x[i * cols + c]));
+                    let (exact, size) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                    worst = worst.max((f64::from(alone[i][r]) - exact).abs() / size);
+                }
+            }
+            assert!(worst <= 2f64.powi(-16), "{ty:?}: an output off by {worst:e} of its terms' sizes");
+            for n in [2, 7, 16, 17, 33, 40] {
+                let got = amx::matmul(kernel, &[&q, &q], &x[..n * cols], n, cols);
+                assert_eq!(got[0], got[1]);
+                for (i, alone) in alone.iter().enumerate().take(n) {
+                    assert_eq!(&got[0][i * rows..(i + 1) * rows], &alone[..], "{ty:?}: row {i} of {n}");
                 }
             }
         }

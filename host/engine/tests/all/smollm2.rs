@@ -186,9 +186,16 @@ fn decode_with_int8_activations_stays_near_transformers() {
     assert!(same >= 16, "{:?} vs {want:?}", out[0].token_ids);
 }
 
+/// A prompt's logits through the exact product against the f32 path's: float rounding on
+/// the FMA kernels (8.6e-5 measured on this fixture), the split-bf16 products on AMX tiles
+/// (6.5e-4; `quant/amx.rs`). Both far from 8-bit activations, which move them by about 1.
+fn prompt_tolerance() -> f32 {
+    if lathe_engine::quant::cpu_kernel() == Ok("amx") { 2e-3 } else { LOGIT_TOLERANCE }
+}
+
 /// With 8-bit activations a token's numerics go by its position, not by its step: the
-/// prompt's rows multiply in f32 (its logits are the f32 path's within float rounding:
-/// they go through the panels instead of the dense copy), the sampled tokens' in 8 bits,
+/// prompt's rows multiply at f32's precision (its logits are the f32 path's within
+/// [`prompt_tolerance`]: they go through the exact product instead of the dense copy), the sampled tokens' in 8 bits,
 /// and a sampled token decoded beside another sequence's 20-token prompt (a step past
 /// `quant::MAX_ROWS` rows, where f32 rows would go through the gemm) gives the same bits
 /// as decoded alone.
@@ -228,7 +235,7 @@ fn int8_rows_go_by_position_not_by_step() {
     lathe_engine::quant::set_int8_activations(true);
     let (alone, beside) = (run(false), run(true));
     let diff = max_abs_diff(&alone[0], &exact[0]);
-    assert!(diff < LOGIT_TOLERANCE, "the prompt multiplies in f32 whatever is asked: max |Δlogit| {diff}");
+    assert!(diff < prompt_tolerance(), "the prompt multiplies at f32's precision whatever is asked: max |Δlogit| {diff}");
     assert!(alone[1..].iter().zip(&exact[1..]).all(|(a, e)| max_abs_diff(a, e) > LOGIT_TOLERANCE), "sampled tokens multiply in 8 bits");
     assert_eq!(beside, alone, "a sampled token's logits do not depend on its step");
 }
