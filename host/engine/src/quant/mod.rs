@@ -373,9 +373,43 @@ impl QMatrix {
         let kernel = Kernel::chosen();
         #[cfg(target_arch = "x86_64")]
         if tiles() {
-            return amx::matmul(kernel, mats, x, n, cols);
+            return Self::matmul_tiles(kernel, mats, x, n, cols);
         }
         Self::matmul_panels(kernel, mats, x, n, cols)
+    }
+
+    /// [`QMatrix::matmul_exact`] on AMX tiles (`amx.rs`): the activations laid out once as
+    /// the right operand, each task's panel of weight rows expanded and split as the left.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_tiles(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize, cols: usize) -> Vec<Vec<f32>> {
+        thread_local! {
+            /// Each thread's expanded panel and its tiles, kept between tasks and steps.
+            static PANEL: std::cell::RefCell<(Vec<f32>, amx::Tiles)> = std::cell::RefCell::new(Default::default());
+            /// The calling thread's activation tiles, likewise kept.
+            static ACTIVATIONS: std::cell::RefCell<amx::Tiles> = std::cell::RefCell::new(Default::default());
+        }
+        ACTIVATIONS.with_borrow_mut(|xt| {
+            xt.right_from_cols(x, cols, n, cols);
+            let xt = &*xt;
+            Self::by_runs_of_rows(mats, n, amx::PANEL, |m, first, out| {
+                let rows = out.rows;
+                PANEL.with_borrow_mut(|(w, wt)| {
+                    w.resize(rows * cols, 0.0);
+                    m.expand_on(kernel, first..first + rows, &mut w[..rows * cols]);
+                    wt.left(w, rows, cols, cols);
+                    // Block (i, j): weight rows 16i.., activation rows 16j.. (an output's
+                    // columns and rows).
+                    amx::product(wt, xt, |i, j, c| {
+                        for l in 0..16.min(n.saturating_sub(16 * j)) {
+                            let o = out.row(16 * j + l);
+                            for r in 0..16.min(rows.saturating_sub(16 * i)) {
+                                o[16 * i + r] = c[16 * r + l];
+                            }
+                        }
+                    });
+                })
+            })
+        })
     }
 
     /// `x · Wᵀ` for every matrix in `mats` with f32 activations through expanded panels:
@@ -1331,7 +1365,7 @@ mod tests {
             let q = QMatrix::from_ggml(ty, &quantize(ty, &values(rows * cols, 21)), rows, cols).unwrap();
             let w = q.dequantize();
             let x = values(40 * cols, 4);
-            let alone: Vec<Vec<f32>> = (0..40).map(|i| amx::matmul(kernel, &[&q], &x[i * cols..(i + 1) * cols], 1, cols).pop().unwrap()).collect();
+            let alone: Vec<Vec<f32>> = (0..40).map(|i| QMatrix::matmul_tiles(kernel, &[&q], &x[i * cols..(i + 1) * cols], 1, cols).pop().unwrap()).collect();
             let mut worst = 0f64;
             for i in 0..40 {
                 for r in 0..rows {
@@ -1342,7 +1376,7 @@ mod tests {
             }
             assert!(worst <= 2f64.powi(-16), "{ty:?}: an output off by {worst:e} of its terms' sizes");
             for n in [2, 7, 16, 17, 33, 40] {
-                let got = amx::matmul(kernel, &[&q, &q], &x[..n * cols], n, cols);
+                let got = QMatrix::matmul_tiles(kernel, &[&q, &q], &x[..n * cols], n, cols);
                 assert_eq!(got[0], got[1]);
                 for (i, alone) in alone.iter().enumerate().take(n) {
                     assert_eq!(&got[0][i * rows..(i + 1) * rows], &alone[..], "{ty:?}: row {i} of {n}");
