@@ -289,36 +289,31 @@ mod tests {
             let (a, bt) = (values(m * (k + 3), 1), values(n * (k + 5), 2));
             let at = |r: usize, kk: usize| a[r * (k + 3) + kk];
             let bv = |kk: usize, c: usize| bt[c * (k + 5) + kk];
-            let (mut left, mut right) = (Tiles::default(), Tiles::default());
-            left.left(&a, m, k, k + 3);
-            right.right_from_cols(&bt, k, n, k + 5);
-            let mut got = vec![f32::NAN; m * n];
-            product(&left, &right, |i, j, c| {
-                for r in 0..16 {
-                    for col in 0..16 {
-                        let (row, cc) = (16 * i + r, 16 * j + col);
-                        if row < m && cc < n {
-                            got[row * n + cc] = c[16 * r + col];
+            // `A·B` from `left` and `right` as `[m, n]`, read back from block (i, j) of the
+            // product either way round.
+            let run = |left: &Tiles, right: &Tiles, swapped: bool| {
+                let mut out = vec![f32::NAN; m * n];
+                product(left, right, |i, j, c| {
+                    for r in 0..16 {
+                        for col in 0..16 {
+                            let (row, cc) = if swapped { (16 * j + col, 16 * i + r) } else { (16 * i + r, 16 * j + col) };
+                            if row < m && cc < n {
+                                out[row * n + cc] = c[16 * r + col];
+                            }
                         }
                     }
-                }
-            });
+                });
+                out
+            };
+            let (mut al, mut br, mut bl, mut ar) = (Tiles::default(), Tiles::default(), Tiles::default(), Tiles::default());
+            al.left(&a, m, k, k + 3);
+            br.right_from_cols(&bt, k, n, k + 5);
+            let got = run(&al, &br, false);
             // The transposed product, B as the left operand (its three products in another
             // order, so within the bound rather than the same bits).
-            let (mut bl, mut ar) = (Tiles::default(), Tiles::default());
             bl.left(&bt, n, k, k + 5);
             ar.right_from_cols(&a, k, m, k + 3);
-            let mut transposed = vec![f32::NAN; m * n];
-            product(&bl, &ar, |i, j, c| {
-                for r in 0..16 {
-                    for col in 0..16 {
-                        let (row, cc) = (16 * j + col, 16 * i + r);
-                        if row < m && cc < n {
-                            transposed[row * n + cc] = c[16 * r + col];
-                        }
-                    }
-                }
-            });
+            let transposed = run(&bl, &ar, true);
             for row in 0..m {
                 for c in 0..n {
                     let terms = (0..k).map(|kk| f64::from(at(row, kk)) * f64::from(bv(kk, c)));
