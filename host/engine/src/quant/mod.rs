@@ -70,7 +70,15 @@ pub fn cpu_kernel() -> Result<&'static str, String> {
 #[cfg(target_arch = "x86_64")]
 fn tiles() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && amx::available())
+    *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && tiles_here())
+}
+
+/// Whether this CPU runs the `amx` kernel: the AVX-512 one, with AMX tiles granted.
+fn tiles_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return Kernel::available()[0] == Kernel::Avx512 && amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether the 8-bit products of 32-value blocks sum with AVX-VNNI's `vpdpbusd`: where the
@@ -395,7 +403,7 @@ impl QMatrix {
                 let rows = out.rows;
                 PANEL.with_borrow_mut(|(w, wt)| {
                     w.resize(rows * cols, 0.0);
-                    m.expand_on(kernel, first..first + rows, &mut w[..rows * cols]);
+                    m.expand_on(kernel, first..first + rows, w);
                     wt.left(w, rows, cols, cols);
                     // Block (i, j): weight rows 16i.., activation rows 16j.. (an output's
                     // columns and rows).
@@ -814,10 +822,7 @@ impl Kernel {
                 if asked.is_empty() || asked == "auto" {
                     return Ok(available[0]);
                 }
-                #[cfg(target_arch = "x86_64")]
-                let tiles = available[0] == Kernel::Avx512 && amx::available();
-                #[cfg(not(target_arch = "x86_64"))]
-                let tiles = false;
+                let tiles = tiles_here();
                 if asked == "amx" && tiles {
                     return Ok(Kernel::Avx512);
                 }
