@@ -289,21 +289,28 @@ pub struct SeqStep<'a> {
     pub prompt_len: usize,
 }
 
+/// Tokens one pass through the layers takes at most. A step with more (a long prompt, or
+/// many prompts at once) runs as several passes, each row's tokens in order, so what a pass
+/// allocates (activations `[tokens, width]`, the prompt kernels' operands) stays bounded
+/// whatever the prompt's length, as llama.cpp's `n_ubatch` (also 512) bounds it. A prompt's
+/// rows are the same bits however a step is cut (their products do not depend on the rows
+/// beside them, and attention reads earlier passes' keys from the pool), so passes change
+/// no result.
+pub const PASS_TOKENS: usize = 512;
+
 impl CausalLm {
-    /// Runs a packed step: every row's tokens in one pass, each attending to its own
-    /// cached blocks. Writes their keys and values into `pool` (room must be reserved)
-    /// and returns the logits of each row's last token, `[rows, vocab]` on the host.
-    /// Rows through the same adapter should be adjacent: each run of them is one matmul.
+    /// Runs a packed step: every row's tokens, each attending to its own cached blocks, in
+    /// passes of at most [`PASS_TOKENS`] tokens. Writes their keys and values into `pool`
+    /// (room must be reserved) and returns the logits of each row's last token, `[rows,
+    /// vocab]` on the host. Rows through the same adapter should be adjacent: each run of
+    /// them is one matmul.
     pub fn forward_paged(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
-        super::in_pool(|| self.forward_paged_in_pool(rows, pool))
+        self.forward_paged_by(rows, pool, PASS_TOKENS)
     }
 
-    fn forward_paged_in_pool(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        // For each token: its row and position.
-        let mut owner = Vec::new();
-        let mut ends = Vec::with_capacity(rows.len());
+    /// [`forward_paged`](Self::forward_paged) in passes of at most `pass_tokens` tokens.
+    pub fn forward_paged_by(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool, pass_tokens: usize) -> Result<Vec<f32>> {
+        // Checked before the first pass writes anything.
         for (r, row) in rows.iter().enumerate() {
             if row.tokens.is_empty() {
                 return Err(EngineError::Generation(format!("row {r} of a packed step has no tokens")));
@@ -311,6 +318,54 @@ impl CausalLm {
             if row.cache.blocks_needed(row.tokens.len()) > 0 {
                 return Err(EngineError::Generation(format!("row {r}: no blocks reserved for its tokens")));
             }
+        }
+        let pass_tokens = pass_tokens.max(1);
+        let lens: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
+        if lens.iter().sum::<usize>() <= pass_tokens {
+            return Ok(super::in_pool(|| self.pass(rows, pool)));
+        }
+        let vocab = self.config.vocab_size;
+        let mut logits = vec![0f32; rows.len() * vocab];
+        // Tokens of each row already through.
+        let mut done = vec![0usize; rows.len()];
+        while done != lens {
+            let mut budget = pass_tokens;
+            let mut part = Vec::new();
+            let mut which = Vec::new();
+            for (r, row) in rows.iter_mut().enumerate() {
+                let take = (lens[r] - done[r]).min(budget);
+                if take == 0 {
+                    continue;
+                }
+                budget -= take;
+                let tokens: &[u32] = row.tokens;
+                part.push(SeqStep {
+                    tokens: &tokens[done[r]..done[r] + take],
+                    cache: &mut *row.cache,
+                    adapter: row.adapter,
+                    prompt_len: row.prompt_len,
+                });
+                which.push(r);
+            }
+            let got = super::in_pool(|| self.pass(&mut part, pool));
+            for ((i, &r), step) in which.iter().enumerate().zip(&part) {
+                done[r] += step.tokens.len();
+                if done[r] == lens[r] {
+                    logits[r * vocab..(r + 1) * vocab].copy_from_slice(&got[i * vocab..(i + 1) * vocab]);
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    /// One pass: every row's tokens through the layers at once (rows checked by the caller).
+    fn pass(&self, rows: &mut [SeqStep<'_>], pool: &mut KvPool) -> Vec<f32> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        // For each token: its row and position.
+        let mut owner = Vec::new();
+        let mut ends = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
             let start = row.cache.len();
             tokens.extend_from_slice(row.tokens);
             for p in start..start + row.tokens.len() {
@@ -363,7 +418,7 @@ impl CausalLm {
         let last: Vec<f32> = ends.iter().flat_map(|&e| x[e * d..(e + 1) * d].iter().copied()).collect();
         let last8: Vec<bool> = ends.iter().map(|&e| eight[e]).collect();
         let mut logits = Linear::forward_host(&[&self.lm_head], &self.norm.forward_host(&last), rows.len(), &last8, &self.device);
-        Ok(logits.pop().expect("one output"))
+        logits.pop().expect("one output")
     }
 
     /// Attention of a packed step: projections as a batch, then each token against its own

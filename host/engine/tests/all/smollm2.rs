@@ -305,3 +305,48 @@ fn with_8_bit_tokens_a_prompt_gives_the_same_bits_however_its_step_is_cut() {
         assert_eq!(run(&mut fresh, &[], false, true, adapter), whole, "beside another prompt");
     }
 }
+
+/// A step longer than a pass ([`lathe_engine::model::paged::PASS_TOKENS`]) runs as several
+/// passes, each row's tokens in order: the logits of every row's last token, and the
+/// greedy tokens decoded after them, are the same bits as in one pass, whether a pass
+/// cuts a prompt in the middle, ends on a row's last token, or holds rows that start in
+/// it.
+#[test]
+fn a_step_in_passes_gives_the_same_bits_as_one_pass() {
+    use lathe_engine::{KvPool, SeqCache, SeqStep};
+    lathe_engine::quant::set_int8_activations(true);
+    let m = load_smollm2();
+    let r = reference();
+    let prompts = [ids(&r["cases"]["plain"]["input_ids"]), ids(&r["cases"]["chat"]["input_ids"]), ids(&r["cases"]["plain"]["input_ids"])[..5].to_vec()];
+    let vocab = m.model.config.vocab_size;
+    // The three prompts as one step in passes of `pass` tokens, then four greedy tokens
+    // for each row, one step each: every step's logits.
+    let run = |pass: usize| -> Vec<Vec<f32>> {
+        let mut pool = KvPool::new(&m.model.config, 64);
+        let mut caches: Vec<SeqCache> = (0..3).map(|_| SeqCache::new(0)).collect();
+        let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
+        let mut out = Vec::new();
+        let mut at = vec![0; 3];
+        for _ in 0..5 {
+            let mut rows = Vec::new();
+            for (((cache, t), a), p) in caches.iter_mut().zip(&tokens).zip(&at).zip(&prompts) {
+                assert!(cache.reserve(&mut pool, t.len() - a));
+                rows.push(SeqStep { tokens: &t[*a..], cache, adapter: None, prompt_len: p.len() });
+            }
+            let logits = m.model.forward_paged_by(&mut rows, &mut pool, pass).unwrap();
+            drop(rows);
+            for (i, t) in tokens.iter_mut().enumerate() {
+                at[i] = t.len();
+                t.push(argmax(&logits[i * vocab..(i + 1) * vocab]));
+            }
+            out.push(logits);
+        }
+        out
+    };
+    let total: usize = prompts.iter().map(Vec::len).sum();
+    let whole = run(total);
+    for pass in [1, 7, prompts[0].len(), prompts[0].len() + 3, total - 1] {
+        assert!(pass < total);
+        assert!(run(pass) == whole, "passes of {pass} tokens give other bits than one pass");
+    }
+}

@@ -627,13 +627,16 @@ fn generate(a: GenerateBench) -> Result<()> {
             activations(),
             a.compute.device
         );
-        println!("{:>5} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB");
+        println!("{:>5} {:>14} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB", "peak MiB");
     }
     let file_mib = std::fs::metadata(&a.model).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(f64::NAN);
     // Batch 1's tokens/s (prefill, decode), for the anchor's ratios.
     let mut single = None;
     for &b in &a.batch {
         let (mut best_pp, mut best_tg, mut rss) = (0f64, 0f64, 0f64);
+        // This batch size's own peak, not the loading's or an earlier batch's (Linux: `5`
+        // resets VmHWM).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
         for _ in 0..a.repeat.max(1) {
             let run = if m.model.on_host() {
                 time_paged(&m.model, &ids, b, a.decode_tokens)?
@@ -647,6 +650,7 @@ fn generate(a: GenerateBench) -> Result<()> {
         if b == 1 {
             single = Some((best_pp, best_tg));
         }
+        let peak = peak_rss_mib().unwrap_or(f64::NAN);
         if a.json {
             println!(
                 "{}",
@@ -654,10 +658,10 @@ fn generate(a: GenerateBench) -> Result<()> {
                     "activations": if lathe_engine::quant::int8_activations() { "int8" } else { "f32" },
                     "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
                     "pp_tokens_per_s": best_pp, "tg_tokens_per_s": best_tg,
-                    "rss_mib": rss, "model_file_mib": file_mib})
+                    "rss_mib": rss, "peak_rss_mib": peak, "model_file_mib": file_mib})
             );
         } else {
-            println!("{b:>5} {best_pp:>14.1} {best_tg:>14.1} {rss:>14.0}");
+            println!("{b:>5} {best_pp:>14.1} {best_tg:>14.1} {rss:>14.0} {peak:>14.0}");
         }
     }
     if a.vs_llamacpp {
