@@ -18,6 +18,7 @@ use super::{CausalLm, Linear, Lora, LoraGroup, Step};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::lora::{Adapter, Target};
+use crate::quant::{exp, hsum};
 
 /// Tokens per block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -30,7 +31,9 @@ type BlockHash = u128;
 pub struct KvPool {
     kv_heads: usize,
     head_dim: usize,
-    /// Per layer: `[block][kv_head][BLOCK_TOKENS][head_dim]`.
+    /// Per layer: keys `[block][kv_head][head_dim][BLOCK_TOKENS]` (a dimension's 16 slots
+    /// side by side, so a query's scores against a block are 16 lanes), values
+    /// `[block][kv_head][BLOCK_TOKENS][head_dim]`.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     /// Sequences holding each block.
@@ -136,9 +139,10 @@ impl KvPool {
         }
     }
 
-    /// Offset of `(block, kv_head, slot)` in a layer's buffer.
-    fn at(&self, block: u32, head: usize, slot: usize) -> usize {
-        ((block as usize * self.kv_heads + head) * BLOCK_TOKENS + slot) * self.head_dim
+    /// Offset of `(block, kv_head)` in a layer's buffer: its `BLOCK_TOKENS × head_dim` keys,
+    /// or values, start there.
+    fn at(&self, block: u32, head: usize) -> usize {
+        (block as usize * self.kv_heads + head) * BLOCK_TOKENS * self.head_dim
     }
 }
 
@@ -438,10 +442,12 @@ impl CausalLm {
         for (t, &(r, p)) in owner.iter().enumerate() {
             let (block, slot) = rows[r].cache.slot(p);
             for g in 0..kvh {
-                let at = pool.at(block, g, slot);
+                let at = pool.at(block, g);
                 let src = (t * kvh + g) * hd;
-                pool.k[layer][at..at + hd].copy_from_slice(&k[src..src + hd]);
-                pool.v[layer][at..at + hd].copy_from_slice(&v[src..src + hd]);
+                for (d, &x) in k[src..src + hd].iter().enumerate() {
+                    pool.k[layer][at + d * BLOCK_TOKENS + slot] = x;
+                }
+                pool.v[layer][at + slot * hd..][..hd].copy_from_slice(&v[src..src + hd]);
             }
         }
 
@@ -566,57 +572,48 @@ struct Geometry {
 /// FlashAttention tiles it): a block's scores first, then one rescale if its maximum is
 /// new, then its weighted values. A block's keys and values stay in L1 while every query
 /// of the task reads them.
+///
+/// The block's 16 scores are 16 lanes ([`Scores`]), its weights one vectorized `exp`
+/// and a pairwise sum, and every result one fixed chain of fused multiply-adds: the same
+/// bits on every kernel (the portable loops get them from `f32::mul_add`), and for a query
+/// whatever else its task holds.
 #[allow(clippy::too_many_arguments)]
 fn attend(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
+    {
         #[allow(unsafe_code)]
-        return unsafe { attend_avx2(pool, layer, blocks, g, ts, owner, q, geo) };
-    }
-    attend_blocks::<PortableDot>(pool, layer, blocks, g, ts, owner, q, geo)
-}
-
-/// The query-key dot product `attend_blocks` is built over.
-trait Dot {
-    fn dot(a: &[f32], b: &[f32]) -> f32;
-}
-
-struct PortableDot;
-
-impl Dot for PortableDot {
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        crate::quant::dot_f32(a, b)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx2Dot;
-
-#[cfg(target_arch = "x86_64")]
-impl Dot for Avx2Dot {
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: only instantiated inside `attend_avx2`, which runs where AVX2 and FMA are.
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { attend_avx512(pool, layer, blocks, g, ts, owner, q, geo) };
+        }
         #[allow(unsafe_code)]
-        unsafe {
-            crate::quant::avx2::dot(a, b)
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { attend_avx2(pool, layer, blocks, g, ts, owner, q, geo) };
         }
     }
+    attend_blocks::<PortableScores>(pool, layer, blocks, g, ts, owner, q, geo)
 }
 
-/// [`attend_blocks`] compiled for AVX2 and FMA, so its loops vectorize 8 wide.
+/// [`attend_blocks`] compiled for AVX-512: a block's 16 scores in one register.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
+    attend_blocks::<Avx512Scores>(pool, layer, blocks, g, ts, owner, q, geo)
+}
+
+/// [`attend_blocks`] compiled for AVX2 and FMA: in two.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
-    attend_blocks::<Avx2Dot>(pool, layer, blocks, g, ts, owner, q, geo)
+    attend_blocks::<Avx2Scores>(pool, layer, blocks, g, ts, owner, q, geo)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_blocks<D: Dot>(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
+fn attend_blocks<S: Scores>(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, ts: Range<usize>, owner: &[(usize, usize)], q: &[f32], geo: &Geometry) -> Vec<f32> {
     let (hd, group) = (geo.hd, geo.group);
     // The first key position `p` sees (a sliding window starts later).
     let first = |p: usize| geo.window.map_or(0, |w| (p + 1).saturating_sub(w));
@@ -627,30 +624,32 @@ fn attend_blocks<D: Dot>(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, 
     let mut acc = vec![0.0f32; queries.len() * hd];
     let last = owner[ts.end - 1].1;
     let lo = first(owner[ts.start].1);
-    let mut scores = [0f32; BLOCK_TOKENS];
     for (bi, &block) in blocks.iter().enumerate().take(last / BLOCK_TOKENS + 1).skip(lo / BLOCK_TOKENS) {
-        let base = pool.at(block, g, 0);
+        let base = pool.at(block, g);
         let keys = &pool.k[layer][base..base + BLOCK_TOKENS * hd];
         let values = &pool.v[layer][base..base + BLOCK_TOKENS * hd];
         let j0 = bi * BLOCK_TOKENS;
         for (k, &(p, qv)) in queries.iter().enumerate() {
             // The block's slots this query sees: keys from first(p) through p.
-            let from = first(p).max(j0);
-            let to = (p + 1).min(j0 + BLOCK_TOKENS);
+            let from = first(p).max(j0) - j0;
+            let to = (p + 1).min(j0 + BLOCK_TOKENS).saturating_sub(j0);
             if from >= to {
                 continue;
             }
-            let slots = from - j0..to - j0;
-            let mut top = f32::NEG_INFINITY;
-            for j in slots.clone() {
-                let s = D::dot(qv, &keys[j * hd..(j + 1) * hd]) * geo.scale;
-                scores[j] = s;
-                top = top.max(s);
+            let scores = S::scores(qv, keys, geo.scale);
+            // The largest score the query sees, lanes outside its slots at −∞ (a maximum in
+            // any order is the same value).
+            let mut seen = [f32::NEG_INFINITY; BLOCK_TOKENS];
+            for (j, (m, &s)) in seen.iter_mut().zip(&scores).enumerate() {
+                if j >= from && j < to {
+                    *m = s;
+                }
             }
+            let top = hmax(seen);
             let a = &mut acc[k * hd..(k + 1) * hd];
             if top > max[k] {
                 if max[k] > f32::NEG_INFINITY {
-                    let shrink = (max[k] - top).exp();
+                    let shrink = exp(max[k] - top);
                     sum[k] *= shrink;
                     for x in a.iter_mut() {
                         *x *= shrink;
@@ -658,13 +657,14 @@ fn attend_blocks<D: Dot>(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, 
                 }
                 max[k] = top;
             }
-            for j in slots {
-                let w = (scores[j] - max[k]).exp();
-                sum[k] += w;
-                for (x, &v) in a.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
-                    *x = w.mul_add(v, *x);
-                }
+            let m = max[k];
+            let mut w = [0f32; BLOCK_TOKENS];
+            for (j, (w, &s)) in w.iter_mut().zip(&scores).enumerate() {
+                let e = exp(s - m);
+                *w = if j >= from && j < to { e } else { 0.0 };
             }
+            sum[k] += hsum(w);
+            add_weighted(a, &w[from..to], &values[from * hd..to * hd]);
         }
     }
     for (k, a) in acc.chunks_exact_mut(hd).enumerate() {
@@ -674,6 +674,145 @@ fn attend_blocks<D: Dot>(pool: &KvPool, layer: usize, blocks: &[u32], g: usize, 
         }
     }
     acc
+}
+
+/// The largest of the lanes, halving (N a power of two; `>` keeps it a vector max).
+#[inline(always)]
+fn hmax<const N: usize>(mut v: [f32; N]) -> f32 {
+    let mut w = N;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            v[j] = if v[j + w] > v[j] { v[j + w] } else { v[j] };
+        }
+    }
+    v[0]
+}
+
+/// A query's scaled scores against a block's 16 keys (`keys` as `[hd][16]`): each key one
+/// lane, summed over the dimensions in four interleaved chains of fused multiply-adds
+/// (`d mod 4`, so consecutive multiply-adds do not wait on each other; the tail past a
+/// multiple of four joins the first), then `((c₀ + c₁) + (c₂ + c₃)) · scale`. Every
+/// implementation gives these bits.
+trait Scores {
+    fn scores(q: &[f32], keys: &[f32], scale: f32) -> [f32; BLOCK_TOKENS];
+}
+
+/// [`Scores`] in plain loops (`f32::mul_add` is the fused multiply-add on any CPU).
+struct PortableScores;
+
+impl Scores for PortableScores {
+    #[inline(always)]
+    fn scores(q: &[f32], keys: &[f32], scale: f32) -> [f32; BLOCK_TOKENS] {
+        assert_eq!(keys.len(), q.len() * BLOCK_TOKENS);
+        let mut c = [[0f32; BLOCK_TOKENS]; 4];
+        for (d, &qd) in q.iter().enumerate() {
+            let chain = if d < q.len() / 4 * 4 { d % 4 } else { 0 };
+            for (c, &k) in c[chain].iter_mut().zip(&keys[d * BLOCK_TOKENS..][..BLOCK_TOKENS]) {
+                *c = qd.mul_add(k, *c);
+            }
+        }
+        std::array::from_fn(|j| ((c[0][j] + c[1][j]) + (c[2][j] + c[3][j])) * scale)
+    }
+}
+
+/// [`Scores`] in one AVX-512 register a chain.
+#[cfg(target_arch = "x86_64")]
+struct Avx512Scores;
+
+#[cfg(target_arch = "x86_64")]
+impl Scores for Avx512Scores {
+    #[inline(always)]
+    fn scores(q: &[f32], keys: &[f32], scale: f32) -> [f32; BLOCK_TOKENS] {
+        use std::arch::x86_64::*;
+        assert_eq!(keys.len(), q.len() * BLOCK_TOKENS);
+        let whole = q.len() / 4 * 4;
+        let mut out = [0f32; BLOCK_TOKENS];
+        // SAFETY: only instantiated inside `attend_avx512`, which runs where AVX-512 F is;
+        // every load reads the 16 keys of dimension `d < q.len()` (length asserted).
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut c = [_mm512_setzero_ps(); 4];
+            for (q4, k4) in q.chunks_exact(4).zip(keys.chunks_exact(4 * BLOCK_TOKENS)) {
+                for (u, c) in c.iter_mut().enumerate() {
+                    *c = _mm512_fmadd_ps(_mm512_set1_ps(q4[u]), _mm512_loadu_ps(k4.as_ptr().add(u * BLOCK_TOKENS)), *c);
+                }
+            }
+            for (d, &qd) in q.iter().enumerate().skip(whole) {
+                c[0] = _mm512_fmadd_ps(_mm512_set1_ps(qd), _mm512_loadu_ps(keys.as_ptr().add(d * BLOCK_TOKENS)), c[0]);
+            }
+            let s = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3])), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(out.as_mut_ptr(), s);
+        }
+        out
+    }
+}
+
+/// [`Scores`] in two AVX2 registers a chain.
+#[cfg(target_arch = "x86_64")]
+struct Avx2Scores;
+
+#[cfg(target_arch = "x86_64")]
+impl Scores for Avx2Scores {
+    #[inline(always)]
+    fn scores(q: &[f32], keys: &[f32], scale: f32) -> [f32; BLOCK_TOKENS] {
+        use std::arch::x86_64::*;
+        assert_eq!(keys.len(), q.len() * BLOCK_TOKENS);
+        let whole = q.len() / 4 * 4;
+        let mut out = [0f32; BLOCK_TOKENS];
+        // SAFETY: only instantiated inside `attend_avx2`, which runs where AVX2 and FMA
+        // are; every load reads 8 of the 16 keys of dimension `d < q.len()`.
+        #[allow(unsafe_code)]
+        unsafe {
+            // `keys` from the 16 of one dimension on.
+            let step = |c: &mut [__m256; 2], qd: f32, keys: *const f32| {
+                let qd = _mm256_set1_ps(qd);
+                c[0] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(keys), c[0]);
+                c[1] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(keys.add(8)), c[1]);
+            };
+            let mut c = [[_mm256_setzero_ps(); 2]; 4];
+            for (q4, k4) in q.chunks_exact(4).zip(keys.chunks_exact(4 * BLOCK_TOKENS)) {
+                for (u, c) in c.iter_mut().enumerate() {
+                    step(c, q4[u], k4.as_ptr().add(u * BLOCK_TOKENS));
+                }
+            }
+            for (d, &qd) in q.iter().enumerate().skip(whole) {
+                step(&mut c[0], qd, keys.as_ptr().add(d * BLOCK_TOKENS));
+            }
+            for (h, out) in out.chunks_exact_mut(8).enumerate() {
+                let s = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(c[0][h], c[1][h]), _mm256_add_ps(c[2][h], c[3][h])), _mm256_set1_ps(scale));
+                _mm256_storeu_ps(out.as_mut_ptr(), s);
+            }
+        }
+        out
+    }
+}
+
+/// `a += Σⱼ w[j] · values[j]` over the rows of `values` (each `a.len()` wide), in order of
+/// `j`, a fused multiply-add each; 64 dimensions at a time, kept in registers across the
+/// rows.
+#[inline(always)]
+fn add_weighted(a: &mut [f32], w: &[f32], values: &[f32]) {
+    const LANES: usize = 64;
+    let hd = a.len();
+    let mut chunks = a.chunks_exact_mut(LANES);
+    for (c, out) in (&mut chunks).enumerate() {
+        let mut x: [f32; LANES] = out.try_into().expect("a chunk of LANES");
+        for (j, &wj) in w.iter().enumerate() {
+            let v: &[f32; LANES] = values[j * hd + c * LANES..][..LANES].try_into().expect("a chunk of LANES");
+            for l in 0..LANES {
+                x[l] = wj.mul_add(v[l], x[l]);
+            }
+        }
+        out.copy_from_slice(&x);
+    }
+    let start = hd / LANES * LANES;
+    let tail = chunks.into_remainder();
+    for (j, &wj) in w.iter().enumerate() {
+        for (x, &v) in tail.iter_mut().zip(&values[j * hd + start..(j + 1) * hd]) {
+            *x = wj.mul_add(v, *x);
+        }
+    }
 }
 
 /// Runs of adjacent rows through the same adapter, as ranges of the packed tokens.
@@ -691,4 +830,74 @@ fn adapter_runs<'a>(rows: &[SeqStep<'a>]) -> Vec<(Range<usize>, &'a Adapter)> {
         at = end;
     }
     runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attention kernel against attention computed plainly in f64, over blocks that
+    /// are full, partial and skipped (a sliding window), for several queries a task and
+    /// head dimensions that are and are not multiples of its chunks; and the AVX-512 and
+    /// AVX2 kernels (where the CPU has them) give the portable loops' bits.
+    #[test]
+    fn attention_over_blocks_matches_plain_softmax_in_f64_and_every_kernel_gives_the_same_bits() {
+        let vals = |n: usize, seed: u32| -> Vec<f32> { (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2000) as f32 / 700.0 - 1.4).collect() };
+        for (hd, window, positions) in [(64, None, 40..48usize), (72, None, 0..3), (128, Some(20), 50..58), (6, Some(5), 13..17)] {
+            let config = ModelConfig { num_layers: 1, num_kv_heads: 2, head_dim: hd, ..crate::tiny::tiny_config(crate::config::Architecture::Llama) };
+            let (group, kvh) = (3, 2);
+            let heads = group * kvh;
+            let len = positions.end;
+            let mut pool = KvPool::new(&config, len.div_ceil(BLOCK_TOKENS) + 2);
+            // Blocks in a scattered order, as a pool hands them out.
+            let blocks: Vec<u32> = (0..len.div_ceil(BLOCK_TOKENS) as u32).rev().collect();
+            let (keys, values) = (vals(len * kvh * hd, 1), vals(len * kvh * hd, 2));
+            for p in 0..len {
+                for g in 0..kvh {
+                    let at = pool.at(blocks[p / BLOCK_TOKENS], g);
+                    let (slot, src) = (p % BLOCK_TOKENS, (p * kvh + g) * hd);
+                    for d in 0..hd {
+                        pool.k[0][at + d * BLOCK_TOKENS + slot] = keys[src + d];
+                    }
+                    pool.v[0][at + slot * hd..][..hd].copy_from_slice(&values[src..src + hd]);
+                }
+            }
+            let owner: Vec<(usize, usize)> = positions.clone().map(|p| (0, p)).collect();
+            let q = vals(owner.len() * heads * hd, 3);
+            let geo = Geometry { heads, group, hd, scale: 1.0 / (hd as f32).sqrt(), window };
+            for g in 0..kvh {
+                let ts = 0..owner.len();
+                let got = attend(&pool, 0, &blocks, g, ts.clone(), &owner, &q, &geo);
+                let portable = attend_blocks::<PortableScores>(&pool, 0, &blocks, g, ts.clone(), &owner, &q, &geo);
+                assert!(got == portable, "hd {hd}: the dispatched kernel and the portable loops differ");
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    #[allow(unsafe_code)]
+                    let avx2 = unsafe { attend_avx2(&pool, 0, &blocks, g, ts.clone(), &owner, &q, &geo) };
+                    assert!(avx2 == portable, "hd {hd}: the AVX2 kernel and the portable loops differ");
+                }
+                // One query a task: the same bits as beside the others.
+                for t in ts.clone() {
+                    let alone = attend(&pool, 0, &blocks, g, t..t + 1, &owner, &q, &geo);
+                    assert!(alone[..] == got[(t - ts.start) * group * hd..][..group * hd], "hd {hd}: a query's bits depend on its task");
+                }
+                for (t, &(_, p)) in owner.iter().enumerate() {
+                    let from = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                    for h in 0..group {
+                        let qv = &q[(t * heads + g * group + h) * hd..][..hd];
+                        let score = |j: usize| (0..hd).map(|d| f64::from(qv[d]) * f64::from(keys[(j * kvh + g) * hd + d])).sum::<f64>() * f64::from(geo.scale);
+                        let top = (from..=p).map(score).fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = (from..=p).map(|j| (score(j) - top).exp()).collect();
+                        let total: f64 = weights.iter().sum();
+                        for d in 0..hd {
+                            let want = (from..=p).zip(&weights).map(|(j, w)| w * f64::from(values[(j * kvh + g) * hd + d])).sum::<f64>() / total;
+                            let have = f64::from(got[(t * group + h) * hd + d]);
+                            assert!((have - want).abs() < 1e-5, "hd {hd} position {p} head {h} dim {d}: {have} against {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -553,28 +553,6 @@ pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32];
     out
 }
 
-/// `Σ a·b` over two equal-length f32 slices, in two 8-wide accumulators (attention's
-/// query-key scores: the portable loop leaves LLVM to pair lanes into 128-bit halves).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (x, y) in ca.zip(cb) {
-        // SAFETY: both chunks hold 16 floats.
-        unsafe {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(y.as_ptr()), acc[0]);
-            acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(8)), _mm256_loadu_ps(y.as_ptr().add(8)), acc[1]);
-        }
-    }
-    hsum256(_mm256_add_ps(acc[0], acc[1])) + tail
-}
-
 /// `max |x|` of a block of 32 activations.
 ///
 /// # Safety

@@ -24,6 +24,7 @@ use super::{Encoded, mix};
 use crate::lora::{Adapter, Target, host_vec};
 use crate::model::paged::Rope;
 use crate::model::{CausalLm, Linear, RmsNorm, Step};
+use crate::quant::exp;
 
 /// A matrix in a borrowed buffer: element `(i, j)` at `off + i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -805,23 +806,6 @@ fn add(x: &mut [f32], y: &[f32]) {
     });
 }
 
-/// `e^x` to a few parts in 10⁷, written so that loops over slices vectorize (libm's `expf`
-/// is a call per element): `2ⁿ · e^r` with `r` in ±ln2/2 and a degree-7 polynomial for
-/// `e^r`. Below −87 it is 0 (masked scores are −∞); NaN stays NaN.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    // ln 2 split so that n·LN2_HI is exact (Cephes' constants); adding 1.5·2²³ rounds.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    if x < -87.0 { 0.0 } else { p * scale }
-}
-
 /// Replaces `row` with `exp(row - max)`; returns the max and the new sum.
 fn softmax(row: &mut [f32]) -> (f32, f32) {
     let top = lanes(row, f32::NEG_INFINITY, f32::max);
@@ -1067,20 +1051,6 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_vectorizable_exp_is_libms_to_a_few_parts_in_ten_million() {
-        let mut worst = 0f32;
-        for i in -870_000..=880_000 {
-            let x = i as f32 * 1e-4;
-            let (want, got) = (x.exp(), exp(x));
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(-100.0), 0.0);
-        assert!(exp(f32::NAN).is_nan());
-    }
 
     #[test]
     fn dropout_masks_drop_their_share_and_scale_the_rest() {
