@@ -62,8 +62,8 @@ fn request_tiles() -> bool {
     false
 }
 
-/// Weight rows a task's panel holds: six blocks, 600 KB as f32 and halves at 1536 values
-/// of `k`, in L2 while the activations' tiles go by.
+/// Weight rows a task's panel holds: six blocks, 590 KB of halves at 1536 values of `k`,
+/// in L2 while the activations' tiles go by.
 pub(super) const PANEL: usize = 96;
 
 /// bf16 values (their bit patterns).
@@ -96,19 +96,36 @@ impl Tiles {
     }
 
     /// The left operand `A` (`[rows, k]`) from its rows: `A[r][kk]` at `src[r·stride + kk]`.
-    pub(super) fn left(&mut self, src: &[f32], rows: usize, k: usize, stride: usize) {
-        self.reset(rows.div_ceil(16), k);
+    #[cfg(test)]
+    fn left(&mut self, src: &[f32], rows: usize, k: usize, stride: usize) {
         assert!(rows == 0 || (rows - 1) * stride + k <= src.len(), "the rows lie inside the buffer");
-        let zeros = [0f32; 32];
-        for r in 0..self.width() {
-            let (b, lane) = (r / 16, r % 16);
-            for kb in 0..self.nkb {
-                let x = if r < rows { &src[r * stride + 32 * kb..][..32] } else { &zeros[..] };
-                let at = (b * self.nkb + kb) * 512 + 32 * lane;
-                // SAFETY: `available` saw AVX-512 F and BF16 before any tiles were made.
-                unsafe { split32(x, &mut self.hi[at..at + 32], &mut self.lo[at..at + 32]) };
-            }
+        self.left_by_rows(rows, k, |r, out| out.copy_from_slice(&src[r * stride..][..k]));
+    }
+
+    /// The left operand `A` (`[rows, k]`), row `r` written into the `k` floats `fill(r, ..)`
+    /// is given (the weights' blocks expanded one row at a time: a row's 16 KiB at 4096
+    /// columns stays in L1 until it is split, where a panel of rows went out to L2 and back).
+    pub(super) fn left_by_rows(&mut self, rows: usize, k: usize, mut fill: impl FnMut(usize, &mut [f32])) {
+        self.reset(rows.div_ceil(16), k);
+        thread_local! {
+            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        ROW.with_borrow_mut(|row| {
+            row.resize(k, 0.0);
+            for r in 0..self.width() {
+                if r < rows {
+                    fill(r, row);
+                } else if r == rows {
+                    row.fill(0.0);
+                }
+                let (b, lane) = (r / 16, r % 16);
+                for (kb, x) in row.chunks_exact(32).enumerate() {
+                    let at = (b * self.nkb + kb) * 512 + 32 * lane;
+                    // SAFETY: `available` saw AVX-512 F and BF16 before any tiles were made.
+                    unsafe { split32(x, &mut self.hi[at..at + 32], &mut self.lo[at..at + 32]) };
+                }
+            }
+        })
     }
 
     /// The right operand `B` (`[k, cols]`) from its columns: `B[kk][c]` at

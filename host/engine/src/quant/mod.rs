@@ -387,12 +387,13 @@ impl QMatrix {
     }
 
     /// [`QMatrix::matmul_exact`] on AMX tiles (`amx.rs`): the activations laid out once as
-    /// the right operand, each task's panel of weight rows expanded and split as the left.
+    /// the right operand, each task's panel of weight rows expanded row by row and split as
+    /// the left.
     #[cfg(target_arch = "x86_64")]
     fn matmul_tiles(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize, cols: usize) -> Vec<Vec<f32>> {
         thread_local! {
-            /// Each thread's expanded panel and its tiles, kept between tasks and steps.
-            static PANEL: std::cell::RefCell<(Vec<f32>, amx::Tiles)> = std::cell::RefCell::new(Default::default());
+            /// Each thread's panel of weight tiles, kept between tasks and steps.
+            static PANEL: std::cell::RefCell<amx::Tiles> = std::cell::RefCell::new(Default::default());
             /// The calling thread's activation tiles, likewise kept.
             static ACTIVATIONS: std::cell::RefCell<amx::Tiles> = std::cell::RefCell::new(Default::default());
         }
@@ -401,10 +402,8 @@ impl QMatrix {
             let xt = &*xt;
             Self::by_runs_of_rows(mats, n, amx::PANEL, |m, first, out| {
                 let rows = out.rows;
-                PANEL.with_borrow_mut(|(w, wt)| {
-                    w.resize(rows * cols, 0.0);
-                    m.expand_on(kernel, first..first + rows, w);
-                    wt.left(w, rows, cols, cols);
+                PANEL.with_borrow_mut(|wt| {
+                    wt.left_by_rows(rows, cols, |r, w| m.expand_on(kernel, first + r..first + r + 1, w));
                     // Block (i, j): weight rows 16i.., activation rows 16j.. (an output's
                     // columns and rows).
                     amx::product(wt, xt, |i, j, c| {
