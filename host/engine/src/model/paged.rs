@@ -843,9 +843,10 @@ mod tests {
     #[test]
     fn attention_over_blocks_matches_plain_softmax_in_f64_and_every_kernel_gives_the_same_bits() {
         let vals = |n: usize, seed: u32| -> Vec<f32> { (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2000) as f32 / 700.0 - 1.4).collect() };
-        for (hd, window, positions) in [(64, None, 40..48usize), (72, None, 0..3), (128, Some(20), 50..58), (6, Some(5), 13..17)] {
+        // Query heads a key/value head serves: one to five.
+        for (hd, window, positions, group) in [(64, None, 40..48usize, 3), (72, None, 0..3, 4), (128, Some(20), 50..58, 5), (6, Some(5), 13..17, 1)] {
             let config = ModelConfig { num_layers: 1, num_kv_heads: 2, head_dim: hd, ..crate::tiny::tiny_config(crate::config::Architecture::Llama) };
-            let (group, kvh) = (3, 2);
+            let kvh = 2;
             let heads = group * kvh;
             let len = positions.end;
             let mut pool = KvPool::new(&config, len.div_ceil(BLOCK_TOKENS) + 2);
