@@ -716,74 +716,124 @@ impl Scores for PortableScores {
     }
 }
 
-/// [`Scores`] in one AVX-512 register a chain.
+/// Sixteen f32 lanes in registers, for [`SimdScores`]: one AVX-512 register or two AVX2
+/// ones. Only called inside the functions compiled for those features (`attend_avx512`,
+/// `attend_avx2`), where the intrinsics inline.
 #[cfg(target_arch = "x86_64")]
-struct Avx512Scores;
+trait Lanes: Copy {
+    fn zero() -> Self;
+    fn splat(x: f32) -> Self;
+    /// The 16 floats from `at` (16 must lie there).
+    fn load(at: &[f32]) -> Self;
+    /// `a·b + c`, fused.
+    fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    fn add(a: Self, b: Self) -> Self;
+    fn mul(a: Self, b: Self) -> Self;
+    fn store(self, out: &mut [f32; BLOCK_TOKENS]);
+}
 
 #[cfg(target_arch = "x86_64")]
-impl Scores for Avx512Scores {
+#[allow(unsafe_code)]
+impl Lanes for std::arch::x86_64::__m512 {
+    // SAFETY (every method): instantiated only through `Avx512`, inside `attend_avx512`,
+    // which runs where AVX-512 F is; loads read 16 floats of a slice of at least 16.
     #[inline(always)]
-    fn scores(q: &[f32], keys: &[f32], scale: f32) -> [f32; BLOCK_TOKENS] {
-        use std::arch::x86_64::*;
-        assert_eq!(keys.len(), q.len() * BLOCK_TOKENS);
-        let whole = q.len() / 4 * 4;
-        let mut out = [0f32; BLOCK_TOKENS];
-        // SAFETY: only instantiated inside `attend_avx512`, which runs where AVX-512 F is;
-        // every load reads the 16 keys of dimension `d < q.len()` (length asserted).
-        #[allow(unsafe_code)]
-        unsafe {
-            let mut c = [_mm512_setzero_ps(); 4];
-            for (q4, k4) in q.chunks_exact(4).zip(keys.chunks_exact(4 * BLOCK_TOKENS)) {
-                for (u, c) in c.iter_mut().enumerate() {
-                    *c = _mm512_fmadd_ps(_mm512_set1_ps(q4[u]), _mm512_loadu_ps(k4.as_ptr().add(u * BLOCK_TOKENS)), *c);
-                }
-            }
-            for (d, &qd) in q.iter().enumerate().skip(whole) {
-                c[0] = _mm512_fmadd_ps(_mm512_set1_ps(qd), _mm512_loadu_ps(keys.as_ptr().add(d * BLOCK_TOKENS)), c[0]);
-            }
-            let s = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3])), _mm512_set1_ps(scale));
-            _mm512_storeu_ps(out.as_mut_ptr(), s);
-        }
-        out
+    fn zero() -> Self {
+        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        unsafe { std::arch::x86_64::_mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn load(at: &[f32]) -> Self {
+        assert!(at.len() >= 16);
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(at.as_ptr()) }
+    }
+    #[inline(always)]
+    fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn add(a: Self, b: Self) -> Self {
+        unsafe { std::arch::x86_64::_mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(a: Self, b: Self) -> Self {
+        unsafe { std::arch::x86_64::_mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; BLOCK_TOKENS]) {
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), self) }
     }
 }
 
-/// [`Scores`] in two AVX2 registers a chain.
 #[cfg(target_arch = "x86_64")]
-struct Avx2Scores;
+#[allow(unsafe_code)]
+impl Lanes for [std::arch::x86_64::__m256; 2] {
+    // SAFETY (every method): instantiated only through `Avx2`, inside `attend_avx2`, which
+    // runs where AVX2 and FMA are; loads read 16 floats of a slice of at least 16.
+    #[inline(always)]
+    fn zero() -> Self {
+        unsafe { [std::arch::x86_64::_mm256_setzero_ps(); 2] }
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        unsafe { [std::arch::x86_64::_mm256_set1_ps(x); 2] }
+    }
+    #[inline(always)]
+    fn load(at: &[f32]) -> Self {
+        assert!(at.len() >= 16);
+        unsafe { [std::arch::x86_64::_mm256_loadu_ps(at.as_ptr()), std::arch::x86_64::_mm256_loadu_ps(at.as_ptr().add(8))] }
+    }
+    #[inline(always)]
+    fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        unsafe { [std::arch::x86_64::_mm256_fmadd_ps(a[0], b[0], c[0]), std::arch::x86_64::_mm256_fmadd_ps(a[1], b[1], c[1])] }
+    }
+    #[inline(always)]
+    fn add(a: Self, b: Self) -> Self {
+        unsafe { [std::arch::x86_64::_mm256_add_ps(a[0], b[0]), std::arch::x86_64::_mm256_add_ps(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn mul(a: Self, b: Self) -> Self {
+        unsafe { [std::arch::x86_64::_mm256_mul_ps(a[0], b[0]), std::arch::x86_64::_mm256_mul_ps(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; BLOCK_TOKENS]) {
+        unsafe {
+            std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), self[0]);
+            std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr().add(8), self[1]);
+        }
+    }
+}
+
+/// [`Scores`] in registers of sixteen lanes ([`Lanes`]): the portable loops' chains, one
+/// register (or pair) each.
+#[cfg(target_arch = "x86_64")]
+struct SimdScores<V>(std::marker::PhantomData<V>);
 
 #[cfg(target_arch = "x86_64")]
-impl Scores for Avx2Scores {
+type Avx512Scores = SimdScores<std::arch::x86_64::__m512>;
+#[cfg(target_arch = "x86_64")]
+type Avx2Scores = SimdScores<[std::arch::x86_64::__m256; 2]>;
+
+#[cfg(target_arch = "x86_64")]
+impl<V: Lanes> Scores for SimdScores<V> {
     #[inline(always)]
     fn scores(q: &[f32], keys: &[f32], scale: f32) -> [f32; BLOCK_TOKENS] {
-        use std::arch::x86_64::*;
         assert_eq!(keys.len(), q.len() * BLOCK_TOKENS);
         let whole = q.len() / 4 * 4;
-        let mut out = [0f32; BLOCK_TOKENS];
-        // SAFETY: only instantiated inside `attend_avx2`, which runs where AVX2 and FMA
-        // are; every load reads 8 of the 16 keys of dimension `d < q.len()`.
-        #[allow(unsafe_code)]
-        unsafe {
-            // `keys` from the 16 of one dimension on.
-            let step = |c: &mut [__m256; 2], qd: f32, keys: *const f32| {
-                let qd = _mm256_set1_ps(qd);
-                c[0] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(keys), c[0]);
-                c[1] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(keys.add(8)), c[1]);
-            };
-            let mut c = [[_mm256_setzero_ps(); 2]; 4];
-            for (q4, k4) in q.chunks_exact(4).zip(keys.chunks_exact(4 * BLOCK_TOKENS)) {
-                for (u, c) in c.iter_mut().enumerate() {
-                    step(c, q4[u], k4.as_ptr().add(u * BLOCK_TOKENS));
-                }
-            }
-            for (d, &qd) in q.iter().enumerate().skip(whole) {
-                step(&mut c[0], qd, keys.as_ptr().add(d * BLOCK_TOKENS));
-            }
-            for (h, out) in out.chunks_exact_mut(8).enumerate() {
-                let s = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(c[0][h], c[1][h]), _mm256_add_ps(c[2][h], c[3][h])), _mm256_set1_ps(scale));
-                _mm256_storeu_ps(out.as_mut_ptr(), s);
+        let mut c = [V::zero(); 4];
+        for (q4, k4) in q.chunks_exact(4).zip(keys.chunks_exact(4 * BLOCK_TOKENS)) {
+            for (u, c) in c.iter_mut().enumerate() {
+                *c = V::fmadd(V::splat(q4[u]), V::load(&k4[u * BLOCK_TOKENS..]), *c);
             }
         }
+        for (d, &qd) in q.iter().enumerate().skip(whole) {
+            c[0] = V::fmadd(V::splat(qd), V::load(&keys[d * BLOCK_TOKENS..]), c[0]);
+        }
+        let mut out = [0f32; BLOCK_TOKENS];
+        V::mul(V::add(V::add(c[0], c[1]), V::add(c[2], c[3])), V::splat(scale)).store(&mut out);
         out
     }
 }
