@@ -18,7 +18,7 @@ use super::{CausalLm, Linear, Lora, LoraGroup, Step};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::lora::{Adapter, Target};
-use crate::quant::{exp, hsum};
+use crate::quant::{exp, hmax, hsum};
 
 /// Tokens per block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -674,19 +674,6 @@ fn attend_blocks<S: Scores>(pool: &KvPool, layer: usize, blocks: &[u32], g: usiz
         }
     }
     acc
-}
-
-/// The largest of the lanes, halving (N a power of two; `>` keeps it a vector max).
-#[inline(always)]
-fn hmax<const N: usize>(mut v: [f32; N]) -> f32 {
-    let mut w = N;
-    while w > 1 {
-        w /= 2;
-        for j in 0..w {
-            v[j] = if v[j + w] > v[j] { v[j + w] } else { v[j] };
-        }
-    }
-    v[0]
 }
 
 /// A query's scaled scores against a block's 16 keys (`keys` as `[hd][16]`): each key one

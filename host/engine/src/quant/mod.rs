@@ -1138,9 +1138,23 @@ pub(crate) fn hsum<const N: usize>(mut v: [f32; N]) -> f32 {
     v[0]
 }
 
+/// The largest of the lanes, halving (N a power of two; `>` keeps it a vector max).
+#[inline(always)]
+pub(crate) fn hmax<const N: usize>(mut v: [f32; N]) -> f32 {
+    let mut w = N;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            v[j] = if v[j + w] > v[j] { v[j + w] } else { v[j] };
+        }
+    }
+    v[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::{dequantize, quantize};
 
     #[test]
     fn the_vectorizable_exp_is_libms_to_a_few_parts_in_ten_million() {
@@ -1155,7 +1169,6 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert!(exp(f32::NAN).is_nan());
     }
-    use crate::gguf::{dequantize, quantize};
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)

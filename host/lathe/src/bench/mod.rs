@@ -305,6 +305,12 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Starts [`peak_rss_mib`] over from the resident memory now (Linux: `5` into `clear_refs`
+/// resets VmHWM); elsewhere the peak stays the process's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// The anchors' Python: `$LATHE_ANCHOR_PYTHON`, else the repository's `.venv-anchors`, else
 /// `python3`.
 fn anchor_python() -> PathBuf {
@@ -361,8 +367,8 @@ fn train(a: TrainBench) -> Result<()> {
         m.model.bf16_base();
     }
     let loaded_mib = rss_mib();
-    // Measure the training's own peak, not the loading's (Linux: `5` resets VmHWM).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // Measure the training's own peak, not the loading's.
+    reset_peak_rss();
     let text = "Invoice 2231 from Acme Tools GmbH, dated 2024-03-05, total 1,284.50 EUR, due in 30 days. ";
     let mut ids = Vec::new();
     while ids.len() < a.seq {
@@ -634,9 +640,8 @@ fn generate(a: GenerateBench) -> Result<()> {
     let mut single = None;
     for &b in &a.batch {
         let (mut best_pp, mut best_tg, mut rss) = (0f64, 0f64, 0f64);
-        // This batch size's own peak, not the loading's or an earlier batch's (Linux: `5`
-        // resets VmHWM).
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        // This batch size's own peak, not the loading's or an earlier batch's.
+        reset_peak_rss();
         for _ in 0..a.repeat.max(1) {
             let run = if m.model.on_host() {
                 time_paged(&m.model, &ids, b, a.decode_tokens)?
