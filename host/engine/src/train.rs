@@ -32,7 +32,7 @@ use crate::model::{CausalLm, KvCache, Step};
 use crate::tokenizer::{Message, Tokenizer};
 
 mod backprop;
-pub use backprop::host_grads;
+pub use backprop::{host_grads, supports as host_step_supports};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,7 +80,8 @@ pub struct TrainConfig {
     /// ([`CausalLm::quantize_base`]), and each layer is recomputed as with
     /// `gradient_checkpointing`.
     pub qlora: bool,
-    /// Train over a bf16 base ([`CausalLm::bf16_base`]): mixed precision for GPUs.
+    /// Train over a bf16 base ([`CausalLm::bf16_base`]): mixed precision, the frozen
+    /// products in bf16 (on tensor cores on a GPU, on AMX tiles on a CPU that has them).
     pub bf16: bool,
     /// Keep only each decoder layer's input and recompute the layer before its backward pass
     /// ([`host_grads`] on the CPU, [`layerwise_grads`] elsewhere), over any base. One layer's

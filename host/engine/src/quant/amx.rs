@@ -1,7 +1,10 @@
 //! Matrix products on Intel AMX tiles, where the CPU has them (Xeon Sapphire Rapids and
 //! later) and Linux grants the tile state: a prompt's products from quantized weights
-//! ([`super::QMatrix::matmul_exact`], driven by `QMatrix::matmul_tiles`). (The CPU
-//! training step's products were tried on them too: BENCHMARKS.md, "Prompts on AMX tiles".)
+//! ([`super::QMatrix::matmul_exact`], driven by `QMatrix::matmul_tiles`), and the CPU
+//! training step's products with a bf16 base ([`rows_times`], [`cols_times`]: the weights
+//! are bf16 already, so the activations are rounded to bf16 once, as autocast does, and
+//! each product is one tile product). An f32 base stays on the gemm crate: split into
+//! halves per product, its step did not gain (BENCHMARKS.md, "Prompts on AMX tiles").
 //!
 //! A tile multiply (`tdpbf16ps`) does 16 × 16 × 32 bf16 multiply-adds into f32 in one
 //! instruction, some sixteen times what AVX-512's fused multiply-adds do on f32. bf16 keeps 8
@@ -27,7 +30,9 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-/// Whether this process can multiply on AMX tiles: the CPU has AMX-BF16 and AVX-512 BF16,
+use rayon::prelude::*;
+
+/// Whether this process can multiply on AMX tiles: the CPU has AMX-BF16, AVX-512 BF16 and BW,
 /// and the kernel grants this process the tile state. Asked once.
 pub(super) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
@@ -36,7 +41,7 @@ pub(super) fn available() -> bool {
         #[allow(unused_unsafe)]
         // SAFETY: CPUID leaf 7 exists on every x86-64 CPU that has AVX-512, checked first.
         let amx = is_x86_feature_detected!("avx512f") && (unsafe { __cpuid_count(7, 0) }.edx & (1 << 22 | 1 << 24)) == (1 << 22 | 1 << 24);
-        amx && is_x86_feature_detected!("avx512bf16") && request_tiles()
+        amx && is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") && request_tiles()
     })
 }
 
@@ -71,8 +76,10 @@ type Bf16 = u16;
 
 /// One operand of [`product`]: a matrix split into bf16 halves and cut into 1 KiB tiles,
 /// `blocks` blocks of 16 (rows of a left operand, columns of a right one, zeros past the
-/// matrix) by `nkb` blocks of 32 along `k`; tile `(b, kb)` at `(b·nkb + kb)·512`. The
-/// buffers are kept between uses (every element is written each time).
+/// matrix) by `nkb` blocks of 32 along `k`; tile `(b, kb)` at `(b·nkb + kb)·512`. Without
+/// `split`, the values are rounded to bf16 once and `lo` stays empty (the operands of
+/// [`rows_times`] and [`cols_times`]). The buffers are kept between uses (every element
+/// is written each time).
 #[derive(Default)]
 pub(super) struct Tiles {
     hi: Vec<Bf16>,
@@ -82,12 +89,22 @@ pub(super) struct Tiles {
 }
 
 impl Tiles {
-    fn reset(&mut self, blocks: usize, k: usize) {
+    fn reset(&mut self, blocks: usize, k: usize, split: bool) {
         assert!(k.is_multiple_of(32), "k is a multiple of 32, not {k}");
         (self.blocks, self.nkb) = (blocks, k / 32);
         let len = blocks * k * 16;
         self.hi.resize(len, 0);
-        self.lo.resize(len, 0);
+        self.lo.resize(if split { len } else { 0 }, 0);
+    }
+
+    /// Whether `lo` holds the second halves.
+    fn split(&self) -> bool {
+        !self.lo.is_empty()
+    }
+
+    /// Tile `(b, kb)` of the high halves (or of the values, unsplit).
+    fn hi_tile(&self, b: usize, kb: usize) -> *const Bf16 {
+        self.hi[(b * self.nkb + kb) * 512..][..512].as_ptr()
     }
 
     /// Rows (left) or columns (right) the tiles cover.
@@ -99,14 +116,14 @@ impl Tiles {
     #[cfg(test)]
     fn left(&mut self, src: &[f32], rows: usize, k: usize, stride: usize) {
         assert!(rows == 0 || (rows - 1) * stride + k <= src.len(), "the rows lie inside the buffer");
-        self.left_by_rows(rows, k, |r, out| out.copy_from_slice(&src[r * stride..][..k]));
+        self.left_by_rows(rows, k, true, |r, out| out.copy_from_slice(&src[r * stride..][..k]));
     }
 
     /// The left operand `A` (`[rows, k]`), row `r` written into the `k` floats `fill(r, ..)`
     /// is given (the weights' blocks expanded one row at a time: a row's 16 KiB at 4096
     /// columns stays in L1 until it is split, where a panel of rows went out to L2 and back).
-    pub(super) fn left_by_rows(&mut self, rows: usize, k: usize, mut fill: impl FnMut(usize, &mut [f32])) {
-        self.reset(rows.div_ceil(16), k);
+    pub(super) fn left_by_rows(&mut self, rows: usize, k: usize, split: bool, mut fill: impl FnMut(usize, &mut [f32])) {
+        self.reset(rows.div_ceil(16), k, split);
         thread_local! {
             static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -121,8 +138,9 @@ impl Tiles {
                 let (b, lane) = (r / 16, r % 16);
                 for (kb, x) in row.chunks_exact(32).enumerate() {
                     let at = (b * self.nkb + kb) * 512 + 32 * lane;
+                    let lo = split.then(|| &mut self.lo[at..at + 32]);
                     // SAFETY: `available` saw AVX-512 F and BF16 before any tiles were made.
-                    unsafe { split32(x, &mut self.hi[at..at + 32], &mut self.lo[at..at + 32]) };
+                    unsafe { split32(x, &mut self.hi[at..at + 32], lo) };
                 }
             }
         })
@@ -131,8 +149,8 @@ impl Tiles {
     /// The right operand `B` (`[k, cols]`) from its columns: `B[kk][c]` at
     /// `src[c·stride + kk]` (the activations `x` of `x·Wᵀ`, whose rows are `B`'s columns).
     /// Blocks of columns come in pairs ([`product`] takes two at a time).
-    pub(super) fn right_from_cols(&mut self, src: &[f32], k: usize, cols: usize, stride: usize) {
-        self.reset(cols.div_ceil(32) * 2, k);
+    pub(super) fn right_from_cols(&mut self, src: &[f32], k: usize, cols: usize, stride: usize, split: bool) {
+        self.reset(cols.div_ceil(32) * 2, k, split);
         assert!(cols == 0 || (cols - 1) * stride + k <= src.len(), "the columns lie inside the buffer");
         let (mut h, mut l) = (vec![0; k], vec![0; k]);
         for c in 0..self.width() {
@@ -140,7 +158,7 @@ impl Tiles {
                 for kb in 0..self.nkb {
                     let s = 32 * kb;
                     // SAFETY: `available` saw AVX-512 F and BF16.
-                    unsafe { split32(&src[c * stride + s..][..32], &mut h[s..s + 32], &mut l[s..s + 32]) };
+                    unsafe { split32(&src[c * stride + s..][..32], &mut h[s..s + 32], split.then(|| &mut l[s..s + 32])) };
                 }
             } else if c == cols {
                 h.fill(0);
@@ -152,27 +170,32 @@ impl Tiles {
                 for p in 0..16 {
                     let (from, to) = (32 * kb + 2 * p, tile + 32 * p);
                     self.hi[to..to + 2].copy_from_slice(&h[from..from + 2]);
-                    self.lo[to..to + 2].copy_from_slice(&l[from..from + 2]);
+                    if split {
+                        self.lo[to..to + 2].copy_from_slice(&l[from..from + 2]);
+                    }
                 }
             }
         }
     }
 }
 
-/// 32 floats split into bf16 halves, `x ≈ hi + lo` (each rounded to nearest even).
+/// 32 floats split into bf16 halves, `x ≈ hi + lo` (each rounded to nearest even), or
+/// rounded to bf16 once (`hi`) without `lo`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-fn split32(x: &[f32], hi: &mut [Bf16], lo: &mut [Bf16]) {
-    assert!(x.len() == 32 && hi.len() == 32 && lo.len() == 32);
+fn split32(x: &[f32], hi: &mut [Bf16], lo: Option<&mut [Bf16]>) {
+    assert!(x.len() == 32 && hi.len() == 32 && lo.as_ref().is_none_or(|lo| lo.len() == 32));
     // SAFETY: 32 values each (asserted); unaligned loads and stores.
     unsafe {
         let (a, b) = (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16)));
         let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
-        // The halves back to f32 (a bf16 is an f32's top 16 bits), and what they miss.
-        let back = |half: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-        let l = _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, back(_mm512_extracti64x4_epi64(h, 1))), _mm512_sub_ps(a, back(_mm512_castsi512_si256(h))));
         _mm512_storeu_si512(hi.as_mut_ptr().cast(), h);
-        _mm512_storeu_si512(lo.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(l));
+        if let Some(lo) = lo {
+            // The halves back to f32 (a bf16 is an f32's top 16 bits), and what they miss.
+            let back = |half: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+            let l = _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, back(_mm512_extracti64x4_epi64(h, 1))), _mm512_sub_ps(a, back(_mm512_castsi512_si256(h))));
+            _mm512_storeu_si512(lo.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(l));
+        }
     }
 }
 
@@ -207,12 +230,13 @@ const K_CHUNK: usize = 6;
 pub(super) fn product(a: &Tiles, b: &Tiles, mut emit: impl FnMut(usize, usize, &[f32; 256])) {
     assert!(available(), "AMX tiles are available");
     assert_eq!(a.nkb, b.nkb, "the operands share k");
+    assert!(a.split() && b.split(), "the operands are split in halves");
     assert!(b.blocks.is_multiple_of(2), "the right operand's blocks come in pairs");
     let (nkb, len) = (a.nkb, |t: &Tiles| t.blocks * t.nkb * 512);
     assert!(a.hi.len() >= len(a) && a.lo.len() >= len(a) && b.hi.len() >= len(b) && b.lo.len() >= len(b));
     thread_local! {
         /// Each left block's two sums (the pair's columns) between chunks of `k`.
-        static SUMS: std::cell::RefCell<Vec<[[f32; 256]; 2]>> = const { std::cell::RefCell::new(Vec::new()) };
+        static SUMS: std::cell::RefCell<Vec<PairSums>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     SUMS.with_borrow_mut(|sums| {
         sums.resize(a.blocks, [[0.0; 256]; 2]);
@@ -285,6 +309,248 @@ pub(super) fn product(a: &Tiles, b: &Tiles, mut emit: impl FnMut(usize, usize, &
     })
 }
 
+/// A bf16 matrix where it lies, row-major: `rows × cols`, element `(r, c)` at
+/// `data[r·stride + c]` (bf16 bit patterns). The frozen weights of a bf16 base, which the
+/// training step multiplies in place ([`rows_times`], [`cols_times`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Rows<'a> {
+    pub data: &'a [Bf16],
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl Bf16Rows<'_> {
+    fn check(&self) {
+        assert!(fits(self.rows, self.cols), "whole pairs of tiles: {} rows, {} columns", self.rows, self.cols);
+        assert!(self.cols <= self.stride && self.stride.is_multiple_of(2), "rows of pairs that do not overlap");
+        assert!(self.rows == 0 || (self.rows - 1) * self.stride + self.cols <= self.data.len(), "the rows lie inside the buffer");
+    }
+}
+
+/// Whether [`rows_times`] and [`cols_times`] take a `rows × cols` matrix: both in pairs of
+/// tiles (a tile multiply takes 32 values of `k` and gives 16 columns, two at a time here).
+pub(crate) fn fits(rows: usize, cols: usize) -> bool {
+    rows.is_multiple_of(32) && cols.is_multiple_of(32)
+}
+
+/// The sums of one left block against a pair of right ones, `[pair][16 rows × 16 columns]`.
+type PairSums = [[f32; 256]; 2];
+
+/// Adds `Σ_{kb ∈ ks} A(kb)·B₀(kb)` and `A(kb)·B₁(kb)` to the two 16 × 16 sums `c` (from
+/// zero when `zero`): one left block against a pair of right ones, bf16 tiles of 64-byte
+/// rows, one after the other.
+///
+/// # Safety
+/// The tile configuration [`FULL`] is loaded on this thread, and for each `kb` in `ks`
+/// `a(kb)` and `b(kb)`'s two pointers point to 1 KiB tiles.
+#[inline]
+unsafe fn dot_pair(c: &mut PairSums, zero: bool, ks: std::ops::Range<usize>, a: impl Fn(usize) -> *const Bf16, b: impl Fn(usize) -> [*const Bf16; 2]) {
+    // SAFETY: the caller's promise for the tiles; the sums are two 1 KiB arrays, 64-byte
+    // rows.
+    unsafe {
+        if zero {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        } else {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s64}*1]",
+                "tileloadd tmm1, [{c1} + {s64}*1]",
+                c0 = in(reg) c[0].as_ptr(),
+                c1 = in(reg) c[1].as_ptr(),
+                s64 = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        for kb in ks {
+            let [b0, b1] = b(kb);
+            asm!(
+                "tileloadd tmm2, [{a} + {s64}*1]",
+                "tileloadd tmm4, [{b0} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm2, tmm4",
+                "tileloadd tmm5, [{b1} + {s64}*1]",
+                "tdpbf16ps tmm1, tmm2, tmm5",
+                a = in(reg) a(kb),
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                s64 = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {s64}*1], tmm0",
+            "tilestored [{c1} + {s64}*1], tmm1",
+            c0 = in(reg) c[0].as_mut_ptr(),
+            c1 = in(reg) c[1].as_mut_ptr(),
+            s64 = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+}
+
+/// Where [`times`]'s tasks put their outputs: `[n, width]` row-major, each task its own
+/// columns.
+struct Out {
+    at: *mut f32,
+    n: usize,
+    width: usize,
+    accumulate: bool,
+}
+
+// SAFETY: tasks write disjoint columns through it, and the buffer outlives them.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Block `c` (`c[16·r + l]` for row `row + r`, column `col + l`) into its place, the
+    /// rows inside the output.
+    ///
+    /// # Safety
+    /// Columns `col..col + 16` are inside the output, and no other task writes them
+    /// meanwhile.
+    unsafe fn put(&self, c: &[f32; 256], row: usize, col: usize) {
+        debug_assert!(col + 16 <= self.width);
+        for (r, src) in c.chunks_exact(16).enumerate().take(self.n.saturating_sub(row)) {
+            // SAFETY: row `row + r` < n, columns inside (the caller's promise), written by
+            // this task alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.at.add((row + r) * self.width + col), 16) };
+            if self.accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// Bytes of sums a task of [`times`] keeps (its column blocks by the activations' row
+/// blocks, 1 KiB each): within L2 beside the tiles it reads.
+const TASK_SUMS: usize = 512 << 10;
+
+/// `out[t][j] = Σₖ z[t][k]·B[k][j]` (`+=` with `accumulate`) for `z` `[n, k]` and `out`
+/// `[n, width]`: `z` rounded to bf16 once and laid out as the left tiles (by the calling
+/// thread), `B`'s tiles made by `tile(kb, jb, ..)` (rows `32kb..`, columns `16jb..`, in
+/// pairs along `k`) as each task needs them; products in f32. A task takes a run of
+/// 32-column pairs of blocks and goes along `k` in its outer loop, each chunk of `B`'s
+/// tiles made once and multiplied by every block of `z`'s rows, so `z` is read once per
+/// task however long `k` (the output head's vocabulary).
+fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulate: bool, tile: impl Fn(usize, usize, &mut [Bf16]) + Sync) {
+    assert!(fits(32, k) && fits(32, width));
+    assert!(z.len() == n * k && out.len() == n * width, "z is [n, {k}], out [n, {width}]");
+    if out.is_empty() {
+        return;
+    }
+    assert!(available(), "AMX tiles are available");
+    thread_local! {
+        /// The calling thread's left tiles, kept between calls.
+        static LEFT: std::cell::RefCell<Tiles> = std::cell::RefCell::new(Tiles::default());
+        /// Each task's sums and right tiles (a pair's chunk, `[2][K_CHUNK][512]`), kept likewise.
+        static TASK: std::cell::RefCell<(Vec<PairSums>, Vec<Bf16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    LEFT.with_borrow_mut(|zt| {
+        zt.left_by_rows(n, k, false, |t, row| row.copy_from_slice(&z[t * k..][..k]));
+        let (zt, nkb, pairs) = (&*zt, k / 32, width / 32);
+        let dst = Out { at: out.as_mut_ptr(), n, width, accumulate };
+        let per_task = (TASK_SUMS / (zt.blocks * 2048)).clamp(1, pairs.div_ceil(2 * rayon::current_num_threads()));
+        let tasks: Vec<usize> = (0..pairs).step_by(per_task).collect();
+        tasks.into_par_iter().for_each(|first| {
+            let run = first..(first + per_task).min(pairs);
+            TASK.with_borrow_mut(|(sums, bt)| {
+                sums.resize(run.len() * zt.blocks, [[0.0; 256]; 2]);
+                bt.resize(2 * K_CHUNK * 512, 0);
+                // SAFETY: `available` saw AMX-BF16 and got the tile state; the
+                // configuration is valid.
+                unsafe { asm!("ldtilecfg [{}]", in(reg) &FULL, options(nostack, readonly)) };
+                for k0 in (0..nkb).step_by(K_CHUNK) {
+                    let ks = k0..(k0 + K_CHUNK).min(nkb);
+                    for (g, jp) in run.clone().enumerate() {
+                        for (h, tiles) in bt.chunks_exact_mut(K_CHUNK * 512).enumerate() {
+                            for kb in ks.clone() {
+                                tile(kb, 2 * jp + h, &mut tiles[(kb - k0) * 512..][..512]);
+                            }
+                        }
+                        let bt = bt.as_ptr();
+                        for (i, c) in sums[g * zt.blocks..][..zt.blocks].iter_mut().enumerate() {
+                            // SAFETY: the configuration is loaded; `zt`'s tile (i, kb) and
+                            // the pair's tiles at kb − k0 in `bt` are 1 KiB each.
+                            unsafe { dot_pair(c, k0 == 0, ks.clone(), |kb| zt.hi_tile(i, kb), |kb| [bt.add((kb - k0) * 512), bt.add((K_CHUNK + kb - k0) * 512)]) };
+                        }
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+                for (g, jp) in run.enumerate() {
+                    for (i, c) in sums[g * zt.blocks..][..zt.blocks].iter().enumerate() {
+                        // SAFETY: the task's own pairs of columns, inside the output.
+                        unsafe {
+                            dst.put(&c[0], 16 * i, 32 * jp);
+                            dst.put(&c[1], 16 * i, 32 * jp + 16);
+                        }
+                    }
+                }
+            })
+        });
+    })
+}
+
+/// `out[t][r] = Σ_c x[t][c]·m[r][c]` (`+=` with `accumulate`) for `x` `[n, m.cols]` and
+/// `out` `[n, m.rows]`, on tiles ([`times`]): `x·mᵀ`, the product along `m`'s rows.
+pub(crate) fn rows_times(m: Bf16Rows<'_>, x: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    m.check();
+    // SAFETY: `available` (asserted by `times` first) saw AVX-512; the tile lies in `m`.
+    times(x, n, m.cols, m.rows, out, accumulate, |kb, jb, tile| unsafe { transpose_pairs(m, 16 * jb, 32 * kb, tile) });
+}
+
+/// `out[t][c] = Σ_r z[t][r]·m[r][c]` (`+=` with `accumulate`) for `z` `[n, m.rows]` and
+/// `out` `[n, m.cols]`, on tiles ([`times`]): `z·m`, the product along `m`'s columns.
+pub(crate) fn cols_times(m: Bf16Rows<'_>, z: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    m.check();
+    // SAFETY: as in `rows_times`.
+    times(z, n, m.rows, m.cols, out, accumulate, |kb, jb, tile| unsafe { interleave_rows(m, 32 * kb, 16 * jb, tile) });
+}
+
+/// The right tile of `mᵀ` at `m`'s rows `r0..r0 + 16` and columns `c0..c0 + 32`: row `p`
+/// of the tile holds, for each of the 16 rows of `m`, its values at columns `c0 + 2p` and
+/// `c0 + 2p + 1` (the pairs a tile multiply sums): a 16 × 16 transpose of pairs.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_pairs(m: Bf16Rows<'_>, r0: usize, c0: usize, tile: &mut [Bf16]) {
+    assert!(tile.len() == 512 && r0 + 16 <= m.rows && c0 + 32 <= m.cols && m.stride.is_multiple_of(2));
+    // Lane `q` reads row `r0 + q`, as pairs (32-bit elements).
+    let rows: [i32; 16] = std::array::from_fn(|q| (q * m.stride / 2) as i32);
+    // SAFETY: rows r0..r0 + 16, columns c0..c0 + 32 lie inside `m` (asserted, `m` checked);
+    // each gather reads pair `p` of those 16 rows; unaligned stores of 64 bytes.
+    unsafe {
+        let idx = _mm512_loadu_si512(rows.as_ptr().cast());
+        let base = m.data[r0 * m.stride + c0..].as_ptr().cast::<i32>();
+        for p in 0..16 {
+            let pairs = _mm512_i32gather_epi32::<4>(idx, base.add(p));
+            _mm512_storeu_si512(tile[32 * p..].as_mut_ptr().cast(), pairs);
+        }
+    }
+}
+
+/// The right tile of `m`'s rows `r0..r0 + 32` and columns `c0..c0 + 16`: row `p` of the
+/// tile holds, column by column, the values of rows `r0 + 2p` and `r0 + 2p + 1` side by
+/// side (the pairs a tile multiply sums).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn interleave_rows(m: Bf16Rows<'_>, r0: usize, c0: usize, tile: &mut [Bf16]) {
+    assert!(tile.len() == 512 && r0 + 32 <= m.rows && c0 + 16 <= m.cols);
+    // Lane 2c takes column c of the first row, lane 2c + 1 of the second.
+    let idx: [u16; 32] = std::array::from_fn(|l| (l / 2 + 16 * (l % 2)) as u16);
+    // SAFETY: rows r0.. and columns c0.. are inside `m` (asserted, `m` checked); 16 values
+    // a row, unaligned loads and stores.
+    unsafe {
+        let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+        for p in 0..16 {
+            let at = (r0 + 2 * p) * m.stride + c0;
+            let first = _mm256_loadu_si256(m.data[at..at + 16].as_ptr().cast());
+            let second = _mm256_loadu_si256(m.data[at + m.stride..at + m.stride + 16].as_ptr().cast());
+            let both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+            _mm512_storeu_si512(tile[32 * p..].as_mut_ptr().cast(), _mm512_permutexvar_epi16(idx, both));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,12 +591,12 @@ mod tests {
             };
             let (mut al, mut br, mut bl, mut ar) = (Tiles::default(), Tiles::default(), Tiles::default(), Tiles::default());
             al.left(&a, m, k, k + 3);
-            br.right_from_cols(&bt, k, n, k + 5);
+            br.right_from_cols(&bt, k, n, k + 5, true);
             let got = run(&al, &br, false);
             // The transposed product, B as the left operand (its three products in another
             // order, so within the bound rather than the same bits).
             bl.left(&bt, n, k, k + 5);
-            ar.right_from_cols(&a, k, m, k + 3);
+            ar.right_from_cols(&a, k, m, k + 3, true);
             let transposed = run(&bl, &ar, true);
             for row in 0..m {
                 for c in 0..n {
@@ -341,6 +607,56 @@ mod tests {
                         assert!(off <= 2f64.powi(-16), "{how} {m}x{k}x{n} [{row},{c}]: off by {off:e} of the terms' sizes");
                     }
                 }
+            }
+        }
+    }
+    /// [`rows_times`] and [`cols_times`] give the f64 product of the bf16 matrix and the
+    /// activations rounded to bf16, within f32 summation (2⁻²⁰ of the terms' sizes), added to
+    /// what `out` held with `accumulate`; shapes cross the blocks, pairs and chunks of `k`,
+    /// and the rows' stride exceeds their width.
+    #[test]
+    fn bf16_products_on_tiles_give_the_product_of_the_rounded_activations() {
+        if !available() {
+            eprintln!("this CPU has no AMX-BF16 (or Linux did not grant it): nothing to check");
+            return;
+        }
+        let bf16 = |v: f32| half::bf16::from_f32(v);
+        for (rows, cols, n) in [(32, 32, 1), (64, 96, 17), (32, 32 * (K_CHUNK + 2), 33), (96, 64, 40), (32 * (K_CHUNK + 1), 32, 5), (128, 224, 70)] {
+            let stride = cols + 32;
+            let w: Vec<Bf16> = values(rows * stride, 3).iter().map(|&v| bf16(v).to_bits()).collect();
+            let m = Bf16Rows { data: &w, rows, cols, stride };
+            let at = |r: usize, c: usize| f64::from(half::bf16::from_bits(w[r * stride + c]));
+            let rounded = |x: &[f32]| x.iter().map(|&v| f64::from(bf16(v))).collect::<Vec<f64>>();
+            let check = |what: &str, got: &[f32], before: &[f32], want: &dyn Fn(usize, usize) -> (f64, f64), width: usize| {
+                for t in 0..n {
+                    for j in 0..width {
+                        let (exact, size) = want(t, j);
+                        let off = (f64::from(got[t * width + j]) - f64::from(before[t * width + j]) - exact).abs() / size.max(1e-30);
+                        assert!(off <= 2f64.powi(-20), "{what} {rows}x{cols}, n={n} [{t},{j}]: off by {off:e} of the terms' sizes");
+                    }
+                }
+            };
+            // out[t][r] = Σ_c m[r][c]·x[t][c]
+            let x = values(n * cols, 4);
+            let xr = rounded(&x);
+            let before = values(n * rows, 5);
+            for accumulate in [false, true] {
+                let mut out = before.clone();
+                rows_times(m, &x, n, &mut out, accumulate);
+                let zero = vec![0.0; out.len()];
+                let want = |t: usize, r: usize| (0..cols).map(|c| at(r, c) * xr[t * cols + c]).fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                check("rows_times", &out, if accumulate { &before } else { &zero }, &want, rows);
+            }
+            // out[t][c] = Σ_r z[t][r]·m[r][c]
+            let z = values(n * rows, 6);
+            let zr = rounded(&z);
+            let before = values(n * cols, 7);
+            for accumulate in [false, true] {
+                let mut out = before.clone();
+                cols_times(m, &z, n, &mut out, accumulate);
+                let zero = vec![0.0; out.len()];
+                let want = |t: usize, c: usize| (0..rows).map(|r| zr[t * rows + r] * at(r, c)).fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                check("cols_times", &out, if accumulate { &before } else { &zero }, &want, cols);
             }
         }
     }

@@ -73,6 +73,13 @@ fn tiles() -> bool {
     *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && tiles_here())
 }
 
+/// Whether the CPU training step multiplies a bf16 base on AMX tiles ([`amx::rows_times`],
+/// [`amx::cols_times`]): where prompts do ([`tiles`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn bf16_tiles() -> bool {
+    tiles()
+}
+
 /// Whether this CPU runs the `amx` kernel: the AVX-512 one, with AMX tiles granted.
 fn tiles_here() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -398,12 +405,12 @@ impl QMatrix {
             static ACTIVATIONS: std::cell::RefCell<amx::Tiles> = std::cell::RefCell::new(Default::default());
         }
         ACTIVATIONS.with_borrow_mut(|xt| {
-            xt.right_from_cols(x, cols, n, cols);
+            xt.right_from_cols(x, cols, n, cols, true);
             let xt = &*xt;
             Self::by_runs_of_rows(mats, n, amx::PANEL, |m, first, out| {
                 let rows = out.rows;
                 PANEL.with_borrow_mut(|wt| {
-                    wt.left_by_rows(rows, cols, |r, w| m.expand_on(kernel, first + r..first + r + 1, w));
+                    wt.left_by_rows(rows, cols, true, |r, w| m.expand_on(kernel, first + r..first + r + 1, w));
                     // Block (i, j): weight rows 16i.., activation rows 16j.. (an output's
                     // columns and rows).
                     amx::product(wt, xt, |i, j, c| {
@@ -733,7 +740,7 @@ mod kquant;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 
 /// Fills `out` in groups of up to `max` rows (one of the listed sizes, the largest last):
 /// `body` sees the group's first row `i` and its size as a constant `R`, and gives the

@@ -143,11 +143,34 @@ fn product(out: &mut [f32], a: Mat<'_>, b: Mat<'_>, beta: f32, accumulate: bool,
 }
 
 /// A frozen projection's weight `[in, out]` as the step reads it: a view of the CPU
-/// tensor's storage, or the quantized blocks expanded for this use (QLoRA).
+/// tensor's storage, the quantized blocks expanded for this use (QLoRA), or a bf16 base
+/// (mixed precision): multiplied where it lies on AMX tiles, else widened to f32 for this
+/// use.
 enum Frozen {
     View(FlexTensor),
     /// Hugging Face `[out, in]`, row-major.
     Expanded(Vec<f32>),
+    /// A bf16 weight's storage widened to f32, read through the tensor's layout.
+    Widened(Vec<f32>, FlexTensor),
+    /// A bf16 weight in whole tiles, on a CPU with AMX.
+    #[cfg(target_arch = "x86_64")]
+    Tiles(FlexTensor),
+}
+
+/// A `[rows, cols]` view's storage as a [`Mat`].
+fn view<'a>(data: &'a [f32], t: &FlexTensor, rows: usize, cols: usize) -> Mat<'a> {
+    let l = t.layout();
+    let (s, st) = (l.shape(), l.strides());
+    assert_eq!([s[0], s[1]], [rows, cols], "the projection's shape");
+    assert!(st[0] >= 0 && st[1] >= 0, "no flipped views");
+    Mat {
+        data,
+        off: l.start_offset(),
+        rs: st[0] as usize,
+        cs: st[1] as usize,
+        rows,
+        cols,
+    }
 }
 
 impl Frozen {
@@ -155,32 +178,71 @@ impl Frozen {
         match lin.parts() {
             (Some(w), _) => {
                 let t = w.clone().try_into_primitive::<Flex>().ok()?;
-                (t.dtype() == DType::F32 && t.layout().num_dims() == 2).then_some(Self::View(t))
+                if t.layout().num_dims() != 2 {
+                    return None;
+                }
+                match t.dtype() {
+                    DType::F32 => Some(Self::View(t)),
+                    DType::BF16 => {
+                        #[cfg(target_arch = "x86_64")]
+                        if crate::quant::bf16_tiles() && Self::rows(&t).is_some_and(|m| crate::quant::amx::fits(m.rows, m.cols)) {
+                            return Some(Self::Tiles(t));
+                        }
+                        let wide = t.storage::<half::bf16>().iter().map(|v| v.to_f32()).collect();
+                        Some(Self::Widened(wide, t))
+                    }
+                    _ => None,
+                }
             }
             (None, Some(q)) => Some(Self::Expanded(q.dequantize())),
             (None, None) => None,
         }
     }
 
-    /// The weight as `[in, out]`.
+    /// A bf16 `[in, out]` tensor whose storage holds it row by row (as `bf16_base`'s cast
+    /// leaves every weight) as that matrix; None for other layouts.
+    #[cfg(target_arch = "x86_64")]
+    fn rows(t: &FlexTensor) -> Option<crate::quant::amx::Bf16Rows<'_>> {
+        use half::slice::HalfFloatSliceExt;
+        let l = t.layout();
+        let (s, st) = (l.shape(), l.strides());
+        (st[1] == 1 && st[0] >= s[1] as isize).then(|| crate::quant::amx::Bf16Rows {
+            data: &t.storage::<half::bf16>().reinterpret_cast()[l.start_offset()..],
+            rows: s[0],
+            cols: s[1],
+            stride: st[0] as usize,
+        })
+    }
+
+    /// The weight as `[in, out]`, where it is f32.
     fn mat(&self, inp: usize, out: usize) -> Mat<'_> {
         match self {
-            Self::View(t) => {
-                let l = t.layout();
-                let (s, st) = (l.shape(), l.strides());
-                assert_eq!([s[0], s[1]], [inp, out], "the projection's shape");
-                assert!(st[0] >= 0 && st[1] >= 0, "no flipped views");
-                Mat {
-                    data: t.storage::<f32>(),
-                    off: l.start_offset(),
-                    rs: st[0] as usize,
-                    cs: st[1] as usize,
-                    rows: inp,
-                    cols: out,
-                }
-            }
+            Self::View(t) => view(t.storage::<f32>(), t, inp, out),
+            Self::Widened(data, t) => view(data, t, inp, out),
             Self::Expanded(w) => Mat::dense(w, out, inp).t(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles(_) => unreachable!("a bf16 weight on tiles is multiplied by `forward` and `backward`"),
         }
+    }
+
+    /// `y = x·W` (`y += ` with `accumulate`) for `x` `[n, inp]`, `y` `[n, out]`.
+    fn forward(&self, y: &mut [f32], x: &[f32], n: usize, inp: usize, out: usize, accumulate: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if let Self::Tiles(t) = self {
+            // y[t][o] = Σᵢ x[t][i]·m[i][o]
+            return crate::quant::amx::cols_times(Self::rows(t).expect("`of` checked the layout"), x, n, y, accumulate);
+        }
+        matmul(y, Mat::dense(x, n, inp), self.mat(inp, out), 1.0, accumulate, true);
+    }
+
+    /// `dx = dy·Wᵀ` (`dx += ` with `accumulate`) for `dy` `[n, out]`, `dx` `[n, inp]`.
+    fn backward(&self, dx: &mut [f32], dy: &[f32], n: usize, inp: usize, out: usize, accumulate: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if let Self::Tiles(t) = self {
+            // dx[t][i] = Σₒ m[i][o]·dy[t][o]
+            return crate::quant::amx::rows_times(Self::rows(t).expect("`of` checked the layout"), dy, n, dx, accumulate);
+        }
+        matmul(dx, Mat::dense(dy, n, out), self.mat(inp, out).t(), 1.0, accumulate, true);
     }
 }
 
@@ -551,7 +613,7 @@ fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&P
         .iter()
         .map(|&(w, out, _)| {
             let mut y = vec![0.0; dm.n * out];
-            matmul(&mut y, Mat::dense(x, dm.n, inp), w.mat(inp, out), 1.0, false, true);
+            w.forward(&mut y, x, dm.n, inp, out, false);
             y
         })
         .collect();
@@ -576,8 +638,7 @@ fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&P
 fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], &Frozen, Option<&Pair>)], dx: &mut [f32], dxd: &mut [f32]) -> Vec<Option<PairGrad>> {
     let inp = dx.len() / dm.n;
     for &(dy, w, _) in projs {
-        let out = dy.len() / dm.n;
-        matmul(dx, Mat::dense(dy, dm.n, out), w.mat(inp, out).t(), 1.0, true, true);
+        w.backward(dx, dy, dm.n, inp, dy.len() / dm.n, true);
     }
     let pairs: Vec<&Pair> = projs.iter().filter_map(|p| p.2).collect();
     if pairs.is_empty() {
@@ -880,7 +941,6 @@ const HEAD_ROWS: usize = 256;
 fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)], scale: f32) -> (f64, Vec<f32>) {
     let vocab = model.config.vocab_size;
     let head = Frozen::of(model.lm_head()).expect(SUPPORTED);
-    let w = head.mat(d, vocab);
     let (hf, inv) = rms_forward(x, &model.norm);
     let mut dhf = vec![0.0; x.len()];
     let mut nll = 0.0f64;
@@ -890,7 +950,7 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
         let rows: Vec<f32> = chunk.iter().flat_map(|&(r, _)| hf[r * d..(r + 1) * d].iter().copied()).collect();
         let t = chunk.len();
         let logits = &mut buffer[..t * vocab];
-        matmul(logits, Mat::dense(&rows, t, d), w, 1.0, false, true);
+        head.forward(logits, &rows, t, d, vocab, false);
         // Softmax minus the label, per row; the log-likelihood on the way.
         let losses: Vec<f64> = logits
             .par_chunks_mut(vocab)
@@ -907,7 +967,7 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
             .collect();
         nll += losses.iter().sum::<f64>();
         let mut drows = vec![0.0; t * d];
-        matmul(&mut drows, Mat::dense(logits, t, vocab), w.t(), 1.0, false, true);
+        head.backward(&mut drows, logits, t, d, vocab, false);
         for (&(r, _), g) in chunk.iter().zip(drows.chunks_exact(d)) {
             for (a, &b) in dhf[r * d..(r + 1) * d].iter_mut().zip(g) {
                 *a += b;
@@ -930,17 +990,17 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
 /// # Panics
 /// When [`supports`] does not hold for `model`.
 pub fn host_grads(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool, seed: u64, scale: f64, recompute: bool) -> Option<(f64, Vec<Tensor<2>>)> {
-    assert!(supports(model), "the host training step needs a model on the CPU backend with f32 or quantized weights");
+    assert!(supports(model), "the host training step needs a model on the CPU backend with f32, bf16 or quantized weights");
     crate::model::in_pool(|| step(model, examples, adapter, train, seed, scale, recompute))
 }
 
 const SUPPORTED: &str = "`supports` checked that every weight is readable on the host";
 
-/// Whether [`host_grads`] can train `model`: its weights live on the CPU backend, as f32
-/// tensors or quantized blocks (not bf16).
+/// Whether [`host_grads`] can train `model`: its weights live on the CPU backend, as f32 or
+/// bf16 tensors or quantized blocks.
 pub fn supports(model: &CausalLm) -> bool {
     let readable = |lin: &Linear| match lin.parts() {
-        (Some(w), _) => w.dtype() == DType::F32,
+        (Some(w), _) => matches!(w.dtype(), DType::F32 | DType::BF16),
         (None, packed) => packed.is_some(),
     };
     model.on_host() && readable(model.lm_head()) && model.layers.iter().all(|l| {

@@ -8,7 +8,7 @@ use std::path::Path;
 use lathe_engine::config::Architecture;
 use lathe_engine::lora::{Adapter, LoraConfig, Target};
 use lathe_engine::train::{Encoded, RunInfo, TrainConfig, Trainer, batch_loss, encode_chat};
-use lathe_engine::{KvCache, LoadedModel, Logits, Message, Step};
+use lathe_engine::{CausalLm, KvCache, LoadedModel, Logits, Message, Step};
 
 use crate::common::{device, max_abs_diff};
 
@@ -519,6 +519,71 @@ fn the_host_training_step_gives_autodiffs_gradients() {
     };
     let numeric = (moved(1.0) - moved(-1.0)) / (2.0 * h);
     assert!((numeric - norm).abs() < 0.03 * norm, "directional derivative {numeric}, gradient norm {norm}");
+}
+
+/// The loss and gradients of the CPU's host step (`train::host_grads`), as vectors.
+fn host_step(model: &CausalLm, refs: &[&Encoded], adapter: &Adapter, train: bool, seed: u64, scale: f64) -> (f64, Vec<Vec<f32>>) {
+    let (loss, grads) = lathe_engine::train::host_grads(model, refs, adapter, train, seed, scale, false).unwrap();
+    (loss, grads.into_iter().map(|g| g.into_data().try_to_vec::<f32>().unwrap()).collect())
+}
+
+/// The host step over a bf16 base (`lathe train --bf16` on the CPU): the weights multiplied
+/// where they lie, on AMX tiles where the CPU has them (the activations rounded to bf16, as
+/// autocast does), else widened to f32. On Mistral's tiny twin its loss and gradients are
+/// those of the f32 step over the same weights rounded to bf16: the same bits when widened,
+/// within the activations' rounding on tiles. On both twins recomputing the layers changes
+/// no bit and the gradient is the derivative of the step's own loss: each backward product
+/// is its forward product transposed. (Their heads, 263 tokens wide, are widened.)
+#[test]
+fn the_host_step_trains_a_bf16_base_as_over_its_rounded_f32_weights() {
+    let on_tiles = lathe_engine::quant::cpu_kernel() == Ok("amx");
+    for arch in [Architecture::Mistral, Architecture::Llama] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = tiny_arch(dir.path(), arch);
+        let data = dataset(&m);
+        let refs: Vec<&Encoded> = data.iter().collect();
+        let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, m.model.device());
+        give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
+        let names: Vec<String> = adapter.params().into_iter().map(|(n, _)| n).collect();
+        let (f32_loss, _) = host_step(&m.model, &refs, &adapter, false, 1, 0.5);
+        m.model.bf16_base();
+        assert!(lathe_engine::train::host_step_supports(&m.model), "the host step takes a bf16 base");
+        let (hl, hosted) = host_step(&m.model, &refs, &adapter, false, 1, 0.5);
+        assert!(hl != f32_loss, "{arch:?}: the bf16 base is what the step multiplies");
+        if arch == Architecture::Mistral {
+            // Its own head, so every rounded weight comes back (a tied head would come back
+            // as the unrounded embeddings).
+            let rounded = CausalLm::load(m.model.config.clone(), &m.model.to_memory_weights(), m.model.device()).unwrap();
+            let (rl, want) = host_step(&rounded, &refs, &adapter, false, 1, 0.5);
+            assert!((hl - rl).abs() < 5e-4 * rl.abs(), "loss {hl} over bf16, {rl} over the rounded f32 weights");
+            for (name, (a, b)) in names.iter().zip(want.iter().zip(&hosted)) {
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+                let off = max_abs_diff(a, b);
+                assert!(off <= if on_tiles { 2e-2 * scale } else { 0.0 }, "{name}: {off} apart (scale {scale}, on tiles: {on_tiles})");
+            }
+        }
+
+        adapter.config.dropout = 0.3;
+        let (loss, grads) = host_step(&m.model, &refs, &adapter, true, 5, 1.0);
+        let recomputed = lathe_engine::train::host_grads(&m.model, &refs, &adapter, true, 5, 1.0, true).unwrap();
+        assert_eq!(loss, recomputed.0, "{arch:?}: recomputing the layers changes no bit");
+        let norm = grads.iter().flatten().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
+        let h = 1e-2;
+        let moved = |sign: f64| {
+            let by_name: BTreeMap<&String, &Vec<f32>> = names.iter().zip(&grads).collect();
+            let mut params = adapter.to_host();
+            for (name, (_, values)) in params.iter_mut() {
+                for (v, g) in values.iter_mut().zip(by_name[name]) {
+                    *v += (sign * h * f64::from(*g) / norm) as f32;
+                }
+            }
+            let mut a = adapter.clone();
+            a.load_host(&params, m.model.device()).unwrap();
+            host_step(&m.model, &refs, &a, true, 5, 1.0).0
+        };
+        let numeric = (moved(1.0) - moved(-1.0)) / (2.0 * h);
+        assert!((numeric - norm).abs() < 0.03 * norm, "{arch:?}: directional derivative {numeric}, gradient norm {norm}");
+    }
 }
 
 /// Mixed precision (`CausalLm::bf16_base`, for GPU training): the frozen projections and

@@ -458,6 +458,7 @@ fn train(a: TrainBench) -> Result<()> {
                 "model": a.model, "qlora": a.qlora, "bf16": a.bf16, "gradient_checkpointing": a.gradient_checkpointing, "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": a.targets,
                 "threads": threads, "step_s": mean, "tokens_per_s": tokens_per_s, "first_step_s": times[0],
                 "device": a.compute.device, "matmul": lathe_engine::device::MatmulPrecision::of(&a.compute.device),
+                "cpu_kernel": lathe_engine::quant::cpu_kernel().ok(),
                 "peak_rss_training_mib": peak, "rss_before_training_mib": loaded_mib, "gpu_reserved_mib": gpu_mib,
                 "trainable_params": trainable_params,
                 "anchor": anchor,
@@ -467,17 +468,19 @@ fn train(a: TrainBench) -> Result<()> {
         );
     } else {
         println!(
-            "{} r{} ({}) | batch {} × {} | {} threads: {:.2} s/step, {:.1} training tokens/s, peak RSS while training {:.0} MiB (before training {:.0})",
+            "{}{} r{} ({}) | batch {} × {} | {} threads, {} kernel: {:.2} s/step, {:.1} training tokens/s, peak RSS while training {:.0} MiB (before training {:.0})",
             match (a.qlora, a.gradient_checkpointing) {
                 (true, _) => "QLoRA",
                 (false, true) => "LoRA (gradient checkpointing)",
                 (false, false) => "LoRA",
             },
+            if a.bf16 { " over a bf16 base" } else { "" },
             a.rank,
             a.targets,
             a.batch,
             a.seq,
             threads,
+            lathe_engine::quant::cpu_kernel().unwrap_or("?"),
             mean,
             tokens_per_s,
             peak.unwrap_or(f64::NAN),
