@@ -387,6 +387,68 @@ unsafe fn dot_pair(c: &mut PairSums, zero: bool, ks: std::ops::Range<usize>, a: 
     }
 }
 
+/// [`dot_pair`] for two left blocks at once: four sums, each kb's two left and two right
+/// tiles loaded once for four multiplies (where one left block takes three loads for two).
+///
+/// # Safety
+/// As [`dot_pair`]'s, for both left pointers.
+#[inline]
+unsafe fn dot_quad(c: [&mut PairSums; 2], zero: bool, ks: std::ops::Range<usize>, a: impl Fn(usize) -> [*const Bf16; 2], b: impl Fn(usize) -> [*const Bf16; 2]) {
+    let [c0, c1] = c;
+    // SAFETY: the caller's promise for the tiles; the sums are four 1 KiB arrays, 64-byte
+    // rows.
+    unsafe {
+        if zero {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        } else {
+            asm!(
+                "tileloadd tmm0, [{c00} + {s64}*1]",
+                "tileloadd tmm1, [{c01} + {s64}*1]",
+                "tileloadd tmm2, [{c10} + {s64}*1]",
+                "tileloadd tmm3, [{c11} + {s64}*1]",
+                c00 = in(reg) c0[0].as_ptr(),
+                c01 = in(reg) c0[1].as_ptr(),
+                c10 = in(reg) c1[0].as_ptr(),
+                c11 = in(reg) c1[1].as_ptr(),
+                s64 = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        for kb in ks {
+            let ([a0, a1], [b0, b1]) = (a(kb), b(kb));
+            // tmm4, tmm5: the left blocks; tmm6, tmm7: the right pair.
+            asm!(
+                "tileloadd tmm4, [{a0} + {s64}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s64}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                s64 = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        asm!(
+            "tilestored [{c00} + {s64}*1], tmm0",
+            "tilestored [{c01} + {s64}*1], tmm1",
+            "tilestored [{c10} + {s64}*1], tmm2",
+            "tilestored [{c11} + {s64}*1], tmm3",
+            c00 = in(reg) c0[0].as_mut_ptr(),
+            c01 = in(reg) c0[1].as_mut_ptr(),
+            c10 = in(reg) c1[0].as_mut_ptr(),
+            c11 = in(reg) c1[1].as_mut_ptr(),
+            s64 = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+}
+
 /// Where [`times`]'s tasks put their outputs: `[n, width]` row-major, each task its own
 /// columns.
 struct Out {
@@ -468,10 +530,20 @@ fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulat
                             }
                         }
                         let bt = bt.as_ptr();
-                        for (i, c) in sums[g * zt.blocks..][..zt.blocks].iter_mut().enumerate() {
-                            // SAFETY: the configuration is loaded; `zt`'s tile (i, kb) and
-                            // the pair's tiles at kb − k0 in `bt` are 1 KiB each.
-                            unsafe { dot_pair(c, k0 == 0, ks.clone(), |kb| zt.hi_tile(i, kb), |kb| [bt.add((kb - k0) * 512), bt.add((K_CHUNK + kb - k0) * 512)]) };
+                        let b = |kb: usize| [bt.wrapping_add((kb - k0) * 512), bt.wrapping_add((K_CHUNK + kb - k0) * 512)];
+                        // Two blocks of `z`'s rows at a time, the last alone when odd.
+                        for (two, c) in sums[g * zt.blocks..][..zt.blocks].chunks_mut(2).enumerate() {
+                            let i = 2 * two;
+                            // SAFETY: the configuration is loaded; `zt`'s tiles (i, kb) and
+                            // (i + 1, kb), and the pair's tiles at kb − k0 in `bt`, are 1 KiB
+                            // each.
+                            unsafe {
+                                match c {
+                                    [c0, c1] => dot_quad([c0, c1], k0 == 0, ks.clone(), |kb| [zt.hi_tile(i, kb), zt.hi_tile(i + 1, kb)], b),
+                                    [c0] => dot_pair(c0, k0 == 0, ks.clone(), |kb| zt.hi_tile(i, kb), b),
+                                    _ => unreachable!("chunks of one or two"),
+                                }
+                            }
                         }
                     }
                 }
