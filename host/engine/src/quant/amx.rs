@@ -112,11 +112,32 @@ impl Tiles {
         16 * self.blocks
     }
 
-    /// The left operand `A` (`[rows, k]`) from its rows: `A[r][kk]` at `src[r·stride + kk]`.
-    #[cfg(test)]
-    fn left(&mut self, src: &[f32], rows: usize, k: usize, stride: usize) {
+    /// The left operand `A` (`[rows, k]`) from its rows: `A[r][kk]` at `src[r·stride + kk]`,
+    /// split into halves or (without `split`) rounded to bf16 once; blocks of rows in
+    /// parallel.
+    pub(super) fn left(&mut self, src: &[f32], rows: usize, k: usize, stride: usize, split: bool) {
         assert!(rows == 0 || (rows - 1) * stride + k <= src.len(), "the rows lie inside the buffer");
-        self.left_by_rows(rows, k, true, |r, out| out.copy_from_slice(&src[r * stride..][..k]));
+        self.reset(rows.div_ceil(16), k, split);
+        let nkb = self.nkb;
+        // Block `b`'s tiles, `[nkb][16 rows][32]`, from rows 16b.. (zeros past the matrix).
+        let fill = |b: usize, hi: &mut [Bf16], mut lo: Option<&mut [Bf16]>| {
+            let zeros = [0f32; 32];
+            for lane in 0..16 {
+                let r = 16 * b + lane;
+                for kb in 0..nkb {
+                    let x = if r < rows { &src[r * stride + 32 * kb..][..32] } else { &zeros[..] };
+                    let at = kb * 512 + 32 * lane;
+                    // SAFETY: `available` saw AVX-512 F and BF16 before any tiles were made.
+                    unsafe { split32(x, &mut hi[at..at + 32], lo.as_deref_mut().map(|lo| &mut lo[at..at + 32])) };
+                }
+            }
+        };
+        let block = (nkb * 512).max(1);
+        if split {
+            self.hi.par_chunks_mut(block).zip(self.lo.par_chunks_mut(block)).enumerate().for_each(|(b, (hi, lo))| fill(b, hi, Some(lo)));
+        } else {
+            self.hi.par_chunks_mut(block).enumerate().for_each(|(b, hi)| fill(b, hi, None));
+        }
     }
 
     /// The left operand `A` (`[rows, k]`), row `r` written into the `k` floats `fill(r, ..)`
@@ -508,7 +529,7 @@ fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulat
         static TASK: std::cell::RefCell<(Vec<PairSums>, Vec<Bf16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
     LEFT.with_borrow_mut(|zt| {
-        zt.left_by_rows(n, k, false, |t, row| row.copy_from_slice(&z[t * k..][..k]));
+        zt.left(z, n, k, k, false);
         let (zt, nkb, pairs) = (&*zt, k / 32, width / 32);
         let dst = Out { at: out.as_mut_ptr(), n, width, accumulate };
         let per_task = (TASK_SUMS / (zt.blocks * 2048)).clamp(1, pairs.div_ceil(2 * rayon::current_num_threads()));
@@ -662,12 +683,12 @@ mod tests {
                 out
             };
             let (mut al, mut br, mut bl, mut ar) = (Tiles::default(), Tiles::default(), Tiles::default(), Tiles::default());
-            al.left(&a, m, k, k + 3);
+            al.left(&a, m, k, k + 3, true);
             br.right_from_cols(&bt, k, n, k + 5, true);
             let got = run(&al, &br, false);
             // The transposed product, B as the left operand (its three products in another
             // order, so within the bound rather than the same bits).
-            bl.left(&bt, n, k, k + 5);
+            bl.left(&bt, n, k, k + 5, true);
             ar.right_from_cols(&a, k, m, k + 3, true);
             let transposed = run(&bl, &ar, true);
             for row in 0..m {
