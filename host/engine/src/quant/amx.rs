@@ -76,10 +76,10 @@ type Bf16 = u16;
 
 /// One operand of [`product`]: a matrix split into bf16 halves and cut into 1 KiB tiles,
 /// `blocks` blocks of 16 (rows of a left operand, columns of a right one, zeros past the
-/// matrix) by `nkb` blocks of 32 along `k`; tile `(b, kb)` at `(b·nkb + kb)·512`. Without
-/// `split`, the values are rounded to bf16 once and `lo` stays empty (the operands of
-/// [`rows_times`] and [`cols_times`]). The buffers are kept between uses (every element
-/// is written each time).
+/// matrix) by `nkb` blocks of 32 along `k`; tile `(b, kb)` at `(b·nkb + kb)·512`. Unsplit
+/// ([`Tiles::left`] without `split`: the left operands of [`rows_times`] and
+/// [`cols_times`]), the values are rounded to bf16 once and `lo` stays empty. The buffers
+/// are kept between uses (every element is written each time).
 #[derive(Default)]
 pub(super) struct Tiles {
     hi: Vec<Bf16>,
@@ -143,8 +143,8 @@ impl Tiles {
     /// The left operand `A` (`[rows, k]`), row `r` written into the `k` floats `fill(r, ..)`
     /// is given (the weights' blocks expanded one row at a time: a row's 16 KiB at 4096
     /// columns stays in L1 until it is split, where a panel of rows went out to L2 and back).
-    pub(super) fn left_by_rows(&mut self, rows: usize, k: usize, split: bool, mut fill: impl FnMut(usize, &mut [f32])) {
-        self.reset(rows.div_ceil(16), k, split);
+    pub(super) fn left_by_rows(&mut self, rows: usize, k: usize, mut fill: impl FnMut(usize, &mut [f32])) {
+        self.reset(rows.div_ceil(16), k, true);
         thread_local! {
             static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -159,9 +159,8 @@ impl Tiles {
                 let (b, lane) = (r / 16, r % 16);
                 for (kb, x) in row.chunks_exact(32).enumerate() {
                     let at = (b * self.nkb + kb) * 512 + 32 * lane;
-                    let lo = split.then(|| &mut self.lo[at..at + 32]);
                     // SAFETY: `available` saw AVX-512 F and BF16 before any tiles were made.
-                    unsafe { split32(x, &mut self.hi[at..at + 32], lo) };
+                    unsafe { split32(x, &mut self.hi[at..at + 32], Some(&mut self.lo[at..at + 32])) };
                 }
             }
         })
@@ -170,8 +169,8 @@ impl Tiles {
     /// The right operand `B` (`[k, cols]`) from its columns: `B[kk][c]` at
     /// `src[c·stride + kk]` (the activations `x` of `x·Wᵀ`, whose rows are `B`'s columns).
     /// Blocks of columns come in pairs ([`product`] takes two at a time).
-    pub(super) fn right_from_cols(&mut self, src: &[f32], k: usize, cols: usize, stride: usize, split: bool) {
-        self.reset(cols.div_ceil(32) * 2, k, split);
+    pub(super) fn right_from_cols(&mut self, src: &[f32], k: usize, cols: usize, stride: usize) {
+        self.reset(cols.div_ceil(32) * 2, k, true);
         assert!(cols == 0 || (cols - 1) * stride + k <= src.len(), "the columns lie inside the buffer");
         let (mut h, mut l) = (vec![0; k], vec![0; k]);
         for c in 0..self.width() {
@@ -179,7 +178,7 @@ impl Tiles {
                 for kb in 0..self.nkb {
                     let s = 32 * kb;
                     // SAFETY: `available` saw AVX-512 F and BF16.
-                    unsafe { split32(&src[c * stride + s..][..32], &mut h[s..s + 32], split.then(|| &mut l[s..s + 32])) };
+                    unsafe { split32(&src[c * stride + s..][..32], &mut h[s..s + 32], Some(&mut l[s..s + 32])) };
                 }
             } else if c == cols {
                 h.fill(0);
@@ -191,9 +190,7 @@ impl Tiles {
                 for p in 0..16 {
                     let (from, to) = (32 * kb + 2 * p, tile + 32 * p);
                     self.hi[to..to + 2].copy_from_slice(&h[from..from + 2]);
-                    if split {
-                        self.lo[to..to + 2].copy_from_slice(&l[from..from + 2]);
-                    }
+                    self.lo[to..to + 2].copy_from_slice(&l[from..from + 2]);
                 }
             }
         }
@@ -684,12 +681,12 @@ mod tests {
             };
             let (mut al, mut br, mut bl, mut ar) = (Tiles::default(), Tiles::default(), Tiles::default(), Tiles::default());
             al.left(&a, m, k, k + 3, true);
-            br.right_from_cols(&bt, k, n, k + 5, true);
+            br.right_from_cols(&bt, k, n, k + 5);
             let got = run(&al, &br, false);
             // The transposed product, B as the left operand (its three products in another
             // order, so within the bound rather than the same bits).
             bl.left(&bt, n, k, k + 5, true);
-            ar.right_from_cols(&a, k, m, k + 3, true);
+            ar.right_from_cols(&a, k, m, k + 3);
             let transposed = run(&bl, &ar, true);
             for row in 0..m {
                 for c in 0..n {

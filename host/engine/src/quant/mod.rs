@@ -405,12 +405,12 @@ impl QMatrix {
             static ACTIVATIONS: std::cell::RefCell<amx::Tiles> = std::cell::RefCell::new(Default::default());
         }
         ACTIVATIONS.with_borrow_mut(|xt| {
-            xt.right_from_cols(x, cols, n, cols, true);
+            xt.right_from_cols(x, cols, n, cols);
             let xt = &*xt;
             Self::by_runs_of_rows(mats, n, amx::PANEL, |m, first, out| {
                 let rows = out.rows;
                 PANEL.with_borrow_mut(|wt| {
-                    wt.left_by_rows(rows, cols, true, |r, w| m.expand_on(kernel, first + r..first + r + 1, w));
+                    wt.left_by_rows(rows, cols, |r, w| m.expand_on(kernel, first + r..first + r + 1, w));
                     // Block (i, j): weight rows 16i.., activation rows 16j.. (an output's
                     // columns and rows).
                     amx::product(wt, xt, |i, j, c| {

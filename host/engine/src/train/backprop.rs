@@ -4,8 +4,10 @@
 //! here the forward pass keeps only what the backward pass reads, the backward pass
 //! computes only what the adapters' gradients need (the frozen base gets none), and every
 //! product is one call to the `gemm` crate across the thread pool, reading the frozen
-//! weights where the model keeps them (no copy). A batch's examples are packed end to end
-//! instead of padded, each attending only to its own tokens.
+//! weights where the model keeps them (no copy). A bf16 base (mixed precision) is
+//! multiplied where it lies on AMX tiles where the CPU has them (`quant::amx`), else
+//! widened to f32 one layer at a time. A batch's examples are packed end to end instead of
+//! padded, each attending only to its own tokens.
 //!
 //! Attention keeps no probabilities: the forward pass stores each query's log-sum-exp and
 //! the backward pass recomputes the scores from the queries and keys (as FlashAttention
@@ -1072,8 +1074,8 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
     // What each layer keeps for the backward pass: all it needs, or its input alone.
     let mut saved = Vec::with_capacity(layers);
     for (l, layer_pairs) in pairs.iter().enumerate() {
-        // Expanded QLoRA blocks live for one layer's pass and are expanded again for its
-        // backward pass.
+        // Expanded QLoRA blocks (and widened bf16 weights) live for one layer's pass and
+        // are made again for its backward pass.
         let lw = LayerWeights::new(model, l, layer_pairs).expect(SUPPORTED);
         let input = recompute.then(|| x.clone());
         let (out, s) = layer_forward(&dm, &pack, &rope, &lw, seed, l, x);
