@@ -454,10 +454,6 @@ fn the_host_training_step_gives_autodiffs_gradients() {
             assert!(max_abs_diff(a, b) <= 2e-4 * scale + 1e-7, "{what} {name}: {} (scale {scale})", max_abs_diff(a, b));
         }
     };
-    let host = |m: &LoadedModel, refs: &[&Encoded], adapter: &Adapter, train: bool, seed: u64, scale: f64| {
-        let (loss, grads) = lathe_engine::train::host_grads(&m.model, refs, adapter, train, seed, scale, false).unwrap();
-        (loss, grads.into_iter().map(|g| g.into_data().try_to_vec::<f32>().unwrap()).collect::<Vec<_>>())
-    };
     for arch in [Architecture::Llama, Architecture::Mistral] {
         let dir = tempfile::tempdir().unwrap();
         let m = tiny_arch(dir.path(), arch);
@@ -467,14 +463,14 @@ fn the_host_training_step_gives_autodiffs_gradients() {
         let mut adapter = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() }, &m.model.config, 9, m.model.device());
         give_b_values(&mut adapter, |i| ((i % 5) as f32 - 2.0) * 0.03);
         let names: Vec<String> = adapter.params().into_iter().map(|(n, _)| n).collect();
-        check(&format!("{arch:?}"), whole_graph_grads(&m, &refs, &adapter, 0.5), host(&m, &refs, &adapter, false, 1, 0.5), &names);
+        check(&format!("{arch:?}"), whole_graph_grads(&m, &refs, &adapter, 0.5), host_step(&m.model, &refs, &adapter, false, 1, 0.5), &names);
         // Projections that share an input share one product for their `A`s: also when
         // only some of them are adapted.
         let targets = vec![Target::Q, Target::V, Target::Up, Target::Down];
         let mut some = Adapter::init(LoraConfig { rank: 4, dropout: 0.0, targets, ..LoraConfig::default() }, &m.model.config, 4, m.model.device());
         give_b_values(&mut some, |i| ((i % 7) as f32 - 3.0) * 0.02);
         let names: Vec<String> = some.params().into_iter().map(|(n, _)| n).collect();
-        check(&format!("{arch:?}, some targets"), whole_graph_grads(&m, &refs, &some, 0.5), host(&m, &refs, &some, false, 1, 0.5), &names);
+        check(&format!("{arch:?}, some targets"), whole_graph_grads(&m, &refs, &some, 0.5), host_step(&m.model, &refs, &some, false, 1, 0.5), &names);
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -484,7 +480,7 @@ fn the_host_training_step_gives_autodiffs_gradients() {
     m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0).unwrap();
     let layered = lathe_engine::train::layerwise_grads(&m.model, &refs, &adapter, false, 1, 0.5).unwrap().unwrap();
     let layered = (layered.0, layered.1.into_iter().map(|g| g.into_data().try_to_vec::<f32>().unwrap()).collect());
-    check("Q4_0 base", layered, host(&m, &refs, &adapter, false, 1, 0.5), &names);
+    check("Q4_0 base", layered, host_step(&m.model, &refs, &adapter, false, 1, 0.5), &names);
     // Recomputing each layer before its backward pass (QLoRA's memory) changes no bit.
     let mut dropped = adapter.clone();
     dropped.config.dropout = 0.3;
@@ -499,14 +495,22 @@ fn the_host_training_step_gives_autodiffs_gradients() {
     // moves along the gradient as the gradient says.
     let mut adapter = adapter;
     adapter.config.dropout = 0.3;
-    let (loss, grads) = host(&m, &refs, &adapter, true, 5, 1.0);
-    let again = host(&m, &refs, &adapter, true, 5, 1.0);
+    let (loss, grads) = host_step(&m.model, &refs, &adapter, true, 5, 1.0);
+    let again = host_step(&m.model, &refs, &adapter, true, 5, 1.0);
     assert!(again.0 == loss && again.1 == grads, "the same seed gives the same bits");
-    assert_ne!(loss, host(&m, &refs, &adapter, true, 6, 1.0).0, "another seed draws other masks");
+    assert_ne!(loss, host_step(&m.model, &refs, &adapter, true, 6, 1.0).0, "another seed draws other masks");
+    let (numeric, norm) = along_the_gradient(&m.model, &refs, &adapter, &names, &grads, 5);
+    assert!((numeric - norm).abs() < 0.03 * norm, "directional derivative {numeric}, gradient norm {norm}");
+}
+
+/// The host step's loss (training, `seed`'s masks, scale 1) differentiated numerically
+/// along `grads`, its own gradient (a central difference of 1e-2), and that gradient's
+/// norm: the two agree when the backward pass is the forward's derivative.
+fn along_the_gradient(model: &CausalLm, refs: &[&Encoded], adapter: &Adapter, names: &[String], grads: &[Vec<f32>], seed: u64) -> (f64, f64) {
     let norm = grads.iter().flatten().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
     let h = 1e-2;
     let moved = |sign: f64| {
-        let by_name: BTreeMap<&String, &Vec<f32>> = names.iter().zip(&grads).collect();
+        let by_name: BTreeMap<&String, &Vec<f32>> = names.iter().zip(grads).collect();
         let mut params = adapter.to_host();
         for (name, (_, values)) in params.iter_mut() {
             for (v, g) in values.iter_mut().zip(by_name[name]) {
@@ -514,11 +518,10 @@ fn the_host_training_step_gives_autodiffs_gradients() {
             }
         }
         let mut a = adapter.clone();
-        a.load_host(&params, m.model.device()).unwrap();
-        host(&m, &refs, &a, true, 5, 1.0).0
+        a.load_host(&params, model.device()).unwrap();
+        host_step(model, refs, &a, true, seed, 1.0).0
     };
-    let numeric = (moved(1.0) - moved(-1.0)) / (2.0 * h);
-    assert!((numeric - norm).abs() < 0.03 * norm, "directional derivative {numeric}, gradient norm {norm}");
+    ((moved(1.0) - moved(-1.0)) / (2.0 * h), norm)
 }
 
 /// The loss and gradients of the CPU's host step (`train::host_grads`), as vectors.
@@ -567,21 +570,7 @@ fn the_host_step_trains_a_bf16_base_as_over_its_rounded_f32_weights() {
         let (loss, grads) = host_step(&m.model, &refs, &adapter, true, 5, 1.0);
         let recomputed = lathe_engine::train::host_grads(&m.model, &refs, &adapter, true, 5, 1.0, true).unwrap();
         assert_eq!(loss, recomputed.0, "{arch:?}: recomputing the layers changes no bit");
-        let norm = grads.iter().flatten().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
-        let h = 1e-2;
-        let moved = |sign: f64| {
-            let by_name: BTreeMap<&String, &Vec<f32>> = names.iter().zip(&grads).collect();
-            let mut params = adapter.to_host();
-            for (name, (_, values)) in params.iter_mut() {
-                for (v, g) in values.iter_mut().zip(by_name[name]) {
-                    *v += (sign * h * f64::from(*g) / norm) as f32;
-                }
-            }
-            let mut a = adapter.clone();
-            a.load_host(&params, m.model.device()).unwrap();
-            host_step(&m.model, &refs, &a, true, 5, 1.0).0
-        };
-        let numeric = (moved(1.0) - moved(-1.0)) / (2.0 * h);
+        let (numeric, norm) = along_the_gradient(&m.model, &refs, &adapter, &names, &grads, 5);
         assert!((numeric - norm).abs() < 0.03 * norm, "{arch:?}: directional derivative {numeric}, gradient norm {norm}");
     }
 }
