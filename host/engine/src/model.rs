@@ -518,6 +518,8 @@ pub struct CausalLm {
     pub norm: RmsNorm,
     /// `[hidden, vocab]`; the transposed embedding when the head is tied.
     lm_head: Linear,
+    /// Whether the frozen products run in bf16 ([`CausalLm::bf16_base`]).
+    bf16: bool,
 }
 
 impl CausalLm {
@@ -620,6 +622,7 @@ impl CausalLm {
             config,
             device: device.clone(),
             native_gqa: on_cpu,
+            bf16: false,
             embed_tokens,
             layers,
             lm_head,
@@ -749,16 +752,23 @@ impl CausalLm {
         })
     }
 
-    /// Mixed precision for training on a GPU: the frozen projections and the output head
-    /// are stored in bf16 and multiply in bf16 (accumulating in f32); norms, attention,
-    /// the loss and the LoRA weights (the trainable master copies) stay f32. Returns the
-    /// bytes the projections' f32 copies took beyond their bf16 ones (a tied head's f32
-    /// copy stays, as the embedding). Projections kept only as quantized blocks (QLoRA)
-    /// are left as they are.
+    /// Mixed precision for training: the frozen projections and the output head are
+    /// stored in bf16 and multiply in bf16 (accumulating in f32); norms, attention, the
+    /// loss and the LoRA weights (the trainable master copies) stay f32. Returns the bytes
+    /// the projections' f32 copies took beyond their bf16 ones (a tied head's f32 copy
+    /// stays, as the embedding). Projections kept only as quantized blocks (QLoRA) stay
+    /// blocks; the CPU's training step expands them to bf16 for its products where it
+    /// multiplies on AMX tiles (QLoRA's usual 4-bit storage with bf16 compute).
     pub fn bf16_base(&mut self) -> usize {
+        self.bf16 = true;
         let freed: usize = self.projections_mut().map(Linear::store_bf16).sum();
         let head = self.lm_head.store_bf16();
         freed + if self.config.tie_word_embeddings { 0 } else { head }
+    }
+
+    /// Whether [`CausalLm::bf16_base`] made the frozen products bf16.
+    pub fn bf16_products(&self) -> bool {
+        self.bf16
     }
 
     /// The masks and rotary tables of a fresh (uncached) step, for running layers one by

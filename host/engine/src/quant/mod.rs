@@ -526,6 +526,22 @@ impl QMatrix {
         self.expand(0..self.rows)
     }
 
+    /// The matrix expanded and converted value by value by `convert`, `[rows, cols]`, blocks
+    /// of rows on the thread pool: QLoRA's frozen weights for one layer's pass of the
+    /// training step (f32, or bf16 bits for its products on AMX tiles).
+    pub(crate) fn expand_with<T: Copy + Default + Send>(&self, convert: impl Fn(f32) -> T + Sync) -> Vec<T> {
+        use rayon::prelude::*;
+        const ROWS: usize = 32;
+        let kernel = Kernel::chosen();
+        let mut out = vec![T::default(); self.rows * self.cols];
+        out.par_chunks_mut((ROWS * self.cols).max(1)).enumerate().for_each(|(i, o)| {
+            let mut wide = vec![0f32; o.len()];
+            self.expand_on(kernel, i * ROWS..i * ROWS + o.len() / self.cols, &mut wide);
+            o.iter_mut().zip(&wide).for_each(|(o, &v)| *o = convert(v));
+        });
+        out
+    }
+
     /// Row `r` expanded to f32 (an embedding lookup).
     pub fn row(&self, r: usize) -> Vec<f32> {
         self.expand(r..r + 1)

@@ -147,7 +147,7 @@ fn product(out: &mut [f32], a: Mat<'_>, b: Mat<'_>, beta: f32, accumulate: bool,
 /// A frozen projection's weight `[in, out]` as the step reads it: a view of the CPU
 /// tensor's storage, the quantized blocks expanded for this use (QLoRA), or a bf16 base
 /// (mixed precision): multiplied where it lies on AMX tiles, else widened to f32 for this
-/// use.
+/// use; QLoRA's blocks under a bf16 base are expanded to bf16 for the tiles.
 enum Frozen {
     View(FlexTensor),
     /// Hugging Face `[out, in]`, row-major.
@@ -157,6 +157,9 @@ enum Frozen {
     /// A bf16 weight in whole tiles, on a CPU with AMX.
     #[cfg(target_arch = "x86_64")]
     Tiles(FlexTensor),
+    /// Quantized blocks expanded to bf16 for the tiles: `[out, in]` row-major (bf16 bits).
+    #[cfg(target_arch = "x86_64")]
+    ExpandedTiles { w: Vec<u16>, out: usize, inp: usize },
 }
 
 /// A `[rows, cols]` view's storage as a [`Mat`].
@@ -176,7 +179,9 @@ fn view<'a>(data: &'a [f32], t: &FlexTensor, rows: usize, cols: usize) -> Mat<'a
 }
 
 impl Frozen {
-    fn of(lin: &Linear) -> Option<Self> {
+    /// The weight of `lin`; `bf16` when the model's frozen products are bf16
+    /// ([`CausalLm::bf16_products`]).
+    fn of(lin: &Linear, bf16: bool) -> Option<Self> {
         match lin.parts() {
             (Some(w), _) => {
                 let t = w.clone().try_into_primitive::<Flex>().ok()?;
@@ -196,8 +201,28 @@ impl Frozen {
                     _ => None,
                 }
             }
-            (None, Some(q)) => Some(Self::Expanded(q.dequantize())),
+            (None, Some(q)) => {
+                #[cfg(target_arch = "x86_64")]
+                if bf16 && crate::quant::bf16_tiles() && crate::quant::amx::fits(q.rows(), q.cols()) {
+                    let w = q.expand_with(|v| half::bf16::from_f32(v).to_bits());
+                    return Some(Self::ExpandedTiles { w, out: q.rows(), inp: q.cols() });
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = bf16;
+                Some(Self::Expanded(q.expand_with(|v| v)))
+            }
             (None, None) => None,
+        }
+    }
+
+    /// The bf16 matrix the tiles read and whether its rows are the inputs (`[in, out]`,
+    /// else `[out, in]`); None off the tiles.
+    #[cfg(target_arch = "x86_64")]
+    fn on_tiles(&self) -> Option<(crate::quant::amx::Bf16Rows<'_>, bool)> {
+        match self {
+            Self::Tiles(t) => Some((Self::rows(t).expect("`of` checked the layout"), true)),
+            &Self::ExpandedTiles { ref w, out, inp } => Some((crate::quant::amx::Bf16Rows { data: w, rows: out, cols: inp, stride: inp }, false)),
+            _ => None,
         }
     }
 
@@ -223,16 +248,16 @@ impl Frozen {
             Self::Widened(data, t) => view(data, t, inp, out),
             Self::Expanded(w) => Mat::dense(w, out, inp).t(),
             #[cfg(target_arch = "x86_64")]
-            Self::Tiles(_) => unreachable!("a bf16 weight on tiles is multiplied by `forward` and `backward`"),
+            Self::Tiles(_) | Self::ExpandedTiles { .. } => unreachable!("a bf16 weight on tiles is multiplied by `forward` and `backward`"),
         }
     }
 
     /// `y = x·W` (`y += ` with `accumulate`) for `x` `[n, inp]`, `y` `[n, out]`.
     fn forward(&self, y: &mut [f32], x: &[f32], n: usize, inp: usize, out: usize, accumulate: bool) {
         #[cfg(target_arch = "x86_64")]
-        if let Self::Tiles(t) = self {
-            // y[t][o] = Σᵢ x[t][i]·m[i][o]
-            return crate::quant::amx::cols_times(Self::rows(t).expect("`of` checked the layout"), x, n, y, accumulate);
+        if let Some((m, in_rows)) = self.on_tiles() {
+            // y[t][o] = Σᵢ x[t][i]·m[i][o] (`[in, out]` rows), or Σᵢ x[t][i]·m[o][i].
+            return if in_rows { crate::quant::amx::cols_times(m, x, n, y, accumulate) } else { crate::quant::amx::rows_times(m, x, n, y, accumulate) };
         }
         matmul(y, Mat::dense(x, n, inp), self.mat(inp, out), 1.0, accumulate, true);
     }
@@ -240,9 +265,9 @@ impl Frozen {
     /// `dx = dy·Wᵀ` (`dx += ` with `accumulate`) for `dy` `[n, out]`, `dx` `[n, inp]`.
     fn backward(&self, dx: &mut [f32], dy: &[f32], n: usize, inp: usize, out: usize, accumulate: bool) {
         #[cfg(target_arch = "x86_64")]
-        if let Self::Tiles(t) = self {
-            // dx[t][i] = Σₒ m[i][o]·dy[t][o]
-            return crate::quant::amx::rows_times(Self::rows(t).expect("`of` checked the layout"), dy, n, dx, accumulate);
+        if let Some((m, in_rows)) = self.on_tiles() {
+            // dx[t][i] = Σₒ dy[t][o]·m[i][o] (`[in, out]` rows), or Σₒ dy[t][o]·m[o][i].
+            return if in_rows { crate::quant::amx::rows_times(m, dy, n, dx, accumulate) } else { crate::quant::amx::cols_times(m, dy, n, dx, accumulate) };
         }
         matmul(dx, Mat::dense(dy, n, out), self.mat(inp, out).t(), 1.0, accumulate, true);
     }
@@ -710,7 +735,7 @@ impl<'m> LayerWeights<'m> {
     fn new(model: &'m CausalLm, l: usize, pairs: &'m [Option<Pair>; 7]) -> Option<Self> {
         let layer = &model.layers[l];
         let (a, m) = (&layer.self_attn, &layer.mlp);
-        let frozen = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(Frozen::of);
+        let frozen = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(|lin| Frozen::of(lin, model.bf16_products()));
         let [q, k, v, o, g, u, d] = frozen;
         Some(Self {
             norm1: &layer.input_layernorm,
@@ -942,7 +967,7 @@ const HEAD_ROWS: usize = 256;
 /// respect to `x`.
 fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)], scale: f32) -> (f64, Vec<f32>) {
     let vocab = model.config.vocab_size;
-    let head = Frozen::of(model.lm_head()).expect(SUPPORTED);
+    let head = Frozen::of(model.lm_head(), model.bf16_products()).expect(SUPPORTED);
     let (hf, inv) = rms_forward(x, &model.norm);
     let mut dhf = vec![0.0; x.len()];
     let mut nll = 0.0f64;

@@ -575,6 +575,36 @@ fn the_host_step_trains_a_bf16_base_as_over_its_rounded_f32_weights() {
     }
 }
 
+/// QLoRA under a bf16 base (`--qlora --bf16`: 4-bit storage, bf16 compute, as QLoRA is
+/// usually run): the step expands the blocks to bf16 and multiplies on AMX tiles where the
+/// CPU has them. Its loss and gradients stay within bf16's rounding of the f32 expansion's,
+/// recomputing the layers changes no bit, and the gradient is the derivative of its loss.
+#[test]
+fn qlora_under_a_bf16_base_computes_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, data, adapter) = gradient_setup(dir.path());
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let names: Vec<String> = adapter.params().into_iter().map(|(n, _)| n).collect();
+    m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0).unwrap();
+    let (fl, f32_grads) = host_step(&m.model, &refs, &adapter, false, 1, 0.5);
+    m.model.bf16_base();
+    assert!(m.model.bf16_products());
+    let (bl, bf16_grads) = host_step(&m.model, &refs, &adapter, false, 1, 0.5);
+    assert!(bl != fl, "the products are bf16");
+    assert!((bl - fl).abs() < 5e-4 * fl.abs(), "loss {bl} in bf16, {fl} in f32");
+    for (name, (a, b)) in names.iter().zip(f32_grads.iter().zip(&bf16_grads)) {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        assert!(max_abs_diff(a, b) <= 5e-2 * scale, "{name}: {} apart (scale {scale})", max_abs_diff(a, b));
+    }
+    let mut adapter = adapter;
+    adapter.config.dropout = 0.3;
+    let (loss, grads) = host_step(&m.model, &refs, &adapter, true, 5, 1.0);
+    let recomputed = lathe_engine::train::host_grads(&m.model, &refs, &adapter, true, 5, 1.0, true).unwrap();
+    assert_eq!(loss, recomputed.0, "recomputing the layers changes no bit");
+    let (numeric, norm) = along_the_gradient(&m.model, &refs, &adapter, &names, &grads, 5);
+    assert!((numeric - norm).abs() < 0.03 * norm, "directional derivative {numeric}, gradient norm {norm}");
+}
+
 /// Mixed precision (`CausalLm::bf16_base`, for GPU training): the frozen projections and
 /// the head stored and multiplied in bf16, at half the projections' memory; the LoRA
 /// weights stay f32 and get f32 gradients. The loss is the f32 base's within bf16 rounding,
