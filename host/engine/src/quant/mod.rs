@@ -65,19 +65,13 @@ pub fn cpu_kernel() -> Result<&'static str, String> {
     Ok(kernel.name())
 }
 
-/// Whether a prompt's products run on AMX tiles: where the CPU and the OS allow them and
-/// `LATHE_CPU_KERNEL` is unset, `auto` or `amx`.
+/// Whether a prompt's products run on AMX tiles, and the CPU training step's products with
+/// a bf16 base ([`amx::rows_times`], [`amx::cols_times`]): where the CPU and the OS allow
+/// them and `LATHE_CPU_KERNEL` is unset, `auto` or `amx`.
 #[cfg(target_arch = "x86_64")]
-fn tiles() -> bool {
+pub(crate) fn tiles() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && tiles_here())
-}
-
-/// Whether the CPU training step multiplies a bf16 base on AMX tiles ([`amx::rows_times`],
-/// [`amx::cols_times`]): where prompts do ([`tiles`]).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn bf16_tiles() -> bool {
-    tiles()
 }
 
 /// Whether this CPU runs the `amx` kernel: the AVX-512 one, with AMX tiles granted.
@@ -1148,30 +1142,30 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     hsum(acc) + tail
 }
 
-/// Pairwise sum of the lanes (N a power of two).
+/// The lanes reduced by `f` in halves: lane `j` with lane `j + w` for `w` = N/2, N/4, …, 1
+/// (N a power of two), so each halving is one vector operation.
 #[inline(always)]
-pub(crate) fn hsum<const N: usize>(mut v: [f32; N]) -> f32 {
+fn halving<const N: usize>(mut v: [f32; N], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut w = N;
     while w > 1 {
         w /= 2;
         for j in 0..w {
-            v[j] += v[j + w];
+            v[j] = f(v[j], v[j + w]);
         }
     }
     v[0]
 }
 
+/// Pairwise sum of the lanes (N a power of two).
+#[inline(always)]
+pub(crate) fn hsum<const N: usize>(v: [f32; N]) -> f32 {
+    halving(v, |a, b| a + b)
+}
+
 /// The largest of the lanes, halving (N a power of two; `>` keeps it a vector max).
 #[inline(always)]
-pub(crate) fn hmax<const N: usize>(mut v: [f32; N]) -> f32 {
-    let mut w = N;
-    while w > 1 {
-        w /= 2;
-        for j in 0..w {
-            v[j] = if v[j + w] > v[j] { v[j + w] } else { v[j] };
-        }
-    }
-    v[0]
+pub(crate) fn hmax<const N: usize>(v: [f32; N]) -> f32 {
+    halving(v, |a, b| if b > a { b } else { a })
 }
 
 #[cfg(test)]

@@ -192,7 +192,7 @@ impl Frozen {
                     DType::F32 => Some(Self::View(t)),
                     DType::BF16 => {
                         #[cfg(target_arch = "x86_64")]
-                        if crate::quant::bf16_tiles() && Self::rows(&t).is_some_and(|m| crate::quant::amx::fits(m.rows, m.cols)) {
+                        if crate::quant::tiles() && Self::rows(&t).is_some_and(|m| crate::quant::amx::fits(m.rows, m.cols)) {
                             return Some(Self::Tiles(t));
                         }
                         let wide = t.storage::<half::bf16>().iter().map(|v| v.to_f32()).collect();
@@ -203,7 +203,7 @@ impl Frozen {
             }
             (None, Some(q)) => {
                 #[cfg(target_arch = "x86_64")]
-                if bf16 && crate::quant::bf16_tiles() && crate::quant::amx::fits(q.rows(), q.cols()) {
+                if bf16 && crate::quant::tiles() && crate::quant::amx::fits(q.rows(), q.cols()) {
                     let w = q.expand_with(|v| half::bf16::from_f32(v).to_bits());
                     return Some(Self::ExpandedTiles { w, out: q.rows(), inp: q.cols() });
                 }
