@@ -32,6 +32,8 @@ use crate::model::{CausalLm, KvCache, Step};
 use crate::tokenizer::{Message, Tokenizer};
 
 mod backprop;
+#[cfg(target_arch = "x86_64")]
+mod panels;
 pub use backprop::{host_grads, supports as host_step_supports};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

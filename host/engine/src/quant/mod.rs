@@ -74,6 +74,14 @@ pub(crate) fn tiles() -> bool {
     *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && tiles_here())
 }
 
+/// Whether this process runs the AVX-512 kernel (`amx` included).
+pub(crate) fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return Kernel::choice() == Ok(Kernel::Avx512);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether this CPU runs the `amx` kernel: the AVX-512 one, with AMX tiles granted.
 fn tiles_here() -> bool {
     #[cfg(target_arch = "x86_64")]

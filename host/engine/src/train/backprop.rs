@@ -4,7 +4,9 @@
 //! here the forward pass keeps only what the backward pass reads, the backward pass
 //! computes only what the adapters' gradients need (the frozen base gets none), and every
 //! product is one call to the `gemm` crate across the thread pool, reading the frozen
-//! weights where the model keeps them (no copy). A bf16 base (mixed precision) is
+//! weights where the model keeps them (no copy). On AVX-512 a projection's frozen product
+//! and its adapter's share are one product instead (`panels`): `x·W + s·u·B` forward, and
+//! backward `Σ dy·Wᵀ + mask ∘ (du·Aᵀ)` over the projections that read one input. A bf16 base (mixed precision) is
 //! multiplied where it lies on AMX tiles where the CPU has them (`quant::amx`), else
 //! widened to f32 one layer at a time. A batch's examples are packed end to end instead of
 //! padded, each attending only to its own tokens.
@@ -30,13 +32,13 @@ use crate::quant::exp;
 
 /// A matrix in a borrowed buffer: element `(i, j)` at `off + i·rs + j·cs`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    off: usize,
-    rs: usize,
-    cs: usize,
-    rows: usize,
-    cols: usize,
+pub(super) struct Mat<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) off: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
 }
 
 impl<'a> Mat<'a> {
@@ -62,7 +64,7 @@ impl<'a> Mat<'a> {
     }
 
     /// Whether every element lies inside the buffer (checked before each product).
-    fn in_bounds(&self) -> bool {
+    pub(super) fn in_bounds(&self) -> bool {
         self.rows == 0 || self.cols == 0 || self.off + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 }
@@ -614,10 +616,12 @@ fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]
 }
 
 /// The adapters' `A` factors of projections that read one input, side by side:
-/// `[in, rank × adapted]` (borrowed when only one is adapted).
+/// `[in, rank × adapted]` (borrowed when one or none is adapted).
 fn a_side_by_side<'p>(inp: usize, rank: usize, pairs: &[&'p Pair]) -> Cow<'p, [f32]> {
-    if let [one] = pairs {
-        return Cow::Borrowed(&one.a);
+    match pairs {
+        [] => return Cow::Borrowed(&[]),
+        [one] => return Cow::Borrowed(&one.a),
+        _ => {}
     }
     let width = rank * pairs.len();
     let mut a = vec![0.0; inp * width];
@@ -629,55 +633,80 @@ fn a_side_by_side<'p>(inp: usize, rank: usize, pairs: &[&'p Pair]) -> Cow<'p, [f
     Cow::Owned(a)
 }
 
+#[cfg(target_arch = "x86_64")]
+use super::panels::masks;
+#[cfg(not(target_arch = "x86_64"))]
+fn masks(_: usize, _: usize) -> bool {
+    false
+}
+
+/// Whether the products with these frozen weights run fused ([`panels`]): on AVX-512,
+/// with f32 weights (a bf16 base on AMX tiles keeps its own products).
+fn fused(frozen: &[&Frozen]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::panels::available() && frozen.iter().all(|w| w.on_tiles().is_none());
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `y = x·W + scale·(xd·A)·B` for each projection reading `x`; returns the outputs and,
 /// where any is adapted, `xd·[A₁ A₂ …]` (`[n, rank × adapted]`, the adapted projections'
 /// `xd·A` side by side in `projs` order), kept for the backward pass. Projections that
 /// share an input share one product for their `A`s: a rank-16 product alone runs the gemm
-/// crate's narrow tiles.
+/// crate's narrow tiles. Fused, each output is written once, its `(xd·A)·B` summed with
+/// `x·W` in the same tiles.
 fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&Pair>)]) -> (Vec<Vec<f32>>, Option<Vec<f32>>) {
     let inp = x.len() / dm.n;
-    let mut ys: Vec<Vec<f32>> = projs
+    let pairs: Vec<&Pair> = projs.iter().filter_map(|p| p.2).collect();
+    let (r, width) = (dm.rank, dm.rank * pairs.len());
+    let u = (!pairs.is_empty()).then(|| {
+        let mut u = vec![0.0; dm.n * width];
+        matmul(&mut u, Mat::dense(xd, dm.n, inp), Mat::dense(&a_side_by_side(inp, r, &pairs), inp, width), 1.0, false, true);
+        u
+    });
+    let fused = fused(&projs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let mut adapted = 0;
+    let ys = projs
         .iter()
-        .map(|&(w, out, _)| {
+        .map(|&(w, out, pair)| {
             let mut y = vec![0.0; dm.n * out];
+            let lora = pair.map(|pair| {
+                adapted += 1;
+                let u = u.as_deref().expect("adapted projections have xd·A");
+                (&u[(adapted - 1) * r..], Mat::dense(&pair.b, r, out))
+            });
+            #[cfg(target_arch = "x86_64")]
+            if fused {
+                let frozen = super::panels::Term { x, xs: inp, w: w.mat(inp, out), scale: 1.0 };
+                let lora = lora.map(|(u, b)| super::panels::Term { x: u, xs: width, w: b, scale: dm.scale });
+                super::panels::times(&mut y, dm.n, &[Some(frozen), lora].into_iter().flatten().collect::<Vec<_>>(), false, None);
+                return y;
+            }
             w.forward(&mut y, x, dm.n, inp, out, false);
+            if let Some((u, b)) = lora {
+                matmul(&mut y, Mat { data: u, off: 0, rs: width, cs: 1, rows: dm.n, cols: r }, b, dm.scale, true, true);
+            }
             y
         })
         .collect();
-    let pairs: Vec<&Pair> = projs.iter().filter_map(|p| p.2).collect();
-    if pairs.is_empty() {
-        return (ys, None);
-    }
-    let (r, width) = (dm.rank, dm.rank * pairs.len());
-    let mut u = vec![0.0; dm.n * width];
-    matmul(&mut u, Mat::dense(xd, dm.n, inp), Mat::dense(&a_side_by_side(inp, r, &pairs), inp, width), 1.0, false, true);
-    let adapted = projs.iter().zip(&mut ys).filter_map(|(p, y)| p.2.map(|pair| (p.1, pair, y)));
-    for (j, (out, pair, y)) in adapted.enumerate() {
-        matmul(y, Mat::strided(&u, j * r, width, dm.n, r), Mat::dense(&pair.b, r, out), dm.scale, true, true);
-    }
-    (ys, Some(u))
+    (ys, u)
 }
 
 /// The backward pass of [`project`] over projections that read one input: from each
-/// projection's `dy`, adds `dy·Wᵀ` to `dx` and the adapters' share to `dxd` (the gradient
-/// of their dropped-out input), and returns each pair's gradients in `projs` order. `u`
-/// is what [`project`] kept.
-fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], &Frozen, Option<&Pair>)], dx: &mut [f32], dxd: &mut [f32]) -> Vec<Option<PairGrad>> {
+/// projection's `dy`, adds `dy·Wᵀ` to `dx`, and the adapters' share (the gradient of their
+/// input `xd`, dropped out by `mask`) as `mask`'s backward pass; returns each pair's
+/// gradients in `projs` order. `u` is what [`project`] kept. Fused, `dx` is written once:
+/// the adapters' share is masked in the tiles, then the frozen products are added to it.
+fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], &Frozen, Option<&Pair>)], mask: &Option<Mask>, dx: &mut [f32]) -> Vec<Option<PairGrad>> {
     let inp = dx.len() / dm.n;
-    for &(dy, w, _) in projs {
-        w.backward(dx, dy, dm.n, inp, dy.len() / dm.n, true);
-    }
     let pairs: Vec<&Pair> = projs.iter().filter_map(|p| p.2).collect();
-    if pairs.is_empty() {
-        return projs.iter().map(|_| None).collect();
-    }
-    let u = u.expect("adapted projections kept xd·A");
     let (r, width) = (dm.rank, dm.rank * pairs.len());
-    // Per pair: dB = s·uᵀ·dy, du = s·dy·Bᵀ; then for all at once: dA = xdᵀ·du, dxd += du·Aᵀ.
+    // Per pair: dB = s·uᵀ·dy, du = s·dy·Bᵀ; then for all at once: dA = xdᵀ·du, dxd = du·Aᵀ.
     let mut db = Vec::with_capacity(pairs.len());
     let mut du = vec![0.0; dm.n * width];
     let mut du_one = vec![0.0; dm.n * r];
     for (j, (dy, pair)) in projs.iter().filter_map(|&(dy, _, pair)| Some((dy, pair?))).enumerate() {
+        let u = u.expect("adapted projections kept xd·A");
         let out = dy.len() / dm.n;
         let dym = Mat::dense(dy, dm.n, out);
         let mut g = vec![0.0; r * out];
@@ -688,9 +717,35 @@ fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], 
             row[j * r..][..r].copy_from_slice(src);
         }
     }
+    let a = a_side_by_side(inp, r, &pairs);
+    let fused = fused(&projs.iter().map(|p| p.1).collect::<Vec<_>>()) && (mask.is_none() || masks(width, inp));
+    #[cfg(target_arch = "x86_64")]
+    if fused {
+        use super::panels::{Dropped, Term};
+        let lora = (!pairs.is_empty()).then(|| Term { x: &du, xs: width, w: Mat::dense(&a, inp, width).t(), scale: 1.0 });
+        let frozen = projs.iter().map(|&(dy, w, _)| {
+            let out = dy.len() / dm.n;
+            Term { x: dy, xs: out, w: w.mat(inp, out).t(), scale: 1.0 }
+        });
+        let terms: Vec<Term<'_>> = lora.into_iter().chain(frozen).collect();
+        let dropped = mask.as_ref().filter(|_| !pairs.is_empty()).map(|m| Dropped { bits: &m.bits, keep: m.keep });
+        super::panels::times(dx, dm.n, &terms, true, dropped);
+    }
+    if !fused {
+        for &(dy, w, _) in projs {
+            w.backward(dx, dy, dm.n, inp, dy.len() / dm.n, true);
+        }
+        if !pairs.is_empty() {
+            let mut dxd = vec![0.0; dm.n * inp];
+            matmul(&mut dxd, Mat::dense(&du, dm.n, width), Mat::dense(&a, inp, width).t(), 1.0, false, true);
+            Mask::backward(mask, dx, &dxd);
+        }
+    }
+    if pairs.is_empty() {
+        return projs.iter().map(|_| None).collect();
+    }
     let mut da = vec![0.0; inp * width];
     matmul(&mut da, Mat::dense(xd, dm.n, inp).t(), Mat::dense(&du, dm.n, width), 1.0, false, true);
-    matmul(dxd, Mat::dense(&du, dm.n, width), Mat::dense(&a_side_by_side(inp, r, &pairs), inp, width).t(), 1.0, true, true);
     let mut grads = db.into_iter().enumerate().map(|(j, b)| PairGrad {
         a: da.chunks_exact(width).flat_map(|row| &row[j * r..][..r]).copied().collect(),
         b,
@@ -830,52 +885,36 @@ fn layer_backward(dm: &Dims, pack: &Packing, rope: &Rope, lw: &LayerWeights<'_>,
 
     // The MLP: out = x2 + down(silu(gate)·up).
     let mut dact = vec![0.0; dm.n * dm.inter];
-    let mut dxda = vec![0.0; dm.n * dm.inter];
-    [grads[Down as usize]] = grads_of(project_backward(dm, xd(3), u(3), &[(&dout, &f[6], lw.pair(Down))], &mut dact, &mut dxda));
-    Mask::backward(&s.masks[3], &mut dact, &dxda);
-    drop(dxda);
+    [grads[Down as usize]] = grads_of(project_backward(dm, xd(3), u(3), &[(&dout, &f[6], lw.pair(Down))], &s.masks[3], &mut dact));
     let (dgate, dup) = silu_mul_backward(&s.gate, &s.up, &dact);
     drop(dact);
     let (w2, _) = lw.norm2.host();
     let mut dh2 = vec![0.0; dm.n * dm.d];
-    let mut dxd2 = vec![0.0; dm.n * dm.d];
-    [grads[Gate as usize], grads[Up as usize]] = grads_of(project_backward(
-        dm,
-        xd(2),
-        u(2),
-        &[(&dgate, &f[4], lw.pair(Gate)), (&dup, &f[5], lw.pair(Up))],
-        &mut dh2,
-        &mut dxd2,
-    ));
+    [grads[Gate as usize], grads[Up as usize]] =
+        grads_of(project_backward(dm, xd(2), u(2), &[(&dgate, &f[4], lw.pair(Gate)), (&dup, &f[5], lw.pair(Up))], &s.masks[2], &mut dh2));
     drop((dgate, dup));
-    Mask::backward(&s.masks[2], &mut dh2, &dxd2);
     let mut dx2 = dout;
     rms_backward(&mut dx2, &dh2, &s.x2, &s.inv2, w2);
-    drop((dh2, dxd2));
+    drop(dh2);
 
     // Attention: x2 = x + o_proj(attention(rope(q), rope(k), v)).
     let mut dattn = vec![0.0; dm.n * wd[0]];
-    let mut dxdo = vec![0.0; dm.n * wd[0]];
-    [grads[O as usize]] = grads_of(project_backward(dm, xd(1), u(1), &[(&dx2, &f[3], lw.pair(O))], &mut dattn, &mut dxdo));
-    Mask::backward(&s.masks[1], &mut dattn, &dxdo);
-    drop(dxdo);
+    [grads[O as usize]] = grads_of(project_backward(dm, xd(1), u(1), &[(&dx2, &f[3], lw.pair(O))], &s.masks[1], &mut dattn));
     let [mut dq, mut dk, dv] = attention_backward(dm, pack, &s.q, &s.k, &s.v, &s.lse, &dattn);
     drop(dattn);
     rope.apply_transposed(&mut dq, dm.hd);
     rope.apply_transposed(&mut dk, dm.hd);
     let (w1, _) = lw.norm1.host();
     let mut dh1 = vec![0.0; dm.n * dm.d];
-    let mut dxd1 = vec![0.0; dm.n * dm.d];
     [grads[Q as usize], grads[K as usize], grads[V as usize]] = grads_of(project_backward(
         dm,
         xd(0),
         u(0),
         &[(&dq, &f[0], lw.pair(Q)), (&dk, &f[1], lw.pair(K)), (&dv, &f[2], lw.pair(V))],
+        &s.masks[0],
         &mut dh1,
-        &mut dxd1,
     ));
     drop((dq, dk, dv));
-    Mask::backward(&s.masks[0], &mut dh1, &dxd1);
     let mut dx = dx2;
     rms_backward(&mut dx, &dh1, &s.x, &s.inv1, w1);
     (dx, grads)

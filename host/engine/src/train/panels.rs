@@ -1,0 +1,421 @@
+//! The training step's f32 products with a frozen weight, `out = x·W`, on AVX-512.
+//!
+//! A general matrix product (the `gemm` crate's) packs the weight into panels for its
+//! register tiles on every call, and when the rows of `x` are split between threads, each
+//! thread packs the whole weight for its own rows: profiled on the SmolLM2 step, packing
+//! took 12 % of the step at 2 threads. Here the weight is packed once per call, a block at a
+//! time, by all threads together; then all threads multiply their rows against the block.
+//!
+//! A panel is 64 columns of the weight for a chunk of its rows (the product's `k`), laid
+//! out row after row, zero-padded past the last column. The register tile is six rows of
+//! `x` by a panel's 64 columns (24 accumulators): per `k`, four panel loads and six
+//! broadcasts feed 24 fused multiply-adds. Each output sums its `k` terms in order within a
+//! chunk of [`KC`] and chunk after chunk, so its value does not depend on the thread count.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::backprop::Mat;
+
+/// Columns of a panel (four AVX-512 registers).
+const COLS: usize = 64;
+/// Rows of `x` in the register tile.
+const ROWS: usize = 6;
+/// Rows of the weight per chunk of `k` at most: a panel chunk is up to 96 KiB, read from L2.
+const KC: usize = 384;
+/// Floats per packed block (1 MiB), shared by the threads from L2 and L3.
+const BLOCK: usize = 1 << 18;
+
+/// Whether [`times`] runs here: on the AVX-512 kernel (not under `LATHE_CPU_KERNEL=avx2`).
+pub(super) fn available() -> bool {
+    crate::quant::avx512()
+}
+
+/// One term of a product: `scale · x·w` for `x` `[n, k]` (row `t` from `x[t·xs]`) and `w`
+/// `[k, c]` in any strides.
+#[derive(Clone, Copy)]
+pub(super) struct Term<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) xs: usize,
+    pub(super) w: Mat<'a>,
+    pub(super) scale: f32,
+}
+
+/// A dropout mask over the output `[n, c]`: bit `t·c + j` set where element `(t, j)`
+/// survives, scaled by `keep`.
+#[derive(Clone, Copy)]
+pub(super) struct Dropped<'a> {
+    pub(super) bits: &'a [u64],
+    pub(super) keep: f32,
+}
+
+thread_local! {
+    /// The packed block, reused from call to call by the calling thread.
+    static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether [`times`] masks a first term of `k` rows into an output `c` wide: one whose
+/// rows all fall in the first chunk (chunks are at least half of [`KC`]).
+pub(super) fn masks(k: usize, c: usize) -> bool {
+    k <= KC / 2 && c.is_multiple_of(COLS)
+}
+
+/// Rows `k0..k0 + len` of term `term`, one piece of a chunk of `k`.
+#[derive(Clone, Copy)]
+struct Piece {
+    term: usize,
+    k0: usize,
+    len: usize,
+}
+
+/// The terms' rows of `k` one after the other, in chunks of at most [`KC`] (as even as
+/// they go), each a list of pieces of terms.
+fn chunks(terms: &[Term<'_>]) -> Vec<Vec<Piece>> {
+    let total: usize = terms.iter().map(|t| t.w.rows).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let even = total.div_ceil(total.div_ceil(KC));
+    let mut all = vec![Vec::new()];
+    let mut room = even;
+    for (term, t) in terms.iter().enumerate() {
+        let mut k0 = 0;
+        while k0 < t.w.rows {
+            if room == 0 {
+                all.push(Vec::new());
+                room = even;
+            }
+            let len = room.min(t.w.rows - k0);
+            all.last_mut().expect("a chunk").push(Piece { term, k0, len });
+            (k0, room) = (k0 + len, room - len);
+        }
+    }
+    all
+}
+
+/// `out = Σ terms` (`out += ` with `accumulate`), `out` `[n, c]` row-major, on the thread
+/// pool. The terms' rows of `k` are summed one after the other in the same register
+/// tiles, so `out` is read and written once per chunk of [`KC`] rows, not once per term.
+/// With `dropped`, the first term is masked: `out (+)= mask ∘ terms[0] + Σ the rest` (the
+/// gradient of a dropped-out input meets that of the input itself in one pass); the first
+/// term's `k` is then at most half of [`KC`] and `c` a multiple of 64 ([`masks`]).
+///
+/// # Panics
+/// When the shapes disagree, or [`available`] does not hold.
+pub(super) fn times(out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: bool, dropped: Option<Dropped<'_>>) {
+    assert!(available(), "the panel product runs on AVX-512");
+    let c = out.len() / n.max(1);
+    assert_eq!(out.len(), n * c, "the output holds whole rows");
+    for t in terms {
+        let k = t.w.rows;
+        assert!(t.w.in_bounds(), "each weight lies inside its buffer");
+        assert_eq!(t.w.cols, c, "each term has the output's columns");
+        assert!(n == 0 || k == 0 || (n - 1) * t.xs + k <= t.x.len(), "each x holds [{n}, {k}]");
+    }
+    if let Some(d) = dropped {
+        assert!(terms.first().is_some_and(|t| masks(t.w.rows, c)), "a masked term is one chunk of whole panels");
+        assert!(d.bits.len() * 64 >= n * c, "the mask covers the output");
+    }
+    if n == 0 || c == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    // Rows per task: whole register tiles, one range per thread.
+    let rows = n.div_ceil(threads).next_multiple_of(ROWS).min(n);
+    let panels = c.div_ceil(COLS);
+    let chunks = chunks(terms);
+    if chunks.is_empty() && !accumulate {
+        out.fill(0.0);
+    }
+    PACKED.with_borrow_mut(|packed| {
+        for (ci, pieces) in chunks.iter().enumerate() {
+            let kc: usize = pieces.iter().map(|p| p.len).sum();
+            let blocks = panels.div_ceil((BLOCK / (COLS * kc)).max(1));
+            let per_block = panels.div_ceil(blocks);
+            // Panels start on cache lines: a register load that straddles two lines costs two.
+            packed.resize(per_block * COLS * kc + 16, 0.0);
+            let skew = packed.as_ptr().align_offset(64).min(16);
+            let packed = &mut packed[skew..];
+            // The mask covers the first piece of the first chunk (all of the first term).
+            let mask = dropped.filter(|_| ci == 0);
+            let add = accumulate || ci > 0;
+            for p0 in (0..panels).step_by(per_block) {
+                let np = per_block.min(panels - p0);
+                let block = &mut packed[..np * COLS * kc];
+                // Each piece of each panel is a task: the threads pack the block together.
+                let tasks: Vec<(usize, usize, Piece)> = (0..np).flat_map(|p| pieces.iter().scan(0, move |at, &piece| {
+                    let start = *at;
+                    *at += piece.len;
+                    Some((p, start, piece))
+                })).collect();
+                let block_ptr = Shared(block.as_mut_ptr());
+                tasks.par_iter().for_each(|&(p, start, piece)| {
+                    let term = &terms[piece.term];
+                    // SAFETY: each task writes its own rows of its own panel, inside `block`.
+                    let rows = unsafe { std::slice::from_raw_parts_mut(block_ptr.at((p * kc + start) * COLS), piece.len * COLS) };
+                    // SAFETY: `available` checked AVX-512.
+                    unsafe { pack(rows, term.w, piece.k0, piece.len, (p0 + p) * COLS, term.scale) }
+                });
+                let block = &*block;
+                out.par_chunks_mut(rows * c).enumerate().for_each(|(t, o)| {
+                    let sources: Vec<(&[f32], usize, usize)> = pieces
+                        .iter()
+                        .map(|piece| {
+                            let term = &terms[piece.term];
+                            (&term.x[t * rows * term.xs + piece.k0..], term.xs, piece.len)
+                        })
+                        .collect();
+                    let mask = mask.map(|m| (m, t * rows));
+                    // SAFETY: `available` checked AVX-512; the shapes are checked above.
+                    unsafe { multiply(o, c, &sources, kc, block, p0, add, mask) };
+                });
+            }
+        }
+    });
+}
+
+/// The packed block's pointer, shared by the tasks that fill its disjoint parts.
+struct Shared(*mut f32);
+
+impl Shared {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+// SAFETY: the tasks write disjoint parts of the block through it.
+unsafe impl Sync for Shared {}
+
+/// `scale ×` columns `j0..j0 + 64` of `w`'s rows `k0..k0 + kc` into `panel`, row after row,
+/// zeros past the last column.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack(panel: &mut [f32], w: Mat<'_>, k0: usize, kc: usize, j0: usize, scale: f32) {
+    let width = COLS.min(w.cols - j0);
+    if width < COLS {
+        panel.fill(0.0);
+    }
+    let at = |i: usize, j: usize| w.off + (k0 + i) * w.rs + (j0 + j) * w.cs;
+    if w.cs == 1 {
+        for (i, row) in panel.chunks_exact_mut(COLS).enumerate() {
+            let src = &w.data[at(i, 0)..][..width];
+            if scale == 1.0 {
+                row[..width].copy_from_slice(src);
+            } else {
+                row.iter_mut().zip(src).for_each(|(o, &v)| *o = scale * v);
+            }
+        }
+        return;
+    }
+    // A row of the panel is 16 columns at a time, gathered `cs` apart.
+    let cs = i32::try_from(w.cs).expect("a weight's column stride fits in 32 bits");
+    let lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(cs));
+    let scale = _mm512_set1_ps(scale);
+    for v in 0..width.div_ceil(16) {
+        let n = (width - v * 16).min(16);
+        let mask = lane_mask(n);
+        let last = at(kc - 1, v * 16 + n - 1);
+        assert!(last < w.data.len(), "the gathered columns lie inside the weight");
+        for (i, row) in panel.chunks_exact_mut(COLS).enumerate() {
+            // SAFETY: every gathered index is at most `last`, inside the buffer; the row
+            // holds 64 floats.
+            unsafe {
+                let base = w.data.as_ptr().add(at(i, v * 16));
+                let g = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, lanes, base.cast());
+                _mm512_storeu_ps(row.as_mut_ptr().add(v * 16), _mm512_mul_ps(g, scale));
+            }
+        }
+    }
+}
+
+/// The first `n` of 16 lanes.
+fn lane_mask(n: usize) -> __mmask16 {
+    if n >= 16 { !0 } else { (1u16 << n) - 1 }
+}
+
+/// One task's rows of `out` (`c` wide): `out[r][j] (+)= Σᵢ x[r][i]·panel[i][j]` over the
+/// block's panels, the first at panel `p0`, `kc` rows each, whose rows are the `sources`'
+/// columns one after the other (each `(x from the task's first row, row stride, columns)`).
+/// With `mask` (and the task's first row in the output), the first source's sums are
+/// masked before the others are added.
+///
+/// # Safety
+/// AVX-512 F; `out` holds whole rows of `c`, each source as many rows, `block` whole panels
+/// of `kc` rows, none past column `c`'s panel; a mask covers the rows.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)], kc: usize, block: &[f32], p0: usize, add: bool, mask: Option<(Dropped<'_>, usize)>) {
+    let n = out.len() / c;
+    let mut r = 0;
+    while r < n {
+        let tile = ROWS.min(n - r);
+        let xr: Vec<(*const f32, usize, usize)> = sources.iter().map(|&(x, xs, len)| (x[r * xs..].as_ptr(), xs, len)).collect();
+        for (p, panel) in block.chunks_exact(COLS * kc).enumerate() {
+            let j0 = (p0 + p) * COLS;
+            let width = COLS.min(c - j0);
+            let or = out[r * c + j0..].as_mut_ptr();
+            // The mask's words of these rows and columns (whole words: `c` is a multiple of 64).
+            let masked = mask.map(|(m, row0)| (std::array::from_fn(|i| if i < tile { m.bits[((row0 + r + i) * c + j0) / 64] } else { 0 }), m.keep));
+            // SAFETY: rows `r..r + tile` of each source and of `out` exist; the panel holds
+            // `kc` rows, the sources' columns.
+            unsafe {
+                match tile {
+                    6 => tile_product::<6>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                    5 => tile_product::<5>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                    4 => tile_product::<4>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                    3 => tile_product::<3>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                    2 => tile_product::<2>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                    _ => tile_product::<1>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                }
+            }
+        }
+        r += tile;
+    }
+}
+
+/// The register tile: `R` rows by one panel, summing each source's columns (`(x, row
+/// stride, columns)`) against the panel's rows in turn, into `R` rows of `out` (`os`
+/// apart), `width` of the panel's columns; with `masked` (each row's 64 mask bits and the
+/// survivors' scale), the first source's sums are masked before the others are added.
+///
+/// # Safety
+/// AVX-512 F; `R` rows of each source readable, the sources' columns × 64 at `panel`, `R`
+/// rows of `width` writable at `out`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_product<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let mut p = panel;
+    for (s, &(x, xs, kc)) in sources.iter().enumerate() {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let rows: [*const f32; R] = std::array::from_fn(|r| x.add(r * xs));
+            let step = |i: usize, p: *const f32, acc: &mut [[__m512; 4]; R]| {
+                let w = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48))];
+                for r in 0..R {
+                    let b = _mm512_set1_ps(*rows[r].add(i));
+                    for v in 0..4 {
+                        acc[r][v] = _mm512_fmadd_ps(w[v], b, acc[r][v]);
+                    }
+                }
+            };
+            let mut i = 0;
+            while i + 4 <= kc {
+                step(i, p, &mut acc);
+                step(i + 1, p.add(COLS), &mut acc);
+                step(i + 2, p.add(2 * COLS), &mut acc);
+                step(i + 3, p.add(3 * COLS), &mut acc);
+                p = p.add(4 * COLS);
+                i += 4;
+            }
+            while i < kc {
+                step(i, p, &mut acc);
+                p = p.add(COLS);
+                i += 1;
+            }
+        }
+        if let Some((bits, keep)) = masked.filter(|_| s == 0) {
+            let keep = _mm512_set1_ps(keep);
+            for (acc, bits) in acc.iter_mut().zip(bits) {
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_maskz_mul_ps((bits >> (16 * v)) as __mmask16, *a, keep);
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let o = out.add(r * os);
+            for (v, &a) in acc.iter().enumerate() {
+                let lanes = width.saturating_sub(v * 16).min(16);
+                if lanes == 0 {
+                    break;
+                }
+                let mask = lane_mask(lanes);
+                let at = o.add(v * 16);
+                let sum = if add { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), a) } else { a };
+                _mm512_mask_storeu_ps(at, mask, sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product in f64, term by term, masked as `times` masks.
+    fn reference(n: usize, c: usize, terms: &[Term<'_>], prior: &[f32], dropped: Option<Dropped<'_>>) -> Vec<f64> {
+        let mut out: Vec<f64> = prior.iter().map(|&v| f64::from(v)).collect();
+        for (ti, t) in terms.iter().enumerate() {
+            for r in 0..n {
+                for j in 0..c {
+                    let w = |i: usize| f64::from(t.w.data[t.w.off + i * t.w.rs + j * t.w.cs]);
+                    let mut v: f64 = (0..t.w.rows).map(|i| f64::from(t.x[r * t.xs + i]) * w(i)).sum::<f64>() * f64::from(t.scale);
+                    if let Some(d) = dropped.filter(|_| ti == 0) {
+                        let bit = r * c + j;
+                        v *= if (d.bits[bit / 64] >> (bit % 64)) & 1 == 1 { f64::from(d.keep) } else { 0.0 };
+                    }
+                    out[r * c + j] += v;
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len).map(|i| (crate::train::mix(seed, i as u64) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn panel_products_sum_their_terms_in_any_strides_masked_or_not() {
+        if !available() {
+            eprintln!("skipped: the panel product runs on AVX-512 and this CPU has none");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
+        // 13 rows: two tasks of whole tiles and a short one; k = 400 is two chunks.
+        for (n, c) in [(13, 128), (13, 100), (1, 64)] {
+            let (k1, k2, k3) = (16, 400, 7);
+            // A masked term in a strided x (a slice of wider rows), its weight transposed.
+            let x1 = values(n * 40, 1);
+            let w1 = values(c * k1, 2);
+            // A dense x, a row-major weight; and a transposed one with a scale.
+            let (x2, w2) = (values(n * k2, 3), values(k2 * c, 4));
+            let (x3, w3) = (values(n * k3, 5), values(c * k3, 6));
+            let mut terms = vec![
+                Term { x: &x1[8..], xs: 40, w: Mat { data: &w1, off: 0, rs: 1, cs: k1, rows: k1, cols: c }, scale: 1.0 },
+                Term { x: &x2, xs: k2, w: Mat { data: &w2, off: 0, rs: c, cs: 1, rows: k2, cols: c }, scale: 1.0 },
+                Term { x: &x3, xs: k3, w: Mat { data: &w3, off: 0, rs: 1, cs: k3, rows: k3, cols: c }, scale: 0.5 },
+            ];
+            let bits: Vec<u64> = (0..(n * c).div_ceil(64) as u64).map(|i| crate::train::mix(7, i)).collect();
+            let masks = if c % 64 == 0 { vec![None, Some(Dropped { bits: &bits, keep: 1.25 })] } else { vec![None] };
+            for dropped in masks {
+                for accumulate in [false, true] {
+                    let prior = values(n * c, 8);
+                    let mut out = prior.clone();
+                    pool.install(|| times(&mut out, n, &terms, accumulate, dropped));
+                    let zeros = vec![0.0; n * c];
+                    let expect = reference(n, c, &terms, if accumulate { &prior } else { &zeros }, dropped);
+                    for (i, (&got, &want)) in out.iter().zip(&expect).enumerate() {
+                        assert!((f64::from(got) - want).abs() < 1e-4, "n {n}, c {c}, masked {}, accumulate {accumulate}: element {i} is {got}, not {want}", dropped.is_some());
+                    }
+                }
+            }
+            // No terms: zeros, or the output untouched.
+            terms.clear();
+            let mut out = values(n * c, 9);
+            pool.install(|| times(&mut out, n, &terms, true, None));
+            assert_eq!(out, values(n * c, 9));
+            pool.install(|| times(&mut out, n, &terms, false, None));
+            assert!(out.iter().all(|&v| v == 0.0));
+        }
+    }
+}
+
