@@ -6,9 +6,9 @@
 //! product is one call to the `gemm` crate across the thread pool, reading the frozen
 //! weights where the model keeps them (no copy). On AVX-512 a projection's frozen product
 //! and its adapter's share are one product instead (`panels`): `x·W + s·u·B` forward, and
-//! backward `Σ dy·Wᵀ + mask ∘ (du·Aᵀ)` over the projections that read one input. A bf16 base (mixed precision) is
-//! multiplied where it lies on AMX tiles where the CPU has them (`quant::amx`), else
-//! widened to f32 one layer at a time. A batch's examples are packed end to end instead of
+//! backward `Σ dy·Wᵀ + mask ∘ (du·Aᵀ)` over the projections that read one input. A bf16
+//! base (mixed precision) is multiplied where it lies on AMX tiles where the CPU has them
+//! (`quant::amx`), else widened to f32 one layer at a time. A batch's examples are packed end to end instead of
 //! padded, each attending only to its own tokens.
 //!
 //! Attention keeps no probabilities: the forward pass stores each query's log-sum-exp and
@@ -319,22 +319,71 @@ impl Mask {
             return None;
         }
         let threshold = (f64::from(p) * 65536.0).round() as u64;
-        let bits = (0..len.div_ceil(64))
-            .into_par_iter()
-            .map(|w| {
-                let mut word = 0u64;
-                for q in 0..16 {
-                    let h = mix(key, (w * 16 + q) as u64);
-                    for s in 0..4 {
-                        if (h >> (16 * s)) & 0xFFFF >= threshold {
-                            word |= 1 << (q * 4 + s);
-                        }
+        let mut bits = vec![0u64; len.div_ceil(64)];
+        let wide = Self::wide(threshold);
+        bits.par_chunks_mut(1024).enumerate().for_each(|(i, words)| {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: `wide` checked AVX-512 F, DQ and BW.
+                #[allow(unsafe_code)]
+                return unsafe { Self::words_avx512(key, threshold, i * 1024, words) };
+            }
+            let _ = wide;
+            Self::words(key, threshold, i * 1024, words);
+        });
+        Some(Self { bits, keep: 1.0 / (1.0 - p) })
+    }
+
+    /// Whether [`Self::words_avx512`] draws the words: on the AVX-512 kernel with DQ's
+    /// 64-bit multiplies and BW's 16-bit compares, for a threshold of 16 bits.
+    fn wide(threshold: u64) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return threshold <= 0xFFFF && crate::quant::avx512() && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512bw");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Words `first..` of the mask: word `w`'s bit `4q + s` is set where 16-bit field `s`
+    /// of `mix(key, 16w + q)` is at least `threshold`.
+    fn words(key: u64, threshold: u64, first: usize, words: &mut [u64]) {
+        for (w, word) in (first..).zip(words) {
+            *word = 0;
+            for q in 0..16 {
+                let h = mix(key, (w * 16 + q) as u64);
+                for s in 0..4 {
+                    if (h >> (16 * s)) & 0xFFFF >= threshold {
+                        *word |= 1 << (q * 4 + s);
                     }
                 }
-                word
-            })
-            .collect();
-        Some(Self { bits, keep: 1.0 / (1.0 - p) })
+            }
+        }
+    }
+
+    /// [`Self::words`], eight hashes to a register: the 16-bit fields of eight hashes
+    /// compared at once give 32 bits in the word's order.
+    ///
+    /// # Safety
+    /// AVX-512 F, DQ and BW; `threshold` fits in 16 bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw")]
+    #[allow(unsafe_code)]
+    unsafe fn words_avx512(key: u64, threshold: u64, first: usize, words: &mut [u64]) {
+        use std::arch::x86_64::*;
+        let c = |v: u64| _mm512_set1_epi64(v as i64);
+        let mixed = |b: __m512i| {
+            let mut z = _mm512_xor_si512(c(key), _mm512_mullo_epi64(b, c(0x9E37_79B9_7F4A_7C15)));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), c(0xBF58_476D_1CE4_E5B9));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), c(0x94D0_49BB_1331_11EB));
+            _mm512_xor_si512(z, _mm512_srli_epi64::<31>(z))
+        };
+        let at = _mm512_set1_epi16(threshold as i16);
+        let lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+        for (w, word) in (first..).zip(words) {
+            let b = _mm512_add_epi64(c(w as u64 * 16), lanes);
+            let low = _mm512_cmpge_epu16_mask(mixed(b), at);
+            let high = _mm512_cmpge_epu16_mask(mixed(_mm512_add_epi64(b, c(8))), at);
+            *word = u64::from(low) | u64::from(high) << 32;
+        }
     }
 
     fn kept(&self, i: usize) -> bool {
@@ -670,21 +719,21 @@ fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&P
         .iter()
         .map(|&(w, out, pair)| {
             let mut y = vec![0.0; dm.n * out];
+            // This projection's `xd·A` (columns `at..at + r` of `u`) and its `B`.
             let lora = pair.map(|pair| {
                 adapted += 1;
-                let u = u.as_deref().expect("adapted projections have xd·A");
-                (&u[(adapted - 1) * r..], Mat::dense(&pair.b, r, out))
+                (u.as_deref().expect("adapted projections have xd·A"), (adapted - 1) * r, Mat::dense(&pair.b, r, out))
             });
             #[cfg(target_arch = "x86_64")]
             if fused {
                 let frozen = super::panels::Term { x, xs: inp, w: w.mat(inp, out), scale: 1.0 };
-                let lora = lora.map(|(u, b)| super::panels::Term { x: u, xs: width, w: b, scale: dm.scale });
+                let lora = lora.map(|(u, at, b)| super::panels::Term { x: &u[at..], xs: width, w: b, scale: dm.scale });
                 super::panels::times(&mut y, dm.n, &[Some(frozen), lora].into_iter().flatten().collect::<Vec<_>>(), false, None);
                 return y;
             }
             w.forward(&mut y, x, dm.n, inp, out, false);
-            if let Some((u, b)) = lora {
-                matmul(&mut y, Mat { data: u, off: 0, rs: width, cs: 1, rows: dm.n, cols: r }, b, dm.scale, true, true);
+            if let Some((u, at, b)) = lora {
+                matmul(&mut y, Mat::strided(u, at, width, dm.n, r), b, dm.scale, true, true);
             }
             y
         })
@@ -1202,5 +1251,25 @@ mod tests {
         let again = Mask::draw(42, 0.1, len).unwrap();
         assert_eq!(again.bits, Mask::draw(42, 0.1, len).unwrap().bits, "a key draws one mask");
         assert_ne!(again.bits, Mask::draw(43, 0.1, len).unwrap().bits);
+    }
+
+    /// The AVX-512 draw gives the scalar draw's words, so a mask is the same on any CPU.
+    #[test]
+    fn masks_are_the_same_bits_with_and_without_avx512() {
+        if !Mask::wide(0) {
+            eprintln!("skipped: this CPU has no AVX-512 DQ and BW");
+            return;
+        }
+        for (key, p) in [(42, 0.1f32), (7, 0.5), (u64::MAX, 0.3), (3, 1e-5), (5, 0.99998)] {
+            let threshold = (f64::from(p) * 65536.0).round() as u64;
+            let (mut scalar, mut wide) = (vec![0u64; 777], vec![0u64; 777]);
+            Mask::words(key, threshold, 5, &mut scalar);
+            // SAFETY: `wide` checked the features; the threshold fits in 16 bits.
+            #[allow(unsafe_code)]
+            unsafe {
+                Mask::words_avx512(key, threshold, 5, &mut wide)
+            };
+            assert_eq!(scalar, wide, "key {key}, p {p}");
+        }
     }
 }

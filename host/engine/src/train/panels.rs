@@ -1,16 +1,21 @@
-//! The training step's f32 products with a frozen weight, `out = x·W`, on AVX-512.
+//! The training step's products with frozen weights on AVX-512: `out = Σ x·W` over a few
+//! terms, each a left operand and a weight, summed in the same register tiles.
 //!
 //! A general matrix product (the `gemm` crate's) packs the weight into panels for its
 //! register tiles on every call, and when the rows of `x` are split between threads, each
 //! thread packs the whole weight for its own rows: profiled on the SmolLM2 step, packing
-//! took 12 % of the step at 2 threads. Here the weight is packed once per call, a block at a
-//! time, by all threads together; then all threads multiply their rows against the block.
+//! took 12 % of the step at 2 threads. Here the weights are packed once per call, a block at
+//! a time, by all threads together; then all threads multiply their rows against the block.
+//! And a projection's adapter is one more term of its frozen product (`x·W + s·u·B`), so a
+//! wide output is written once rather than once more for a rank-16 product; in the
+//! backward pass the adapters' term is masked by their dropout in the registers.
 //!
-//! A panel is 64 columns of the weight for a chunk of its rows (the product's `k`), laid
-//! out row after row, zero-padded past the last column. The register tile is six rows of
-//! `x` by a panel's 64 columns (24 accumulators): per `k`, four panel loads and six
-//! broadcasts feed 24 fused multiply-adds. Each output sums its `k` terms in order within a
-//! chunk of [`KC`] and chunk after chunk, so its value does not depend on the thread count.
+//! A panel is 64 columns of the terms' weights for a chunk of their rows (the product's
+//! `k`, term after term), laid out row after row, zero-padded past the last column. The
+//! register tile is six rows of `x` by a panel's 64 columns (24 accumulators): per `k`,
+//! four panel loads and six broadcasts feed 24 fused multiply-adds. Each output sums its
+//! `k` terms in order within a chunk of [`KC`] and chunk after chunk, so its value does not
+//! depend on the thread count.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
@@ -28,6 +33,8 @@ const ROWS: usize = 6;
 const KC: usize = 384;
 /// Floats per packed block (1 MiB), shared by the threads from L2 and L3.
 const BLOCK: usize = 1 << 18;
+/// Terms per product at most (an adapter and three projections reading one input).
+const MAX_TERMS: usize = 8;
 
 /// Whether [`times`] runs here: on the AVX-512 kernel (not under `LATHE_CPU_KERNEL=avx2`).
 pub(super) fn available() -> bool {
@@ -109,6 +116,7 @@ pub(super) fn times(out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: b
     assert!(available(), "the panel product runs on AVX-512");
     let c = out.len() / n.max(1);
     assert_eq!(out.len(), n * c, "the output holds whole rows");
+    assert!(terms.len() <= MAX_TERMS, "at most {MAX_TERMS} terms");
     for t in terms {
         let k = t.w.rows;
         assert!(t.w.in_bounds(), "each weight lies inside its buffer");
@@ -254,7 +262,11 @@ unsafe fn multiply(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)]
     let mut r = 0;
     while r < n {
         let tile = ROWS.min(n - r);
-        let xr: Vec<(*const f32, usize, usize)> = sources.iter().map(|&(x, xs, len)| (x[r * xs..].as_ptr(), xs, len)).collect();
+        let mut xr = [(std::ptr::null(), 0, 0); MAX_TERMS];
+        for (s, &(x, xs, len)) in xr.iter_mut().zip(sources) {
+            *s = (x[r * xs..].as_ptr(), xs, len);
+        }
+        let xr = &xr[..sources.len()];
         for (p, panel) in block.chunks_exact(COLS * kc).enumerate() {
             let j0 = (p0 + p) * COLS;
             let width = COLS.min(c - j0);
@@ -265,12 +277,12 @@ unsafe fn multiply(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)]
             // `kc` rows, the sources' columns.
             unsafe {
                 match tile {
-                    6 => tile_product::<6>(&xr, panel.as_ptr(), or, c, width, add, masked),
-                    5 => tile_product::<5>(&xr, panel.as_ptr(), or, c, width, add, masked),
-                    4 => tile_product::<4>(&xr, panel.as_ptr(), or, c, width, add, masked),
-                    3 => tile_product::<3>(&xr, panel.as_ptr(), or, c, width, add, masked),
-                    2 => tile_product::<2>(&xr, panel.as_ptr(), or, c, width, add, masked),
-                    _ => tile_product::<1>(&xr, panel.as_ptr(), or, c, width, add, masked),
+                    6 => tile_product::<6>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    5 => tile_product::<5>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    4 => tile_product::<4>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    3 => tile_product::<3>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    2 => tile_product::<2>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    _ => tile_product::<1>(xr, panel.as_ptr(), or, c, width, add, masked),
                 }
             }
         }
