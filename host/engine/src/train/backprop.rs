@@ -8,8 +8,8 @@
 //! and its adapter's share are one product instead (`panels`): `x·W + s·u·B` forward, and
 //! backward `Σ dy·Wᵀ + mask ∘ (du·Aᵀ)` over the projections that read one input. A bf16
 //! base (mixed precision) is multiplied where it lies on AMX tiles where the CPU has them
-//! (`quant::amx`), else widened to f32 one layer at a time. A batch's examples are packed end to end instead of
-//! padded, each attending only to its own tokens.
+//! (`quant::amx`), else widened to f32 one layer at a time. A batch's examples are packed
+//! end to end instead of padded, each attending only to its own tokens.
 //!
 //! Attention keeps no probabilities: the forward pass stores each query's log-sum-exp and
 //! the backward pass recomputes the scores from the queries and keys (as FlashAttention
@@ -691,11 +691,14 @@ fn masks(_: usize, _: usize) -> bool {
 
 /// Whether the products with these frozen weights run fused ([`panels`]): on AVX-512,
 /// with f32 weights (a bf16 base on AMX tiles keeps its own products).
-fn fused(frozen: &[&Frozen]) -> bool {
+fn fused<'f>(frozen: impl IntoIterator<Item = &'f Frozen>) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return super::panels::available() && frozen.iter().all(|w| w.on_tiles().is_none());
+    return super::panels::available() && frozen.into_iter().all(|w| w.on_tiles().is_none());
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        let _ = frozen;
+        false
+    }
 }
 
 /// `y = x·W + scale·(xd·A)·B` for each projection reading `x`; returns the outputs and,
@@ -713,7 +716,7 @@ fn project(dm: &Dims, x: &[f32], xd: &[f32], projs: &[(&Frozen, usize, Option<&P
         matmul(&mut u, Mat::dense(xd, dm.n, inp), Mat::dense(&a_side_by_side(inp, r, &pairs), inp, width), 1.0, false, true);
         u
     });
-    let fused = fused(&projs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let fused = fused(projs.iter().map(|p| p.0));
     let mut adapted = 0;
     let ys = projs
         .iter()
@@ -767,7 +770,7 @@ fn project_backward(dm: &Dims, xd: &[f32], u: Option<&[f32]>, projs: &[(&[f32], 
         }
     }
     let a = a_side_by_side(inp, r, &pairs);
-    let fused = fused(&projs.iter().map(|p| p.1).collect::<Vec<_>>()) && (mask.is_none() || masks(width, inp));
+    let fused = fused(projs.iter().map(|p| p.1)) && (mask.is_none() || masks(width, inp));
     #[cfg(target_arch = "x86_64")]
     if fused {
         use super::panels::{Dropped, Term};

@@ -169,16 +169,15 @@ pub(super) fn times(out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: b
                 });
                 let block = &*block;
                 out.par_chunks_mut(rows * c).enumerate().for_each(|(t, o)| {
-                    let sources: Vec<(&[f32], usize, usize)> = pieces
-                        .iter()
-                        .map(|piece| {
-                            let term = &terms[piece.term];
-                            (&term.x[t * rows * term.xs + piece.k0..], term.xs, piece.len)
-                        })
-                        .collect();
+                    // Each piece's x from the task's first row (an array: no allocation per task).
+                    let mut sources: [(&[f32], usize, usize); MAX_TERMS] = [(&[], 0, 0); MAX_TERMS];
+                    for (s, piece) in sources.iter_mut().zip(pieces) {
+                        let term = &terms[piece.term];
+                        *s = (&term.x[t * rows * term.xs + piece.k0..], term.xs, piece.len);
+                    }
                     let mask = mask.map(|m| (m, t * rows));
                     // SAFETY: `available` checked AVX-512; the shapes are checked above.
-                    unsafe { multiply(o, c, &sources, kc, block, p0, add, mask) };
+                    unsafe { multiply(o, c, &sources[..pieces.len()], kc, block, p0, add, mask) };
                 });
             }
         }
