@@ -21,3 +21,9 @@ export LATHE_CUDA_BINARY
 # Everything, on the CPU (with the AVX-512 kernels where the CPU has them, as the demo).
 # shellcheck disable=SC2046 # the features are words on purpose
 cargo nextest run --release --workspace $(scripts/cpu-features.sh) --no-fail-fast "$@"
+# The training step on the AVX2 kernels (CPUs without AVX-512), where this CPU has AVX-512
+# and the pass above ran those: the same build, the kernel picked at run time.
+if grep -q -m1 -w avx512f /proc/cpuinfo 2>/dev/null; then
+    # shellcheck disable=SC2046
+    LATHE_CPU_KERNEL=avx2 cargo nextest run --release -p lathe-engine $(scripts/cpu-features.sh) --no-fail-fast -E 'test(/^train::/)'
+fi

@@ -82,6 +82,14 @@ pub(crate) fn avx512() -> bool {
     false
 }
 
+/// Whether this process runs the AVX2 kernel (AVX2 and FMA, no AVX-512 or not asked for).
+pub(crate) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return Kernel::choice() == Ok(Kernel::Avx2);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether this CPU runs the `amx` kernel: the AVX-512 one, with AMX tiles granted.
 fn tiles_here() -> bool {
     #[cfg(target_arch = "x86_64")]

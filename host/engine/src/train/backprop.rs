@@ -4,12 +4,12 @@
 //! here the forward pass keeps only what the backward pass reads, the backward pass
 //! computes only what the adapters' gradients need (the frozen base gets none), and every
 //! product is one call to the `gemm` crate across the thread pool, reading the frozen
-//! weights where the model keeps them (no copy). On AVX-512 a projection's frozen product
-//! and its adapter's share are one product instead (`panels`): `x·W + s·u·B` forward, and
-//! backward `Σ dy·Wᵀ + mask ∘ (du·Aᵀ)` over the projections that read one input. A bf16
-//! base (mixed precision) is multiplied where it lies on AMX tiles where the CPU has them
-//! (`quant::amx`), else widened to f32 one layer at a time. A batch's examples are packed
-//! end to end instead of padded, each attending only to its own tokens.
+//! weights where the model keeps them (no copy). On AVX-512 and AVX2 a projection's frozen
+//! product and its adapter's share are one product instead (`panels`): `x·W + s·u·B`
+//! forward, and backward `Σ dy·Wᵀ + mask ∘ (du·Aᵀ)` over the projections that read one
+//! input. A bf16 base (mixed precision) is multiplied where it lies on AMX tiles where the
+//! CPU has them (`quant::amx`), else widened to f32 one layer at a time. A batch's examples
+//! are packed end to end instead of padded, each attending only to its own tokens.
 //!
 //! Attention keeps no probabilities: the forward pass stores each query's log-sum-exp and
 //! the backward pass recomputes the scores from the queries and keys (as FlashAttention
@@ -689,8 +689,8 @@ fn masks(_: usize, _: usize) -> bool {
     false
 }
 
-/// Whether the products with these frozen weights run fused ([`panels`]): on AVX-512,
-/// with f32 weights (a bf16 base on AMX tiles keeps its own products).
+/// Whether the products with these frozen weights run fused ([`panels`]): on AVX-512 or
+/// AVX2, with f32 weights (a bf16 base on AMX tiles keeps its own products).
 fn fused<'f>(frozen: impl IntoIterator<Item = &'f Frozen>) -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::panels::available() && frozen.into_iter().all(|w| w.on_tiles().is_none());

@@ -1,5 +1,5 @@
-//! The training step's products with frozen weights on AVX-512: `out = Σ x·W` over a few
-//! terms, each a left operand and a weight, summed in the same register tiles.
+//! The training step's products with frozen weights on AVX-512 or AVX2: `out = Σ x·W` over
+//! a few terms, each a left operand and a weight, summed in the same register tiles.
 //!
 //! A general matrix product (the `gemm` crate's) packs the weight into panels for its
 //! register tiles on every call, and when the rows of `x` are split between threads, each
@@ -13,9 +13,11 @@
 //! A panel is 64 columns of the terms' weights for a chunk of their rows (the product's
 //! `k`, term after term), laid out row after row, zero-padded past the last column. The
 //! register tile is six rows of `x` by a panel's 64 columns (24 accumulators): per `k`,
-//! four panel loads and six broadcasts feed 24 fused multiply-adds. Each output sums its
-//! `k` terms in order within a chunk of [`KC`] and chunk after chunk, so its value does not
-//! depend on the thread count.
+//! four panel loads and six broadcasts feed 24 fused multiply-adds. On AVX2 (16 registers
+//! of 8 lanes) the tile is six rows by 16 of the panel's columns (12 accumulators), four
+//! tiles to a panel. Each output sums its `k` terms in order within a chunk of [`KC`] and
+//! chunk after chunk, so its value depends neither on the thread count nor on the
+//! instruction set.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
@@ -36,9 +38,30 @@ const BLOCK: usize = 1 << 18;
 /// Terms per product at most (an adapter and three projections reading one input).
 const MAX_TERMS: usize = 8;
 
-/// Whether [`times`] runs here: on the AVX-512 kernel (not under `LATHE_CPU_KERNEL=avx2`).
+/// The instructions a product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// The one the process's CPU kernel runs (`quant::cpu_kernel`): none on the portable one.
+    fn here() -> Option<Self> {
+        if crate::quant::avx512() {
+            Some(Self::Avx512)
+        } else if crate::quant::avx2() {
+            Some(Self::Avx2)
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether [`times`] runs here: on the AVX-512 or AVX2 kernel (not under
+/// `LATHE_CPU_KERNEL=portable`).
 pub(super) fn available() -> bool {
-    crate::quant::avx512()
+    Isa::here().is_some()
 }
 
 /// One term of a product: `scale · x·w` for `x` `[n, k]` (row `t` from `x[t·xs]`) and `w`
@@ -113,7 +136,12 @@ fn chunks(terms: &[Term<'_>]) -> Vec<Vec<Piece>> {
 /// # Panics
 /// When the shapes disagree, or [`available`] does not hold.
 pub(super) fn times(out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: bool, dropped: Option<Dropped<'_>>) {
-    assert!(available(), "the panel product runs on AVX-512");
+    let isa = Isa::here().expect("the panel product runs on AVX-512 or AVX2");
+    times_on(isa, out, n, terms, accumulate, dropped);
+}
+
+/// [`times`] on `isa`, which the CPU runs.
+fn times_on(isa: Isa, out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: bool, dropped: Option<Dropped<'_>>) {
     let c = out.len() / n.max(1);
     assert_eq!(out.len(), n * c, "the output holds whole rows");
     assert!(terms.len() <= MAX_TERMS, "at most {MAX_TERMS} terms");
@@ -164,8 +192,8 @@ pub(super) fn times(out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: b
                     let term = &terms[piece.term];
                     // SAFETY: each task writes its own rows of its own panel, inside `block`.
                     let rows = unsafe { std::slice::from_raw_parts_mut(block_ptr.at((p * kc + start) * COLS), piece.len * COLS) };
-                    // SAFETY: `available` checked AVX-512.
-                    unsafe { pack(rows, term.w, piece.k0, piece.len, (p0 + p) * COLS, term.scale) }
+                    // SAFETY: the CPU runs `isa`.
+                    unsafe { pack(isa, rows, term.w, piece.k0, piece.len, (p0 + p) * COLS, term.scale) }
                 });
                 let block = &*block;
                 out.par_chunks_mut(rows * c).enumerate().for_each(|(t, o)| {
@@ -176,8 +204,14 @@ pub(super) fn times(out: &mut [f32], n: usize, terms: &[Term<'_>], accumulate: b
                         *s = (&term.x[t * rows * term.xs + piece.k0..], term.xs, piece.len);
                     }
                     let mask = mask.map(|m| (m, t * rows));
-                    // SAFETY: `available` checked AVX-512; the shapes are checked above.
-                    unsafe { multiply(o, c, &sources[..pieces.len()], kc, block, p0, add, mask) };
+                    let sources = &sources[..pieces.len()];
+                    // SAFETY: the CPU runs `isa`; the shapes are checked above.
+                    unsafe {
+                        match isa {
+                            Isa::Avx512 => multiply::<Avx512>(o, c, sources, kc, block, p0, add, mask),
+                            Isa::Avx2 => multiply::<Avx2>(o, c, sources, kc, block, p0, add, mask),
+                        }
+                    }
                 });
             }
         }
@@ -200,9 +234,8 @@ unsafe impl Sync for Shared {}
 /// zeros past the last column.
 ///
 /// # Safety
-/// AVX-512 F.
-#[target_feature(enable = "avx512f")]
-unsafe fn pack(panel: &mut [f32], w: Mat<'_>, k0: usize, kc: usize, j0: usize, scale: f32) {
+/// The CPU runs `isa`.
+unsafe fn pack(isa: Isa, panel: &mut [f32], w: Mat<'_>, k0: usize, kc: usize, j0: usize, scale: f32) {
     let width = COLS.min(w.cols - j0);
     if width < COLS {
         panel.fill(0.0);
@@ -219,7 +252,92 @@ unsafe fn pack(panel: &mut [f32], w: Mat<'_>, k0: usize, kc: usize, j0: usize, s
         }
         return;
     }
-    // A row of the panel is 16 columns at a time, gathered `cs` apart.
+    match isa {
+        // SAFETY: the caller's CPU runs AVX-512.
+        Isa::Avx512 => unsafe { gather(panel, w, k0, kc, j0, width, scale) },
+        // SAFETY: the caller's CPU runs AVX2.
+        Isa::Avx2 => unsafe { transpose(panel, w, k0, kc, j0, width, scale) },
+    }
+}
+
+/// [`pack`]'s strided weights on AVX2. Where the weight is transposed (`rs` = 1, a column
+/// is `kc` adjacent floats), blocks of 8 × 8 are read by columns and written by rows;
+/// elements outside whole blocks are copied one by one.
+///
+/// # Safety
+/// AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn transpose(panel: &mut [f32], w: Mat<'_>, k0: usize, kc: usize, j0: usize, width: usize, scale: f32) {
+    let at = |i: usize, j: usize| w.off + (k0 + i) * w.rs + (j0 + j) * w.cs;
+    let (whole_i, whole_j) = if w.rs == 1 { (kc / 8 * 8, width / 8 * 8) } else { (0, 0) };
+    if whole_i > 0 && whole_j > 0 {
+        assert!(at(whole_i - 1, whole_j - 1) < w.data.len(), "the blocks lie inside the weight");
+        let s = _mm256_set1_ps(scale);
+        for j in (0..whole_j).step_by(8) {
+            for i in (0..whole_i).step_by(8) {
+                // SAFETY: columns `j..j + 8`, rows `i..i + 8` lie inside the weight (its last
+                // element checked above) and the panel (`kc` rows of 64).
+                unsafe {
+                    let col: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(w.data.as_ptr().add(at(i, j + c))));
+                    for (r, row) in transpose8(col).into_iter().enumerate() {
+                        _mm256_storeu_ps(panel.as_mut_ptr().add((i + r) * COLS + j), _mm256_mul_ps(row, s));
+                    }
+                }
+            }
+        }
+    }
+    for (i, row) in panel.chunks_exact_mut(COLS).enumerate() {
+        let j0 = if i < whole_i { whole_j } else { 0 };
+        for (j, o) in row.iter_mut().enumerate().take(width).skip(j0) {
+            *o = scale * w.data[at(i, j)];
+        }
+    }
+}
+
+/// Rows of an 8 × 8 block from its columns.
+#[target_feature(enable = "avx")]
+fn transpose8(c: [__m256; 8]) -> [__m256; 8] {
+    // Pairs, then quads within each 128-bit half, then the halves.
+    let t = [
+        _mm256_unpacklo_ps(c[0], c[1]),
+        _mm256_unpackhi_ps(c[0], c[1]),
+        _mm256_unpacklo_ps(c[2], c[3]),
+        _mm256_unpackhi_ps(c[2], c[3]),
+        _mm256_unpacklo_ps(c[4], c[5]),
+        _mm256_unpackhi_ps(c[4], c[5]),
+        _mm256_unpacklo_ps(c[6], c[7]),
+        _mm256_unpackhi_ps(c[6], c[7]),
+    ];
+    let q = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(q[0], q[4]),
+        _mm256_permute2f128_ps::<0x20>(q[1], q[5]),
+        _mm256_permute2f128_ps::<0x20>(q[2], q[6]),
+        _mm256_permute2f128_ps::<0x20>(q[3], q[7]),
+        _mm256_permute2f128_ps::<0x31>(q[0], q[4]),
+        _mm256_permute2f128_ps::<0x31>(q[1], q[5]),
+        _mm256_permute2f128_ps::<0x31>(q[2], q[6]),
+        _mm256_permute2f128_ps::<0x31>(q[3], q[7]),
+    ]
+}
+
+/// [`pack`]'s strided weights on AVX-512: each row of the panel is 16 columns at a time,
+/// gathered `cs` apart.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn gather(panel: &mut [f32], w: Mat<'_>, k0: usize, kc: usize, j0: usize, width: usize, scale: f32) {
+    let at = |i: usize, j: usize| w.off + (k0 + i) * w.rs + (j0 + j) * w.cs;
     let cs = i32::try_from(w.cs).expect("a weight's column stride fits in 32 bits");
     let lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(cs));
     let scale = _mm512_set1_ps(scale);
@@ -252,11 +370,11 @@ fn lane_mask(n: usize) -> __mmask16 {
 /// masked before the others are added.
 ///
 /// # Safety
-/// AVX-512 F; `out` holds whole rows of `c`, each source as many rows, `block` whole panels
-/// of `kc` rows, none past column `c`'s panel; a mask covers the rows.
-#[target_feature(enable = "avx512f")]
+/// The CPU runs `K`'s instructions; `out` holds whole rows of `c`, each source as many
+/// rows, `block` whole panels of `kc` rows, none past column `c`'s panel; a mask covers the
+/// rows.
 #[allow(clippy::too_many_arguments)]
-unsafe fn multiply(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)], kc: usize, block: &[f32], p0: usize, add: bool, mask: Option<(Dropped<'_>, usize)>) {
+unsafe fn multiply<K: Kernel>(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)], kc: usize, block: &[f32], p0: usize, add: bool, mask: Option<(Dropped<'_>, usize)>) {
     let n = out.len() / c;
     let mut r = 0;
     while r < n {
@@ -276,12 +394,12 @@ unsafe fn multiply(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)]
             // `kc` rows, the sources' columns.
             unsafe {
                 match tile {
-                    6 => tile_product::<6>(xr, panel.as_ptr(), or, c, width, add, masked),
-                    5 => tile_product::<5>(xr, panel.as_ptr(), or, c, width, add, masked),
-                    4 => tile_product::<4>(xr, panel.as_ptr(), or, c, width, add, masked),
-                    3 => tile_product::<3>(xr, panel.as_ptr(), or, c, width, add, masked),
-                    2 => tile_product::<2>(xr, panel.as_ptr(), or, c, width, add, masked),
-                    _ => tile_product::<1>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    6 => K::tile::<6>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    5 => K::tile::<5>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    4 => K::tile::<4>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    3 => K::tile::<3>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    2 => K::tile::<2>(xr, panel.as_ptr(), or, c, width, add, masked),
+                    _ => K::tile::<1>(xr, panel.as_ptr(), or, c, width, add, masked),
                 }
             }
         }
@@ -289,17 +407,42 @@ unsafe fn multiply(out: &mut [f32], c: usize, sources: &[(&[f32], usize, usize)]
     }
 }
 
-/// The register tile: `R` rows by one panel, summing each source's columns (`(x, row
-/// stride, columns)`) against the panel's rows in turn, into `R` rows of `out` (`os`
-/// apart), `width` of the panel's columns; with `masked` (each row's 64 mask bits and the
-/// survivors' scale), the first source's sums are masked before the others are added.
+/// The register tile of one instruction set: `R` rows by one panel, summing each source's
+/// columns (`(x, row stride, columns)`) against the panel's rows in turn, into `R` rows of
+/// `out` (`os` apart), `width` of the panel's columns; with `masked` (each row's 64 mask
+/// bits and the survivors' scale), the first source's sums are masked before the others
+/// are added.
+trait Kernel {
+    /// # Safety
+    /// The CPU runs the kernel's instructions; `R` rows of each source readable, the
+    /// sources' columns × 64 at `panel`, `R` rows of `width` writable at `out`.
+    unsafe fn tile<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>);
+}
+
+struct Avx512;
+
+impl Kernel for Avx512 {
+    unsafe fn tile<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>) {
+        // SAFETY: the caller's.
+        unsafe { tile_avx512::<R>(sources, panel, out, os, width, add, masked) }
+    }
+}
+
+struct Avx2;
+
+impl Kernel for Avx2 {
+    unsafe fn tile<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>) {
+        // SAFETY: the caller's.
+        unsafe { tile_avx2::<R>(sources, panel, out, os, width, add, masked) }
+    }
+}
+
+/// [`Kernel::tile`] on AVX-512: the panel's 64 columns in four registers per row.
 ///
 /// # Safety
-/// AVX-512 F; `R` rows of each source readable, the sources' columns × 64 at `panel`, `R`
-/// rows of `width` writable at `out`.
+/// AVX-512 F; [`Kernel::tile`]'s bounds.
 #[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn tile_product<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>) {
+unsafe fn tile_avx512<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>) {
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     let mut p = panel;
     for (s, &(x, xs, kc)) in sources.iter().enumerate() {
@@ -357,6 +500,83 @@ unsafe fn tile_product<const R: usize>(sources: &[(*const f32, usize, usize)], p
     }
 }
 
+/// [`Kernel::tile`] on AVX2: the panel's 64 columns 16 at a time, in two registers per row
+/// (12 accumulators, with two loads of the panel and one broadcast, of 16 registers).
+///
+/// # Safety
+/// AVX2 and FMA; [`Kernel::tile`]'s bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize>(sources: &[(*const f32, usize, usize)], panel: *const f32, out: *mut f32, os: usize, width: usize, add: bool, masked: Option<([u64; ROWS], f32)>) {
+    // Lane `l` of a register tests bit `l` of its eight mask bits.
+    let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for g in 0..width.div_ceil(16) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY: the caller's bounds; the panel's rows are 64 floats apart.
+        let mut p = unsafe { panel.add(g * 16) };
+        for (s, &(x, xs, kc)) in sources.iter().enumerate() {
+            // SAFETY: the caller's bounds.
+            unsafe {
+                let rows: [*const f32; R] = std::array::from_fn(|r| x.add(r * xs));
+                let step = |i: usize, p: *const f32, acc: &mut [[__m256; 2]; R]| {
+                    let w = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                    for r in 0..R {
+                        let b = _mm256_broadcast_ss(&*rows[r].add(i));
+                        for v in 0..2 {
+                            acc[r][v] = _mm256_fmadd_ps(w[v], b, acc[r][v]);
+                        }
+                    }
+                };
+                let mut i = 0;
+                while i + 4 <= kc {
+                    step(i, p, &mut acc);
+                    step(i + 1, p.add(COLS), &mut acc);
+                    step(i + 2, p.add(2 * COLS), &mut acc);
+                    step(i + 3, p.add(3 * COLS), &mut acc);
+                    p = p.add(4 * COLS);
+                    i += 4;
+                }
+                while i < kc {
+                    step(i, p, &mut acc);
+                    p = p.add(COLS);
+                    i += 1;
+                }
+            }
+            if let Some((bits, keep)) = masked.filter(|_| s == 0) {
+                let keep = _mm256_set1_ps(keep);
+                for (acc, bits) in acc.iter_mut().zip(bits) {
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        let byte = ((bits >> (16 * g + 8 * v)) & 0xff) as i32;
+                        let kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit);
+                        *a = _mm256_mul_ps(*a, _mm256_and_ps(_mm256_castsi256_ps(kept), keep));
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: the caller's bounds: only the first `width` columns are touched.
+            unsafe {
+                let o = out.add(r * os + g * 16);
+                for (v, &a) in acc.iter().enumerate() {
+                    let lanes = width.saturating_sub(g * 16 + v * 8).min(8);
+                    if lanes == 0 {
+                        break;
+                    }
+                    let at = o.add(v * 8);
+                    if lanes == 8 {
+                        let sum = if add { _mm256_add_ps(_mm256_loadu_ps(at), a) } else { a };
+                        _mm256_storeu_ps(at, sum);
+                    } else {
+                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane);
+                        let sum = if add { _mm256_add_ps(_mm256_maskload_ps(at, mask), a) } else { a };
+                        _mm256_maskstore_ps(at, mask, sum);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,13 +606,28 @@ mod tests {
 
     #[test]
     fn panel_products_sum_their_terms_in_any_strides_masked_or_not() {
-        if !available() {
-            eprintln!("skipped: the panel product runs on AVX-512 and this CPU has none");
+        let isas: Vec<Isa> = [(Isa::Avx512, is_x86_feature_detected!("avx512f")), (Isa::Avx2, is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))]
+            .into_iter()
+            .filter_map(|(isa, here)| here.then_some(isa))
+            .collect();
+        if isas.is_empty() {
+            eprintln!("skipped: the panel product runs on AVX-512 or AVX2 and this CPU has neither");
             return;
         }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
-        // 13 rows: two tasks of whole tiles and a short one; k = 400 is two chunks.
-        for (n, c) in [(13, 128), (13, 100), (1, 64)] {
+        let outputs: Vec<Vec<Vec<f32>>> = isas.iter().map(|&isa| products_sum_their_terms(isa, &pool)).collect();
+        // Each output sums the same products in the same order on either instruction set.
+        for (isa, out) in isas.iter().zip(&outputs) {
+            assert!(out == &outputs[0], "{isa:?} gives other bits than {:?}", isas[0]);
+        }
+    }
+
+    /// Checks `times_on(isa, ..)` against the reference; returns its outputs.
+    fn products_sum_their_terms(isa: Isa, pool: &rayon::ThreadPool) -> Vec<Vec<f32>> {
+        let mut outputs = Vec::new();
+        // 13 rows: two tasks of whole tiles and a short one; k = 400 is two chunks. The
+        // last panel 36 columns wide (on AVX2 a tile of 16, 16, then 4), or 8.
+        for (n, c) in [(13, 128), (13, 100), (13, 200), (1, 64)] {
             let (k1, k2, k3) = (16, 400, 7);
             // A masked term in a strided x (a slice of wider rows), its weight transposed.
             let x1 = values(n * 40, 1);
@@ -411,22 +646,24 @@ mod tests {
                 for accumulate in [false, true] {
                     let prior = values(n * c, 8);
                     let mut out = prior.clone();
-                    pool.install(|| times(&mut out, n, &terms, accumulate, dropped));
+                    pool.install(|| times_on(isa, &mut out, n, &terms, accumulate, dropped));
                     let zeros = vec![0.0; n * c];
                     let expect = reference(n, c, &terms, if accumulate { &prior } else { &zeros }, dropped);
                     for (i, (&got, &want)) in out.iter().zip(&expect).enumerate() {
-                        assert!((f64::from(got) - want).abs() < 1e-4, "n {n}, c {c}, masked {}, accumulate {accumulate}: element {i} is {got}, not {want}", dropped.is_some());
+                        assert!((f64::from(got) - want).abs() < 1e-4, "{isa:?}: n {n}, c {c}, masked {}, accumulate {accumulate}: element {i} is {got}, not {want}", dropped.is_some());
                     }
+                    outputs.push(out);
                 }
             }
             // No terms: zeros, or the output untouched.
             terms.clear();
             let mut out = values(n * c, 9);
-            pool.install(|| times(&mut out, n, &terms, true, None));
+            pool.install(|| times_on(isa, &mut out, n, &terms, true, None));
             assert_eq!(out, values(n * c, 9));
-            pool.install(|| times(&mut out, n, &terms, false, None));
+            pool.install(|| times_on(isa, &mut out, n, &terms, false, None));
             assert!(out.iter().all(|&v| v == 0.0));
         }
+        outputs
     }
 }
 
