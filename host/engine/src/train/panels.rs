@@ -437,6 +437,32 @@ impl Kernel for Avx2 {
     }
 }
 
+/// Runs `step(i, row i of the panel)` for `i` in `0..kc`, unrolled by four: the panel's
+/// rows are [`COLS`] apart from `*p`, which is left past the last.
+///
+/// # Safety
+/// `kc` rows of the panel from `*p`.
+#[inline(always)]
+unsafe fn each_k(kc: usize, p: &mut *const f32, mut step: impl FnMut(usize, *const f32)) {
+    let mut i = 0;
+    // SAFETY: the caller's bounds.
+    unsafe {
+        while i + 4 <= kc {
+            step(i, *p);
+            step(i + 1, p.add(COLS));
+            step(i + 2, p.add(2 * COLS));
+            step(i + 3, p.add(3 * COLS));
+            *p = p.add(4 * COLS);
+            i += 4;
+        }
+        while i < kc {
+            step(i, *p);
+            *p = p.add(COLS);
+            i += 1;
+        }
+    }
+}
+
 /// [`Kernel::tile`] on AVX-512: the panel's 64 columns in four registers per row.
 ///
 /// # Safety
@@ -449,7 +475,7 @@ unsafe fn tile_avx512<const R: usize>(sources: &[(*const f32, usize, usize)], pa
         // SAFETY: the caller's bounds.
         unsafe {
             let rows: [*const f32; R] = std::array::from_fn(|r| x.add(r * xs));
-            let step = |i: usize, p: *const f32, acc: &mut [[__m512; 4]; R]| {
+            each_k(kc, &mut p, |i, p| {
                 let w = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48))];
                 for r in 0..R {
                     let b = _mm512_set1_ps(*rows[r].add(i));
@@ -457,21 +483,7 @@ unsafe fn tile_avx512<const R: usize>(sources: &[(*const f32, usize, usize)], pa
                         acc[r][v] = _mm512_fmadd_ps(w[v], b, acc[r][v]);
                     }
                 }
-            };
-            let mut i = 0;
-            while i + 4 <= kc {
-                step(i, p, &mut acc);
-                step(i + 1, p.add(COLS), &mut acc);
-                step(i + 2, p.add(2 * COLS), &mut acc);
-                step(i + 3, p.add(3 * COLS), &mut acc);
-                p = p.add(4 * COLS);
-                i += 4;
-            }
-            while i < kc {
-                step(i, p, &mut acc);
-                p = p.add(COLS);
-                i += 1;
-            }
+            });
         }
         if let Some((bits, keep)) = masked.filter(|_| s == 0) {
             let keep = _mm512_set1_ps(keep);
@@ -518,7 +530,7 @@ unsafe fn tile_avx2<const R: usize>(sources: &[(*const f32, usize, usize)], pane
             // SAFETY: the caller's bounds.
             unsafe {
                 let rows: [*const f32; R] = std::array::from_fn(|r| x.add(r * xs));
-                let step = |i: usize, p: *const f32, acc: &mut [[__m256; 2]; R]| {
+                each_k(kc, &mut p, |i, p| {
                     let w = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
                     for r in 0..R {
                         let b = _mm256_broadcast_ss(&*rows[r].add(i));
@@ -526,21 +538,7 @@ unsafe fn tile_avx2<const R: usize>(sources: &[(*const f32, usize, usize)], pane
                             acc[r][v] = _mm256_fmadd_ps(w[v], b, acc[r][v]);
                         }
                     }
-                };
-                let mut i = 0;
-                while i + 4 <= kc {
-                    step(i, p, &mut acc);
-                    step(i + 1, p.add(COLS), &mut acc);
-                    step(i + 2, p.add(2 * COLS), &mut acc);
-                    step(i + 3, p.add(3 * COLS), &mut acc);
-                    p = p.add(4 * COLS);
-                    i += 4;
-                }
-                while i < kc {
-                    step(i, p, &mut acc);
-                    p = p.add(COLS);
-                    i += 1;
-                }
+                });
             }
             if let Some((bits, keep)) = masked.filter(|_| s == 0) {
                 let keep = _mm256_set1_ps(keep);
