@@ -926,11 +926,14 @@ fn scalar(t: Tensor<1>) -> Result<f64> {
 
 /// SplitMix64 of `a` and `b`: independent seeds for each (run, step).
 fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mut z = a ^ b.wrapping_mul(MIX[0]);
+    z = (z ^ (z >> 30)).wrapping_mul(MIX[1]);
+    z = (z ^ (z >> 27)).wrapping_mul(MIX[2]);
     z ^ (z >> 31)
 }
+
+/// [`mix`]'s multipliers (SplitMix64's), shared with the dropout masks' vector draw.
+const MIX: [u64; 3] = [0x9E37_79B9_7F4A_7C15, 0xBF58_476D_1CE4_E5B9, 0x94D0_49BB_1331_11EB];
 
 #[cfg(test)]
 mod tests {

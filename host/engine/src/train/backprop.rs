@@ -371,9 +371,9 @@ impl Mask {
         use std::arch::x86_64::*;
         let c = |v: u64| _mm512_set1_epi64(v as i64);
         let mixed = |b: __m512i| {
-            let mut z = _mm512_xor_si512(c(key), _mm512_mullo_epi64(b, c(0x9E37_79B9_7F4A_7C15)));
-            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), c(0xBF58_476D_1CE4_E5B9));
-            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), c(0x94D0_49BB_1331_11EB));
+            let mut z = _mm512_xor_si512(c(key), _mm512_mullo_epi64(b, c(super::MIX[0])));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), c(super::MIX[1]));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), c(super::MIX[2]));
             _mm512_xor_si512(z, _mm512_srli_epi64::<31>(z))
         };
         let at = _mm512_set1_epi16(threshold as i16);
