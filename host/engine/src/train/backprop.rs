@@ -303,6 +303,13 @@ struct Dims {
     dropout: f32,
 }
 
+/// A vector draw of the masks' words.
+#[derive(Clone, Copy)]
+enum Vector {
+    Avx512,
+    Avx2,
+}
+
 /// A dropout mask over one input: bit `i` is set where element `i` survives. Drawn from
 /// a counter-based generator keyed by the input, so a run draws the same masks whatever
 /// its threads do; 16 bits of hash per element, so `p` is rounded to a multiple of 2⁻¹⁶.
@@ -320,27 +327,37 @@ impl Mask {
         }
         let threshold = (f64::from(p) * 65536.0).round() as u64;
         let mut bits = vec![0u64; len.div_ceil(64)];
-        let wide = Self::wide(threshold);
+        let vector = Self::vector(threshold);
         bits.par_chunks_mut(1024).enumerate().for_each(|(i, words)| {
             #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: `wide` checked AVX-512 F, DQ and BW.
-                #[allow(unsafe_code)]
-                return unsafe { Self::words_avx512(key, threshold, i * 1024, words) };
+            // SAFETY: `vector` checked the CPU's features and the threshold's width.
+            #[allow(unsafe_code)]
+            match vector {
+                Some(Vector::Avx512) => return unsafe { Self::words_avx512(key, threshold, i * 1024, words) },
+                Some(Vector::Avx2) => return unsafe { Self::words_avx2(key, threshold, i * 1024, words) },
+                None => {}
             }
-            let _ = wide;
+            let _ = vector;
             Self::words(key, threshold, i * 1024, words);
         });
         Some(Self { bits, keep: 1.0 / (1.0 - p) })
     }
 
-    /// Whether [`Self::words_avx512`] draws the words: on the AVX-512 kernel with DQ's
-    /// 64-bit multiplies and BW's 16-bit compares, for a threshold of 16 bits.
-    fn wide(threshold: u64) -> bool {
+    /// The vector draw that gives [`Self::words`]' words here, if any: for a threshold of
+    /// 16 bits, on the AVX-512 kernel with DQ's 64-bit multiplies and BW's 16-bit
+    /// compares, else on the AVX2 kernel.
+    fn vector(threshold: u64) -> Option<Vector> {
         #[cfg(target_arch = "x86_64")]
-        return threshold <= 0xFFFF && crate::quant::avx512() && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512bw");
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        if threshold <= 0xFFFF {
+            if crate::quant::avx512() && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512bw") {
+                return Some(Vector::Avx512);
+            }
+            if crate::quant::avx2() || crate::quant::avx512() {
+                return Some(Vector::Avx2);
+            }
+        }
+        let _ = threshold;
+        None
     }
 
     /// Words `first..` of the mask: word `w`'s bit `4q + s` is set where 16-bit field `s`
@@ -383,6 +400,46 @@ impl Mask {
             let low = _mm512_cmpge_epu16_mask(mixed(b), at);
             let high = _mm512_cmpge_epu16_mask(mixed(_mm512_add_epi64(b, c(8))), at);
             *word = u64::from(low) | u64::from(high) << 32;
+        }
+    }
+
+    /// [`Self::words`], four hashes to a register. AVX2 has no 64-bit multiply: each is
+    /// put together from 32-bit ones. Nor an unsigned 16-bit compare: a field is at least
+    /// the threshold where it is its maximum with it.
+    ///
+    /// # Safety
+    /// AVX2; `threshold` fits in 16 bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[allow(unsafe_code)]
+    unsafe fn words_avx2(key: u64, threshold: u64, first: usize, words: &mut [u64]) {
+        use std::arch::x86_64::*;
+        let c = |v: u64| _mm256_set1_epi64x(v as i64);
+        // The low 64 bits of `a · m`: lo·lo + (hi·lo + lo·hi) << 32.
+        let times = |a: __m256i, m: u64| {
+            let (mlo, mhi) = (c(m & 0xFFFF_FFFF), c(m >> 32));
+            let cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64::<32>(a), mlo), _mm256_mul_epu32(a, mhi));
+            _mm256_add_epi64(_mm256_mul_epu32(a, mlo), _mm256_slli_epi64::<32>(cross))
+        };
+        let mixed = |b: __m256i| {
+            let mut z = _mm256_xor_si256(c(key), times(b, super::MIX[0]));
+            z = times(_mm256_xor_si256(z, _mm256_srli_epi64::<30>(z)), super::MIX[1]);
+            z = times(_mm256_xor_si256(z, _mm256_srli_epi64::<27>(z)), super::MIX[2]);
+            _mm256_xor_si256(z, _mm256_srli_epi64::<31>(z))
+        };
+        let at = _mm256_set1_epi16(threshold as i16);
+        let kept = |h: __m256i| _mm256_cmpeq_epi16(_mm256_max_epu16(h, at), h);
+        // 32 bits, one per field of eight hashes in order: the compares narrowed to bytes
+        // (the pack interleaves the halves, the permute puts them back).
+        let bits = |a: __m256i, b: __m256i| {
+            let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(kept(a), kept(b)));
+            u64::from(_mm256_movemask_epi8(bytes) as u32)
+        };
+        let lanes = _mm256_setr_epi64x(0, 1, 2, 3);
+        for (w, word) in (first..).zip(words) {
+            let b = _mm256_add_epi64(c(w as u64 * 16), lanes);
+            let h = [0, 4, 8, 12].map(|q| mixed(_mm256_add_epi64(b, c(q))));
+            *word = bits(h[0], h[1]) | bits(h[2], h[3]) << 32;
         }
     }
 
@@ -1270,23 +1327,34 @@ mod tests {
         assert_ne!(again.bits, Mask::draw(43, 0.1, len).unwrap().bits);
     }
 
-    /// The AVX-512 draw gives the scalar draw's words, so a mask is the same on any CPU.
+    /// The vector draws give the scalar draw's words, so a mask is the same on any CPU.
     #[test]
-    fn masks_are_the_same_bits_with_and_without_avx512() {
-        if !Mask::wide(0) {
-            eprintln!("skipped: this CPU has no AVX-512 DQ and BW");
+    #[cfg(target_arch = "x86_64")]
+    fn masks_are_the_same_bits_with_and_without_vectors() {
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512bw");
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
             return;
         }
         for (key, p) in [(42, 0.1f32), (7, 0.5), (u64::MAX, 0.3), (3, 1e-5), (5, 0.99998)] {
             let threshold = (f64::from(p) * 65536.0).round() as u64;
-            let (mut scalar, mut wide) = (vec![0u64; 777], vec![0u64; 777]);
+            let mut scalar = vec![0u64; 777];
             Mask::words(key, threshold, 5, &mut scalar);
-            // SAFETY: `wide` checked the features; the threshold fits in 16 bits.
+            let mut vector = vec![0u64; 777];
+            // SAFETY: the CPU runs AVX2; the threshold fits in 16 bits.
             #[allow(unsafe_code)]
             unsafe {
-                Mask::words_avx512(key, threshold, 5, &mut wide)
+                Mask::words_avx2(key, threshold, 5, &mut vector)
             };
-            assert_eq!(scalar, wide, "key {key}, p {p}");
+            assert_eq!(scalar, vector, "AVX2, key {key}, p {p}");
+            if avx512 {
+                // SAFETY: checked above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    Mask::words_avx512(key, threshold, 5, &mut vector)
+                };
+                assert_eq!(scalar, vector, "AVX-512, key {key}, p {p}");
+            }
         }
     }
 }
