@@ -21,6 +21,7 @@
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 use std::borrow::Cow;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -577,9 +578,9 @@ struct Packing {
 }
 
 impl Packing {
-    /// Whether query `i` sees key `j` of the same example (`j ≤ i`).
-    fn visible(&self, i: usize, j: usize) -> bool {
-        j <= i && self.window.is_none_or(|w| i - j < w)
+    /// The keys of its example that query `i` sees: those up to `i`, within the window.
+    fn seen(&self, i: usize) -> Range<usize> {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))..i + 1
     }
 }
 
@@ -597,21 +598,34 @@ fn tasks(pack: &Packing, kv: usize) -> Vec<Task> {
     spans.iter().flat_map(|&span| (0..kv).map(move |g| Task { span, g })).collect()
 }
 
-/// `scores[i][j] = scale · q_i · k_j` for one head over one example, masked keys at −∞.
-fn scores(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], task: Task, h: usize) -> Vec<f32> {
-    let (a, l) = task.span;
+/// Query rows per block of attention's products. A block's products reach only the keys
+/// that its queries see, so causal attention skips the blocks above the diagonal (3/8 of
+/// the work at 128 tokens, near half at 1024). 32 rows took 8 % less time than 64 here.
+const QUERY_BLOCK: usize = 32;
+
+/// The blocks of an example of `l` tokens: each one's queries and the keys any of them sees.
+fn blocks(pack: &Packing, l: usize) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+    (0..l).step_by(QUERY_BLOCK).map(move |r0| {
+        let r1 = (r0 + QUERY_BLOCK).min(l);
+        (r0..r1, pack.seen(r0).start..r1)
+    })
+}
+
+/// The keys query `i` sees, counted from the first of `keys` (its block's).
+fn seen_in(pack: &Packing, i: usize, keys: &Range<usize>) -> Range<usize> {
+    let seen = pack.seen(i);
+    seen.start - keys.start..seen.end - keys.start
+}
+
+/// `scores[i][j] = scale · q_i · k_j` for one head over one example's `rows` of queries
+/// and `keys` (`[rows, keys]`); a caller reads only the keys each query sees.
+fn scores(dm: &Dims, q: &[f32], k: &[f32], task: Task, h: usize, rows: &Range<usize>, keys: &Range<usize>) -> Vec<f32> {
+    let a = task.span.0;
     let (qw, kw) = (dm.heads * dm.hd, dm.kv * dm.hd);
-    let mut s = vec![0.0; l * l];
-    let qm = Mat::strided(q, a * qw + h * dm.hd, qw, l, dm.hd);
-    let km = Mat::strided(k, a * kw + task.g * dm.hd, kw, l, dm.hd);
+    let mut s = vec![0.0; rows.len() * keys.len()];
+    let qm = Mat::strided(q, (a + rows.start) * qw + h * dm.hd, qw, rows.len(), dm.hd);
+    let km = Mat::strided(k, (a + keys.start) * kw + task.g * dm.hd, kw, keys.len(), dm.hd);
     matmul(&mut s, qm, km.t(), 1.0 / (dm.hd as f32).sqrt(), false, false);
-    for (i, row) in s.chunks_exact_mut(l).enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            if !pack.visible(i, j) {
-                *v = f32::NEG_INFINITY;
-            }
-        }
-    }
     s
 }
 
@@ -641,16 +655,23 @@ fn attention_forward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32])
             let (a, l) = task.span;
             let per_head = (task.g * group..(task.g + 1) * group)
                 .map(|h| {
-                    let mut p = scores(dm, pack, q, k, task, h);
-                    let mut lse = vec![0.0; l];
-                    for (row, out) in p.chunks_exact_mut(l).zip(&mut lse) {
-                        let (top, sum) = softmax(row);
-                        let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                        *out = top + sum.ln();
-                    }
                     let mut o = vec![0.0; l * dm.hd];
-                    matmul(&mut o, Mat::dense(&p, l, l), Mat::strided(v, a * kw + task.g * dm.hd, kw, l, dm.hd), 1.0, false, false);
+                    let mut lse = vec![0.0; l];
+                    for (rows, keys) in blocks(pack, l) {
+                        let mut p = scores(dm, q, k, task, h, &rows, &keys);
+                        // Over the keys a query sees; the others' probabilities are 0.
+                        for (i, row) in rows.clone().zip(p.chunks_exact_mut(keys.len())) {
+                            let seen = seen_in(pack, i, &keys);
+                            let (top, sum) = softmax(&mut row[seen.clone()]);
+                            let inv = 1.0 / sum;
+                            row[seen.clone()].iter_mut().for_each(|x| *x *= inv);
+                            row[..seen.start].fill(0.0);
+                            row[seen.end..].fill(0.0);
+                            lse[i] = top + sum.ln();
+                        }
+                        let vm = Mat::strided(v, (a + keys.start) * kw + task.g * dm.hd, kw, keys.len(), dm.hd);
+                        matmul(&mut o[rows.start * dm.hd..rows.end * dm.hd], Mat::dense(&p, rows.len(), keys.len()), vm, 1.0, false, false);
+                    }
                     HeadOut { o, lse }
                 })
                 .collect();
@@ -683,34 +704,40 @@ fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]
         .into_par_iter()
         .map(|task| {
             let (a, l) = task.span;
-            let km = Mat::strided(k, a * kw + task.g * dm.hd, kw, l, dm.hd);
-            let vm = Mat::strided(v, a * kw + task.g * dm.hd, kw, l, dm.hd);
             let (mut dk, mut dv) = (vec![0.0; l * dm.hd], vec![0.0; l * dm.hd]);
             let dqs = (task.g * group..(task.g + 1) * group)
                 .map(|h| {
-                    // P from the stored log-sum-exp.
-                    let mut p = scores(dm, pack, q, k, task, h);
-                    for (i, row) in p.chunks_exact_mut(l).enumerate() {
-                        let m = lse[(a + i) * dm.heads + h];
-                        row.iter_mut().for_each(|x| *x = exp(*x - m));
-                    }
-                    let dom = Mat::strided(dout, a * qw + h * dm.hd, qw, l, dm.hd);
-                    // dV += Pᵀ·dO
-                    matmul(&mut dv, Mat::dense(&p, l, l).t(), dom, 1.0, true, false);
-                    // dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ))
-                    let mut ds = vec![0.0; l * l];
-                    matmul(&mut ds, dom, vm.t(), 1.0, false, false);
-                    for (dsr, pr) in ds.chunks_exact_mut(l).zip(p.chunks_exact(l)) {
-                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        for (x, &pv) in dsr.iter_mut().zip(pr) {
-                            *x = pv * (*x - dot);
-                        }
-                    }
-                    let dsm = Mat::dense(&ds, l, l);
-                    // dQ = scale·dS·K, dK += scale·dSᵀ·Q
                     let mut dq = vec![0.0; l * dm.hd];
-                    matmul(&mut dq, dsm, km, scale, false, false);
-                    matmul(&mut dk, dsm.t(), Mat::strided(q, a * qw + h * dm.hd, qw, l, dm.hd), scale, true, false);
+                    for (rows, keys) in blocks(pack, l) {
+                        let (n, w) = (rows.len(), keys.len());
+                        // P from the stored log-sum-exp.
+                        let mut p = scores(dm, q, k, task, h, &rows, &keys);
+                        for (i, row) in rows.clone().zip(p.chunks_exact_mut(w)) {
+                            let (m, seen) = (lse[(a + i) * dm.heads + h], seen_in(pack, i, &keys));
+                            row[seen.clone()].iter_mut().for_each(|x| *x = exp(*x - m));
+                            row[..seen.start].fill(0.0);
+                            row[seen.end..].fill(0.0);
+                        }
+                        let at = |rs: usize, i: usize, g: usize| (a + i) * rs + g * dm.hd;
+                        let dom = Mat::strided(dout, at(qw, rows.start, h), qw, n, dm.hd);
+                        let (km, vm) = (Mat::strided(k, at(kw, keys.start, task.g), kw, w, dm.hd), Mat::strided(v, at(kw, keys.start, task.g), kw, w, dm.hd));
+                        let key_rows = keys.start * dm.hd..keys.end * dm.hd;
+                        // dV += Pᵀ·dO
+                        matmul(&mut dv[key_rows.clone()], Mat::dense(&p, n, w).t(), dom, 1.0, true, false);
+                        // dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ))
+                        let mut ds = vec![0.0; n * w];
+                        matmul(&mut ds, dom, vm.t(), 1.0, false, false);
+                        for (dsr, pr) in ds.chunks_exact_mut(w).zip(p.chunks_exact(w)) {
+                            let dot = crate::quant::dot_f32(dsr, pr);
+                            for (x, &pv) in dsr.iter_mut().zip(pr) {
+                                *x = pv * (*x - dot);
+                            }
+                        }
+                        let dsm = Mat::dense(&ds, n, w);
+                        // dQ = scale·dS·K, dK += scale·dSᵀ·Q
+                        matmul(&mut dq[rows.start * dm.hd..rows.end * dm.hd], dsm, km, scale, false, false);
+                        matmul(&mut dk[key_rows], dsm.t(), Mat::strided(q, at(qw, rows.start, h), qw, n, dm.hd), scale, true, false);
+                    }
                     dq
                 })
                 .collect();
@@ -1300,6 +1327,59 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attention forward and backward, computed in blocks of queries that skip the keys
+    /// they do not see, give the formula's values written out in f64 one query at a time:
+    /// over examples longer than a block, causal and within a sliding window that starts
+    /// inside a block.
+    #[test]
+    fn attention_in_blocks_gives_the_formula() {
+        let dm = Dims { n: 110, d: 32, heads: 4, kv: 2, hd: 8, inter: 64, rank: 4, scale: 1.0, dropout: 0.0 };
+        let (qw, kw, group) = (dm.heads * dm.hd, dm.kv * dm.hd, dm.heads / dm.kv);
+        let r = |len: usize, s: u64| -> Vec<f32> { (0..len).map(|i| ((mix(s, i as u64) % 2001) as f32 - 1000.0) / 400.0).collect() };
+        let (q, k, v, dout) = (r(dm.n * qw, 1), r(dm.n * kw, 2), r(dm.n * kw, 3), r(dm.n * qw, 4));
+        let scale = 1.0 / (dm.hd as f64).sqrt();
+        for window in [None, Some(20)] {
+            let pack = Packing { spans: vec![(0, 3 * QUERY_BLOCK + 5), (3 * QUERY_BLOCK + 5, dm.n - 3 * QUERY_BLOCK - 5)], window };
+            let (out, lse) = attention_forward(&dm, &pack, &q, &k, &v);
+            let [dq, dk, dv] = attention_backward(&dm, &pack, &q, &k, &v, &lse, &dout);
+            let (mut want_out, mut want_lse) = (vec![0f64; out.len()], vec![0f64; lse.len()]);
+            let (mut want_dq, mut want_dk, mut want_dv) = (vec![0f64; dq.len()], vec![0f64; dk.len()], vec![0f64; dv.len()]);
+            let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
+            for &(a, l) in &pack.spans {
+                for h in 0..dm.heads {
+                    let g = h / group;
+                    let row = |m: &[f32], w: usize, t: usize, head: usize| -> Vec<f32> { m[(a + t) * w + head * dm.hd..][..dm.hd].to_vec() };
+                    for i in 0..l {
+                        let seen: Vec<usize> = (0..=i).filter(|&j| window.is_none_or(|w| i - j < w)).collect();
+                        let qi = row(&q, qw, i, h);
+                        let s: Vec<f64> = seen.iter().map(|&j| scale * dot(&qi, &row(&k, kw, j, g))).collect();
+                        let top = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let sum: f64 = s.iter().map(|x| (x - top).exp()).sum();
+                        let p: Vec<f64> = s.iter().map(|x| (x - top).exp() / sum).collect();
+                        want_lse[(a + i) * dm.heads + h] = top + sum.ln();
+                        let doi = row(&dout, qw, i, h);
+                        let dp: Vec<f64> = seen.iter().map(|&j| dot(&doi, &row(&v, kw, j, g))).collect();
+                        let mean: f64 = p.iter().zip(&dp).map(|(p, d)| p * d).sum();
+                        for (c, &j) in seen.iter().enumerate() {
+                            let ds = p[c] * (dp[c] - mean) * scale;
+                            let (kj, vj) = (row(&k, kw, j, g), row(&v, kw, j, g));
+                            for e in 0..dm.hd {
+                                want_out[(a + i) * qw + h * dm.hd + e] += p[c] * f64::from(vj[e]);
+                                want_dq[(a + i) * qw + h * dm.hd + e] += ds * f64::from(kj[e]);
+                                want_dk[(a + j) * kw + g * dm.hd + e] += ds * f64::from(qi[e]);
+                                want_dv[(a + j) * kw + g * dm.hd + e] += p[c] * f64::from(doi[e]);
+                            }
+                        }
+                    }
+                }
+            }
+            for (what, got, want) in [("out", &out, &want_out), ("lse", &lse, &want_lse), ("dq", &dq, &want_dq), ("dk", &dk, &want_dk), ("dv", &dv, &want_dv)] {
+                let worst = got.iter().zip(want.iter()).map(|(&g, &w)| (f64::from(g) - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max);
+                assert!(worst < 1e-5, "window {window:?}: {what} is off by {worst}");
+            }
+        }
+    }
 
     #[test]
     fn dropout_masks_drop_their_share_and_scale_the_rest() {
