@@ -525,6 +525,27 @@ fn zeros(len: usize) -> Vec<f32> {
     v
 }
 
+/// `f()`, compiled for AVX2 and FMA where the CPU kernel runs them, so that the loops of an
+/// `#[inline(always)]` closure run eight lanes a register; the crate is built for baseline
+/// x86-64, whose loops run four. The same operations in the same order: the same bits.
+/// The loops over `exp` (SiLU, softmax) ran 1.4-1.5x faster; the masks' loops did not.
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if crate::quant::avx2() || crate::quant::avx512() {
+            // SAFETY: the CPU kernel runs AVX2 and FMA.
+            #[allow(unsafe_code)]
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// Runs `f(offset, chunk)` over [`CHUNK`]-element chunks of `x` in parallel.
 fn par_rows(x: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     x.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i * CHUNK, c));
@@ -662,9 +683,15 @@ fn attention_forward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32])
                         // Over the keys a query sees; the others' probabilities are 0.
                         for (i, row) in rows.clone().zip(p.chunks_exact_mut(keys.len())) {
                             let seen = seen_in(pack, i, &keys);
-                            let (top, sum) = softmax(&mut row[seen.clone()]);
-                            let inv = 1.0 / sum;
-                            row[seen.clone()].iter_mut().for_each(|x| *x *= inv);
+                            let (top, sum) = wide(
+                                #[inline(always)]
+                                || {
+                                    let (top, sum) = softmax(&mut row[seen.clone()]);
+                                    let inv = 1.0 / sum;
+                                    row[seen.clone()].iter_mut().for_each(|x| *x *= inv);
+                                    (top, sum)
+                                },
+                            );
                             row[..seen.start].fill(0.0);
                             row[seen.end..].fill(0.0);
                             lse[i] = top + sum.ln();
@@ -714,7 +741,10 @@ fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]
                         let mut p = scores(dm, q, k, task, h, &rows, &keys);
                         for (i, row) in rows.clone().zip(p.chunks_exact_mut(w)) {
                             let (m, seen) = (lse[(a + i) * dm.heads + h], seen_in(pack, i, &keys));
-                            row[seen.clone()].iter_mut().for_each(|x| *x = exp(*x - m));
+                            wide(
+                                #[inline(always)]
+                                || row[seen.clone()].iter_mut().for_each(|x| *x = exp(*x - m)),
+                            );
                             row[..seen.start].fill(0.0);
                             row[seen.end..].fill(0.0);
                         }
@@ -727,12 +757,17 @@ fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]
                         // dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ))
                         let mut ds = vec![0.0; n * w];
                         matmul(&mut ds, dom, vm.t(), 1.0, false, false);
-                        for (dsr, pr) in ds.chunks_exact_mut(w).zip(p.chunks_exact(w)) {
-                            let dot = crate::quant::dot_f32(dsr, pr);
-                            for (x, &pv) in dsr.iter_mut().zip(pr) {
-                                *x = pv * (*x - dot);
-                            }
-                        }
+                        wide(
+                            #[inline(always)]
+                            || {
+                                for (dsr, pr) in ds.chunks_exact_mut(w).zip(p.chunks_exact(w)) {
+                                    let dot = crate::quant::dot_f32(dsr, pr);
+                                    for (x, &pv) in dsr.iter_mut().zip(pr) {
+                                        *x = pv * (*x - dot);
+                                    }
+                                }
+                            },
+                        );
                         let dsm = Mat::dense(&ds, n, w);
                         // dQ = scale·dS·K, dK += scale·dSᵀ·Q
                         matmul(&mut dq[rows.start * dm.hd..rows.end * dm.hd], dsm, km, scale, false, false);
@@ -1084,6 +1119,7 @@ fn add(x: &mut [f32], y: &[f32]) {
 }
 
 /// Replaces `row` with `exp(row - max)`; returns the max and the new sum.
+#[inline(always)]
 fn softmax(row: &mut [f32]) -> (f32, f32) {
     let top = lanes(row, f32::NEG_INFINITY, f32::max);
     for x in row.iter_mut() {
@@ -1107,6 +1143,7 @@ fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 /// A reduction over eight interleaved lanes, so it vectorizes.
+#[inline(always)]
 fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 8];
     let chunks = xs.chunks_exact(8);
@@ -1126,9 +1163,14 @@ fn sigmoid(x: f32) -> f32 {
 /// `silu(gate) · up`, elementwise.
 fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
     rows_map(gate, gate.len(), |base, out, g| {
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(&up[base..]) {
-            *o = g * sigmoid(g) * u;
-        }
+        wide(
+            #[inline(always)]
+            || {
+                for ((o, &g), &u) in out.iter_mut().zip(g).zip(&up[base..]) {
+                    *o = g * sigmoid(g) * u;
+                }
+            },
+        )
     })
 }
 
@@ -1137,11 +1179,16 @@ fn silu_mul_backward(gate: &[f32], up: &[f32], dact: &[f32]) -> (Vec<f32>, Vec<f
     let (mut dgate, mut dup) = (zeros(gate.len()), zeros(gate.len()));
     dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dg, du))| {
         let r = i * CHUNK..i * CHUNK + dg.len();
-        for ((((dg, du), &g), &u), &da) in dg.iter_mut().zip(du).zip(&gate[r.clone()]).zip(&up[r.clone()]).zip(&dact[r]) {
-            let s = sigmoid(g);
-            *dg = da * u * s * (1.0 + g * (1.0 - s));
-            *du = da * g * s;
-        }
+        wide(
+            #[inline(always)]
+            || {
+                for ((((dg, du), &g), &u), &da) in dg.iter_mut().zip(du).zip(&gate[r.clone()]).zip(&up[r.clone()]).zip(&dact[r]) {
+                    let s = sigmoid(g);
+                    *dg = da * u * s * (1.0 + g * (1.0 - s));
+                    *du = da * g * s;
+                }
+            },
+        )
     });
     (dgate, dup)
 }
@@ -1174,9 +1221,15 @@ fn head_backward(model: &CausalLm, x: &[f32], d: usize, labels: &[(usize, u32)],
             .map(|(row, &(_, label))| {
                 let label = label as usize;
                 let logit = row[label];
-                let (top, sum) = softmax(row);
-                let inv = scale / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
+                let (top, sum) = wide(
+                    #[inline(always)]
+                    || {
+                        let (top, sum) = softmax(row);
+                        let inv = scale / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                        (top, sum)
+                    },
+                );
                 row[label] -= scale;
                 f64::from(top) + f64::from(sum).ln() - f64::from(logit)
             })
