@@ -1156,6 +1156,7 @@ fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     rest.iter().fold(acc.into_iter().fold(init, &f), |a, &x| f(a, x))
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
@@ -1380,6 +1381,32 @@ fn step(model: &CausalLm, examples: &[&Encoded], adapter: &Adapter, train: bool,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loops that run through [`wide`] give the bits of the same arithmetic compiled
+    /// for baseline x86-64: no fused multiply-add, no reordered sums.
+    #[test]
+    fn wide_loops_give_the_baseline_bits() {
+        let n = 3 * CHUNK + 77;
+        let draw = |s: u64| -> Vec<f32> { (0..n).map(|i| ((mix(s, i as u64) % 40_001) as f32 - 20_000.0) / 997.0).collect() };
+        let (gate, up, dact) = (draw(1), draw(2), draw(3));
+        let want: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        assert_eq!(silu_mul(&gate, &up), want);
+        let (dgate, dup) = silu_mul_backward(&gate, &up, &dact);
+        for i in 0..n {
+            let (g, u, da) = (gate[i], up[i], dact[i]);
+            let s = sigmoid(g);
+            assert_eq!((dgate[i], dup[i]), (da * u * s * (1.0 + g * (1.0 - s)), da * g * s), "element {i}");
+        }
+        let mut row = gate[..1001].to_vec();
+        let (top, sum) = wide(
+            #[inline(always)]
+            || softmax(&mut row),
+        );
+        let max = gate[..1001].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = gate[..1001].iter().map(|&x| exp(x - max)).collect();
+        assert_eq!((top, &row), (max, &exps));
+        assert_eq!(sum, lanes(&exps, 0.0, |a, b| a + b));
+    }
 
     /// Attention forward and backward, computed in blocks of queries that skip the keys
     /// they do not see, give the formula's values written out in f64 one query at a time:
