@@ -184,7 +184,7 @@ pub struct GenerateBench {
     /// Then measure llama.cpp on the same GGUF, prompt length, decode length and thread count
     /// (`scripts/bench_llamacpp.py`, run by `$LATHE_ANCHOR_PYTHON`, else
     /// `.venv-anchors/bin/python`, else `python3`; `scripts/anchor_llamacpp.sh` installs it),
-    /// and print the ratios at batch 1, the batch it measures. CPU only.
+    /// at the same batch sizes, and print the ratios at each. CPU only.
     #[arg(long)]
     vs_llamacpp: bool,
     #[command(flatten)]
@@ -321,9 +321,9 @@ fn anchor_python() -> PathBuf {
 }
 
 /// Runs the anchor `script` (a path under the repository root) with `args` and returns the
-/// last JSON line it prints, its measurement. `install` says how to install it, for the
-/// error when it fails.
-fn run_anchor(script: &str, args: &[String], install: &str) -> Result<serde_json::Value> {
+/// JSON objects it prints, one a line: its checks and measurements in order (at least one).
+/// `install` says how to install it, for the error when it fails.
+fn run_anchor(script: &str, args: &[String], install: &str) -> Result<Vec<serde_json::Value>> {
     let python = anchor_python();
     let out = std::process::Command::new(&python)
         .arg(script)
@@ -337,9 +337,10 @@ fn run_anchor(script: &str, args: &[String], install: &str) -> Result<serde_json
         out.status,
         String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).with_context(|| format!("{script} printed nothing"))?;
-    serde_json::from_str(last).with_context(|| format!("{script}'s last line is not JSON: {last}"))
+    // Its measurements are the JSON lines; a library may print other lines of its own.
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).filter(serde_json::Value::is_object).collect();
+    anyhow::ensure!(!lines.is_empty(), "{script} printed no JSON line");
+    Ok(lines)
 }
 
 /// `--flag value` pairs for an anchor's command line.
@@ -442,7 +443,7 @@ fn train(a: TrainBench) -> Result<()> {
             ("steps", a.steps.to_string()),
             ("dtype", if a.bf16 { "bf16" } else { "f32" }.into()),
         ]);
-        Some(run_anchor("scripts/bench_peft.py", &args, "scripts/anchor_peft.sh")?)
+        run_anchor("scripts/bench_peft.py", &args, "scripts/anchor_peft.sh")?.pop()
     } else {
         None
     };
@@ -639,8 +640,8 @@ fn generate(a: GenerateBench) -> Result<()> {
         println!("{:>5} {:>14} {:>14} {:>14} {:>14}", "batch", "pp tokens/s", "tg tokens/s", "resident MiB", "peak MiB");
     }
     let file_mib = std::fs::metadata(&a.model).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(f64::NAN);
-    // Batch 1's tokens/s (prefill, decode), for the anchor's ratios.
-    let mut single = None;
+    // Each batch size's tokens/s (prefill, decode), for the anchor's ratios.
+    let mut ours = Vec::new();
     for &b in &a.batch {
         let (mut best_pp, mut best_tg, mut rss) = (0f64, 0f64, 0f64);
         // This batch size's own peak, not the loading's or an earlier batch's.
@@ -655,9 +656,7 @@ fn generate(a: GenerateBench) -> Result<()> {
             best_tg = best_tg.max((b * a.decode_tokens) as f64 / run.decode_s);
             rss = rss.max(run.rss_mib);
         }
-        if b == 1 {
-            single = Some((best_pp, best_tg));
-        }
+        ours.push((b, best_pp, best_tg));
         let peak = peak_rss_mib().unwrap_or(f64::NAN);
         if a.json {
             println!(
@@ -681,20 +680,19 @@ fn generate(a: GenerateBench) -> Result<()> {
             ("prompt-tokens", a.prompt_tokens.to_string()),
             ("decode-tokens", a.decode_tokens.to_string()),
             ("repeat", a.repeat.max(1).to_string()),
+            ("batch", a.batch.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
         ]);
-        let anchor = run_anchor("scripts/bench_llamacpp.py", &args, "scripts/anchor_llamacpp.sh")?;
-        let theirs = |k: &str| anchor[k].as_f64().with_context(|| format!("the llama.cpp anchor reported no {k}: {anchor}"));
-        let (pp, tg) = (theirs("pp_tokens_per_s")?, theirs("tg_tokens_per_s")?);
-        let ratios = single.map(|(ours_pp, ours_tg)| (ours_pp / pp, ours_tg / tg));
-        if a.json {
-            let (pp_ratio, tg_ratio) = (ratios.map(|r| r.0), ratios.map(|r| r.1));
-            println!("{}", serde_json::json!({"anchor": anchor, "pp_vs_anchor": pp_ratio, "tg_vs_anchor": tg_ratio}));
-        } else {
-            println!("{:>5} {pp:>14.1} {tg:>14.1}   llama.cpp (same GGUF and threads)", 1);
-            if let Some((pp_ratio, tg_ratio)) = ratios {
-                println!("Lathe / llama.cpp at batch 1: prefill {pp_ratio:.2}x, decode {tg_ratio:.2}x");
+        let lines = run_anchor("scripts/bench_llamacpp.py", &args, "scripts/anchor_llamacpp.sh")?;
+        for &(b, ours_pp, ours_tg) in &ours {
+            let anchor = lines.iter().find(|l| l["batch"].as_u64() == Some(b as u64)).with_context(|| format!("the llama.cpp anchor reported no batch {b}"))?;
+            let theirs = |k: &str| anchor[k].as_f64().with_context(|| format!("the llama.cpp anchor reported no {k}: {anchor}"));
+            let (pp, tg) = (theirs("pp_tokens_per_s")?, theirs("tg_tokens_per_s")?);
+            let (pp_ratio, tg_ratio) = (ours_pp / pp, ours_tg / tg);
+            if a.json {
+                println!("{}", serde_json::json!({"anchor": anchor, "batch": b, "pp_vs_anchor": pp_ratio, "tg_vs_anchor": tg_ratio}));
             } else {
-                println!("(no batch 1 in --batch: no ratio)");
+                println!("{b:>5} {pp:>14.1} {tg:>14.1}   llama.cpp (same GGUF, threads and batch)");
+                println!("Lathe / llama.cpp at batch {b}: prefill {pp_ratio:.2}x, decode {tg_ratio:.2}x");
             }
         }
     }
