@@ -281,6 +281,24 @@ fn a_training_run_killed_with_sigkill_resumes_onto_the_same_curve_and_bits() {
     }
 }
 
+/// `--bf16` through the job layer, which loads the base with its projections in bf16
+/// (`load_bf16_base`): the run says what they take, and it trains to the end.
+#[test]
+fn a_bf16_run_loads_its_base_in_bf16_and_trains() {
+    let p = tiny_project(40);
+    let out_dir = p.root.join("bf16");
+    let mut args = train_args(&p, out_dir.to_str().unwrap());
+    let at = args.iter().position(|a| *a == "--epochs").unwrap();
+    args[at + 1] = "5";
+    args.push("--bf16");
+    let out = lathe(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains("bf16: the frozen base multiplies in bf16 ("), "{said}");
+    assert!(!said.contains("(0.0 MiB of projections)"), "{said}");
+    assert!(stdout(&out).contains("adapter:"), "{}", stdout(&out));
+}
+
 #[test]
 fn eval_runs_compare_and_report_on_the_same_items() {
     let p = tiny_project(30);

@@ -52,7 +52,15 @@ pub struct LoadedModel {
 /// `tokenizer.json`). Quantized weights keep f32 copies beside their blocks up to
 /// [`model::dense_copy_limit`]: training reads them.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
-    load_within(path, device, model::dense_copy_limit())
+    load_within(path, device, model::dense_copy_limit(), false)
+}
+
+/// [`load`] for training over a bf16 base: each frozen projection (and the head) is stored
+/// in bf16 as soon as it is read, as [`CausalLm::bf16_base`] stores them after [`load`]
+/// (the same bits), so loading never holds the whole model in f32. A 7B model's f32
+/// projections take 26 GB, more than a 24 GB machine has; in bf16 they take 13.
+pub fn load_bf16_base(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_within(path, device, model::dense_copy_limit(), true)
 }
 
 /// [`load`] for inference alone: on the CPU, weights that come in quantized blocks keep
@@ -60,21 +68,21 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
 /// instead of 662). Decoding multiplies from the blocks either way, and a prompt goes
 /// through panels expanded per step as fast as through the copies (BENCHMARKS.md).
 pub fn load_blocks(path: &Path, device: &Device) -> Result<LoadedModel> {
-    load_within(path, device, 0)
+    load_within(path, device, 0, false)
 }
 
-fn load_within(path: &Path, device: &Device, dense_limit: usize) -> Result<LoadedModel> {
+fn load_within(path: &Path, device: &Device, dense_limit: usize, bf16: bool) -> Result<LoadedModel> {
     let (config, tokenizer) = load_shape(path)?;
     let (model, format) = if path.is_dir() {
         let weights = weights::SafetensorsWeights::open(path)?;
-        (CausalLm::load_within(config, &weights, device, dense_limit)?, Format::HuggingFace)
+        (CausalLm::load_within(config, &weights, device, dense_limit, bf16)?, Format::HuggingFace)
     } else {
         let file = gguf::GgufFile::open(path)?;
         let weights = weights::GgufWeights {
             file: &file,
             config: &config,
         };
-        (CausalLm::load_within(config.clone(), &weights, device, dense_limit)?, Format::Gguf)
+        (CausalLm::load_within(config.clone(), &weights, device, dense_limit, bf16)?, Format::Gguf)
     };
     Ok(LoadedModel {
         model,

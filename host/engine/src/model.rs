@@ -144,16 +144,29 @@ impl Linear {
         }
     }
 
-    /// Stores the dense weight in bf16 (half its bytes); returns the bytes saved.
+    /// Stores the dense weight in bf16 (half its bytes), `[in, out]` row by row; returns the
+    /// bytes saved. On the CPU the values are rounded straight from the f32 storage, through
+    /// whatever view the weight is (a tied head is the embedding transposed): a cast would
+    /// first copy the view whole in f32 (113 MB for SmolLM2's head).
     fn store_bf16(&mut self) -> usize {
-        match &self.weight {
-            Some(w) if w.dtype() == DType::F32 => {
-                let [i, o] = w.dims();
-                self.weight = Some(w.clone().cast(FloatDType::BF16));
-                i * o * 2
+        let Some(w) = self.weight.as_ref().filter(|w| w.dtype() == DType::F32) else {
+            return 0;
+        };
+        let [i, o] = w.dims();
+        let device = w.device();
+        self.weight = Some(match w.clone().try_into_primitive::<burn_flex::Flex>() {
+            Ok(t) => {
+                let (l, data) = (t.layout(), t.storage::<f32>());
+                let (st, at) = (l.strides(), l.start_offset() as isize);
+                let mut rows = Vec::with_capacity(i * o);
+                for r in 0..i as isize {
+                    rows.extend((0..o as isize).map(|c| half::bf16::from_f32(data[(at + r * st[0] + c * st[1]) as usize])));
+                }
+                Tensor::from_data(TensorData::new(rows, [i, o]), (&device, DType::BF16))
             }
-            _ => 0,
-        }
+            Err(_) => w.clone().cast(FloatDType::BF16),
+        });
+        i * o * 2
     }
 
     /// `x · W` for each projection in `lins`, all reading the same `n` rows of `x` (`[n, in]`
@@ -525,12 +538,14 @@ pub struct CausalLm {
 impl CausalLm {
     /// Builds the model from any weight source, checking every tensor's shape.
     pub fn load(config: ModelConfig, src: &dyn WeightSource, device: &Device) -> Result<Self> {
-        Self::load_within(config, src, device, dense_copy_limit())
+        Self::load_within(config, src, device, dense_copy_limit(), false)
     }
 
     /// [`CausalLm::load`], keeping f32 copies beside quantized blocks only while they take
-    /// at most `dense_limit` bytes (0: the blocks alone).
-    pub fn load_within(config: ModelConfig, src: &dyn WeightSource, device: &Device, dense_limit: usize) -> Result<Self> {
+    /// at most `dense_limit` bytes (0: the blocks alone); with `bf16`, each frozen
+    /// projection and the head stored in bf16 as it is read ([`CausalLm::bf16_base`] on
+    /// the way, not after: the f32 weights are never all held at once).
+    pub fn load_within(config: ModelConfig, src: &dyn WeightSource, device: &Device, dense_limit: usize, bf16: bool) -> Result<Self> {
         let c = &config;
         let tensor = |name: &str, expect: &[usize]| -> Result<HostTensor> {
             let (shape, data) = src.require(name)?;
@@ -582,7 +597,11 @@ impl CausalLm {
                 return Ok(Linear { weight: None, packed: Some(q) });
             }
             let (_, data) = tensor(name, &[out, inp])?;
-            Ok(Linear::from_hf_host(&data, out, inp, device, packed(name)?))
+            let mut l = Linear::from_hf_host(&data, out, inp, device, packed(name)?);
+            if bf16 {
+                l.store_bf16();
+            }
+            Ok(l)
         };
         let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -608,7 +627,7 @@ impl CausalLm {
             Some(q) => Embedding::Packed(q),
             None => Embedding::Dense(t2("model.embed_tokens.weight", c.vocab_size, h)?),
         };
-        let lm_head = match (&embed_tokens, c.tie_word_embeddings) {
+        let mut lm_head = match (&embed_tokens, c.tie_word_embeddings) {
             (_, false) => lin("lm_head.weight", c.vocab_size, h)?,
             (Embedding::Packed(q), true) => Linear {
                 weight: None,
@@ -616,13 +635,17 @@ impl CausalLm {
             },
             (Embedding::Dense(t), true) => Linear::from_hf(t.clone(), packed("model.embed_tokens.weight")?),
         };
+        if bf16 {
+            // A tied head's bf16 copy beside the f32 embedding, as `bf16_base` makes it.
+            lm_head.store_bf16();
+        }
         Ok(Self {
             inv_freq: config.rope_inv_freq(),
             norm: norm("model.norm.weight")?,
             config,
             device: device.clone(),
             native_gqa: on_cpu,
-            bf16: false,
+            bf16,
             embed_tokens,
             layers,
             lm_head,

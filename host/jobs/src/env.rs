@@ -185,6 +185,16 @@ impl Env {
 
     /// A model of this job's own, not shared (QLoRA quantizes its copy in place).
     pub fn load_model(&self, path: &Path) -> Result<LoadedModel> {
+        self.load_model_by(path, lathe_engine::load)
+    }
+
+    /// [`Env::load_model`] over a bf16 base: the projections stored in bf16 as they load,
+    /// so the f32 model is never held whole.
+    pub fn load_model_bf16_base(&self, path: &Path) -> Result<LoadedModel> {
+        self.load_model_by(path, lathe_engine::load_bf16_base)
+    }
+
+    fn load_model_by(&self, path: &Path, load: fn(&Path, &lathe_engine::Device) -> lathe_engine::Result<LoadedModel>) -> Result<LoadedModel> {
         if !path.exists() {
             return Err(JobError::NotFound {
                 what: "model",
@@ -192,7 +202,7 @@ impl Env {
                 hint: " (scripts/setup.sh fetches the SmolLM2 fixture into models/)".into(),
             });
         }
-        Ok(lathe_engine::load(path, &self.device)?)
+        Ok(load(path, &self.device)?)
     }
 }
 

@@ -71,14 +71,17 @@ pub fn train(env: &Env, spec: &TrainSpec, sink: &dyn Sink) -> Result<TrainJobOut
     let owned;
     let shared;
     let m: &LoadedModel = if config.qlora || config.bf16 {
-        let mut m = env.load_model(&spec.model)?;
+        // QLoRA quantizes the f32 weights; over a bf16 base alone, they are bf16 as they load.
+        let mut m = if config.bf16 && !config.qlora { env.load_model_bf16_base(&spec.model)? } else { env.load_model(&spec.model)? };
         if config.qlora {
             let freed = m.model.quantize_base(GgmlType::Q4_0)?;
             sink.info(format!("QLoRA: the frozen projections are 4-bit blocks; {:.0} MiB of f32 copies dropped", freed as f64 / (1 << 20) as f64));
         }
         if config.bf16 {
-            let freed = m.model.bf16_base();
-            sink.info(format!("bf16: the frozen base multiplies in bf16, the LoRA weights stay f32; {:.0} MiB saved", freed as f64 / (1 << 20) as f64));
+            // Converts what is still f32 (QLoRA's blocks stay blocks); nothing where it loaded in bf16.
+            m.model.bf16_base();
+            let bytes = m.model.dense_projection_bytes();
+            sink.info(format!("bf16: the frozen base multiplies in bf16 ({:.1} MiB of projections), the LoRA weights stay f32", bytes as f64 / (1 << 20) as f64));
         }
         owned = m;
         &owned

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use lathe_engine::generate::{argmax, logits_to_host};
 use lathe_engine::{CausalLm, KvCache, KvPool, Logits, SeqCache, SeqStep, Step};
 
-use crate::cli::{Compute, DEFAULT_MODEL, load, load_blocks};
+use crate::cli::{Compute, DEFAULT_MODEL, load, load_bf16_base, load_blocks};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -360,7 +360,8 @@ fn train(a: TrainBench) -> Result<()> {
     } else {
         a.model.clone()
     };
-    let mut m = load(&model, &device)?;
+    // QLoRA quantizes the f32 weights; over a bf16 base alone, they are bf16 as they load.
+    let mut m = if a.bf16 && !a.qlora { load_bf16_base(&model, &device)? } else { load(&model, &device)? };
     if a.qlora {
         m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0)?;
     }
