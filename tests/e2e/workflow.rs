@@ -282,7 +282,8 @@ fn a_training_run_killed_with_sigkill_resumes_onto_the_same_curve_and_bits() {
 }
 
 /// `--bf16` through the job layer, which loads the base with its projections in bf16
-/// (`load_bf16_base`): the run says what they take, and it trains to the end.
+/// (`load_bf16_base`): the run says what they take, and it trains to the end; with
+/// `--qlora` too, it says the blocks are expanded to bf16.
 #[test]
 fn a_bf16_run_loads_its_base_in_bf16_and_trains() {
     let p = tiny_project(40);
@@ -297,6 +298,16 @@ fn a_bf16_run_loads_its_base_in_bf16_and_trains() {
     assert!(said.contains("bf16: the frozen base multiplies in bf16 ("), "{said}");
     assert!(!said.contains("(0.0 MiB of projections)"), "{said}");
     assert!(stdout(&out).contains("adapter:"), "{}", stdout(&out));
+
+    // Under QLoRA the base loads in f32 to be quantized; the products expand its blocks.
+    let out_dir = p.root.join("qlora-bf16");
+    let at = args.iter().position(|a| *a == "--out").unwrap();
+    args[at + 1] = out_dir.to_str().unwrap();
+    args.push("--qlora");
+    let out = lathe(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains("QLoRA: the frozen projections are 4-bit blocks") && said.contains("(the 4-bit blocks expanded to bf16 for each product)"), "{said}");
 }
 
 #[test]

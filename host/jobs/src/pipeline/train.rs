@@ -80,8 +80,12 @@ pub fn train(env: &Env, spec: &TrainSpec, sink: &dyn Sink) -> Result<TrainJobOut
         if config.bf16 {
             // Converts what is still f32 (QLoRA's blocks stay blocks); nothing where it loaded in bf16.
             m.model.bf16_base();
-            let bytes = m.model.dense_projection_bytes();
-            sink.info(format!("bf16: the frozen base multiplies in bf16 ({:.1} MiB of projections), the LoRA weights stay f32", bytes as f64 / (1 << 20) as f64));
+            let kept = if config.qlora {
+                "the 4-bit blocks expanded to bf16 for each product".to_string()
+            } else {
+                format!("{:.1} MiB of projections", m.model.dense_projection_bytes() as f64 / (1 << 20) as f64)
+            };
+            sink.info(format!("bf16: the frozen base multiplies in bf16 ({kept}), the LoRA weights stay f32"));
         }
         owned = m;
         &owned
