@@ -5,7 +5,7 @@ PyTorch + peft on this machine, every ratio from a pair measured side by side.
     scripts/anchor_llamacpp.sh; scripts/anchor_peft.sh     # the anchors (once)
     scripts/anchor_llamacpp.sh avx512                      # optional: llama.cpp's AVX-512 build
     cargo build --release -p lathe $(scripts/cpu-features.sh)
-    scripts/bench_table.py --out /tmp/table                # about 40 minutes on two cores
+    scripts/bench_table.py --out /tmp/table                # about 15 minutes on two cores
 
 Each generation line runs `lathe bench generate --vs-llamacpp` once per llama.cpp build, so
 each ratio pairs Lathe with that build in the same minute; each training line runs `lathe
