@@ -638,6 +638,12 @@ fn seen_in(pack: &Packing, i: usize, keys: &Range<usize>) -> Range<usize> {
     seen.start - keys.start..seen.end - keys.start
 }
 
+/// Zeros a block's row of probabilities past the keys its query sees (`seen`).
+fn unseen(row: &mut [f32], seen: &Range<usize>) {
+    row[..seen.start].fill(0.0);
+    row[seen.end..].fill(0.0);
+}
+
 /// `scores[i][j] = scale · q_i · k_j` for one head over one example's `rows` of queries
 /// and `keys` (`[rows, keys]`); a caller reads only the keys each query sees.
 fn scores(dm: &Dims, q: &[f32], k: &[f32], task: Task, h: usize, rows: &Range<usize>, keys: &Range<usize>) -> Vec<f32> {
@@ -692,8 +698,7 @@ fn attention_forward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32])
                                     (top, sum)
                                 },
                             );
-                            row[..seen.start].fill(0.0);
-                            row[seen.end..].fill(0.0);
+                            unseen(row, &seen);
                             lse[i] = top + sum.ln();
                         }
                         let vm = Mat::strided(v, (a + keys.start) * kw + task.g * dm.hd, kw, keys.len(), dm.hd);
@@ -745,8 +750,7 @@ fn attention_backward(dm: &Dims, pack: &Packing, q: &[f32], k: &[f32], v: &[f32]
                                 #[inline(always)]
                                 || row[seen.clone()].iter_mut().for_each(|x| *x = exp(*x - m)),
                             );
-                            row[..seen.start].fill(0.0);
-                            row[seen.end..].fill(0.0);
+                            unseen(row, &seen);
                         }
                         let at = |rs: usize, i: usize, g: usize| (a + i) * rs + g * dm.hd;
                         let dom = Mat::strided(dout, at(qw, rows.start, h), qw, n, dm.hd);
