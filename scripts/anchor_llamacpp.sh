@@ -14,9 +14,12 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = avx512 ]; then
     grep -qw avx512_vnni /proc/cpuinfo || { echo "this CPU has no AVX-512 VNNI: the AVX2 build is the anchor here" >&2; exit 1; }
     VENV=.venv-anchors-avx512
+    # AVX-VNNI (the VEX form) only where the CPU has it: AMD's Zen 4 has AVX-512 VNNI but
+    # not AVX-VNNI, and a build with it died of an illegal instruction there.
+    vex_vnni=OFF; grep -qw avx_vnni /proc/cpuinfo && vex_vnni=ON
     if ! "$VENV/bin/python" -c "import llama_cpp" >/dev/null 2>&1; then
         python3 -m venv "$VENV"
-        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF" \
+        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=$vex_vnni -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF" \
             "$VENV/bin/pip" install -q --no-cache-dir "llama-cpp-python==0.3.36" numpy
     fi
     exit 0
