@@ -65,8 +65,9 @@ pub struct TrainArgs {
     qlora: bool,
     /// Mixed precision: the frozen base in bf16, the LoRA weights in f32. For GPUs with
     /// bf16 tensor cores (`--device cuda`) and CPUs with AMX tiles (Xeon Sapphire Rapids
-    /// and later), where it is faster than f32; on other CPUs the weights are widened to
-    /// f32 per layer (half the weights' memory, about f32's speed).
+    /// and later) or AVX-512 BF16 (AMD Zen 4), where it is faster than f32; on other CPUs
+    /// the weights are widened to f32 per layer (half the weights' memory, about f32's
+    /// speed).
     #[arg(long)]
     bf16: bool,
     /// Gradient checkpointing: recompute each decoder layer in the backward pass instead of

@@ -24,6 +24,13 @@
 //! instructions load, `[16 rows][32 k]` for the left operand and `[16 pairs of k][16
 //! columns][2]` for the right one. The activations are laid out once per call (the right
 //! operand), the weights per task in panels that stay in L2 (the left).
+//!
+//! A bf16 base's products also run where the CPU has AVX-512 BF16 but no tiles (AMD Zen 4,
+//! Intel Cooper Lake, or `LATHE_CPU_KERNEL=avx512`): [`Engine::Dots`] multiplies the same
+//! tiles in memory with `vdpbf16ps`, which sums a pair of bf16 products into each of 16 f32
+//! lanes, twice the multiply-adds of an f32 FMA, and takes the same pairs in the same order
+//! as a tile multiply. Without it the step widened every weight to f32 and ran slower than
+//! an f32 base (BENCHMARKS.md, "A bf16 base on AVX-512 BF16, without tiles").
 #![allow(unsafe_code)]
 
 use std::arch::asm;
@@ -43,6 +50,42 @@ pub(super) fn available() -> bool {
         let amx = is_x86_feature_detected!("avx512f") && (unsafe { __cpuid_count(7, 0) }.edx & (1 << 22 | 1 << 24)) == (1 << 22 | 1 << 24);
         amx && is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") && request_tiles()
     })
+}
+
+/// Whether this CPU has AVX-512 BF16's dot products (`vdpbf16ps`), with the F and BW
+/// instructions the operands are laid out with: where [`Engine::Dots`] runs.
+pub(super) fn dots_available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw"))
+}
+
+/// What multiplies the tiles of [`rows_times`] and [`cols_times`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    /// AMX tile multiplies ([`dot_pair`], [`dot_quad`]).
+    Tiles,
+    /// AVX-512 BF16 dot products on the same tiles ([`dot_pair_dots`]).
+    Dots,
+}
+
+impl Engine {
+    /// The one this process runs: tiles where [`super::tiles`] allows them, else AVX-512
+    /// BF16 where [`super::bf16_products`] does.
+    fn here() -> Self {
+        if super::tiles() {
+            Self::Tiles
+        } else {
+            assert!(super::bf16_products(), "bf16 products need AMX tiles or AVX-512 BF16 and the AVX-512 kernel");
+            Self::Dots
+        }
+    }
+
+    fn available(self) -> bool {
+        match self {
+            Self::Tiles => available(),
+            Self::Dots => dots_available(),
+        }
+    }
 }
 
 /// Asks Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`);
@@ -467,6 +510,57 @@ unsafe fn dot_quad(c: [&mut PairSums; 2], zero: bool, ks: std::ops::Range<usize>
     }
 }
 
+/// [`dot_pair`] on AVX-512 BF16 instead of tiles: the same sums from the same tiles in
+/// memory. Row `r` of a left tile holds 16 pairs of `k` and row `p` of a right tile the
+/// `p`-th pair of each of its 16 columns, so one `vdpbf16ps` of pair `p` of row `r`
+/// (broadcast) with row `p` of a right tile adds a tile multiply's products for that row and
+/// pair to 16 sums. Eight rows at a time against both right tiles: 16 accumulators, two
+/// loads and eight broadcasts for sixteen dot products.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16 ([`dots_available`]); for each `kb` in `ks` `a(kb)` and
+/// `b(kb)`'s two pointers point to 1 KiB tiles.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_pair_dots(c: &mut PairSums, zero: bool, ks: std::ops::Range<usize>, a: impl Fn(usize) -> *const Bf16, b: impl Fn(usize) -> [*const Bf16; 2]) {
+    for half in 0..2 {
+        let rows = 8 * half..8 * half + 8;
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if !zero {
+            for (r, acc) in rows.clone().zip(&mut acc) {
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: 16 floats of row `r` of sum `h`; an unaligned load.
+                    *acc = unsafe { _mm512_loadu_ps(c[h][16 * r..][..16].as_ptr()) };
+                }
+            }
+        }
+        for kb in ks.clone() {
+            let ([b0, b1], left) = (b(kb), a(kb).wrapping_add(32 * rows.start));
+            for p in 0..16 {
+                // SAFETY: row `p` of each right tile and pair `p` of each of the left tile's
+                // rows lie in the 1 KiB tiles (the caller's promise); unaligned loads. A
+                // bf16 vector is 32 bf16 bit patterns.
+                unsafe {
+                    let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(32 * p).cast()));
+                    let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(32 * p).cast()));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let pair = left.add(32 * r + 2 * p).cast::<i32>().read_unaligned();
+                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                    }
+                }
+            }
+        }
+        for (r, acc) in rows.zip(&acc) {
+            for (h, acc) in acc.iter().enumerate() {
+                // SAFETY: 16 floats of row `r` of sum `h`; an unaligned store.
+                unsafe { _mm512_storeu_ps(c[h][16 * r..][..16].as_mut_ptr(), *acc) };
+            }
+        }
+    }
+}
+
 /// Where [`times`]'s tasks put their outputs: `[n, width]` row-major, each task its own
 /// columns.
 struct Out {
@@ -512,13 +606,14 @@ const TASK_SUMS: usize = 512 << 10;
 /// 32-column pairs of blocks and goes along `k` in its outer loop, each chunk of `B`'s
 /// tiles made once and multiplied by every block of `z`'s rows, so `z` is read once per
 /// task however long `k` (the output head's vocabulary).
-fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulate: bool, tile: impl Fn(usize, usize, &mut [Bf16]) + Sync) {
+#[allow(clippy::too_many_arguments)]
+fn times(on: Engine, z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulate: bool, tile: impl Fn(usize, usize, &mut [Bf16]) + Sync) {
     assert!(fits(32, k) && fits(32, width));
     assert!(z.len() == n * k && out.len() == n * width, "z is [n, {k}], out [n, {width}]");
     if out.is_empty() {
         return;
     }
-    assert!(available(), "AMX tiles are available");
+    assert!(on.available(), "the {on:?} engine is available on this CPU");
     thread_local! {
         /// The calling thread's left tiles, kept between calls.
         static LEFT: std::cell::RefCell<Tiles> = std::cell::RefCell::new(Tiles::default());
@@ -536,9 +631,11 @@ fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulat
             TASK.with_borrow_mut(|(sums, bt)| {
                 sums.resize(run.len() * zt.blocks, [[0.0; 256]; 2]);
                 bt.resize(2 * K_CHUNK * 512, 0);
-                // SAFETY: `available` saw AMX-BF16 and got the tile state; the
-                // configuration is valid.
-                unsafe { asm!("ldtilecfg [{}]", in(reg) &FULL, options(nostack, readonly)) };
+                if on == Engine::Tiles {
+                    // SAFETY: `available` saw AMX-BF16 and got the tile state; the
+                    // configuration is valid.
+                    unsafe { asm!("ldtilecfg [{}]", in(reg) &FULL, options(nostack, readonly)) };
+                }
                 for k0 in (0..nkb).step_by(K_CHUNK) {
                     let ks = k0..(k0 + K_CHUNK).min(nkb);
                     for (g, jp) in run.clone().enumerate() {
@@ -552,21 +649,29 @@ fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulat
                         // Two blocks of `z`'s rows at a time, the last alone when odd.
                         for (two, c) in sums[g * zt.blocks..][..zt.blocks].chunks_mut(2).enumerate() {
                             let i = 2 * two;
-                            // SAFETY: the configuration is loaded; `zt`'s tiles (i, kb) and
-                            // (i + 1, kb), and the pair's tiles at kb − k0 in `bt`, are 1 KiB
-                            // each.
+                            // SAFETY: the configuration is loaded on tiles, AVX-512 BF16
+                            // is there on dots (`on.available()`); `zt`'s tiles (i, kb)
+                            // and (i + 1, kb), and the pair's tiles at kb − k0 in `bt`, are
+                            // 1 KiB each.
                             unsafe {
-                                match c {
-                                    [c0, c1] => dot_quad([c0, c1], k0 == 0, ks.clone(), |kb| [zt.hi_tile(i, kb), zt.hi_tile(i + 1, kb)], b),
-                                    [c0] => dot_pair(c0, k0 == 0, ks.clone(), |kb| zt.hi_tile(i, kb), b),
+                                match (on, c) {
+                                    (Engine::Tiles, [c0, c1]) => dot_quad([c0, c1], k0 == 0, ks.clone(), |kb| [zt.hi_tile(i, kb), zt.hi_tile(i + 1, kb)], b),
+                                    (Engine::Tiles, [c0]) => dot_pair(c0, k0 == 0, ks.clone(), |kb| zt.hi_tile(i, kb), b),
+                                    (Engine::Dots, c) => {
+                                        for (h, c) in c.iter_mut().enumerate() {
+                                            dot_pair_dots(c, k0 == 0, ks.clone(), |kb| zt.hi_tile(i + h, kb), b);
+                                        }
+                                    }
                                     _ => unreachable!("chunks of one or two"),
                                 }
                             }
                         }
                     }
                 }
-                // SAFETY: as above.
-                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+                if on == Engine::Tiles {
+                    // SAFETY: as above.
+                    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+                }
                 for (g, jp) in run.enumerate() {
                     for (i, c) in sums[g * zt.blocks..][..zt.blocks].iter().enumerate() {
                         // SAFETY: the task's own pairs of columns, inside the output.
@@ -584,17 +689,26 @@ fn times(z: &[f32], n: usize, k: usize, width: usize, out: &mut [f32], accumulat
 /// `out[t][r] = Σ_c x[t][c]·m[r][c]` (`+=` with `accumulate`) for `x` `[n, m.cols]` and
 /// `out` `[n, m.rows]`, on tiles ([`times`]): `x·mᵀ`, the product along `m`'s rows.
 pub(crate) fn rows_times(m: Bf16Rows<'_>, x: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    rows_times_on(Engine::here(), m, x, n, out, accumulate);
+}
+
+fn rows_times_on(on: Engine, m: Bf16Rows<'_>, x: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
     m.check();
-    // SAFETY: `available` (asserted by `times` first) saw AVX-512; the tile lies in `m`.
-    times(x, n, m.cols, m.rows, out, accumulate, |kb, jb, tile| unsafe { transpose_pairs(m, 16 * jb, 32 * kb, tile) });
+    // SAFETY: either engine's `available` (asserted by `times` first) saw AVX-512 F; the
+    // tile lies in `m`.
+    times(on, x, n, m.cols, m.rows, out, accumulate, |kb, jb, tile| unsafe { transpose_pairs(m, 16 * jb, 32 * kb, tile) });
 }
 
 /// `out[t][c] = Σ_r z[t][r]·m[r][c]` (`+=` with `accumulate`) for `z` `[n, m.rows]` and
 /// `out` `[n, m.cols]`, on tiles ([`times`]): `z·m`, the product along `m`'s columns.
 pub(crate) fn cols_times(m: Bf16Rows<'_>, z: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    cols_times_on(Engine::here(), m, z, n, out, accumulate);
+}
+
+fn cols_times_on(on: Engine, m: Bf16Rows<'_>, z: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
     m.check();
-    // SAFETY: as in `rows_times`.
-    times(z, n, m.rows, m.cols, out, accumulate, |kb, jb, tile| unsafe { interleave_rows(m, 32 * kb, 16 * jb, tile) });
+    // SAFETY: as in `rows_times_on` (either engine's `available` saw AVX-512 BW too).
+    times(on, z, n, m.rows, m.cols, out, accumulate, |kb, jb, tile| unsafe { interleave_rows(m, 32 * kb, 16 * jb, tile) });
 }
 
 /// The right tile of `mᵀ` at `m`'s rows `r0..r0 + 16` and columns `c0..c0 + 32`: row `p`
@@ -706,10 +820,19 @@ mod tests {
     /// and the rows' stride exceeds their width.
     #[test]
     fn bf16_products_on_tiles_give_the_product_of_the_rounded_activations() {
-        if !available() {
-            eprintln!("this CPU has no AMX-BF16 (or Linux did not grant it): nothing to check");
+        let engines: Vec<Engine> = [Engine::Tiles, Engine::Dots].into_iter().filter(|e| e.available()).collect();
+        if engines.is_empty() {
+            eprintln!("this CPU has neither AMX-BF16 (granted by Linux) nor AVX-512 BF16: nothing to check");
             return;
         }
+        for on in engines {
+            eprintln!("{on:?}");
+            bf16_products_on(on);
+        }
+    }
+
+    /// The body of the test above on one engine.
+    fn bf16_products_on(on: Engine) {
         let bf16 = |v: f32| half::bf16::from_f32(v);
         for (rows, cols, n) in [(32, 32, 1), (64, 96, 17), (32, 32 * (K_CHUNK + 2), 33), (96, 64, 40), (32 * (K_CHUNK + 1), 32, 5), (128, 224, 70)] {
             let stride = cols + 32;
@@ -722,7 +845,7 @@ mod tests {
                     for j in 0..width {
                         let (exact, size) = want(t, j);
                         let off = (f64::from(got[t * width + j]) - f64::from(before[t * width + j]) - exact).abs() / size.max(1e-30);
-                        assert!(off <= 2f64.powi(-20), "{what} {rows}x{cols}, n={n} [{t},{j}]: off by {off:e} of the terms' sizes");
+                        assert!(off <= 2f64.powi(-20), "{what} on {on:?} {rows}x{cols}, n={n} [{t},{j}]: off by {off:e} of the terms' sizes");
                     }
                 }
             };
@@ -732,7 +855,7 @@ mod tests {
             let before = values(n * rows, 5);
             for accumulate in [false, true] {
                 let mut out = before.clone();
-                rows_times(m, &x, n, &mut out, accumulate);
+                rows_times_on(on, m, &x, n, &mut out, accumulate);
                 let zero = vec![0.0; out.len()];
                 let want = |t: usize, r: usize| (0..cols).map(|c| at(r, c) * xr[t * cols + c]).fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
                 check("rows_times", &out, if accumulate { &before } else { &zero }, &want, rows);
@@ -743,7 +866,7 @@ mod tests {
             let before = values(n * cols, 7);
             for accumulate in [false, true] {
                 let mut out = before.clone();
-                cols_times(m, &z, n, &mut out, accumulate);
+                cols_times_on(on, m, &z, n, &mut out, accumulate);
                 let zero = vec![0.0; out.len()];
                 let want = |t: usize, c: usize| (0..rows).map(|r| zr[t * rows + r] * at(r, c)).fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
                 check("cols_times", &out, if accumulate { &before } else { &zero }, &want, cols);

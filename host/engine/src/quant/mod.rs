@@ -66,12 +66,23 @@ pub fn cpu_kernel() -> Result<&'static str, String> {
 }
 
 /// Whether a prompt's products run on AMX tiles, and the CPU training step's products with
-/// a bf16 base ([`amx::rows_times`], [`amx::cols_times`]): where the CPU and the OS allow
-/// them and `LATHE_CPU_KERNEL` is unset, `auto` or `amx`.
+/// a bf16 base ([`bf16_products`]): where the CPU and the OS allow them and
+/// `LATHE_CPU_KERNEL` is unset, `auto` or `amx`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn tiles() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| Kernel::choice() == Ok(Kernel::Avx512) && matches!(Kernel::asked().as_str(), "" | "auto" | "amx") && tiles_here())
+}
+
+/// Whether the CPU training step multiplies a bf16 base in bf16 ([`amx::rows_times`],
+/// [`amx::cols_times`]): on AMX tiles where [`tiles`], else on AVX-512 BF16's dot products
+/// where the AVX-512 kernel runs and the CPU has them. Elsewhere the step widens the
+/// weights to f32.
+pub fn bf16_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return tiles() || (avx512() && amx::dots_available());
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether this process runs the AVX-512 kernel (`amx` included).

@@ -149,18 +149,20 @@ fn product(out: &mut [f32], a: Mat<'_>, b: Mat<'_>, beta: f32, accumulate: bool,
 
 /// A frozen projection's weight `[in, out]` as the step reads it: a view of the CPU
 /// tensor's storage, the quantized blocks expanded for this use (QLoRA), or a bf16 base
-/// (mixed precision): multiplied where it lies on AMX tiles, else widened to f32 for this
-/// use; QLoRA's blocks under a bf16 base are expanded to bf16 for the tiles.
+/// (mixed precision): multiplied where it lies in bf16 (AMX tiles or AVX-512 BF16,
+/// [`crate::quant::bf16_products`]), else widened to f32 for this use; QLoRA's blocks under
+/// a bf16 base are expanded to bf16 for those products.
 enum Frozen {
     View(FlexTensor),
     /// Hugging Face `[out, in]`, row-major.
     Expanded(Vec<f32>),
     /// A bf16 weight's storage widened to f32, read through the tensor's layout.
     Widened(Vec<f32>, FlexTensor),
-    /// A bf16 weight in whole tiles, on a CPU with AMX.
+    /// A bf16 weight in whole tiles, on a CPU with AMX or AVX-512 BF16.
     #[cfg(target_arch = "x86_64")]
     Tiles(FlexTensor),
-    /// Quantized blocks expanded to bf16 for the tiles: `[out, in]` row-major (bf16 bits).
+    /// Quantized blocks expanded to bf16 for the bf16 products: `[out, in]` row-major (bf16
+    /// bits).
     #[cfg(target_arch = "x86_64")]
     ExpandedTiles { w: Vec<u16>, out: usize, inp: usize },
 }
@@ -195,7 +197,7 @@ impl Frozen {
                     DType::F32 => Some(Self::View(t)),
                     DType::BF16 => {
                         #[cfg(target_arch = "x86_64")]
-                        if crate::quant::tiles() && Self::rows(&t).is_some_and(|m| crate::quant::amx::fits(m.rows, m.cols)) {
+                        if crate::quant::bf16_products() && Self::rows(&t).is_some_and(|m| crate::quant::amx::fits(m.rows, m.cols)) {
                             return Some(Self::Tiles(t));
                         }
                         let wide = t.storage::<half::bf16>().iter().map(|v| v.to_f32()).collect();
@@ -206,7 +208,7 @@ impl Frozen {
             }
             (None, Some(q)) => {
                 #[cfg(target_arch = "x86_64")]
-                if bf16 && crate::quant::tiles() && crate::quant::amx::fits(q.rows(), q.cols()) {
+                if bf16 && crate::quant::bf16_products() && crate::quant::amx::fits(q.rows(), q.cols()) {
                     let w = q.expand_with(|v| half::bf16::from_f32(v).to_bits());
                     return Some(Self::ExpandedTiles { w, out: q.rows(), inp: q.cols() });
                 }
@@ -827,7 +829,7 @@ fn masks(_: usize, _: usize) -> bool {
 }
 
 /// Whether the products with these frozen weights run fused ([`panels`]): on AVX-512 or
-/// AVX2, with f32 weights (a bf16 base on AMX tiles keeps its own products).
+/// AVX2, with f32 weights (a bf16 base multiplied in bf16 keeps its own products).
 fn fused<'f>(frozen: impl IntoIterator<Item = &'f Frozen>) -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::panels::available() && frozen.into_iter().all(|w| w.on_tiles().is_none());

@@ -542,15 +542,15 @@ fn host_step(model: &CausalLm, refs: &[&Encoded], adapter: &Adapter, train: bool
 }
 
 /// The host step over a bf16 base (`lathe train --bf16` on the CPU): the weights multiplied
-/// where they lie, on AMX tiles where the CPU has them (the activations rounded to bf16, as
-/// autocast does), else widened to f32. On Mistral's tiny twin its loss and gradients are
-/// those of the f32 step over the same weights rounded to bf16: the same bits when widened,
-/// within the activations' rounding on tiles. On both twins recomputing the layers changes
+/// where they lie, in bf16 where the CPU can (AMX tiles, or AVX-512 BF16's dot products;
+/// the activations rounded to bf16, as autocast does), else widened to f32. On Mistral's
+/// tiny twin its loss and gradients are those of the f32 step over the same weights rounded
+/// to bf16: the same bits when widened, within the activations' rounding in bf16. On both twins recomputing the layers changes
 /// no bit and the gradient is the derivative of the step's own loss: each backward product
 /// is its forward product transposed. (Their heads, 263 tokens wide, are widened.)
 #[test]
 fn the_host_step_trains_a_bf16_base_as_over_its_rounded_f32_weights() {
-    let on_tiles = lathe_engine::quant::cpu_kernel() == Ok("amx");
+    let in_bf16 = lathe_engine::quant::bf16_products();
     for arch in [Architecture::Mistral, Architecture::Llama] {
         let dir = tempfile::tempdir().unwrap();
         let mut m = tiny_arch(dir.path(), arch);
@@ -573,7 +573,7 @@ fn the_host_step_trains_a_bf16_base_as_over_its_rounded_f32_weights() {
             for (name, (a, b)) in names.iter().zip(want.iter().zip(&hosted)) {
                 let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
                 let off = max_abs_diff(a, b);
-                assert!(off <= if on_tiles { 2e-2 * scale } else { 0.0 }, "{name}: {off} apart (scale {scale}, on tiles: {on_tiles})");
+                assert!(off <= if in_bf16 { 2e-2 * scale } else { 0.0 }, "{name}: {off} apart (scale {scale}, in bf16: {in_bf16})");
             }
         }
 
@@ -583,8 +583,8 @@ fn the_host_step_trains_a_bf16_base_as_over_its_rounded_f32_weights() {
 }
 
 /// QLoRA under a bf16 base (`--qlora --bf16`: 4-bit storage, bf16 compute, as QLoRA is
-/// usually run): the step expands the blocks to bf16 and multiplies on AMX tiles where the
-/// CPU has them. Its loss and gradients stay within bf16's rounding of the f32 expansion's,
+/// usually run): the step expands the blocks to bf16 and multiplies them in bf16 where the
+/// CPU can (AMX tiles or AVX-512 BF16). Its loss and gradients stay within bf16's rounding of the f32 expansion's,
 /// recomputing the layers changes no bit, and the gradient is the derivative of its loss.
 #[test]
 fn qlora_under_a_bf16_base_computes_in_bf16() {
