@@ -36,8 +36,8 @@ pub struct TrainSettings {
     pub qlora: bool,
     /// Mixed precision: the frozen base in bf16, the LoRA weights in f32 (faster than f32
     /// on GPUs with bf16 tensor cores and on CPUs with AMX tiles or AVX-512 BF16; elsewhere
-    /// on the CPU a little slower). Left out of the settings' JSON when off, so run folders named by the
-    /// settings keep their names.
+    /// on the CPU a little slower). Left out of the settings' JSON when off, so run folders
+    /// named by the settings keep their names.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub bf16: bool,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations:
