@@ -406,151 +406,171 @@ unsafe fn halves(b: &[u8], i: usize) -> (f32, f32) {
     }
 }
 
-/// For each of `R` rows of 8-bit activations in blocks of 256 (one scale `dx` per
-/// super-block, the sum of each 32 codes), the dot product with one row of Q4_K
-/// super-blocks (144 bytes each: `d`, `dmin`, twelve bytes of 6-bit scales and mins, 128
-/// bytes of nibbles; each sub-block of 32 is `d·sc·q − dmin·m`), or with `FIVE` of Q5_K
-/// ones (176 bytes: 32 bytes of fifth bits before the nibbles, bit `j` of byte `l` on top
-/// of value `l` of sub-block `j`), without expanding them. Per super-block, in integers:
-/// `vpmaddubsw` sums `q·qx` in pairs and `vpmaddwd` multiplies them by each sub-block's
-/// scale, eight sub-blocks into one register; then one fused multiply-add by `d·dx`. The
-/// mins meet the activations' code sums (`Σ m·Σqx`, exact), times `dmin·dx`.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C. (The lengths are checked: `w` holds whole
-/// super-blocks, every `xs[r]` 256 codes per super-block, every `xd[r]` one scale and
-/// every `xsums[r]` eight sums per super-block.)
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[i16]; R]) -> [f32; R] {
-    let (bytes, codes) = if FIVE { (176, 48) } else { (144, 16) };
-    let supers = w.len() / bytes;
-    assert_eq!(w.len(), bytes * supers);
-    for r in 0..R {
-        assert!(xs[r].len() == 256 * supers && xd[r].len() == supers && xsums[r].len() == 8 * supers);
-    }
-    let (mask, bit) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut offsets = [0f32; R];
-    for (s, b) in w.chunks_exact(bytes).enumerate() {
-        // SAFETY: this kernel runs where F16C is.
-        let (d, dmin) = unsafe { halves(b, 0) };
-        let (mut sc, mut mn) = ([0i16; 8], [0i32; 8]);
-        for j in 0..8 {
-            let (a, m) = crate::gguf::k_scale_min(j, &b[4..16]);
-            sc[j] = i16::from(a);
-            mn[j] = i32::from(m);
-        }
-        // SAFETY: `b` holds a whole super-block, and each row 256 codes, a scale and 8 sums
-        // from super-block `s` on (the lengths asserted above); prefetches may point anywhere.
-        unsafe {
-            for line in [0, 64, 128] {
-                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
-            }
-            // Q5_K's fifth bits, shifted down two sub-blocks a pair (16-bit shifts: the
-            // mask keeps each byte's own bit).
-            let mut fifth = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16).cast()) } else { _mm256_setzero_si256() };
-            let mut sums = [_mm256_setzero_si256(); R];
-            for p in 0..4 {
-                let v = _mm256_loadu_si256(b.as_ptr().add(codes + 32 * p).cast());
-                // Sub-block 2p in the low nibbles, 2p + 1 in the high ones.
-                let mut lo = _mm256_and_si256(v, mask);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                if FIVE {
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(fifth, bit), 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(fifth, 1), bit), 4));
-                    fifth = _mm256_srli_epi16(fifth, 2);
-                }
-                let (s0, s1) = (_mm256_set1_epi16(sc[2 * p]), _mm256_set1_epi16(sc[2 * p + 1]));
-                for r in 0..R {
-                    let x = xs[r].as_ptr().add(256 * s + 64 * p);
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())), s0);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())), s1);
-                    sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(p0, p1));
-                }
-            }
-            for r in 0..R {
-                let dx = *xd[r].get_unchecked(s);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
-                let qx = xsums[r].get_unchecked(8 * s..8 * s + 8);
-                let m: i32 = (0..8).map(|j| mn[j] * i32::from(qx[j])).sum();
-                offsets[r] = (dmin * dx).mul_add(m as f32, offsets[r]);
-            }
-        }
-    }
+/// Word `k` (0..8) of each 128-bit half of `v` in all eight words of that half.
+#[inline(always)]
+unsafe fn spread_word(v: __m256i, k: i16) -> __m256i {
+    // SAFETY: the caller's CPU has AVX2 (inlined into the kernels compiled for it).
+    unsafe { _mm256_shuffle_epi8(v, _mm256_set1_epi16(((2 * k + 1) << 8) | (2 * k))) }
+}
+
+/// Each of `R` accumulators' eight lanes summed ([`hsum256`]).
+#[inline(always)]
+unsafe fn lane_sums<const R: usize>(acc: [__m256; R]) -> [f32; R] {
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum256(acc[r]) - offsets[r];
+        // SAFETY: the caller's CPU has AVX (inlined into the kernels compiled for it).
+        out[r] = unsafe { hsum256(acc[r]) };
     }
     out
 }
 
-/// As [`dot_q4_k_q8`] over Q6_K super-blocks (210 bytes: 128 of low nibbles, 64 of high
-/// bit pairs, sixteen signed 8-bit scales, `d`; each value `d·sc·(q − 32)`, a scale per
-/// sixteen). The codes are rebuilt as signed bytes, lend their sign to the activations
-/// (`vpmaddubsw` takes one unsigned operand), and `vpmaddwd` multiplies each sixteen's
-/// sums by its own scale, the whole super-block summed exactly in 32 bits before one
-/// multiply by `d·dx`.
+/// For each of `R` rows of 8-bit activations in blocks of 256 (one scale `dx` per
+/// super-block, the sum of each 16 codes), the dot products with whole rows of Q4_K
+/// super-blocks (144 bytes each: `d`, `dmin`, twelve bytes of 6-bit scales and mins, 128
+/// bytes of nibbles; each sub-block of 32 is `d·sc·q − dmin·m`), or with `FIVE` of Q5_K
+/// ones (176 bytes: 32 bytes of fifth bits before the nibbles, bit `j` of byte `l` on top
+/// of value `l` of sub-block `j`), without expanding them; weight row `k`'s products go to
+/// `put(k, …)`. Per super-block, in integers: `vpmaddubsw` sums `q·qx` in pairs and
+/// `vpmaddwd` multiplies them by each sub-block's scale, eight sub-blocks into one
+/// register, then one fused multiply-add by `d·dx`; the mins meet the activations' code
+/// sums the same way (`vpmaddwd`, exact), times `−dmin·dx`. A call takes a run of weight
+/// rows, so that decoding one token is a call per run, not per row.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. (The lengths are checked as for
-/// [`dot_q4_k_q8`].)
+/// The CPU must support AVX2, FMA and F16C. (The lengths are checked: every `xd[r]` holds
+/// one scale per super-block of a row, every `xs[r]` 256 codes and every `xsums[r]` 16
+/// sums per super-block, and `w` whole rows.)
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R]) -> [f32; R] {
-    const BYTES: usize = 210;
-    let supers = w.len() / BYTES;
-    assert_eq!(w.len(), BYTES * supers);
+pub unsafe fn dots_q4_k_q8<const FIVE: bool, const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[i16]; R], mut put: impl FnMut(usize, [f32; R])) {
+    let (bytes, codes) = if FIVE { (176, 48) } else { (144, 16) };
+    let supers = xd[0].len();
     for r in 0..R {
-        assert!(xs[r].len() == 256 * supers && xd[r].len() == supers);
+        assert!(xs[r].len() == 256 * supers && xd[r].len() == supers && xsums[r].len() == 16 * supers);
     }
-    let (m4, m2, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (s, b) in w.chunks_exact(BYTES).enumerate() {
-        // SAFETY: this kernel runs where F16C is.
-        let d = unsafe { halves(b, 208) }.0;
-        // SAFETY: `b` holds 210 bytes, and each row 256 codes and a scale from super-block
-        // `s` on (the lengths asserted above); prefetches may point anywhere.
-        unsafe {
-            for line in [0, 64, 128, 192] {
-                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
-            }
-            let mut sums = [_mm256_setzero_si256(); R];
-            for h in 0..2 {
-                let bp = b.as_ptr();
-                let ql0 = _mm256_loadu_si256(bp.add(64 * h).cast());
-                let ql1 = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
-                let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
-                let sc = &b[192 + 8 * h..200 + 8 * h];
-                // Group g of 32 values: low nibbles of ql0, ql1, then their high nibbles;
-                // bits 2g and 2g + 1 of qh on top.
-                let groups = [
-                    (_mm256_and_si256(ql0, m4), _mm256_and_si256(qh, m2)),
-                    (_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
-                    (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2)),
-                    (_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2)),
-                ];
-                for (g, &(low, high)) in groups.iter().enumerate() {
-                    let q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), k32);
-                    let magnitude = _mm256_sign_epi8(q, q);
-                    // Sixteen 16-bit pair sums: the first eight of values 0..16 (scale
-                    // 2g), the rest of 16..32 (scale 2g + 1).
-                    let scales = _mm256_set_m128i(_mm_set1_epi16(i16::from(sc[2 * g + 1] as i8)), _mm_set1_epi16(i16::from(sc[2 * g] as i8)));
+    assert!(supers > 0 && w.len().is_multiple_of(bytes * supers), "whole rows of {supers} super-blocks");
+    let (mask, bit) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
+    for (k, row) in w.chunks_exact(bytes * supers).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (s, b) in row.chunks_exact(bytes).enumerate() {
+            // SAFETY: this kernel runs where F16C is.
+            let (d, dmin) = unsafe { halves(b, 0) };
+            let (sc, mn) = crate::gguf::k_scales_mins(&b[4..16]);
+            // SAFETY: `b` holds a whole super-block, and each row 256 codes, a scale and 16
+            // sums from super-block `s` on (the lengths asserted above); prefetches may
+            // point anywhere.
+            unsafe {
+                for line in [0, 64, 128] {
+                    _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
+                }
+                // The scales as words in both halves; each min twice, against the sums of
+                // sixteen codes.
+                let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(sc))));
+                let mn = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
+                let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn));
+                // Q5_K's fifth bits, shifted down two sub-blocks a pair (16-bit shifts: the
+                // mask keeps each byte's own bit).
+                let mut fifth = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16).cast()) } else { _mm256_setzero_si256() };
+                let mut sums = [_mm256_setzero_si256(); R];
+                for p in 0..4 {
+                    let v = _mm256_loadu_si256(b.as_ptr().add(codes + 32 * p).cast());
+                    // Sub-block 2p in the low nibbles, 2p + 1 in the high ones.
+                    let mut lo = _mm256_and_si256(v, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    if FIVE {
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(fifth, bit), 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(fifth, 1), bit), 4));
+                        fifth = _mm256_srli_epi16(fifth, 2);
+                    }
+                    let (s0, s1) = (spread_word(scales, 2 * p as i16), spread_word(scales, 2 * p as i16 + 1));
                     for r in 0..R {
-                        let x = _mm256_loadu_si256(xs[r].as_ptr().add(256 * s + 128 * h + 32 * g).cast());
-                        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, q)), scales));
+                        let x = xs[r].as_ptr().add(256 * s + 64 * p);
+                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())), s0);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())), s1);
+                        sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(p0, p1));
                     }
                 }
-            }
-            for r in 0..R {
-                let dx = *xd[r].get_unchecked(s);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
+                for r in 0..R {
+                    let dx = *xd[r].get_unchecked(s);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
+                    let offsets = _mm256_madd_epi16(mins, _mm256_loadu_si256(xsums[r].as_ptr().add(16 * s).cast()));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dx), _mm256_cvtepi32_ps(offsets), acc[r]);
+                }
             }
         }
+        // SAFETY: this kernel runs where AVX is.
+        put(k, unsafe { lane_sums(acc) });
     }
-    let mut out = [0f32; R];
+}
+
+/// As [`dots_q4_k_q8`] over Q6_K super-blocks (210 bytes: 128 of low nibbles, 64 of high
+/// bit pairs, sixteen signed 8-bit scales, `d`; each value `d·sc·(q − 32)`, a scale per
+/// sixteen). The codes stay unsigned, `vpmaddubsw`'s unsigned operand, and `vpmaddwd`
+/// multiplies each sixteen's sums by its own scale; the 32 taken off every code comes off
+/// once a super-block, as `32·Σ sc·Σqx` over the activations' sums of sixteen. The whole
+/// super-block is summed exactly in 32 bits before one multiply by `d·dx`.
+///
+/// # Safety
+/// As for [`dots_q4_k_q8`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dots_q6_k_q8<const R: usize>(w: &[u8], xs: [&[i8]; R], xd: [&[f32]; R], xsums: [&[i16]; R], mut put: impl FnMut(usize, [f32; R])) {
+    const BYTES: usize = 210;
+    let supers = xd[0].len();
     for r in 0..R {
-        out[r] = hsum256(acc[r]);
+        assert!(xs[r].len() == 256 * supers && xd[r].len() == supers && xsums[r].len() == 16 * supers);
     }
-    out
+    assert!(supers > 0 && w.len().is_multiple_of(BYTES * supers), "whole rows of {supers} super-blocks");
+    let (m4, m2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+    // Scale `j`'s byte in the low eight bytes, `j + 1`'s in the high ones.
+    let pick = |j: i64| _mm_set_epi64x((j + 1) * 0x0101_0101_0101_0101, j * 0x0101_0101_0101_0101);
+    for (k, row) in w.chunks_exact(BYTES * supers).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (s, b) in row.chunks_exact(BYTES).enumerate() {
+            // SAFETY: this kernel runs where F16C is.
+            let d = unsafe { halves(b, 208) }.0;
+            // SAFETY: `b` holds 210 bytes, and each row 256 codes, a scale and 16 sums from
+            // super-block `s` on (the lengths asserted above); prefetches may point anywhere.
+            unsafe {
+                for line in [0, 64, 128, 192] {
+                    _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(AHEAD + line).cast());
+                }
+                let bp = b.as_ptr();
+                let sc = _mm_loadu_si128(bp.add(192).cast());
+                let mut sums = [_mm256_setzero_si256(); R];
+                for h in 0..2 {
+                    let ql0 = _mm256_loadu_si256(bp.add(64 * h).cast());
+                    let ql1 = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
+                    let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
+                    // Group g of 32 values: low nibbles of ql0, ql1, then their high nibbles;
+                    // bits 2g and 2g + 1 of qh on top.
+                    let groups = [
+                        (_mm256_and_si256(ql0, m4), _mm256_and_si256(qh, m2)),
+                        (_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
+                        (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2)),
+                        (_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2)),
+                    ];
+                    for (g, &(low, high)) in groups.iter().enumerate() {
+                        let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                        // Sixteen 16-bit pair sums: the first eight of values 0..16 (scale
+                        // 2j), the rest of 16..32 (scale 2j + 1).
+                        let scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pick(2 * (4 * h + g) as i64)));
+                        for r in 0..R {
+                            let x = _mm256_loadu_si256(xs[r].as_ptr().add(256 * s + 128 * h + 32 * g).cast());
+                            sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), scales));
+                        }
+                    }
+                }
+                let scales = _mm256_cvtepi8_epi16(sc);
+                for r in 0..R {
+                    let offsets = _mm256_madd_epi16(scales, _mm256_loadu_si256(xsums[r].as_ptr().add(16 * s).cast()));
+                    let exact = _mm256_sub_epi32(sums[r], _mm256_slli_epi32(offsets, 5));
+                    let dx = *xd[r].get_unchecked(s);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(exact), acc[r]);
+                }
+            }
+        }
+        // SAFETY: this kernel runs where AVX is.
+        put(k, unsafe { lane_sums(acc) });
+    }
 }
 
 /// `max |x|` of a block of 32 activations.

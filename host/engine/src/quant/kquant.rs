@@ -9,7 +9,7 @@
 #![allow(unsafe_code)]
 
 use super::{Kernel, QMatrix};
-use crate::gguf::{GgmlType, dequantize_into, k_scale_min};
+use crate::gguf::{GgmlType, dequantize_into, k_scales_mins};
 
 const SUPER: usize = 256;
 
@@ -182,8 +182,8 @@ fn q4_k_pair(b: &[u8], pair: usize) -> (&[u8; 32], [f32; 4]) {
     let q = b[16 + 32 * pair..16 + 32 * pair + 32]
         .try_into()
         .expect("32 code bytes");
-    let (sc0, m0) = k_scale_min(2 * pair, scales);
-    let (sc1, m1) = k_scale_min(2 * pair + 1, scales);
+    let (sc, m) = k_scales_mins(scales);
+    let (sc0, m0, sc1, m1) = (sc[2 * pair], m[2 * pair], sc[2 * pair + 1], m[2 * pair + 1]);
     (
         q,
         [

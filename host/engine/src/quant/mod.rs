@@ -126,7 +126,8 @@ struct Q8Rows {
     qs: Vec<i8>,
     /// Per block.
     scales: Vec<f32>,
-    /// For blocks of 256: the sum of each 32 codes (a K-quant's offsets meet them).
+    /// For blocks of 256: the sum of each 16 codes (a K-quant's offsets meet them: a
+    /// Q4_K or Q5_K min covers two, Q6_K's 32 off every code one per scale).
     sums: Vec<i16>,
 }
 
@@ -136,10 +137,10 @@ impl Q8Rows {
         Self::quantize_blocks(kernel, x, 32)
     }
 
-    /// Blocks of 256, with the sum of each 32 codes; `x` holds whole blocks.
+    /// Blocks of 256, with the sum of each 16 codes; `x` holds whole blocks.
     fn quantize_super_on(kernel: Kernel, x: &[f32]) -> Self {
         let mut q = Self::quantize_blocks(kernel, x, 256);
-        q.sums = q.qs.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect();
+        q.sums = q.qs.chunks_exact(16).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect();
         q
     }
 
@@ -1034,35 +1035,51 @@ impl Kernel {
     }
 
     /// Rows `first..` of a K-quant matrix (`out` is `[rows, n]`) times the `n` rows of 8-bit
-    /// activations `x` in blocks of 256 ([`Q8Rows::quantize_super_on`]), up to four
-    /// activation rows per pass over a weight row. Only where [`Kernel::k_quant_q8`] says so.
+    /// activations `x` in blocks of 256 ([`Q8Rows::quantize_super_on`]): up to four
+    /// activation rows per pass over the weight rows, all of them in one kernel call. Only
+    /// where [`Kernel::k_quant_q8`] says so.
     fn dots_k_q8(self, ty: GgmlType, m: &QMatrix, first: usize, x: &Q8Rows, n: usize, out: &mut [f32]) {
         assert!(self.k_quant_q8(ty), "{ty:?} on the {} kernel has no 8-bit product", self.name());
-        let (cols, supers) = (m.cols, m.cols / 256);
-        let per_row = ty.byte_len(cols).expect("whole super-blocks per row");
-        let xs = |i: usize| &x.qs[i * cols..(i + 1) * cols];
-        let xd = |i: usize| &x.scales[i * supers..(i + 1) * supers];
-        let sums = |i: usize| &x.sums[i * cols / 32..(i + 1) * cols / 32];
-        for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
-            let w = &m.qs[(first + k) * per_row..(first + k + 1) * per_row];
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `k_quant_q8` (asserted) holds only for the SIMD kernels, which
-            // `available` gave after seeing AVX2, FMA and F16C; the kernels check the lengths.
-            #[allow(unsafe_code)]
-            unsafe {
-                in_groups!(out_row, [1 2 3 4], |i, R| {
-                    let (x8, d8): ([&[i8]; R], [&[f32]; R]) = (std::array::from_fn(|j| xs(i + j)), std::array::from_fn(|j| xd(i + j)));
-                    match ty {
-                        GgmlType::Q4_K => avx2::dot_q4_k_q8::<false, R>(w, x8, d8, std::array::from_fn(|j| sums(i + j))),
-                        GgmlType::Q5_K => avx2::dot_q4_k_q8::<true, R>(w, x8, d8, std::array::from_fn(|j| sums(i + j))),
-                        _ => avx2::dot_q6_k_q8::<R>(w, x8, d8),
-                    }
-                })
+        let per_row = ty.byte_len(m.cols).expect("whole super-blocks per row");
+        let rows = out.len() / n;
+        let w = &m.qs[first * per_row..(first + rows) * per_row];
+        let mut i = 0;
+        while i < n {
+            let r = (n - i).min(4);
+            match r {
+                1 => k_q8_group::<1>(ty, w, x, m.cols, i, n, out),
+                2 => k_q8_group::<2>(ty, w, x, m.cols, i, n, out),
+                3 => k_q8_group::<3>(ty, w, x, m.cols, i, n, out),
+                _ => k_q8_group::<4>(ty, w, x, m.cols, i, n, out),
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (w, out_row, xs, xd, sums);
+            i += r;
         }
     }
+}
+
+/// Activation rows `i..i + R` of `x` (8-bit, blocks of 256) times the K-quant weight rows
+/// `w` (whole rows of `cols`), into columns `i..i + R` of `out` (`[rows, n]`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn k_q8_group<const R: usize>(ty: GgmlType, w: &[u8], x: &Q8Rows, cols: usize, i: usize, n: usize, out: &mut [f32]) {
+    let supers = cols / 256;
+    let xs: [&[i8]; R] = std::array::from_fn(|j| &x.qs[(i + j) * cols..(i + j + 1) * cols]);
+    let xd: [&[f32]; R] = std::array::from_fn(|j| &x.scales[(i + j) * supers..(i + j + 1) * supers]);
+    let sums: [&[i16]; R] = std::array::from_fn(|j| &x.sums[(i + j) * cols / 16..(i + j + 1) * cols / 16]);
+    let put = |k: usize, v: [f32; R]| out[k * n + i..k * n + i + R].copy_from_slice(&v);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only `Kernel::dots_k_q8` calls this, where `k_quant_q8` holds: the SIMD
+    // kernels, which `available` gave after seeing AVX2, FMA and F16C; the kernels check
+    // the lengths.
+    #[allow(unsafe_code)]
+    unsafe {
+        match ty {
+            GgmlType::Q4_K => avx2::dots_q4_k_q8::<false, R>(w, xs, xd, sums, put),
+            GgmlType::Q5_K => avx2::dots_q4_k_q8::<true, R>(w, xs, xd, sums, put),
+            _ => avx2::dots_q6_k_q8::<R>(w, xs, xd, sums, put),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no 8-bit K-quant kernel off x86-64");
 }
 
 /// The 8-bit product of every kernel: block by block, `d·dx` times the block's `Σ q·qx`
@@ -1253,13 +1270,31 @@ mod tests {
     /// K-quant blocks stay as the file has them, and the product from them equals the dense
     /// product of their expansion (which matches gguf-py's, see `gguf::tests`) for any
     /// number of rows, with 8-bit activations asked for or not (on the portable kernel
-    /// they multiply in f32 whatever is asked).
+    /// they multiply in f32 whatever is asked). The blocks are both quantized values and
+    /// random bytes (every scale and min bit, Q6_K scales down to -128, every fifth bit),
+    /// with only the half-float factors kept finite.
     #[test]
     fn k_quant_products_equal_the_dense_product_of_their_expansion() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kquants");
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        let random = |ty: GgmlType, rows: usize, cols: usize| {
+            let mut b: Vec<u8> = (0..ty.byte_len(rows * cols).unwrap()).map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8).collect();
+            let (size, factors): (usize, &[usize]) = match ty {
+                GgmlType::Q6_K => (210, &[208]),
+                GgmlType::Q5_K => (176, &[0, 2]),
+                _ => (144, &[0, 2]),
+            };
+            for (k, block) in b.chunks_exact_mut(size).enumerate() {
+                for (j, &at) in factors.iter().enumerate() {
+                    let f = half::f16::from_f32(0.001 * (1 + (k + j) % 7) as f32);
+                    block[at..at + 2].copy_from_slice(&f.to_le_bytes());
+                }
+            }
+            b
+        };
+        for (ty, made) in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K].into_iter().flat_map(|ty| [(ty, false), (ty, true)]) {
             // Q5_K is read, not written: the blocks gguf-py made, as rows of one block.
             let (bytes, rows, cols) = match ty {
+                _ if made => (random(ty, 20, 768), 20, 768),
                 GgmlType::Q5_K => {
                     let b = std::fs::read(fixtures.join("Q5_K.bin")).unwrap();
                     let rows = b.len() / 176;
@@ -1277,7 +1312,7 @@ mod tests {
                 // The activations as the 8-bit kernel sees them: rounded per block of 256.
                 let xq = Q8Rows::quantize_super_on(kernel, &x);
                 let rounded: Vec<f32> = xq.qs.iter().enumerate().map(|(i, &v)| f32::from(v) * xq.scales[i / 256]).collect();
-                assert_eq!(xq.sums, xq.qs.chunks_exact(32).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect::<Vec<i16>>());
+                assert_eq!(xq.sums, xq.qs.chunks_exact(16).map(|c| c.iter().map(|&v| i16::from(v)).sum()).collect::<Vec<i16>>());
                 for int8 in [false, true] {
                     let integer = int8 && kernel.k_quant_q8(ty);
                     let got = QMatrix::matmul_many_on(kernel, &[&q], &x, n, int8).pop().unwrap();
