@@ -63,6 +63,14 @@ pub fn load_bf16_base(path: &Path, device: &Device) -> Result<LoadedModel> {
     load_within(path, device, model::dense_copy_limit(), true)
 }
 
+/// The loader for a training run's frozen base: over a bf16 base alone its projections
+/// go to bf16 as they load ([`load_bf16_base`]); QLoRA quantizes f32 weights, so it
+/// loads them f32 ([`load`]), as f32 training does. [`CausalLm::training_base`] then
+/// readies what was loaded.
+pub fn training_loader(qlora: bool, bf16: bool) -> fn(&Path, &Device) -> Result<LoadedModel> {
+    if bf16 && !qlora { load_bf16_base } else { load }
+}
+
 /// [`load`] for inference alone: on the CPU, weights that come in quantized blocks keep
 /// the blocks alone, so resident memory stays near the file's size (SmolLM2 Q4_1: 152 MiB
 /// instead of 662). Decoding multiplies from the blocks either way, and a prompt goes

@@ -775,6 +775,19 @@ impl CausalLm {
         })
     }
 
+    /// Readies the frozen base a training run asks for, after [`crate::training_loader`]'s
+    /// load: with `qlora` the projections become 4-bit blocks ([`Self::quantize_base`],
+    /// Q4_0 for dense weights), then with `bf16` whatever is still f32 goes to bf16
+    /// ([`Self::bf16_base`]; nothing where it loaded in bf16, QLoRA's blocks stay blocks).
+    /// Returns the bytes QLoRA's blocks freed.
+    pub fn training_base(&mut self, qlora: bool, bf16: bool) -> Result<usize> {
+        let freed = if qlora { self.quantize_base(crate::gguf::GgmlType::Q4_0)? } else { 0 };
+        if bf16 {
+            self.bf16_base();
+        }
+        Ok(freed)
+    }
+
     /// Mixed precision for training: the frozen projections and the output head are
     /// stored in bf16 and multiply in bf16 (accumulating in f32); norms, attention, the
     /// loss and the LoRA weights (the trainable master copies) stay f32. Returns the bytes

@@ -188,13 +188,9 @@ impl Env {
         self.load_model_by(path, lathe_engine::load)
     }
 
-    /// [`Env::load_model`] over a bf16 base: the projections stored in bf16 as they load,
-    /// so the f32 model is never held whole.
-    pub fn load_model_bf16_base(&self, path: &Path) -> Result<LoadedModel> {
-        self.load_model_by(path, lathe_engine::load_bf16_base)
-    }
-
-    fn load_model_by(&self, path: &Path, load: fn(&Path, &lathe_engine::Device) -> lathe_engine::Result<LoadedModel>) -> Result<LoadedModel> {
+    /// [`Env::load_model`] by another of the engine's loaders (a training run's:
+    /// `lathe_engine::training_loader`).
+    pub(crate) fn load_model_by(&self, path: &Path, load: fn(&Path, &lathe_engine::Device) -> lathe_engine::Result<LoadedModel>) -> Result<LoadedModel> {
         if !path.exists() {
             return Err(JobError::NotFound {
                 what: "model",

@@ -183,13 +183,9 @@ pub fn load_blocks(path: &Path, device: &lathe_engine::Device) -> Result<LoadedM
     load_by(path, device, lathe_engine::load_blocks)
 }
 
-/// The model at `path` for training over a bf16 base, its projections stored in bf16 as
-/// they load (`lathe_engine::load_bf16_base`).
-pub fn load_bf16_base(path: &Path, device: &lathe_engine::Device) -> Result<LoadedModel> {
-    load_by(path, device, lathe_engine::load_bf16_base)
-}
-
-fn load_by(path: &Path, device: &lathe_engine::Device, loader: fn(&Path, &lathe_engine::Device) -> lathe_engine::Result<LoadedModel>) -> Result<LoadedModel> {
+/// The model at `path` by one of the engine's loaders (a training run's:
+/// `lathe_engine::training_loader`).
+pub fn load_by(path: &Path, device: &lathe_engine::Device, loader: fn(&Path, &lathe_engine::Device) -> lathe_engine::Result<LoadedModel>) -> Result<LoadedModel> {
     if !path.exists() && path == Path::new(DEFAULT_MODEL) {
         anyhow::bail!("{} is missing: run scripts/setup.sh (it fetches the model)", path.display());
     }

@@ -71,15 +71,12 @@ pub fn train(env: &Env, spec: &TrainSpec, sink: &dyn Sink) -> Result<TrainJobOut
     let owned;
     let shared;
     let m: &LoadedModel = if config.qlora || config.bf16 {
-        // QLoRA quantizes the f32 weights; over a bf16 base alone, they are bf16 as they load.
-        let mut m = if config.bf16 && !config.qlora { env.load_model_bf16_base(&spec.model)? } else { env.load_model(&spec.model)? };
+        let mut m = env.load_model_by(&spec.model, lathe_engine::training_loader(config.qlora, config.bf16))?;
+        let freed = m.model.training_base(config.qlora, config.bf16)?;
         if config.qlora {
-            let freed = m.model.quantize_base(GgmlType::Q4_0)?;
             sink.info(format!("QLoRA: the frozen projections are 4-bit blocks; {:.0} MiB of f32 copies dropped", freed as f64 / (1 << 20) as f64));
         }
         if config.bf16 {
-            // Converts what is still f32 (QLoRA's blocks stay blocks); nothing where it loaded in bf16.
-            m.model.bf16_base();
             let kept = if config.qlora {
                 "the 4-bit blocks expanded to bf16 for each product".to_string()
             } else {

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use lathe_engine::generate::{argmax, logits_to_host};
 use lathe_engine::{CausalLm, KvCache, KvPool, Logits, SeqCache, SeqStep, Step};
 
-use crate::cli::{Compute, DEFAULT_MODEL, load, load_bf16_base, load_blocks};
+use crate::cli::{Compute, DEFAULT_MODEL, load, load_blocks, load_by};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -360,14 +360,8 @@ fn train(a: TrainBench) -> Result<()> {
     } else {
         a.model.clone()
     };
-    // QLoRA quantizes the f32 weights; over a bf16 base alone, they are bf16 as they load.
-    let mut m = if a.bf16 && !a.qlora { load_bf16_base(&model, &device)? } else { load(&model, &device)? };
-    if a.qlora {
-        m.model.quantize_base(lathe_engine::gguf::GgmlType::Q4_0)?;
-    }
-    if a.bf16 {
-        m.model.bf16_base();
-    }
+    let mut m = load_by(&model, &device, lathe_engine::training_loader(a.qlora, a.bf16))?;
+    m.model.training_base(a.qlora, a.bf16)?;
     let loaded_mib = rss_mib();
     // Measure the training's own peak, not the loading's.
     reset_peak_rss();
