@@ -105,6 +105,9 @@ pub enum LoadError {
          it exports: {exports}"
     )]
     UnknownWorld { accepted: String, exports: String },
+    /// It cannot be instantiated at all ([`CallError::StartMemory`], [`CallError::Start`]).
+    #[error("{0}")]
+    Start(CallError),
     #[error("the plugin's `info` failed: {0}")]
     Info(CallError),
     #[error("the plugin exports the {world} world but its info says it is a {declared}")]
@@ -140,13 +143,16 @@ struct Limiter {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("memory cap of {0} bytes reached")]
-struct MemoryCapReached(usize);
+#[error("{desired} bytes of memory asked for, over the cap of {cap}")]
+struct MemoryCapReached {
+    cap: usize,
+    desired: usize,
+}
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
-            return Err(MemoryCapReached(self.memory_bytes).into());
+            return Err(MemoryCapReached { cap: self.memory_bytes, desired }.into());
         }
         Ok(true)
     }
@@ -270,7 +276,10 @@ impl Runtime {
                 config: None,
                 live: None,
             };
-            inst.call(|w, s| w.call_info(s), |_| 0).map_err(LoadError::Info)?
+            inst.call(|w, s| w.call_info(s), |_| 0).map_err(|e| match e {
+                CallError::StartMemory { .. } | CallError::Start { .. } => LoadError::Start(e),
+                e => LoadError::Info(e),
+            })?
         };
         let declared: Kind = raw.kind.into();
         if declared != plugin.inner.pre.kind() {
@@ -483,7 +492,7 @@ impl Instance {
         self.arm(&mut store);
         let world = match self.plugin.inner.pre.instantiate(&mut store) {
             Ok(w) => w,
-            Err(e) => return Err(self.classify(e, &store)),
+            Err(e) => return Err(self.classify_start(e, &store)),
         };
         self.live = Some((store, world));
         if let Some(config) = &self.config {
@@ -532,11 +541,25 @@ impl Instance {
         }
     }
 
+    /// Why instantiating failed, before any call ran: the initial memory over the cap, or
+    /// what wasmtime said (a table over its limit, a trap in start-up code).
+    fn classify_start(&self, e: wasmtime::Error, store: &Store<State>) -> CallError {
+        let plugin = self.name();
+        if let Some(cap) = e.downcast_ref::<MemoryCapReached>() {
+            return CallError::StartMemory { plugin, needs_bytes: cap.desired, limit_bytes: cap.cap, set_by: self.plugin.memory_by };
+        }
+        let message = match self.classify(e, store) {
+            CallError::Trap { message, .. } => message,
+            other => other.to_string(),
+        };
+        CallError::Start { plugin, message }
+    }
+
     fn classify(&self, e: wasmtime::Error, store: &Store<State>) -> CallError {
         let plugin = self.name();
         let limits = &self.plugin.limits;
         if let Some(cap) = e.downcast_ref::<MemoryCapReached>() {
-            return CallError::MemoryExhausted { plugin, limit_bytes: cap.0, set_by: self.plugin.memory_by };
+            return CallError::MemoryExhausted { plugin, limit_bytes: cap.cap, set_by: self.plugin.memory_by };
         }
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => CallError::Timeout { plugin, limit: limits.timeout, set_by: self.plugin.timeout_by },

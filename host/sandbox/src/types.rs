@@ -110,6 +110,14 @@ pub enum CallError {
     OutOfFuel { plugin: String, fuel: u64 },
     #[error("plugin `{plugin}` tried to grow its memory past the {limit_bytes}-byte cap ({set_by})")]
     MemoryExhausted { plugin: String, limit_bytes: usize, set_by: LimitSetBy },
+    /// Its initial memory (data, zeroed statics, stack) alone is over the cap: no call
+    /// can run.
+    #[error("plugin `{plugin}` needs {needs_bytes} bytes of memory to start, over the {limit_bytes}-byte cap ({set_by})")]
+    StartMemory { plugin: String, needs_bytes: usize, limit_bytes: usize, set_by: LimitSetBy },
+    /// Instantiating it failed for another reason (a table over its limit, a trap in
+    /// start-up code).
+    #[error("plugin `{plugin}` could not start: {message}")]
+    Start { plugin: String, message: String },
     #[error("plugin `{plugin}` overflowed its stack (unbounded recursion?)")]
     StackOverflow { plugin: String },
     #[error("plugin `{plugin}` panicked: {message}")]

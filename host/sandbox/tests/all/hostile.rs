@@ -57,6 +57,27 @@ fn a_memory_bomb_hits_the_cap() {
 
 /// A plugin held below the runtime's limits (a pack's plugin runs with what it asked for)
 /// hits its own cap and deadline, and the error states them.
+/// A plugin whose initial memory is over the cap cannot start: its upload is refused with
+/// what it needs and the cap, not as a trap; held to less after loading, its instance
+/// says the same.
+#[test]
+fn a_plugin_too_big_to_start_says_what_it_needs() {
+    let rt = strict_runtime(GENEROUS);
+    let e = rt.load(&hostile_bytes("big-start")).expect_err("48 MiB at start under a 32 MiB cap");
+    let LoadError::Start(CallError::StartMemory { needs_bytes, limit_bytes, set_by: LimitSetBy::Host(Kind::Scorer), .. }) = e else { panic!("{e:?}") };
+    assert!(needs_bytes > 48 << 20 && limit_bytes == 32 << 20, "{e:?}");
+    let said = format!("plugin `(uploaded plugin)` needs {needs_bytes} bytes of memory to start, over the 33554432-byte cap (the host's limit for scorer plugins)");
+    assert_eq!(e.to_string(), said);
+    good_still_works(&rt);
+    // Under the default 64 MiB it loads and scores, until held to 32 MiB.
+    let roomy = Runtime::new(RuntimeConfig::default()).unwrap();
+    let plugin = roomy.load(&hostile_bytes("big-start")).unwrap();
+    assert_eq!(plugin.instance("{}").unwrap().score("x", "y").unwrap().value, 0.0);
+    let Err(e) = plugin.with_limits(32 << 20, GENEROUS).instance("{}") else { panic!("held to 32 MiB, it started") };
+    assert!(matches!(e, CallError::StartMemory { limit_bytes, set_by: LimitSetBy::Request, .. } if limit_bytes == 32 << 20), "{e:?}");
+    assert!(e.to_string().starts_with("plugin `hostile-big-start` needs "), "{e}");
+}
+
 #[test]
 fn a_plugin_held_to_tighter_limits_hits_those() {
     let rt = strict_runtime(GENEROUS);
