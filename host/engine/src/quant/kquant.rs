@@ -9,7 +9,7 @@
 #![allow(unsafe_code)]
 
 use super::{Kernel, QMatrix};
-use crate::gguf::{GgmlType, dequantize_into, k_scales_mins};
+use crate::gguf::{GgmlType, k_scales_mins};
 
 const SUPER: usize = 256;
 
@@ -79,24 +79,19 @@ fn expand_avx2(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
 fn expand_body(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
     let (_, bytes) = ty.block();
     assert_eq!(blocks.len() / bytes * SUPER, out.len(), "out holds the blocks' values");
-    let mut spill = Vec::new();
     for (block, w) in blocks.chunks_exact(bytes).zip(out.chunks_exact_mut(SUPER)) {
-        expand_super::<false>(ty, block, w.try_into().expect("a super-block of values"), &mut spill);
+        expand_super::<false>(ty, block, w.try_into().expect("a super-block of values"));
     }
 }
 
-/// One super-block expanded into `w` (`spill`: room for the types without an expansion of
-/// their own here, read through the GGUF reader).
+/// One super-block expanded into `w`.
 #[inline(always)]
-fn expand_super<const FMA: bool>(ty: GgmlType, block: &[u8], w: &mut [f32; SUPER], spill: &mut Vec<f32>) {
+fn expand_super<const FMA: bool>(ty: GgmlType, block: &[u8], w: &mut [f32; SUPER]) {
     match ty {
         GgmlType::Q4_K => expand_q4_k::<FMA>(block, w),
+        GgmlType::Q5_K => expand_q5_k::<FMA>(block, w),
         GgmlType::Q6_K => expand_q6_k(block, w),
-        _ => {
-            spill.clear();
-            dequantize_into(ty, block, spill);
-            w.copy_from_slice(spill);
-        }
+        _ => unreachable!("{ty:?} is not a K-quant"),
     }
 }
 
@@ -135,12 +130,11 @@ fn rows_body<const FMA: bool>(
         return;
     }
     let mut w = [0f32; SUPER];
-    let mut spill = Vec::new();
     let mut accs = vec![[0f32; 16]; n];
     for (k, out_row) in out.chunks_exact_mut(n).enumerate() {
         accs.fill([0.0; 16]);
         for (b, block) in row(k).chunks_exact(bytes).enumerate() {
-            expand_super::<FMA>(ty, block, &mut w, &mut spill);
+            expand_super::<FMA>(ty, block, &mut w);
             for (i, acc) in accs.iter_mut().enumerate() {
                 dot::<FMA>(&w, x_block(i, b), acc);
             }
@@ -173,13 +167,14 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// A Q4_K sub-block pair: 32 code bytes (the first sub-block in the low nibbles), and
-/// each sub-block's scale and offset, `w = s·q − o`.
+/// A Q4_K or Q5_K sub-block pair: 32 code bytes (the first sub-block in the low nibbles),
+/// whose block's codes start at byte `codes` (16 for Q4_K, 48 for Q5_K), and each
+/// sub-block's scale and offset, `w = s·q − o`.
 #[inline(always)]
-fn q4_k_pair(b: &[u8], pair: usize) -> (&[u8; 32], [f32; 4]) {
+fn k_pair(b: &[u8], codes: usize, pair: usize) -> (&[u8; 32], [f32; 4]) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
     let scales = &b[4..16];
-    let q = b[16 + 32 * pair..16 + 32 * pair + 32]
+    let q = b[codes + 32 * pair..codes + 32 * pair + 32]
         .try_into()
         .expect("32 code bytes");
     let (sc, m) = k_scales_mins(scales);
@@ -200,11 +195,27 @@ fn q4_k_pair(b: &[u8], pair: usize) -> (&[u8; 32], [f32; 4]) {
 #[inline(always)]
 fn expand_q4_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
     for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = q4_k_pair(b, pair);
+        let (q, [s0, o0, s1, o1]) = k_pair(b, 16, pair);
         let (lo, hi) = w[64 * pair..64 * pair + 64].split_at_mut(32);
         for l in 0..32 {
             lo[l] = madd::<FMA>(s0, f32::from(q[l] & 0x0f), -o0);
             hi[l] = madd::<FMA>(s1, f32::from(q[l] >> 4), -o1);
+        }
+    }
+}
+
+/// A Q5_K super-block expanded: as [`expand_q4_k`], with each code's fifth bit (bit `j`
+/// of byte `l` of the 32 before the nibbles, for value `l` of sub-block `j`) worth 16.
+#[inline(always)]
+fn expand_q5_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
+    let fifth: &[u8; 32] = b[16..48].try_into().expect("32 bytes of fifth bits");
+    for pair in 0..4 {
+        let (q, [s0, o0, s1, o1]) = k_pair(b, 48, pair);
+        let (lo, hi) = w[64 * pair..64 * pair + 64].split_at_mut(32);
+        for l in 0..32 {
+            let (b0, b1) = ((fifth[l] >> (2 * pair)) & 1, (fifth[l] >> (2 * pair + 1)) & 1);
+            lo[l] = madd::<FMA>(s0, f32::from((q[l] & 0x0f) | (b0 << 4)), -o0);
+            hi[l] = madd::<FMA>(s1, f32::from((q[l] >> 4) | (b1 << 4)), -o1);
         }
     }
 }
@@ -216,7 +227,7 @@ fn expand_q4_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
 #[inline(always)]
 fn dot_q4_k<const FMA: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
     for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = q4_k_pair(b, pair);
+        let (q, [s0, o0, s1, o1]) = k_pair(b, 16, pair);
         for sub in 0..2 {
             let (s, o, shift) = if sub == 0 { (s0, o0, 0) } else { (s1, o1, 4) };
             let xs = &x[64 * pair + 32 * sub..64 * pair + 32 * sub + 32];
