@@ -9,8 +9,9 @@ PyTorch + peft on this machine, every ratio from a pair measured side by side.
 
 Each generation line runs `lathe bench generate --vs-llamacpp` once per llama.cpp build, so
 each ratio pairs Lathe with that build in the same minute; each training line runs `lathe
-bench train --vs-peft`. The K-quant model (a random 378M Llama written as Q4_K_M) is made
-by `lathe bench synthetic-model` on the first run. Prints the table as Markdown and keeps
+bench train --vs-peft`. The K-quant models (a random 378M Llama written as Q4_K_M by `lathe
+bench synthetic-model`, and as Q5_K_M by llama.cpp's quantizer from an f16 copy) are made
+on the first run. Prints the table as Markdown and keeps
 every JSON line the commands printed in `OUT/raw.jsonl`.
 """
 import argparse, json, os, platform, subprocess, sys
@@ -82,13 +83,33 @@ def add(cells, key, value):
     cells.setdefault(key, []).append(value)
 
 
-kquant = out / "syn-q4km.gguf"
+# Q5_K_M as llama.cpp's own quantizer writes it (Lathe writes no Q5_K), from an f16 copy.
+QUANTIZE_Q5_K_M = """import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M
+if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) != 0:
+    sys.exit("llama.cpp could not quantize " + sys.argv[1])
+"""
+
+
+def synthetic(ty, path):
+    """The random 378M Llama of the K-quant lines, written as `ty`."""
+    subprocess.run([a.lathe, "bench", "synthetic-model", "--hidden", "1536", "--intermediate", "4096", "--layers", "12",
+                    "--heads", "12", "--kv-heads", "4", "--gguf", ty, "--out", str(path)], check=True, stdout=sys.stderr)
+
+
+kquant, kquant5 = out / "syn-q4km.gguf", out / "syn-q5km.gguf"
 models = [("", SMOLLM2, [1, 8])]
 if "kquant" not in skip:
     if not kquant.exists():
-        subprocess.run([a.lathe, "bench", "synthetic-model", "--hidden", "1536", "--intermediate", "4096", "--layers", "12",
-                        "--heads", "12", "--kv-heads", "4", "--gguf", "q4_k_m", "--out", str(kquant)], check=True, stdout=sys.stderr)
+        synthetic("q4_k_m", kquant)
+    if not kquant5.exists():
+        f16 = out / "syn-f16.gguf"
+        synthetic("f16", f16)
+        subprocess.run([anchors[0][1], "-c", QUANTIZE_Q5_K_M, str(f16), str(kquant5)], check=True, stdout=sys.stderr)
+        f16.unlink()
     models.append(("K-quant (Q4_K_M 378M) ", str(kquant), [1]))
+    models.append(("K-quant (Q5_K_M 378M, llama.cpp's quantizer) ", str(kquant5), [1]))
 if "generate" in skip:
     models = [m for m in models if m[1] != SMOLLM2]
 for _ in range(a.rounds):
