@@ -88,8 +88,8 @@ fn expand_body(ty: GgmlType, blocks: &[u8], out: &mut [f32]) {
 #[inline(always)]
 fn expand_super<const FMA: bool>(ty: GgmlType, block: &[u8], w: &mut [f32; SUPER]) {
     match ty {
-        GgmlType::Q4_K => expand_q4_k::<FMA>(block, w),
-        GgmlType::Q5_K => expand_q5_k::<FMA>(block, w),
+        GgmlType::Q4_K => expand_k::<FMA, false>(block, w),
+        GgmlType::Q5_K => expand_k::<FMA, true>(block, w),
         GgmlType::Q6_K => expand_q6_k(block, w),
         _ => unreachable!("{ty:?} is not a K-quant"),
     }
@@ -115,13 +115,14 @@ fn rows_body<const FMA: bool>(
     // Plain loops around the arithmetic: written as `map(..).sum()` over the blocks, this
     // path measured 25× slower (0.9 tokens/s), as if the closure had lost the function's
     // target features and its `mul_add` had become a libm call.
-    if n == 1 && matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+    if n == 1 {
         for (k, o) in out.iter_mut().enumerate() {
             // One set of lanes for the whole row, summed across once at its end.
             let mut acc = [0f32; 16];
             for (b, block) in row(k).chunks_exact(bytes).enumerate() {
                 match ty {
-                    GgmlType::Q4_K => dot_q4_k::<FMA>(block, x_block(0, b), &mut acc),
+                    GgmlType::Q4_K => dot_k::<FMA, false>(block, x_block(0, b), &mut acc),
+                    GgmlType::Q5_K => dot_k::<FMA, true>(block, x_block(0, b), &mut acc),
                     _ => dot_q6_k::<FMA>(block, x_block(0, b), &mut acc),
                 }
             }
@@ -190,50 +191,43 @@ fn k_pair(b: &[u8], codes: usize, pair: usize) -> (&[u8; 32], [f32; 4]) {
     )
 }
 
-/// A Q4_K super-block expanded: `d·sc·q − dmin·m` per sub-block of 32, the layout of
-/// [`crate::gguf::dequantize`].
+/// Code `l` (< 32) of sub-block `2·pair + sub` of a Q4_K super-block, or with `FIVE` of a
+/// Q5_K one: the pair's nibble, and for Q5_K bit `2·pair + sub` of byte `l` of the 32
+/// bytes before the nibbles, worth 16.
 #[inline(always)]
-fn expand_q4_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
+fn k_code<const FIVE: bool>(b: &[u8], q: &[u8; 32], pair: usize, sub: usize, l: usize) -> u8 {
+    let nibble = (q[l] >> (4 * sub)) & 0x0f;
+    if FIVE { nibble | (((b[16 + l] >> (2 * pair + sub)) & 1) << 4) } else { nibble }
+}
+
+/// A Q4_K (or with `FIVE` a Q5_K) super-block expanded: `d·sc·q − dmin·m` per sub-block
+/// of 32, the layout of [`crate::gguf::dequantize`].
+#[inline(always)]
+fn expand_k<const FMA: bool, const FIVE: bool>(b: &[u8], w: &mut [f32; SUPER]) {
     for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = k_pair(b, 16, pair);
+        let (q, [s0, o0, s1, o1]) = k_pair(b, if FIVE { 48 } else { 16 }, pair);
         let (lo, hi) = w[64 * pair..64 * pair + 64].split_at_mut(32);
         for l in 0..32 {
-            lo[l] = madd::<FMA>(s0, f32::from(q[l] & 0x0f), -o0);
-            hi[l] = madd::<FMA>(s1, f32::from(q[l] >> 4), -o1);
+            lo[l] = madd::<FMA>(s0, f32::from(k_code::<FIVE>(b, q, pair, 0, l)), -o0);
+            hi[l] = madd::<FMA>(s1, f32::from(k_code::<FIVE>(b, q, pair, 1, l)), -o1);
         }
     }
 }
 
-/// A Q5_K super-block expanded: as [`expand_q4_k`], with each code's fifth bit (bit `j`
-/// of byte `l` of the 32 before the nibbles, for value `l` of sub-block `j`) worth 16.
+/// Σ w·x over one Q4_K (or with `FIVE` Q5_K) super-block, added into 16 lanes, each
+/// weight rebuilt in a register as it is used. The values go in their order, as
+/// [`expand_k`] and [`dot`] take them (the low nibbles' sub-block, then the high ones'), so
+/// a row's result does not depend on how many rows share its step.
 #[inline(always)]
-fn expand_q5_k<const FMA: bool>(b: &[u8], w: &mut [f32; SUPER]) {
-    let fifth: &[u8; 32] = b[16..48].try_into().expect("32 bytes of fifth bits");
+fn dot_k<const FMA: bool, const FIVE: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
     for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = k_pair(b, 48, pair);
-        let (lo, hi) = w[64 * pair..64 * pair + 64].split_at_mut(32);
-        for l in 0..32 {
-            let (b0, b1) = ((fifth[l] >> (2 * pair)) & 1, (fifth[l] >> (2 * pair + 1)) & 1);
-            lo[l] = madd::<FMA>(s0, f32::from((q[l] & 0x0f) | (b0 << 4)), -o0);
-            hi[l] = madd::<FMA>(s1, f32::from((q[l] >> 4) | (b1 << 4)), -o1);
-        }
-    }
-}
-
-/// Σ w·x over one Q4_K super-block, added into 16 lanes, each weight rebuilt in a
-/// register as it is used. The values go in their order, as [`expand_q4_k`] and [`dot`]
-/// take them (the low nibbles' sub-block, then the high ones'), so a row's result does not
-/// depend on how many rows share its step.
-#[inline(always)]
-fn dot_q4_k<const FMA: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
-    for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = k_pair(b, 16, pair);
+        let (q, [s0, o0, s1, o1]) = k_pair(b, if FIVE { 48 } else { 16 }, pair);
         for sub in 0..2 {
-            let (s, o, shift) = if sub == 0 { (s0, o0, 0) } else { (s1, o1, 4) };
+            let (s, o) = if sub == 0 { (s0, o0) } else { (s1, o1) };
             let xs = &x[64 * pair + 32 * sub..64 * pair + 32 * sub + 32];
             for h in 0..2 {
                 for j in 0..16 {
-                    let w = madd::<FMA>(s, f32::from((q[16 * h + j] >> shift) & 0x0f), -o);
+                    let w = madd::<FMA>(s, f32::from(k_code::<FIVE>(b, q, pair, sub, 16 * h + j)), -o);
                     acc[j] = madd::<FMA>(w, xs[16 * h + j], acc[j]);
                 }
             }
