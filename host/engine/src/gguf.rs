@@ -533,7 +533,7 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
                     for half in 0..2 {
                         let j = 2 * pair + half;
                         let (scale, min) = (d * f32::from(sc[j]), dmin * f32::from(m[j]));
-                        let bit = 1u8 << (2 * pair + half);
+                        let bit = 1u8 << j;
                         out.extend(q.iter().enumerate().map(|(l, &byte)| {
                             let mut v = if half == 0 { byte & 0x0f } else { byte >> 4 };
                             if five && qh[l] & bit != 0 {

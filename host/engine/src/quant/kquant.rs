@@ -168,27 +168,21 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// A Q4_K or Q5_K sub-block pair: 32 code bytes (the first sub-block in the low nibbles),
-/// whose block's codes start at byte `codes` (16 for Q4_K, 48 for Q5_K), and each
-/// sub-block's scale and offset, `w = s·q − o`.
+/// Each sub-block's scale and offset in a Q4_K or Q5_K super-block, `w = s·q − o`:
+/// `(d·sc, dmin·m)`, decoded once for the super-block.
 #[inline(always)]
-fn k_pair(b: &[u8], codes: usize, pair: usize) -> (&[u8; 32], [f32; 4]) {
+fn k_factors(b: &[u8]) -> [(f32, f32); 8] {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let scales = &b[4..16];
-    let q = b[codes + 32 * pair..codes + 32 * pair + 32]
-        .try_into()
-        .expect("32 code bytes");
-    let (sc, m) = k_scales_mins(scales);
-    let (sc0, m0, sc1, m1) = (sc[2 * pair], m[2 * pair], sc[2 * pair + 1], m[2 * pair + 1]);
-    (
-        q,
-        [
-            d * f32::from(sc0),
-            dmin * f32::from(m0),
-            d * f32::from(sc1),
-            dmin * f32::from(m1),
-        ],
-    )
+    let (sc, m) = k_scales_mins(&b[4..16]);
+    std::array::from_fn(|j| (d * f32::from(sc[j]), dmin * f32::from(m[j])))
+}
+
+/// The 32 code bytes of sub-block pair `pair` of a Q4_K (or with `FIVE` a Q5_K)
+/// super-block: the first sub-block in the low nibbles.
+#[inline(always)]
+fn k_codes<const FIVE: bool>(b: &[u8], pair: usize) -> &[u8; 32] {
+    let at = if FIVE { 48 } else { 16 } + 32 * pair;
+    b[at..at + 32].try_into().expect("32 code bytes")
 }
 
 /// Code `l` (< 32) of sub-block `2·pair + sub` of a Q4_K super-block, or with `FIVE` of a
@@ -204,8 +198,9 @@ fn k_code<const FIVE: bool>(b: &[u8], q: &[u8; 32], pair: usize, sub: usize, l: 
 /// of 32, the layout of [`crate::gguf::dequantize`].
 #[inline(always)]
 fn expand_k<const FMA: bool, const FIVE: bool>(b: &[u8], w: &mut [f32; SUPER]) {
+    let f = k_factors(b);
     for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = k_pair(b, if FIVE { 48 } else { 16 }, pair);
+        let (q, (s0, o0), (s1, o1)) = (k_codes::<FIVE>(b, pair), f[2 * pair], f[2 * pair + 1]);
         let (lo, hi) = w[64 * pair..64 * pair + 64].split_at_mut(32);
         for l in 0..32 {
             lo[l] = madd::<FMA>(s0, f32::from(k_code::<FIVE>(b, q, pair, 0, l)), -o0);
@@ -220,10 +215,11 @@ fn expand_k<const FMA: bool, const FIVE: bool>(b: &[u8], w: &mut [f32; SUPER]) {
 /// a row's result does not depend on how many rows share its step.
 #[inline(always)]
 fn dot_k<const FMA: bool, const FIVE: bool>(b: &[u8], x: &[f32; SUPER], acc: &mut [f32; 16]) {
+    let f = k_factors(b);
     for pair in 0..4 {
-        let (q, [s0, o0, s1, o1]) = k_pair(b, if FIVE { 48 } else { 16 }, pair);
+        let q = k_codes::<FIVE>(b, pair);
         for sub in 0..2 {
-            let (s, o) = if sub == 0 { (s0, o0) } else { (s1, o1) };
+            let (s, o) = f[2 * pair + sub];
             let xs = &x[64 * pair + 32 * sub..64 * pair + 32 * sub + 32];
             for h in 0..2 {
                 for j in 0..16 {
