@@ -9,6 +9,7 @@ Prints one JSON object.
 
     python3 scripts/bench_peft.py --model DIR --device cpu --threads 2
     python3 scripts/bench_peft.py --model DIR --device cuda --dtype bf16
+    python3 scripts/bench_peft.py --model DIR --device cpu --threads 2 --qlora
 
 `--dtype bf16` keeps the frozen weights and activations in bf16 and the LoRA matrices in f32
 (peft's default cast of adapter weights), the usual mixed-precision LoRA set-up. `--dtype
@@ -16,7 +17,14 @@ tf32` keeps everything in f32 but lets CUDA matrix products run on tensor cores 
 (`torch.backends.cuda.matmul.allow_tf32`), which is what Lathe's CUDA backend does with f32:
 the like-for-like anchor for `lathe bench train --device cuda`.
 
-Needs torch, transformers and peft (`pip install torch transformers peft`).
+`--qlora` is the QLoRA recipe as the QLoRA paper and peft's guide set it up: every frozen
+projection of the layers stored by bitsandbytes in 4 bits (NF4 with double quantization,
+computed in the `--dtype`), `prepare_model_for_kbit_training` (gradient checkpointing,
+norms and head in f32), then the same LoRA: the anchor for `lathe bench train --qlora`, whose
+projections are 4-bit blocks too (Q4_0) and whose backward pass recomputes each layer.
+
+Needs torch, transformers and peft (`pip install torch transformers peft`), and bitsandbytes
+for `--qlora` (0.50 runs its 4-bit layers on the CPU).
 """
 
 import argparse
@@ -43,6 +51,8 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="measured steps, after one warm-up step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--qlora", action="store_true", help="4-bit frozen projections (bitsandbytes NF4), gradient checkpointing")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward pass")
     a = ap.parse_args()
 
     import torch
@@ -57,8 +67,25 @@ def main():
     torch.backends.cudnn.allow_tf32 = a.dtype == "tf32"
     dtype = {"f32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     device = torch.device(a.device)
-    model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=dtype).to(device)
-    params = sum(p.numel() for p in model.parameters())
+    if a.qlora:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=dtype, quantization_config=quant, device_map={"": device})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=dtype).to(device)
+        if a.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    # A 4-bit weight is a packed byte tensor; its quantization state knows the real shape.
+    params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
     lora = LoraConfig(
         r=a.rank,
         lora_alpha=2 * a.rank,
@@ -106,6 +133,8 @@ def main():
         "model": a.model,
         "device": a.device,
         "dtype": a.dtype,
+        "qlora": a.qlora,
+        "gradient_checkpointing": a.gradient_checkpointing or a.qlora,
         "threads": torch.get_num_threads(),
         "batch": a.batch,
         "seq": a.seq,

@@ -141,7 +141,8 @@ if "train" not in skip:
         train("LoRA training tok/s (f32)", 2, [])
     train("LoRA training tok/s (f32)", 1, [])
     train("LoRA training tok/s, bf16 base (peft bf16)", 2, ["--bf16"])
-    train("QLoRA training tok/s (no CPU anchor)", 2, ["--qlora"], anchored=False)
+    train("QLoRA training tok/s (peft + bitsandbytes NF4)", 2, ["--qlora"])
+    train("QLoRA training tok/s, bf16 compute (peft the same)", 2, ["--qlora", "--bf16"])
 
 
 def fmt(values, ratio=False):

@@ -100,7 +100,9 @@ pub struct TrainBench {
     /// Time the same step in PyTorch + peft (`scripts/bench_peft.py`, run by
     /// `$LATHE_ANCHOR_PYTHON`, else `.venv-anchors/bin/python`, else `python3`) on the same
     /// weights and thread count, and print the ratios. A GGUF model is first written as a
-    /// Hugging Face folder of its shape with random weights, which both then train on.
+    /// Hugging Face folder of its shape with random weights, which both then train on. With
+    /// `--qlora` peft runs QLoRA (bitsandbytes' 4-bit NF4 projections, gradient
+    /// checkpointing), with `--gradient-checkpointing` its gradient checkpointing.
     #[arg(long)]
     vs_peft: bool,
     #[arg(long)]
@@ -428,7 +430,7 @@ fn train(a: TrainBench) -> Result<()> {
     drop(trainer);
     drop(m);
     let anchor = if a.vs_peft {
-        let args = anchor_args(&[
+        let mut args = anchor_args(&[
             ("model", model.display().to_string()),
             ("device", a.compute.device.clone()),
             ("threads", threads.to_string()),
@@ -438,6 +440,10 @@ fn train(a: TrainBench) -> Result<()> {
             ("steps", a.steps.to_string()),
             ("dtype", if a.bf16 { "bf16" } else { "f32" }.into()),
         ]);
+        // Like for like: QLoRA against bitsandbytes' 4-bit projections, recomputed layers
+        // against PyTorch's gradient checkpointing.
+        args.extend(a.qlora.then(|| "--qlora".to_string()));
+        args.extend(a.gradient_checkpointing.then(|| "--gradient-checkpointing".to_string()));
         run_anchor("scripts/bench_peft.py", &args, "scripts/anchor_peft.sh")?.pop()
     } else {
         None
