@@ -203,11 +203,13 @@ enum Codes {
 const GROUP: usize = 8;
 
 /// Weight rows per task of a decode product ([`QMatrix::matmul_many`]) with `threads` on
-/// it: runs of at most 256 rows (a multiple of [`GROUP`]), and as many runs per matrix as a
-/// multiple of `threads`, so that the threads' shares come out even. Longer runs than the
-/// 64 rows before made batch-1 decode 8-9 % faster at two threads (fewer hand-offs and run
-/// starts, longer streams for the prefetchers; BENCHMARKS "Decode: longer runs of rows");
-/// 128 rows was slower again on SmolLM2, and 512 no faster on the K-quant model.
+/// it: runs of at most 256 rows, a multiple of [`GROUP`], sized so that a matrix splits into
+/// a multiple of `threads` runs (fewer where rounding to whole groups leaves too few rows
+/// for them all), and the threads' shares come out even. Longer runs than the
+/// 64 rows before made batch-1 decode 8-9 % faster at two threads (BENCHMARKS "Decode:
+/// longer runs of rows"; fewer hand-offs and run starts and longer streams for the
+/// prefetchers are the likely reasons, not measured apart); runs of up to 128 were slower
+/// again on SmolLM2, and up to 512 no faster on the K-quant model.
 fn decode_run(rows: usize, threads: usize) -> usize {
     const LONGEST: usize = 256;
     let threads = threads.max(1);
