@@ -125,17 +125,16 @@ for _ in range(a.rounds):
                         add(cells, f"{name} ratio", ours / theirs)
 
 if "train" not in skip:
-    def train(work, threads, extra, anchored=True):
-        (l,) = [l for l in lathe(["bench", "train", "--threads", str(threads), "--steps", "5", *extra] + (["--vs-peft"] if anchored else []))
+    def train(work, threads, extra):
+        (l,) = [l for l in lathe(["bench", "train", "--threads", str(threads), "--steps", "5", "--vs-peft", *extra])
                 if "step_s" in l]
         cells = row(work, threads)
         add(cells, "Lathe", l["tokens_per_s"])
         add(cells, "Lathe MiB", l["peak_rss_training_mib"])
-        if anchored:
-            add(cells, "peft", l["anchor"]["tokens_per_s"])
-            add(cells, "peft MiB", l["anchor"]["peak_mib"])
-            add(cells, "peft ratio", l["tokens_per_s_vs_anchor"])
-            add(cells, "memory ratio", l["peak_memory_vs_anchor"])
+        add(cells, "peft", l["anchor"]["tokens_per_s"])
+        add(cells, "peft MiB", l["anchor"]["peak_mib"])
+        add(cells, "peft ratio", l["tokens_per_s_vs_anchor"])
+        add(cells, "memory ratio", l["peak_memory_vs_anchor"])
 
     for _ in range(a.train_rounds):
         train("LoRA training tok/s (f32)", 2, [])

@@ -55,8 +55,6 @@ fn a_memory_bomb_hits_the_cap() {
     assert!(e.to_string().contains("memory"), "{e}");
 }
 
-/// A plugin held below the runtime's limits (a pack's plugin runs with what it asked for)
-/// hits its own cap and deadline, and the error states them.
 /// A plugin whose initial memory is over the cap cannot start: its upload is refused with
 /// what it needs and the cap, not as a trap; held to less after loading, its instance
 /// says the same.
@@ -78,6 +76,8 @@ fn a_plugin_too_big_to_start_says_what_it_needs() {
     assert!(e.to_string().starts_with("plugin `hostile-big-start` needs "), "{e}");
 }
 
+/// A plugin held below the runtime's limits (a pack's plugin runs with what it asked for)
+/// hits its own cap and deadline, and the error states them.
 #[test]
 fn a_plugin_held_to_tighter_limits_hits_those() {
     let rt = strict_runtime(GENEROUS);
